@@ -1,0 +1,364 @@
+"""Inference engine: tiled, blended, batched prediction with progress and cancellation.
+
+The work is a generator (:func:`iter_predict`) that yields :class:`Progress` events and
+returns a :class:`Prediction`; :func:`predict` drives it. The napari widgets, the CLI
+and the tests use the same generator: closing it (or stopping iteration) cancels the
+run at the next batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .preprocess import image_statistics, match_channels, normalize
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model_files import LoadedModel
+
+#: images up to this many pixels per plane run as one tile (padded to the divisor)
+WHOLE_IMAGE_PIXELS = 1024 * 1024
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 64
+
+
+@dataclass
+class Progress:
+    """One step of a long run: ``done`` of ``total`` units (tiles, slices, steps)."""
+
+    done: int
+    total: int
+    stage: str = "predict"
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict`, in the input's spatial shape.
+
+    ``probabilities``: float32 in [0, 1]; binary models give the foreground probability
+    with the image's spatial shape, multi-class models add a trailing class axis.
+    ``attention``: one float32 map per attention gate (finest first), at full resolution.
+    """
+
+    probabilities: np.ndarray
+    attention: list[np.ndarray] = field(default_factory=list)
+    threshold: float = 0.5
+    model_name: str = ""
+    model_sha256: str | None = None
+    multiclass: bool = False
+
+    def mask(self, threshold: float | None = None) -> np.ndarray:
+        """uint8 labels: probability > threshold (binary) or the arg-max class."""
+        if self.multiclass:
+            return np.argmax(self.probabilities, axis=-1).astype(np.uint8)
+        level = self.threshold if threshold is None else threshold
+        return (self.probabilities > level).astype(np.uint8)
+
+
+def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None) -> str:
+    """Axes string (letters Z, Y, X, C) for an array shape; ``axes`` wins if given."""
+    if axes is not None:
+        axes = axes.upper()
+        if len(axes) != len(shape) or set(axes) - set("ZYXC") or "Y" not in axes or "X" not in axes:
+            raise ValueError(f"axes {axes!r} do not describe an array of shape {tuple(shape)}")
+        return axes
+    ndim = len(shape)
+    if ndim == 2:
+        return "YX"
+    small = (1, 3, 4, in_channels)
+    if ndim == 3:
+        if shape[-1] in small and shape[-1] <= 4 and shape[0] > 4:
+            return "YXC"
+        if shape[0] == in_channels and in_channels > 1 and shape[-1] > 4:
+            return "CYX"
+        if shape[-1] in small and shape[-1] <= 4:
+            return "YXC"
+        return "ZYX"
+    if ndim == 4:
+        if shape[-1] in small and shape[-1] <= 4:
+            return "ZYXC"
+        if shape[0] in small and shape[0] <= 4:
+            return "CZYX"
+    raise ValueError(
+        f"cannot tell the axes of an array of shape {tuple(shape)}; pass axes= (e.g. 'YXC', 'ZYX')"
+    )
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """cuda, then mps, then cpu, unless ``device`` says otherwise."""
+    import torch
+
+    if device not in (None, "", "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512_BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a device and precision request; None means exact fp32."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _as_loaded(model: Any) -> LoadedModel:
+    from .model_files import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        return load_model(model)
+    if hasattr(model, "in_channels") and hasattr(model, "forward"):
+        meta = {
+            "name": type(model).__name__,
+            "in_channels": model.in_channels,
+            "out_channels": model.out_channels,
+            "normalization": {"kind": "standardize"},
+            "threshold": 0.5,
+        }
+        return LoadedModel(network=model, metadata=meta, source="memory")
+    raise TypeError(f"model must be a LoadedModel, a model name or path, or a network; got {type(model)!r}")
+
+
+def _taper(length: int, overlap: int) -> np.ndarray:
+    """1D blending weights: 1 inside, a raised-cosine ramp over ``overlap`` at each end."""
+    weights = np.ones(length, np.float32)
+    ramp = min(overlap, length // 2)
+    if ramp > 0:
+        edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+        weights[:ramp] = edge
+        weights[length - ramp:] = edge[::-1]
+    return np.maximum(weights, 1e-3)
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((size - tile) / stride) + 1
+    return sorted({min(i * stride, size - tile) for i in range(count)})
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return int(math.ceil(value / divisor) * divisor)
+
+
+class _Plane:
+    """One 2D plane of an array-like, read lazily tile by tile as channels-last float."""
+
+    def __init__(self, image: Any, axes: str, z: int | None, in_channels: int):
+        self.image, self.axes, self.z, self.in_channels = image, axes, z, in_channels
+        self.height = image.shape[axes.index("Y")]
+        self.width = image.shape[axes.index("X")]
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        index = []
+        for ax in self.axes:
+            index.append({"Y": slice(y0, y1), "X": slice(x0, x1), "Z": self.z, "C": slice(None)}[ax])
+        tile = np.asarray(self.image[tuple(index)])
+        kept = [ax for ax in self.axes if ax in "YXC"]
+        if "C" in kept:
+            tile = np.moveaxis(tile, kept.index("C"), -1)
+        else:
+            tile = tile[..., None]
+        return match_channels(tile, self.in_channels)
+
+
+def iter_predict(
+    model: Any,
+    image: Any,
+    *,
+    axes: str | None = None,
+    tile_size: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = 4,
+    device: str | None = None,
+    precision: str = "auto",
+    attention: bool = False,
+    slices: Sequence[int] | None = None,
+) -> Generator[Progress, None, Prediction]:
+    """Predict tile by tile, yielding progress; returns the :class:`Prediction`.
+
+    Args:
+        model: a LoadedModel, a model name or path, or a bare network from create_model.
+        image: NumPy, dask or zarr array; YX, YXC, CYX, ZYX, ZYXC or CZYX.
+        tile_size: tile edge in pixels; None runs planes up to 1024x1024 whole.
+        slices: for stacks, the Z indices to run and their order (default: all).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    loaded = _as_loaded(model)
+    network = loaded.network
+    network.eval()
+    divisor = int(getattr(network, "divisor", 16))
+    multiclass = loaded.out_channels > 1
+    want_attention = attention and bool(getattr(network, "attention", False))
+    axes = resolve_axes(image.shape, loaded.in_channels, axes)
+    if any(image.shape[axes.index(a)] < 1 for a in "YX"):
+        raise ValueError(f"the image has an empty spatial axis: shape {tuple(image.shape)}")
+    dev = select_device(device)
+    amp = autocast_dtype(dev, precision)
+    network.to(dev)
+    mean, std = image_statistics(image, axes.index("C") if "C" in axes else None)
+    if "C" in axes:
+        mean, std = match_channels(mean[None], loaded.in_channels)[0], match_channels(std[None], loaded.in_channels)[0]
+    else:
+        mean, std = np.repeat(mean, loaded.in_channels), np.repeat(std, loaded.in_channels)
+
+    n_z = image.shape[axes.index("Z")] if "Z" in axes else 1
+    z_order = list(range(n_z)) if slices is None else [int(z) for z in slices]
+    if any(not 0 <= z < n_z for z in z_order):
+        raise ValueError(f"slices {z_order} out of range for {n_z} slices")
+    height, width = image.shape[axes.index("Y")], image.shape[axes.index("X")]
+
+    if tile_size is None:
+        tile_h = tile_w = None if height * width <= WHOLE_IMAGE_PIXELS else DEFAULT_TILE
+    else:
+        tile_h = tile_w = _round_up(max(int(tile_size), divisor), divisor)
+    tile_h = _round_up(height, divisor) if tile_h is None else tile_h
+    tile_w = _round_up(width, divisor) if tile_w is None else tile_w
+    overlap = min(overlap, tile_h // 2, tile_w // 2)
+    ys, xs = _starts(height, tile_h, overlap), _starts(width, tile_w, overlap)
+    windows = [(y, x) for y in ys for x in xs]
+    weight_tile = np.outer(_taper(tile_h, overlap if len(ys) > 1 else 0), _taper(tile_w, overlap if len(xs) > 1 else 0))
+
+    n_out = loaded.out_channels
+    out_shape = (n_z, height, width)
+    probabilities = np.zeros((*out_shape, n_out) if multiclass else out_shape, np.float32)
+    n_gates = len(getattr(network, "gates", None) or []) if want_attention else 0
+    alphas = [np.zeros(out_shape, np.float32) for _ in range(n_gates)]
+    total = len(windows) * len(z_order)
+    done = 0
+    yield Progress(0, total)
+
+    for z in z_order:
+        plane = _Plane(image, axes, z if "Z" in axes else None, loaded.in_channels)
+        acc = np.zeros((n_out, height, width), np.float32)
+        acc_alpha = np.zeros((n_gates, height, width), np.float32)
+        acc_weight = np.zeros((height, width), np.float32)
+        for first in range(0, len(windows), batch_size):
+            batch_windows = windows[first:first + batch_size]
+            tiles = []
+            for y, x in batch_windows:
+                tile = plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width))
+                tile = normalize(tile, loaded.normalization, mean, std)
+                pad = ((0, tile_h - tile.shape[0]), (0, tile_w - tile.shape[1]), (0, 0))
+                if any(p[1] for p in pad):
+                    mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"
+                    tile = _pad(tile, pad, mode)
+                tiles.append(tile.transpose(2, 0, 1))
+            batch = torch.from_numpy(np.stack(tiles)).to(dev)
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                if want_attention:
+                    logits, gate_maps = network(batch, return_attention=True)
+                else:
+                    logits, gate_maps = network(batch), []
+                probs = torch.softmax(logits.float(), 1) if multiclass else torch.sigmoid(logits.float())
+                gate_maps = [
+                    F.interpolate(a.float(), size=(tile_h, tile_w), mode="bilinear", align_corners=False)
+                    for a in gate_maps
+                ]
+            probs_np = probs.cpu().numpy()
+            gates_np = [a.cpu().numpy()[:, 0] for a in gate_maps]
+            for i, (y, x) in enumerate(batch_windows):
+                h, w = min(tile_h, height - y), min(tile_w, width - x)
+                wt = weight_tile[:h, :w]
+                acc[:, y:y + h, x:x + w] += probs_np[i, :, :h, :w] * wt
+                for g, gate in enumerate(gates_np):
+                    acc_alpha[g, y:y + h, x:x + w] += gate[i, :h, :w] * wt
+                acc_weight[y:y + h, x:x + w] += wt
+            done += len(batch_windows)
+            yield Progress(done, total)
+        acc /= acc_weight
+        zi = z if "Z" in axes else 0
+        if multiclass:
+            probabilities[zi] = np.moveaxis(acc, 0, -1)
+        else:
+            probabilities[zi] = acc[0]
+        for g in range(n_gates):
+            alphas[g][zi] = acc_alpha[g] / acc_weight
+
+    if "Z" not in axes:
+        probabilities = probabilities[0]
+        alphas = [a[0] for a in alphas]
+    np.clip(probabilities, 0.0, 1.0, out=probabilities)
+    prediction = Prediction(
+        probabilities=probabilities,
+        attention=alphas,
+        threshold=loaded.threshold,
+        model_name=loaded.name,
+        model_sha256=loaded.sha256,
+        multiclass=multiclass,
+    )
+    return prediction
+
+
+def _pad(tile: np.ndarray, pad, mode: str) -> np.ndarray:
+    # reflect needs the pad to be smaller than the axis; fall back to symmetric/edge.
+    if mode == "reflect" and (pad[0][1] >= tile.shape[0] or pad[1][1] >= tile.shape[1]):
+        mode = "symmetric"
+    return np.pad(tile, pad, mode=mode)
+
+
+def run(generator: Generator[Progress, None, Any], progress: Callable[[Progress], Any] | None = None) -> Any:
+    """Drive a progress generator to its return value, calling ``progress`` on each event.
+
+    ``progress`` returning False cancels (the generator is closed and Cancelled raised).
+    """
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None and progress(event) is False:
+            generator.close()
+            raise Cancelled("cancelled by the caller")
+
+
+class Cancelled(RuntimeError):
+    """A run was cancelled cooperatively; nothing partial was written."""
+
+
+def predict(model: Any, image: Any, *, progress: Callable[[Progress], Any] | None = None, **kwargs) -> Prediction:
+    """Segment ``image``; see :func:`iter_predict` for the arguments.
+
+    Example:
+        >>> from napari_r2au import predict
+        >>> result = predict("drive-vessels", image)          # doctest: +SKIP
+        >>> labels = result.mask(0.5)                          # doctest: +SKIP
+    """
+    return run(iter_predict(model, image, **kwargs), progress)

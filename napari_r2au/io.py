@@ -1,0 +1,83 @@
+"""Reading and writing images and small files, atomically and with clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
+
+
+class ImageReadError(OSError):
+    """A file could not be read as an image; the message says which and why."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only on success.
+
+    A crash or an error mid-write leaves the previous file intact.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF/PNG/JPEG/GIF/BMP image as a NumPy array (GIF: first frame)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return np.asarray(tifffile.imread(path))
+        import imageio.v3 as iio
+
+        image = np.asarray(iio.imread(path, index=0) if suffix == ".gif" else iio.imread(path))
+    except Exception as exc:  # every reader raises its own types
+        raise ImageReadError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
+    if image.size == 0:
+        raise ImageReadError(f"{path}: the image is empty")
+    return image
+
+
+def write_tiff(path: str | os.PathLike, array: np.ndarray, **kwargs) -> None:
+    """Write a TIFF atomically (zlib-compressed)."""
+    import tifffile
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, array, compression="zlib", **kwargs)
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, array, extension=".png")
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files in a folder (not recursive), sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

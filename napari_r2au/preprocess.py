@@ -1,0 +1,60 @@
+"""Input normalization and channel handling shared by the trainer and the engine.
+
+The normalization a model was trained with is recorded in its model file, and the
+engine applies exactly that: one implementation, used on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: default spec: per-image, per-channel z-score
+STANDARDIZE: dict[str, Any] = {"kind": "standardize"}
+
+
+def image_statistics(image: Any, channel_axis: int | None, max_samples: int = 4_000_000):
+    """Per-channel mean and std of an array-like, from a strided subsample if large.
+
+    Works on NumPy, dask and zarr arrays without loading a large image whole.
+    """
+    shape = image.shape
+    n_pixels = int(np.prod(shape))
+    stride = max(1, int(np.ceil((n_pixels / max_samples) ** (1 / max(1, len(shape) - (channel_axis is not None))))))
+    index = tuple(slice(None) if ax == channel_axis else slice(None, None, stride) for ax in range(len(shape)))
+    sample = np.asarray(image[index], dtype=np.float64)
+    if channel_axis is None:
+        return np.array([sample.mean()]), np.array([sample.std()])
+    sample = np.moveaxis(sample, channel_axis, -1).reshape(-1, shape[channel_axis])
+    return sample.mean(axis=0), sample.std(axis=0)
+
+
+def normalize(tile: np.ndarray, spec: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Normalize a channels-last tile (..., C) with statistics of the whole image."""
+    kind = spec.get("kind", "standardize")
+    tile = tile.astype(np.float32, copy=False)
+    if kind == "standardize":
+        return ((tile - mean.astype(np.float32)) / np.maximum(std.astype(np.float32), 1e-6)).astype(np.float32)
+    if kind == "scale":
+        low, high = float(spec.get("min", 0.0)), float(spec.get("max", 255.0))
+        return ((tile - low) / max(high - low, 1e-6)).astype(np.float32)
+    raise ValueError(f"unknown normalization {kind!r}; valid: standardize, scale")
+
+
+def match_channels(tile: np.ndarray, n_channels: int) -> np.ndarray:
+    """Adapt a channels-last array to the model's channel count.
+
+    Grey to RGB replicates; RGBA drops alpha; RGB to grey averages. Anything else is an
+    error with the two counts, since guessing could silently give wrong results.
+    """
+    have = tile.shape[-1]
+    if have == n_channels:
+        return tile
+    if have == 1:
+        return np.repeat(tile, n_channels, axis=-1)
+    if have == 4 and n_channels == 3:
+        return tile[..., :3]
+    if have in (3, 4) and n_channels == 1:
+        return tile[..., :3].mean(axis=-1, keepdims=True)
+    raise ValueError(f"the image has {have} channels but the model expects {n_channels}")

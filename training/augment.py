@@ -1,0 +1,102 @@
+"""Patch sampling and augmentation on tensors, seeded by a torch.Generator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Sample
+
+
+@dataclass
+class AugmentConfig:
+    flips: bool = True
+    rot90: bool = True
+    affine: bool = True
+    max_rotation_deg: float = 15.0
+    max_scale: float = 0.1
+    intensity: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.1
+
+
+class PatchSampler:
+    """Random patches (or whole images) from samples, drawn with a seeded generator.
+
+    Patches are centred anywhere the field of view covers at least one pixel of the
+    patch, as DRIVE's random 64x64 patches are in the paper.
+    """
+
+    def __init__(self, samples: list[Sample], patch_size: int | None, generator: torch.Generator):
+        self.samples, self.patch_size, self.generator = samples, patch_size, generator
+        self.images = [torch.from_numpy(s.image).permute(2, 0, 1).contiguous() for s in samples]
+        self.masks = [torch.from_numpy(s.mask.astype(np.float32))[None] for s in samples]
+        self.fovs = [torch.from_numpy(s.fov.astype(np.float32))[None] for s in samples]
+        if patch_size is not None:
+            for s in samples:
+                if min(s.mask.shape) < patch_size:
+                    raise ValueError(f"{s.name}: image {s.mask.shape} is smaller than the patch size {patch_size}")
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=self.generator))
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images B,C,P,P; masks B,1,P,P; fov B,1,P,P)."""
+        xs, ys, fs = [], [], []
+        for _ in range(batch_size):
+            i = self._randint(len(self.samples))
+            image, mask, fov = self.images[i], self.masks[i], self.fovs[i]
+            if self.patch_size is not None:
+                p = self.patch_size
+                for _attempt in range(20):
+                    y, x = self._randint(image.shape[1] - p + 1), self._randint(image.shape[2] - p + 1)
+                    if fov[0, y + p // 2, x + p // 2] > 0:
+                        break
+                image, mask, fov = (t[:, y:y + p, x:x + p] for t in (image, mask, fov))
+            xs.append(image)
+            ys.append(mask)
+            fs.append(fov)
+        return torch.stack(xs), torch.stack(ys), torch.stack(fs)
+
+
+def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, fov: torch.Tensor, config: AugmentConfig,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Geometric transforms on image, mask and FOV alike; intensity on the image only."""
+    n = images.shape[0]
+    stacked = torch.cat((images, masks, fov), dim=1)
+    if config.flips:
+        flip = torch.rand(n, generator=generator) < 0.5
+        stacked[flip] = stacked[flip].flip(-1)
+        flip = torch.rand(n, generator=generator) < 0.5
+        stacked[flip] = stacked[flip].flip(-2)
+    if config.rot90 and stacked.shape[-1] == stacked.shape[-2]:
+        turns = torch.randint(0, 4, (n,), generator=generator)
+        stacked = torch.stack([torch.rot90(s, int(k), dims=(-2, -1)) for s, k in zip(stacked, turns)])
+    if config.affine:
+        angle = _uniform(generator, n, -1, 1) * math.radians(config.max_rotation_deg)
+        scale = 1 + _uniform(generator, n, -config.max_scale, config.max_scale)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
+        stacked = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    c = images.shape[1]
+    images, masks, fov = stacked[:, :c], (stacked[:, c:c + 1] > 0.5).float(), (stacked[:, c + 1:] > 0.5).float()
+    if config.intensity:
+        shape = (n, 1, 1, 1)
+        contrast = 1 + _uniform(generator, n, -config.contrast, config.contrast).view(shape)
+        brightness = _uniform(generator, n, -config.brightness, config.brightness).view(shape)
+        images = images * contrast + brightness
+        gamma = torch.exp(_uniform(generator, n, -config.gamma, config.gamma)).view(shape)
+        # gamma on a standardized image: applied to its sign-preserving magnitude
+        images = torch.sign(images) * images.abs().pow(gamma)
+    return images.contiguous(), masks, fov

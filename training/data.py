@@ -1,0 +1,163 @@
+"""Training data behind one interface: a list of :class:`Sample`.
+
+Three sources: the DRIVE layout, generic folders of image/mask pairs matched by file
+stem, and in-memory (image, mask) pairs as the napari fine-tune widget hands them over
+(3D stacks contribute only their annotated slices). Images are normalized here exactly
+as the engine will normalize them at inference (napari_r2au.preprocess).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_r2au.io import find_images, read_image
+from napari_r2au.preprocess import image_statistics, match_channels, normalize
+
+
+class DataError(ValueError):
+    """Training data is missing or malformed; the message names the file and the fix."""
+
+
+@dataclass
+class Sample:
+    """One training image: normalized float32 (H, W, C), mask uint8 {0,1}, FOV bool.
+
+    ``raw`` keeps the image as read, so validation runs the engine exactly as users do.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    fov: np.ndarray
+    name: str
+    raw: np.ndarray
+
+
+def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None = None) -> np.ndarray:
+    """Masks are 0/1 or 0/255 (any channel count: the first is used); else an error."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if class_map is not None:
+        out = np.zeros(mask.shape, np.uint8)
+        unknown = set(np.unique(mask).tolist()) - set(class_map)
+        if unknown:
+            raise DataError(f"{name}: mask values {sorted(unknown)} are not in the class map")
+        for value, label in class_map.items():
+            out[mask == value] = label
+        return out
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 1}:
+        return mask.astype(np.uint8)
+    if values <= {0, 255}:
+        return (mask == 255).astype(np.uint8)
+    shown = sorted(values)[:8]
+    raise DataError(
+        f"{name}: mask has values {shown}{'...' if len(values) > 8 else ''}; expected 0/1 or 0/255 "
+        "(configure a class map for multi-class masks)"
+    )
+
+
+def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int = 3,
+                fov: np.ndarray | None = None, normalization: dict | None = None,
+                class_map: dict[int, int] | None = None) -> Sample:
+    """Validate and normalize one (image, mask[, fov]) pair."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise DataError(f"{name}: expected a 2D image (YX or YXC), got shape {image.shape}")
+    mask = binarize_mask(mask, name, class_map)
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"{name}: image {image.shape[:2]} and mask {mask.shape} differ in size")
+    if fov is None:
+        fov = np.ones(mask.shape, bool)
+    else:
+        fov = np.asarray(fov)
+        fov = (fov[..., 0] if fov.ndim == 3 else fov) > 0
+        if fov.shape != mask.shape:
+            raise DataError(f"{name}: field-of-view mask {fov.shape} differs from the mask {mask.shape}")
+    raw = image
+    image = match_channels(image, in_channels)
+    mean, std = image_statistics(image, channel_axis=2)
+    image = normalize(image, normalization or {"kind": "standardize"}, mean, std)
+    return Sample(np.ascontiguousarray(image), mask, fov, name, raw)
+
+
+def _item_id(path: Path) -> str:
+    """The id that pairs files: the leading number in DRIVE names, else the stem."""
+    match = re.match(r"^(\d+)_", path.name)
+    return match.group(1) if match else path.stem
+
+
+def _by_id(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = find_images(folder)
+    if not files:
+        raise DataError(f"{folder}: no images (TIFF/PNG/JPG/GIF) in it")
+    return {_item_id(p): p for p in files}
+
+
+def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None = None,
+                   in_channels: int = 3, normalization: dict | None = None,
+                   class_map: dict[int, int] | None = None) -> list[Sample]:
+    """Pairs from folders, matched by id (DRIVE's leading number, else the file stem)."""
+    image_files, mask_files = _by_id(Path(images)), _by_id(Path(masks))
+    fov_files = _by_id(Path(fov)) if fov is not None else {}
+    missing = sorted(set(image_files) - set(mask_files))
+    if missing:
+        raise DataError(f"{masks}: no mask for images {', '.join(missing[:5])}")
+    samples = []
+    for key in sorted(image_files):
+        fov_array = read_image(fov_files[key]) if key in fov_files else None
+        samples.append(make_sample(read_image(image_files[key]), read_image(mask_files[key]),
+                                   image_files[key].name, in_channels, fov_array, normalization, class_map))
+    return samples
+
+
+def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | None = None) -> list[Sample]:
+    """The DRIVE layout: images/, 1st_manual/, mask/ (field of view)."""
+    root = Path(root)
+    return folder_samples(root / "images", root / "1st_manual", root / "mask", in_channels, normalization)
+
+
+def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
+                   normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
+                   names: Sequence[str] | None = None) -> list[Sample]:
+    """In-memory (image, labels) pairs; a 3D pair gives one sample per annotated slice.
+
+    For stacks, ``slices[i]`` lists the slices to use for pair i; by default the slices
+    whose labels are not all zero (what the user painted).
+    """
+    samples = []
+    for index, (image, labels) in enumerate(pairs):
+        name = names[index] if names else f"pair{index}"
+        image, labels = np.asarray(image), np.asarray(labels)
+        is_stack = labels.ndim == 3
+        if not is_stack:
+            samples.append(make_sample(image, labels > 0, name, in_channels, None, normalization))
+            continue
+        chosen = list(slices[index]) if slices else [z for z in range(labels.shape[0]) if labels[z].any()]
+        if not chosen:
+            raise DataError(f"{name}: no annotated slice in the stack")
+        for z in chosen:
+            samples.append(make_sample(image[z], labels[z] > 0, f"{name}[z={z}]", in_channels, None, normalization))
+    if not samples:
+        raise DataError("no training pairs given")
+    return samples
+
+
+def split(samples: list[Sample], n_val: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A validation split fixed by the seed (same seed, same split)."""
+    if n_val <= 0:
+        return samples, []
+    if n_val >= len(samples):
+        raise DataError(f"cannot hold out {n_val} of {len(samples)} images for validation")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    val = sorted(order[:n_val].tolist())
+    return [s for i, s in enumerate(samples) if i not in val], [samples[i] for i in val]

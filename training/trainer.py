@@ -1,0 +1,315 @@
+"""The training loop: a generator of progress events, used by the CLI and the GUI alike.
+
+``iter_train(config)`` yields :class:`TrainEvent` after every step (and with validation
+metrics after each validation) and returns a :class:`TrainResult`. Closing the
+generator cancels: checkpoints already written stay intact because every write is
+atomic. No Qt and no napari here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_r2au.engine import autocast_dtype, predict, select_device
+from napari_r2au.io import atomic_path
+from napari_r2au.model_files import LoadedModel, build_metadata, load_model, save_model
+from napari_r2au.models import create_model
+
+from .augment import AugmentConfig, PatchSampler, augment
+from .data import Sample, drive_samples, folder_samples, split
+from .losses import segmentation_loss
+from .metrics import Counts, confusion, roc_auc
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved resolved next to its outputs."""
+
+    name: str = "model"
+    architecture: str = "r2au_net"
+    base_width: int = 16
+    t: int = 2
+    in_channels: int = 3
+    data: dict[str, Any] = field(default_factory=lambda: {"kind": "drive", "root": "../shared/data/DRIVE/training"})
+    val_images: int = 4
+    patch_size: int | None = 64
+    batch_size: int = 32
+    steps: int = 4000
+    max_minutes: float | None = None
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    loss: str = "bce_dice"
+    pos_weight: float = 1.0
+    dice_weight: float = 1.0
+    precision: str = "auto"
+    val_every: int = 250
+    patience: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    output_dir: str = "runs/model"
+    init_from: str | None = None
+    freeze_encoder: bool = False
+    description: str = ""
+    input_scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if isinstance(values.get("augment"), dict):
+            values["augment"] = AugmentConfig(**values["augment"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainEvent:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    elapsed: float
+    validation: dict[str, float] | None = None
+    best_f1: float | None = None
+    stage: str = "train"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best: Path | None
+    last: Path
+    steps: int
+    best_metrics: dict[str, float]
+    stopped: str
+
+
+def load_samples(config: TrainConfig) -> list[Sample]:
+    data = config.data
+    kind = data.get("kind")
+    if kind == "drive":
+        return drive_samples(data["root"], config.in_channels)
+    if kind == "folders":
+        return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels)
+    raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def evaluate_samples(model: LoadedModel, samples: list[Sample], threshold: float = 0.5,
+                     precision: str = "auto") -> dict[str, float]:
+    """Set-level metrics over the samples' fields of view, through the inference engine."""
+    counts, truths, scores = Counts(), [], []
+    for s in samples:
+        prob = predict(model, s.raw, precision=precision).probabilities
+        counts = counts + confusion(s.mask, prob > threshold, s.fov)
+        truths.append(s.mask[s.fov])
+        scores.append(prob[s.fov])
+    metrics = counts.rates()
+    metrics["auc_roc"] = roc_auc(np.concatenate(truths), np.concatenate(scores))
+    return metrics
+
+
+def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed: float,
+              metrics: dict[str, float], parent: LoadedModel | None, n_train: int) -> dict[str, Any]:
+    from napari_r2au import __version__
+
+    provenance = {
+        "trainer": f"napari-r2au {__version__}",
+        "data": config.data,
+        "train_images": n_train,
+        "validation_images": config.val_images,
+        "steps": step,
+        "patch_size": config.patch_size,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "train_seconds": round(elapsed, 1),
+        "threads": torch.get_num_threads(),
+        "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
+    }
+    if parent is not None:
+        provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
+    return build_metadata(
+        name=config.name, architecture=config.architecture, arch_args=arch_args,
+        description=config.description, provenance=provenance, input_scale=config.input_scale,
+        normalization=parent.normalization if parent else {"kind": "standardize"},
+    )
+
+
+def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                best_f1: float, bad_validations: int, elapsed: float) -> None:
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "best_f1": best_f1,
+        "bad_validations": bad_validations,
+        "elapsed": elapsed,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
+               val_samples: list[Sample] | None = None, resume: bool = False,
+               device: str | None = "cpu") -> Generator[TrainEvent, None, TrainResult]:
+    """Train per ``config``; yields events, returns where the checkpoints are.
+
+    ``samples``: in-memory training samples (fine-tuning); otherwise read from config.data
+    and split into train/validation by the seed. ``resume`` continues from output_dir.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if samples is None:
+        samples, val_samples = split(load_samples(config), config.val_images, config.seed)
+    val_samples = val_samples or []
+
+    parent = load_model(config.init_from) if config.init_from else None
+    if parent is not None:
+        network = parent.network
+        arch_args = dict(parent.metadata["arch_args"])
+        config.architecture = parent.metadata["architecture"]
+    else:
+        arch_args = {"in_channels": config.in_channels, "out_channels": 1, "base_width": config.base_width, "t": config.t}
+        network = create_model(config.architecture, **arch_args)
+    dev = select_device(device)
+    network.to(dev)
+    if config.freeze_encoder:
+        for p in network.encoder.parameters():
+            p.requires_grad_(False)
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = PatchSampler(samples, config.patch_size, generator)
+    amp = autocast_dtype(dev, config.precision)
+
+    step, best_f1, bad, elapsed_before = 0, -1.0, 0, 0.0
+    last_state, last_model, best_model = out / "last_state.pt", out / "last.json", out / "best.json"
+    if resume:
+        if not last_state.is_file():
+            raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
+        resumed = load_model(last_model)
+        network.load_state_dict(resumed.network.state_dict())
+        state = torch.load(last_state, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, best_f1, bad, elapsed_before = state["step"], state["best_f1"], state["bad_validations"], state["elapsed"]
+    else:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+
+    log_path = out / "log.csv"
+    log_new = not log_path.exists() or not resume
+    log_file = open(log_path, "w" if log_new else "a", newline="")
+    log = csv.writer(log_file)
+    if log_new:
+        log.writerow(["step", "loss", "lr", "seconds", "val_f1", "val_auc_roc", "val_sensitivity", "val_specificity"])
+
+    best_metrics: dict[str, float] = {}
+    if best_model.is_file():
+        best_metrics = load_model(best_model).metadata["provenance"].get("validation_metrics", {})
+    started = time.perf_counter()
+    stopped = "steps"
+
+    def save(kind: str, metrics: dict[str, float]) -> Path:
+        meta = _metadata(config, arch_args, step, elapsed_before + time.perf_counter() - started,
+                         metrics, parent, len(samples))
+        meta["name"] = kind
+        return save_model(network.to("cpu"), out, meta)
+
+    try:
+        while step < config.steps:
+            network.train()
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y, fov = sampler.sample(config.batch_size)
+            x, y, fov = augment(x, y, fov, config.augment, generator)
+            x, y = x.to(dev), y.to(dev)
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = network(x)
+            loss = segmentation_loss(logits, y, config.loss, config.pos_weight, config.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            step += 1
+            elapsed = elapsed_before + time.perf_counter() - started
+            validation = None
+            out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+            if step % config.val_every == 0 or step == config.steps or out_of_time:
+                if val_samples:
+                    network.eval()
+                    loaded = LoadedModel(network, {"name": config.name, "in_channels": config.in_channels,
+                                                   "out_channels": 1, "threshold": 0.5}, source="memory")
+                    validation = evaluate_samples(loaded, val_samples, precision=config.precision)
+                    network.to(dev)
+                    if validation["f1"] > best_f1:
+                        best_f1, bad, best_metrics = validation["f1"], 0, validation
+                        save("best", validation)
+                        network.to(dev)
+                    else:
+                        bad += 1
+                save("last", validation or {})
+                network.to(dev)
+                _save_state(last_state, step, optimizer, generator, best_f1, bad, elapsed)
+            row = [step, f"{loss.item():.5f}", f"{lr:.6g}", f"{elapsed:.1f}"]
+            if validation:
+                row += [f"{validation[k]:.5f}" for k in ("f1", "auc_roc", "sensitivity", "specificity")]
+            log.writerow(row)
+            log_file.flush()
+            yield TrainEvent(step, config.steps, float(loss.item()), lr, elapsed, validation,
+                             best_f1 if best_f1 >= 0 else None)
+            if out_of_time:
+                stopped = "time"
+                break
+            if config.patience is not None and bad >= config.patience:
+                stopped = "early_stopping"
+                break
+    finally:
+        log_file.close()
+        network.to("cpu").eval()
+    return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
+
+
+def train(config: TrainConfig, **kwargs) -> TrainResult:
+    """Run :func:`iter_train` to the end (no progress output)."""
+    gen = iter_train(config, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def resolve_threads() -> int:
+    return int(os.environ.get("R2AU_THREADS", 0)) or (os.cpu_count() or 1)
