@@ -209,6 +209,7 @@ def iter_predict(
     precision: str = "auto",
     attention: bool = False,
     slices: Sequence[int] | None = None,
+    scale: float | None = None,
 ) -> Generator[Progress, None, Prediction]:
     """Predict tile by tile, yielding progress; returns the :class:`Prediction`.
 
@@ -217,11 +218,21 @@ def iter_predict(
         image: NumPy, dask or zarr array; YX, YXC, CYX, ZYX, ZYXC or CZYX.
         tile_size: tile edge in pixels; None runs planes up to 1024x1024 whole.
         slices: for stacks, the Z indices to run and their order (default: all).
+        scale: resize Y and X by this factor before the network and back after it, so
+            that structures have the size the model was trained on (default: the
+            model's ``input_scale``, usually 1).
     """
     import torch
     import torch.nn.functional as F
 
     loaded = _as_loaded(model)
+    scale = loaded.input_scale if scale is None else float(scale)
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if abs(scale - 1.0) > 1e-6:
+        return (yield from _iter_predict_rescaled(
+            loaded, image, scale, axes=axes, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+            device=device, precision=precision, attention=attention, slices=slices))
     network = loaded.network
     network.eval()
     divisor = int(getattr(network, "divisor", 16))
@@ -325,6 +336,29 @@ def iter_predict(
         multiclass=multiclass,
     )
     return prediction
+
+
+def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axes: str | None,
+                           **kwargs: Any) -> Generator[Progress, None, Prediction]:
+    """Resize Y/X by ``scale``, predict, and resize the outputs back (linear)."""
+    from skimage.transform import resize
+
+    axes = resolve_axes(image.shape, loaded.in_channels, axes)
+    array = np.asarray(image, dtype=np.float32)
+    small_shape = tuple(
+        max(1, round(n * scale)) if ax in "YX" else n for ax, n in zip(axes, array.shape)
+    )
+    small = resize(array, small_shape, order=1, anti_aliasing=scale < 1, preserve_range=True).astype(np.float32)
+    result = yield from iter_predict(loaded, small, axes=axes, scale=1.0, **kwargs)
+    spatial = tuple(n for ax, n in zip(axes, array.shape) if ax != "C")
+
+    def back(values: np.ndarray) -> np.ndarray:
+        shape = spatial + values.shape[len(spatial):]
+        return np.clip(resize(values, shape, order=1, preserve_range=True), 0, 1).astype(np.float32)
+
+    result.probabilities = back(result.probabilities)
+    result.attention = [back(a) for a in result.attention]
+    return result
 
 
 def _pad(tile: np.ndarray, pad, mode: str) -> np.ndarray:

@@ -58,3 +58,26 @@ def match_channels(tile: np.ndarray, n_channels: int) -> np.ndarray:
     if have in (3, 4) and n_channels == 1:
         return tile[..., :3].mean(axis=-1, keepdims=True)
     raise ValueError(f"the image has {have} channels but the model expects {n_channels}")
+
+
+#: horizontal field-of-view diameter of DRIVE photographs, in pixels (measured on its FOV masks)
+DRIVE_FOV_DIAMETER = 537
+
+
+def fov_diameter(image: np.ndarray) -> int:
+    """Width in pixels of a fundus photograph's bright, round field of view.
+
+    Fundus cameras put the retina on a black background; the widest run of pixels
+    brighter than 15% of the bright level is the field of view's diameter.
+    """
+    grey = np.asarray(image, dtype=np.float32)
+    if grey.ndim == 3:
+        grey = grey.mean(axis=-1)
+    level = 0.15 * float(np.percentile(grey, 99))
+    columns = np.flatnonzero((grey > level).any(axis=0))
+    return int(columns[-1] - columns[0] + 1) if columns.size else grey.shape[1]
+
+
+def fundus_scale(image: np.ndarray, reference_diameter: int = DRIVE_FOV_DIAMETER) -> float:
+    """Resize factor that gives a fundus photograph DRIVE's field-of-view size."""
+    return reference_diameter / max(1, fov_diameter(image))

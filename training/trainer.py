@@ -178,11 +178,13 @@ def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generat
 
 def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                val_samples: list[Sample] | None = None, resume: bool = False,
-               device: str | None = "cpu") -> Generator[TrainEvent, None, TrainResult]:
+               device: str | None = "cpu", parent: LoadedModel | None = None,
+               ) -> Generator[TrainEvent, None, TrainResult]:
     """Train per ``config``; yields events, returns where the checkpoints are.
 
     ``samples``: in-memory training samples (fine-tuning); otherwise read from config.data
     and split into train/validation by the seed. ``resume`` continues from output_dir.
+    ``parent``: the loaded model to start from (else ``config.init_from`` is loaded).
     """
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -193,7 +195,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         samples, val_samples = split(load_samples(config), config.val_images, config.seed)
     val_samples = val_samples or []
 
-    parent = load_model(config.init_from) if config.init_from else None
+    if parent is None and config.init_from:
+        parent = load_model(config.init_from)
     if parent is not None:
         network = parent.network
         arch_args = dict(parent.metadata["arch_args"])

@@ -65,7 +65,7 @@ class StepwiseBatchNorm(nn.Module):
     running statistics are buffers, not parameters.
     """
 
-    def __init__(self, num_features: int, steps: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, steps: int, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__()
         self.num_features, self.steps, self.eps, self.momentum = num_features, steps, eps, momentum
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -75,8 +75,11 @@ class StepwiseBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.zeros(steps, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        momentum = self.momentum
         if self.training:
             self.num_batches_tracked[step] += 1
+            if momentum is None:  # cumulative moving average, as in nn.BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked[step])
         # Row views share storage with the buffers, so F.batch_norm updates them in place.
         return F.batch_norm(
             x,
@@ -85,7 +88,7 @@ class StepwiseBatchNorm(nn.Module):
             self.weight,
             self.bias,
             self.training,
-            self.momentum,
+            momentum if momentum is not None else 0.0,
             self.eps,
         )
 

@@ -1,0 +1,273 @@
+"""The ``r2au`` command line. Heavy modules are imported inside the commands, so that
+``r2au --help`` answers at once without loading torch or Qt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not sys.stderr.isatty())
+
+
+def _predict_with_bar(model, image, desc: str, **kwargs):
+    from .engine import iter_predict, run
+
+    bar = _progress_bar(desc=desc)
+
+    def update(event) -> None:
+        bar.total = event.total
+        bar.n = event.done
+        bar.refresh()
+
+    try:
+        return run(iter_predict(model, image, **kwargs), update)
+    finally:
+        bar.close()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model_files import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models found")
+        return 0
+    for row in rows:
+        f1 = row["validation"].get("f1")
+        metric = f"  val F1 {f1:.4f}" if f1 is not None else ""
+        print(f"{row['name']:<28} {row['source']:<8} {row['architecture']:<18}{metric}")
+    return 0
+
+
+def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool) -> list[Path]:
+    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``."""
+    from .io import write_tiff
+
+    written = [outdir / f"{stem}_mask.tif", outdir / f"{stem}_prob.tif"]
+    write_tiff(written[0], prediction.mask(threshold))
+    write_tiff(written[1], prediction.probabilities.astype("float32"))
+    if attention and prediction.attention:
+        import numpy as np
+
+        written.append(outdir / f"{stem}_attention.tif")
+        write_tiff(written[-1], np.stack(prediction.attention).astype("float32"))
+    return written
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .io import IMAGE_SUFFIXES, read_image
+    from .model_files import load_model
+
+    model = load_model(args.model)
+    files: list[Path] = []
+    for item in args.inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(path)
+    if not files:
+        print("error: no input images", file=sys.stderr)
+        return 2
+    outdir = Path(args.output)
+    failed = 0
+    for path in _progress_bar_iter(files):
+        try:
+            image = read_image(path)
+            prediction = _predict_with_bar(model, image, path.name, tile_size=args.tile, device=args.device,
+                                           attention=args.attention, scale=args.scale)
+            written = write_outputs(outdir, path.stem, prediction, args.threshold, args.attention)
+            print(f"{path}: " + ", ".join(str(p) for p in written))
+        except Exception as exc:  # report, skip, go on with the others
+            failed += 1
+            print(f"error: {path}: {exc}", file=sys.stderr)
+    if failed:
+        print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _progress_bar_iter(items):
+    bar = _progress_bar(len(items), "images", "image")
+    for item in items:
+        yield item
+        bar.update()
+    bar.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    from skimage import data
+
+    from .io import write_png
+    from .model_files import DEFAULT_MODEL, load_model
+    from .preprocess import fundus_scale
+
+    model = load_model(args.model or DEFAULT_MODEL)
+    image = data.retina()
+    scale = fundus_scale(image)
+    started = time.perf_counter()
+    prediction = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
+    seconds = time.perf_counter() - started
+    outdir = Path(args.output)
+    written = write_outputs(outdir, "retina", prediction, None, True)
+    mask = prediction.mask()
+    overlay = image.copy()
+    overlay[mask > 0] = (0.4 * overlay[mask > 0] + 0.6 * np.array([255, 255, 0])).astype(np.uint8)
+    write_png(outdir / "retina_overlay.png", overlay)
+    written.append(outdir / "retina_overlay.png")
+    for index, alpha in enumerate(prediction.attention, start=1):
+        path = outdir / f"retina_attention_{index}.png"
+        write_png(path, (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
+        written.append(path)
+    provenance = model.metadata.get("provenance", {})
+    print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
+    print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
+    print(f"image      skimage.data.retina() {image.shape}, resized x{scale:.3f} to DRIVE's field of view")
+    print(f"result     vessel pixels {mask.mean():.1%}, {len(prediction.attention)} attention maps, {seconds:.2f} s")
+    for path in written:
+        print(f"wrote      {path}")
+    if args.gui:
+        return _open_gui(image, prediction)
+    return 0
+
+
+def _open_gui(image, prediction) -> int:
+    import os
+
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        print("error: --gui needs a display (set DISPLAY, or run under xvfb-run)", file=sys.stderr)
+        return 2
+    import napari
+
+    viewer = napari.Viewer()
+    viewer.add_image(image, name="retina", rgb=True)
+    viewer.add_image(prediction.probabilities, name="probability", colormap="magma", blending="additive", visible=False)
+    for index, alpha in enumerate(prediction.attention, start=1):
+        viewer.add_image(alpha, name=f"attention {index}", colormap="turbo", opacity=0.5, visible=index == 1)
+    viewer.add_labels(prediction.mask(), name="mask")
+    napari.run()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.config import load_config
+    from .training.trainer import iter_train
+
+    config = load_config(args.config, args.set or [])
+    bar = _progress_bar(config.steps, config.name, "step")
+    generator = iter_train(config, resume=bool(args.resume))
+    try:
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.update(event.step - bar.n)
+            postfix = {"loss": f"{event.loss:.4f}"}
+            if event.best_f1 is not None:
+                postfix["val_f1"] = f"{event.best_f1:.4f}"
+            bar.set_postfix(postfix)
+            if event.validation:
+                v = event.validation
+                print(f"step {event.step}: val F1 {v['f1']:.4f} AUC {v['auc_roc']:.4f} ({event.elapsed:.0f} s)",
+                      flush=True)
+    except KeyboardInterrupt:
+        generator.close()
+        print("\ninterrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    print(f"done after {result.steps} steps ({result.stopped}); best {result.best}, last {result.last}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training.evaluate import evaluate_folders
+
+    report = evaluate_folders(args.model, args.images, args.masks, args.fov, args.threshold,
+                              scale=args.scale, plots=args.plots)
+    keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
+    print(f"{'image':<24}" + "".join(f"{k:>12}" for k in keys))
+    for row in report["per_image"]:
+        print(f"{row['image']:<24}" + "".join(f"{row[k]:>12.4f}" for k in keys))
+    print(f"{'ALL (' + str(report['n_images']) + ')':<24}" + "".join(f"{report[k]:>12.4f}" for k in keys))
+    if args.json:
+        from .io import write_bytes_atomic
+
+        write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r2au", description="R2AU-Net segmentation: models, segment, demo, train.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list bundled and user models")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("segment", help="segment images or folders of images")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)")
+    p.add_argument("-o", "--output", default=".", help="output folder (default: current)")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+    p.add_argument("--attention", action="store_true", help="also write the attention maps")
+    p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--scale", type=float, default=None, help="resize factor before the network (default: the model's)")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("demo", help="segment the bundled fundus photograph with the default model")
+    p.add_argument("-o", "--output", default="r2au-demo", help="output folder (default: r2au-demo)")
+    p.add_argument("-m", "--model", default=None, help="model (default: drive-vessels)")
+    p.add_argument("--gui", action="store_true", help="open the results in napari")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="config file, or the name of a bundled config (e.g. drive-vessels)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
+    p.add_argument("-m", "--model", default="drive-vessels")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--fov", default=None, help="folder of field-of-view masks")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--scale", type=float, default=None)
+    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.add_argument("--plots", default=None, help="write ROC and PR curves as PNG into this folder")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"napari-r2au {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

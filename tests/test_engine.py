@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_r2au import predict
+from napari_r2au.engine import Cancelled, Progress, iter_predict, resolve_axes, run
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels", "axes"),
+    [((20, 30), 3, "YX"), ((20, 30, 3), 3, "YXC"), ((3, 20, 30), 3, "CYX"), ((5, 20, 30), 3, "ZYX"),
+     ((5, 20, 30, 3), 3, "ZYXC"), ((20, 30, 1), 1, "YXC"), ((20, 30, 4), 3, "YXC")],
+)
+def test_axes_are_resolved(shape, channels, axes):
+    assert resolve_axes(shape, channels) == axes
+
+
+def test_explicit_axes_are_checked():
+    assert resolve_axes((3, 20, 30), 3, "zyx") == "ZYX"
+    with pytest.raises(ValueError, match="do not describe"):
+        resolve_axes((20, 30), 3, "ZYX")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+def test_any_dtype_and_odd_size(tiny_net, rng, dtype):
+    image = (rng.random((37, 53, 3)) * 200).astype(dtype)
+    result = predict(tiny_net, image, precision="fp32")
+    assert result.probabilities.shape == (37, 53) and result.probabilities.dtype == np.float32
+    assert result.probabilities.min() >= 0 and result.probabilities.max() <= 1
+    assert result.mask().dtype == np.uint8 and set(np.unique(result.mask())) <= {0, 1}
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7, 3), (2, 2)])
+def test_tiny_images(tiny_net, shape):
+    assert predict(tiny_net, np.ones(shape, np.uint8), precision="fp32").probabilities.shape == shape[:2]
+
+
+def test_grey_cyx_and_stack_inputs(tiny_net, rng):
+    grey = rng.random((40, 40)).astype(np.float32)
+    assert predict(tiny_net, grey, precision="fp32").probabilities.shape == (40, 40)
+    cyx = rng.random((3, 40, 44)).astype(np.float32)
+    yxc = np.moveaxis(cyx, 0, -1)
+    a = predict(tiny_net, cyx, precision="fp32").probabilities
+    b = predict(tiny_net, yxc, precision="fp32").probabilities
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    stack = rng.random((3, 32, 36)).astype(np.float32)
+    result = predict(tiny_net, stack, axes="ZYX", attention=True, precision="fp32")
+    assert result.probabilities.shape == (3, 32, 36)
+    assert [a.shape for a in result.attention] == [(3, 32, 36)] * 4
+    single = predict(tiny_net, stack[1], precision="fp32").probabilities
+    # a slice alone is normalised with its own statistics, so compare loosely
+    assert np.corrcoef(single.ravel(), result.probabilities[1].ravel())[0, 1] > 0.9
+
+
+def test_attention_maps_at_full_resolution(tiny_net, rng):
+    result = predict(tiny_net, rng.random((50, 70, 3)), attention=True, precision="fp32")
+    assert len(result.attention) == 4
+    for alpha in result.attention:
+        assert alpha.shape == (50, 70) and alpha.dtype == np.float32
+        assert alpha.min() >= 0 and alpha.max() <= 1
+
+
+def test_tiled_equals_whole_image(tiny_net, rng):
+    from skimage import data
+
+    image = data.retina()[300:556, 300:620]
+    whole = predict(tiny_net, image, precision="fp32")
+    tiled = predict(tiny_net, image, tile_size=128, overlap=48, batch_size=3, precision="fp32")
+    diff = np.abs(whole.probabilities - tiled.probabilities)
+    assert diff.mean() < 0.01, diff.mean()
+    agree = (whole.mask() == tiled.mask()).mean()
+    assert agree > 0.98
+
+
+def test_dask_arrays_are_read_tile_by_tile(tiny_net, rng):
+    da = pytest.importorskip("dask.array")
+    image = rng.random((300, 260, 3)).astype(np.float32)
+    lazy = da.from_array(image, chunks=(64, 64, 3))
+    reads = []
+
+    class Spy:
+        shape, dtype, ndim = lazy.shape, lazy.dtype, lazy.ndim
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return lazy[index].compute()
+
+    a = predict(tiny_net, Spy(), tile_size=128, precision="fp32").probabilities
+    b = predict(tiny_net, image, tile_size=128, precision="fp32").probabilities
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # statistics from one strided read, then one read per tile; never the whole image at once
+    tile_reads = [i for i in reads if all(s.step is None for s in i if isinstance(s, slice))]
+    assert len(tile_reads) >= 4
+    assert all((s[0].stop - s[0].start) <= 128 for s in tile_reads)
+
+
+def test_progress_and_cancel(tiny_net, rng):
+    image = rng.random((200, 200, 3)).astype(np.float32)
+    events: list[Progress] = []
+    predict(tiny_net, image, tile_size=64, batch_size=2, progress=events.append, precision="fp32")
+    assert events[0].done == 0 and events[-1].done == events[-1].total > 1
+    with pytest.raises(Cancelled):
+        run(iter_predict(tiny_net, image, tile_size=64, batch_size=1, precision="fp32"),
+            lambda event: event.done < 2)
+
+
+def test_threshold_and_multiclass(rng):
+    from napari_r2au import create_model
+
+    net = create_model("unet", out_channels=3, base_width=4).eval()
+    result = predict(net, rng.random((32, 32, 3)), precision="fp32")
+    assert result.probabilities.shape == (32, 32, 3)
+    np.testing.assert_allclose(result.probabilities.sum(-1), 1, atol=1e-5)
+    assert result.mask().max() <= 2
+
+
+def test_scale_resizes_and_restores(tiny_net, rng):
+    result = predict(tiny_net, rng.random((80, 100, 3)), scale=0.5, attention=True, precision="fp32")
+    assert result.probabilities.shape == (80, 100) and result.attention[0].shape == (80, 100)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_net):
+    with pytest.raises(ValueError, match="cannot tell the axes"):
+        predict(tiny_net, np.zeros((2, 3, 4, 5, 6)))
+    with pytest.raises(ValueError, match="channels but the model expects"):
+        predict(tiny_net, np.zeros((20, 20, 2)), axes="YXC")
+    with pytest.raises(TypeError, match="model must be"):
+        predict(object(), np.zeros((20, 20)))

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from napari_r2au.training.finetune import FinetuneSettings, iter_finetune, next_version_name
+
+from napari_r2au import create_model, list_models, load_model
+from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+
+@pytest.fixture
+def base_model(tmp_path):
+    net = create_model("r2au_net", base_width=4)
+    meta = build_metadata(name="base", architecture="r2au_net",
+                          arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2})
+    return load_model(save_model(net, tmp_path / "models", meta))
+
+
+def _bars(rng, size=96):
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, 20:28] = 1
+    mask[40:46, :] = 1
+    image = (rng.random((size, size, 3)) * 60 + mask[..., None] * 120).astype(np.uint8)
+    return image, mask
+
+
+def test_versions_count_up(tmp_path):
+    (tmp_path / "base-ft1.json").write_text("{}")
+    (tmp_path / "base-ft7.json").write_text("{}")
+    assert next_version_name("base", tmp_path) == "base-ft8"
+    assert next_version_name("base-ft8", tmp_path) == "base-ft8"  # root name, next free
+
+
+def test_finetune_registers_new_model_and_improves(base_model, rng):
+    image, mask = _bars(rng)
+    settings = FinetuneSettings(steps=30, lr=0.02, patch_size=48, batch_size=4)
+    gen = iter_finetune(base_model, [(image, mask)], settings=settings)
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert len(events) == 30 and result.model is not None
+    assert result.model.name == "base-ft1" and result.model.source == "user"
+    prov = result.model.metadata["provenance"]
+    assert prov["parent"]["sha256"] == base_model.sha256
+    assert result.dice_after > result.dice_before
+    assert ("base-ft1", "user") in {(r["name"], r["source"]) for r in list_models()}
+    assert load_model(base_model.path).sha256 == base_model.sha256  # base untouched
+    assert (user_models_dir() / "base-ft1.safetensors").is_file()
+
+
+def test_finetune_on_stack_uses_annotated_slices(base_model, rng):
+    image, mask = _bars(rng, 64)
+    stack = np.stack([image.mean(-1)] * 3)
+    labels = np.zeros((3, 64, 64), np.uint8)
+    labels[1] = mask
+    gen = iter_finetune(base_model, [(stack, labels)], settings=FinetuneSettings(steps=2, patch_size=32))
+    events = list(gen)
+    assert events[-1].step == 2

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from napari_r2au import create_model, list_models, load_model
+from napari_r2au.model_files import (
+    DEFAULT_MODEL,
+    ModelFileError,
+    build_metadata,
+    load_model_file,
+    save_model,
+    user_models_dir,
+)
+
+
+def _save_tiny(directory, name="tiny"):
+    net = create_model("r2au_net", base_width=4)
+    args = {"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2}
+    meta = build_metadata(name=name, architecture="r2au_net", arch_args=args, description="test")
+    return net, save_model(net, directory, meta)
+
+
+def test_round_trip_preserves_weights_and_metadata(tmp_path):
+    net, sidecar = _save_tiny(tmp_path)
+    loaded = load_model(sidecar)
+    assert loaded.name == "tiny" and loaded.in_channels == 3 and not loaded.network.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, loaded.network.state_dict()[key]), key
+    assert load_model(tmp_path / "tiny.safetensors").sha256 == loaded.sha256  # by weights path too
+    assert load_model(tmp_path).name == "tiny"  # by folder
+
+
+def test_tampered_weights_are_rejected(tmp_path):
+    _, sidecar = _save_tiny(tmp_path)
+    weights = tmp_path / "tiny.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="sha256 mismatch"):
+        load_model(sidecar)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_MODEL_FILE",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "evil.pt"
+    weights.write_bytes(pickle.dumps({"conv.weight": _Exploit()}))
+    digest = __import__("hashlib").sha256(weights.read_bytes()).hexdigest()
+    meta = build_metadata(name="evil", architecture="r2au_net", arch_args={"base_width": 4},
+                          weights_file="evil.pt", weights_sha256=digest)
+    (tmp_path / "evil.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="refused"):
+        load_model(tmp_path / "evil.json")
+    assert not (tmp_path / "PWNED_BY_MODEL_FILE").exists()
+
+
+def test_plain_state_dict_pt_loads(tmp_path):
+    net = create_model("unet", base_width=4)
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    digest = __import__("hashlib").sha256((tmp_path / "plain.pt").read_bytes()).hexdigest()
+    meta = build_metadata(name="plain", architecture="unet", arch_args={"base_width": 4},
+                          weights_file="plain.pt", weights_sha256=digest)
+    (tmp_path / "plain.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "plain.json").metadata["architecture"] == "unet"
+
+
+def test_wrong_architecture_and_bad_json_are_clear_errors(tmp_path):
+    _, sidecar = _save_tiny(tmp_path)
+    meta = json.loads(sidecar.read_text())
+    meta["arch_args"]["base_width"] = 8
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load_model(sidecar)
+    sidecar.write_text("{not json")
+    with pytest.raises(ModelFileError, match="not a readable"):
+        load_model_file(sidecar)
+
+
+def test_user_models_are_listed_and_found_by_name():
+    _save_tiny(user_models_dir(), "my-finetune")
+    names = {(row["name"], row["source"]) for row in list_models()}
+    assert ("my-finetune", "user") in names
+    assert (DEFAULT_MODEL, "bundled") in names
+    assert load_model("my-finetune").source == "user"
+    with pytest.raises(ModelFileError, match="available: .*my-finetune"):
+        load_model("no-such-model")
+
+
+def test_bundled_default_model_is_trained():
+    model = load_model(DEFAULT_MODEL)
+    prov = model.metadata["provenance"]
+    assert model.metadata["architecture"] == "r2au_net"
+    assert prov["steps"] > 0 and prov["validation_metrics"]["f1"] > 0.7
+    assert (model.path.parent / model.metadata["weights_file"]).stat().st_size <= 20 * 2**20
+    x = torch.from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+    assert model.network(x).shape == (1, 1, 32, 32)

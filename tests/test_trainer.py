@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from napari_r2au.training.augment import AugmentConfig, PatchSampler, augment
+from napari_r2au.training.config import load_config
+from napari_r2au.training.data import DataError, binarize_mask, folder_samples, memory_samples, split
+from napari_r2au.training.trainer import TrainConfig, iter_train, train
+
+from napari_r2au import load_model
+
+
+def _pairs(rng, n=3, size=48):
+    pairs = []
+    for _ in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        mask[10:30, 12:20] = 1
+        image = (rng.random((size, size, 3)) * 40 + mask[..., None] * 150).astype(np.uint8)
+        pairs.append((image, mask))
+    return pairs
+
+
+def _config(tmp_path, **kw) -> TrainConfig:
+    values = dict(name="t", base_width=4, patch_size=32, batch_size=4, steps=6, val_every=3, lr=0.01,
+                  warmup_steps=2, precision="fp32", output_dir=str(tmp_path / "run"), threads=1)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_masks_must_be_binary():
+    assert binarize_mask(np.array([[0, 255]]), "m").tolist() == [[0, 1]]
+    with pytest.raises(DataError, match="expected 0/1 or 0/255"):
+        binarize_mask(np.array([[0, 7]]), "m")
+    assert binarize_mask(np.array([[0, 7]]), "m", class_map={0: 0, 7: 1}).tolist() == [[0, 1]]
+
+
+def test_memory_stacks_use_annotated_slices(rng):
+    image = rng.random((4, 32, 32)).astype(np.float32)
+    labels = np.zeros((4, 32, 32), np.uint8)
+    labels[1, 5:9, 5:9] = 1
+    labels[3, 1:3, 1:3] = 2
+    samples = memory_samples([(image, labels)])
+    assert [s.name for s in samples] == ["pair0[z=1]", "pair0[z=3]"]
+    with pytest.raises(DataError, match="no annotated slice"):
+        memory_samples([(image, np.zeros_like(labels))])
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        folder_samples(tmp_path / "images", tmp_path / "masks")
+
+
+def test_split_is_fixed_by_seed(rng):
+    samples = memory_samples(_pairs(rng, 6))
+    a = [s.name for s in split(samples, 2, 0)[1]]
+    assert a == [s.name for s in split(samples, 2, 0)[1]]
+
+
+def test_augmentation_is_seeded_and_keeps_masks_binary(rng):
+    samples = memory_samples(_pairs(rng))
+    out = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(3)
+        x, y, f = PatchSampler(samples, 32, g).sample(4)
+        out.append(augment(x, y, f, AugmentConfig(), g))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    assert set(torch.unique(out[0][1]).tolist()) <= {0.0, 1.0}
+
+
+def test_training_writes_checkpoints_and_learns(tmp_path, rng):
+    samples = memory_samples(_pairs(rng, 4))
+    config = _config(tmp_path, steps=40, val_every=20, lr=0.02)
+    events = list_events(iter_train(config, samples=samples[:3], val_samples=samples[3:]))
+    assert events[-1].step == 40 and events[19].validation is not None
+    assert np.mean([e.loss for e in events[-5:]]) < np.mean([e.loss for e in events[:5]])
+    best = load_model(tmp_path / "run" / "best.json")
+    assert best.metadata["provenance"]["validation_metrics"]["f1"] > 0
+    assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 41
+
+
+def list_events(gen):
+    return list(gen)
+
+
+def test_cancel_keeps_last_checkpoint(tmp_path, rng):
+    samples = memory_samples(_pairs(rng, 3))
+    gen = iter_train(_config(tmp_path, steps=50), samples=samples[:2], val_samples=samples[2:])
+    for event in gen:
+        if event.step == 4:
+            gen.close()
+    last = load_model(tmp_path / "run" / "last.json")
+    assert last.metadata["provenance"]["steps"] == 3
+
+
+def test_resume_is_bit_identical(tmp_path, rng):
+    samples = memory_samples(_pairs(rng, 3))
+    kw = dict(samples=samples[:2], val_samples=samples[2:])
+    full = train(_config(tmp_path / "a", steps=6), **kw)
+    gen = iter_train(_config(tmp_path / "b", steps=6), **kw)
+    for event in gen:
+        if event.step == 3:
+            gen.close()  # "interrupted" right after the checkpoint at step 3
+    resumed = train(_config(tmp_path / "b", steps=6), resume=True, **kw)
+    assert resumed.steps == full.steps == 6
+    a = load_model(full.last).network.state_dict()
+    b = load_model(resumed.last).network.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bundled_configs_load():
+    config = load_config("drive-vessels", ["steps=10", "augment.flips=false"])
+    assert config.architecture == "r2au_net" and config.steps == 10 and config.augment.flips is False
+    for name in ("drive-unet", "drive-attention_unet", "drive-r2u_net", "drive-r2au_net"):
+        assert load_config(name).data["kind"] == "drive"
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config("drive-vessels", ["stepz=1"])
+
+
+def test_drive_training_runs_on_real_data(tmp_path, drive_root):
+    config = _config(tmp_path, steps=2, val_every=2, val_images=1,
+                     data={"kind": "drive", "root": str(drive_root)})
+    result = train(config)
+    assert result.best is not None and result.best_metrics["f1"] >= 0

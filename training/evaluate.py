@@ -1,0 +1,63 @@
+"""``r2au evaluate``: the paper's metrics for a model on a folder of images and masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_r2au.engine import predict
+from napari_r2au.model_files import load_model
+
+from .data import folder_samples
+from .metrics import METRIC_KEYS, curves, segmentation_metrics
+
+
+def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str | Path | None = None,
+                     threshold: float | None = None, scale: float | None = None,
+                     plots: str | Path | None = None) -> dict[str, Any]:
+    """Per-image rows and set-level metrics (pixels pooled over all images, inside the FOV)."""
+    loaded = load_model(model) if not hasattr(model, "network") else model
+    level = loaded.threshold if threshold is None else threshold
+    samples = folder_samples(images, masks, fov, loaded.in_channels)
+    rows, truths, scores = [], [], []
+    for sample in samples:
+        prob = predict(loaded, sample.raw, scale=scale).probabilities
+        row = segmentation_metrics(sample.mask, prob, level, sample.fov)
+        rows.append({"image": sample.name, **row})
+        truths.append(sample.mask[sample.fov])
+        scores.append(prob[sample.fov])
+    truth, score = np.concatenate(truths), np.concatenate(scores)
+    report: dict[str, Any] = segmentation_metrics(truth, score, level)
+    report = {key: float(report[key]) for key in METRIC_KEYS}
+    report.update(n_images=len(samples), threshold=level, model=loaded.name, model_sha256=loaded.sha256,
+                  per_image=rows)
+    if plots is not None:
+        write_curve_plots(truth, score, Path(plots), report)
+    return report
+
+
+def write_curve_plots(truth: np.ndarray, score: np.ndarray, folder: Path, report: dict[str, Any]) -> list[Path]:
+    """ROC and PR curves as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (fpr, tpr), (recall, precision) = curves(truth, score)
+    paths = []
+    for name, x, y, xlabel, ylabel, key in (
+        ("roc.png", fpr, tpr, "false positive rate", "true positive rate", "auc_roc"),
+        ("pr.png", recall, precision, "recall", "precision", "auc_pr"),
+    ):
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.plot(x, y, lw=1.5)
+        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01),
+               title=f"{report['model']}: {key} {report[key]:.4f}")
+        fig.tight_layout()
+        fig.savefig(folder / name)
+        plt.close(fig)
+        paths.append(folder / name)
+    return paths

@@ -1,0 +1,132 @@
+"""Fine-tuning a model on corrected masks: what the napari Fine-tune widget runs.
+
+``iter_finetune`` is a generator of TrainEvent (the widget's curve and progress bar
+read them) that returns a :class:`FinetuneResult` with the new, versioned model. The
+base model is never overwritten: the new model gets the next free name
+``<base>-ft<N>`` in the user models folder, with its parent, the data used, the steps
+and the validation Dice before and after in its metadata.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_r2au.engine import predict
+from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
+
+from .data import Sample, memory_samples
+from .metrics import Counts, confusion
+from .trainer import TrainConfig, TrainEvent, iter_train
+
+
+@dataclass
+class FinetuneSettings:
+    steps: int = 150
+    lr: float = 5e-4
+    patch_size: int = 96
+    batch_size: int = 8
+    augment: bool = True
+    freeze_encoder: bool = False
+    seed: int = 0
+    #: share of the image's width held out for validation when no validation pair is given
+    holdout_fraction: float = 0.25
+
+
+@dataclass
+class FinetuneResult:
+    model: LoadedModel | None
+    dice_before: float | None
+    dice_after: float | None
+    steps: int
+    stopped: str
+
+
+def next_version_name(base: str, directory: Path | None = None) -> str:
+    """``<base>-ft<N>`` with N one above the highest already in the user folder."""
+    directory = directory or user_models_dir()
+    root = re.sub(r"-ft\d+$", "", base)
+    taken = [int(m.group(1)) for p in directory.glob(f"{root}-ft*.json")
+             if (m := re.fullmatch(rf"{re.escape(root)}-ft(\d+)", p.stem))]
+    return f"{root}-ft{max(taken, default=0) + 1}"
+
+
+def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
+    return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], sample.fov[:, x0:x1],
+                  f"{sample.name}{suffix}", sample.raw[:, x0:x1])
+
+
+def dice_on(model: LoadedModel, samples: Sequence[Sample], scale: float | None = None) -> float:
+    counts = Counts()
+    for s in samples:
+        prob = predict(model, s.raw, scale=scale).probabilities
+        counts = counts + confusion(s.mask, prob > model.threshold, s.fov)
+    return counts.rates()["f1"]
+
+
+def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                    validation: tuple[np.ndarray, np.ndarray] | None, settings: FinetuneSettings,
+                    names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None):
+    """Training and validation samples; without a validation pair, hold out a strip."""
+    train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names)
+    if validation is not None:
+        return train, memory_samples([validation], model.in_channels, model.normalization, names=["validation"])
+    first = train[0]
+    width = first.mask.shape[1]
+    cut = int(round(width * (1 - settings.holdout_fraction)))
+    if cut < settings.patch_size or width - cut < 16:
+        return train, []
+    return [_crop(first, 0, cut, "[train]"), *train[1:]], [_crop(first, cut, width, "[held out]")]
+
+
+def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                  validation: tuple[np.ndarray, np.ndarray] | None = None,
+                  settings: FinetuneSettings | None = None, names: Sequence[str] | None = None,
+                  slices: Sequence[Sequence[int]] | None = None,
+                  device: str | None = "cpu") -> Generator[TrainEvent, None, FinetuneResult]:
+    """Fine-tune ``base`` on (image, corrected labels) pairs; returns the new model."""
+    settings = settings or FinetuneSettings()
+    parent = base if isinstance(base, LoadedModel) else load_model(base)
+    if parent.path is None:
+        raise ValueError("fine-tuning needs a model loaded from a file (its name and hash go into the new model)")
+    train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices)
+    patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
+    patch -= patch % 16
+    if patch < 16:
+        raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
+    dice_before = dice_on(parent, val_samples, parent.input_scale) if val_samples else None
+    name = next_version_name(parent.name)
+    run_dir = user_models_dir().parent / "runs" / name
+    config = TrainConfig(
+        name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
+        steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
+        val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
+        freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
+        input_scale=parent.input_scale, description=f"{parent.name} fine-tuned on corrected masks",
+        data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},
+    )
+    if not settings.augment:
+        config.augment.flips = config.augment.rot90 = config.augment.affine = config.augment.intensity = False
+    # Fine-tuning changes the weights of a copy, never the caller's network.
+    result = yield from iter_train(config, samples=train_samples, val_samples=val_samples,
+                                   device=device, parent=load_model_file(parent.path))
+    chosen = result.best if result.best is not None else result.last
+    if not chosen.is_file():
+        return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
+    tuned = load_model_file(chosen)
+    dice_after = dice_on(tuned, val_samples, parent.input_scale) if val_samples else None
+    meta: dict[str, Any] = dict(tuned.metadata, name=name)
+    meta["provenance"] = dict(meta["provenance"], dice_before=dice_before, dice_after=dice_after,
+                              finetune_settings=settings.__dict__)
+    meta.pop("weights_file", None)
+    meta.pop("weights_sha256", None)
+    sidecar = save_model(tuned.network, user_models_dir(), meta)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return FinetuneResult(load_model_file(sidecar, source="user"), dice_before, dice_after, result.steps,
+                          result.stopped)
