@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from napari_r2au.training.finetune import FinetuneSettings, iter_finetune, next_version_name
 
 from napari_r2au import create_model, list_models, load_model
 from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+from napari_r2au.training.finetune import FinetuneSettings, iter_finetune, next_version_name
 
 
 @pytest.fixture

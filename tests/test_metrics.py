@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from napari_r2au.training.metrics import average_precision, confusion, roc_auc, segmentation_metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")

@@ -3,12 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from napari_r2au import create_model, load_model
 from napari_r2au.training.augment import AugmentConfig, PatchSampler, augment
 from napari_r2au.training.config import load_config
 from napari_r2au.training.data import DataError, binarize_mask, folder_samples, memory_samples, split
 from napari_r2au.training.trainer import TrainConfig, iter_train, train
-
-from napari_r2au import load_model
 
 
 def _pairs(rng, n=3, size=48):
@@ -125,3 +125,61 @@ def test_drive_training_runs_on_real_data(tmp_path, drive_root):
                      data={"kind": "drive", "root": str(drive_root)})
     result = train(config)
     assert result.best is not None and result.best_metrics["f1"] >= 0
+
+
+def _write_pairs(folder, rng, n=3, size=48):
+    import tifffile
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i, (image, mask) in enumerate(_pairs(rng, n, size)):
+        tifffile.imwrite(folder / "images" / f"case{i}.tif", image)
+        tifffile.imwrite(folder / "masks" / f"case{i}.tif", mask * 255)
+
+
+STEPS = int(__import__("os").environ.get("DDP_STEPS", 4))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path, rng):
+    """2 gloo processes at global batch 8 train like 1 process at batch 8."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _write_pairs(tmp_path / "data", rng)
+    common = ["--set", "base_width=4", "--set", "patch_size=32", "--set", "batch_size=8", "--set", f"steps={STEPS}",
+              "--set", "val_every=2", "--set", "val_images=1", "--set", "precision=fp32", "--set", "lr=0.01",
+              "--set", "loss=bce", "--set", "threads=1", "--set", "device=cpu",
+              "--set", f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}"]
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "drive-r2au_net.yaml"
+    bin_dir = Path(sys.executable).parent
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "napari_r2au.cli", "train", str(config), *common,
+                    "--set", f"output_dir={tmp_path}/one"], check=True, env=env, capture_output=True)
+    subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "napari_r2au.cli",
+                    "train", str(config), *common, "--set", f"output_dir={tmp_path}/two"],
+                   check=True, env=env, capture_output=True)
+    one = load_model(tmp_path / "one" / "last.json").network.state_dict()
+    two = load_model(tmp_path / "two" / "last.json").network.state_dict()
+    losses = []
+    for run in ("one", "two"):
+        rows = (tmp_path / run / "log.csv").read_text().splitlines()[1:]
+        losses.append([float(r.split(",")[1]) for r in rows])
+    # same samples, gradients averaged across ranks: the same update, up to per-rank
+    # BatchNorm statistics; without the all-reduce rank 0 would follow its half alone.
+    assert len(losses[0]) == len(losses[1]) == STEPS
+    np.testing.assert_allclose(losses[0][0], losses[1][0], rtol=0.1)
+    torch.manual_seed(0)
+    init = create_model("r2au_net", base_width=4).state_dict()
+    # conv kernels: biases before a BatchNorm have zero true gradient, and Adam turns their
+    # rounding noise into full-size steps of random sign
+    keys = [k for k, v in init.items() if v.is_floating_point() and v.dim() > 1]
+
+    def flat(state):
+        return torch.cat([state[k].ravel() - init[k].ravel() for k in keys])
+
+    update_one, update_two = flat(one), flat(two)
+    cosine = torch.nn.functional.cosine_similarity(update_one, update_two, dim=0).item()
+    ratio = (update_one - update_two).norm().item() / update_one.norm().item()
+    assert cosine > 0.99 and ratio < 0.1, (cosine, ratio)

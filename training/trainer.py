@@ -66,6 +66,7 @@ class TrainConfig:
     freeze_encoder: bool = False
     description: str = ""
     input_scale: float = 1.0
+    device: str = "auto"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -123,11 +124,11 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def evaluate_samples(model: LoadedModel, samples: list[Sample], threshold: float = 0.5,
-                     precision: str = "auto") -> dict[str, float]:
+                     precision: str = "auto", device: str | None = None) -> dict[str, float]:
     """Set-level metrics over the samples' fields of view, through the inference engine."""
     counts, truths, scores = Counts(), [], []
     for s in samples:
-        prob = predict(model, s.raw, precision=precision).probabilities
+        prob = predict(model, s.raw, precision=precision, device=device).probabilities
         counts = counts + confusion(s.mask, prob > threshold, s.fov)
         truths.append(s.mask[s.fov])
         scores.append(prob[s.fov])
@@ -176,16 +177,39 @@ def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generat
         torch.save(state, tmp)
 
 
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise.
+
+    Joins the process group on first use: NCCL on GPUs, gloo on CPUs.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
 def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                val_samples: list[Sample] | None = None, resume: bool = False,
-               device: str | None = "cpu", parent: LoadedModel | None = None,
+               device: str | None = None, parent: LoadedModel | None = None,
                ) -> Generator[TrainEvent, None, TrainResult]:
     """Train per ``config``; yields events, returns where the checkpoints are.
 
     ``samples``: in-memory training samples (fine-tuning); otherwise read from config.data
     and split into train/validation by the seed. ``resume`` continues from output_dir.
     ``parent``: the loaded model to start from (else ``config.init_from`` is loaded).
+
+    Under ``torchrun`` every rank draws the same global batch (same seed) and trains on
+    its own slice of it inside DistributedDataParallel, so W processes at a global batch
+    B see the samples one process at batch B sees; only rank 0 validates and writes.
     """
+    rank, world, local_rank = distributed_context()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -204,7 +228,10 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     else:
         arch_args = {"in_channels": config.in_channels, "out_channels": 1, "base_width": config.base_width, "t": config.t}
         network = create_model(config.architecture, **arch_args)
-    dev = select_device(device)
+    dev = select_device(device or config.device)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
     network.to(dev)
     if config.freeze_encoder:
         for p in network.encoder.parameters():
@@ -214,6 +241,15 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     generator = torch.Generator().manual_seed(config.seed)
     sampler = PatchSampler(samples, config.patch_size, generator)
     amp = autocast_dtype(dev, config.precision)
+    model = network
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from napari_r2au.models.blocks import synchronize_batch_norms
+
+        synchronize_batch_norms(network)
+        model = DistributedDataParallel(network, device_ids=[dev.index] if dev.type == "cuda" else None)
+    writer = rank == 0
 
     step, best_f1, bad, elapsed_before = 0, -1.0, 0, 0.0
     last_state, last_model, best_model = out / "last_state.pt", out / "last.json", out / "best.json"
@@ -226,12 +262,15 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, best_f1, bad, elapsed_before = state["step"], state["best_f1"], state["bad_validations"], state["elapsed"]
-    else:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+    elif writer:
+        from napari_r2au import __version__
+
+        resolved = dict(config.to_dict(), package_version=__version__, world_size=world)
+        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
     log_path = out / "log.csv"
     log_new = not log_path.exists() or not resume
-    log_file = open(log_path, "w" if log_new else "a", newline="")
+    log_file = open(log_path if writer else os.devnull, "w" if log_new else "a", newline="")
     log = csv.writer(log_file)
     if log_new:
         log.writerow(["step", "loss", "lr", "seconds", "val_f1", "val_auc_roc", "val_sensitivity", "val_specificity"])
@@ -246,7 +285,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         meta = _metadata(config, arch_args, step, elapsed_before + time.perf_counter() - started,
                          metrics, parent, len(samples))
         meta["name"] = kind
-        return save_model(network.to("cpu"), out, meta)
+        return save_model(network, out, meta)
 
     try:
         while step < config.steps:
@@ -256,9 +295,10 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                 group["lr"] = lr
             x, y, fov = sampler.sample(config.batch_size)
             x, y, fov = augment(x, y, fov, config.augment, generator)
-            x, y = x.to(dev), y.to(dev)
+            share = config.batch_size // world
+            x, y = x[rank * share:(rank + 1) * share].to(dev), y[rank * share:(rank + 1) * share].to(dev)
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = network(x)
+                logits = model(x)
             loss = segmentation_loss(logits, y, config.loss, config.pos_weight, config.dice_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -269,21 +309,21 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
             elapsed = elapsed_before + time.perf_counter() - started
             validation = None
             out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
-            if step % config.val_every == 0 or step == config.steps or out_of_time:
+            if world > 1:  # every rank stops at the same step
+                out_of_time = _agree(out_of_time)
+            if (step % config.val_every == 0 or step == config.steps or out_of_time) and writer:
                 if val_samples:
                     network.eval()
                     loaded = LoadedModel(network, {"name": config.name, "in_channels": config.in_channels,
                                                    "out_channels": 1, "threshold": 0.5}, source="memory")
-                    validation = evaluate_samples(loaded, val_samples, precision=config.precision)
-                    network.to(dev)
+                    validation = evaluate_samples(loaded, val_samples, precision=config.precision,
+                                                  device=str(dev))
                     if validation["f1"] > best_f1:
                         best_f1, bad, best_metrics = validation["f1"], 0, validation
                         save("best", validation)
-                        network.to(dev)
                     else:
                         bad += 1
                 save("last", validation or {})
-                network.to(dev)
                 _save_state(last_state, step, optimizer, generator, best_f1, bad, elapsed)
             row = [step, f"{loss.item():.5f}", f"{lr:.6g}", f"{elapsed:.1f}"]
             if validation:
@@ -295,13 +335,26 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
             if out_of_time:
                 stopped = "time"
                 break
-            if config.patience is not None and bad >= config.patience:
+            patience_over = config.patience is not None and bad >= config.patience
+            if world > 1:
+                patience_over = _agree(patience_over)
+            if patience_over:
                 stopped = "early_stopping"
                 break
     finally:
         log_file.close()
         network.to("cpu").eval()
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's decision, broadcast to all ranks."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:

@@ -17,6 +17,7 @@ __all__ = [
     "RecurrentConv",
     "RecurrentUnit",
     "StepwiseBatchNorm",
+    "synchronize_batch_norms",
     "UpConv",
     "conv_layer",
     "norm_layer",
@@ -55,6 +56,72 @@ class DoubleConv(nn.Module):
         return self.body(x)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sync_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    weight: torch.Tensor, bias: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+    """Training-mode batch norm with statistics over the batches of all ranks.
+
+    With DistributedDataParallel each rank sees a slice of the global batch; pooling the
+    statistics makes W ranks compute what one process at the global batch computes.
+    Works with gloo on CPUs as well as NCCL (autograd-aware all-reduce).
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    channels = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    xf = x.float()
+    local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([x.numel() / channels])])
+    total = all_reduce(local)
+    count = total[-1]
+    mean = total[:channels] / count
+    var = total[channels:2 * channels] / count - mean * mean
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(momentum * mean)
+        running_var.mul_(1 - momentum).add_(momentum * var * count / (count - 1))
+    shape = [1, channels] + [1] * (x.dim() - 2)
+    out = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    return (out * weight.view(shape) + bias.view(shape)).to(x.dtype)
+
+
+class _Synced:
+    """Mixin: pool batch statistics across ranks while training under DDP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _distributed():
+            self.num_batches_tracked += 1
+            return sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.momentum if self.momentum is not None else 0.1, self.eps)
+        return super().forward(x)
+
+
+class SyncedBatchNorm2d(_Synced, nn.BatchNorm2d):
+    pass
+
+
+class SyncedBatchNorm3d(_Synced, nn.BatchNorm3d):
+    pass
+
+
+def synchronize_batch_norms(network: nn.Module) -> nn.Module:
+    """Make every batch norm of the network pool statistics across DDP ranks (in place).
+
+    Parameters and buffers stay where they are, so state dicts are unchanged.
+    """
+    for module in network.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = SyncedBatchNorm2d
+        elif type(module) is nn.BatchNorm3d:
+            module.__class__ = SyncedBatchNorm3d
+        elif isinstance(module, StepwiseBatchNorm):
+            module.sync = True
+    return network
+
+
 class StepwiseBatchNorm(nn.Module):
     """Batch norm with shared affine parameters but running statistics per time step.
 
@@ -73,6 +140,8 @@ class StepwiseBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(steps, num_features))
         self.register_buffer("running_var", torch.ones(steps, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(steps, dtype=torch.long))
+        #: pool statistics across DDP ranks (set by synchronize_batch_norms)
+        self.sync = False
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         momentum = self.momentum
@@ -80,6 +149,9 @@ class StepwiseBatchNorm(nn.Module):
             self.num_batches_tracked[step] += 1
             if momentum is None:  # cumulative moving average, as in nn.BatchNorm
                 momentum = 1.0 / float(self.num_batches_tracked[step])
+            if self.sync and _distributed():
+                return sync_batch_norm(x, self.running_mean[step], self.running_var[step], self.weight,
+                                       self.bias, momentum, self.eps)
         # Row views share storage with the buffers, so F.batch_norm updates them in place.
         return F.batch_norm(
             x,

@@ -1,0 +1,70 @@
+"""Small mask operations the widgets apply after a prediction: clean-up, checksums, differences.
+
+NumPy and scikit-image only; kept out of the widgets so they can be tested without Qt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import numpy as np
+
+
+def _without_small(func: Callable, mask: np.ndarray, size: int) -> np.ndarray:
+    """Run a scikit-image "remove small ..." function for components below ``size`` pixels."""
+    try:  # scikit-image >= 0.26: max_size is inclusive
+        return func(mask, max_size=size - 1)
+    except TypeError:  # older scikit-image: min_size / area_threshold are exclusive
+        return func(mask, size)
+
+
+def clean_mask(mask: np.ndarray, *, min_size: int = 0, fill_holes: bool = False,
+               hole_size: int | None = None) -> np.ndarray:
+    """Remove objects smaller than ``min_size`` pixels and fill holes smaller than ``hole_size``.
+
+    Works plane by plane on the last two axes (stacks are segmented slice by slice, so
+    their objects are 2D). Multi-label masks are returned unchanged. Returns uint8.
+    """
+    from skimage import morphology
+
+    mask = np.asarray(mask)
+    if mask.ndim < 2:
+        raise ValueError(f"expected a 2D mask or a stack of them, got shape {mask.shape}")
+    if (min_size <= 1 and not fill_holes) or mask.max(initial=0) > 1:
+        return mask.astype(np.uint8, copy=False)
+    hole_size = max(min_size, 1) if hole_size is None else hole_size
+    out = mask.astype(bool).copy()
+    planes = out.reshape(-1, *out.shape[-2:])
+    for i, plane in enumerate(planes):
+        if not plane.any():
+            continue
+        if min_size > 1:
+            plane = _without_small(morphology.remove_small_objects, plane, min_size)
+        if fill_holes and hole_size > 1:
+            plane = _without_small(morphology.remove_small_holes, plane, hole_size)
+        planes[i] = plane
+    return out.astype(np.uint8)
+
+
+def mask_checksum(mask: np.ndarray) -> str:
+    """sha256 of a mask's values (as uint32, C order) and shape: same pixels, same checksum."""
+    array = np.ascontiguousarray(np.asarray(mask), dtype=np.uint32)
+    digest = hashlib.sha256(repr(array.shape).encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+#: values of :func:`difference_labels`
+FALSE_POSITIVE, FALSE_NEGATIVE = 1, 2
+
+
+def difference_labels(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """uint8 map: 1 where predicted but not in the reference, 2 where missed, 0 elsewhere."""
+    p, r = np.asarray(predicted) > 0, np.asarray(reference) > 0
+    if p.shape != r.shape:
+        raise ValueError(f"shapes differ: prediction {p.shape}, reference {r.shape}")
+    out = np.zeros(p.shape, np.uint8)
+    out[p & ~r] = FALSE_POSITIVE
+    out[~p & r] = FALSE_NEGATIVE
+    return out
