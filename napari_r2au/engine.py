@@ -134,6 +134,26 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return None
 
 
+def inference_network(loaded: LoadedModel, device: torch.device, fuse: bool, channels_last: bool):
+    """The network to run: BN-folded and in NHWC layout on request, cached per model."""
+    import torch
+
+    from .models.fuse import fuse_for_inference
+
+    key = ("inference_network", str(device), fuse, channels_last)
+    cached = loaded.extra.get(key)
+    if cached is not None:
+        return cached
+    network = loaded.network.eval()
+    runner = fuse_for_inference(network) if fuse else network
+    runner = runner.to(device)
+    if channels_last:
+        runner = runner.to(memory_format=torch.channels_last)
+    if fuse:  # a private copy: safe to keep
+        loaded.extra[key] = runner
+    return runner
+
+
 def _as_loaded(model: Any) -> LoadedModel:
     from .model_files import LoadedModel, load_model
 
@@ -210,6 +230,8 @@ def iter_predict(
     attention: bool = False,
     slices: Sequence[int] | None = None,
     scale: float | None = None,
+    fuse: bool = True,
+    channels_last: bool = True,
 ) -> Generator[Progress, None, Prediction]:
     """Predict tile by tile, yielding progress; returns the :class:`Prediction`.
 
@@ -221,18 +243,23 @@ def iter_predict(
         scale: resize Y and X by this factor before the network and back after it, so
             that structures have the size the model was trained on (default: the
             model's ``input_scale``, usually 1).
+        fuse: fold BatchNorm into the convolutions (same result, less memory traffic).
+        channels_last: NHWC memory layout, which oneDNN and cuDNN convolutions prefer.
     """
     import torch
     import torch.nn.functional as F
 
     loaded = _as_loaded(model)
+    if isinstance(image, (list, tuple)) or (not hasattr(image, "shape") and hasattr(image, "__getitem__")):
+        image = image[0]  # a multiscale pyramid: its full-resolution level
     scale = loaded.input_scale if scale is None else float(scale)
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if abs(scale - 1.0) > 1e-6:
         return (yield from _iter_predict_rescaled(
             loaded, image, scale, axes=axes, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-            device=device, precision=precision, attention=attention, slices=slices))
+            device=device, precision=precision, attention=attention, slices=slices, fuse=fuse,
+            channels_last=channels_last))
     network = loaded.network
     network.eval()
     divisor = int(getattr(network, "divisor", 16))
@@ -243,7 +270,7 @@ def iter_predict(
         raise ValueError(f"the image has an empty spatial axis: shape {tuple(image.shape)}")
     dev = select_device(device)
     amp = autocast_dtype(dev, precision)
-    network.to(dev)
+    runner = inference_network(loaded, dev, fuse, channels_last)
     mean, std = image_statistics(image, axes.index("C") if "C" in axes else None)
     if "C" in axes:
         mean, std = match_channels(mean[None], loaded.in_channels)[0], match_channels(std[None], loaded.in_channels)[0]
@@ -292,12 +319,14 @@ def iter_predict(
                     mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"
                     tile = _pad(tile, pad, mode)
                 tiles.append(tile.transpose(2, 0, 1))
-            batch = torch.from_numpy(np.stack(tiles)).to(dev)
+            batch = torch.from_numpy(np.stack(tiles)).to(dev, non_blocking=True)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 if want_attention:
-                    logits, gate_maps = network(batch, return_attention=True)
+                    logits, gate_maps = runner(batch, return_attention=True)
                 else:
-                    logits, gate_maps = network(batch), []
+                    logits, gate_maps = runner(batch), []
                 probs = torch.softmax(logits.float(), 1) if multiclass else torch.sigmoid(logits.float())
                 gate_maps = [
                     F.interpolate(a.float(), size=(tile_h, tile_w), mode="bilinear", align_corners=False)

@@ -127,3 +127,10 @@ def test_bad_inputs_raise_clear_errors(tiny_net):
         predict(tiny_net, np.zeros((20, 20, 2)), axes="YXC")
     with pytest.raises(TypeError, match="model must be"):
         predict(object(), np.zeros((20, 20)))
+
+
+def test_multiscale_uses_full_resolution(tiny_net, rng):
+    image = rng.random((64, 64, 3)).astype(np.float32)
+    pyramid = [image, image[::2, ::2]]
+    a = predict(tiny_net, pyramid, precision="fp32").probabilities
+    np.testing.assert_allclose(a, predict(tiny_net, image, precision="fp32").probabilities)

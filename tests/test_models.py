@@ -103,3 +103,24 @@ def test_eval_mode_matches_train_mode_after_training():
         eval_out = unit(x)
     rel = (eval_out - train_out).abs().mean() / train_out.abs().mean()
     assert rel < 0.05, f"eval-mode output departs from train-mode output by {rel:.3f}"
+
+
+@pytest.mark.parametrize("arch", ["unet", "attention_unet", "r2u_net", "r2au_net"])
+def test_batchnorm_folding_preserves_output(arch):
+    from napari_r2au.models.fuse import fuse_for_inference
+
+    torch.manual_seed(0)
+    net = create_model(arch, base_width=4)
+    net.train()
+    for _ in range(3):  # non-trivial running statistics, different per recurrent step
+        net(torch.randn(4, 3, 32, 32) * 3 + 1)
+    net.eval()
+    fused = fuse_for_inference(net)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ref, ref_alpha = net(x, return_attention=True)
+        out, alpha = fused(x, return_attention=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(alpha, ref_alpha):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,272 @@
+"""Pieces the three widgets share: the model picker, layer pickers and the worker plumbing.
+
+napari and torch are imported inside functions: napari imports this module when it
+builds a widget, and nothing here should load torch before a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import ComboBox, Container, FileEdit, Label
+
+if TYPE_CHECKING:
+    import napari
+    from superqt.utils import GeneratorWorker
+
+LOAD_FROM_FILE = "Load from file…"
+PLUGIN = "napari-r2au"
+
+
+# -- notifications -------------------------------------------------------------------------
+
+def notify_error(message: str) -> None:
+    """An error notification in napari (and the log): the widget never raises into Qt."""
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def notify_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
+
+
+def notify_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+# -- layers --------------------------------------------------------------------------------
+
+def layers_of(viewer: napari.viewer.Viewer, kind: str) -> list[tuple[str, Any]]:
+    """(name, layer) choices for a ComboBox: the viewer's layers of one type ("image", "labels")."""
+    import napari.layers
+
+    cls = {"image": napari.layers.Image, "labels": napari.layers.Labels}[kind]
+    return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, cls)]
+
+
+def layer_picker(viewer: napari.viewer.Viewer, kind: str, label: str, nullable: bool = False) -> ComboBox:
+    """A ComboBox of the viewer's layers of one type.
+
+    Its choices are refreshed by the owning widget's ``reset_choices`` (napari calls it
+    when layers are added, removed, renamed or moved; see :func:`follow_layers`).
+    """
+    return ComboBox(label=label, choices=lambda _widget: layers_of(viewer, kind), nullable=nullable)
+
+
+def follow_layers(viewer: napari.viewer.Viewer, widget: Container) -> None:
+    """Refresh ``widget``'s layer pickers when the layer list changes, docked or not.
+
+    napari does this for docked widgets; connecting the bound method again is harmless
+    (napari's events hold it weakly, so a closed widget is not kept alive).
+    """
+    events = viewer.layers.events
+    for event in (events.inserted, events.removed, events.reordered):
+        event.connect(widget.reset_choices)
+
+
+def replace_layer(viewer: napari.viewer.Viewer, kind: str, name: str, data: Any, **kwargs: Any) -> Any:
+    """Update the layer called ``name`` in place if it has the right type, else add it.
+
+    Re-running a widget refreshes its outputs instead of piling up copies.
+    """
+    import napari.layers
+
+    cls = {"image": napari.layers.Image, "labels": napari.layers.Labels}[kind]
+    if name in viewer.layers and isinstance(viewer.layers[name], cls):
+        layer = viewer.layers[name]
+        layer.data = data
+        for key in ("scale", "translate", "metadata", "colormap", "opacity", "blending", "contrast_limits"):
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
+        return layer
+    add = viewer.add_image if kind == "image" else viewer.add_labels
+    return add(data, name=name, **kwargs)
+
+
+# -- models --------------------------------------------------------------------------------
+
+_PICKERS: weakref.WeakSet[ModelPicker] = weakref.WeakSet()
+
+
+def refresh_model_pickers() -> None:
+    """Re-read the model list in every live picker (after fine-tuning adds a model)."""
+    for picker in list(_PICKERS):
+        try:
+            picker.refresh()
+        except RuntimeError:  # its Qt widget is gone
+            _PICKERS.discard(picker)
+
+
+def read_model_metadata(path: str | Path) -> dict[str, Any]:
+    """A model's JSON sidecar, validated, without loading weights (or torch)."""
+    from napari_r2au.model_files import _read_metadata
+
+    return _read_metadata(Path(path).with_suffix(".json") if Path(path).suffix != ".json" else Path(path))
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """A few lines that say what a model is for and how good it was on validation data."""
+    prov = meta.get("provenance") or {}
+    args = meta.get("arch_args") or {}
+    width = f", width {args['base_width']}" if "base_width" in args else ""
+    lines = [f"{meta.get('name', '?')}: {meta.get('architecture', '?')}{width}"]
+    data = prov.get("data") or {}
+    if data.get("kind") == "drive":
+        trained = "DRIVE retinal vessels"
+    elif data.get("kind") == "memory":
+        trained = f"corrected masks ({', '.join(map(str, data.get('pairs', []))) or 'in memory'})"
+    elif data.get("kind"):
+        trained = str(data.get("kind"))
+    else:
+        trained = "unknown"
+    lines.append(f"Trained on: {trained}")
+    if prov.get("parent"):
+        lines.append(f"Fine-tuned from: {prov['parent'].get('name', '?')}")
+    if meta.get("description"):
+        lines.append(str(meta["description"]))
+    f1 = (prov.get("validation_metrics") or {}).get("f1")
+    after = prov.get("dice_after")
+    score = after if after is not None else f1
+    lines.append(f"Validation F1: {score:.3f}" if isinstance(score, (int, float)) else "Validation F1: not recorded")
+    scale = float(meta.get("input_scale", 1.0))
+    lines.append(f"Channels: {meta.get('in_channels', '?')} in, {meta.get('out_channels', '?')} out"
+                 + (f"; images resized ×{scale:g}" if abs(scale - 1) > 1e-6 else ""))
+    return "\n".join(lines)
+
+
+class ModelPicker(Container):
+    """Installed models (bundled and user) plus "Load from file…", with a short model card.
+
+    Segment and Fine-tune use the same picker so that a fine-tuned model shows up in both.
+    """
+
+    def __init__(self, label: str = "Model") -> None:
+        self._paths: dict[str, str] = {}  # name -> sidecar, filled by _names()
+        self._choice = ComboBox(label=label, choices=lambda _widget: self._names())
+        self._file = FileEdit(label="Model file", mode="r", filter="*.json *.safetensors *.pt")
+        self._card = Label(label="")
+        super().__init__(widgets=[self._choice, self._file, self._card], labels=True)
+        self.margins = (0, 0, 0, 0)
+        self._choice.changed.connect(self._update)
+        self._file.changed.connect(self._update)
+        _PICKERS.add(self)
+        self._update()
+
+    def _names(self) -> list[str]:
+        from napari_r2au.model_files import list_models
+
+        rows = list_models()
+        self._paths = {row["name"]: row["path"] for row in reversed(rows)}  # bundled wins, like load_model
+        return [*dict.fromkeys(row["name"] for row in rows), LOAD_FROM_FILE]
+
+    def refresh(self, select: str | None = None) -> None:
+        """Re-read the installed models; keep the selection unless ``select`` names another."""
+        current = self._choice.value
+        self._choice.reset_choices()
+        wanted = select if select is not None else current
+        if wanted in self._choice.choices:
+            self._choice.value = wanted
+        self._update()
+
+    @property
+    def model_name(self) -> str:
+        """The chosen model's name ("" when loading from a file and no file is chosen)."""
+        if self._choice.value == LOAD_FROM_FILE:
+            path = self.path
+            return Path(path).stem if path else ""
+        return str(self._choice.value or "")
+
+    @property
+    def path(self) -> str | None:
+        """The chosen model's JSON sidecar (or weights file), or None."""
+        if self._choice.value == LOAD_FROM_FILE:
+            value = self._file.value
+            return str(value) if value and Path(value).is_file() else None
+        return self._paths.get(str(self._choice.value))
+
+    def metadata(self) -> dict[str, Any] | None:
+        """The chosen model's metadata, or None if there is none or it is unreadable."""
+        path = self.path
+        if path is None:
+            return None
+        try:
+            return read_model_metadata(path)
+        except (ValueError, OSError, json.JSONDecodeError):
+            return None
+
+    def _update(self, *_: Any) -> None:
+        self._file.visible = self._choice.value == LOAD_FROM_FILE
+        if self._choice.value == LOAD_FROM_FILE and self.path is None:
+            self._card.value = "Choose a model file (.json next to its weights)."
+            return
+        path = self.path
+        if path is None:
+            self._card.value = "No model installed: load one from a file or train one (r2au train)."
+            return
+        try:
+            self._card.value = model_card(read_model_metadata(path))
+        except (ValueError, OSError) as exc:
+            self._card.value = f"Cannot read this model: {exc}"
+
+
+# -- workers -------------------------------------------------------------------------------
+
+class JobError(Exception):
+    """A failure inside a worker, re-raised as a type superqt reports through ``errored``.
+
+    superqt takes a RuntimeError from a generator for a deleted worker and then emits
+    neither ``errored`` nor ``finished``; torch raises RuntimeError for most failures.
+    """
+
+
+def start_worker(
+    job: Generator[Any, None, Any],
+    *,
+    on_yield: Callable[[Any], Any],
+    on_return: Callable[[Any], Any],
+    on_error: Callable[[BaseException], Any],
+    on_finish: Callable[[], Any],
+) -> GeneratorWorker:
+    """Run a progress generator in a napari thread worker; cancel with ``worker.quit()``.
+
+    ``quit`` stops at the next yield, and the generator is then closed (its ``finally``
+    blocks run), so a cancelled run leaves nothing half-written.
+    """
+    from napari.qt.threading import thread_worker
+
+    @thread_worker(ignore_errors=True, start_thread=False)
+    def work() -> Generator[Any, None, Any]:
+        try:
+            return (yield from job)
+        except RuntimeError as exc:
+            raise JobError(str(exc) or type(exc).__name__) from exc
+
+    worker = work()
+    worker.yielded.connect(on_yield)
+    worker.returned.connect(on_return)
+    worker.errored.connect(on_error)
+    worker.aborted.connect(job.close)
+    worker.finished.connect(on_finish)
+    worker.start()
+    return worker
+
+
+def describe_error(exc: BaseException) -> str:
+    """The reason of a failure in one line, without a traceback."""
+    cause = exc.__cause__ if isinstance(exc, JobError) and exc.__cause__ is not None else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"

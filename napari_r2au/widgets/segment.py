@@ -1,0 +1,363 @@
+"""The Segment widget: run a model on an image layer, then tune the mask without re-running.
+
+The network runs in a napari thread worker driven by the engine's progress generator;
+the probabilities are kept, so the threshold slider and the clean-up options only
+redo cheap NumPy work on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSlider,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+
+from ._common import (
+    ModelPicker,
+    describe_error,
+    follow_layers,
+    format_seconds,
+    layer_picker,
+    notify_error,
+    notify_warning,
+    replace_layer,
+    start_worker,
+)
+
+if TYPE_CHECKING:
+    import napari
+    from superqt.utils import GeneratorWorker
+
+    from napari_r2au.engine import Prediction, Progress
+    from napari_r2au.model_files import LoadedModel
+
+WHOLE_IMAGE = "Whole image"
+CURRENT_SLICE = "Current slice"
+
+
+@dataclass
+class SegmentOutput:
+    """What a run returns to the GUI thread."""
+
+    prediction: Prediction
+    uncertainty: np.ndarray | None
+    model_path: str
+
+
+@dataclass
+class _RunContext:
+    """What the GUI thread needs to place a run's outputs (captured when it starts)."""
+
+    layer: Any
+    scope: str
+    slices: list[int] | None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class SegmentWidget(Container):
+    """Segment an Image layer with an R2AU-Net model (probability, mask, attention, uncertainty)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        self._model = ModelPicker()
+        self._image = layer_picker(viewer, "image", "Image")
+        self._scope = ComboBox(label="Scope", choices=[WHOLE_IMAGE, CURRENT_SLICE], value=WHOLE_IMAGE,
+                               tooltip="For stacks: every slice (the current one first) or only the current one")
+        self._attention = CheckBox(text="Attention maps", value=True)
+        self._uncertainty = CheckBox(text="Uncertainty map (runs 3× on flipped copies)", value=False)
+        self._threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, step=0.01, value=0.5,
+                                      tooltip="Re-thresholds the kept probabilities at once; no new run")
+        self._remove_small = CheckBox(text="Remove small objects", value=False)
+        self._fill_holes = CheckBox(text="Fill small holes", value=False)
+        self._min_size = SpinBox(label="Smaller than (px)", min=2, max=1_000_000, value=30)
+        self._show_advanced = CheckBox(text="Advanced settings", value=False)
+        self._tile = SpinBox(label="Tile size (0: auto)", min=0, max=8192, step=16, value=0)
+        self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
+        self._advanced = Container(widgets=[self._tile, self._device], visible=False)
+        self._run = PushButton(text="Segment")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(min=0, max=1, value=0)
+        self._status = Label(value="")
+        super().__init__(widgets=[
+            self._model, self._image, self._scope, self._attention, self._uncertainty, self._threshold,
+            self._remove_small, self._fill_holes, self._min_size, self._show_advanced, self._advanced,
+            self._run, self._cancel, self._progress, self._status,
+        ])
+        self._worker: GeneratorWorker | None = None
+        self._context: _RunContext | None = None
+        self._cancelled = False
+        self._loaded: tuple[str, float, LoadedModel] | None = None  # (path, mtime, model)
+        self._prediction: Prediction | None = None
+        self._mask_layer: Any = None
+        self._warned_edited = False
+
+        self._model.changed.connect(self._on_model_changed)
+        self._show_advanced.changed.connect(lambda value: setattr(self._advanced, "visible", bool(value)))
+        for widget in (self._threshold, self._remove_small, self._fill_holes, self._min_size):
+            widget.changed.connect(self._apply_threshold)
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        follow_layers(viewer, self)
+        self._on_model_changed()
+
+    # -- public API (buttons, the Fine-tune widget, tests) ------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    @property
+    def prediction(self) -> Prediction | None:
+        """The last run's prediction (its probabilities are what the threshold applies to)."""
+        return self._prediction
+
+    def select_model(self, name: str) -> None:
+        """Refresh the model list and choose ``name`` in it."""
+        self._model.refresh(select=name)
+
+    def segment(self, layer: Any = None, model: str | None = None) -> None:
+        """Run on ``layer`` (default: the chosen one) with ``model`` (default: the chosen one)."""
+        if model is not None:
+            self.select_model(model)
+        if layer is not None:
+            self._image.reset_choices()
+            self._image.value = layer
+        self.run()
+
+    def run(self, *_: Any) -> None:
+        """Start a run in a worker thread; problems with the inputs become notifications."""
+        if self.running:
+            return
+        layer, path = self._image.value, self._model.path
+        if layer is None:
+            notify_error("Segment: add or choose an image layer first.")
+            return
+        if path is None:
+            notify_error("Segment: choose a model (or a model file) first.")
+            return
+        try:
+            axes, image = _network_input(layer)
+        except ValueError as exc:
+            notify_error(f"Segment: {exc}")
+            return
+        slices = None
+        if "Z" in axes:
+            n_z = image.shape[0]
+            current = self._current_slice(layer, n_z)
+            slices = [current] if self._scope.value == CURRENT_SLICE else [
+                current, *(z for z in range(n_z) if z != current)]
+        options = {
+            "axes": axes,
+            "slices": slices,
+            "tile_size": self._tile.value or None,
+            "device": None if self._device.value == "auto" else self._device.value,
+            "attention": bool(self._attention.value),
+        }
+        self._context = _RunContext(layer, str(self._scope.value), slices)
+        self._cancelled = False
+        self._set_running(True, "Loading the model…")
+        self._worker = start_worker(
+            self._job(path, image, options, bool(self._uncertainty.value)),
+            on_yield=self._on_progress, on_return=self._on_result, on_error=self._on_error,
+            on_finish=self._on_finish,
+        )
+
+    def cancel(self, *_: Any) -> None:
+        """Ask the worker to stop at its next progress step."""
+        if self._worker is not None:
+            self._cancelled = True
+            self._status.value = "Cancelling…"
+            self._worker.quit()
+
+    # -- the work (runs in the worker thread: no Qt here) -------------------------------------
+
+    def _job(self, path: str, image: Any, options: dict[str, Any],
+             uncertainty: bool) -> Generator[Progress, None, SegmentOutput]:
+        from napari_r2au.engine import iter_predict
+        from napari_r2au.uncertainty import iter_predict_tta
+
+        model = self._load(path)
+        # scale is left to the model (input_scale): fundus models resize images they expect smaller
+        if uncertainty:
+            prediction, spread = yield from iter_predict_tta(model, image, **options)
+        else:
+            prediction, spread = (yield from iter_predict(model, image, **options)), None
+        return SegmentOutput(prediction, spread, path)
+
+    def _load(self, path: str) -> LoadedModel:
+        """Load a model once per file version (the picker only has paths)."""
+        import os
+
+        from napari_r2au.model_files import load_model
+
+        mtime = os.stat(path).st_mtime
+        if self._loaded is None or self._loaded[:2] != (path, mtime):
+            self._loaded = (path, mtime, load_model(path))
+        return self._loaded[2]
+
+    # -- worker callbacks (GUI thread) --------------------------------------------------------
+
+    def _on_progress(self, event: Progress) -> None:
+        self._progress.max = max(1, event.total)
+        self._progress.value = min(event.done, event.total)
+        what = "Uncertainty" if event.stage == "uncertainty" else "Predicting"
+        text = f"{what}: {event.done}/{event.total}"
+        if self._context is not None and event.done:
+            elapsed = time.perf_counter() - self._context.started
+            text += f" · ETA {format_seconds(elapsed / event.done * (event.total - event.done))}"
+        self._status.value = text
+
+    def _on_result(self, output: SegmentOutput) -> None:
+        context = self._context
+        if context is None:
+            return
+        try:
+            self._show(output, context)
+        except Exception as exc:  # a layer was removed meanwhile, shapes changed...
+            notify_error(f"Segment: could not show the result: {describe_error(exc)}")
+
+    def _on_error(self, exc: BaseException) -> None:
+        reason = describe_error(exc)
+        self._status.value = f"Failed: {reason}"
+        notify_error(f"Segmentation failed: {reason}")
+
+    def _on_finish(self) -> None:
+        self._worker = None
+        if self._cancelled:
+            self._status.value = "Cancelled; the layers were not changed."
+        self._set_running(False)
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def _show(self, output: SegmentOutput, context: _RunContext) -> None:
+        prediction, layer = output.prediction, context.layer
+        self._prediction = prediction
+        self._warned_edited = False
+        place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+        base = layer.name
+        probability = prediction.probabilities
+        if prediction.multiclass:  # show "any foreground class"; the mask is the arg-max
+            probability = 1.0 - probability[..., 0]
+        prob_layer = replace_layer(self._viewer, "image", f"{base} probability", probability,
+                                   colormap="magma", contrast_limits=(0.0, 1.0), **place)
+        attention_names = []
+        for index, alpha in enumerate(prediction.attention):
+            name = f"{base} attention {index + 1}"
+            existed = name in self._viewer.layers
+            gate = replace_layer(self._viewer, "image", name, alpha, colormap="turbo", blending="additive",
+                                 opacity=0.5, contrast_limits=(0.0, 1.0), **place)
+            if not existed:  # one gate at a time reads best; the others are a click away
+                gate.visible = index == 0
+            attention_names.append(name)
+        uncertainty_name = None
+        if output.uncertainty is not None:
+            uncertainty_name = f"{base} uncertainty"
+            top = float(output.uncertainty.max()) or 1.0
+            replace_layer(self._viewer, "image", uncertainty_name, output.uncertainty, colormap="inferno",
+                          blending="additive", opacity=0.7, contrast_limits=(0.0, top), **place)
+        mask = self._mask()
+        info = {
+            "model": prediction.model_name,
+            "model_sha256": prediction.model_sha256,
+            "model_path": output.model_path,
+            "threshold": None if prediction.multiclass else float(self._threshold.value),
+            "cleanup": self._cleanup_settings(),
+            "mask_sha256": _checksum(mask),
+            "image_layer": base,
+            "probability_layer": prob_layer.name,
+            "attention_layers": attention_names,
+            "uncertainty_layer": uncertainty_name,
+            "scope": context.scope,
+            "slices": context.slices,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
+                                         metadata={"r2au": info}, **place)
+        seconds = time.perf_counter() - context.started
+        share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
+        self._status.value = (f"Done in {format_seconds(seconds)} with {prediction.model_name}: "
+                              f"{share:.1f}% foreground.")
+
+    def _cleanup_settings(self) -> dict[str, Any]:
+        return {"remove_small_objects": bool(self._remove_small.value),
+                "fill_holes": bool(self._fill_holes.value), "size": int(self._min_size.value)}
+
+    def _mask(self) -> np.ndarray:
+        from napari_r2au.postprocess import clean_mask
+
+        assert self._prediction is not None
+        size = int(self._min_size.value)
+        return clean_mask(self._prediction.mask(float(self._threshold.value)),
+                          min_size=size if self._remove_small.value else 0,
+                          fill_holes=bool(self._fill_holes.value), hole_size=size)
+
+    def _apply_threshold(self, *_: Any) -> None:
+        """Re-threshold the kept probabilities (no network run) unless the mask was painted on."""
+        layer = self._mask_layer
+        if self._prediction is None or layer is None or layer not in self._viewer.layers:
+            return
+        info = dict(layer.metadata.get("r2au") or {})
+        if info.get("mask_sha256") and _checksum(layer.data) != info["mask_sha256"]:
+            if not self._warned_edited:
+                self._warned_edited = True
+                notify_warning(f"'{layer.name}' was edited by hand, so it was not re-thresholded "
+                               "(that would undo the edits). Run Segment again to start over.")
+            return
+        mask = self._mask()
+        info.update(threshold=None if self._prediction.multiclass else float(self._threshold.value),
+                    cleanup=self._cleanup_settings(), mask_sha256=_checksum(mask))
+        layer.data = mask
+        layer.metadata = {**layer.metadata, "r2au": info}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _on_model_changed(self, *_: Any) -> None:
+        meta = self._model.metadata()
+        if meta is not None and int(meta.get("out_channels", 1)) == 1:
+            with self._threshold.changed.blocked():
+                self._threshold.value = float(meta.get("threshold", 0.5))
+
+    def _current_slice(self, layer: Any, n_z: int) -> int:
+        point = tuple(self._viewer.dims.point)[-layer.ndim:]
+        z = layer.world_to_data(point)[0]
+        return int(np.clip(round(float(z)), 0, n_z - 1))
+
+    def _set_running(self, running: bool, message: str | None = None) -> None:
+        self._run.enabled = not running
+        self._cancel.enabled = running
+        if running:
+            self._progress.max, self._progress.value = 1, 0
+        if message is not None:
+            self._status.value = message
+
+
+def _network_input(layer: Any) -> tuple[str, Any]:
+    """(axes, array) for an Image layer: 2D or a stack, grey or RGB(A)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    spatial = data.ndim - (1 if layer.rgb else 0)
+    if spatial not in (2, 3):
+        raise ValueError(
+            f"'{layer.name}' has {spatial} spatial dimensions; Segment works on 2D images and 3D stacks "
+            "(split channels or time points into separate layers first)"
+        )
+    axes = ("YX" if spatial == 2 else "ZYX") + ("C" if layer.rgb else "")
+    return axes, data
+
+
+def _checksum(mask: Any) -> str:
+    from napari_r2au.postprocess import mask_checksum
+
+    return mask_checksum(mask)
