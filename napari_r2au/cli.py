@@ -192,6 +192,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_pairs(images: str, masks: str, fov: str | None):
+    """(image, mask) arrays and FOVs from folders, paired by id like the trainer does."""
+    from .training.data import folder_samples
+
+    samples = folder_samples(images, masks, fov)
+    return [(s.raw, s.mask) for s in samples], [s.fov for s in samples], [s.name for s in samples]
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Headless face of the Fine-tune widget: the same iter_finetune generator."""
+    from .training.finetune import FinetuneSettings, iter_finetune
+
+    pairs, fovs, names = _folder_pairs(args.images, args.masks, args.fov)
+    validation = validation_fov = None
+    if args.val_images:
+        if not args.val_masks:
+            print("error: --val-images needs --val-masks", file=sys.stderr)
+            return 2
+        val_pairs, val_fovs, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov)
+        if len(val_pairs) != 1:
+            print("error: give one validation image (a folder with one image and its mask)", file=sys.stderr)
+            return 2
+        validation, validation_fov = val_pairs[0], val_fovs[0]
+    settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
+                                freeze_encoder=args.freeze_encoder)
+    generator = iter_finetune(args.model, pairs, validation, settings, names=names, fovs=fovs,
+                              validation_fov=validation_fov, scale=args.scale, name=args.name)
+    bar = _progress_bar(args.steps, "fine-tune", "step")
+    started = time.perf_counter()
+    try:
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.update(event.step - bar.n)
+            bar.set_postfix(loss=f"{event.loss:.4f}")
+    except KeyboardInterrupt:
+        generator.close()
+        print("\ninterrupted; no model registered, the parent is unchanged", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    if result.model is None:
+        print("error: fine-tuning produced no model", file=sys.stderr)
+        return 1
+    before = "n/a" if result.dice_before is None else f"{result.dice_before:.4f}"
+    after = "n/a" if result.dice_after is None else f"{result.dice_after:.4f}"
+    print(f"new model  {result.model.name} ({result.model.path})")
+    print(f"dice       before {before}  after {after}  (validation: "
+          f"{'the given pair' if validation is not None else 'held-out strip of the first image'})")
+    print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate_folders
 
@@ -240,6 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on corrected masks (a new versioned model)")
+    p.add_argument("-m", "--model", default="drive-vessels", help="the parent model (never overwritten)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of corrected masks (0/1 or 0/255), matched by name")
+    p.add_argument("--fov", default=None, help="folder of field-of-view masks")
+    p.add_argument("--val-images", default=None, help="folder with one validation image")
+    p.add_argument("--val-masks", default=None)
+    p.add_argument("--val-fov", default=None)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--patch", type=int, default=96, help="patch size in pixels (at the model's scale)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--freeze-encoder", action="store_true")
+    p.add_argument("--scale", type=float, default=None, help="working scale (default: the parent's)")
+    p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
     p.add_argument("-m", "--model", default="drive-vessels")

@@ -313,6 +313,9 @@ def iter_predict(
             tiles = []
             for y, x in batch_windows:
                 tile = plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width))
+                if tile.dtype.kind == "f" and not np.isfinite(tile).all():
+                    raise ValueError("the image contains NaN or infinite values; replace them first "
+                                     "(e.g. numpy.nan_to_num)")
                 tile = normalize(tile, loaded.normalization, mean, std)
                 pad = ((0, tile_h - tile.shape[0]), (0, tile_w - tile.shape[1]), (0, 0))
                 if any(p[1] for p in pad):

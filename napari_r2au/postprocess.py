@@ -68,3 +68,15 @@ def difference_labels(predicted: np.ndarray, reference: np.ndarray) -> np.ndarra
     out[p & ~r] = FALSE_POSITIVE
     out[~p & r] = FALSE_NEGATIVE
     return out
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """The smallest unsigned integer type that holds the labels (masks are 0/1: uint8)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biu":
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must not be negative")
+    top = int(labels.max(initial=0))
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.uint64
+    return labels.astype(dtype, copy=False)

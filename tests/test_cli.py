@@ -65,3 +65,43 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(command)
     assert exit_info.value.code == 0
+
+
+def _tiny_user_model(name="base"):
+    from napari_r2au import create_model
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+    net = create_model("r2au_net", base_width=4)
+    meta = build_metadata(name=name, architecture="r2au_net",
+                          arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2})
+    return save_model(net, user_models_dir(), meta)
+
+
+def _write_folder(root, n=2, size=64):
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        mask[:, 20 + i:28 + i] = 255
+        image = (rng.random((size, size, 3)) * 60 + (mask[..., None] > 0) * 120).astype(np.uint8)
+        tifffile.imwrite(root / "images" / f"img{i}.tif", image)
+        tifffile.imwrite(root / "masks" / f"img{i}.tif", mask)
+
+
+def test_finetune_then_evaluate_the_new_model(tmp_path, capsys):
+    _tiny_user_model()
+    _write_folder(tmp_path / "data")
+    args = ["finetune", "-m", "base", "--images", str(tmp_path / "data/images"), "--masks",
+            str(tmp_path / "data/masks"), "--steps", "3", "--patch", "32", "--batch", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "new model  base-ft1" in out and "dice       before" in out
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "-m", "base-ft1", "--images", str(tmp_path / "data/images"), "--masks",
+                 str(tmp_path / "data/masks"), "--json", str(report), "--plots", str(tmp_path / "plots")]) == 0
+    data = json.loads(report.read_text())
+    assert data["n_images"] == 2 and set(data) >= {"accuracy", "sensitivity", "specificity", "precision", "f1",
+                                                   "iou", "auc_roc", "auc_pr", "per_image"}
+    assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "pr.png").is_file()
+    assert main(args + ["--name", "base-ft1"]) == 2  # never overwrite an existing model

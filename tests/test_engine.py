@@ -134,3 +134,17 @@ def test_multiscale_uses_full_resolution(tiny_net, rng):
     pyramid = [image, image[::2, ::2]]
     a = predict(tiny_net, pyramid, precision="fp32").probabilities
     np.testing.assert_allclose(a, predict(tiny_net, image, precision="fp32").probabilities)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_a_clear_error(tiny_net, bad):
+    image = np.ones((32, 32), np.float32)
+    image[3, 4] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predict(tiny_net, image)
+
+
+def test_bool_and_empty_images(tiny_net):
+    assert predict(tiny_net, np.eye(24, dtype=bool), precision="fp32").probabilities.shape == (24, 24)
+    with pytest.raises(ValueError):
+        predict(tiny_net, np.zeros((0, 10)))

@@ -128,7 +128,8 @@ def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | 
 
 def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
                    normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
-                   names: Sequence[str] | None = None) -> list[Sample]:
+                   names: Sequence[str] | None = None,
+                   fovs: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
     """In-memory (image, labels) pairs; a 3D pair gives one sample per annotated slice.
 
     For stacks, ``slices[i]`` lists the slices to use for pair i; by default the slices
@@ -140,7 +141,8 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
         image, labels = np.asarray(image), np.asarray(labels)
         is_stack = labels.ndim == 3
         if not is_stack:
-            samples.append(make_sample(image, labels > 0, name, in_channels, None, normalization))
+            fov = fovs[index] if fovs else None
+            samples.append(make_sample(image, labels > 0, name, in_channels, fov, normalization))
             continue
         chosen = list(slices[index]) if slices else [z for z in range(labels.shape[0]) if labels[z].any()]
         if not chosen:

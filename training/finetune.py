@@ -70,13 +70,39 @@ def dice_on(model: LoadedModel, samples: Sequence[Sample], scale: float | None =
     return counts.rates()["f1"]
 
 
+def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndarray | None = None):
+    """Resize a 2D (image, mask[, fov]) to the model's working scale (masks by nearest)."""
+    if abs(scale - 1.0) < 1e-6:
+        return image, mask, fov
+    from skimage.transform import resize
+
+    shape = tuple(max(1, round(n * scale)) for n in mask.shape[-2:])
+    image = resize(np.asarray(image, np.float32), shape + image.shape[2:], order=1, anti_aliasing=scale < 1,
+                   preserve_range=True).astype(np.float32)
+    mask = resize(np.asarray(mask) > 0, shape, order=0, anti_aliasing=False).astype(np.uint8)
+    if fov is not None:
+        fov = resize(np.asarray(fov) > 0, shape, order=0, anti_aliasing=False)
+    return image, mask, fov
+
+
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                     validation: tuple[np.ndarray, np.ndarray] | None, settings: FinetuneSettings,
-                    names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None):
-    """Training and validation samples; without a validation pair, hold out a strip."""
-    train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names)
+                    names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None,
+                    fovs: Sequence[np.ndarray | None] | None = None,
+                    validation_fov: np.ndarray | None = None, scale: float = 1.0):
+    """Training and validation samples at the model's scale; without a validation pair,
+    hold out a strip of the first image."""
+    if abs(scale - 1.0) > 1e-6:
+        if slices is not None or any(np.asarray(m).ndim == 3 for _, m in pairs):
+            raise ValueError("rescaling is for 2D images; fine-tune stacks at scale 1")
+        rescaled = [rescale_pair(i, m, scale, fovs[k] if fovs else None) for k, (i, m) in enumerate(pairs)]
+        pairs, fovs = [(i, m) for i, m, _ in rescaled], [f for _, _, f in rescaled]
+        if validation is not None:
+            *validation, validation_fov = rescale_pair(*validation, scale, validation_fov)
+    train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs)
     if validation is not None:
-        return train, memory_samples([validation], model.in_channels, model.normalization, names=["validation"])
+        return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
+                                     names=["validation"], fovs=[validation_fov])
     first = train[0]
     width = first.mask.shape[1]
     cut = int(round(width * (1 - settings.holdout_fraction)))
@@ -88,27 +114,40 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
 def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                   validation: tuple[np.ndarray, np.ndarray] | None = None,
                   settings: FinetuneSettings | None = None, names: Sequence[str] | None = None,
-                  slices: Sequence[Sequence[int]] | None = None,
-                  device: str | None = "cpu") -> Generator[TrainEvent, None, FinetuneResult]:
-    """Fine-tune ``base`` on (image, corrected labels) pairs; returns the new model."""
+                  slices: Sequence[Sequence[int]] | None = None, device: str | None = "cpu",
+                  fovs: Sequence[np.ndarray | None] | None = None, validation_fov: np.ndarray | None = None,
+                  scale: float | None = None, name: str | None = None,
+                  ) -> Generator[TrainEvent, None, FinetuneResult]:
+    """Fine-tune ``base`` on (image, corrected labels) pairs; returns the new model.
+
+    ``scale``: the working scale of the new model (default: the parent's), applied to
+    the pairs before training and recorded in the new model. ``name``: the new model's
+    name (default: the next ``<parent>-ft<N>``); an existing name is refused.
+    """
     settings = settings or FinetuneSettings()
     parent = base if isinstance(base, LoadedModel) else load_model(base)
     if parent.path is None:
         raise ValueError("fine-tuning needs a model loaded from a file (its name and hash go into the new model)")
-    train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices)
+    scale = parent.input_scale if scale is None else float(scale)
+    train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
+                                                 validation_fov, scale)
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
     patch -= patch % 16
     if patch < 16:
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
-    dice_before = dice_on(parent, val_samples, parent.input_scale) if val_samples else None
-    name = next_version_name(parent.name)
+    # validation samples are already at the working scale
+    dice_before = dice_on(parent, val_samples, 1.0) if val_samples else None
+    if name is None:
+        name = next_version_name(parent.name)
+    elif (user_models_dir() / f"{name}.json").exists() or name == parent.name:
+        raise ValueError(f"a model called {name!r} exists already; choose another name")
     run_dir = user_models_dir().parent / "runs" / name
     config = TrainConfig(
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
         steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
         val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
         freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
-        input_scale=parent.input_scale, description=f"{parent.name} fine-tuned on corrected masks",
+        input_scale=scale, description=f"{parent.name} fine-tuned on corrected masks",
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},
     )
     if not settings.augment:
@@ -120,7 +159,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if not chosen.is_file():
         return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
     tuned = load_model_file(chosen)
-    dice_after = dice_on(tuned, val_samples, parent.input_scale) if val_samples else None
+    dice_after = dice_on(tuned, val_samples, 1.0) if val_samples else None
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     meta["provenance"] = dict(meta["provenance"], dice_before=dice_before, dice_after=dice_after,
                               finetune_settings=settings.__dict__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,14 @@ if TYPE_CHECKING:
 
 WHOLE_IMAGE = "Whole image"
 CURRENT_SLICE = "Current slice"
+
+_LIVE: weakref.WeakSet[SegmentWidget] = weakref.WeakSet()
+
+
+def segment_widgets(viewer: napari.viewer.Viewer) -> list[SegmentWidget]:
+    """The Segment widgets of one viewer (the Fine-tune widget hands its new model to them)."""
+    target = getattr(viewer, "__wrapped__", viewer)  # napari passes widgets a proxy of the viewer
+    return [w for w in list(_LIVE) if getattr(w._viewer, "__wrapped__", w._viewer) is target]
 
 
 @dataclass
@@ -112,6 +121,7 @@ class SegmentWidget(Container):
         self._cancel.changed.connect(self.cancel)
         follow_layers(viewer, self)
         self._on_model_changed()
+        _LIVE.add(self)
 
     # -- public API (buttons, the Fine-tune widget, tests) ------------------------------------
 

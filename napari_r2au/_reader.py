@@ -1,0 +1,141 @@
+"""napari reader: common image files; DICOM and NIfTI with the optional extras.
+
+A mask exported by the Review widget (a TIFF with a ``napari-r2au-mask`` JSON sidecar)
+opens as a Labels layer that still knows which model made it, so a corrected mask can
+be reviewed or exported again later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import read_image
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif")
+DICOM_SUFFIXES = (".dcm",)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
+MASK_FORMAT = "napari-r2au-mask"
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency for a file type is not installed; the message says how to get it."""
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """The lower-case extension, with ``.nii.gz`` as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | None:
+    """The reader for ``path`` (a file or a list of files) if every file is one we read."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or any(suffix_of(p) not in SUFFIXES for p in paths):
+        return None
+    return read_layers
+
+
+def read_layers(path: str | Sequence[str]) -> list[LayerData]:
+    """Layer data for each file."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [read_file(p) for p in paths]
+
+
+def read_file(path: str | os.PathLike) -> LayerData:
+    path = Path(path)
+    suffix = suffix_of(path)
+    if suffix in DICOM_SUFFIXES:
+        return _read_dicom(path)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path)
+    data = read_image(path)
+    record = _mask_record(path)
+    if record is not None:
+        return data, _mask_kwargs(path, record), "labels"
+    rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
+    return data, {"name": path.stem, "rgb": rgb}, "image"
+
+
+def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
+    """The error (also shown in napari) for a file type whose extra is not installed."""
+    message = f"Reading {what} needs {package}: install napari-r2au[{extra}] (pip install 'napari-r2au[{extra}]')"
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except ImportError:  # used without napari
+        pass
+    return MissingExtraError(message)
+
+
+# -- masks exported by the Review widget ---------------------------------------------------
+
+def _mask_record(path: Path) -> dict[str, Any] | None:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != MASK_FORMAT or record.get("mask_file") != path.name:
+        return None
+    return record
+
+
+def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    info = {key: record.get(key) for key in ("model", "model_sha256", "threshold", "cleanup", "image_layer")}
+    # the checksum of the model's own mask: edits are still told apart after a reload
+    info["mask_sha256"] = record.get("prediction_sha256")
+    info["created"] = record.get("segmented")
+    kwargs: dict[str, Any] = {"name": path.stem, "metadata": {"r2au": info, "r2au_export": record}}
+    for key in ("scale", "translate"):
+        if record.get(key):
+            kwargs[key] = tuple(record[key])
+    return kwargs
+
+
+# -- optional formats ----------------------------------------------------------------------
+
+def _read_dicom(path: Path) -> LayerData:
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise missing_extra("DICOM files", "pydicom", "dicom") from exc
+    dataset = pydicom.dcmread(path)
+    data = np.asarray(dataset.pixel_array)
+    rgb = int(getattr(dataset, "SamplesPerPixel", 1)) in (3, 4) and data.shape[-1] in (3, 4)
+    spatial = data.ndim - (1 if rgb else 0)
+    kwargs: dict[str, Any] = {"name": path.stem, "rgb": rgb}
+    spacing = getattr(dataset, "PixelSpacing", None)
+    if spacing is not None and len(spacing) == 2:
+        scale = [float(v) for v in spacing]
+        if spatial == 3:  # multi-frame
+            scale = [float(getattr(dataset, "SliceThickness", None) or 1.0), *scale]
+        kwargs["scale"] = tuple(scale)
+    kwargs["metadata"] = {"dicom": {key: str(getattr(dataset, key)) for key in
+                                    ("Modality", "SeriesDescription", "PhotometricInterpretation")
+                                    if hasattr(dataset, key)}}
+    return data, kwargs, "image"
+
+
+def _read_nifti(path: Path) -> LayerData:
+    try:
+        import nibabel
+    except ImportError as exc:
+        raise missing_extra("NIfTI files", "nibabel", "nifti") from exc
+    image = nibabel.load(str(path))
+    # NIfTI stores (x, y, z[, t]); napari shows the last axes as (y, x): reverse them
+    data = np.asarray(image.dataobj).T
+    zooms = [float(z) for z in image.header.get_zooms()[:data.ndim]][::-1]
+    metadata = {"nifti": {"affine": np.asarray(image.affine).tolist(), "axes": "reversed"}}
+    return data, {"name": path.name[: -len(suffix_of(path))], "scale": tuple(zooms), "metadata": metadata}, "image"

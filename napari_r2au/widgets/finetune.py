@@ -1,0 +1,292 @@
+"""The Fine-tune widget: teach a model from the masks the user corrected, without freezing napari.
+
+Training is the trainer's own generator (``iter_finetune``) in a napari thread worker;
+the dock shows its loss and validation Dice as they come. The new model is saved under
+a new name (``<base>-ftN``), offered in every model picker and used to re-segment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+
+from ._common import (
+    PLUGIN,
+    ModelPicker,
+    describe_error,
+    follow_layers,
+    format_seconds,
+    layer_picker,
+    notify_error,
+    notify_info,
+    notify_warning,
+    refresh_model_pickers,
+    start_worker,
+)
+
+if TYPE_CHECKING:
+    import napari
+    from superqt.utils import GeneratorWorker
+
+    from napari_r2au.training.finetune import FinetuneResult
+    from napari_r2au.training.trainer import TrainEvent
+
+
+class LossCurve:
+    """A small matplotlib canvas with the training loss and the validation Dice."""
+
+    def __init__(self) -> None:
+        # matplotlib's Qt backend loads with the widget, not with the plugin manifest
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.6, 2.2), dpi=90, layout="tight")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(170)
+        self._loss_axes = self.figure.add_subplot()
+        self._dice_axes = self._loss_axes.twinx()
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.dice_steps: list[int] = []
+        self.dice: list[float] = []
+        loss_ax, dice_ax = self._loss_axes, self._dice_axes
+        loss_ax.clear()
+        dice_ax.clear()
+        (self._loss_line,) = loss_ax.plot([], [], color="tab:blue", lw=1, label="loss")
+        (self._dice_line,) = dice_ax.plot([], [], "o-", color="tab:orange", ms=3, lw=1, label="validation Dice")
+        loss_ax.set_xlabel("step", fontsize=8)
+        loss_ax.set_ylabel("loss", color="tab:blue", fontsize=8)
+        dice_ax.set_ylabel("validation Dice", color="tab:orange", fontsize=8)
+        dice_ax.set_ylim(0, 1)
+        for ax in (loss_ax, dice_ax):
+            ax.tick_params(labelsize=7)
+        self.canvas.draw_idle()
+
+    def add(self, step: int, loss: float, dice: float | None = None) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        if dice is not None and math.isfinite(dice):
+            self.dice_steps.append(step)
+            self.dice.append(dice)
+        self._loss_line.set_data(self.steps, self.losses)
+        self._dice_line.set_data(self.dice_steps, self.dice)
+        self._loss_axes.relim()
+        self._loss_axes.autoscale_view()
+        self._dice_axes.set_xlim(self._loss_axes.get_xlim())
+        self.canvas.draw_idle()
+
+
+class FinetuneWidget(Container):
+    """Fine-tune a model on an image and its corrected mask; the result is a new model."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        self._image = layer_picker(viewer, "image", "Image")
+        self._labels = layer_picker(viewer, "labels", "Corrected mask")
+        self._use_validation = CheckBox(text="Separate validation pair", value=False,
+                                        tooltip="Otherwise a strip of the image is held out for validation")
+        self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True)
+        self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
+        self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
+        self._model = ModelPicker(label="Base model")
+        self._steps = SpinBox(label="Steps", min=1, max=100_000, value=150)
+        self._lr = FloatSpinBox(label="Learning rate", min=1e-5, max=1.0, step=1e-5, value=5e-4)
+        self._patch = SpinBox(label="Patch size", min=16, max=1024, step=16, value=96)
+        self._augment = CheckBox(text="Augmentation (flips, rotations, intensity)", value=True)
+        self._freeze = CheckBox(text="Freeze encoder", value=False)
+        self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
+        self._resegment = CheckBox(text="Re-segment the image with the new model", value=True)
+        self._run = PushButton(text="Fine-tune")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(min=0, max=1, value=0)
+        self._status = Label(value="")
+        self._result = Label(value="")
+        super().__init__(widgets=[
+            self._image, self._labels, self._use_validation, self._validation, self._model, self._steps,
+            self._lr, self._patch, self._augment, self._freeze, self._device, self._resegment, self._run,
+            self._cancel, self._progress, self._status, self._result,
+        ])
+        self._curve = LossCurve()
+        self.native.layout().addWidget(self._curve.canvas)
+        self._worker: GeneratorWorker | None = None
+        self._cancelled = False
+        self._source: Any = None  # the image layer being trained on
+        self.last_result: FinetuneResult | None = None
+
+        self._use_validation.changed.connect(lambda value: setattr(self._validation, "visible", bool(value)))
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        follow_layers(viewer, self)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def run(self, *_: Any) -> None:
+        """Check the inputs and start fine-tuning in a worker thread."""
+        if self.running:
+            return
+        try:
+            pairs, validation = self._pairs()
+        except ValueError as exc:
+            notify_error(f"Fine-tune: {exc}")
+            return
+        path = self._model.path
+        if path is None:
+            notify_error("Fine-tune: choose a base model first.")
+            return
+        settings = {
+            "steps": int(self._steps.value), "lr": float(self._lr.value), "patch_size": int(self._patch.value),
+            "augment": bool(self._augment.value), "freeze_encoder": bool(self._freeze.value),
+        }
+        device = None if self._device.value == "auto" else str(self._device.value)
+        self._source = self._image.value
+        self._cancelled = False
+        self.last_result = None
+        self._curve.reset()
+        self._result.value = ""
+        self._set_running(True, "Preparing (measuring the base model on the validation data)…")
+        self._worker = start_worker(
+            self._job(path, pairs, validation, settings, self._source.name, device),
+            on_yield=self._on_progress, on_return=self._on_result, on_error=self._on_error,
+            on_finish=self._on_finish,
+        )
+
+    def cancel(self, *_: Any) -> None:
+        """Stop at the next training step; the base model is never touched."""
+        if self._worker is not None:
+            self._cancelled = True
+            self._status.value = "Cancelling…"
+            self._worker.quit()
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _pairs(self) -> tuple[list[tuple[Any, np.ndarray]], tuple[Any, np.ndarray] | None]:
+        image, labels = self._image.value, self._labels.value
+        if image is None or labels is None:
+            raise ValueError("choose an image layer and the labels layer with the corrected mask")
+        pairs = [_pair(image, labels)]
+        validation = None
+        if self._use_validation.value:
+            val_image, val_labels = self._val_image.value, self._val_labels.value
+            if val_image is None or val_labels is None:
+                raise ValueError("choose both a validation image and its mask, or untick the validation pair")
+            validation = _pair(val_image, val_labels)
+        return pairs, validation
+
+    # -- the work (worker thread) ----------------------------------------------------------
+
+    @staticmethod
+    def _job(path: str, pairs: list, validation: Any, settings: dict[str, Any], name: str,
+             device: str | None) -> Generator[TrainEvent, None, FinetuneResult]:
+        # the trainer imports torch: load it in the worker, not on the GUI thread
+        from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
+
+        return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings),
+                                         names=[name], device=device))
+
+    # -- worker callbacks (GUI thread) ----------------------------------------------------
+
+    def _on_progress(self, event: TrainEvent) -> None:
+        self._progress.max = max(1, event.total)
+        self._progress.value = min(event.step, event.total)
+        eta = event.elapsed / max(1, event.step) * (event.total - event.step)
+        dice = (event.validation or {}).get("f1")
+        text = (f"Step {event.step}/{event.total} · loss {event.loss:.4f} · "
+                f"{format_seconds(event.elapsed)} elapsed · ETA {format_seconds(eta)}")
+        if dice is not None:
+            text += f" · validation Dice {dice:.3f}"
+        self._status.value = text
+        self._curve.add(event.step, event.loss, dice)
+
+    def _on_result(self, result: FinetuneResult) -> None:
+        self.last_result = result
+        if result.model is None:
+            notify_warning(f"Fine-tuning stopped ({result.stopped}) before a model was saved.")
+            return
+        name = result.model.name
+        self._result.value = (f"New model {name} after {result.steps} steps.\nValidation Dice: "
+                              f"{_score(result.dice_before)} before → {_score(result.dice_after)} after.")
+        refresh_model_pickers()
+        try:
+            self._use_new_model(name)
+        except Exception as exc:  # a missing window, a busy Segment widget...
+            notify_error(f"Fine-tune: {name} was saved but could not be used to re-segment: "
+                         f"{describe_error(exc)}")
+
+    def _on_error(self, exc: BaseException) -> None:
+        reason = describe_error(exc)
+        self._status.value = f"Failed: {reason}"
+        notify_error(f"Fine-tuning failed: {reason}")
+
+    def _on_finish(self) -> None:
+        self._worker = None
+        if self._cancelled:
+            self._status.value = "Cancelled; no model was added."
+        elif self.last_result is not None and self.last_result.model is not None:
+            self._status.value = f"Done: {self.last_result.model.name} is in the model lists."
+        self._set_running(False)
+
+    def _use_new_model(self, name: str) -> None:
+        """Select the new model in this viewer's Segment widgets and re-segment the image."""
+        from .segment import segment_widgets
+
+        widgets = segment_widgets(self._viewer)
+        for widget in widgets:
+            widget.select_model(name)
+        if not self._resegment.value:
+            return
+        if not widgets:  # dock one through the manifest, like the user would
+            _, widget = self._viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+            widget.select_model(name)
+            widgets = [widget]
+        segment = widgets[0]
+        if segment.running:
+            notify_info(f"{name} is selected in Segment; it is busy, so run it again when it is done.")
+            return
+        if self._source is not None and self._source in self._viewer.layers:
+            segment.segment(layer=self._source, model=name)
+
+    def _set_running(self, running: bool, message: str | None = None) -> None:
+        self._run.enabled = not running
+        self._cancel.enabled = running
+        if running:
+            self._progress.max, self._progress.value = 1, 0
+        if message is not None:
+            self._status.value = message
+
+
+def _pair(image_layer: Any, labels_layer: Any) -> tuple[Any, np.ndarray]:
+    """(image, labels) arrays of two layers, checked to cover the same pixels."""
+    image = image_layer.data[0] if image_layer.multiscale else image_layer.data
+    spatial = tuple(image.shape[:-1] if image_layer.rgb else image.shape)
+    labels = np.array(labels_layer.data[0] if labels_layer.multiscale else labels_layer.data)  # a copy:
+    # the user may keep painting while the worker trains on it
+    if spatial != labels.shape:
+        raise ValueError(f"'{image_layer.name}' {spatial} and '{labels_layer.name}' {labels.shape} "
+                         "differ in size")
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"'{image_layer.name}' must be a 2D image or a 3D stack")
+    if not labels.any():
+        raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
+    return image, labels
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"

@@ -1,0 +1,229 @@
+"""The Review widget: compare a mask with a reference, visit the doubtful places, export.
+
+The numbers come from ``napari_r2au.training.metrics`` (the trainer's own definitions)
+and the helpers in ``postprocess`` / ``uncertainty``; the export writes the mask and a
+JSON sidecar that records which model made it and whether a person corrected it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, SpinBox
+
+from ._common import describe_error, follow_layers, layer_picker, notify_error, notify_info, replace_layer
+
+if TYPE_CHECKING:
+    import napari
+
+MASK_FORMAT = "napari-r2au-mask"
+#: colours of the difference layer: false positives orange, false negatives blue (colour-blind safe)
+DIFFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#1e90ff"}
+
+
+class ReviewWidget(Container):
+    """Metrics against a reference, a difference layer, uncertain regions, and export."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        self._prediction = layer_picker(viewer, "labels", "Prediction")
+        self._reference = layer_picker(viewer, "labels", "Reference", nullable=True)
+        self._compare = PushButton(text="Compare")
+        self._metrics = Label(value="")
+        self._uncertainty = layer_picker(viewer, "image", "Uncertainty map", nullable=True)
+        self._window = SpinBox(label="Region size (px)", min=8, max=4096, step=8, value=64)
+        self._next = PushButton(text="Next most uncertain region")
+        self._region = Label(value="")
+        self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff")
+        self._export_maps = CheckBox(text="Also export the probability and attention maps", value=False)
+        self._export = PushButton(text="Export")
+        self._export_status = Label(value="")
+        super().__init__(widgets=[
+            self._prediction, self._reference, self._compare, self._metrics, self._uncertainty,
+            self._window, self._next, self._region, self._export_path, self._export_maps, self._export,
+            self._export_status,
+        ])
+        self._visited: set[tuple[int, ...]] = set()
+        self._visited_source: tuple[str, int] | None = None  # (layer name, window) the visits are for
+        self.metrics: dict[str, float] | None = None
+
+        self._compare.changed.connect(self.compare)
+        self._next.changed.connect(self.next_region)
+        self._export.changed.connect(self.export)
+        follow_layers(viewer, self)
+
+    # -- metrics and difference ---------------------------------------------------------------
+
+    def compare(self, *_: Any) -> dict[str, float] | None:
+        """Show Dice/F1, sensitivity, specificity, accuracy, IoU and a difference layer."""
+        from napari_r2au.postprocess import difference_labels
+
+        predicted, reference = self._prediction.value, self._reference.value
+        if predicted is None or reference is None:
+            notify_error("Review: choose a prediction and a reference labels layer to compare.")
+            return None
+        if predicted.data.shape != reference.data.shape:
+            notify_error(f"Review: '{predicted.name}' {predicted.data.shape} and '{reference.name}' "
+                         f"{reference.data.shape} differ in size.")
+            return None
+        pred, ref = np.asarray(predicted.data), np.asarray(reference.data)
+        rates = _rates(pred, ref)
+        self.metrics = rates
+        self._metrics.value = (
+            f"Dice (F1) {_fmt(rates['f1'])} · IoU {_fmt(rates['iou'])}\n"
+            f"Sensitivity {_fmt(rates['sensitivity'])} · Specificity {_fmt(rates['specificity'])}\n"
+            f"Accuracy {_fmt(rates['accuracy'])} · Precision {_fmt(rates['precision'])}\n"
+            "Difference layer: orange = false positive, blue = false negative"
+        )
+        replace_layer(self._viewer, "labels", f"{predicted.name} vs {reference.name}",
+                      difference_labels(pred, ref), colormap=DIFFERENCE_COLORS, opacity=0.8,
+                      scale=tuple(predicted.scale), translate=tuple(predicted.translate))
+        return rates
+
+    # -- uncertain regions --------------------------------------------------------------------
+
+    def next_region(self, *_: Any) -> None:
+        """Centre the view on the not yet visited window with the highest mean uncertainty."""
+        from napari_r2au.uncertainty import binary_entropy, most_uncertain_region
+
+        layer = self._uncertainty.value or self._recorded_map()
+        if layer is None:
+            notify_error("Review: choose an uncertainty (or probability) image layer; Segment makes "
+                         "one with 'Uncertainty map' ticked.")
+            return
+        if layer.rgb or layer.ndim not in (2, 3):
+            notify_error(f"Review: '{layer.name}' must be a single-channel 2D map or a stack of them.")
+            return
+        values = np.asarray(layer.data[0] if layer.multiscale else layer.data, np.float32)
+        if self._is_probability(layer):  # doubtful where p is near 0.5
+            values = binary_entropy(values)
+        window = int(self._window.value)
+        if self._visited_source != (layer.name, window):
+            self._visited, self._visited_source = set(), (layer.name, window)
+        region = most_uncertain_region(values, window, self._visited)
+        if region is None:
+            self._visited.clear()
+            notify_info("Review: every region was visited; starting again from the most uncertain one.")
+            region = most_uncertain_region(values, window)
+            if region is None:
+                return
+        self._visited.add(region.key)
+        world = layer.data_to_world(region.center)
+        self._viewer.camera.center = tuple(world[-2:])
+        if len(world) == 3:  # a stack: go to the region's slice
+            self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
+        where = ", ".join(f"{name} {value:.0f}" for name, value in zip("zyx"[-len(region.center):], region.center))
+        self._region.value = f"Region {len(self._visited)}: mean {region.score:.3f} at ({where}) in {layer.name}"
+
+    def _recorded_map(self) -> Any:
+        """The uncertainty (else probability) layer Segment recorded for the chosen prediction."""
+        info = self._info()
+        for key in ("uncertainty_layer", "probability_layer"):
+            name = info.get(key)
+            if name and name in self._viewer.layers:
+                return self._viewer.layers[name]
+        return None
+
+    def _is_probability(self, layer: Any) -> bool:
+        return layer.name == self._info().get("probability_layer")
+
+    def _info(self) -> dict[str, Any]:
+        predicted = self._prediction.value
+        return dict(predicted.metadata.get("r2au") or {}) if predicted is not None else {}
+
+    # -- export -------------------------------------------------------------------------------
+
+    def export(self, *_: Any) -> Path | None:
+        """Write the mask (TIFF) and a JSON sidecar next to it; returns the mask's path."""
+        predicted, target = self._prediction.value, self._export_path.value
+        if predicted is None:
+            notify_error("Review: choose the labels layer to export.")
+            return None
+        if not target or str(target) in ("", "."):
+            notify_error("Review: choose where to write the mask ('Export to').")
+            return None
+        path = Path(target)
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            path = path.with_name(path.name + ".tif")
+        try:
+            sidecar = self._write(predicted, path)
+        except (OSError, ValueError) as exc:
+            notify_error(f"Review: export failed: {describe_error(exc)}")
+            return None
+        self._export_status.value = f"Wrote {path.name} and {sidecar.name}"
+        return path
+
+    def _write(self, predicted: Any, path: Path) -> Path:
+        from napari_r2au import __version__
+        from napari_r2au.io import atomic_path, write_tiff
+        from napari_r2au.postprocess import compact_labels, mask_checksum
+
+        mask = compact_labels(np.asarray(predicted.data))
+        info = self._info()
+        recorded = info.get("mask_sha256")
+        record: dict[str, Any] = {
+            "format": MASK_FORMAT,
+            "format_version": 1,
+            "mask_file": path.name,
+            "layer": predicted.name,
+            "shape": list(mask.shape),
+            "dtype": str(mask.dtype),
+            "scale": [float(v) for v in predicted.scale],
+            "translate": [float(v) for v in predicted.translate],
+            "model": info.get("model"),
+            "model_sha256": info.get("model_sha256"),
+            "threshold": info.get("threshold"),
+            "cleanup": info.get("cleanup"),
+            "image_layer": info.get("image_layer"),
+            "segmented": info.get("created"),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "corrected_by_hand": None if recorded is None else mask_checksum(predicted.data) != recorded,
+            "napari_r2au_version": __version__,
+        }
+        reference = self._reference.value
+        if reference is not None and reference.data.shape == predicted.data.shape:
+            rates = _rates(np.asarray(predicted.data), np.asarray(reference.data))
+            record["metrics"] = {"reference_layer": reference.name, **{k: _finite(v) for k, v in rates.items()}}
+        if self._export_maps.value:
+            record.update(self._write_maps(path, info, write_tiff))
+        write_tiff(path, mask)
+        sidecar = path.with_suffix(".json")
+        with atomic_path(sidecar) as tmp:  # last: a sidecar means the files next to it are complete
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        return sidecar
+
+    def _write_maps(self, path: Path, info: dict[str, Any], write_tiff: Any) -> dict[str, Any]:
+        """The probability and attention layers Segment recorded, as float32 TIFFs."""
+        files: dict[str, Any] = {"probability_file": None, "attention_files": []}
+        layers = self._viewer.layers
+        name = info.get("probability_layer")
+        if name and name in layers:
+            target = path.with_name(f"{path.stem}_probability.tif")
+            write_tiff(target, np.asarray(layers[name].data, np.float32))
+            files["probability_file"] = target.name
+        for index, name in enumerate(info.get("attention_layers") or [], start=1):
+            if name in layers:
+                target = path.with_name(f"{path.stem}_attention{index}.tif")
+                write_tiff(target, np.asarray(layers[name].data, np.float32))
+                files["attention_files"].append(target.name)
+        return files
+
+
+def _rates(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Pixel metrics of a mask against a reference (the trainer's definitions)."""
+    from napari_r2au.training.metrics import confusion
+
+    return confusion(reference > 0, predicted > 0).rates()
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
