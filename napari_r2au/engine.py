@@ -53,13 +53,22 @@ class Prediction:
     model_name: str = ""
     model_sha256: str | None = None
     multiclass: bool = False
+    #: clean-up steps the model file asks for (napari_r2au.postprocess)
+    postprocess: list[str] = field(default_factory=list)
 
-    def mask(self, threshold: float | None = None) -> np.ndarray:
-        """uint8 labels: probability > threshold (binary) or the arg-max class."""
+    def mask(self, threshold: float | None = None, postprocess: Sequence[str] | None = None) -> np.ndarray:
+        """uint8 labels: probability > threshold (binary) or the arg-max class, then the
+        model's clean-up steps (``postprocess=[]`` skips them)."""
         if self.multiclass:
             return np.argmax(self.probabilities, axis=-1).astype(np.uint8)
         level = self.threshold if threshold is None else threshold
-        return (self.probabilities > level).astype(np.uint8)
+        labels = (self.probabilities > level).astype(np.uint8)
+        steps = self.postprocess if postprocess is None else postprocess
+        if steps:
+            from .postprocess import apply_model_postprocess
+
+            labels = apply_model_postprocess(labels, steps)
+        return labels
 
 
 def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None) -> str:
@@ -366,6 +375,7 @@ def iter_predict(
         model_name=loaded.name,
         model_sha256=loaded.sha256,
         multiclass=multiclass,
+        postprocess=list(loaded.metadata.get("postprocess") or []),
     )
     return prediction
 

@@ -80,3 +80,37 @@ def compact_labels(labels: np.ndarray) -> np.ndarray:
     top = int(labels.max(initial=0))
     dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.uint64
     return labels.astype(dtype, copy=False)
+
+
+#: clean-up steps a model file may ask for in its "postprocess" list
+MODEL_STEPS = ("largest_component", "fill_holes")
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """Only the largest connected object of each plane (lesions are one blob)."""
+    from scipy import ndimage
+
+    out = np.asarray(mask).astype(bool).copy()
+    planes = out.reshape(-1, *out.shape[-2:])
+    for i, plane in enumerate(planes):
+        labels, count = ndimage.label(plane)
+        if count > 1:
+            sizes = ndimage.sum_labels(plane, labels, range(1, count + 1))
+            planes[i] = labels == int(np.argmax(sizes)) + 1
+    return out.astype(np.uint8)
+
+
+def apply_model_postprocess(mask: np.ndarray, steps: list[str] | tuple[str, ...]) -> np.ndarray:
+    """The clean-up a model file asks for, in order (see MODEL_STEPS)."""
+    unknown = [s for s in steps if s not in MODEL_STEPS]
+    if unknown:
+        raise ValueError(f"unknown post-processing {unknown}; valid: {', '.join(MODEL_STEPS)}")
+    for step in steps:
+        if step == "largest_component":
+            mask = keep_largest_component(mask)
+        elif step == "fill_holes":  # every hole, however large (not regions touching the border)
+            from scipy import ndimage
+
+            planes = np.asarray(mask).astype(bool).reshape(-1, *mask.shape[-2:])
+            mask = np.stack([ndimage.binary_fill_holes(p) for p in planes]).reshape(mask.shape).astype(np.uint8)
+    return mask

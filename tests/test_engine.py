@@ -148,3 +148,16 @@ def test_bool_and_empty_images(tiny_net):
     assert predict(tiny_net, np.eye(24, dtype=bool), precision="fp32").probabilities.shape == (24, 24)
     with pytest.raises(ValueError):
         predict(tiny_net, np.zeros((0, 10)))
+
+
+def test_model_postprocess_is_applied_on_request(tiny_net):
+    from napari_r2au.engine import Prediction
+
+    prob = np.zeros((20, 20), np.float32)
+    prob[2:12, 2:12] = 0.9
+    prob[5, 5] = 0.1  # a hole
+    prob[16:18, 16:18] = 0.9  # a second, smaller blob
+    pred = Prediction(prob, postprocess=["largest_component", "fill_holes"])
+    mask = pred.mask()
+    assert mask[5, 5] == 1 and mask[16, 16] == 0 and mask.sum() == 100
+    assert pred.mask(postprocess=[]).sum() == 100 - 1 + 4

@@ -88,6 +88,21 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
     return Sample(np.ascontiguousarray(image), mask, fov, name, raw)
 
 
+def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndarray | None = None):
+    """Resize a 2D (image, mask[, fov]) to the model's working scale (masks by nearest)."""
+    if abs(scale - 1.0) < 1e-6:
+        return image, mask, fov
+    from skimage.transform import resize
+
+    shape = tuple(max(1, round(n * scale)) for n in mask.shape[-2:])
+    image = resize(np.asarray(image, np.float32), shape + image.shape[2:], order=1, anti_aliasing=scale < 1,
+                   preserve_range=True).astype(np.float32)
+    mask = resize(np.asarray(mask) > 0, shape, order=0, anti_aliasing=False).astype(np.uint8)
+    if fov is not None:
+        fov = resize(np.asarray(fov) > 0, shape, order=0, anti_aliasing=False)
+    return image, mask, fov
+
+
 def _item_id(path: Path) -> str:
     """The id that pairs files: the leading number in DRIVE names, else the stem."""
     match = re.match(r"^(\d+)_", path.name)
@@ -105,8 +120,9 @@ def _by_id(folder: Path) -> dict[str, Path]:
 
 def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None = None,
                    in_channels: int = 3, normalization: dict | None = None,
-                   class_map: dict[int, int] | None = None) -> list[Sample]:
-    """Pairs from folders, matched by id (DRIVE's leading number, else the file stem)."""
+                   class_map: dict[int, int] | None = None, scale: float = 1.0) -> list[Sample]:
+    """Pairs from folders, matched by id (DRIVE's leading number, else the file stem),
+    resized by ``scale`` (the model's working scale)."""
     image_files, mask_files = _by_id(Path(images)), _by_id(Path(masks))
     fov_files = _by_id(Path(fov)) if fov is not None else {}
     missing = sorted(set(image_files) - set(mask_files))
@@ -115,15 +131,22 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
     samples = []
     for key in sorted(image_files):
         fov_array = read_image(fov_files[key]) if key in fov_files else None
-        samples.append(make_sample(read_image(image_files[key]), read_image(mask_files[key]),
-                                   image_files[key].name, in_channels, fov_array, normalization, class_map))
+        image, mask = read_image(image_files[key]), read_image(mask_files[key])
+        if image.shape[:2] != mask.shape[:2]:
+            raise DataError(f"{image_files[key].name}: image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
+        if scale != 1.0:
+            mask = binarize_mask(mask, mask_files[key].name, class_map)
+            image, mask, fov_array = rescale_pair(image, mask, scale, fov_array)
+        samples.append(make_sample(image, mask, image_files[key].name, in_channels, fov_array, normalization, class_map))
     return samples
 
 
-def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | None = None) -> list[Sample]:
+def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | None = None,
+                  scale: float = 1.0) -> list[Sample]:
     """The DRIVE layout: images/, 1st_manual/, mask/ (field of view)."""
     root = Path(root)
-    return folder_samples(root / "images", root / "1st_manual", root / "mask", in_channels, normalization)
+    return folder_samples(root / "images", root / "1st_manual", root / "mask", in_channels, normalization,
+                          scale=scale)
 
 
 def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,

@@ -21,7 +21,7 @@ import numpy as np
 from napari_r2au.engine import predict
 from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
 
-from .data import Sample, memory_samples
+from .data import Sample, memory_samples, rescale_pair
 from .metrics import Counts, confusion
 from .trainer import TrainConfig, TrainEvent, iter_train
 
@@ -68,21 +68,6 @@ def dice_on(model: LoadedModel, samples: Sequence[Sample], scale: float | None =
         prob = predict(model, s.raw, scale=scale).probabilities
         counts = counts + confusion(s.mask, prob > model.threshold, s.fov)
     return counts.rates()["f1"]
-
-
-def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndarray | None = None):
-    """Resize a 2D (image, mask[, fov]) to the model's working scale (masks by nearest)."""
-    if abs(scale - 1.0) < 1e-6:
-        return image, mask, fov
-    from skimage.transform import resize
-
-    shape = tuple(max(1, round(n * scale)) for n in mask.shape[-2:])
-    image = resize(np.asarray(image, np.float32), shape + image.shape[2:], order=1, anti_aliasing=scale < 1,
-                   preserve_range=True).astype(np.float32)
-    mask = resize(np.asarray(mask) > 0, shape, order=0, anti_aliasing=False).astype(np.uint8)
-    if fov is not None:
-        fov = resize(np.asarray(fov) > 0, shape, order=0, anti_aliasing=False)
-    return image, mask, fov
 
 
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],

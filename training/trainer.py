@@ -67,6 +67,8 @@ class TrainConfig:
     description: str = ""
     input_scale: float = 1.0
     device: str = "auto"
+    #: clean-up steps recorded in the model file and applied by the engine
+    postprocess: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -109,9 +111,10 @@ def load_samples(config: TrainConfig) -> list[Sample]:
     data = config.data
     kind = data.get("kind")
     if kind == "drive":
-        return drive_samples(data["root"], config.in_channels)
+        return drive_samples(data["root"], config.in_channels, scale=config.input_scale)
     if kind == "folders":
-        return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels)
+        return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels,
+                              scale=config.input_scale)
     raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
 
 
@@ -160,6 +163,7 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         name=config.name, architecture=config.architecture, arch_args=arch_args,
         description=config.description, provenance=provenance, input_scale=config.input_scale,
         normalization=parent.normalization if parent else {"kind": "standardize"},
+        postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
     )
 
 
