@@ -183,3 +183,14 @@ def test_ddp_two_processes_match_one_process(tmp_path, rng):
     cosine = torch.nn.functional.cosine_similarity(update_one, update_two, dim=0).item()
     ratio = (update_one - update_two).norm().item() / update_one.norm().item()
     assert cosine > 0.99 and ratio < 0.1, (cosine, ratio)
+
+
+@pytest.mark.parametrize(("name", "key"), [("21_training.tif", "21"), ("21_manual1.gif", "21"),
+                                           ("21_training_mask.gif", "21"), ("01_dr.JPG", "01_dr"),
+                                           ("01_dr_mask.tif", "01_dr"), ("IMD002.png", "IMD002"), ("0.png", "0")])
+def test_files_pair_by_id(name, key):
+    from pathlib import Path
+
+    from napari_r2au.training.data import _item_id
+
+    assert _item_id(Path(name)) == key

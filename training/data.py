@@ -103,10 +103,18 @@ def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndar
     return image, mask, fov
 
 
+_ROLE_SUFFIX = re.compile(r"(_(mask|manual\d*|seg|segmentation|label|labels|gt|training|test))$", re.IGNORECASE)
+
+
 def _item_id(path: Path) -> str:
-    """The id that pairs files: the leading number in DRIVE names, else the stem."""
-    match = re.match(r"^(\d+)_", path.name)
-    return match.group(1) if match else path.stem
+    """The id that pairs files: the stem without role suffixes.
+
+    DRIVE: 21_training / 21_manual1 / 21_training_mask -> 21; HRF: 01_dr / 01_dr_mask -> 01_dr.
+    """
+    stem = path.name.split(".")[0]
+    while (stripped := _ROLE_SUFFIX.sub("", stem)) != stem and stripped:
+        stem = stripped
+    return stem
 
 
 def _by_id(folder: Path) -> dict[str, Path]:
@@ -115,7 +123,13 @@ def _by_id(folder: Path) -> dict[str, Path]:
     files = find_images(folder)
     if not files:
         raise DataError(f"{folder}: no images (TIFF/PNG/JPG/GIF) in it")
-    return {_item_id(p): p for p in files}
+    by_id: dict[str, Path] = {}
+    for path in files:
+        key = _item_id(path)
+        if key in by_id:
+            raise DataError(f"{folder}: {by_id[key].name} and {path.name} have the same id {key!r}")
+        by_id[key] = path
+    return by_id
 
 
 def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None = None,
