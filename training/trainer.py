@@ -118,11 +118,17 @@ def load_samples(config: TrainConfig) -> list[Sample]:
     raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 1% of the peak."""
+def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak.
+
+    With a time budget (``max_minutes``) the decay follows whichever runs out first,
+    steps or time, so a run cut short by its budget still ends with a small rate.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.max_minutes:
+        progress = max(progress, elapsed / (60 * config.max_minutes))
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -294,7 +300,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     try:
         while step < config.steps:
             network.train()
-            lr = lr_at(step, config)
+            lr = lr_at(step, config, elapsed_before + time.perf_counter() - started)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y, fov = sampler.sample(config.batch_size)
