@@ -67,7 +67,7 @@ def read_file(path: str | os.PathLike) -> LayerData:
 
 def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
     """The error (also shown in napari) for a file type whose extra is not installed."""
-    message = f"Reading {what} needs {package}: install napari-r2au[{extra}] (pip install 'napari-r2au[{extra}]')"
+    message = f"{what} needs {package}: install napari-r2au[{extra}] (pip install 'napari-r2au[{extra}]')"
     try:
         from napari.utils.notifications import show_error
 
@@ -110,7 +110,7 @@ def _read_dicom(path: Path) -> LayerData:
     try:
         import pydicom
     except ImportError as exc:
-        raise missing_extra("DICOM files", "pydicom", "dicom") from exc
+        raise missing_extra("Reading DICOM files", "pydicom", "dicom") from exc
     dataset = pydicom.dcmread(path)
     data = np.asarray(dataset.pixel_array)
     rgb = int(getattr(dataset, "SamplesPerPixel", 1)) in (3, 4) and data.shape[-1] in (3, 4)
@@ -132,7 +132,7 @@ def _read_nifti(path: Path) -> LayerData:
     try:
         import nibabel
     except ImportError as exc:
-        raise missing_extra("NIfTI files", "nibabel", "nifti") from exc
+        raise missing_extra("Reading NIfTI files", "nibabel", "nifti") from exc
     image = nibabel.load(str(path))
     # NIfTI stores (x, y, z[, t]); napari shows the last axes as (y, x): reverse them
     data = np.asarray(image.dataobj).T

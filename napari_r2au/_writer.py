@@ -40,7 +40,7 @@ def _write_nifti(path: Path, labels: np.ndarray, meta: dict[str, Any]) -> None:
     try:
         import nibabel
     except ImportError as exc:
-        raise missing_extra("and writing NIfTI files", "nibabel", "nifti") from exc
+        raise missing_extra("Writing NIfTI files", "nibabel", "nifti") from exc
     nifti = (meta.get("metadata") or {}).get("nifti") or {}
     if "affine" in nifti:  # the affine of the file the image came from
         affine = np.asarray(nifti["affine"], np.float64)

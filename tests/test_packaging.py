@@ -50,6 +50,7 @@ def test_wheel_contains_manifest_trainer_and_model(tmp_path):
     (wheel,) = tmp_path.glob("napari_r2au-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "napari_r2au/napari.yaml" in names
+    assert "napari_r2au/widgets/segment.py" in names and "napari_r2au/models/unet.py" in names
     assert "napari_r2au/training/trainer.py" in names and "napari_r2au/training/configs/drive-vessels.yaml" in names
     assert "napari_r2au/bundled_models/drive-vessels.json" in names
     assert "napari_r2au/bundled_models/drive-vessels.safetensors" in names

@@ -43,6 +43,13 @@ def notify_info(message: str) -> None:
     show_info(message)
 
 
+def message_label() -> Label:
+    """A Label for messages that wraps: a long path or description must not widen the dock."""
+    label = Label(value="")
+    label.native.setWordWrap(True)
+    return label
+
+
 # -- layers --------------------------------------------------------------------------------
 
 def layers_of(viewer: napari.viewer.Viewer, kind: str) -> list[tuple[str, Any]]:
@@ -132,7 +139,8 @@ def model_card(meta: dict[str, Any]) -> str:
     if prov.get("parent"):
         lines.append(f"Fine-tuned from: {prov['parent'].get('name', '?')}")
     if meta.get("description"):
-        lines.append(str(meta["description"]))
+        text = " ".join(str(meta["description"]).split())
+        lines.append(text if len(text) <= 160 else text[:157].rstrip() + "…")
     f1 = (prov.get("validation_metrics") or {}).get("f1")
     after = prov.get("dice_after")
     score = after if after is not None else f1
@@ -153,7 +161,7 @@ class ModelPicker(Container):
         self._paths: dict[str, str] = {}  # name -> sidecar, filled by _names()
         self._choice = ComboBox(label=label, choices=lambda _widget: self._names())
         self._file = FileEdit(label="Model file", mode="r", filter="*.json *.safetensors *.pt")
-        self._card = Label(label="")
+        self._card = message_label()
         super().__init__(widgets=[self._choice, self._file, self._card], labels=True)
         self.margins = (0, 0, 0, 0)
         self._choice.changed.connect(self._update)
@@ -176,14 +184,6 @@ class ModelPicker(Container):
         if wanted in self._choice.choices:
             self._choice.value = wanted
         self._update()
-
-    @property
-    def model_name(self) -> str:
-        """The chosen model's name ("" when loading from a file and no file is chosen)."""
-        if self._choice.value == LOAD_FROM_FILE:
-            path = self.path
-            return Path(path).stem if path else ""
-        return str(self._choice.value or "")
 
     @property
     def path(self) -> str | None:

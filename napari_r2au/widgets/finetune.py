@@ -17,7 +17,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSpinBox,
-    Label,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -30,6 +29,7 @@ from ._common import (
     follow_layers,
     format_seconds,
     layer_picker,
+    message_label,
     notify_error,
     notify_info,
     notify_warning,
@@ -73,6 +73,8 @@ class LossCurve:
         loss_ax.set_xlabel("step", fontsize=8)
         loss_ax.set_ylabel("loss", color="tab:blue", fontsize=8)
         dice_ax.set_ylabel("validation Dice", color="tab:orange", fontsize=8)
+        dice_ax.yaxis.set_label_position("right")  # clear() puts a twin's label back on the left
+        dice_ax.yaxis.tick_right()
         dice_ax.set_ylim(0, 1)
         for ax in (loss_ax, dice_ax):
             ax.tick_params(labelsize=7)
@@ -87,8 +89,8 @@ class LossCurve:
         self._loss_line.set_data(self.steps, self.losses)
         self._dice_line.set_data(self.dice_steps, self.dice)
         self._loss_axes.relim()
-        self._loss_axes.autoscale_view()
-        self._dice_axes.set_xlim(self._loss_axes.get_xlim())
+        self._loss_axes.autoscale_view()  # x is shared with the Dice axes, whose y stays 0..1
+        self._loss_axes.set_xlim(0.5, max(self.steps) + 0.5)
         self.canvas.draw_idle()
 
 
@@ -98,7 +100,7 @@ class FinetuneWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
         self._image = layer_picker(viewer, "image", "Image")
-        self._labels = layer_picker(viewer, "labels", "Corrected mask")
+        self._corrected = layer_picker(viewer, "labels", "Corrected mask")
         self._use_validation = CheckBox(text="Separate validation pair", value=False,
                                         tooltip="Otherwise a strip of the image is held out for validation")
         self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True)
@@ -115,10 +117,10 @@ class FinetuneWidget(Container):
         self._run = PushButton(text="Fine-tune")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(min=0, max=1, value=0)
-        self._status = Label(value="")
-        self._result = Label(value="")
+        self._status = message_label()
+        self._result = message_label()
         super().__init__(widgets=[
-            self._image, self._labels, self._use_validation, self._validation, self._model, self._steps,
+            self._image, self._corrected, self._use_validation, self._validation, self._model, self._steps,
             self._lr, self._patch, self._augment, self._freeze, self._device, self._resegment, self._run,
             self._cancel, self._progress, self._status, self._result,
         ])
@@ -178,7 +180,7 @@ class FinetuneWidget(Container):
     # -- inputs -------------------------------------------------------------------------------
 
     def _pairs(self) -> tuple[list[tuple[Any, np.ndarray]], tuple[Any, np.ndarray] | None]:
-        image, labels = self._image.value, self._labels.value
+        image, labels = self._image.value, self._corrected.value
         if image is None or labels is None:
             raise ValueError("choose an image layer and the labels layer with the corrected mask")
         pairs = [_pair(image, labels)]

@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, Container, FileEdit, PushButton, SpinBox
 
-from ._common import describe_error, follow_layers, layer_picker, notify_error, notify_info, replace_layer
+from ._common import (
+    describe_error,
+    follow_layers,
+    layer_picker,
+    message_label,
+    notify_error,
+    notify_info,
+    replace_layer,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -34,15 +42,16 @@ class ReviewWidget(Container):
         self._prediction = layer_picker(viewer, "labels", "Prediction")
         self._reference = layer_picker(viewer, "labels", "Reference", nullable=True)
         self._compare = PushButton(text="Compare")
-        self._metrics = Label(value="")
+        self._metrics = message_label()
         self._uncertainty = layer_picker(viewer, "image", "Uncertainty map", nullable=True)
+        self._uncertainty.tooltip = "Empty: the uncertainty (else probability) map Segment made for the prediction"
         self._window = SpinBox(label="Region size (px)", min=8, max=4096, step=8, value=64)
         self._next = PushButton(text="Next most uncertain region")
-        self._region = Label(value="")
+        self._region = message_label()
         self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff")
         self._export_maps = CheckBox(text="Also export the probability and attention maps", value=False)
         self._export = PushButton(text="Export")
-        self._export_status = Label(value="")
+        self._export_status = message_label()
         super().__init__(widgets=[
             self._prediction, self._reference, self._compare, self._metrics, self._uncertainty,
             self._window, self._next, self._region, self._export_path, self._export_maps, self._export,
@@ -183,6 +192,7 @@ class ReviewWidget(Container):
             "segmented": info.get("created"),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "corrected_by_hand": None if recorded is None else mask_checksum(predicted.data) != recorded,
+            "prediction_sha256": recorded,
             "napari_r2au_version": __version__,
         }
         reference = self._reference.value

@@ -20,7 +20,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSlider,
-    Label,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -32,6 +31,7 @@ from ._common import (
     follow_layers,
     format_seconds,
     layer_picker,
+    message_label,
     notify_error,
     notify_warning,
     replace_layer,
@@ -99,7 +99,7 @@ class SegmentWidget(Container):
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(min=0, max=1, value=0)
-        self._status = Label(value="")
+        self._status = message_label()
         super().__init__(widgets=[
             self._model, self._image, self._scope, self._attention, self._uncertainty, self._threshold,
             self._remove_small, self._fill_holes, self._min_size, self._show_advanced, self._advanced,

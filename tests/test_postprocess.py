@@ -1,0 +1,48 @@
+"""Mask clean-up, checksums, differences and label types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_r2au.postprocess import clean_mask, compact_labels, difference_labels, mask_checksum
+
+
+def test_clean_mask_removes_specks_and_fills_holes():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:25, 5:25] = 1
+    mask[10:12, 10:12] = 0  # a 4-pixel hole
+    mask[35, 35] = 1  # a speck
+    cleaned = clean_mask(mask, min_size=10, fill_holes=True)
+    assert cleaned.dtype == np.uint8
+    assert cleaned[35, 35] == 0 and cleaned[10:12, 10:12].all() and cleaned[5:25, 5:25].all()
+    assert clean_mask(mask, min_size=10)[10, 10] == 0  # holes stay unless asked
+    np.testing.assert_array_equal(clean_mask(mask), mask)
+    stack = clean_mask(np.stack([mask, mask]), min_size=10)
+    assert stack.shape == (2, 40, 40) and not stack[:, 35, 35].any()
+    labels = mask * 2  # multi-label masks are left alone
+    np.testing.assert_array_equal(clean_mask(labels, min_size=10), labels)
+
+
+def test_checksum_depends_on_values_and_shape_only():
+    mask = np.zeros((4, 6), np.uint8)
+    assert mask_checksum(mask) == mask_checksum(mask.astype(np.int64))
+    assert mask_checksum(mask) != mask_checksum(mask.reshape(6, 4))
+    edited = mask.copy()
+    edited[0, 0] = 1
+    assert mask_checksum(mask) != mask_checksum(edited)
+
+
+def test_difference_and_compact_labels():
+    predicted = np.array([[1, 1, 0, 0]])
+    reference = np.array([[1, 0, 1, 0]])
+    np.testing.assert_array_equal(difference_labels(predicted, reference), [[0, 1, 2, 0]])
+    with pytest.raises(ValueError, match="shapes differ"):
+        difference_labels(predicted, reference.T)
+    assert compact_labels(np.array([0, 255])).dtype == np.uint8
+    assert compact_labels(np.array([0, 256])).dtype == np.uint16
+    assert compact_labels(np.array([0, 70_000])).dtype == np.uint32
+    with pytest.raises(ValueError, match="negative"):
+        compact_labels(np.array([-1, 0]))
+    with pytest.raises(ValueError, match="integers"):
+        compact_labels(np.array([0.5]))

@@ -1,0 +1,162 @@
+"""The napari reader and writer: what they claim, round trips, and the optional extras."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from napari_r2au._reader import napari_get_reader
+from napari_r2au._writer import write_labels
+from napari_r2au.io import write_png, write_tiff
+
+
+def read(path) -> list[tuple]:
+    reader = napari_get_reader(str(path))
+    assert reader is not None, f"no reader for {path}"
+    return reader(str(path))
+
+
+@pytest.fixture
+def labels() -> np.ndarray:
+    out = np.zeros((40, 50), np.uint8)
+    out[5:15, 10:30] = 1
+    out[20:35, 5:8] = 2
+    return out
+
+
+def test_reader_claims_only_what_it_reads(tmp_path):
+    for name in ("a.tif", "a.TIFF", "a.png", "a.jpg", "a.jpeg", "a.gif", "a.dcm", "a.nii", "a.nii.gz"):
+        assert callable(napari_get_reader(str(tmp_path / name))), name
+    for name in ("a.txt", "a.zarr", "a.gz", "a.json"):
+        assert napari_get_reader(str(tmp_path / name)) is None, name
+    assert napari_get_reader([str(tmp_path / "a.tif"), str(tmp_path / "b.png")]) is not None
+    assert napari_get_reader([str(tmp_path / "a.tif"), str(tmp_path / "b.txt")]) is None
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".tiff", ".png"])
+def test_labels_round_trip(tmp_path, labels, suffix):
+    path = tmp_path / f"mask{suffix}"
+    assert write_labels(str(path), labels.astype(np.int32), {}) == [str(path)]
+    ((data, kwargs, kind),) = read(path)
+    assert kind == "image" and kwargs["name"] == "mask" and not kwargs["rgb"]
+    assert data.dtype == np.uint8  # labels are stored in the smallest type that holds them
+    np.testing.assert_array_equal(data, labels)
+
+
+def test_tiff_keeps_stacks_and_large_labels(tmp_path, labels):
+    stack = np.stack([labels, labels.astype(np.int64) * 200])
+    path = tmp_path / "stack.tif"
+    write_labels(str(path), stack, {})
+    ((data, _, _),) = read(path)
+    assert data.dtype == np.uint16 and data.shape == (2, 40, 50)
+    np.testing.assert_array_equal(data, stack)
+
+
+def test_png_refuses_stacks_with_a_reason(tmp_path, labels):
+    with pytest.raises(ValueError, match="save stacks as TIFF"):
+        write_labels(str(tmp_path / "stack.png"), np.stack([labels, labels]), {})
+    with pytest.raises(ValueError, match=r"\.tif"):
+        write_labels(str(tmp_path / "mask.bmp"), labels, {})
+
+
+def test_rgb_and_grey_images(tmp_path, rng):
+    rgb = (rng.random((20, 30, 3)) * 255).astype(np.uint8)
+    write_png(tmp_path / "colour.png", rgb)
+    ((data, kwargs, kind),) = read(tmp_path / "colour.png")
+    assert kind == "image" and kwargs["rgb"] and data.shape == (20, 30, 3)
+    np.testing.assert_array_equal(data, rgb)
+    grey_stack = (rng.random((4, 20, 30)) * 1000).astype(np.uint16)
+    write_tiff(tmp_path / "grey.tif", grey_stack)
+    ((data, kwargs, _),) = read(tmp_path / "grey.tif")
+    assert not kwargs["rgb"]
+    np.testing.assert_array_equal(data, grey_stack)
+
+
+def test_an_exported_mask_opens_as_labels_with_its_record(tmp_path, labels):
+    write_tiff(tmp_path / "case.tif", labels)
+    record = {"format": "napari-r2au-mask", "format_version": 1, "mask_file": "case.tif", "model": "m",
+              "model_sha256": "ab" * 32, "threshold": 0.4, "prediction_sha256": "cd" * 32,
+              "scale": [2.0, 2.0], "translate": [1.0, 0.0]}
+    (tmp_path / "case.json").write_text(json.dumps(record))
+    ((data, kwargs, kind),) = read(tmp_path / "case.tif")
+    assert kind == "labels" and kwargs["scale"] == (2.0, 2.0)
+    info = kwargs["metadata"]["r2au"]
+    assert info["model"] == "m" and info["threshold"] == 0.4 and info["mask_sha256"] == "cd" * 32
+    # a JSON file that is not our sidecar changes nothing
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
+    write_tiff(tmp_path / "other.tif", labels)
+    assert read(tmp_path / "other.tif")[0][2] == "image"
+
+
+def test_missing_extras_say_what_to_install(tmp_path, labels, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    (tmp_path / "scan.dcm").write_bytes(b"")
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    with pytest.raises(ImportError, match=r"napari-r2au\[dicom\]"):
+        read(tmp_path / "scan.dcm")
+    with pytest.raises(ImportError, match=r"napari-r2au\[nifti\]"):
+        read(tmp_path / "scan.nii.gz")
+    with pytest.raises(ImportError, match=r"napari-r2au\[nifti\]"):
+        write_labels(str(tmp_path / "mask.nii"), labels, {})
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_round_trip_keeps_the_affine(tmp_path, suffix):
+    nibabel = pytest.importorskip("nibabel")
+    volume = np.zeros((30, 20, 5), np.uint8)  # NIfTI order: x, y, z
+    volume[3:9, 4:12, 1:4] = 1
+    affine = np.array([[0.8, 0, 0, -10], [0, 0.7, 0, 20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
+    source = tmp_path / f"scan{suffix}"
+    nibabel.save(nibabel.Nifti1Image(volume, affine), str(source))
+
+    ((data, kwargs, kind),) = read(source)
+    assert kind == "image" and kwargs["name"] == "scan" and data.shape == (5, 20, 30)  # z, y, x
+    np.testing.assert_allclose(kwargs["scale"], (2.5, 0.7, 0.8))
+    np.testing.assert_allclose(kwargs["metadata"]["nifti"]["affine"], affine)
+
+    out = tmp_path / f"mask{suffix}"
+    write_labels(str(out), data, {"metadata": kwargs["metadata"], "scale": kwargs["scale"]})
+    written = nibabel.load(str(out))
+    np.testing.assert_allclose(written.affine, affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), volume)
+
+
+def test_nifti_without_a_source_affine_uses_the_layer_scale(tmp_path, labels):
+    nibabel = pytest.importorskip("nibabel")
+    out = tmp_path / "mask.nii.gz"
+    write_labels(str(out), labels, {"scale": (2.0, 0.5), "translate": (10.0, 1.0)})
+    written = nibabel.load(str(out))
+    np.testing.assert_allclose(written.affine[:2, :2], np.diag([0.5, 2.0]))
+    np.testing.assert_allclose(written.affine[:2, 3], [1.0, 10.0])
+    np.testing.assert_array_equal(np.asarray(written.dataobj).T, labels)
+
+
+def test_dicom_reads_pixels_and_spacing():
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    if path is None:
+        pytest.skip("pydicom's test file is not installed")
+    ((data, kwargs, kind),) = read(path)
+    dataset = pydicom.dcmread(path)
+    assert kind == "image" and data.shape == dataset.pixel_array.shape and not kwargs["rgb"]
+    np.testing.assert_allclose(kwargs["scale"], [float(v) for v in dataset.PixelSpacing])
+    assert kwargs["metadata"]["dicom"]["Modality"] == "CT"
+
+
+@pytest.mark.gui
+def test_napari_opens_and_saves_through_the_manifest(make_napari_viewer, tmp_path, labels):
+    viewer = make_napari_viewer()
+    write_tiff(tmp_path / "in.tif", labels)
+    viewer.open(str(tmp_path / "in.tif"), plugin="napari-r2au")
+    np.testing.assert_array_equal(viewer.layers["in"].data, labels)
+    viewer.add_labels(labels, name="mask")
+    viewer.layers.selection = {viewer.layers["mask"]}
+    written = viewer.layers.save(str(tmp_path / "saved.png"), selected=True, plugin="napari-r2au")
+    assert written == [str(tmp_path / "saved.png")]
+    np.testing.assert_array_equal(read(tmp_path / "saved.png")[0][0], labels)

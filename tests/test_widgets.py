@@ -1,0 +1,429 @@
+"""The napari widgets, built through the plugin manifest, on tiny models and small images."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-r2au"
+TIMEOUT = 120_000  # ms; runs take about a second, but a busy machine can be far slower
+
+
+# -- fixtures and helpers ------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_model() -> Path:
+    """A tiny R2AU-Net saved as a user model called 'tiny' (R2AU_HOME is per test)."""
+    import torch
+
+    from napari_r2au import create_model
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+    torch.manual_seed(0)
+    net = create_model("r2au_net", base_width=4)
+    meta = build_metadata(
+        name="tiny", architecture="r2au_net",
+        arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2},
+        description="a test model",
+        provenance={"data": {"kind": "drive"}, "validation_metrics": {"f1": 0.4321}},
+    )
+    return save_model(net, user_models_dir(), meta)
+
+
+@pytest.fixture
+def notifications():
+    """The napari notifications raised during the test."""
+    from napari.utils.notifications import notification_manager
+
+    notification_manager.records.clear()
+    yield notification_manager.records
+    notification_manager.records.clear()
+
+
+def bars(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image with a few bright bars, and the bars as a mask."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, size // 3: size // 3 + 6] = 1
+    mask[size // 2: size // 2 + 5, :] = 1
+    image = (rng.random((size, size, 3)) * 60 + mask[..., None] * 120).astype(np.uint8)
+    return image, mask
+
+
+def add_image(viewer, size: int = 64, name: str = "img"):
+    image, _ = bars(size)
+    return viewer.add_image(image, rgb=True, name=name, scale=(0.5, 0.25), translate=(10.0, -4.0))
+
+
+def dock(viewer, name: str):
+    """A widget created the way napari creates it: from the manifest, with the viewer injected.
+
+    Segment and Fine-tune get the tiny test model chosen (a bundled model may come first).
+    """
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    if name in ("Segment", "Fine-tune") and "tiny" in widget._model._choice.choices:
+        widget._model._choice.value = "tiny"
+    return widget
+
+
+def wait_idle(qtbot, widget, timeout: int = TIMEOUT) -> None:
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def messages(records) -> str:
+    return "\n".join(str(n.message) for n in records)
+
+
+def run_segment(qtbot, viewer, *, uncertainty: bool = False, tile: int = 0):
+    widget = dock(viewer, "Segment")
+    widget._uncertainty.value = uncertainty
+    widget._tile.value = tile
+    widget.run()
+    assert widget.running
+    wait_idle(qtbot, widget)
+    return widget
+
+
+# -- manifest ------------------------------------------------------------------------------
+
+def test_manifest_validates_and_lists_the_widgets():
+    npe2 = Path(sys.executable).with_name("npe2")
+    result = subprocess.run([str(npe2), "validate", "--imports", PLUGIN], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(ROOT / "napari.yaml")
+    widgets = {w.display_name: w.command for w in manifest.contributions.widgets}
+    assert set(widgets) == {"Segment", "Fine-tune", "Review"}
+    menu = [item.command for item in manifest.contributions.menus["napari/layers/segment"]]
+    assert sorted(menu) == sorted(widgets.values())
+    assert [s.key for s in manifest.contributions.sample_data] == ["retina"]
+
+
+def test_widget_modules_do_not_import_torch_or_napari():
+    code = ("import sys, napari_r2au.widgets.segment, napari_r2au.widgets.finetune, "
+            "napari_r2au.widgets.review, napari_r2au._reader, napari_r2au._writer\n"
+            "print(','.join(m for m in ('torch', 'napari') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+# -- Segment -------------------------------------------------------------------------------
+
+def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbot, tiny_model):
+    from napari_r2au import load_model, predict
+
+    viewer = make_napari_viewer()
+    layer = add_image(viewer)
+    widget = dock(viewer, "Segment")
+    assert "tiny" in widget._model._choice.choices and widget._model._choice.value == "tiny"
+    card = widget._model._card.value
+    assert "r2au_net" in card and "DRIVE" in card and "0.432" in card and "3 in" in card
+    widget._uncertainty.value = True
+    widget.run()
+    wait_idle(qtbot, widget)
+
+    probability = viewer.layers["img probability"]
+    mask = viewer.layers["img mask"]
+    attention = [viewer.layers[f"img attention {g}"] for g in range(1, 5)]
+    uncertainty = viewer.layers["img uncertainty"]
+    for out in (probability, mask, uncertainty, *attention):
+        assert out.data.shape == (64, 64)
+        np.testing.assert_allclose(out.scale, layer.scale)
+        np.testing.assert_allclose(out.translate, layer.translate)
+    assert type(mask).__name__ == "Labels" and mask.data.dtype == np.uint8
+    for gate in attention:
+        assert gate.colormap.name == "turbo" and str(gate.blending) == "additive"
+    assert uncertainty.data.min() >= 0 and uncertainty.data.max() <= 1
+
+    expected = predict(load_model("tiny"), layer.data).probabilities
+    np.testing.assert_allclose(probability.data, expected, atol=1e-4)
+    np.testing.assert_array_equal(mask.data, (probability.data > 0.5).astype(np.uint8))
+    info = mask.metadata["r2au"]
+    assert info["model"] == "tiny" and info["model_sha256"] == load_model("tiny").sha256
+    assert info["threshold"] == 0.5 and len(info["mask_sha256"]) == 64
+    assert "Done" in widget._status.value
+
+
+def test_threshold_slider_rethresholds_without_running_the_network(
+        make_napari_viewer, qtbot, tiny_model, monkeypatch, notifications):
+    from napari_r2au import engine
+
+    calls = []
+    real = engine.iter_predict
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return (yield from real(*args, **kwargs))
+
+    monkeypatch.setattr(engine, "iter_predict", counting)
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    widget = run_segment(qtbot, viewer)
+    assert len(calls) == 1
+    probability = viewer.layers["img probability"].data
+    mask = viewer.layers["img mask"]
+
+    for level in (0.3, 0.7, float(np.median(probability))):
+        widget._threshold.value = level
+        np.testing.assert_array_equal(mask.data, (probability > widget._threshold.value).astype(np.uint8))
+        assert mask.metadata["r2au"]["threshold"] == pytest.approx(widget._threshold.value)
+    widget._min_size.value = 10
+    widget._remove_small.value = True  # clean-up is applied at once as well
+    assert mask.data.sum() <= (probability > widget._threshold.value).sum()
+    assert len(calls) == 1, "moving the slider must not run the network"
+
+    # once the mask is painted on, the slider leaves it alone and says why
+    mask.data = np.ones_like(mask.data)
+    widget._threshold.value = 0.9
+    assert mask.data.all()
+    assert "edited by hand" in messages(notifications)
+
+
+def test_napari_keeps_processing_events_during_a_run(make_napari_viewer, qtbot, tiny_model):
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer()
+    add_image(viewer, size=160)
+    widget = dock(viewer, "Segment")
+    widget._tile.value = 32
+    widget._uncertainty.value = True
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(lambda: ticks.append(widget.running))
+    timer.start()
+    try:
+        widget.run()
+        wait_idle(qtbot, widget)
+    finally:
+        timer.stop()
+    assert sum(ticks) >= 3, "the GUI thread must keep running while the worker predicts"
+    assert widget._progress.value == widget._progress.max
+    assert "img mask" in viewer.layers
+
+
+def test_cancel_stops_the_run_and_closes_the_generator(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    from napari_r2au import engine
+
+    closed = []
+    real = engine.iter_predict
+
+    def spy(*args, **kwargs):
+        try:
+            return (yield from real(*args, **kwargs))
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(engine, "iter_predict", spy)
+    viewer = make_napari_viewer()
+    add_image(viewer, size=256)
+    widget = dock(viewer, "Segment")
+    widget._tile.value = 32
+    widget._uncertainty.value = True
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=TIMEOUT)
+    widget._cancel.changed.emit(True)  # the button
+    wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: bool(closed), timeout=5000)
+    assert widget._progress.value < widget._progress.max
+    assert "Cancelled" in widget._status.value
+    assert "img probability" not in viewer.layers and "img mask" not in viewer.layers
+    assert widget._run.enabled and not widget._cancel.enabled
+
+
+def test_errors_become_notifications(make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch,
+                                     notifications):
+    from napari_r2au import engine
+    from napari_r2au.widgets._common import LOAD_FROM_FILE
+
+    viewer = make_napari_viewer()
+    widget = dock(viewer, "Segment")
+    widget.run()  # no image layer yet
+    assert "choose an image layer" in messages(notifications)
+    assert not widget.running
+
+    add_image(viewer)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    widget._model._choice.value = LOAD_FROM_FILE
+    widget._model._file.value = broken
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert "Segmentation failed" in messages(notifications)
+    assert "not a readable model description" in messages(notifications)
+
+    # torch reports most failures as RuntimeError, which superqt would swallow
+    def failing(*args, **kwargs):
+        yield engine.Progress(0, 2)
+        raise RuntimeError("boom in the network")
+
+    monkeypatch.setattr(engine, "iter_predict", failing)
+    widget._model._choice.value = "tiny"
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert "boom in the network" in messages(notifications)
+    assert "Failed" in widget._status.value and widget._run.enabled
+    assert "img mask" not in viewer.layers
+
+
+def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    from napari_r2au import engine
+
+    seen = []
+    real = engine.iter_predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("slices"))
+        return (yield from real(*args, **kwargs))
+
+    monkeypatch.setattr(engine, "iter_predict", spy)
+    viewer = make_napari_viewer()
+    stack = np.stack([bars(48, seed=z)[0].mean(-1) for z in range(3)]).astype(np.float32)
+    viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5))
+    viewer.dims.set_point(0, 2.0)  # world z = 2 is slice 1
+    widget = dock(viewer, "Segment")
+    widget._attention.value = False
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert seen[-1] == [1, 0, 2]
+    assert viewer.layers["stack mask"].data.shape == (3, 48, 48)
+
+    widget._scope.value = "Current slice"
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert seen[-1] == [1]
+
+
+# -- Fine-tune -----------------------------------------------------------------------------
+
+def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot, tiny_model, notifications):
+    viewer = make_napari_viewer()
+    image, truth = bars(64)
+    viewer.add_image(image, rgb=True, name="img")
+    viewer.add_labels(truth, name="corrected")
+    segment = dock(viewer, "Segment")
+    finetune = dock(viewer, "Fine-tune")
+    assert finetune._steps.value == 150 and finetune._lr.value == pytest.approx(5e-4)
+    assert finetune._patch.value == 96 and finetune._augment.value and not finetune._freeze.value
+    assert finetune._model._choice.value == "tiny"
+    assert finetune._corrected.value.name == "corrected"
+
+    finetune._steps.value = 3
+    finetune._patch.value = 32
+    finetune.run()
+    assert finetune.running
+    wait_idle(qtbot, finetune, timeout=300_000)
+    result = finetune.last_result
+    assert result is not None and result.model is not None, messages(notifications)
+    assert result.model.name == "tiny-ft1" and result.steps == 3
+    assert finetune._curve.steps == [1, 2, 3]
+    assert "tiny-ft1" in finetune._result.value and "before" in finetune._result.value
+
+    # the new model is offered everywhere and used to re-segment the image
+    assert "tiny-ft1" in segment._model._choice.choices
+    assert segment._model._choice.value == "tiny-ft1"
+    assert "tiny-ft1" in finetune._model._choice.choices
+    wait_idle(qtbot, segment)
+    assert viewer.layers["img mask"].metadata["r2au"]["model"] == "tiny-ft1"
+
+
+def test_finetune_refuses_an_empty_mask(make_napari_viewer, tiny_model, notifications):
+    viewer = make_napari_viewer()
+    viewer.add_image(bars(64)[0], rgb=True, name="img")
+    viewer.add_labels(np.zeros((64, 64), np.uint8), name="nothing")
+    finetune = dock(viewer, "Fine-tune")
+    finetune.run()
+    assert not finetune.running
+    assert "is empty" in messages(notifications)
+
+
+# -- Review --------------------------------------------------------------------------------
+
+def test_review_metrics_difference_and_uncertain_regions(make_napari_viewer):
+    viewer = make_napari_viewer()
+    reference = np.zeros((128, 128), np.uint8)
+    reference[10:50, 10:50] = 1
+    predicted = np.zeros_like(reference)
+    predicted[20:60, 10:50] = 1  # 10 rows too low: 400 FP, 400 FN, 1200 TP
+    geometry = {"scale": (2.0, 2.0), "translate": (100.0, 50.0)}
+    viewer.add_labels(reference, name="reference", **geometry)
+    viewer.add_labels(predicted, name="prediction", **geometry)
+    heat = np.zeros((128, 128), np.float32)
+    heat[64:128, 0:64] = 0.9  # hottest window: rows 64-127, cols 0-63
+    heat[0:64, 64:128] = 0.5
+    viewer.add_image(heat, name="uncertainty", **geometry)
+    review = dock(viewer, "Review")
+    review._prediction.value = viewer.layers["prediction"]
+    review._reference.value = viewer.layers["reference"]
+    review._compare.changed.emit(True)
+
+    assert review.metrics["f1"] == pytest.approx(2 * 1200 / (2 * 1200 + 400 + 400))
+    assert review.metrics["iou"] == pytest.approx(1200 / 2000)
+    assert review.metrics["sensitivity"] == pytest.approx(0.75)
+    assert review.metrics["specificity"] == pytest.approx(1 - 400 / (128 * 128 - 1600))
+    assert "Dice (F1) 0.750" in review._metrics.value and "Specificity" in review._metrics.value
+    difference = viewer.layers["prediction vs reference"]
+    assert int((difference.data == 1).sum()) == 400 and int((difference.data == 2).sum()) == 400
+    assert difference.data[55, 20] == 1 and difference.data[15, 20] == 2
+    np.testing.assert_allclose(difference.scale, (2.0, 2.0))
+
+    review._uncertainty.value = viewer.layers["uncertainty"]
+    review._next.changed.emit(True)
+    np.testing.assert_allclose(viewer.camera.center[-2:], (100 + 2 * 95.5, 50 + 2 * 31.5))
+    review._next.changed.emit(True)  # the next one, not the same again
+    np.testing.assert_allclose(viewer.camera.center[-2:], (100 + 2 * 31.5, 50 + 2 * 95.5))
+    assert "Region 2" in review._region.value
+
+
+def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    from napari_r2au import load_model
+    from napari_r2au._reader import napari_get_reader
+
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    run_segment(qtbot, viewer)
+    mask = viewer.layers["img mask"]
+    review = dock(viewer, "Review")
+    review._prediction.value = mask
+    review._export_path.value = tmp_path / "out" / "case1.tif"
+    review._export_maps.value = True
+    review._export.changed.emit(True)
+
+    written = tmp_path / "out" / "case1.tif"
+    sidecar = json.loads((tmp_path / "out" / "case1.json").read_text())
+    import tifffile
+
+    np.testing.assert_array_equal(tifffile.imread(written), mask.data)
+    assert sidecar["model"] == "tiny" and sidecar["model_sha256"] == load_model("tiny").sha256
+    assert sidecar["threshold"] == 0.5 and sidecar["corrected_by_hand"] is False
+    date = dt.datetime.fromisoformat(sidecar["date"])
+    assert date.utcoffset() == dt.timedelta(0)
+    assert sidecar["probability_file"] == "case1_probability.tif"
+    assert sidecar["attention_files"] == [f"case1_attention{g}.tif" for g in range(1, 5)]
+    for name in [sidecar["probability_file"], *sidecar["attention_files"]]:
+        assert tifffile.imread(tmp_path / "out" / name).shape == (64, 64)
+    assert not list((tmp_path / "out").glob(".*.part")), "no temporary files left behind"
+
+    # a hand correction is recorded, and survives a save and a reload
+    edited = mask.data.copy()
+    edited[:5, :5] = 1 - edited[:5, :5]
+    mask.data = edited
+    review._export_maps.value = False
+    review._export.changed.emit(True)
+    assert json.loads((tmp_path / "out" / "case1.json").read_text())["corrected_by_hand"] is True
+    (data, kwargs, kind), = napari_get_reader(str(written))(str(written))
+    assert kind == "labels" and kwargs["metadata"]["r2au"]["model"] == "tiny"
+    np.testing.assert_array_equal(data, edited)
+    np.testing.assert_allclose(kwargs["scale"], mask.scale)
