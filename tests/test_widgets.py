@@ -427,3 +427,24 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     assert kind == "labels" and kwargs["metadata"]["r2au"]["model"] == "tiny"
     np.testing.assert_array_equal(data, edited)
     np.testing.assert_allclose(kwargs["scale"], mask.scale)
+
+
+def test_scale_field_resizes_for_the_network_and_restores(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    import napari_r2au.engine as engine
+
+    seen = []
+    original = engine.iter_predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("scale"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "iter_predict", spy)
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    widget = dock(viewer, "Segment")
+    widget._scale.value = 0.5
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert 0.5 in seen
+    assert widget.prediction.probabilities.shape == (64, 64)
