@@ -160,28 +160,27 @@ def _open_gui(image, prediction) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import run
     from .training.config import load_config
     from .training.trainer import iter_train
 
     config = load_config(args.config, args.set or [])
     bar = _progress_bar(config.steps, config.name, "step")
     generator = iter_train(config, resume=bool(args.resume))
+
+    def show(event) -> None:
+        bar.update(event.step - bar.n)
+        postfix = {"loss": f"{event.loss:.4f}"}
+        if event.best_f1 is not None:
+            postfix["val_f1"] = f"{event.best_f1:.4f}"
+        bar.set_postfix(postfix)
+        if event.validation:
+            v = event.validation
+            print(f"step {event.step}: val F1 {v['f1']:.4f} AUC {v['auc_roc']:.4f} ({event.elapsed:.0f} s)",
+                  flush=True)
+
     try:
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            bar.update(event.step - bar.n)
-            postfix = {"loss": f"{event.loss:.4f}"}
-            if event.best_f1 is not None:
-                postfix["val_f1"] = f"{event.best_f1:.4f}"
-            bar.set_postfix(postfix)
-            if event.validation:
-                v = event.validation
-                print(f"step {event.step}: val F1 {v['f1']:.4f} AUC {v['auc_roc']:.4f} ({event.elapsed:.0f} s)",
-                      flush=True)
+        result = run(generator, show)
     except KeyboardInterrupt:
         generator.close()
         print("\ninterrupted; the last checkpoint is intact", file=sys.stderr)
@@ -202,6 +201,7 @@ def _folder_pairs(images: str, masks: str, fov: str | None):
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Headless face of the Fine-tune widget: the same iter_finetune generator."""
+    from .engine import run
     from .training.finetune import FinetuneSettings, iter_finetune
 
     pairs, fovs, names = _folder_pairs(args.images, args.masks, args.fov)
@@ -221,15 +221,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                               validation_fov=validation_fov, scale=args.scale, name=args.name)
     bar = _progress_bar(args.steps, "fine-tune", "step")
     started = time.perf_counter()
+
+    def show(event) -> None:
+        bar.update(event.step - bar.n)
+        bar.set_postfix(loss=f"{event.loss:.4f}")
+
     try:
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            bar.update(event.step - bar.n)
-            bar.set_postfix(loss=f"{event.loss:.4f}")
+        result = run(generator, show)
     except KeyboardInterrupt:
         generator.close()
         print("\ninterrupted; no model registered, the parent is unchanged", file=sys.stderr)

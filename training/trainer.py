@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_r2au.engine import autocast_dtype, predict, select_device
+from napari_r2au.engine import autocast_dtype, predict, run, select_device
 from napari_r2au.io import atomic_path
 from napari_r2au.model_files import LoadedModel, build_metadata, load_model, save_model
 from napari_r2au.models import create_model
@@ -369,13 +369,6 @@ def _agree(flag: bool) -> bool:
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:
     """Run :func:`iter_train` to the end (no progress output)."""
-    gen = iter_train(config, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run(iter_train(config, **kwargs))
 
 
-def resolve_threads() -> int:
-    return int(os.environ.get("R2AU_THREADS", 0)) or (os.cpu_count() or 1)
