@@ -421,6 +421,10 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     edited[:5, :5] = 1 - edited[:5, :5]
     mask.data = edited
     review._export_maps.value = False
+    before = (tmp_path / "out" / "case1.json").read_text()
+    review._export.changed.emit(True)  # the files exist: refused, nothing changed
+    assert (tmp_path / "out" / "case1.json").read_text() == before
+    review._overwrite.value = True
     review._export.changed.emit(True)
     assert json.loads((tmp_path / "out" / "case1.json").read_text())["corrected_by_hand"] is True
     (data, kwargs, kind), = napari_get_reader(str(written))(str(written))

@@ -50,11 +50,13 @@ class ReviewWidget(Container):
         self._region = message_label()
         self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff")
         self._export_maps = CheckBox(text="Also export the probability and attention maps", value=False)
+        self._overwrite = CheckBox(text="Overwrite existing files", value=False)
         self._export = PushButton(text="Export")
         self._export_status = message_label()
         super().__init__(widgets=[
             self._prediction, self._reference, self._compare, self._metrics, self._uncertainty,
-            self._window, self._next, self._region, self._export_path, self._export_maps, self._export,
+            self._window, self._next, self._region, self._export_path, self._export_maps, self._overwrite,
+            self._export,
             self._export_status,
         ])
         self._visited: set[tuple[int, ...]] = set()
@@ -159,6 +161,11 @@ class ReviewWidget(Container):
         path = Path(target)
         if path.suffix.lower() not in (".tif", ".tiff"):
             path = path.with_name(path.name + ".tif")
+        existing = [p.name for p in (path, path.with_suffix(".json")) if p.exists()]
+        if existing and not self._overwrite.value:
+            notify_error(f"Review: {', '.join(existing)} exists already; choose another name or tick "
+                         "'Overwrite existing files'.")
+            return None
         try:
             sidecar = self._write(predicted, path)
         except (OSError, ValueError) as exc:
