@@ -452,3 +452,16 @@ def test_scale_field_resizes_for_the_network_and_restores(make_napari_viewer, qt
     wait_idle(qtbot, widget)
     assert 0.5 in seen
     assert widget.prediction.probabilities.shape == (64, 64)
+
+
+def test_a_second_run_is_refused_not_interleaved(make_napari_viewer, qtbot, tiny_model, notifications):
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    widget = dock(viewer, "Segment")
+    widget.run()
+    assert widget.running
+    worker = widget._worker
+    widget.run()  # while the first runs
+    assert widget._worker is worker
+    assert "a run is in progress" in messages(notifications)
+    wait_idle(qtbot, widget)

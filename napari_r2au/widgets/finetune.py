@@ -142,7 +142,8 @@ class FinetuneWidget(Container):
 
     def run(self, *_: Any) -> None:
         """Check the inputs and start fine-tuning in a worker thread."""
-        if self.running:
+        if self.running:  # one run at a time: a second one is refused, never interleaved
+            notify_warning("Fine-tune: a run is in progress; wait for it or press Cancel.")
             return
         try:
             pairs, validation = self._pairs()

@@ -154,7 +154,8 @@ class SegmentWidget(Container):
 
     def run(self, *_: Any) -> None:
         """Start a run in a worker thread; problems with the inputs become notifications."""
-        if self.running:
+        if self.running:  # one run at a time: a second one is refused, never interleaved
+            notify_warning("Segment: a run is in progress; wait for it or press Cancel.")
             return
         layer, path = self._image.value, self._model.path
         if layer is None:
