@@ -194,3 +194,16 @@ def test_files_pair_by_id(name, key):
     from napari_r2au.training.data import _item_id
 
     assert _item_id(Path(name)) == key
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path, rng):
+    samples = memory_samples(_pairs(rng, 2))
+    config = _config(tmp_path, steps=2, val_every=2, tensorboard=True)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train(config, samples=samples[:1], val_samples=samples[1:])
+        return
+    train(config, samples=samples[:1], val_samples=samples[1:])
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

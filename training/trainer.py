@@ -69,6 +69,8 @@ class TrainConfig:
     device: str = "auto"
     #: clean-up steps recorded in the model file and applied by the engine
     postprocess: list[str] = field(default_factory=list)
+    #: also log to TensorBoard (needs the tensorboard package) in output_dir/tensorboard
+    tensorboard: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -285,6 +287,14 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if log_new:
         log.writerow(["step", "loss", "lr", "seconds", "val_f1", "val_auc_roc", "val_sensitivity", "val_specificity"])
 
+    board = None
+    if config.tensorboard and writer:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from exc
+        board = SummaryWriter(str(out / "tensorboard"))
+
     best_metrics: dict[str, float] = {}
     if best_model.is_file():
         best_metrics = load_model(best_model).metadata["provenance"].get("validation_metrics", {})
@@ -340,6 +350,11 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                 row += [f"{validation[k]:.5f}" for k in ("f1", "auc_roc", "sensitivity", "specificity")]
             log.writerow(row)
             log_file.flush()
+            if board is not None:
+                board.add_scalar("train/loss", float(loss.item()), step)
+                board.add_scalar("train/lr", lr, step)
+                for key, value in (validation or {}).items():
+                    board.add_scalar(f"validation/{key}", value, step)
             yield TrainEvent(step, config.steps, float(loss.item()), lr, elapsed, validation,
                              best_f1 if best_f1 >= 0 else None)
             if out_of_time:
@@ -353,6 +368,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                 break
     finally:
         log_file.close()
+        if board is not None:
+            board.close()
         network.to("cpu").eval()
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
 
