@@ -78,6 +78,10 @@ def test_training_writes_checkpoints_and_learns(tmp_path, rng):
     assert np.mean([e.loss for e in events[-5:]]) < np.mean([e.loss for e in events[:5]])
     best = load_model(tmp_path / "run" / "best.json")
     assert best.metadata["provenance"]["validation_metrics"]["f1"] > 0
+    # the threshold is chosen on the validation split and is at least as good as 0.5 there
+    prov = best.metadata["provenance"]
+    assert 0.2 <= best.metadata["threshold"] <= 0.8
+    assert prov["validation_metrics"]["f1"] >= prov["validation_metrics_at_0.5"]["f1"]
     assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 41
 
 
