@@ -211,3 +211,24 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path, rng):
         return
     train(config, samples=samples[:1], val_samples=samples[1:])
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_calibration_uses_samples_at_the_working_scale(tmp_path, rng, monkeypatch):
+    """Samples are resized once, when loaded: calibration must not resize them again."""
+    import napari_r2au.training.trainer as trainer
+
+    samples = memory_samples(_pairs(rng, 3, size=64))
+    scales = []
+    original = trainer.predict
+
+    def spy(model, image, **kwargs):
+        scales.append((getattr(model, "input_scale", None), kwargs.get("scale")))
+        return original(model, image, **kwargs)
+
+    monkeypatch.setattr(trainer, "predict", spy)
+    result = train(_config(tmp_path, steps=4, val_every=2, input_scale=0.5), samples=samples[:2],
+                   val_samples=samples[2:])
+    assert load_model(result.best).input_scale == 0.5
+    # every validation prediction of a model file that carries a scale runs at scale 1
+    assert scales and all(scale == 1.0 for model_scale, scale in scales if model_scale == 0.5)
+    assert any(model_scale == 0.5 for model_scale, _ in scales)

@@ -388,7 +388,7 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     from napari_r2au.model_files import load_model_file
 
     model = load_model_file(sidecar)
-    probs = [predict(model, s.raw, precision=precision).probabilities for s in val_samples]
+    probs = [predict(model, s.raw, precision=precision, scale=1.0).probabilities for s in val_samples]
 
     def metrics_at(level: float) -> dict[str, float]:
         counts = Counts()
