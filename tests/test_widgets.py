@@ -153,6 +153,7 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
     info = mask.metadata["r2au"]
     assert info["model"] == "tiny" and info["model_sha256"] == load_model("tiny").sha256
     assert info["threshold"] == 0.5 and len(info["mask_sha256"]) == 64
+    assert info["scale"] == 1.0  # the model's input_scale: the Scale field was left at 0
     assert "Done" in widget._status.value
 
 
@@ -337,6 +338,43 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     assert "tiny-ft1" in finetune._model._choice.choices
     wait_idle(qtbot, segment)
     assert viewer.layers["img mask"].metadata["r2au"]["model"] == "tiny-ft1"
+
+
+def test_finetune_on_a_corrected_segment_mask_keeps_the_edits_and_the_scale(
+        make_napari_viewer, qtbot, tiny_model, notifications):
+    """The loop of the user guide: Segment at a Scale, paint on its mask, fine-tune on it.
+
+    The re-segmentation must not overwrite the corrections, and the new model must work
+    at the scale the mask was made at.
+    """
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    segment = dock(viewer, "Segment")
+    segment._scale.value = 0.5
+    segment.run()
+    wait_idle(qtbot, segment)
+    mask = viewer.layers["img mask"]
+    assert mask.metadata["r2au"]["scale"] == 0.5
+    edited = mask.data.copy()
+    edited[:, 20:26] = 1  # a vessel the model missed
+    mask.data = edited
+
+    finetune = dock(viewer, "Fine-tune")
+    finetune._corrected.value = mask
+    finetune._steps.value = 2
+    finetune._patch.value = 32
+    finetune.run()
+    wait_idle(qtbot, finetune, timeout=300_000)
+    wait_idle(qtbot, segment)
+    result = finetune.last_result
+    assert result is not None and result.model is not None, messages(notifications)
+    assert result.model.input_scale == pytest.approx(0.5)
+
+    assert viewer.layers["img corrected"] is mask
+    np.testing.assert_array_equal(mask.data, edited)
+    fresh = viewer.layers["img mask"]
+    assert fresh is not mask and fresh.metadata["r2au"]["model"] == "tiny-ft1"
+    assert "edits are kept in 'img corrected'" in messages(notifications)
 
 
 def test_finetune_refuses_an_empty_mask(make_napari_viewer, tiny_model, notifications):

@@ -113,6 +113,9 @@ class FinetuneWidget(Container):
         self._augment = CheckBox(text="Augmentation (flips, rotations, intensity)", value=True)
         self._freeze = CheckBox(text="Freeze encoder", value=False)
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
+        self._scale = FloatSpinBox(label="Scale (0: as segmented)", min=0.0, max=8.0, step=0.05, value=0.0,
+                                   tooltip="Resize factor for training, recorded in the new model; 0: the "
+                                           "Scale Segment used for the corrected mask, else the base model's")
         self._resegment = CheckBox(text="Re-segment the image with the new model", value=True)
         self._run = PushButton(text="Fine-tune")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -121,8 +124,8 @@ class FinetuneWidget(Container):
         self._result = message_label()
         super().__init__(widgets=[
             self._image, self._corrected, self._use_validation, self._validation, self._model, self._steps,
-            self._lr, self._patch, self._augment, self._freeze, self._device, self._resegment, self._run,
-            self._cancel, self._progress, self._status, self._result,
+            self._lr, self._patch, self._augment, self._freeze, self._device, self._scale, self._resegment,
+            self._run, self._cancel, self._progress, self._status, self._result,
         ])
         self._curve = LossCurve()
         self.native.layout().addWidget(self._curve.canvas)
@@ -159,6 +162,8 @@ class FinetuneWidget(Container):
             "augment": bool(self._augment.value), "freeze_encoder": bool(self._freeze.value),
         }
         device = None if self._device.value == "auto" else str(self._device.value)
+        # train at the scale the mask was segmented at (e.g. a fundus photograph resized to DRIVE's size)
+        scale = float(self._scale.value) or _recorded_scale(self._corrected.value)
         self._source = self._image.value
         self._cancelled = False
         self.last_result = None
@@ -166,7 +171,7 @@ class FinetuneWidget(Container):
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
         self._worker = start_worker(
-            self._job(path, pairs, validation, settings, self._source.name, device),
+            self._job(path, pairs, validation, settings, self._source.name, device, scale),
             on_yield=self._on_progress, on_return=self._on_result, on_error=self._on_error,
             on_finish=self._on_finish,
         )
@@ -197,12 +202,12 @@ class FinetuneWidget(Container):
 
     @staticmethod
     def _job(path: str, pairs: list, validation: Any, settings: dict[str, Any], name: str,
-             device: str | None) -> Generator[TrainEvent, None, FinetuneResult]:
+             device: str | None, scale: float | None) -> Generator[TrainEvent, None, FinetuneResult]:
         # the trainer imports torch: load it in the worker, not on the GUI thread
         from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
 
         return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings),
-                                         names=[name], device=device))
+                                         names=[name], device=device, scale=scale))
 
     # -- worker callbacks (GUI thread) ----------------------------------------------------
 
@@ -289,6 +294,12 @@ def _pair(image_layer: Any, labels_layer: Any) -> tuple[Any, np.ndarray]:
     if not labels.any():
         raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
     return image, labels
+
+
+def _recorded_scale(labels_layer: Any) -> float | None:
+    """The Scale Segment used for a mask (None: not recorded, use the base model's)."""
+    scale = (labels_layer.metadata.get("r2au") or {}).get("scale") if labels_layer is not None else None
+    return float(scale) if isinstance(scale, (int, float)) and scale > 0 else None
 
 
 def _score(value: float | None) -> str:

@@ -34,6 +34,7 @@ from ._common import (
     layer_picker,
     message_label,
     notify_error,
+    notify_info,
     notify_warning,
     replace_layer,
     start_worker,
@@ -65,6 +66,7 @@ class SegmentOutput:
     prediction: Prediction
     uncertainty: np.ndarray | None
     model_path: str
+    scale: float  # the resize factor the network saw (the Fine-tune widget trains at it)
 
 
 @dataclass
@@ -212,7 +214,8 @@ class SegmentWidget(Container):
             prediction, spread = yield from iter_predict_tta(model, image, **options)
         else:
             prediction, spread = (yield from iter_predict(model, image, **options)), None
-        return SegmentOutput(prediction, spread, path)
+        scale = model.input_scale if options["scale"] is None else float(options["scale"])
+        return SegmentOutput(prediction, spread, path, scale)
 
     def _load(self, path: str) -> LoadedModel:
         """Load a model once per file version (the picker only has paths)."""
@@ -286,12 +289,14 @@ class SegmentWidget(Container):
             replace_layer(self._viewer, "image", uncertainty_name, output.uncertainty, colormap="inferno",
                           blending="additive", opacity=0.7, contrast_limits=(0.0, top), **place)
         mask = self._mask()
+        kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         info = {
             "model": prediction.model_name,
             "model_sha256": prediction.model_sha256,
             "model_path": output.model_path,
             "threshold": None if prediction.multiclass else float(self._threshold.value),
             "cleanup": self._cleanup_settings(),
+            "scale": output.scale,
             "mask_sha256": _checksum(mask),
             "image_layer": base,
             "probability_layer": prob_layer.name,
@@ -307,6 +312,9 @@ class SegmentWidget(Container):
         share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
         self._status.value = (f"Done in {format_seconds(seconds)} with {prediction.model_name}: "
                               f"{share:.1f}% foreground.")
+        if kept is not None:
+            notify_info(f"'{base} mask' had been edited by hand: the edits are kept in '{kept}', "
+                        f"the new mask is '{base} mask'.")
 
     def _cleanup_settings(self) -> dict[str, Any]:
         return {"remove_small_objects": bool(self._remove_small.value),
@@ -331,7 +339,8 @@ class SegmentWidget(Container):
             if not self._warned_edited:
                 self._warned_edited = True
                 notify_warning(f"'{layer.name}' was edited by hand, so it was not re-thresholded "
-                               "(that would undo the edits). Run Segment again to start over.")
+                               "(that would undo the edits). Run Segment again to start over; "
+                               "the edited mask is then kept under another name.")
             return
         mask = self._mask()
         info.update(threshold=None if self._prediction.multiclass else float(self._threshold.value),
@@ -372,6 +381,27 @@ def _network_input(layer: Any) -> tuple[str, Any]:
         )
     axes = ("YX" if spatial == 2 else "ZYX") + ("C" if layer.rgb else "")
     return axes, data
+
+
+def _keep_edited_mask(viewer: napari.viewer.Viewer, name: str, new_name: str) -> str | None:
+    """Rename the Labels layer ``name`` if it was painted on since Segment made it.
+
+    A new run would otherwise overwrite the corrections in place (the Fine-tune widget
+    re-segments right after training on them). Returns the layer's new name, or None.
+    """
+    import napari.layers
+
+    if name not in viewer.layers or not isinstance(viewer.layers[name], napari.layers.Labels):
+        return None
+    layer = viewer.layers[name]
+    recorded = (layer.metadata.get("r2au") or {}).get("mask_sha256")
+    if recorded and _checksum(layer.data) == recorded:
+        return None
+    unique, n = new_name, 1
+    while unique in viewer.layers:  # napari does not make a renamed layer's name unique
+        unique, n = f"{new_name} [{n}]", n + 1
+    layer.name = unique
+    return unique
 
 
 def _checksum(mask: Any) -> str:

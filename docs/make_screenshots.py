@@ -1,0 +1,250 @@
+"""Take the screenshots of the README's napari user guide from a real session of the plugin.
+
+The script drives napari the way a user would (sample data from the plugin's manifest,
+the docks from the Plugins menu's commands, the widgets' own buttons, brush strokes
+on the Labels layer) and saves the whole window, docks included, after each step to
+``docs/images/``. Run it from the repository root under Xvfb:
+
+    OMP_NUM_THREADS=1 xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
+
+It takes about 35 s on two CPU cores, 20 fine-tuning steps included. User models go
+to a scratch folder (``R2AU_HOME=/tmp/r2au-shots-home``, emptied first), so the
+fine-tuned model is always ``drive-vessels-ft1`` and never lands in your own models
+folder; the exported mask and its JSON sidecar are written to
+``/tmp/r2au-shots-home/export/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HOME = Path("/tmp/r2au-shots-home")
+os.environ["R2AU_HOME"] = str(HOME)  # before napari_r2au looks for user models
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "images"
+EXPORT = HOME / "export" / "retina_corrected.tif"
+PLUGIN = "napari-r2au"
+WINDOW = (1600, 1000)  # width, height of the napari window: the whole Xvfb screen
+WIDTH = 1280  # width of the saved PNGs
+MAX_BYTES = 400_000
+
+#: brush strokes of the "correction" step, (row, col) in image pixels: two breaks in thin
+#: vessels below and right of the fovea are closed, three specks near them erased
+BRIDGES = [((866, 895), (816, 897)), ((870, 1017), (912, 1026))]
+ERASE = [(742, 914), (761, 794), (839, 975)]
+ZOOM_CENTER, ZOOM = (860, 930), 3.0
+REVIEW_ZOOM = 2.0
+#: seed of the Labels layer's "shuffle colours" button that makes label 1 light blue,
+#: which stands out on a red fundus (napari's first colour is a dark red)
+MASK_COLOUR_SEED = 81
+
+
+def pump(seconds: float = 0.3) -> None:
+    """Let Qt and the canvas process events (layer changes, redraws) for a moment."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def wait_idle(*widgets, timeout: float = 900.0) -> None:
+    """Process events until the widgets' workers are done (what qtbot.waitUntil does in the tests)."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.perf_counter() + timeout
+    while any(w.running for w in widgets):
+        if time.perf_counter() > end:
+            raise TimeoutError(f"still running after {timeout:.0f} s")
+        QApplication.processEvents()
+        time.sleep(0.05)
+    pump(0.5)
+
+
+def shot(viewer, name: str) -> Path:
+    """The whole window (canvas and docks), downscaled to WIDTH, as a PNG under MAX_BYTES."""
+    from PIL import Image
+
+    pump(0.5)
+    rgba = viewer.screenshot(canvas_only=False, flash=False)
+    image = Image.fromarray(np.asarray(rgba)[..., :3])
+    if image.width > WIDTH:
+        image = image.resize((WIDTH, round(image.height * WIDTH / image.width)), Image.LANCZOS)
+    path = OUT / name
+    image.save(path, optimize=True)
+    if path.stat().st_size > MAX_BYTES:  # a palette keeps text sharp and the photo recognisable
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            path, optimize=True)
+    print(f"{path.relative_to(ROOT)}: {image.width}x{image.height}, {path.stat().st_size // 1000} kB",
+          flush=True)
+    return path
+
+
+def show_only(viewer, *visible) -> None:
+    """Show these layers and hide the others (the eye icons in the layer list)."""
+    for layer in viewer.layers:
+        layer.visible = layer in visible
+
+
+def stroke(layer, start, end, label: int) -> None:
+    """A brush stroke from start to end, as napari paints a mouse drag (one undo step)."""
+    (r0, c0), (r1, c1) = start, end
+    n = max(2, int(np.hypot(r1 - r0, c1 - c0)) + 1)
+    with layer.block_history():
+        for r, c in zip(np.linspace(r0, r1, n), np.linspace(c0, c1, n)):
+            layer.paint((r, c), label, refresh=False)
+    layer.refresh()
+
+
+def camera(viewer):
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9
+
+
+def main() -> int:
+    import napari
+
+    try:  # napari's notice that PyQt5 is deprecated is not the plugin's; its toast would be on every shot
+        import napari._qt.qt_main_window as qt_main_window
+
+        qt_main_window.SHOW_QT_WARNING = False
+    except (ImportError, AttributeError):
+        pass
+    import torch
+
+    from napari_r2au.preprocess import fundus_scale
+
+    torch.set_num_threads(1)
+    shutil.rmtree(HOME, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    viewer = napari.Viewer(title="napari-r2au user guide")
+    viewer.window._qt_window.resize(*WINDOW)
+    pump()
+
+    # 1. File > Open Sample > Fundus photograph, then Plugins > R2AU-Net segmentation > Segment
+    (image,) = viewer.open_sample(PLUGIN, "retina")
+    base = image.name
+    seg_dock, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment._model._choice.value = "drive-vessels"
+    segment._show_advanced.value = True
+    scale = fundus_scale(image.data)
+    segment._scale.value = scale
+    print(f"fundus_scale = {scale:.4f}; the Scale field shows {segment._scale.value}", flush=True)
+    clock = time.perf_counter()
+    segment._run.native.click()
+    wait_idle(segment)
+    print(f"Segment: {time.perf_counter() - clock:.1f} s", flush=True)
+    mask = viewer.layers[f"{base} mask"]
+    mask.new_colormap(seed=MASK_COLOUR_SEED)
+    show_only(viewer, image, mask)
+    viewer.layers.selection.active = mask
+    viewer.reset_view()
+    shot(viewer, "01-segment.png")
+
+    # 2. the finest attention gate on its own (the photograph hidden)
+    gate = viewer.layers[f"{base} attention 1"]
+    show_only(viewer, gate)
+    viewer.layers.selection.active = gate
+    shot(viewer, "02-attention.png")
+
+    # 3. tick "Uncertainty map" and segment again (three passes on flipped copies)
+    segment._uncertainty.value = True
+    clock = time.perf_counter()
+    segment._run.native.click()
+    wait_idle(segment)
+    print(f"Segment with uncertainty: {time.perf_counter() - clock:.1f} s", flush=True)
+    uncertainty = viewer.layers[f"{base} uncertainty"]
+    show_only(viewer, image, uncertainty)
+    viewer.layers.selection.active = uncertainty
+    shot(viewer, "03-uncertainty.png")
+
+    # 4. correct the mask with the brush: close two breaks, erase specks
+    mask = viewer.layers[f"{base} mask"]
+    show_only(viewer, image, mask)
+    viewer.layers.selection.active = mask
+    mask.mode = "paint"
+    mask.brush_size = 5
+    mask.selected_label = 1
+    for start, end in BRIDGES:
+        stroke(mask, start, end, 1)
+    mask.brush_size = 9
+    for point in ERASE:
+        stroke(mask, point, point, 0)
+    mask.brush_size = 5
+    camera(viewer).center = ZOOM_CENTER
+    camera(viewer).zoom = ZOOM
+    shot(viewer, "04-correct.png")
+    corrected = mask
+
+    # 5. Plugins > R2AU-Net segmentation > Fine-tune: 20 steps on the corrected mask
+    seg_dock.hide()
+    ft_dock, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    finetune._image.value = image
+    finetune._corrected.value = corrected
+    finetune._model._choice.value = "drive-vessels"
+    finetune._steps.value = 20
+    finetune._patch.value = 96
+    clock = time.perf_counter()
+    finetune._run.native.click()
+    wait_idle(finetune)
+    print(f"Fine-tune: {time.perf_counter() - clock:.1f} s", flush=True)
+    wait_idle(segment)  # the re-segmentation with the new model
+    new_mask = viewer.layers[f"{base} mask"]
+    print(finetune._result.value.replace("\n", " "), flush=True)
+    print(f"re-segmented with {new_mask.metadata['r2au']['model']}; corrected layer: {corrected.name}",
+          flush=True)
+    new_mask.new_colormap(seed=MASK_COLOUR_SEED)
+    show_only(viewer, image, new_mask)
+    viewer.layers.selection.active = new_mask
+    viewer.reset_view()
+    shot(viewer, "05-finetune.png")
+
+    # 6. Plugins > R2AU-Net segmentation > Review: the new mask against the corrected one
+    ft_dock.hide()
+    _, review = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
+    review._prediction.value = new_mask
+    review._reference.value = corrected
+    review._compare.native.click()
+    pump()
+    difference = viewer.layers[f"{new_mask.name} vs {corrected.name}"]
+    show_only(viewer, image, difference)
+    viewer.layers.selection.active = difference
+    print(review._metrics.value.replace("\n", " · "), flush=True)
+    review._next.native.click()  # centres the view on the most uncertain 64 px window
+    camera(viewer).zoom = REVIEW_ZOOM
+    print(review._region.value, flush=True)
+    shot(viewer, "06-review.png")
+
+    # 7. export the corrected mask with its sidecar
+    review._prediction.value = corrected
+    review._reference.value = None
+    review._export_path.value = EXPORT
+    review._export.native.click()
+    pump()
+    show_only(viewer, image, corrected)
+    viewer.layers.selection.active = corrected
+    viewer.reset_view()
+    corrected.mode = "pan_zoom"
+    shot(viewer, "07-export.png")
+    sidecar = json.loads(EXPORT.with_suffix(".json").read_text())
+    print(json.dumps({k: sidecar[k] for k in ("mask_file", "model", "threshold", "corrected_by_hand")}),
+          flush=True)
+
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
