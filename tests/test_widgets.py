@@ -503,3 +503,22 @@ def test_a_second_run_is_refused_not_interleaved(make_napari_viewer, qtbot, tiny
     assert widget._worker is worker
     assert "a run is in progress" in messages(notifications)
     wait_idle(qtbot, widget)
+
+
+def test_closing_the_viewer_during_a_fine_tune_stops_the_worker(make_napari_viewer, qtbot, tiny_model):
+    from napari_r2au.model_files import user_models_dir
+
+    viewer = make_napari_viewer()
+    image, mask = bars(96)
+    viewer.add_image(image, rgb=True, name="img")
+    viewer.add_labels(mask, name="corrected")
+    widget = dock(viewer, "Fine-tune")
+    widget._steps.value = 500
+    widget._patch.value = 32
+    widget.run()
+    assert widget.running
+    worker = widget._worker
+    qtbot.waitUntil(lambda: widget._progress.value >= 2, timeout=TIMEOUT)
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    assert not (user_models_dir() / "tiny-ft1.json").exists()  # cancelled: nothing registered

@@ -235,11 +235,14 @@ def start_worker(
     on_return: Callable[[Any], Any],
     on_error: Callable[[BaseException], Any],
     on_finish: Callable[[], Any],
+    owner: Container | None = None,
 ) -> GeneratorWorker:
     """Run a progress generator in a napari thread worker; cancel with ``worker.quit()``.
 
     ``quit`` stops at the next yield, and the generator is then closed (its ``finally``
-    blocks run), so a cancelled run leaves nothing half-written.
+    blocks run), so a cancelled run leaves nothing half-written. When ``owner``'s Qt
+    widget is destroyed (the viewer closes mid-run), the run is cancelled and no callback
+    touches the deleted widgets.
     """
     from napari.qt.threading import thread_worker
 
@@ -251,11 +254,22 @@ def start_worker(
             raise JobError(str(exc) or type(exc).__name__) from exc
 
     worker = work()
-    worker.yielded.connect(on_yield)
-    worker.returned.connect(on_return)
-    worker.errored.connect(on_error)
+    alive = [True]
+
+    def guarded(callback: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: callback(*args) if alive[0] else None
+
+    if owner is not None:
+        def owner_gone(*_: Any) -> None:
+            alive[0] = False
+            worker.quit()
+
+        owner.native.destroyed.connect(owner_gone)
+    worker.yielded.connect(guarded(on_yield))
+    worker.returned.connect(guarded(on_return))
+    worker.errored.connect(guarded(on_error))
     worker.aborted.connect(job.close)
-    worker.finished.connect(on_finish)
+    worker.finished.connect(guarded(on_finish))
     worker.start()
     return worker
 

@@ -191,7 +191,7 @@ class SegmentWidget(Container):
         self._worker = start_worker(
             self._job(path, image, options, bool(self._uncertainty.value)),
             on_yield=self._on_progress, on_return=self._on_result, on_error=self._on_error,
-            on_finish=self._on_finish,
+            on_finish=self._on_finish, owner=self,
         )
 
     def cancel(self, *_: Any) -> None:
