@@ -10,6 +10,8 @@ from napari_r2au.cli import main
 from napari_r2au.io import read_image
 from napari_r2au.training.metrics import segmentation_metrics
 
+from .conftest import DATA as ROOT_DATA
+
 
 def test_models_json(capsys):
     assert main(["models", "--json"]) == 0
@@ -105,3 +107,19 @@ def test_finetune_then_evaluate_the_new_model(tmp_path, capsys):
                                                    "iou", "auc_roc", "auc_pr", "per_image"}
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "pr.png").is_file()
     assert main(args + ["--name", "base-ft1"]) == 2  # never overwrite an existing model
+
+
+def test_bundled_ph2_model_segments_a_lesion(tmp_path):
+    from napari_r2au import load_model, predict
+
+    image_path = ROOT_DATA / "PH2" / "images" / "IMD015.png"  # one of its validation images
+    if not image_path.is_file():
+        pytest.skip(f"PH2 data not found at {image_path.parent} (see ../shared/data/README.md)")
+    model = load_model("ph2-lesions")
+    assert model.input_scale == pytest.approx(1 / 3, abs=1e-3) and model.metadata["postprocess"]
+    result = predict(model, read_image(image_path))
+    truth = read_image(ROOT_DATA / "PH2" / "masks" / "IMD015.png") > 0
+    mask = result.mask() > 0
+    assert mask.shape == truth.shape
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.85, dice
