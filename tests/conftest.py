@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("R2AU_DATA", ROOT.parent / "shared" / "data"))
 DRIVE = DATA / "DRIVE" / "training"
 
 
