@@ -274,6 +274,33 @@ def start_worker(
     return worker
 
 
+class WorkerRunner:
+    """One run at a time in a thread worker, with Cancel: shared by Segment and Fine-tune.
+
+    The widget provides ``_on_progress``, ``_on_result``, ``_on_error``, ``_on_finish``
+    (which sets ``_worker`` back to None) and a ``_status`` label.
+    """
+
+    _worker: GeneratorWorker | None = None
+    _cancelled: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def _start(self, job: Generator[Any, None, Any]) -> None:
+        self._cancelled = False
+        self._worker = start_worker(job, on_yield=self._on_progress, on_return=self._on_result,
+                                    on_error=self._on_error, on_finish=self._on_finish, owner=self)
+
+    def cancel(self, *_: Any) -> None:
+        """Ask the worker to stop at its next progress step (nothing half-written)."""
+        if self._worker is not None:
+            self._cancelled = True
+            self._status.value = "Cancelling…"
+            self._worker.quit()
+
+
 def describe_error(exc: BaseException) -> str:
     """The reason of a failure in one line, without a traceback."""
     cause = exc.__cause__ if isinstance(exc, JobError) and exc.__cause__ is not None else exc

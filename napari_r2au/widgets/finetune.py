@@ -25,6 +25,7 @@ from magicgui.widgets import (
 from ._common import (
     PLUGIN,
     ModelPicker,
+    WorkerRunner,
     describe_error,
     follow_layers,
     format_seconds,
@@ -34,7 +35,6 @@ from ._common import (
     notify_info,
     notify_warning,
     refresh_model_pickers,
-    start_worker,
 )
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class LossCurve:
         self.canvas.draw_idle()
 
 
-class FinetuneWidget(Container):
+class FinetuneWidget(WorkerRunner, Container):
     """Fine-tune a model on an image and its corrected mask; the result is a new model."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -139,10 +139,6 @@ class FinetuneWidget(Container):
         self._cancel.changed.connect(self.cancel)
         follow_layers(viewer, self)
 
-    @property
-    def running(self) -> bool:
-        return self._worker is not None
-
     def run(self, *_: Any) -> None:
         """Check the inputs and start fine-tuning in a worker thread."""
         if self.running:  # one run at a time: a second one is refused, never interleaved
@@ -170,18 +166,7 @@ class FinetuneWidget(Container):
         self._curve.reset()
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
-        self._worker = start_worker(
-            self._job(path, pairs, validation, settings, self._source.name, device, scale),
-            on_yield=self._on_progress, on_return=self._on_result, on_error=self._on_error,
-            on_finish=self._on_finish, owner=self,
-        )
-
-    def cancel(self, *_: Any) -> None:
-        """Stop at the next training step; the base model is never touched."""
-        if self._worker is not None:
-            self._cancelled = True
-            self._status.value = "Cancelling…"
-            self._worker.quit()
+        self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale))
 
     # -- inputs -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from magicgui.widgets import (
 
 from ._common import (
     ModelPicker,
+    WorkerRunner,
     describe_error,
     follow_layers,
     format_seconds,
@@ -37,7 +38,6 @@ from ._common import (
     notify_info,
     notify_warning,
     replace_layer,
-    start_worker,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class _RunContext:
     started: float = field(default_factory=time.perf_counter)
 
 
-class SegmentWidget(Container):
+class SegmentWidget(WorkerRunner, Container):
     """Segment an Image layer with an R2AU-Net model (probability, mask, attention, uncertainty)."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -133,10 +133,6 @@ class SegmentWidget(Container):
     # -- public API (buttons, the Fine-tune widget, tests) ------------------------------------
 
     @property
-    def running(self) -> bool:
-        return self._worker is not None
-
-    @property
     def prediction(self) -> Prediction | None:
         """The last run's prediction (its probabilities are what the threshold applies to)."""
         return self._prediction
@@ -188,18 +184,7 @@ class SegmentWidget(Container):
         self._context = _RunContext(layer, str(self._scope.value), slices)
         self._cancelled = False
         self._set_running(True, "Loading the model…")
-        self._worker = start_worker(
-            self._job(path, image, options, bool(self._uncertainty.value)),
-            on_yield=self._on_progress, on_return=self._on_result, on_error=self._on_error,
-            on_finish=self._on_finish, owner=self,
-        )
-
-    def cancel(self, *_: Any) -> None:
-        """Ask the worker to stop at its next progress step."""
-        if self._worker is not None:
-            self._cancelled = True
-            self._status.value = "Cancelling…"
-            self._worker.quit()
+        self._start(self._job(path, image, options, bool(self._uncertainty.value)))
 
     # -- the work (runs in the worker thread: no Qt here) -------------------------------------
 
