@@ -48,17 +48,23 @@ def test_full_disk_is_reported_and_loses_nothing(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif"]
 
 
-def test_read_only_output_folder_is_a_clear_error(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores file permissions, so a read-only folder cannot be simulated")
+def test_read_only_output_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
     _tiny_user_model()
     image = tmp_path / "a.tif"
     tifffile.imwrite(image, np.zeros((32, 32), np.uint8))
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o500)
+    if os.geteuid() == 0:  # root ignores permissions: refuse file creation the way the kernel would
+        import tempfile
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(out))
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
     assert main(["segment", str(image), "-m", "base", "-o", str(out)]) == 1
     assert "Permission denied" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow
