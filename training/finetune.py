@@ -18,12 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from napari_r2au.engine import predict
 from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
 
 from .data import Sample, memory_samples, rescale_pair
-from .metrics import Counts, confusion
-from .trainer import TrainConfig, TrainEvent, iter_train
+from .trainer import TrainConfig, TrainEvent, evaluate_samples, iter_train
 
 
 @dataclass
@@ -60,14 +58,6 @@ def next_version_name(base: str, directory: Path | None = None) -> str:
 def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
     return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], sample.fov[:, x0:x1],
                   f"{sample.name}{suffix}", sample.raw[:, x0:x1])
-
-
-def dice_on(model: LoadedModel, samples: Sequence[Sample], scale: float | None = None) -> float:
-    counts = Counts()
-    for s in samples:
-        prob = predict(model, s.raw, scale=scale).probabilities
-        counts = counts + confusion(s.mask, prob > model.threshold, s.fov)
-    return counts.rates()["f1"]
 
 
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -121,7 +111,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if patch < 16:
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
     # validation samples are already at the working scale
-    dice_before = dice_on(parent, val_samples, 1.0) if val_samples else None
+    dice_before = evaluate_samples(parent, val_samples, parent.threshold)["f1"] if val_samples else None
     if name is None:
         name = next_version_name(parent.name)
     elif (user_models_dir() / f"{name}.json").exists() or name == parent.name:
@@ -144,7 +134,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if not chosen.is_file():
         return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
     tuned = load_model_file(chosen)
-    dice_after = dice_on(tuned, val_samples, 1.0) if val_samples else None
+    dice_after = evaluate_samples(tuned, val_samples, tuned.threshold)["f1"] if val_samples else None
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     meta["provenance"] = dict(meta["provenance"], dice_before=dice_before, dice_after=dice_after,
                               finetune_settings=settings.__dict__)

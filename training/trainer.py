@@ -136,18 +136,35 @@ def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def predict_samples(model: LoadedModel, samples: list[Sample], precision: str = "auto",
+                    device: str | None = None) -> list[np.ndarray]:
+    """Probabilities for each sample through the engine.
+
+    Samples are already at the model's working scale (they are resized once, when
+    loaded), so the engine must not resize them again: scale 1.
+    """
+    return [predict(model, s.raw, precision=precision, device=device, scale=1.0).probabilities
+            for s in samples]
+
+
+def pooled_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> dict[str, float]:
+    """Set-level metrics: pixel counts inside the fields of view pooled over all samples."""
+    counts = Counts()
+    for s, p in zip(samples, probs):
+        counts = counts + confusion(s.mask, p > threshold, s.fov)
+    return counts.rates()
+
+
+def pooled_auc(samples: list[Sample], probs: list[np.ndarray]) -> float:
+    return roc_auc(np.concatenate([s.mask[s.fov] for s in samples]),
+                   np.concatenate([p[s.fov] for s, p in zip(samples, probs)]))
+
+
 def evaluate_samples(model: LoadedModel, samples: list[Sample], threshold: float = 0.5,
                      precision: str = "auto", device: str | None = None) -> dict[str, float]:
-    """Set-level metrics over the samples' fields of view, through the inference engine."""
-    counts, truths, scores = Counts(), [], []
-    for s in samples:
-        prob = predict(model, s.raw, precision=precision, device=device).probabilities
-        counts = counts + confusion(s.mask, prob > threshold, s.fov)
-        truths.append(s.mask[s.fov])
-        scores.append(prob[s.fov])
-    metrics = counts.rates()
-    metrics["auc_roc"] = roc_auc(np.concatenate(truths), np.concatenate(scores))
-    return metrics
+    """Set-level metrics (with AUC-ROC) over the samples' fields of view."""
+    probs = predict_samples(model, samples, precision, device)
+    return dict(pooled_metrics(samples, probs, threshold), auc_roc=pooled_auc(samples, probs))
 
 
 def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed: float,
@@ -388,18 +405,9 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     from napari_r2au.model_files import load_model_file
 
     model = load_model_file(sidecar)
-    probs = [predict(model, s.raw, precision=precision, scale=1.0).probabilities for s in val_samples]
-
-    def metrics_at(level: float) -> dict[str, float]:
-        counts = Counts()
-        for s, p in zip(val_samples, probs):
-            counts = counts + confusion(s.mask, p > level, s.fov)
-        return counts.rates()
-
-    best = max(candidates, key=lambda level: metrics_at(level)["f1"])
-    chosen = metrics_at(best)
-    chosen["auc_roc"] = roc_auc(np.concatenate([s.mask[s.fov] for s in val_samples]),
-                                np.concatenate([p[s.fov] for s, p in zip(val_samples, probs)]))
+    probs = predict_samples(model, val_samples, precision)
+    best = max(candidates, key=lambda level: pooled_metrics(val_samples, probs, level)["f1"])
+    chosen = dict(pooled_metrics(val_samples, probs, best), auc_roc=pooled_auc(val_samples, probs))
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
     provenance["validation_metrics_at_0.5"] = provenance.get("validation_metrics", {})
