@@ -122,6 +122,7 @@ def _read_dicom(path: Path) -> LayerData:
         if spatial == 3:  # multi-frame
             scale = [float(getattr(dataset, "SliceThickness", None) or 1.0), *scale]
         kwargs["scale"] = tuple(scale)
+        kwargs["units"] = ("mm",) * len(scale)  # DICOM spacings are in millimetres
     kwargs["metadata"] = {"dicom": {key: str(getattr(dataset, key)) for key in
                                     ("Modality", "SeriesDescription", "PhotometricInterpretation")
                                     if hasattr(dataset, key)}}
@@ -138,4 +139,9 @@ def _read_nifti(path: Path) -> LayerData:
     data = np.asarray(image.dataobj).T
     zooms = [float(z) for z in image.header.get_zooms()[:data.ndim]][::-1]
     metadata = {"nifti": {"affine": np.asarray(image.affine).tolist(), "axes": "reversed"}}
-    return data, {"name": path.name[: -len(suffix_of(path))], "scale": tuple(zooms), "metadata": metadata}, "image"
+    kwargs: dict[str, Any] = {"name": path.name[: -len(suffix_of(path))], "scale": tuple(zooms), "metadata": metadata}
+    space_unit = image.header.get_xyzt_units()[0]  # "mm", "micron", "meter" or "unknown"
+    unit = {"mm": "mm", "micron": "um", "meter": "m"}.get(space_unit)
+    if unit is not None:
+        kwargs["units"] = (unit,) * len(zooms)
+    return data, kwargs, "image"

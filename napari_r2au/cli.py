@@ -85,7 +85,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             image = read_image(path)
             prediction = _predict_with_bar(model, image, path.name, tile_size=args.tile, device=args.device,
-                                           attention=args.attention, scale=args.scale)
+                                           attention=args.attention, scale=args.scale,
+                                           pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
             written = write_outputs(outdir, path.stem, prediction, args.threshold, args.attention)
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
@@ -218,7 +219,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
                                 freeze_encoder=args.freeze_encoder)
     generator = iter_finetune(args.model, pairs, validation, settings, names=names, fovs=fovs,
-                              validation_fov=validation_fov, scale=args.scale, name=args.name)
+                              validation_fov=validation_fov, scale=args.scale, name=args.name,
+                              pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
     bar = _progress_bar(args.steps, "fine-tune", "step")
     started = time.perf_counter()
 
@@ -250,7 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate_folders
 
     report = evaluate_folders(args.model, args.images, args.masks, args.fov, args.threshold,
-                              scale=args.scale, plots=args.plots)
+                              scale=args.scale, plots=args.plots, pixel_size=args.pixel_size,
+                              pixel_size_unit=args.pixel_unit)
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
     print(f"{'image':<24}" + "".join(f"{k:>12}" for k in keys))
     for row in report["per_image"]:
@@ -261,6 +264,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
+
+
+def _add_scale_arguments(p: argparse.ArgumentParser, scale_help: str) -> None:
+    p.add_argument("--scale", type=float, default=None, help=scale_help)
+    p.add_argument("--pixel-size", type=float, default=None,
+                   help="the images' pixel size; with a model that records its own, it sets the scale")
+    p.add_argument("--pixel-unit", default=None, help="unit of --pixel-size, e.g. mm or um (default: the model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true", help="also write the attention maps")
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--scale", type=float, default=None, help="resize factor before the network (default: the model's)")
+    _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="segment the bundled fundus photograph with the default model")
@@ -308,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=96, help="patch size in pixels (at the model's scale)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--freeze-encoder", action="store_true")
-    p.add_argument("--scale", type=float, default=None, help="working scale (default: the parent's)")
+    _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
     p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")
     p.set_defaults(func=cmd_finetune)
 
@@ -318,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True)
     p.add_argument("--fov", default=None, help="folder of field-of-view masks")
     p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--scale", type=float, default=None)
+    _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", default=None, help="write ROC and PR curves as PNG into this folder")
     p.set_defaults(func=cmd_evaluate)

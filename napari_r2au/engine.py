@@ -182,6 +182,43 @@ def _as_loaded(model: Any) -> LoadedModel:
     raise TypeError(f"model must be a LoadedModel, a model name or path, or a network; got {type(model)!r}")
 
 
+def convert_length(value: float, unit: str, to_unit: str) -> float:
+    """``value`` in ``unit`` expressed in ``to_unit`` (e.g. 250 um -> 0.25 mm), via pint."""
+    if unit == to_unit:
+        return float(value)
+    try:
+        import pint
+    except ImportError as exc:  # pint comes with napari; a bare engine install may lack it
+        raise ValueError(f"converting {unit} to {to_unit} needs the pint package") from exc
+    registry = pint.get_application_registry()
+    try:
+        return float((value * registry(unit)).to(to_unit).magnitude)
+    except (pint.errors.PintError, AttributeError, TypeError) as exc:
+        raise ValueError(f"cannot convert a pixel size in {unit!r} to {to_unit!r}: {exc}") from exc
+
+
+def working_scale(model: Any, scale: float | None = None, pixel_size: float | None = None,
+                  pixel_size_unit: str | None = None) -> float:
+    """The resize factor before the network, from the most specific information given.
+
+    An explicit ``scale`` wins. Otherwise, if both the image's pixel size and the
+    model's are known, the image is resized so that its pixels have the model's size
+    (0.25 mm pixels into a 0.5 mm model: scale 0.5). Otherwise the model's
+    ``input_scale``. A pixel size without a unit is taken in the model's unit.
+    """
+    loaded = _as_loaded(model)
+    if scale is None and pixel_size is not None and loaded.pixel_size:
+        if pixel_size <= 0:
+            raise ValueError(f"pixel size must be positive, got {pixel_size}")
+        if pixel_size_unit and loaded.pixel_size_unit:
+            pixel_size = convert_length(pixel_size, pixel_size_unit, loaded.pixel_size_unit)
+        scale = pixel_size / loaded.pixel_size
+    scale = loaded.input_scale if scale is None else float(scale)
+    if not scale > 0 or not np.isfinite(scale):
+        raise ValueError(f"scale must be positive, got {scale}")
+    return scale
+
+
 def _taper(length: int, overlap: int) -> np.ndarray:
     """1D blending weights: 1 inside, a raised-cosine ramp over ``overlap`` at each end."""
     weights = np.ones(length, np.float32)
@@ -239,6 +276,8 @@ def iter_predict(
     attention: bool = False,
     slices: Sequence[int] | None = None,
     scale: float | None = None,
+    pixel_size: float | None = None,
+    pixel_size_unit: str | None = None,
     fuse: bool = True,
     channels_last: bool = True,
 ) -> Generator[Progress, None, Prediction]:
@@ -252,6 +291,9 @@ def iter_predict(
         scale: resize Y and X by this factor before the network and back after it, so
             that structures have the size the model was trained on (default: the
             model's ``input_scale``, usually 1).
+        pixel_size: the image's physical pixel size (in ``pixel_size_unit``, default
+            the model's unit); with a model that records its own pixel size, this sets
+            the scale (see :func:`working_scale`). An explicit ``scale`` wins.
         fuse: fold BatchNorm into the convolutions (same result, less memory traffic).
         channels_last: NHWC memory layout, which oneDNN and cuDNN convolutions prefer.
     """
@@ -261,9 +303,7 @@ def iter_predict(
     loaded = _as_loaded(model)
     if isinstance(image, (list, tuple)) or (not hasattr(image, "shape") and hasattr(image, "__getitem__")):
         image = image[0]  # a multiscale pyramid: its full-resolution level
-    scale = loaded.input_scale if scale is None else float(scale)
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
     if abs(scale - 1.0) > 1e-6:
         return (yield from _iter_predict_rescaled(
             loaded, image, scale, axes=axes, tile_size=tile_size, overlap=overlap, batch_size=batch_size,

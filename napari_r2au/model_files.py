@@ -6,10 +6,13 @@ Format (version 1), for a model called NAME::
     NAME.json          {"format": "napari-r2au-model", "format_version": 1,
                         "name", "architecture", "arch_args", "in_channels",
                         "out_channels", "axes", "normalization", "class_names",
-                        "threshold", "weights_file", "weights_sha256",
+                        "threshold", "input_scale", "pixel_size", "pixel_size_unit",
+                        "postprocess", "weights_file", "weights_sha256",
                         "provenance": {...}, "description"}
 
-The sha256 of the weights file is checked before anything is read from it.
+The sha256 of the weights file is checked before anything is read from it, and the
+metadata is checked field by field against ``METADATA_SCHEMA`` first, so that a
+hand-edited or foreign file fails with one message that lists every problem.
 """
 
 from __future__ import annotations
@@ -32,6 +35,19 @@ FORMAT = "napari-r2au-model"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "drive-vessels"
 REQUIRED_KEYS = ("architecture", "arch_args", "in_channels", "out_channels", "weights_file", "weights_sha256")
+#: optional fields added during format version 1, with the value a file without them means
+OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "axes": "YXC",
+    "normalization": {"kind": "standardize"},
+    "class_names": ["background", "foreground"],
+    "threshold": 0.5,
+    "input_scale": 1.0,
+    "pixel_size": None,
+    "pixel_size_unit": None,
+    "postprocess": [],
+    "description": "",
+    "provenance": {},
+}
 
 
 class ModelFileError(ValueError):
@@ -96,6 +112,16 @@ class LoadedModel:
         return float(self.metadata.get("input_scale", 1.0))
 
     @property
+    def pixel_size(self) -> float | None:
+        """Physical size of one pixel as the network sees it (after ``input_scale``), if known."""
+        value = self.metadata.get("pixel_size")
+        return float(value) if value else None
+
+    @property
+    def pixel_size_unit(self) -> str | None:
+        return self.metadata.get("pixel_size_unit") or None
+
+    @property
     def sha256(self) -> str | None:
         return self.metadata.get("weights_sha256")
 
@@ -115,6 +141,9 @@ def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], *
         "class_names": ["background", "foreground"],
         "threshold": 0.5,
         "input_scale": 1.0,
+        "pixel_size": None,
+        "pixel_size_unit": None,
+        "postprocess": [],
         "description": "",
         "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
@@ -123,7 +152,10 @@ def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], *
 
 
 def save_model(network: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Write NAME.safetensors and NAME.json atomically; return the JSON path."""
+    """Write NAME.safetensors and NAME.json atomically; return the JSON path.
+
+    The metadata is validated before anything is written.
+    """
     from safetensors.torch import save
 
     name = metadata["name"]
@@ -131,32 +163,104 @@ def save_model(network: nn.Module, directory: str | os.PathLike, metadata: dict[
     tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     blob = save(tensors)
     weights = directory / f"{name}.safetensors"
-    write_bytes_atomic(weights, blob)
     meta = dict(metadata, weights_file=weights.name, weights_sha256=hashlib.sha256(blob).hexdigest())
     meta.setdefault("format", FORMAT)
     meta.setdefault("format_version", FORMAT_VERSION)
+    validate_metadata(meta, f"model {name!r}")
+    write_bytes_atomic(weights, blob)
     sidecar = directory / f"{name}.json"
     with atomic_path(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return sidecar
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field(key: str, value: Any) -> str | None:
+    """Why ``value`` is not acceptable for metadata field ``key`` (None: it is)."""
+    from .models import available_architectures
+    from .postprocess import MODEL_STEPS
+
+    checks: dict[str, tuple[Any, str]] = {
+        "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+        "architecture": (lambda v: v in available_architectures(),
+                         f"one of {', '.join(available_architectures())}"),
+        "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                      "an object of keyword arguments"),
+        "in_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "out_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "axes": (lambda v: isinstance(v, str) and set(v) <= set("ZYXC") and "Y" in v and "X" in v,
+                 "a string of axes from ZYXC with Y and X"),
+        "normalization": (lambda v: isinstance(v, dict) and v.get("kind", "standardize") in ("standardize", "scale"),
+                          'an object with "kind" standardize or scale'),
+        "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of strings"),
+        "threshold": (lambda v: _is_number(v) and 0.0 < v < 1.0, "a number between 0 and 1"),
+        "input_scale": (lambda v: _is_number(v) and 0.0 < v <= 64.0, "a number in (0, 64]"),
+        "pixel_size": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive number"),
+        "pixel_size_unit": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or a unit name"),
+        "postprocess": (lambda v: isinstance(v, list) and all(step in MODEL_STEPS for step in v),
+                        f"a list of steps from {', '.join(MODEL_STEPS)}"),
+        "weights_file": (lambda v: isinstance(v, str) and v == Path(v).name and not v.startswith("."),
+                         "a file name in the same folder (no path)"),
+        "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64
+                           and all(c in "0123456789abcdef" for c in v), "64 lowercase hex digits"),
+        "description": (lambda v: isinstance(v, str), "a string"),
+        "provenance": (lambda v: isinstance(v, dict), "an object"),
+    }
+    if key not in checks:
+        return None  # unknown keys are kept: a newer minor writer may add information
+    check, expected = checks[key]
+    return None if check(value) else f"{key} must be {expected}, got {json.dumps(value)[:60]}"
+
+
+def validate_metadata(meta: dict[str, Any], where: str = "model metadata") -> dict[str, Any]:
+    """Check every field; raise one ModelFileError naming all problems; return ``meta``."""
+    problems = [f"missing {key}" for key in REQUIRED_KEYS if key not in meta]
+    problems += [problem for key, value in meta.items() if (problem := _check_field(key, value))]
+    args = meta.get("arch_args")
+    if isinstance(args, dict) and args.get("in_channels", meta.get("in_channels")) != meta.get("in_channels"):
+        problems.append("in_channels disagrees with arch_args.in_channels")
+    if problems:
+        raise ModelFileError(f"{where}: invalid model metadata: " + "; ".join(problems))
+    return meta
+
+
+def _migrate(meta: dict[str, Any], sidecar: Path) -> dict[str, Any]:
+    """Bring a readable older file up to the current format, or refuse it explicitly.
+
+    Version 1 files written before a field existed get the field's default, which is
+    what they meant (e.g. no ``postprocess``: none). There was no version before 1.
+    """
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise ModelFileError(
+            f"{sidecar}: format version {version!r} is not one napari-r2au ever wrote (the first is 1); "
+            "re-export the model with `save_model`"
+        )
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{sidecar}: format version {version} is newer than this napari-r2au "
+            f"understands ({FORMAT_VERSION}); upgrade napari-r2au"
+        )
+    return {**{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+               for k, v in OPTIONAL_DEFAULTS.items()},
+            "name": sidecar.stem, **meta}
+
+
 def _read_metadata(sidecar: Path) -> dict[str, Any]:
     try:
         meta = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{sidecar}: not a readable model description ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{sidecar}: not a {FORMAT} file")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{sidecar}: format version {meta['format_version']} is newer than this napari-r2au "
-            f"understands ({FORMAT_VERSION}); upgrade napari-r2au"
-        )
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise ModelFileError(f"{sidecar}: missing keys {', '.join(missing)}")
-    return meta
+    return validate_metadata(_migrate(meta, sidecar), str(sidecar))
 
 
 def _read_state_dict(weights: Path) -> dict[str, Any]:

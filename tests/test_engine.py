@@ -161,3 +161,39 @@ def test_model_postprocess_is_applied_on_request(tiny_net):
     mask = pred.mask()
     assert mask[5, 5] == 1 and mask[16, 16] == 0 and mask.sum() == 100
     assert pred.mask(postprocess=[]).sum() == 100 - 1 + 4
+
+
+def _model_with_pixel_size(tmp_path, pixel_size, unit):
+    import torch
+
+    from napari_r2au import create_model
+    from napari_r2au.model_files import build_metadata, load_model, save_model
+
+    torch.manual_seed(0)
+    meta = build_metadata(name="px", architecture="unet", arch_args={"base_width": 4},
+                          pixel_size=pixel_size, pixel_size_unit=unit, input_scale=0.8)
+    return load_model(save_model(create_model("unet", base_width=4), tmp_path, meta))
+
+
+def test_pixel_size_sets_the_scale_and_an_explicit_scale_wins(tmp_path, rng):
+    from napari_r2au.engine import working_scale
+
+    model = _model_with_pixel_size(tmp_path, 0.5, "mm")
+    assert working_scale(model) == 0.8  # nothing known about the image: the model's input_scale
+    assert working_scale(model, pixel_size=0.25) == pytest.approx(0.5)  # same unit assumed
+    assert working_scale(model, pixel_size=250, pixel_size_unit="um") == pytest.approx(0.5)
+    assert working_scale(model, pixel_size=1.0, pixel_size_unit="millimeter") == pytest.approx(2.0)
+    assert working_scale(model, scale=1.0, pixel_size=0.25) == 1.0
+    with pytest.raises(ValueError, match="cannot convert"):
+        working_scale(model, pixel_size=2.0, pixel_size_unit="second")
+    image = rng.random((64, 48, 3)).astype(np.float32)
+    by_pixel = predict(model, image, pixel_size=250, pixel_size_unit="um", precision="fp32")
+    by_scale = predict(model, image, scale=0.5, precision="fp32")
+    assert by_pixel.probabilities.shape == (64, 48)
+    np.testing.assert_array_equal(by_pixel.probabilities, by_scale.probabilities)
+
+
+def test_pixel_size_is_ignored_for_a_model_without_one(tiny_net):
+    from napari_r2au.engine import working_scale
+
+    assert working_scale(tiny_net, pixel_size=0.1, pixel_size_unit="mm") == 1.0

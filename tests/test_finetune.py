@@ -60,3 +60,20 @@ def test_finetune_on_stack_uses_annotated_slices(base_model, rng):
     gen = iter_finetune(base_model, [(stack, labels)], settings=FinetuneSettings(steps=2, patch_size=32))
     events = list(gen)
     assert events[-1].step == 2
+
+
+def test_finetune_derives_the_scale_from_pixel_sizes_and_keeps_the_model_pixel_size(tmp_path, rng):
+    from napari_r2au.engine import run
+
+    net = create_model("unet", base_width=4)
+    meta = build_metadata(name="ct", architecture="unet", arch_args={"base_width": 4},
+                          pixel_size=0.5, pixel_size_unit="mm")
+    parent = load_model(save_model(net, tmp_path / "models", meta))
+    image, mask = _bars(rng, 128)
+    result = run(iter_finetune(parent, [(image, mask)], settings=FinetuneSettings(steps=2, patch_size=32),
+                               pixel_size=250.0, pixel_size_unit="um"))
+    tuned = result.model
+    assert tuned.input_scale == pytest.approx(0.5)  # 250 um pixels seen as 0.5 mm ones
+    assert tuned.pixel_size == pytest.approx(500.0) and tuned.pixel_size_unit == "um"  # = 0.5 mm
+    result = run(iter_finetune(tuned, [(image, mask)], settings=FinetuneSettings(steps=2, patch_size=32)))
+    assert result.model.pixel_size == pytest.approx(500.0)  # no pixel size given: the parent's

@@ -104,3 +104,46 @@ def test_bundled_default_model_is_trained():
     assert (model.path.parent / model.metadata["weights_file"]).stat().st_size <= 20 * 2**20
     x = torch.from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     assert model.network(x).shape == (1, 1, 32, 32)
+
+
+def test_metadata_problems_are_listed_in_one_message(tmp_path):
+    _, sidecar = _save_tiny(tmp_path)
+    meta = json.loads(sidecar.read_text())
+    meta.update(threshold="high", in_channels=-1, postprocess=["dilate"], weights_file="../elsewhere.safetensors")
+    del meta["architecture"]
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError) as caught:
+        load_model(sidecar)
+    message = str(caught.value)
+    for expected in ("missing architecture", "threshold must be a number between 0 and 1",
+                     "in_channels must be a positive integer", "postprocess must be a list of steps",
+                     "weights_file must be a file name in the same folder"):
+        assert expected in message, message
+
+
+def test_invalid_metadata_is_refused_before_anything_is_written(tmp_path):
+    net = create_model("unet", base_width=4)
+    meta = build_metadata(name="bad", architecture="unet", arch_args={"base_width": 4}, threshold=1.5)
+    with pytest.raises(ModelFileError, match="threshold"):
+        save_model(net, tmp_path, meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_older_version_1_file_is_migrated_and_pre_1_is_refused(tmp_path):
+    _, sidecar = _save_tiny(tmp_path)
+    meta = json.loads(sidecar.read_text())
+    for key in ("input_scale", "pixel_size", "pixel_size_unit", "postprocess", "threshold", "axes"):
+        meta.pop(key)  # an early version-1 file, written before these fields existed
+    sidecar.write_text(json.dumps(meta))
+    loaded = load_model(sidecar)
+    assert (loaded.input_scale, loaded.pixel_size, loaded.threshold) == (1.0, None, 0.5)
+    assert loaded.metadata["postprocess"] == [] and loaded.metadata["axes"] == "YXC"
+    for version in (0, None, "1"):
+        meta["format_version"] = version
+        sidecar.write_text(json.dumps(meta))
+        with pytest.raises(ModelFileError, match="not one napari-r2au ever wrote"):
+            load_model(sidecar)
+    meta["format_version"] = 99
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="newer than this napari-r2au understands"):
+        load_model(sidecar)

@@ -111,11 +111,14 @@ def test_nifti_round_trip_keeps_the_affine(tmp_path, suffix):
     volume[3:9, 4:12, 1:4] = 1
     affine = np.array([[0.8, 0, 0, -10], [0, 0.7, 0, 20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
     source = tmp_path / f"scan{suffix}"
-    nibabel.save(nibabel.Nifti1Image(volume, affine), str(source))
+    image = nibabel.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    nibabel.save(image, str(source))
 
     ((data, kwargs, kind),) = read(source)
     assert kind == "image" and kwargs["name"] == "scan" and data.shape == (5, 20, 30)  # z, y, x
     np.testing.assert_allclose(kwargs["scale"], (2.5, 0.7, 0.8))
+    assert kwargs["units"] == ("mm", "mm", "mm")  # the engine converts pixel sizes with them
     np.testing.assert_allclose(kwargs["metadata"]["nifti"]["affine"], affine)
 
     out = tmp_path / f"mask{suffix}"
@@ -146,6 +149,7 @@ def test_dicom_reads_pixels_and_spacing():
     dataset = pydicom.dcmread(path)
     assert kind == "image" and data.shape == dataset.pixel_array.shape and not kwargs["rgb"]
     np.testing.assert_allclose(kwargs["scale"], [float(v) for v in dataset.PixelSpacing])
+    assert kwargs["units"] == ("mm", "mm")
     assert kwargs["metadata"]["dicom"]["Modality"] == "CT"
 
 

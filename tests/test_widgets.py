@@ -522,3 +522,43 @@ def test_closing_the_viewer_during_a_fine_tune_stops_the_worker(make_napari_view
     viewer.close()
     qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
     assert not (user_models_dir() / "tiny-ft1.json").exists()  # cancelled: nothing registered
+
+
+def test_layer_pixel_size_reads_scale_and_units(make_napari_viewer):
+    from napari_r2au.widgets._common import layer_pixel_size
+
+    viewer = make_napari_viewer()
+    image, _ = bars()
+    assert layer_pixel_size(viewer.add_image(image, rgb=True)) == (None, None)  # napari's default
+    assert layer_pixel_size(viewer.add_image(image, rgb=True, scale=(0.5, 0.5))) == (0.5, None)
+    size, unit = layer_pixel_size(viewer.add_image(image[..., 0], scale=(0.2, 0.8), units=("um", "um")))
+    assert size == pytest.approx(0.4) and unit == "micrometer"
+    stack = viewer.add_image(np.zeros((3, 8, 8)), scale=(5.0, 0.7, 0.7), units="mm")
+    assert layer_pixel_size(stack) == (pytest.approx(0.7), "millimeter")
+
+
+def test_segment_uses_the_layer_pixel_size_for_a_model_that_records_its_own(make_napari_viewer, qtbot):
+    import torch
+
+    from napari_r2au import create_model
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+    torch.manual_seed(0)
+    meta = build_metadata(name="tiny", architecture="unet", arch_args={"base_width": 4},
+                          pixel_size=0.5, pixel_size_unit="mm")
+    save_model(create_model("unet", base_width=4), user_models_dir(), meta)
+    viewer = make_napari_viewer()
+    image, _ = bars()
+    layer = viewer.add_image(image, rgb=True, name="scan", scale=(250.0, 250.0), units=("um", "um"))
+    widget = dock(viewer, "Segment")
+    widget.run()
+    wait_idle(qtbot, widget)
+    mask = viewer.layers["scan mask"]
+    assert mask.metadata["r2au"]["scale"] == pytest.approx(0.5)  # 250 um pixels into a 0.5 mm model
+    assert mask.data.shape == (64, 64) and "at scale 0.5" in widget._status.value
+    np.testing.assert_allclose(mask.scale, layer.scale)
+    widget._show_advanced.value = True
+    widget._scale.value = 0.75  # the user's Scale wins over the pixel size
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert viewer.layers["scan mask"].metadata["r2au"]["scale"] == pytest.approx(0.75)

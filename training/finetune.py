@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_r2au.engine import working_scale
 from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
 
 from .data import Sample, memory_samples, rescale_pair
@@ -92,18 +93,21 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
                   slices: Sequence[Sequence[int]] | None = None, device: str | None = "cpu",
                   fovs: Sequence[np.ndarray | None] | None = None, validation_fov: np.ndarray | None = None,
                   scale: float | None = None, name: str | None = None,
+                  pixel_size: float | None = None, pixel_size_unit: str | None = None,
                   ) -> Generator[TrainEvent, None, FinetuneResult]:
     """Fine-tune ``base`` on (image, corrected labels) pairs; returns the new model.
 
     ``scale``: the working scale of the new model (default: the parent's), applied to
-    the pairs before training and recorded in the new model. ``name``: the new model's
-    name (default: the next ``<parent>-ft<N>``); an existing name is refused.
+    the pairs before training and recorded in the new model. ``pixel_size``: the pairs'
+    pixel size, if known, so that the new model records the pixel size it sees (default:
+    the parent's). ``name``: the new model's name (default: the next ``<parent>-ft<N>``);
+    an existing name is refused.
     """
     settings = settings or FinetuneSettings()
     parent = base if isinstance(base, LoadedModel) else load_model(base)
     if parent.path is None:
         raise ValueError("fine-tuning needs a model loaded from a file (its name and hash go into the new model)")
-    scale = parent.input_scale if scale is None else float(scale)
+    scale = working_scale(parent, scale, pixel_size, pixel_size_unit)
     train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
                                                  validation_fov, scale)
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
@@ -123,6 +127,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
         freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
         input_scale=scale, description=f"{parent.name} fine-tuned on corrected masks",
+        pixel_size=pixel_size, pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},
     )
     if not settings.augment:

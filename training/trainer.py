@@ -66,6 +66,10 @@ class TrainConfig:
     freeze_encoder: bool = False
     description: str = ""
     input_scale: float = 1.0
+    #: the training images' pixel size (before input_scale), if known; models record the
+    #: pixel size the network sees, and the engine resizes images of other pixel sizes to it
+    pixel_size: float | None = None
+    pixel_size_unit: str | None = None
     device: str = "auto"
     #: clean-up steps recorded in the model file and applied by the engine
     postprocess: list[str] = field(default_factory=list)
@@ -186,9 +190,16 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
     }
     if parent is not None:
         provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
+    if config.pixel_size:
+        pixel_size, unit = config.pixel_size / config.input_scale, config.pixel_size_unit
+    elif parent is not None:
+        pixel_size, unit = parent.pixel_size, parent.pixel_size_unit
+    else:
+        pixel_size, unit = None, None
     return build_metadata(
         name=config.name, architecture=config.architecture, arch_args=arch_args,
         description=config.description, provenance=provenance, input_scale=config.input_scale,
+        pixel_size=pixel_size, pixel_size_unit=unit,
         normalization=parent.normalization if parent else {"kind": "standardize"},
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
     )

@@ -301,6 +301,27 @@ class WorkerRunner:
             self._worker.quit()
 
 
+def layer_pixel_size(layer: Any) -> tuple[float | None, str | None]:
+    """A layer's in-plane pixel size and unit, if it has one set.
+
+    napari layers carry a scale per axis and, since napari 0.5, units. A layer with a
+    physical unit, or a scale other than 1 in Y/X, has a pixel size; the default
+    (scale 1, unit "pixel") has none. A scale without a unit is taken in the model's
+    unit. Anisotropic Y/X pixels give their geometric mean (the engine resizes both
+    axes by one factor).
+    """
+    if layer is None:
+        return None, None
+    y_size, x_size = (float(v) for v in tuple(layer.scale)[-2:])
+    units = getattr(layer, "units", None)
+    unit = str(units[-1]) if units is not None and len(units) else None
+    if unit in ("pixel", "px", "dimensionless", ""):
+        unit = None
+    if unit is None and abs(y_size - 1.0) < 1e-9 and abs(x_size - 1.0) < 1e-9:
+        return None, None
+    return (y_size * x_size) ** 0.5, unit
+
+
 def describe_error(exc: BaseException) -> str:
     """The reason of a failure in one line, without a traceback."""
     cause = exc.__cause__ if isinstance(exc, JobError) and exc.__cause__ is not None else exc

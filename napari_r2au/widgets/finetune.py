@@ -30,6 +30,7 @@ from ._common import (
     follow_layers,
     format_seconds,
     layer_picker,
+    layer_pixel_size,
     message_label,
     notify_error,
     notify_info,
@@ -166,7 +167,8 @@ class FinetuneWidget(WorkerRunner, Container):
         self._curve.reset()
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
-        self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale))
+        pixel = layer_pixel_size(self._source)
+        self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel))
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -187,12 +189,13 @@ class FinetuneWidget(WorkerRunner, Container):
 
     @staticmethod
     def _job(path: str, pairs: list, validation: Any, settings: dict[str, Any], name: str,
-             device: str | None, scale: float | None) -> Generator[TrainEvent, None, FinetuneResult]:
+             device: str | None, scale: float | None,
+             pixel: tuple[float | None, str | None]) -> Generator[TrainEvent, None, FinetuneResult]:
         # the trainer imports torch: load it in the worker, not on the GUI thread
         from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
 
-        return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings),
-                                         names=[name], device=device, scale=scale))
+        return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings), names=[name],
+                                         device=device, scale=scale, pixel_size=pixel[0], pixel_size_unit=pixel[1]))
 
     # -- worker callbacks (GUI thread) ----------------------------------------------------
 

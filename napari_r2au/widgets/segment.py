@@ -33,6 +33,7 @@ from ._common import (
     follow_layers,
     format_seconds,
     layer_picker,
+    layer_pixel_size,
     message_label,
     notify_error,
     notify_info,
@@ -181,6 +182,7 @@ class SegmentWidget(WorkerRunner, Container):
             "attention": bool(self._attention.value),
             "scale": self._scale.value or None,
         }
+        options["pixel_size"], options["pixel_size_unit"] = layer_pixel_size(layer)
         self._context = _RunContext(layer, str(self._scope.value), slices)
         self._cancelled = False
         self._set_running(True, "Loading the model…")
@@ -190,17 +192,19 @@ class SegmentWidget(WorkerRunner, Container):
 
     def _job(self, path: str, image: Any, options: dict[str, Any],
              uncertainty: bool) -> Generator[Progress, None, SegmentOutput]:
-        from napari_r2au.engine import iter_predict
+        from napari_r2au.engine import iter_predict, working_scale
         from napari_r2au.uncertainty import iter_predict_tta
 
         model = self._load(path)
-        # scale None: the model's own input_scale; the Scale field overrides it
+        # the Scale field wins; then the layer's pixel size against the model's; then the model's own scale
+        options = dict(options)
+        options["scale"] = working_scale(model, options.pop("scale"), options.pop("pixel_size"),
+                                         options.pop("pixel_size_unit"))
         if uncertainty:
             prediction, spread = yield from iter_predict_tta(model, image, **options)
         else:
             prediction, spread = (yield from iter_predict(model, image, **options)), None
-        scale = model.input_scale if options["scale"] is None else float(options["scale"])
-        return SegmentOutput(prediction, spread, path, scale)
+        return SegmentOutput(prediction, spread, path, options["scale"])
 
     def _load(self, path: str) -> LoadedModel:
         """Load a model once per file version (the picker only has paths)."""
@@ -295,7 +299,8 @@ class SegmentWidget(WorkerRunner, Container):
                                          metadata={"r2au": info}, **place)
         seconds = time.perf_counter() - context.started
         share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
-        self._status.value = (f"Done in {format_seconds(seconds)} with {prediction.model_name}: "
+        at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
+        self._status.value = (f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
                               f"{share:.1f}% foreground.")
         if kept is not None:
             notify_info(f"'{base} mask' had been edited by hand: the edits are kept in '{kept}', "
