@@ -1,11 +1,12 @@
 """The fine-tune loop on a real domain shift: DRIVE model -> HRF fundus photographs.
 
-``python -m benchmarks.hrf_finetune [--steps N] [--scale S] [--markdown FILE]``
+``python -m benchmarks.hrf_finetune [--steps N] [--scale S] [--seeds 0 1 2] [--markdown FILE]``
 
 Evaluates the bundled ``drive-vessels`` model on held-out HRF images (inside the FOV),
 fine-tunes it with ``r2au finetune`` (the CLI, the same code path as the napari widget) on
-k = 1, 2, 3 other HRF images, evaluates each new model on the same held-out images and
-prints F1 / AUC against k with the wall time of each fine-tune.
+k = 1, 2, 3 other HRF images, once per seed, evaluates each new model on the same held-out
+images and prints F1 / AUC against k (each run, then mean, spread and worst over seeds)
+with the wall time of each fine-tune.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="fine-tune steps per run")
     parser.add_argument("--scale", type=float, default=0.4,
                         help="working scale for HRF (chosen on the fine-tuning images 01_*: F1 0.25<0.33<0.4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="fine-tune seeds (patch sampling, augmentation) to repeat each k with")
+    parser.add_argument("--model", default="drive-vessels", help="the DRIVE model to start from")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     if not (HRF / "images").is_dir():
@@ -55,37 +60,55 @@ def main(argv: list[str] | None = None) -> int:
     all_ids = sorted(p.stem for p in (HRF / "images").iterdir())
     eval_ids = [i for i in all_ids if i not in TUNE_IDS]
     eval_dirs = _link_subset(eval_ids, work / "eval")
-    rows = []
-    report = evaluate_folders("drive-vessels", *eval_dirs, scale=args.scale)
-    rows.append(("drive-vessels (no fine-tuning)", 0, report["f1"], report["auc_roc"], 0.0))
-    print(rows[-1], flush=True)
+    runs = []  # (k, seed, f1, auc, seconds)
+    report = evaluate_folders(args.model, *eval_dirs, scale=args.scale)
+    runs.append((0, None, report["f1"], report["auc_roc"], 0.0))
+    print(runs[-1], flush=True)
     for k in (1, 2, 3):
         images, masks, fov = _link_subset(TUNE_IDS[:k], work / f"tune{k}")
-        name = f"drive-vessels-hrf-k{k}"
-        started = time.perf_counter()
-        status = r2au(["finetune", "-m", "drive-vessels", "--images", str(images), "--masks", str(masks),
-                       "--fov", str(fov), "--steps", str(args.steps), "--scale", str(args.scale),
-                       "--name", name])
-        seconds = time.perf_counter() - started
-        if status != 0:
-            print(f"fine-tune k={k} failed ({status})", file=sys.stderr)
-            return status
-        report = evaluate_folders(name, *eval_dirs)  # the new model carries its scale
-        rows.append((name, k, report["f1"], report["auc_roc"], seconds))
-        print(rows[-1], flush=True)
-    table = ["| model | corrected HRF images | F1 (held-out HRF, FOV) | AUC-ROC | fine-tune time (s) |",
-             "|---|---|---|---|---|"]
-    table += [f"| {n} | {k} | {f1:.4f} | {auc:.4f} | {s:.0f} |" for n, k, f1, auc, s in rows]
-    text = "\n".join(table)
+        for seed in args.seeds:
+            name = f"{args.model}-hrf-k{k}-s{seed}"
+            started = time.perf_counter()
+            status = r2au(["finetune", "-m", args.model, "--images", str(images), "--masks", str(masks),
+                           "--fov", str(fov), "--steps", str(args.steps), "--scale", str(args.scale),
+                           "--seed", str(seed), "--name", name])
+            seconds = time.perf_counter() - started
+            if status != 0:
+                print(f"fine-tune k={k} seed={seed} failed ({status})", file=sys.stderr)
+                return status
+            report = evaluate_folders(name, *eval_dirs)  # the new model carries its scale
+            runs.append((k, seed, report["f1"], report["auc_roc"], seconds))
+            print(runs[-1], flush=True)
+    text = _tables(runs, args.model)
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        seeds = " ".join(str(s) for s in args.seeds)
         args.markdown.write_text(
-            f"Command: `python -m benchmarks.hrf_finetune --steps {args.steps} --scale {args.scale}`\n\n"
+            f"Command: `python -m benchmarks.hrf_finetune --steps {args.steps} --scale {args.scale} "
+            f"--seeds {seeds} --model {args.model}`\n\n"
             f"Fine-tuned on {', '.join(TUNE_IDS)} (first k); evaluated on {len(eval_ids)} other HRF images "
             f"({', '.join(eval_ids)}), pixels inside the FOV pooled.\n\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _tables(runs: list[tuple], model: str) -> str:
+    """A summary per k (mean, spread, worst over seeds) and every run."""
+    summary = ["| corrected HRF images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | fine-tune time (s) |",
+               "|---|---|---|---|---|---|---|"]
+    for k in sorted({run[0] for run in runs}):
+        chosen = [run for run in runs if run[0] == k]
+        f1s = [run[2] for run in chosen]
+        spread = statistics.stdev(f1s) if len(f1s) > 1 else 0.0
+        summary.append(f"| {k}{' (' + model + ' as is)' if k == 0 else ''} | {len(chosen)} | "
+                       f"{statistics.mean(f1s):.4f} | {spread:.4f} | {min(f1s):.4f} | "
+                       f"{statistics.mean(run[3] for run in chosen):.4f} | "
+                       f"{statistics.mean(run[4] for run in chosen):.0f} |")
+    each = ["| k | seed | F1 | AUC-ROC | fine-tune time (s) |", "|---|---|---|---|---|"]
+    each += [f"| {k} | {'-' if seed is None else seed} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
+             for k, seed, f1, auc, s in runs]
+    return "\n".join(summary) + "\n\nEach run:\n\n" + "\n".join(each)
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
-                                freeze_encoder=args.freeze_encoder)
+                                freeze_encoder=args.freeze_encoder, seed=args.seed)
     generator = iter_finetune(args.model, pairs, validation, settings, names=names, fovs=fovs,
                               validation_fov=validation_fov, scale=args.scale, name=args.name,
                               pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=96, help="patch size in pixels (at the model's scale)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--freeze-encoder", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
     p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")
     p.set_defaults(func=cmd_finetune)

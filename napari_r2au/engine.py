@@ -83,8 +83,8 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
         return "YX"
     small = (1, 3, 4, in_channels)
     if ndim == 3:
-        if shape[-1] in small and shape[-1] <= 4 and shape[0] > 4:
-            return "YXC"
+        if shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4:
+            return "YXC"  # a short last axis is colour (even 2 channels: a clear mismatch error follows)
         if shape[0] == in_channels and in_channels > 1 and shape[-1] > 4:
             return "CYX"
         if shape[-1] in small and shape[-1] <= 4:
@@ -303,6 +303,9 @@ def iter_predict(
     loaded = _as_loaded(model)
     if isinstance(image, (list, tuple)) or (not hasattr(image, "shape") and hasattr(image, "__getitem__")):
         image = image[0]  # a multiscale pyramid: its full-resolution level
+    kind = np.dtype(image.dtype).kind
+    if kind not in "biuf":
+        raise ValueError(f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image")
     scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
     if abs(scale - 1.0) > 1e-6:
         return (yield from _iter_predict_rescaled(

@@ -37,3 +37,13 @@ def tiny_net():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def notifications():
+    """The napari notifications raised during the test."""
+    from napari.utils.notifications import notification_manager
+
+    notification_manager.records.clear()
+    yield notification_manager.records
+    notification_manager.records.clear()

@@ -40,16 +40,6 @@ def tiny_model() -> Path:
     return save_model(net, user_models_dir(), meta)
 
 
-@pytest.fixture
-def notifications():
-    """The napari notifications raised during the test."""
-    from napari.utils.notifications import notification_manager
-
-    notification_manager.records.clear()
-    yield notification_manager.records
-    notification_manager.records.clear()
-
-
 def bars(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """An RGB image with a few bright bars, and the bars as a mask."""
     rng = np.random.default_rng(seed)

@@ -71,6 +71,12 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
         image = image[..., None]
     if image.ndim != 3:
         raise DataError(f"{name}: expected a 2D image (YX or YXC), got shape {image.shape}")
+    if image.dtype.kind not in "biuf":
+        raise DataError(f"{name}: unsupported pixel type {image.dtype}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise DataError(f"{name}: the image contains NaN or infinite values")
+    if min(image.shape[:2]) < 1:
+        raise DataError(f"{name}: the image is empty (shape {image.shape})")
     mask = binarize_mask(mask, name, class_map)
     if mask.shape != image.shape[:2]:
         raise DataError(f"{name}: image {image.shape[:2]} and mask {mask.shape} differ in size")

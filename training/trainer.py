@@ -28,7 +28,7 @@ from napari_r2au.model_files import LoadedModel, build_metadata, load_model, sav
 from napari_r2au.models import create_model
 
 from .augment import AugmentConfig, PatchSampler, augment
-from .data import Sample, drive_samples, folder_samples, split
+from .data import DataError, Sample, drive_samples, folder_samples, split
 from .losses import segmentation_loss
 from .metrics import Counts, confusion, roc_auc
 
@@ -260,6 +260,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if samples is None:
         samples, val_samples = split(load_samples(config), config.val_images, config.seed)
     val_samples = val_samples or []
+    if not any(sample.mask[sample.fov].any() for sample in samples):
+        raise DataError("every training mask is empty (all background): nothing to learn; "
+                        "check that masks are 0/1 or 0/255 and match their images")
 
     if parent is None and config.init_from:
         parent = load_model(config.init_from)
