@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,11 +31,18 @@ DEFAULT_OVERLAP = 64
 
 @dataclass
 class Progress:
-    """One step of a long run: ``done`` of ``total`` units (tiles, slices, steps)."""
+    """One step of a long run: ``done`` of ``total`` units (tiles, slices, steps).
+
+    When a slice of a stack is finished, the event also carries its index and its
+    probabilities (``slice_index``, ``slice_probabilities``, full resolution), so that a
+    viewer can show the slice at once instead of after the whole stack.
+    """
 
     done: int
     total: int
     stage: str = "predict"
+    slice_index: int | None = None
+    slice_probabilities: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -406,6 +413,8 @@ def iter_predict(
             probabilities[zi] = acc[0]
         for g in range(n_gates):
             alphas[g][zi] = acc_alpha[g] / acc_weight
+        if "Z" in axes:
+            yield Progress(done, total, slice_index=z, slice_probabilities=np.clip(probabilities[zi], 0.0, 1.0))
 
     if "Z" not in axes:
         probabilities = probabilities[0]
@@ -434,12 +443,24 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
         max(1, round(n * scale)) if ax in "YX" else n for ax, n in zip(axes, array.shape)
     )
     small = resize(array, small_shape, order=1, anti_aliasing=scale < 1, preserve_range=True).astype(np.float32)
-    result = yield from iter_predict(loaded, small, axes=axes, scale=1.0, **kwargs)
     spatial = tuple(n for ax, n in zip(axes, array.shape) if ax != "C")
 
-    def back(values: np.ndarray) -> np.ndarray:
-        shape = spatial + values.shape[len(spatial):]
+    plane = tuple(n for ax, n in zip(axes, array.shape) if ax in "YX")
+
+    def back(values: np.ndarray, shape: tuple[int, ...] = spatial) -> np.ndarray:
+        shape = shape + values.shape[len(shape):]  # keeps a trailing class axis
         return np.clip(resize(values, shape, order=1, preserve_range=True), 0, 1).astype(np.float32)
+
+    generator = iter_predict(loaded, small, axes=axes, scale=1.0, **kwargs)
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if event.slice_probabilities is not None:  # a finished slice, shown at the input's size
+            event = replace(event, slice_probabilities=back(event.slice_probabilities, plane))
+        yield event
 
     result.probabilities = back(result.probabilities)
     result.attention = [back(a) for a in result.attention]

@@ -88,7 +88,10 @@ def iter_predict_tta(
             except StopIteration as stop:
                 prediction = stop.value
                 break
-            yield engine.Progress(index * event.total + event.done, len(flips) * event.total, stage)
+            identity_slice = index == 0 and event.slice_probabilities is not None
+            yield engine.Progress(index * event.total + event.done, len(flips) * event.total, stage,
+                                  slice_index=event.slice_index if identity_slice else None,
+                                  slice_probabilities=event.slice_probabilities if identity_slice else None)
         # outputs are (Z?, Y, X) plus a class axis for multi-class models
         last = -2 if prediction.multiclass else -1
         out_axes = [last if ax == "X" else last - 1 for ax in TTA_FLIPS[name]]

@@ -197,3 +197,22 @@ def test_pixel_size_is_ignored_for_a_model_without_one(tiny_net):
     from napari_r2au.engine import working_scale
 
     assert working_scale(tiny_net, pixel_size=0.1, pixel_size_unit="mm") == 1.0
+
+
+def test_stack_slices_are_reported_when_done_at_full_resolution(tiny_net, rng):
+    stack = rng.random((3, 40, 36)).astype(np.float32)
+    for scale in (1.0, 0.5):
+        events = []
+        result = run(iter_predict(tiny_net, stack, axes="ZYX", slices=[2, 0, 1], scale=scale, precision="fp32"),
+                     events.append)
+        done = [e for e in events if e.slice_index is not None]
+        assert [e.slice_index for e in done] == [2, 0, 1]
+        for event in done:
+            np.testing.assert_allclose(event.slice_probabilities, result.probabilities[event.slice_index], atol=1e-6)
+    assert all(e.slice_index is None for e in run_events(tiny_net, stack[0]))  # 2D: no slice events
+
+
+def run_events(net, image):
+    events = []
+    run(iter_predict(net, image, precision="fp32"), events.append)
+    return events

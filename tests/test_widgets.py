@@ -286,10 +286,21 @@ def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_mode
     viewer.dims.set_point(0, 2.0)  # world z = 2 is slice 1
     widget = dock(viewer, "Segment")
     widget._attention.value = False
+    live = []  # what the running layer held each time a slice was shown
+    real_show = widget._show_slice
+
+    def show_spy(context, z, probabilities):
+        real_show(context, z, probabilities)
+        live.append((z, [bool(context.live.data[i].any()) for i in range(3)]))
+
+    widget._show_slice = show_spy  # (monkeypatch cannot undo attributes of a magicgui Container)
     widget.run()
     wait_idle(qtbot, widget)
     assert seen[-1] == [1, 0, 2]
     assert viewer.layers["stack mask"].data.shape == (3, 48, 48)
+    # each slice is on screen when it is done, the current one first; the running layer goes away
+    assert live == [(1, [False, True, False]), (0, [True, True, False]), (2, [True, True, True])]
+    assert "stack probability (running)" not in viewer.layers
 
     widget._scope.value = "Current slice"
     widget.run()

@@ -78,6 +78,7 @@ class _RunContext:
     scope: str
     slices: list[int] | None
     started: float = field(default_factory=time.perf_counter)
+    live: Any = None  # a stack's probabilities, slice by slice while the run goes on
 
 
 class SegmentWidget(WorkerRunner, Container):
@@ -228,6 +229,27 @@ class SegmentWidget(WorkerRunner, Container):
             elapsed = time.perf_counter() - self._context.started
             text += f" · ETA {format_seconds(elapsed / event.done * (event.total - event.done))}"
         self._status.value = text
+        if event.slice_probabilities is not None and self._context is not None:
+            self._show_slice(self._context, int(event.slice_index), event.slice_probabilities)
+
+    def _show_slice(self, context: _RunContext, z: int, probabilities: np.ndarray) -> None:
+        """Show a finished slice of a stack at once, in a temporary layer the run's end removes."""
+        if probabilities.ndim == 3:  # multi-class: "any foreground class", as the final layer shows
+            probabilities = 1.0 - probabilities[..., 0]
+        if context.live is None or context.live not in self._viewer.layers:
+            data = context.layer.data[0] if context.layer.multiscale else context.layer.data
+            context.live = self._viewer.add_image(
+                np.zeros((data.shape[0], *probabilities.shape), np.float32),
+                name=f"{context.layer.name} probability (running)", colormap="magma",
+                contrast_limits=(0.0, 1.0), scale=tuple(context.layer.scale),
+                translate=tuple(context.layer.translate))
+        context.live.data[z] = probabilities
+        context.live.refresh()
+
+    def _remove_live_layer(self) -> None:
+        context = self._context
+        if context is not None and context.live is not None and context.live in self._viewer.layers:
+            self._viewer.layers.remove(context.live)
 
     def _on_result(self, output: SegmentOutput) -> None:
         context = self._context
@@ -245,6 +267,7 @@ class SegmentWidget(WorkerRunner, Container):
 
     def _on_finish(self) -> None:
         self._worker = None
+        self._remove_live_layer()
         if self._cancelled:
             self._status.value = "Cancelled; the layers were not changed."
         self._set_running(False)
