@@ -421,6 +421,8 @@ def test_review_metrics_difference_and_uncertain_regions(make_napari_viewer):
     review._uncertainty.value = viewer.layers["uncertainty"]
     review._next.changed.emit(True)
     np.testing.assert_allclose(viewer.camera.center[-2:], (100 + 2 * 95.5, 50 + 2 * 31.5))
+    window_world = review._window.value * 2.0  # pixels of the map times its scale
+    assert viewer.camera.zoom == pytest.approx(0.5 * min(viewer.canvas.size) / window_world)
     review._next.changed.emit(True)  # the next one, not the same again
     np.testing.assert_allclose(viewer.camera.center[-2:], (100 + 2 * 31.5, 50 + 2 * 95.5))
     assert "Region 2" in review._region.value

@@ -34,6 +34,10 @@ MASK_FORMAT = "napari-r2au-mask"
 DIFFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#1e90ff"}
 
 
+#: share of the canvas the "next most uncertain region" window fills
+ZOOM_FILL = 0.5
+
+
 class ReviewWidget(Container):
     """Metrics against a reference, a difference layer, uncertain regions, and export."""
 
@@ -126,6 +130,10 @@ class ReviewWidget(Container):
         self._visited.add(region.key)
         world = layer.data_to_world(region.center)
         self._viewer.camera.center = tuple(world[-2:])
+        canvas = getattr(getattr(self._viewer, "canvas", None), "size", None)
+        if canvas and min(canvas) > 0:  # zoom so that the window fills half the canvas, with context around
+            extent = window * float(np.max(np.abs(np.asarray(layer.scale[-2:], float))))
+            self._viewer.camera.zoom = ZOOM_FILL * min(canvas) / max(extent, 1e-9)
         if len(world) == 3:  # a stack: go to the region's slice
             self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
         where = ", ".join(f"{name} {value:.0f}" for name, value in zip("zyx"[-len(region.center):], region.center))
