@@ -232,3 +232,28 @@ def test_calibration_uses_samples_at_the_working_scale(tmp_path, rng, monkeypatc
     # every validation prediction of a model file that carries a scale runs at scale 1
     assert scales and all(scale == 1.0 for model_scale, scale in scales if model_scale == 0.5)
     assert any(model_scale == 0.5 for model_scale, _ in scales)
+
+
+def test_named_validation_split_and_class_map(tmp_path, rng):
+    import imageio.v3 as iio
+
+    from napari_r2au.training.data import DataError, split
+    from napari_r2au.training.trainer import TrainConfig, load_samples
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for i in range(5):
+        iio.imwrite(tmp_path / "images" / f"{i}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        labels = np.full((32, 32), 255, np.uint8)
+        labels[:, 10 + i] = 0  # a membrane line: 0 in these labels
+        iio.imwrite(tmp_path / "labels" / f"{i}.png", labels)
+    config = TrainConfig(in_channels=1, data={"kind": "folders", "images": str(tmp_path / "images"),
+                                              "masks": str(tmp_path / "labels"), "class_map": {0: 1, 255: 0}})
+    samples = load_samples(config)
+    assert all(int(s.mask.sum()) == 32 for s in samples)  # membrane is the foreground
+    train, val = split(samples, 1, 0, ["3", "4.png"])
+    assert [s.name for s in val] == ["3.png", "4.png"] and len(train) == 3
+    with pytest.raises(DataError, match="not found: 9"):
+        split(samples, 1, 0, ["9"])
+    with pytest.raises(DataError, match="nothing left to train on"):
+        split(samples, 1, 0, [str(i) for i in range(5)])

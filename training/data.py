@@ -154,10 +154,12 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
         image, mask = read_image(image_files[key]), read_image(mask_files[key])
         if image.shape[:2] != mask.shape[:2]:
             raise DataError(f"{image_files[key].name}: image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
+        mask_map = class_map
         if scale != 1.0:
-            mask = binarize_mask(mask, mask_files[key].name, class_map)
+            mask, mask_map = binarize_mask(mask, mask_files[key].name, class_map), None  # now 0/1
             image, mask, fov_array = rescale_pair(image, mask, scale, fov_array)
-        samples.append(make_sample(image, mask, image_files[key].name, in_channels, fov_array, normalization, class_map))
+        samples.append(make_sample(image, mask, image_files[key].name, in_channels, fov_array, normalization,
+                                   mask_map))
     return samples
 
 
@@ -197,8 +199,24 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
     return samples
 
 
-def split(samples: list[Sample], n_val: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A validation split fixed by the seed (same seed, same split)."""
+def split(samples: list[Sample], n_val: int, seed: int,
+          val_names: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """A validation split fixed by the seed (same seed, same split), or named.
+
+    ``val_names`` (file names or stems) hold out exactly those images, e.g. a contiguous
+    block of a stack, whose neighbouring sections would otherwise leak into validation.
+    """
+    if val_names:
+        wanted = {str(name) for name in val_names}
+        chosen = [s for s in samples if s.name in wanted or s.name.split(".")[0] in wanted]
+        found = {s.name for s in chosen} | {s.name.split(".")[0] for s in chosen}
+        missing = sorted(wanted - found)
+        if missing:
+            raise DataError(f"validation images not found: {', '.join(missing)}")
+        if len(chosen) == len(samples):
+            raise DataError("every image is a validation image: nothing left to train on")
+        held = {id(s) for s in chosen}
+        return [s for s in samples if id(s) not in held], chosen
     if n_val <= 0:
         return samples, []
     if n_val >= len(samples):

@@ -44,6 +44,8 @@ class TrainConfig:
     in_channels: int = 3
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "drive", "root": "../shared/data/DRIVE/training"})
     val_images: int = 4
+    #: hold out these images (names or stems) instead of ``val_images`` chosen by the seed
+    val_names: list[str] | None = None
     patch_size: int | None = 64
     batch_size: int = 32
     steps: int = 4000
@@ -122,7 +124,7 @@ def load_samples(config: TrainConfig) -> list[Sample]:
         return drive_samples(data["root"], config.in_channels, scale=config.input_scale)
     if kind == "folders":
         return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels,
-                              scale=config.input_scale)
+                              scale=config.input_scale, class_map=data.get("class_map"))
     raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
 
 
@@ -179,7 +181,7 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         "trainer": f"napari-r2au {__version__}",
         "data": config.data,
         "train_images": n_train,
-        "validation_images": config.val_images,
+        "validation_images": list(config.val_names) if config.val_names else config.val_images,
         "steps": step,
         "patch_size": config.patch_size,
         "batch_size": config.batch_size,
@@ -258,7 +260,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if samples is None:
-        samples, val_samples = split(load_samples(config), config.val_images, config.seed)
+        samples, val_samples = split(load_samples(config), config.val_images, config.seed, config.val_names)
     val_samples = val_samples or []
     if not any(sample.mask[sample.fov].any() for sample in samples):
         raise DataError("every training mask is empty (all background): nothing to learn; "
