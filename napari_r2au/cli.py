@@ -49,6 +49,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_model(args: argparse.Namespace) -> int:
+    from .model_files import add_model
+
+    sidecar = add_model(args.source, name=args.name, directory=args.dest, overwrite=args.overwrite,
+                        description=args.description)
+    print(f"added {sidecar.stem} ({sidecar})")
+    return 0
+
+
 def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool) -> list[Path]:
     """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``."""
     from .io import write_tiff
@@ -281,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list bundled and user models")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("add-model", help="add a model file (e.g. a training run's best.json) to your models")
+    p.add_argument("source", help="model .json (or its folder, or its weights file)")
+    p.add_argument("--name", default=None, help="name in the model list (default: the file's)")
+    p.add_argument("--description", default=None, help="replace the description")
+    p.add_argument("--dest", default=None, help="folder to add it to (default: your user models folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    p.set_defaults(func=cmd_add_model)
 
     p = sub.add_parser("segment", help="segment images or folders of images")
     p.add_argument("inputs", nargs="+", help="image files or folders")

@@ -354,3 +354,23 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     """Load a bundled model by name, a user model by name, or a model file by path."""
     sidecar, source = resolve_model_path(name_or_path)
     return load_model_file(sidecar, source=source)
+
+
+def add_model(source: str | os.PathLike, name: str | None = None, directory: str | os.PathLike | None = None,
+              overwrite: bool = False, description: str | None = None) -> Path:
+    """Copy a model file (e.g. a training run's ``best.json``) into the user models folder.
+
+    The source is loaded first, so a tampered or invalid file is refused before anything
+    is written; the copy gets ``name`` (default: the source's) and fresh safetensors
+    weights. An existing model of that name is kept unless ``overwrite``.
+    """
+    loaded = load_model_file(resolve_model_path(source)[0])
+    name = name or loaded.name
+    directory = Path(directory) if directory is not None else user_models_dir()
+    if (directory / f"{name}.json").exists() and not overwrite:
+        raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
+    meta = {k: v for k, v in loaded.metadata.items() if k not in ("weights_file", "weights_sha256")}
+    meta["name"] = name
+    if description is not None:
+        meta["description"] = description
+    return save_model(loaded.network, directory, meta)

@@ -62,7 +62,7 @@ def test_demo_writes_all_outputs(tmp_path, capsys):
     assert 0.03 < mask.mean() < 0.25  # vessels, not nothing and not everything
 
 
-@pytest.mark.parametrize("command", [["--help"], ["segment", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("command", [["--help"], ["segment", "--help"], ["demo", "--help"], ["add-model", "--help"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(command)
@@ -123,3 +123,21 @@ def test_bundled_ph2_model_segments_a_lesion(tmp_path):
     assert mask.shape == truth.shape
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.85, dice
+
+
+def test_add_model_installs_a_checked_copy(tmp_path, capsys):
+    from napari_r2au import create_model
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+    source = save_model(create_model("unet", base_width=4), tmp_path / "run",
+                        build_metadata(name="best", architecture="unet", arch_args={"base_width": 4}))
+    assert main(["add-model", str(source), "--name", "my-unet"]) == 0
+    assert main(["models"]) == 0
+    assert "my-unet" in capsys.readouterr().out
+    assert main(["add-model", str(source), "--name", "my-unet"]) == 2  # never replaced silently
+    assert "exists" in capsys.readouterr().err
+    weights = tmp_path / "run" / "best.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    assert main(["add-model", str(source), "--name", "tampered"]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert not (user_models_dir() / "tampered.json").exists()
