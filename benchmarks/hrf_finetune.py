@@ -53,23 +53,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"HRF data not found at {HRF}; nothing to measure")
         return 0
     from napari_r2au.cli import main as r2au
+    from napari_r2au.model_files import load_model
     from napari_r2au.training.evaluate import evaluate_folders
 
+    start = load_model(args.model)  # found before R2AU_HOME is redirected (a user model works too)
     work = Path(tempfile.mkdtemp(prefix="r2au-hrf-"))
     os.environ["R2AU_HOME"] = str(work / "home")  # fine-tuned models stay out of the user's folder
     all_ids = sorted(p.stem for p in (HRF / "images").iterdir())
     eval_ids = [i for i in all_ids if i not in TUNE_IDS]
     eval_dirs = _link_subset(eval_ids, work / "eval")
     runs = []  # (k, seed, f1, auc, seconds)
-    report = evaluate_folders(args.model, *eval_dirs, scale=args.scale)
+    report = evaluate_folders(start, *eval_dirs, scale=args.scale)
     runs.append((0, None, report["f1"], report["auc_roc"], 0.0))
     print(runs[-1], flush=True)
     for k in (1, 2, 3):
         images, masks, fov = _link_subset(TUNE_IDS[:k], work / f"tune{k}")
         for seed in args.seeds:
-            name = f"{args.model}-hrf-k{k}-s{seed}"
+            name = f"{start.name}-hrf-k{k}-s{seed}"
             started = time.perf_counter()
-            status = r2au(["finetune", "-m", args.model, "--images", str(images), "--masks", str(masks),
+            status = r2au(["finetune", "-m", str(start.path), "--images", str(images), "--masks", str(masks),
                            "--fov", str(fov), "--steps", str(args.steps), "--scale", str(args.scale),
                            "--seed", str(seed), "--name", name])
             seconds = time.perf_counter() - started
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate_folders(name, *eval_dirs)  # the new model carries its scale
             runs.append((k, seed, report["f1"], report["auc_roc"], seconds))
             print(runs[-1], flush=True)
-    text = _tables(runs, args.model)
+    text = _tables(runs, start.name)
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

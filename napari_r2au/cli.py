@@ -78,6 +78,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .model_files import load_model
 
     model = load_model(args.model)
+    _check_pixel_arguments(args, model)
     files: list[Path] = []
     for item in args.inputs:
         path = Path(item)
@@ -201,33 +202,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _folder_pairs(images: str, masks: str, fov: str | None):
+def _class_map(text: str) -> dict[int, int]:
+    """``"0:1,255:0"`` -> {0: 1, 255: 0}: mask value to class (here: 0 is the foreground)."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        mapping = {int(value): int(label) for value, label in pairs}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected VALUE:CLASS pairs like 0:1,255:0, got {text!r}") from exc
+    if not mapping:
+        raise argparse.ArgumentTypeError("the class map is empty")
+    return mapping
+
+
+def _folder_pairs(images: str, masks: str, fov: str | None, class_map: dict[int, int] | None = None):
     """(image, mask) arrays and FOVs from folders, paired by id like the trainer does."""
     from .training.data import folder_samples
 
-    samples = folder_samples(images, masks, fov)
+    samples = folder_samples(images, masks, fov, class_map=class_map)
     return [(s.raw, s.mask) for s in samples], [s.fov for s in samples], [s.name for s in samples]
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Headless face of the Fine-tune widget: the same iter_finetune generator."""
     from .engine import run
+    from .model_files import load_model
     from .training.finetune import FinetuneSettings, iter_finetune
 
-    pairs, fovs, names = _folder_pairs(args.images, args.masks, args.fov)
+    parent = load_model(args.model)
+    _check_pixel_arguments(args, parent)
+    pairs, fovs, names = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
     validation = validation_fov = None
     if args.val_images:
         if not args.val_masks:
             print("error: --val-images needs --val-masks", file=sys.stderr)
             return 2
-        val_pairs, val_fovs, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov)
+        val_pairs, val_fovs, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov, args.class_map)
         if len(val_pairs) != 1:
             print("error: give one validation image (a folder with one image and its mask)", file=sys.stderr)
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
                                 freeze_encoder=args.freeze_encoder, seed=args.seed)
-    generator = iter_finetune(args.model, pairs, validation, settings, names=names, fovs=fovs,
+    generator = iter_finetune(parent, pairs, validation, settings, names=names, fovs=fovs,
                               validation_fov=validation_fov, scale=args.scale, name=args.name,
                               pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
     bar = _progress_bar(args.steps, "fine-tune", "step")
@@ -258,11 +274,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .model_files import load_model
     from .training.evaluate import evaluate_folders
 
-    report = evaluate_folders(args.model, args.images, args.masks, args.fov, args.threshold,
+    model = load_model(args.model)
+    _check_pixel_arguments(args, model)
+    report = evaluate_folders(model, args.images, args.masks, args.fov, args.threshold,
                               scale=args.scale, plots=args.plots, pixel_size=args.pixel_size,
-                              pixel_size_unit=args.pixel_unit)
+                              pixel_size_unit=args.pixel_unit, class_map=args.class_map)
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
     print(f"{'image':<24}" + "".join(f"{k:>12}" for k in keys))
     for row in report["per_image"]:
@@ -273,6 +292,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
+
+
+def _check_pixel_arguments(args: argparse.Namespace, model) -> None:
+    """Say so when --pixel-size/--pixel-unit cannot take effect, rather than ignore them."""
+    if args.pixel_unit and args.pixel_size is None:
+        print("warning: --pixel-unit without --pixel-size has no effect", file=sys.stderr)
+    if args.pixel_size is not None and not model.pixel_size:
+        print(f"warning: model {model.name!r} records no pixel size, so --pixel-size is ignored; "
+              "use --scale", file=sys.stderr)
+    elif args.pixel_size is not None and args.scale is not None:
+        print("warning: --scale is given, so --pixel-size is ignored", file=sys.stderr)
+
+
+def _add_class_map_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-map", type=_class_map, default=None, metavar="VALUE:CLASS,...",
+                   help="mask values to classes when masks are not 0/1 or 0/255 foreground, "
+                        "e.g. 0:1,255:0 for labels that mark the foreground with 0")
 
 
 def _add_scale_arguments(p: argparse.ArgumentParser, scale_help: str) -> None:
@@ -292,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("add-model", help="add a model file (e.g. a training run's best.json) to your models")
-    p.add_argument("source", help="model .json (or its folder, or its weights file)")
+    p.add_argument("source", help="model .json (e.g. runs/NAME/best.json) or its weights file")
     p.add_argument("--name", default=None, help="name in the model list (default: the file's)")
     p.add_argument("--description", default=None, help="replace the description")
     p.add_argument("--dest", default=None, help="folder to add it to (default: your user models folder)")
@@ -337,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-encoder", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
+    _add_class_map_argument(p)
     p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")
     p.set_defaults(func=cmd_finetune)
 
@@ -347,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fov", default=None, help="folder of field-of-view masks")
     p.add_argument("--threshold", type=float, default=None)
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
+    _add_class_map_argument(p)
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", default=None, help="write ROC and PR curves as PNG into this folder")
     p.set_defaults(func=cmd_evaluate)

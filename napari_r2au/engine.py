@@ -189,6 +189,10 @@ def _as_loaded(model: Any) -> LoadedModel:
     raise TypeError(f"model must be a LoadedModel, a model name or path, or a network; got {type(model)!r}")
 
 
+#: the largest resize factor accepted (and 1/MAX_SCALE the smallest from pixel sizes)
+MAX_SCALE = 64.0
+
+
 def convert_length(value: float, unit: str, to_unit: str) -> float:
     """``value`` in ``unit`` expressed in ``to_unit`` (e.g. 250 um -> 0.25 mm), via pint."""
     if unit == to_unit:
@@ -215,14 +219,22 @@ def working_scale(model: Any, scale: float | None = None, pixel_size: float | No
     """
     loaded = _as_loaded(model)
     if scale is None and pixel_size is not None and loaded.pixel_size:
-        if pixel_size <= 0:
+        if not pixel_size > 0:
             raise ValueError(f"pixel size must be positive, got {pixel_size}")
+        given = f"{pixel_size:g} {pixel_size_unit or loaded.pixel_size_unit or '(no unit)'}"
         if pixel_size_unit and loaded.pixel_size_unit:
             pixel_size = convert_length(pixel_size, pixel_size_unit, loaded.pixel_size_unit)
         scale = pixel_size / loaded.pixel_size
+        if not 1 / MAX_SCALE <= scale <= MAX_SCALE:
+            raise ValueError(
+                f"the image's pixel size {given} against the model's {loaded.pixel_size:g} "
+                f"{loaded.pixel_size_unit or '(no unit)'} means resizing by {scale:g}; check the units "
+                "(a layer scale without units is read in the model's unit) or set the scale yourself")
     scale = loaded.input_scale if scale is None else float(scale)
     if not scale > 0 or not np.isfinite(scale):
         raise ValueError(f"scale must be positive, got {scale}")
+    if scale > MAX_SCALE:
+        raise ValueError(f"scale {scale:g} is above the largest supported ({MAX_SCALE:g})")
     return scale
 
 
@@ -313,6 +325,8 @@ def iter_predict(
     kind = np.dtype(image.dtype).kind
     if kind not in "biuf":
         raise ValueError(f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image")
+    if 0 in tuple(image.shape):
+        raise ValueError(f"the image has an empty axis: shape {tuple(image.shape)}")
     scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
     if abs(scale - 1.0) > 1e-6:
         return (yield from _iter_predict_rescaled(
@@ -325,8 +339,6 @@ def iter_predict(
     multiclass = loaded.out_channels > 1
     want_attention = attention and bool(getattr(network, "attention", False))
     axes = resolve_axes(image.shape, loaded.in_channels, axes)
-    if any(image.shape[axes.index(a)] < 1 for a in "YX"):
-        raise ValueError(f"the image has an empty spatial axis: shape {tuple(image.shape)}")
     dev = select_device(device)
     amp = autocast_dtype(dev, precision)
     runner = inference_network(loaded, dev, fuse, channels_last)

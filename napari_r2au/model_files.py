@@ -182,13 +182,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_length_unit(value: Any) -> bool:
+    """A unit of length pint understands (without pint, any non-empty name)."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    try:
+        import pint
+    except ImportError:
+        return True
+    registry = pint.get_application_registry()
+    try:
+        return registry(value).dimensionality == registry("m").dimensionality
+    except Exception:  # pint raises several types for unknown or malformed units
+        return False
+
+
 def _check_field(key: str, value: Any) -> str | None:
     """Why ``value`` is not acceptable for metadata field ``key`` (None: it is)."""
     from .models import available_architectures
     from .postprocess import MODEL_STEPS
 
     checks: dict[str, tuple[Any, str]] = {
-        "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+        "name": (lambda v: isinstance(v, str) and v.strip() != "" and v == Path(v).name and not v.startswith("."),
+                 "a plain name (no folders, not starting with a dot)"),
         "architecture": (lambda v: v in available_architectures(),
                          f"one of {', '.join(available_architectures())}"),
         "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
@@ -203,7 +219,7 @@ def _check_field(key: str, value: Any) -> str | None:
         "threshold": (lambda v: _is_number(v) and 0.0 < v < 1.0, "a number between 0 and 1"),
         "input_scale": (lambda v: _is_number(v) and 0.0 < v <= 64.0, "a number in (0, 64]"),
         "pixel_size": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive number"),
-        "pixel_size_unit": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or a unit name"),
+        "pixel_size_unit": (lambda v: v is None or _is_length_unit(v), "null or a unit of length (e.g. mm, um, nm)"),
         "postprocess": (lambda v: isinstance(v, list) and all(step in MODEL_STEPS for step in v),
                         f"a list of steps from {', '.join(MODEL_STEPS)}"),
         "weights_file": (lambda v: isinstance(v, str) and v == Path(v).name and not v.startswith("."),
@@ -238,6 +254,10 @@ def _migrate(meta: dict[str, Any], sidecar: Path) -> dict[str, Any]:
     what they meant (e.g. no ``postprocess``: none). There was no version before 1.
     """
     version = meta.get("format_version")
+    if version is None:
+        raise ModelFileError(f"{sidecar}: missing format_version; napari-r2au writes 1 and up")
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)
     if not _is_int(version) or version < 1:
         raise ModelFileError(
             f"{sidecar}: format version {version!r} is not one napari-r2au ever wrote (the first is 1); "
@@ -367,6 +387,9 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
     loaded = load_model_file(resolve_model_path(source)[0])
     name = name or loaded.name
     directory = Path(directory) if directory is not None else user_models_dir()
+    if directory.resolve() != bundled_models_dir().resolve() and (bundled_models_dir() / f"{name}.json").exists():
+        raise ModelFileError(f"{name!r} is a bundled model's name (a user model of that name would be hidden); "
+                             "choose another name")
     if (directory / f"{name}.json").exists() and not overwrite:
         raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
     meta = {k: v for k, v in loaded.metadata.items() if k not in ("weights_file", "weights_sha256")}

@@ -15,7 +15,7 @@ from napari_r2au.training.data import DataError, make_sample, memory_samples
 RNG = np.random.default_rng(0)
 
 BAD_IMAGES = {
-    "empty": (np.zeros((0, 10, 3)), "empty spatial axis"),
+    "empty": (np.zeros((0, 10, 3)), "the image has an empty axis"),
     "4D without axes": (RNG.random((2, 3, 20, 20)), "cannot tell the axes"),
     "5D without axes": (RNG.random((2, 2, 3, 20, 20)), "cannot tell the axes"),
     "NaN": (np.full((20, 20, 3), np.nan), "NaN or infinite"),
@@ -98,15 +98,45 @@ def test_trainer_names_bad_pairs():
         memory_samples([(np.zeros((3, 32, 32)), np.zeros((3, 32, 32), np.uint8))], 1)
 
 
-def test_trainer_refuses_all_background_masks(tmp_path):
+def test_trainer_refuses_all_background_masks_from_files(tmp_path):
+    import imageio.v3 as iio
+
     from napari_r2au.training.trainer import TrainConfig, iter_train
 
-    image = RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    samples = memory_samples([(image, np.zeros((64, 64), np.uint8))] * 2, 3)
-    config = TrainConfig(base_width=4, steps=2, patch_size=32, batch_size=2, output_dir=str(tmp_path / "run"))
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        iio.imwrite(tmp_path / "images" / f"{i}.png", RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        iio.imwrite(tmp_path / "masks" / f"{i}.png", np.zeros((64, 64), np.uint8))
+    config = TrainConfig(base_width=4, steps=2, patch_size=32, batch_size=2, val_images=1,
+                         output_dir=str(tmp_path / "run"),
+                         data={"kind": "folders", "images": str(tmp_path / "images"), "masks": str(tmp_path / "masks")})
     with pytest.raises(DataError, match="every training mask is empty"):
-        next(iter_train(config, samples=samples, val_samples=[]))
+        next(iter_train(config))
     assert not (tmp_path / "run" / "best.json").exists()
+    # in memory (a fine-tune correction), all background is a valid answer: "nothing here"
+    samples = memory_samples([(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8))], 3)
+    config.output_dir = str(tmp_path / "run2")
+    events = list(iter_train(config, samples=samples, val_samples=[]))
+    assert events[-1].step == 2
+
+
+def test_cli_says_when_pixel_size_cannot_apply(tmp_path, capsys):
+    import tifffile
+
+    from napari_r2au.cli import main
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+    from napari_r2au.models import create_model
+
+    save_model(create_model("unet", base_width=4), user_models_dir(),
+               build_metadata(name="plain", architecture="unet", arch_args={"base_width": 4}))
+    tifffile.imwrite(tmp_path / "a.tif", RNG.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert main(["segment", str(tmp_path / "a.tif"), "-m", "plain", "-o", str(tmp_path / "out"),
+                 "--pixel-size", "0.5"]) == 0
+    assert "records no pixel size, so --pixel-size is ignored" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "a.tif"), "-m", "plain", "-o", str(tmp_path / "out"),
+                 "--pixel-unit", "mm"]) == 0
+    assert "--pixel-unit without --pixel-size" in capsys.readouterr().err
 
 
 @pytest.mark.gui

@@ -184,6 +184,8 @@ def test_pixel_size_sets_the_scale_and_an_explicit_scale_wins(tmp_path, rng):
     assert working_scale(model, pixel_size=250, pixel_size_unit="um") == pytest.approx(0.5)
     assert working_scale(model, pixel_size=1.0, pixel_size_unit="millimeter") == pytest.approx(2.0)
     assert working_scale(model, scale=1.0, pixel_size=0.25) == 1.0
+    with pytest.raises(ValueError, match=r"4000 mm against the model's 0.5 mm means resizing by 8000"):
+        working_scale(model, pixel_size=4000)  # nm meant, no unit given: refused, not an 8000x resize
     with pytest.raises(ValueError, match="cannot convert"):
         working_scale(model, pixel_size=2.0, pixel_size_unit="second")
     image = rng.random((64, 48, 3)).astype(np.float32)
@@ -216,3 +218,8 @@ def run_events(net, image):
     events = []
     run(iter_predict(net, image, precision="fp32"), events.append)
     return events
+
+
+def test_empty_image_is_named_on_the_rescaling_path_too(tiny_net):
+    with pytest.raises(ValueError, match="empty"):
+        predict(tiny_net, np.zeros((0, 12, 3)), scale=0.5)

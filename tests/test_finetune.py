@@ -77,3 +77,20 @@ def test_finetune_derives_the_scale_from_pixel_sizes_and_keeps_the_model_pixel_s
     assert tuned.pixel_size == pytest.approx(500.0) and tuned.pixel_size_unit == "um"  # = 0.5 mm
     result = run(iter_finetune(tuned, [(image, mask)], settings=FinetuneSettings(steps=2, patch_size=32)))
     assert result.model.pixel_size == pytest.approx(500.0)  # no pixel size given: the parent's
+
+
+def test_stack_fine_tune_at_a_pixel_size_scale(tmp_path, rng):
+    from napari_r2au.engine import run
+
+    net = create_model("unet", base_width=4, in_channels=1)
+    meta = build_metadata(name="ct", architecture="unet", arch_args={"base_width": 4, "in_channels": 1},
+                          pixel_size=0.5, pixel_size_unit="mm")
+    parent = load_model(save_model(net, tmp_path / "models", meta))
+    image, mask = _bars(rng, 64)
+    stack = np.stack([image.mean(-1)] * 3).astype(np.float32)
+    labels = np.zeros((3, 64, 64), np.uint8)
+    labels[1] = mask
+    result = run(iter_finetune(parent, [(stack, labels)], settings=FinetuneSettings(steps=2, patch_size=32),
+                               pixel_size=0.7, pixel_size_unit="mm"))  # scale 1.4, slice by slice
+    assert result.model.input_scale == pytest.approx(1.4)
+    assert result.model.pixel_size == pytest.approx(0.5)

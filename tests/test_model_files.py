@@ -138,12 +138,43 @@ def test_older_version_1_file_is_migrated_and_pre_1_is_refused(tmp_path):
     loaded = load_model(sidecar)
     assert (loaded.input_scale, loaded.pixel_size, loaded.threshold) == (1.0, None, 0.5)
     assert loaded.metadata["postprocess"] == [] and loaded.metadata["axes"] == "YXC"
-    for version in (0, None, "1"):
+    for version in (0, "1", 0.5):
         meta["format_version"] = version
         sidecar.write_text(json.dumps(meta))
         with pytest.raises(ModelFileError, match="not one napari-r2au ever wrote"):
             load_model(sidecar)
+    meta["format_version"] = None
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="missing format_version"):
+        load_model(sidecar)
+    meta["format_version"] = 1.0  # what some JSON writers make of 1
+    sidecar.write_text(json.dumps(meta))
+    assert load_model(sidecar).name == "tiny"
     meta["format_version"] = 99
     sidecar.write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match="newer than this napari-r2au understands"):
         load_model(sidecar)
+
+
+def test_names_and_units_are_checked(tmp_path):
+    net = create_model("unet", base_width=4)
+    for name in ("../escape", "sub/dir", ".hidden"):
+        with pytest.raises(ModelFileError, match="name must be a plain name"):
+            save_model(net, tmp_path, build_metadata(name=name, architecture="unet", arch_args={"base_width": 4}))
+    with pytest.raises(ModelFileError, match="pixel_size_unit must be null or a unit of length"):
+        save_model(net, tmp_path, build_metadata(name="x", architecture="unet", arch_args={"base_width": 4},
+                                                 pixel_size=4.0, pixel_size_unit="seconds"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_add_model_refuses_bundled_names_and_existing_ones(tmp_path):
+    from napari_r2au.model_files import add_model
+
+    _, sidecar = _save_tiny(tmp_path)
+    with pytest.raises(ModelFileError, match="bundled model's name"):
+        add_model(sidecar, name=DEFAULT_MODEL)
+    added = add_model(sidecar, name="mine", description="copied")
+    assert load_model("mine").metadata["description"] == "copied" and added.parent == user_models_dir()
+    with pytest.raises(ModelFileError, match="exists"):
+        add_model(sidecar, name="mine")
+    assert add_model(sidecar, name="mine", overwrite=True) == added

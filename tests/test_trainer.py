@@ -251,9 +251,12 @@ def test_named_validation_split_and_class_map(tmp_path, rng):
                                               "masks": str(tmp_path / "labels"), "class_map": {0: 1, 255: 0}})
     samples = load_samples(config)
     assert all(int(s.mask.sum()) == 32 for s in samples)  # membrane is the foreground
+    config.input_scale = 2.0  # the class map is applied once, before resizing
+    assert all(s.mask.shape == (64, 64) and int(s.mask.sum()) == 128 for s in load_samples(config))
     train, val = split(samples, 1, 0, ["3", "4.png"])
     assert [s.name for s in val] == ["3.png", "4.png"] and len(train) == 3
     with pytest.raises(DataError, match="not found: 9"):
         split(samples, 1, 0, ["9"])
     with pytest.raises(DataError, match="nothing left to train on"):
         split(samples, 1, 0, [str(i) for i in range(5)])
+    assert [s.name for s in split(samples, 1, 0, "2")[1]] == ["2.png"]  # one name, not its characters

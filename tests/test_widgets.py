@@ -269,6 +269,20 @@ def test_errors_become_notifications(make_napari_viewer, qtbot, tiny_model, tmp_
     assert "img mask" not in viewer.layers
 
 
+def test_cancel_mid_stack_removes_the_running_layer(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    stack = np.stack([bars(128, seed=z)[0].mean(-1) for z in range(6)]).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    widget = dock(viewer, "Segment")
+    widget._tile.value = 32  # many tiles per slice: time to cancel after the first slice
+    widget.run()
+    qtbot.waitUntil(lambda: "stack probability (running)" in viewer.layers, timeout=TIMEOUT)
+    widget._cancel.changed.emit(True)
+    wait_idle(qtbot, widget)
+    assert "Cancelled" in widget._status.value
+    assert [layer.name for layer in viewer.layers] == ["stack"]  # as before the run
+
+
 def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_model, monkeypatch):
     from napari_r2au import engine
 

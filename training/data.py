@@ -171,32 +171,44 @@ def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | 
                           scale=scale)
 
 
-def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
-                   normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
-                   names: Sequence[str] | None = None,
-                   fovs: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
-    """In-memory (image, labels) pairs; a 3D pair gives one sample per annotated slice.
+def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str] | None = None,
+                     slices: Sequence[Sequence[int]] | None = None,
+                     fovs: Sequence[np.ndarray | None] | None = None):
+    """2D (image, labels) pairs, names and FOVs: a 3D pair gives one pair per annotated slice.
 
     For stacks, ``slices[i]`` lists the slices to use for pair i; by default the slices
     whose labels are not all zero (what the user painted).
     """
-    samples = []
+    out_pairs, out_names, out_fovs = [], [], []
     for index, (image, labels) in enumerate(pairs):
         name = names[index] if names else f"pair{index}"
-        image, labels = np.asarray(image), np.asarray(labels)
-        is_stack = labels.ndim == 3
-        if not is_stack:
-            fov = fovs[index] if fovs else None
-            samples.append(make_sample(image, labels > 0, name, in_channels, fov, normalization))
+        labels = np.asarray(labels)
+        if labels.ndim != 3:
+            out_pairs.append((np.asarray(image), labels))
+            out_names.append(name)
+            out_fovs.append(fovs[index] if fovs else None)
             continue
         chosen = list(slices[index]) if slices else [z for z in range(labels.shape[0]) if labels[z].any()]
         if not chosen:
             raise DataError(f"{name}: no annotated slice in the stack")
         for z in chosen:
-            samples.append(make_sample(image[z], labels[z] > 0, f"{name}[z={z}]", in_channels, None, normalization))
-    if not samples:
+            out_pairs.append((np.asarray(image[z]), labels[z]))
+            out_names.append(f"{name}[z={z}]")
+            out_fovs.append(None)
+    return out_pairs, out_names, out_fovs
+
+
+def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
+                   normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
+                   names: Sequence[str] | None = None,
+                   fovs: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
+    """In-memory (image, labels) pairs; a 3D pair gives one sample per annotated slice
+    (see :func:`annotated_slices`)."""
+    pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
+    if not pairs:
         raise DataError("no training pairs given")
-    return samples
+    return [make_sample(image, labels > 0, name, in_channels, fov, normalization)
+            for (image, labels), name, fov in zip(pairs, names, fovs)]
 
 
 def split(samples: list[Sample], n_val: int, seed: int,
@@ -206,6 +218,8 @@ def split(samples: list[Sample], n_val: int, seed: int,
     ``val_names`` (file names or stems) hold out exactly those images, e.g. a contiguous
     block of a stack, whose neighbouring sections would otherwise leak into validation.
     """
+    if isinstance(val_names, (str, int)):
+        val_names = [val_names]  # one name, not a sequence of characters
     if val_names:
         wanted = {str(name) for name in val_names}
         chosen = [s for s in samples if s.name in wanted or s.name.split(".")[0] in wanted]

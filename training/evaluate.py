@@ -17,11 +17,11 @@ from .metrics import METRIC_KEYS, curves, segmentation_metrics
 def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str | Path | None = None,
                      threshold: float | None = None, scale: float | None = None,
                      plots: str | Path | None = None, pixel_size: float | None = None,
-                     pixel_size_unit: str | None = None) -> dict[str, Any]:
+                     pixel_size_unit: str | None = None, class_map: dict[int, int] | None = None) -> dict[str, Any]:
     """Per-image rows and set-level metrics (pixels pooled over all images, inside the FOV)."""
     loaded = load_model(model) if not hasattr(model, "network") else model
     level = loaded.threshold if threshold is None else threshold
-    samples = folder_samples(images, masks, fov, loaded.in_channels)
+    samples = folder_samples(images, masks, fov, loaded.in_channels, class_map=class_map)
     rows, truths, scores = [], [], []
     for sample in samples:
         prob = predict(loaded, sample.raw, scale=scale, pixel_size=pixel_size,

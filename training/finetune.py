@@ -21,7 +21,7 @@ import numpy as np
 from napari_r2au.engine import working_scale
 from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
 
-from .data import Sample, memory_samples, rescale_pair
+from .data import Sample, annotated_slices, memory_samples, rescale_pair
 from .trainer import TrainConfig, TrainEvent, evaluate_samples, iter_train
 
 
@@ -68,12 +68,14 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                     validation_fov: np.ndarray | None = None, scale: float = 1.0):
     """Training and validation samples at the model's scale; without a validation pair,
     hold out a strip of the first image."""
-    if abs(scale - 1.0) > 1e-6:
-        if slices is not None or any(np.asarray(m).ndim == 3 for _, m in pairs):
-            raise ValueError("rescaling is for 2D images; fine-tune stacks at scale 1")
-        rescaled = [rescale_pair(i, m, scale, fovs[k] if fovs else None) for k, (i, m) in enumerate(pairs)]
+    if abs(scale - 1.0) > 1e-6:  # stacks: their annotated slices, each resized
+        pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
+        slices = None
+        rescaled = [rescale_pair(i, m, scale, f) for (i, m), f in zip(pairs, fovs)]
         pairs, fovs = [(i, m) for i, m, _ in rescaled], [f for _, _, f in rescaled]
         if validation is not None:
+            if np.asarray(validation[1]).ndim == 3:
+                raise ValueError("the validation pair must be a 2D image when the model works at a scale other than 1")
             *validation, validation_fov = rescale_pair(*validation, scale, validation_fov)
     train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs)
     if validation is not None:

@@ -261,10 +261,11 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     if samples is None:
         samples, val_samples = split(load_samples(config), config.val_images, config.seed, config.val_names)
+        # (in-memory corrections may be all background: "nothing here" is a valid correction)
+        if not any(sample.mask[sample.fov].any() for sample in samples):
+            raise DataError("every training mask is empty (all background): nothing to learn; "
+                            "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images")
     val_samples = val_samples or []
-    if not any(sample.mask[sample.fov].any() for sample in samples):
-        raise DataError("every training mask is empty (all background): nothing to learn; "
-                        "check that masks are 0/1 or 0/255 and match their images")
 
     if parent is None and config.init_from:
         parent = load_model(config.init_from)

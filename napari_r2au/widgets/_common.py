@@ -312,9 +312,12 @@ def layer_pixel_size(layer: Any) -> tuple[float | None, str | None]:
     """
     if layer is None:
         return None, None
-    y_size, x_size = (float(v) for v in tuple(layer.scale)[-2:])
-    units = getattr(layer, "units", None)
-    unit = str(units[-1]) if units is not None and len(units) else None
+    y_size, x_size = (abs(float(v)) for v in tuple(layer.scale)[-2:])  # a flipped axis has a negative scale
+    units = [str(u) for u in tuple(getattr(layer, "units", None) or ())[-2:]]
+    if len(set(units)) > 1:
+        raise ValueError(f"'{layer.name}' has different units for Y and X ({units[0]}, {units[1]}); "
+                         "give both axes the same unit")
+    unit = units[-1] if units else None
     if unit in ("pixel", "px", "dimensionless", ""):
         unit = None
     if unit is None and abs(y_size - 1.0) < 1e-9 and abs(x_size - 1.0) < 1e-9:

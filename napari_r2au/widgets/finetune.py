@@ -167,7 +167,11 @@ class FinetuneWidget(WorkerRunner, Container):
         self._curve.reset()
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
-        pixel = layer_pixel_size(self._source)
+        try:
+            pixel = layer_pixel_size(self._source)
+        except ValueError as exc:
+            notify_error(f"Fine-tune: {exc}")
+            return
         self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel))
 
     # -- inputs -------------------------------------------------------------------------------

@@ -183,7 +183,11 @@ class SegmentWidget(WorkerRunner, Container):
             "attention": bool(self._attention.value),
             "scale": self._scale.value or None,
         }
-        options["pixel_size"], options["pixel_size_unit"] = layer_pixel_size(layer)
+        try:
+            options["pixel_size"], options["pixel_size_unit"] = layer_pixel_size(layer)
+        except ValueError as exc:
+            notify_error(f"Segment: {exc}")
+            return
         self._context = _RunContext(layer, str(self._scope.value), slices)
         self._cancelled = False
         self._set_running(True, "Loading the model…")
@@ -229,8 +233,9 @@ class SegmentWidget(WorkerRunner, Container):
             elapsed = time.perf_counter() - self._context.started
             text += f" · ETA {format_seconds(elapsed / event.done * (event.total - event.done))}"
         self._status.value = text
-        if event.slice_probabilities is not None and self._context is not None:
-            self._show_slice(self._context, int(event.slice_index), event.slice_probabilities)
+        context = self._context
+        if event.slice_probabilities is not None and context is not None and len(context.slices or ()) > 1:
+            self._show_slice(context, int(event.slice_index), event.slice_probabilities)
 
     def _show_slice(self, context: _RunContext, z: int, probabilities: np.ndarray) -> None:
         """Show a finished slice of a stack at once, in a temporary layer the run's end removes."""
