@@ -141,3 +141,28 @@ def test_add_model_installs_a_checked_copy(tmp_path, capsys):
     assert main(["add-model", str(source), "--name", "tampered"]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert not (user_models_dir() / "tampered.json").exists()
+
+
+def test_bundled_em_model_finds_membranes_at_its_pixel_size(tmp_path, capsys):
+    em = ROOT_DATA / "ISBI2012_EM"
+    if not (em / "images" / "29.png").is_file():
+        pytest.skip(f"ISBI 2012 EM data not found at {em} (see ../shared/data/README.md)")
+    for folder, source in (("images", em / "images" / "29.png"), ("labels", em / "labels" / "29.png")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "29.png").symlink_to(source)  # a held-out (validation) section
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "-m", "em-membranes", "--images", str(tmp_path / "images"),
+                 "--masks", str(tmp_path / "labels"), "--class-map", "0:1,255:0", "--json", str(report)]) == 0
+    f1 = json.loads(report.read_text())["f1"]
+    assert f1 > 0.75, f1
+    # the same section given at 8 nm pixels (downsampled 2x) goes through at scale 2
+    from napari_r2au import load_model, predict
+    from skimage.transform import rescale
+
+    model = load_model("em-membranes")
+    assert (model.pixel_size, model.pixel_size_unit) == (4.0, "nm")
+    half = rescale(read_image(em / "images" / "29.png").astype(np.float32), 0.5, anti_aliasing=True)
+    result = predict(model, half, pixel_size=0.008, pixel_size_unit="um")
+    truth = read_image(em / "labels" / "29.png")[::2, ::2] == 0
+    assert result.probabilities.shape == half.shape
+    assert segmentation_metrics(truth, result.probabilities, model.threshold)["f1"] > 0.6
