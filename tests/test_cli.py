@@ -156,8 +156,9 @@ def test_bundled_em_model_finds_membranes_at_its_pixel_size(tmp_path, capsys):
     f1 = json.loads(report.read_text())["f1"]
     assert f1 > 0.75, f1
     # the same section given at 8 nm pixels (downsampled 2x) goes through at scale 2
-    from napari_r2au import load_model, predict
     from skimage.transform import rescale
+
+    from napari_r2au import load_model, predict
 
     model = load_model("em-membranes")
     assert (model.pixel_size, model.pixel_size_unit) == (4.0, "nm")
