@@ -17,6 +17,7 @@ hand-edited or foreign file fails with one message that lists every problem.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -126,6 +127,11 @@ class LoadedModel:
         return self.metadata.get("weights_sha256")
 
 
+def _optional_defaults() -> dict[str, Any]:
+    """A fresh copy of OPTIONAL_DEFAULTS (its lists and dicts are not shared)."""
+    return copy.deepcopy(OPTIONAL_DEFAULTS)
+
+
 def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """Metadata for a network of the family, with sensible defaults for the optional fields."""
     meta: dict[str, Any] = {
@@ -136,15 +142,7 @@ def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], *
         "arch_args": dict(arch_args),
         "in_channels": int(arch_args.get("in_channels", 3)),
         "out_channels": int(arch_args.get("out_channels", 1)),
-        "axes": "YXC",
-        "normalization": {"kind": "standardize"},
-        "class_names": ["background", "foreground"],
-        "threshold": 0.5,
-        "input_scale": 1.0,
-        "pixel_size": None,
-        "pixel_size_unit": None,
-        "postprocess": [],
-        "description": "",
+        **_optional_defaults(),
         "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
     meta.update(fields)
@@ -268,9 +266,7 @@ def _migrate(meta: dict[str, Any], sidecar: Path) -> dict[str, Any]:
             f"{sidecar}: format version {version} is newer than this napari-r2au "
             f"understands ({FORMAT_VERSION}); upgrade napari-r2au"
         )
-    return {**{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-               for k, v in OPTIONAL_DEFAULTS.items()},
-            "name": sidecar.stem, **meta}
+    return {**_optional_defaults(), "name": sidecar.stem, **meta}
 
 
 def _read_metadata(sidecar: Path) -> dict[str, Any]:
