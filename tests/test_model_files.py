@@ -178,3 +178,20 @@ def test_add_model_refuses_bundled_names_and_existing_ones(tmp_path):
     with pytest.raises(ModelFileError, match="exists"):
         add_model(sidecar, name="mine")
     assert add_model(sidecar, name="mine", overwrite=True) == added
+
+
+def test_unknown_architecture_or_arguments_are_model_file_errors(tmp_path):
+    _, sidecar = _save_tiny(tmp_path)
+    meta = json.loads(sidecar.read_text())
+    for architecture, args in (("vnet", meta["arch_args"]), ("r2au_net", {**meta["arch_args"], "heads": 3})):
+        sidecar.write_text(json.dumps(dict(meta, architecture=architecture, arch_args=args)))
+        with pytest.raises(ModelFileError, match="cannot build"):
+            load_model(sidecar)
+
+
+def test_listing_models_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from napari_r2au.model_files import list_models; list_models(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
