@@ -166,3 +166,23 @@ def test_widgets_turn_bad_layers_into_notifications(make_napari_viewer, qtbot, n
     finetune._image.value, finetune._corrected.value = viewer.layers["small"], labels
     finetune.run()
     assert "differ in size" in messages(notifications) and not finetune.running
+
+
+@pytest.mark.gui
+def test_finetune_refusing_mixed_units_stays_usable(make_napari_viewer, notifications):
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+    from napari_r2au.models import create_model
+
+    from .test_widgets import bars, dock, messages
+
+    save_model(create_model("r2au_net", base_width=4), user_models_dir(),
+               build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}))
+    viewer = make_napari_viewer()
+    image, mask = bars()
+    layer = viewer.add_image(image[..., 0], name="scan", scale=(0.5, 0.5), units=("mm", "um"))
+    labels = viewer.add_labels(mask, name="fixed")
+    finetune = dock(viewer, "Fine-tune")
+    finetune._image.value, finetune._corrected.value = layer, labels
+    finetune.run()
+    assert "different units for Y and X" in messages(notifications)
+    assert not finetune.running and finetune._run.enabled

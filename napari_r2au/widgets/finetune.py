@@ -161,17 +161,17 @@ class FinetuneWidget(WorkerRunner, Container):
         device = None if self._device.value == "auto" else str(self._device.value)
         # train at the scale the mask was segmented at (e.g. a fundus photograph resized to DRIVE's size)
         scale = float(self._scale.value) or _recorded_scale(self._corrected.value)
+        try:  # checked before the widget turns busy, so a refusal leaves it usable
+            pixel = layer_pixel_size(self._image.value)
+        except ValueError as exc:
+            notify_error(f"Fine-tune: {exc}")
+            return
         self._source = self._image.value
         self._cancelled = False
         self.last_result = None
         self._curve.reset()
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
-        try:
-            pixel = layer_pixel_size(self._source)
-        except ValueError as exc:
-            notify_error(f"Fine-tune: {exc}")
-            return
         self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel))
 
     # -- inputs -------------------------------------------------------------------------------
