@@ -463,16 +463,12 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
         shape = shape + values.shape[len(shape):]  # keeps a trailing class axis
         return np.clip(resize(values, shape, order=1, preserve_range=True), 0, 1).astype(np.float32)
 
-    generator = iter_predict(loaded, small, axes=axes, scale=1.0, **kwargs)
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if event.slice_probabilities is not None:  # a finished slice, shown at the input's size
-            event = replace(event, slice_probabilities=back(event.slice_probabilities, plane))
-        yield event
+    def at_input_size(event: Progress) -> Progress:  # a finished slice, shown at the input's size
+        if event.slice_probabilities is None:
+            return event
+        return replace(event, slice_probabilities=back(event.slice_probabilities, plane))
+
+    result = yield from map_progress(iter_predict(loaded, small, axes=axes, scale=1.0, **kwargs), at_input_size)
 
     result.probabilities = back(result.probabilities)
     result.attention = [back(a) for a in result.attention]
@@ -484,6 +480,23 @@ def _pad(tile: np.ndarray, pad, mode: str) -> np.ndarray:
     if mode == "reflect" and (pad[0][1] >= tile.shape[0] or pad[1][1] >= tile.shape[1]):
         mode = "symmetric"
     return np.pad(tile, pad, mode=mode)
+
+
+def map_progress(generator: Generator[Progress, None, Any],
+                 transform: Callable[[Progress], Progress]) -> Generator[Progress, None, Any]:
+    """Yield ``transform(event)`` for each event of ``generator``; return its return value.
+
+    Closing the outer generator (Cancel) closes the inner one too.
+    """
+    try:
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            yield transform(event)
+    finally:
+        generator.close()
 
 
 def run(generator: Generator[Progress, None, Any], progress: Callable[[Progress], Any] | None = None) -> Any:

@@ -82,16 +82,15 @@ def iter_predict_tta(
         generator = engine.iter_predict(loaded, _flip(image, image_axes), axes=axes,
                                         attention=attention and index == 0, **kwargs)
         stage = "predict" if index == 0 else "uncertainty"
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                prediction = stop.value
-                break
-            identity_slice = index == 0 and event.slice_probabilities is not None
-            yield engine.Progress(index * event.total + event.done, len(flips) * event.total, stage,
-                                  slice_index=event.slice_index if identity_slice else None,
-                                  slice_probabilities=event.slice_probabilities if identity_slice else None)
+
+        def overall(event: engine.Progress, index: int = index, stage: str = stage) -> engine.Progress:
+            # progress over all passes; finished slices are shown from the identity pass only
+            keep = index == 0 and event.slice_probabilities is not None
+            return engine.Progress(index * event.total + event.done, len(flips) * event.total, stage,
+                                   slice_index=event.slice_index if keep else None,
+                                   slice_probabilities=event.slice_probabilities if keep else None)
+
+        prediction = yield from engine.map_progress(generator, overall)
         # outputs are (Z?, Y, X) plus a class axis for multi-class models
         last = -2 if prediction.multiclass else -1
         out_axes = [last if ax == "X" else last - 1 for ax in TTA_FLIPS[name]]
