@@ -99,20 +99,51 @@ def test_cancel_keeps_last_checkpoint(tmp_path, rng):
     assert last.metadata["provenance"]["steps"] == 3
 
 
-def test_resume_is_bit_identical(tmp_path, rng):
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_resume_is_bit_identical(tmp_path, rng, ema_decay):
     samples = memory_samples(_pairs(rng, 3))
     kw = dict(samples=samples[:2], val_samples=samples[2:])
-    full = train(_config(tmp_path / "a", steps=6), **kw)
-    gen = iter_train(_config(tmp_path / "b", steps=6), **kw)
+    full = train(_config(tmp_path / "a", steps=6, ema_decay=ema_decay), **kw)
+    gen = iter_train(_config(tmp_path / "b", steps=6, ema_decay=ema_decay), **kw)
     for event in gen:
         if event.step == 3:
             gen.close()  # "interrupted" right after the checkpoint at step 3
-    resumed = train(_config(tmp_path / "b", steps=6), resume=True, **kw)
+    resumed = train(_config(tmp_path / "b", steps=6, ema_decay=ema_decay), resume=True, **kw)
     assert resumed.steps == full.steps == 6
     a = load_model(full.last).network.state_dict()
     b = load_model(resumed.last).network.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_weight_average_is_what_gets_saved(tmp_path, rng):
+    """With ema_decay the checkpoints hold the running average, not the last step's weights."""
+    from training.trainer import WeightAverage
+
+    samples = memory_samples(_pairs(rng, 3))
+    kw = dict(samples=samples[:2], val_samples=samples[2:])
+    raw = train(_config(tmp_path / "raw", steps=6), **kw)
+    averaged = train(_config(tmp_path / "ema", steps=6, ema_decay=0.5), **kw)
+    raw_state = load_model(raw.last).network.state_dict()
+    ema_model = load_model(averaged.last)
+    assert ema_model.metadata["provenance"]["ema_decay"] == 0.5
+    differs = [key for key, value in ema_model.network.state_dict().items()
+               if value.is_floating_point() and not torch.equal(value, raw_state[key])]
+    assert differs, "the averaged checkpoint equals the raw weights"
+    # resuming an averaged run without ema_decay (or the reverse) is refused, not mixed up
+    with pytest.raises(ValueError, match="not trained with ema_decay"):
+        train(_config(tmp_path / "raw", steps=8, ema_decay=0.5), resume=True, **kw)
+
+    # the average itself: decay d moves each weight (1 - d) of the way to the live one
+    live = torch.nn.Linear(2, 1)
+    average = WeightAverage(live, 0.5)
+    with torch.no_grad():
+        start = live.weight.clone()
+        live.weight.add_(1.0)
+    average.update(live, step=1000)
+    assert torch.allclose(average.network.weight, start + 0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightAverage(live, 1.0)
 
 
 def test_bundled_configs_load():

@@ -79,6 +79,9 @@ class TrainConfig:
     calibrate_threshold: bool = True
     #: also log to TensorBoard (needs the tensorboard package) in output_dir/tensorboard
     tensorboard: bool = False
+    #: keep an exponential moving average of the weights (e.g. 0.999) and validate and save
+    #: it instead of the raw weights, which swing from step to step on small data
+    ema_decay: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -190,6 +193,8 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         "threads": torch.get_num_threads(),
         "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
     }
+    if config.ema_decay:
+        provenance["ema_decay"] = config.ema_decay
     if parent is not None:
         provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
     if config.pixel_size:
@@ -207,8 +212,37 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
     )
 
 
+class WeightAverage:
+    """Exponential moving average of a network's parameters and buffers.
+
+    The decay ramps up as (1 + step) / (10 + step) so that early averages are not
+    dominated by the random initial weights. Integer buffers (batch counters) are copied.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float):
+        import copy
+
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be between 0 and 1 (exclusive), got {decay}")
+        self.decay = decay
+        self.network = copy.deepcopy(network).eval()
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, network: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        live = network.state_dict()
+        for key, value in self.network.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(decay).add_(live[key].detach(), alpha=1 - decay)
+            else:
+                value.copy_(live[key])
+
+
 def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                best_f1: float, bad_validations: int, elapsed: float) -> None:
+                best_f1: float, bad_validations: int, elapsed: float,
+                live_network: torch.nn.Module | None = None) -> None:
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -217,6 +251,8 @@ def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generat
         "bad_validations": bad_validations,
         "elapsed": elapsed,
     }
+    if live_network is not None:  # the checkpoints hold the average; resuming needs the raw weights too
+        state["live_network"] = live_network.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -298,6 +334,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         synchronize_batch_norms(network)
         model = DistributedDataParallel(network, device_ids=[dev.index] if dev.type == "cuda" else None)
     writer = rank == 0
+    average = WeightAverage(network, config.ema_decay) if config.ema_decay else None
+    #: the weights that are validated and saved
+    kept = average.network if average else network
 
     step, best_f1, bad, elapsed_before = 0, -1.0, 0, 0.0
     last_state, last_model, best_model = out / "last_state.pt", out / "last.json", out / "best.json"
@@ -305,8 +344,14 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         if not last_state.is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
         resumed = load_model(last_model)
-        network.load_state_dict(resumed.network.state_dict())
         state = torch.load(last_state, map_location="cpu", weights_only=True)
+        if average is not None:
+            if "live_network" not in state:
+                raise ValueError(f"{out}: this run was not trained with ema_decay; resume it without")
+            average.network.load_state_dict(resumed.network.state_dict())
+            network.load_state_dict(state["live_network"])
+        else:
+            network.load_state_dict(resumed.network.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, best_f1, bad, elapsed_before = state["step"], state["best_f1"], state["bad_validations"], state["elapsed"]
@@ -341,7 +386,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         meta = _metadata(config, arch_args, step, elapsed_before + time.perf_counter() - started,
                          metrics, parent, len(samples))
         meta["name"] = kind
-        return save_model(network, out, meta)
+        return save_model(kept, out, meta)
 
     try:
         while step < config.steps:
@@ -361,6 +406,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update(network, step)
             step += 1
             elapsed = elapsed_before + time.perf_counter() - started
             validation = None
@@ -369,8 +416,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                 out_of_time = _agree(out_of_time)
             if (step % config.val_every == 0 or step == config.steps or out_of_time) and writer:
                 if val_samples:
-                    network.eval()
-                    loaded = LoadedModel(network, {"name": config.name, "in_channels": config.in_channels,
+                    kept.eval()
+                    loaded = LoadedModel(kept, {"name": config.name, "in_channels": config.in_channels,
                                                    "out_channels": 1, "threshold": 0.5}, source="memory")
                     validation = evaluate_samples(loaded, val_samples, precision=config.precision,
                                                   device=str(dev))
@@ -380,7 +427,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                     else:
                         bad += 1
                 save("last", validation or {})
-                _save_state(last_state, step, optimizer, generator, best_f1, bad, elapsed)
+                _save_state(last_state, step, optimizer, generator, best_f1, bad, elapsed,
+                            network if average is not None else None)
             row = [step, f"{loss.item():.5f}", f"{lr:.6g}", f"{elapsed:.1f}"]
             if validation:
                 row += [f"{validation[k]:.5f}" for k in ("f1", "auc_roc", "sensitivity", "specificity")]
@@ -407,6 +455,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         if board is not None:
             board.close()
         network.to("cpu").eval()
+        kept.to("cpu").eval()
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
         best_metrics = calibrate_threshold(best_model, val_samples, config.precision)
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
