@@ -53,7 +53,8 @@ def cmd_add_model(args: argparse.Namespace) -> int:
     from .model_files import add_model
 
     sidecar = add_model(args.source, name=args.name, directory=args.dest, overwrite=args.overwrite,
-                        description=args.description)
+                        description=args.description, threshold=args.threshold,
+                        threshold_from=args.threshold_from)
     print(f"added {sidecar.stem} ({sidecar})")
     return 0
 
@@ -331,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="model .json (e.g. runs/NAME/best.json) or its weights file")
     p.add_argument("--name", default=None, help="name in the model list (default: the file's)")
     p.add_argument("--description", default=None, help="replace the description")
+    p.add_argument("--threshold", type=float, default=None, help="set the decision threshold")
+    p.add_argument("--threshold-from", default=None, metavar="MODEL",
+                   help="take the threshold from this model (e.g. a run of the same recipe that held out "
+                        "a validation split) and record its validation figures")
     p.add_argument("--dest", default=None, help="folder to add it to (default: your user models folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     p.set_defaults(func=cmd_add_model)

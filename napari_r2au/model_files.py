@@ -375,13 +375,21 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
 
 
 def add_model(source: str | os.PathLike, name: str | None = None, directory: str | os.PathLike | None = None,
-              overwrite: bool = False, description: str | None = None) -> Path:
+              overwrite: bool = False, description: str | None = None, threshold: float | None = None,
+              threshold_from: str | os.PathLike | None = None) -> Path:
     """Copy a model file (e.g. a training run's ``best.json``) into the user models folder.
 
     The source is loaded first, so a tampered or invalid file is refused before anything
     is written; the copy gets ``name`` (default: the source's) and fresh safetensors
     weights. An existing model of that name is kept unless ``overwrite``.
+
+    ``threshold`` sets the decision threshold; ``threshold_from`` takes it from another
+    model file and records that model's validation figures. That is how a model trained
+    on all the data (nothing held out) gets the threshold a run of the same recipe chose
+    on its validation split.
     """
+    if threshold is not None and threshold_from is not None:
+        raise ModelFileError("give a threshold or a model to take it from, not both")
     loaded = load_model_file(resolve_model_path(source)[0])
     name = name or loaded.name
     directory = Path(directory) if directory is not None else user_models_dir()
@@ -394,4 +402,18 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
     meta["name"] = name
     if description is not None:
         meta["description"] = description
+    if threshold is not None:
+        meta["threshold"] = threshold
+        meta["provenance"] = dict(meta.get("provenance", {}), threshold_chosen_on="set by hand (r2au add-model)")
+    if threshold_from is not None:
+        donor = load_model_file(resolve_model_path(threshold_from)[0])
+        donor_provenance = donor.metadata.get("provenance", {})
+        meta["threshold"] = donor.threshold
+        meta["provenance"] = dict(
+            meta.get("provenance", {}),
+            threshold_chosen_on=f"validation split of {donor.name} ({(donor.sha256 or '')[:12]})",
+            threshold_source={"name": donor.name, "sha256": donor.sha256,
+                              "validation_images": donor_provenance.get("validation_images"),
+                              "validation_metrics": donor_provenance.get("validation_metrics", {})},
+        )
     return save_model(loaded.network, directory, meta)

@@ -195,3 +195,24 @@ def test_listing_models_does_not_import_torch():
 
     code = "import sys; from napari_r2au.model_files import list_models; list_models(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_add_model_takes_the_threshold_from_a_held_out_run(tmp_path):
+    """A model trained on all the data gets the threshold its held-out twin chose, with the figures."""
+    from napari_r2au.model_files import add_model
+
+    net = create_model("unet", base_width=4)
+    provenance = {"validation_images": 4, "validation_metrics": {"f1": 0.81}}
+    donor = save_model(net, tmp_path / "held-out", build_metadata(
+        name="best", architecture="unet", arch_args={"base_width": 4}, threshold=0.3, provenance=provenance))
+    _, all_data = _save_tiny(tmp_path / "all")
+    added = load_model(add_model(all_data, name="all-data", threshold_from=donor))
+    assert added.threshold == 0.3
+    source = added.metadata["provenance"]["threshold_source"]
+    assert source["validation_metrics"] == {"f1": 0.81} and source["sha256"] == load_model(donor).sha256
+    assert load_model(add_model(all_data, name="by-hand", threshold=0.4)).threshold == 0.4
+    with pytest.raises(ModelFileError, match="threshold must be"):
+        add_model(all_data, name="bad", threshold=1.5)
+    with pytest.raises(ModelFileError, match="not both"):
+        add_model(all_data, name="both", threshold=0.4, threshold_from=donor)
+    assert not (user_models_dir() / "bad.json").exists()
