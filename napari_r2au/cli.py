@@ -16,8 +16,10 @@ def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile"):
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not sys.stderr.isatty())
 
 
-def _predict_with_bar(model, image, desc: str, **kwargs):
+def _predict_with_bar(model, image, desc: str, tta: bool = False, **kwargs):
+    """(prediction, uncertainty map or None); ``tta`` averages flipped copies."""
     from .engine import iter_predict, run
+    from .uncertainty import iter_predict_tta
 
     bar = _progress_bar(desc=desc)
 
@@ -27,7 +29,9 @@ def _predict_with_bar(model, image, desc: str, **kwargs):
         bar.refresh()
 
     try:
-        return run(iter_predict(model, image, **kwargs), update)
+        if tta:
+            return run(iter_predict_tta(model, image, **kwargs), update)
+        return run(iter_predict(model, image, **kwargs), update), None
     finally:
         bar.close()
 
@@ -59,13 +63,18 @@ def cmd_add_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool) -> list[Path]:
-    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``."""
+def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool,
+                  uncertainty=None) -> list[Path]:
+    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``,
+    ``<stem>_uncertainty.tif`` (float32)."""
     from .io import write_tiff
 
     written = [outdir / f"{stem}_mask.tif", outdir / f"{stem}_prob.tif"]
     write_tiff(written[0], prediction.mask(threshold))
     write_tiff(written[1], prediction.probabilities.astype("float32"))
+    if uncertainty is not None:
+        written.append(outdir / f"{stem}_uncertainty.tif")
+        write_tiff(written[-1], uncertainty.astype("float32"))
     if attention and prediction.attention:
         import numpy as np
 
@@ -95,10 +104,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for path in _progress_bar_iter(files):
         try:
             image = read_image(path)
-            prediction = _predict_with_bar(model, image, path.name, tile_size=args.tile, device=args.device,
-                                           attention=args.attention, scale=args.scale,
-                                           pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
-            written = write_outputs(outdir, path.stem, prediction, args.threshold, args.attention)
+            prediction, uncertainty = _predict_with_bar(
+                model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
+                attention=args.attention, scale=args.scale, pixel_size=args.pixel_size,
+                pixel_size_unit=args.pixel_unit)
+            written = write_outputs(outdir, path.stem, prediction, args.threshold, args.attention, uncertainty)
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
@@ -128,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     image = data.retina()
     scale = fundus_scale(image)
     started = time.perf_counter()
-    prediction = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
+    prediction, _ = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
     seconds = time.perf_counter() - started
     outdir = Path(args.output)
     written = write_outputs(outdir, "retina", prediction, None, True)
@@ -282,7 +292,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_pixel_arguments(args, model)
     report = evaluate_folders(model, args.images, args.masks, args.fov, args.threshold,
                               scale=args.scale, plots=args.plots, pixel_size=args.pixel_size,
-                              pixel_size_unit=args.pixel_unit, class_map=args.class_map)
+                              pixel_size_unit=args.pixel_unit, class_map=args.class_map, tta=args.tta)
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
     print(f"{'image':<24}" + "".join(f"{k:>12}" for k in keys))
     for row in report["per_image"]:
@@ -346,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=".", help="output folder (default: current)")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
     p.add_argument("--attention", action="store_true", help="also write the attention maps")
+    p.add_argument("--tta", action="store_true",
+                   help="average the prediction over flipped copies (3x the time; a little more accurate) "
+                        "and write their disagreement as <name>_uncertainty.tif")
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
@@ -390,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     _add_class_map_argument(p)
+    p.add_argument("--tta", action="store_true", help="score the mean of flipped copies (as segment --tta)")
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", default=None, help="write ROC and PR curves as PNG into this folder")
     p.set_defaults(func=cmd_evaluate)

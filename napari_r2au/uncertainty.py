@@ -7,6 +7,7 @@ pixel by pixel. NumPy only at import time: the engine (and torch) load on first 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .engine import Prediction, Progress
 
-#: the augmentations, each a set of image axes to flip (identity first: its maps are kept)
+#: the augmentations, each a set of image axes to flip (identity first: its attention maps are kept)
 TTA_FLIPS: dict[str, tuple[str, ...]] = {"identity": (), "flip_x": ("X",), "flip_y": ("Y",)}
 
 
@@ -55,26 +56,30 @@ def iter_predict_tta(
     model: Any,
     image: Any,
     *,
-    axes: str,
+    axes: str | None = None,
     flips: Sequence[str] = tuple(TTA_FLIPS),
     kind: str = "entropy",
     attention: bool = False,
     **kwargs: Any,
 ) -> Generator[Progress, None, tuple[Prediction, np.ndarray]]:
-    """Predict each flipped copy; returns (identity prediction, uncertainty map).
+    """Predict each flipped copy; returns (prediction, uncertainty map).
 
-    ``axes`` must be given (e.g. ``"YXC"``, ``"ZYX"``) so that flips hit Y and X. Pass
-    a LoadedModel to load it once; other keyword arguments go to ``iter_predict``.
+    The prediction's probabilities are the mean of the copies (flipped back), which
+    scores a little higher than one pass: on the DRIVE validation images, F1 0.8056
+    against 0.8036 and AUC 0.9777 against 0.9764 (docs/performance.md). ``axes`` (e.g.
+    ``"YXC"``, ``"ZYX"``) say which axes are Y and X; guessed from the shape as in
+    ``iter_predict`` when not given. Pass a LoadedModel to load it once; other keyword
+    arguments go to ``iter_predict``.
     Attention maps are computed on the identity copy only. Progress counts the units
     of all passes, with ``stage="uncertainty"`` after the first.
     """
     from . import engine
 
-    axes = axes.upper()
+    loaded = engine._as_loaded(model)
+    axes = engine.resolve_axes(image.shape, loaded.in_channels, axes)
     unknown = [name for name in flips if name not in TTA_FLIPS]
     if unknown or not flips or flips[0] != "identity":
         raise ValueError(f"flips must start with 'identity' and use {', '.join(TTA_FLIPS)}; got {list(flips)}")
-    loaded = engine._as_loaded(model)
     first: Prediction | None = None
     maps: list[np.ndarray] = []
     for index, name in enumerate(flips):
@@ -98,7 +103,8 @@ def iter_predict_tta(
         if first is None:
             first = prediction
     assert first is not None
-    return first, tta_uncertainty(maps, kind, first.multiclass)
+    mean = np.mean(np.stack(maps), axis=0).astype(np.float32)
+    return dataclasses.replace(first, probabilities=mean), tta_uncertainty(maps, kind, first.multiclass)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,31 @@ def test_finetune_then_evaluate_the_new_model(tmp_path, capsys):
     assert main(args + ["--name", "base-ft1"]) == 2  # never overwrite an existing model
 
 
+def test_segment_and_evaluate_with_flip_averaging(tmp_path, capsys):
+    """--tta writes the mean of the flipped copies and their disagreement; evaluate scores the same."""
+    from napari_r2au.engine import predict
+
+    _tiny_user_model()
+    _write_folder(tmp_path / "data", n=1)
+    image_path = tmp_path / "data" / "images" / "img0.tif"
+    assert main(["segment", str(image_path), "-m", "base", "-o", str(tmp_path / "out"), "--tta"]) == 0
+    prob = tifffile.imread(tmp_path / "out" / "img0_prob.tif")
+    uncertainty = tifffile.imread(tmp_path / "out" / "img0_uncertainty.tif")
+    image = read_image(image_path)
+    copies = [predict("base", image).probabilities,
+              predict("base", image[:, ::-1].copy()).probabilities[:, ::-1],
+              predict("base", image[::-1].copy()).probabilities[::-1]]
+    assert prob == pytest.approx(np.mean(copies, axis=0), abs=1e-5)
+    assert uncertainty.shape == prob.shape and uncertainty.min() >= 0 and uncertainty.max() <= 1
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "-m", "base", "--images", str(tmp_path / "data/images"), "--masks",
+                 str(tmp_path / "data/masks"), "--tta", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    truth = read_image(tmp_path / "data" / "masks" / "img0.tif") > 0
+    assert data["tta"] is True
+    assert data["auc_roc"] == pytest.approx(segmentation_metrics(truth, prob, 0.5)["auc_roc"], abs=1e-4)
+
+
 def test_bundled_ph2_model_segments_a_lesion(tmp_path):
     from napari_r2au import load_model, predict
 

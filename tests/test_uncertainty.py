@@ -48,6 +48,21 @@ def test_flips_are_undone(monkeypatch, tiny_net, axes, shape):
     assert len(prediction.attention) == 1
 
 
+def test_the_prediction_is_the_mean_of_the_copies(monkeypatch, tiny_net):
+    """A 'network' blind to its input (a left-to-right ramp): the x-flipped copy, flipped
+    back, is the reversed ramp, so the mean is (2 ramp + (1 - ramp)) / 3."""
+    ramp = np.linspace(0, 1, 9, dtype=np.float32)[None].repeat(5, 0)
+
+    def blind(model, image, *, axes, attention=False, **kwargs):
+        yield engine.Progress(1, 1)
+        return engine.Prediction(probabilities=ramp.copy(), threshold=0.5)
+
+    monkeypatch.setattr(engine, "iter_predict", blind)
+    prediction, spread = engine.run(iter_predict_tta(tiny_net, np.zeros((5, 9)), axes="YX", kind="std"))
+    assert prediction.probabilities == pytest.approx((ramp + 1) / 3)
+    assert prediction.threshold == 0.5 and spread.max() > 0.3
+
+
 def test_tta_on_a_real_network_has_the_image_shape(tiny_net, rng):
     gen = iter_predict_tta(tiny_net, rng.random((40, 44, 3)), axes="YXC", precision="fp32")
     prediction, uncertainty = engine.run(gen)

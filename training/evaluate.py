@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_r2au.engine import predict
+from napari_r2au.engine import predict, run
 from napari_r2au.model_files import load_model
+from napari_r2au.uncertainty import iter_predict_tta
 
 from .data import folder_samples
 from .metrics import METRIC_KEYS, curves, segmentation_metrics
@@ -17,15 +18,22 @@ from .metrics import METRIC_KEYS, curves, segmentation_metrics
 def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str | Path | None = None,
                      threshold: float | None = None, scale: float | None = None,
                      plots: str | Path | None = None, pixel_size: float | None = None,
-                     pixel_size_unit: str | None = None, class_map: dict[int, int] | None = None) -> dict[str, Any]:
-    """Per-image rows and set-level metrics (pixels pooled over all images, inside the FOV)."""
+                     pixel_size_unit: str | None = None, class_map: dict[int, int] | None = None,
+                     tta: bool = False) -> dict[str, Any]:
+    """Per-image rows and set-level metrics (pixels pooled over all images, inside the FOV).
+
+    ``tta``: score the mean of flipped copies, as ``r2au segment --tta`` predicts.
+    """
     loaded = load_model(model) if not hasattr(model, "network") else model
     level = loaded.threshold if threshold is None else threshold
     samples = folder_samples(images, masks, fov, loaded.in_channels, class_map=class_map)
     rows, truths, scores = [], [], []
     for sample in samples:
-        prob = predict(loaded, sample.raw, scale=scale, pixel_size=pixel_size,
-                       pixel_size_unit=pixel_size_unit).probabilities
+        options = dict(scale=scale, pixel_size=pixel_size, pixel_size_unit=pixel_size_unit)
+        if tta:
+            prob = run(iter_predict_tta(loaded, sample.raw, **options))[0].probabilities
+        else:
+            prob = predict(loaded, sample.raw, **options).probabilities
         row = segmentation_metrics(sample.mask, prob, level, sample.fov)
         rows.append({"image": sample.name, **row})
         truths.append(sample.mask[sample.fov])
@@ -34,7 +42,7 @@ def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str
     report: dict[str, Any] = segmentation_metrics(truth, score, level)
     report = {key: float(report[key]) for key in METRIC_KEYS}
     report.update(n_images=len(samples), threshold=level, model=loaded.name, model_sha256=loaded.sha256,
-                  per_image=rows)
+                  tta=tta, per_image=rows)
     if plots is not None:
         write_curve_plots(truth, score, Path(plots), report)
     return report

@@ -91,7 +91,9 @@ class SegmentWidget(WorkerRunner, Container):
         self._scope = ComboBox(label="Scope", choices=[WHOLE_IMAGE, CURRENT_SLICE], value=WHOLE_IMAGE,
                                tooltip="For stacks: every slice (the current one first) or only the current one")
         self._attention = CheckBox(text="Attention maps", value=True)
-        self._uncertainty = CheckBox(text="Uncertainty map (runs 3× on flipped copies)", value=False)
+        self._uncertainty = CheckBox(
+            text="Uncertainty map (runs 3× on flipped copies)", value=False,
+            tooltip="Also averages the three copies into the probability and mask, which is a little more accurate")
         self._threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, step=0.01, value=0.5,
                                       tooltip="Re-thresholds the kept probabilities at once; no new run")
         self._remove_small = CheckBox(text="Remove small objects", value=False)
