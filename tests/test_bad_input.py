@@ -33,17 +33,30 @@ UNUSUAL_IMAGES = {
 }
 
 
+def _flip_averaged(model, image, **kwargs):
+    from napari_r2au.engine import run
+    from napari_r2au.uncertainty import iter_predict_tta
+
+    return run(iter_predict_tta(model, image, **kwargs))[0]
+
+
+#: the two ways to predict: one pass, and the mean of flipped copies (segment --tta)
+PREDICTORS = {"predict": predict, "flip-averaged": _flip_averaged}
+
+
+@pytest.mark.parametrize("face", list(PREDICTORS))
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
-def test_engine_names_the_problem(tiny_net, case):
+def test_engine_names_the_problem(tiny_net, case, face):
     image, message = BAD_IMAGES[case]
     with pytest.raises(ValueError, match=message):
-        predict(tiny_net, image, precision="fp32")
+        PREDICTORS[face](tiny_net, image, precision="fp32")
 
 
+@pytest.mark.parametrize("face", list(PREDICTORS))
 @pytest.mark.parametrize("case", list(UNUSUAL_IMAGES))
-def test_engine_handles_unusual_images(tiny_net, case):
+def test_engine_handles_unusual_images(tiny_net, case, face):
     image = UNUSUAL_IMAGES[case]
-    result = predict(tiny_net, image, precision="fp32")
+    result = PREDICTORS[face](tiny_net, image, precision="fp32")
     assert result.probabilities.shape == image.shape[:2]
     assert np.isfinite(result.probabilities).all()
 
