@@ -113,6 +113,8 @@ def test_widget_modules_do_not_import_torch_or_napari():
 
 def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbot, tiny_model):
     from napari_r2au import load_model, predict
+    from napari_r2au.engine import run
+    from napari_r2au.uncertainty import iter_predict_tta
 
     viewer = make_napari_viewer()
     layer = add_image(viewer)
@@ -137,8 +139,10 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
         assert gate.colormap.name == "turbo" and str(gate.blending) == "additive"
     assert uncertainty.data.min() >= 0 and uncertainty.data.max() <= 1
 
-    expected = predict(load_model("tiny"), layer.data).probabilities
+    # with the uncertainty map on, the probability is the mean of the flipped copies
+    expected = run(iter_predict_tta(load_model("tiny"), layer.data))[0].probabilities
     np.testing.assert_allclose(probability.data, expected, atol=1e-4)
+    assert np.abs(probability.data - predict(load_model("tiny"), layer.data).probabilities).max() > 1e-4
     np.testing.assert_array_equal(mask.data, (probability.data > 0.5).astype(np.uint8))
     info = mask.metadata["r2au"]
     assert info["model"] == "tiny" and info["model_sha256"] == load_model("tiny").sha256
