@@ -125,16 +125,21 @@ def agreement_rows() -> list[dict]:
 
 
 def default_model_rows() -> list[dict]:
-    model = load_model("drive-vessels")
+    from napari_r2au.engine import run
     from napari_r2au.io import read_image
+    from napari_r2au.uncertainty import iter_predict_tta
+
+    model = load_model("drive-vessels")
 
     image = read_image(sorted((DRIVE / "images").glob("*.tif"))[0]) if DRIVE.is_dir() else \
         np.random.default_rng(0).integers(0, 255, (584, 565, 3), dtype=np.uint8)
     seconds = timeit(lambda: predict(model, image), repeat=5)
+    averaged = timeit(lambda: run(iter_predict_tta(model, image)), repeat=3)
     result = predict(model, image)
     rethreshold = timeit(lambda: result.mask(0.37), repeat=20)
     return [
         {"config": f"drive-vessels on a 565x584 fundus image ({torch.get_num_threads()} threads)", "seconds": seconds},
+        {"config": "same, mean of 3 flipped copies + uncertainty (segment --tta)", "seconds": averaged},
         {"config": "threshold slider: re-threshold cached probabilities", "seconds": rethreshold},
     ]
 
