@@ -374,6 +374,31 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     return load_model_file(sidecar, source=source)
 
 
+def _threshold_source(model: LoadedModel, donor_source: str | os.PathLike) -> tuple[float, str, dict[str, Any]]:
+    """The threshold a held-out run chose for the same recipe, and where it came from.
+
+    Refused unless the donor's threshold was chosen on a validation split and the donor
+    sees images as ``model`` does (same network and input handling), since otherwise the
+    number means something else.
+    """
+    path = resolve_model_path(donor_source)[0]
+    donor = load_model_file(path)
+    provenance = donor.metadata.get("provenance", {})
+    if not str(provenance.get("threshold_chosen_on", "")).startswith("validation split"):
+        raise ModelFileError(f"{path}: its threshold was not chosen on a validation split "
+                             "(use the held-out run's best.json once its run has ended)")
+    differs = [key for key in ("architecture", "arch_args", "input_scale", "pixel_size", "pixel_size_unit",
+                               "normalization", "postprocess")
+               if donor.metadata.get(key) != model.metadata.get(key)]
+    if differs:
+        raise ModelFileError(f"{path} differs from the model in {', '.join(differs)}: "
+                             "its threshold belongs to another recipe")
+    record = {"name": donor.name, "file": str(path), "sha256": donor.sha256,
+              "validation_images": provenance.get("validation_images"),
+              "validation_metrics": provenance.get("validation_metrics", {})}
+    return donor.threshold, f"validation split of {path} (sha256 {(donor.sha256 or '')[:12]})", record
+
+
 def add_model(source: str | os.PathLike, name: str | None = None, directory: str | os.PathLike | None = None,
               overwrite: bool = False, description: str | None = None, threshold: float | None = None,
               threshold_from: str | os.PathLike | None = None) -> Path:
@@ -402,18 +427,19 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
     meta["name"] = name
     if description is not None:
         meta["description"] = description
-    if threshold is not None:
-        meta["threshold"] = threshold
-        meta["provenance"] = dict(meta.get("provenance", {}), threshold_chosen_on="set by hand (r2au add-model)")
-    if threshold_from is not None:
-        donor = load_model_file(resolve_model_path(threshold_from)[0])
-        donor_provenance = donor.metadata.get("provenance", {})
-        meta["threshold"] = donor.threshold
-        meta["provenance"] = dict(
-            meta.get("provenance", {}),
-            threshold_chosen_on=f"validation split of {donor.name} ({(donor.sha256 or '')[:12]})",
-            threshold_source={"name": donor.name, "sha256": donor.sha256,
-                              "validation_images": donor_provenance.get("validation_images"),
-                              "validation_metrics": donor_provenance.get("validation_metrics", {})},
-        )
+    if threshold is not None or threshold_from is not None:
+        provenance = dict(meta.get("provenance", {}))
+        # figures measured at the old threshold no longer describe the model: kept aside
+        before = {key: provenance.pop(key) for key in ("validation_metrics", "validation_metrics_at_0.5",
+                                                        "threshold_chosen_on", "threshold_source")
+                  if key in provenance}
+        if before:
+            provenance["before_threshold_change"] = dict(before, threshold=loaded.threshold)
+        if threshold_from is not None:
+            threshold, provenance["threshold_chosen_on"], provenance["threshold_source"] = _threshold_source(
+                loaded, threshold_from)
+        else:
+            provenance["threshold_chosen_on"] = "set by hand (r2au add-model)"
+        meta["threshold"] = float(threshold)
+        meta["provenance"] = provenance
     return save_model(loaded.network, directory, meta)

@@ -35,17 +35,25 @@ def tta_uncertainty(maps: Sequence[np.ndarray], kind: str = "entropy", multiclas
     deviation across the copies (disagreement only). Multi-class maps carry a trailing
     class axis; their entropy is normalized by log(classes) and their std averaged.
     """
+    _check_kind(kind)
     stack = np.stack([np.asarray(m, np.float32) for m in maps])
     if kind == "std":
         spread = stack.std(axis=0)
         return (spread.mean(axis=-1) if multiclass else spread).astype(np.float32)
-    if kind != "entropy":
-        raise ValueError(f"kind must be 'entropy' or 'std', got {kind!r}")
-    mean = stack.mean(axis=0)
+    return mean_entropy(stack.mean(axis=0), multiclass)
+
+
+def mean_entropy(mean: np.ndarray, multiclass: bool = False) -> np.ndarray:
+    """Entropy of a mean probability map, in [0, 1] (normalized by log(classes))."""
     if not multiclass:
         return binary_entropy(mean)
     p = np.clip(mean, 1e-7, 1.0)
     return (-(p * np.log(p)).sum(axis=-1) / np.log(mean.shape[-1])).astype(np.float32)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("entropy", "std"):
+        raise ValueError(f"kind must be 'entropy' or 'std', got {kind!r}")
 
 
 def _flip(array: Any, axes: Sequence[int]) -> Any:
@@ -65,25 +73,27 @@ def iter_predict_tta(
     """Predict each flipped copy; returns (prediction, uncertainty map).
 
     The prediction's probabilities are the mean of the copies (flipped back), which
-    scores a little higher than one pass: on the DRIVE validation images, F1 0.8056
-    against 0.8036 and AUC 0.9777 against 0.9764 (docs/performance.md). ``axes`` (e.g.
-    ``"YXC"``, ``"ZYX"``) say which axes are Y and X; guessed from the shape as in
-    ``iter_predict`` when not given. Pass a LoadedModel to load it once; other keyword
-    arguments go to ``iter_predict``.
-    Attention maps are computed on the identity copy only. Progress counts the units
-    of all passes, with ``stage="uncertainty"`` after the first.
+    scores a little higher than one pass (docs/performance.md, "Flip averaging").
+    ``axes`` (e.g. ``"YXC"``, ``"ZYX"``) say which axes are Y and X; guessed from the
+    shape as in ``iter_predict`` when not given. Pass a LoadedModel to load it once;
+    other keyword arguments go to ``iter_predict``. Attention maps are computed on the
+    identity copy only. Progress counts the units of all passes, with
+    ``stage="uncertainty"`` after the first.
     """
     from . import engine
 
-    loaded = engine._as_loaded(model)
-    axes = engine.resolve_axes(image.shape, loaded.in_channels, axes)
     unknown = [name for name in flips if name not in TTA_FLIPS]
     if unknown or not flips or flips[0] != "identity":
         raise ValueError(f"flips must start with 'identity' and use {', '.join(TTA_FLIPS)}; got {list(flips)}")
+    _check_kind(kind)
+    loaded = engine._as_loaded(model)
     first: Prediction | None = None
-    maps: list[np.ndarray] = []
+    total: np.ndarray | None = None  # running sum of the copies: no stack of them all for big volumes
+    maps: list[np.ndarray] = []  # kept only for the std, which needs every copy
     for index, name in enumerate(flips):
-        image_axes = [axes.index(ax) for ax in TTA_FLIPS[name]]
+        if index == 1:  # the identity pass has checked the image; its axes are now safe to resolve
+            axes = engine.resolve_axes(image.shape, loaded.in_channels, axes)
+        image_axes = [axes.index(ax) for ax in TTA_FLIPS[name]] if index else []
         generator = engine.iter_predict(loaded, _flip(image, image_axes), axes=axes,
                                         attention=attention and index == 0, **kwargs)
         stage = "predict" if index == 0 else "uncertainty"
@@ -99,12 +109,16 @@ def iter_predict_tta(
         # outputs are (Z?, Y, X) plus a class axis for multi-class models
         last = -2 if prediction.multiclass else -1
         out_axes = [last if ax == "X" else last - 1 for ax in TTA_FLIPS[name]]
-        maps.append(np.ascontiguousarray(_flip(prediction.probabilities, out_axes)))
+        copy = np.asarray(_flip(prediction.probabilities, out_axes), np.float32)
+        total = copy.copy() if total is None else np.add(total, copy, out=total)
+        if kind == "std":
+            maps.append(np.ascontiguousarray(copy))
         if first is None:
             first = prediction
-    assert first is not None
-    mean = np.mean(np.stack(maps), axis=0).astype(np.float32)
-    return dataclasses.replace(first, probabilities=mean), tta_uncertainty(maps, kind, first.multiclass)
+    assert first is not None and total is not None
+    mean = total / np.float32(len(flips))
+    spread = tta_uncertainty(maps, "std", first.multiclass) if kind == "std" else mean_entropy(mean, first.multiclass)
+    return dataclasses.replace(first, probabilities=mean), spread
 
 
 @dataclass(frozen=True)

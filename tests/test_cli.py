@@ -161,12 +161,12 @@ def test_add_model_installs_a_checked_copy(tmp_path, capsys):
     assert "my-unet" in capsys.readouterr().out
     assert main(["add-model", str(source), "--name", "my-unet"]) == 2  # never replaced silently
     assert "exists" in capsys.readouterr().err
-    assert main(["add-model", str(source), "--name", "all-data", "--threshold-from", "my-unet"]) == 0
     assert main(["add-model", str(source), "--name", "hand", "--threshold", "0.3"]) == 0
     from napari_r2au.model_files import load_model
 
     assert load_model("hand").threshold == 0.3
-    assert load_model("all-data").metadata["provenance"]["threshold_source"]["name"] == "my-unet"
+    assert main(["add-model", str(source), "--name", "all-data", "--threshold-from", "my-unet"]) == 2
+    assert "not chosen on a validation split" in capsys.readouterr().err
     weights = tmp_path / "run" / "best.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"x")
     assert main(["add-model", str(source), "--name", "tampered"]) == 2

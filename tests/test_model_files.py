@@ -201,18 +201,32 @@ def test_add_model_takes_the_threshold_from_a_held_out_run(tmp_path):
     """A model trained on all the data gets the threshold its held-out twin chose, with the figures."""
     from napari_r2au.model_files import add_model
 
-    net = create_model("unet", base_width=4)
-    provenance = {"validation_images": 4, "validation_metrics": {"f1": 0.81}}
-    donor = save_model(net, tmp_path / "held-out", build_metadata(
-        name="best", architecture="unet", arch_args={"base_width": 4}, threshold=0.3, provenance=provenance))
+    args = {"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2}
+
+    def held_out_run(folder, chosen_on="validation split, F1", architecture="r2au_net"):
+        provenance = {"validation_images": 4, "validation_metrics": {"f1": 0.81}, "threshold_chosen_on": chosen_on}
+        net = create_model(architecture, base_width=4)
+        return save_model(net, tmp_path / folder, build_metadata(
+            name="best", architecture=architecture, arch_args=args, threshold=0.3, provenance=provenance))
+
+    donor = held_out_run("held-out")
     _, all_data = _save_tiny(tmp_path / "all")
     added = load_model(add_model(all_data, name="all-data", threshold_from=donor))
     assert added.threshold == 0.3
     source = added.metadata["provenance"]["threshold_source"]
     assert source["validation_metrics"] == {"f1": 0.81} and source["sha256"] == load_model(donor).sha256
-    assert load_model(add_model(all_data, name="by-hand", threshold=0.4)).threshold == 0.4
-    with pytest.raises(ModelFileError, match="threshold must be"):
-        add_model(all_data, name="bad", threshold=1.5)
-    with pytest.raises(ModelFileError, match="not both"):
-        add_model(all_data, name="both", threshold=0.4, threshold_from=donor)
+    assert str(donor) in added.metadata["provenance"]["threshold_chosen_on"]
+
+    by_hand = load_model(add_model(user_models_dir() / "all-data.json", name="by-hand", threshold=np.float32(0.4)))
+    assert by_hand.threshold == pytest.approx(0.4)
+    provenance = by_hand.metadata["provenance"]
+    assert provenance["threshold_chosen_on"] == "set by hand (r2au add-model)" and "threshold_source" not in provenance
+    assert provenance["before_threshold_change"]["threshold"] == 0.3
+
+    for bad, message in ((dict(threshold=1.5), "threshold must be"),
+                         (dict(threshold=0.4, threshold_from=donor), "not both"),
+                         (dict(threshold_from=held_out_run("uncalibrated", chosen_on="")), "not chosen on a validation"),
+                         (dict(threshold_from=held_out_run("other", architecture="unet")), "differs from the model in")):
+        with pytest.raises(ModelFileError, match=message):
+            add_model(all_data, name="bad", **bad)
     assert not (user_models_dir() / "bad.json").exists()

@@ -130,9 +130,11 @@ def test_weight_average_is_what_gets_saved(tmp_path, rng):
     differs = [key for key, value in ema_model.network.state_dict().items()
                if value.is_floating_point() and not torch.equal(value, raw_state[key])]
     assert differs, "the averaged checkpoint equals the raw weights"
-    # resuming an averaged run without ema_decay (or the reverse) is refused, not mixed up
-    with pytest.raises(ValueError, match="not trained with ema_decay"):
+    # resuming with another ema_decay (or none) than the run had is refused, not mixed up
+    with pytest.raises(ValueError, match="trained with ema_decay=None, not 0.5"):
         train(_config(tmp_path / "raw", steps=8, ema_decay=0.5), resume=True, **kw)
+    with pytest.raises(ValueError, match="trained with ema_decay=0.5, not None"):
+        train(_config(tmp_path / "ema", steps=8), resume=True, **kw)
 
     # the average itself: decay d moves each weight (1 - d) of the way to the live one
     live = torch.nn.Linear(2, 1)
@@ -142,8 +144,13 @@ def test_weight_average_is_what_gets_saved(tmp_path, rng):
         live.weight.add_(1.0)
     average.update(live, step=1000)
     assert torch.allclose(average.network.weight, start + 0.5)
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        WeightAverage(live, 1.0)
+    frozen = live.bias.clone()
+    for step in range(200):  # a weight that does not move stays bit-identical in the average
+        average.update(live, step)
+    assert torch.equal(average.network.bias, frozen)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            WeightAverage(live, bad)
 
 
 def test_bundled_configs_load():

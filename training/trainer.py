@@ -207,7 +207,7 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         name=config.name, architecture=config.architecture, arch_args=arch_args,
         description=config.description, provenance=provenance, input_scale=config.input_scale,
         pixel_size=pixel_size, pixel_size_unit=unit,
-        normalization=parent.normalization if parent else {"kind": "standardize"},
+        normalization=parent.normalization if parent is not None else {"kind": "standardize"},
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
     )
 
@@ -215,8 +215,10 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
 class WeightAverage:
     """Exponential moving average of a network's parameters and buffers.
 
-    The decay ramps up as (1 + step) / (10 + step) so that early averages are not
-    dominated by the random initial weights. Integer buffers (batch counters) are copied.
+    The decay at a step is min(decay, (1 + step) / (10 + step)), so that early averages
+    are not dominated by the random initial weights: until the decay is reached (0.999
+    at step ~9,000) the average spans roughly the last step / 9 steps. Integer buffers
+    (batch counters) are copied.
     """
 
     def __init__(self, network: torch.nn.Module, decay: float):
@@ -234,16 +236,19 @@ class WeightAverage:
         decay = min(self.decay, (1 + step) / (10 + step))
         live = network.state_dict()
         for key, value in self.network.state_dict().items():
-            if value.is_floating_point():
-                value.mul_(decay).add_(live[key].detach(), alpha=1 - decay)
+            if value.is_floating_point():  # lerp: exact where the weight did not move (frozen layers)
+                value.lerp_(live[key].detach(), 1 - decay)
             else:
                 value.copy_(live[key])
 
 
 def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                best_f1: float, bad_validations: int, elapsed: float,
-                live_network: torch.nn.Module | None = None) -> None:
+                best_f1: float, bad_validations: int, elapsed: float, network: torch.nn.Module,
+                average: WeightAverage | None) -> None:
+    """Everything a resume needs, weights included, so that it never pairs files of two steps."""
     state = {
+        "network": network.state_dict(),
+        "ema_decay": average.decay if average is not None else None,
         "step": step,
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
@@ -251,8 +256,8 @@ def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generat
         "bad_validations": bad_validations,
         "elapsed": elapsed,
     }
-    if live_network is not None:  # the checkpoints hold the average; resuming needs the raw weights too
-        state["live_network"] = live_network.state_dict()
+    if average is not None:
+        state["average"] = average.network.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -334,7 +339,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         synchronize_batch_norms(network)
         model = DistributedDataParallel(network, device_ids=[dev.index] if dev.type == "cuda" else None)
     writer = rank == 0
-    average = WeightAverage(network, config.ema_decay) if config.ema_decay else None
+    normalization = parent.normalization if parent is not None else {"kind": "standardize"}
+    average = WeightAverage(network, config.ema_decay) if config.ema_decay is not None else None
     #: the weights that are validated and saved
     kept = average.network if average else network
 
@@ -343,15 +349,15 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if resume:
         if not last_state.is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
-        resumed = load_model(last_model)
         state = torch.load(last_state, map_location="cpu", weights_only=True)
+        trained_with = state.get("ema_decay")
+        if trained_with != config.ema_decay:
+            raise ValueError(f"{out}: this run was trained with ema_decay={trained_with}, not {config.ema_decay}; "
+                             f"resume it with --set ema_decay={trained_with}")
+        # the state file holds the weights of its own step; older runs kept them in last.json only
+        network.load_state_dict(state["network"] if "network" in state else load_model(last_model).network.state_dict())
         if average is not None:
-            if "live_network" not in state:
-                raise ValueError(f"{out}: this run was not trained with ema_decay; resume it without")
-            average.network.load_state_dict(resumed.network.state_dict())
-            network.load_state_dict(state["live_network"])
-        else:
-            network.load_state_dict(resumed.network.state_dict())
+            average.network.load_state_dict(state["average"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, best_f1, bad, elapsed_before = state["step"], state["best_f1"], state["bad_validations"], state["elapsed"]
@@ -418,7 +424,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                 if val_samples:
                     kept.eval()
                     loaded = LoadedModel(kept, {"name": config.name, "in_channels": config.in_channels,
-                                                   "out_channels": 1, "threshold": 0.5}, source="memory")
+                                                "out_channels": 1, "threshold": 0.5,
+                                                "normalization": normalization}, source="memory")
                     validation = evaluate_samples(loaded, val_samples, precision=config.precision,
                                                   device=str(dev))
                     if validation["f1"] > best_f1:
@@ -427,8 +434,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                     else:
                         bad += 1
                 save("last", validation or {})
-                _save_state(last_state, step, optimizer, generator, best_f1, bad, elapsed,
-                            network if average is not None else None)
+                _save_state(last_state, step, optimizer, generator, best_f1, bad, elapsed, network, average)
             row = [step, f"{loss.item():.5f}", f"{lr:.6g}", f"{elapsed:.1f}"]
             if validation:
                 row += [f"{validation[k]:.5f}" for k in ("f1", "auc_roc", "sensitivity", "specificity")]
