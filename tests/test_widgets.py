@@ -146,7 +146,7 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
     np.testing.assert_array_equal(mask.data, (probability.data > 0.5).astype(np.uint8))
     info = mask.metadata["r2au"]
     assert info["model"] == "tiny" and info["model_sha256"] == load_model("tiny").sha256
-    assert info["threshold"] == 0.5 and len(info["mask_sha256"]) == 64
+    assert info["threshold"] == 0.5 and len(info["mask_sha256"]) == 64 and info["flip_averaged"] is True
     assert info["scale"] == 1.0  # the model's input_scale: the Scale field was left at 0
     assert "Done" in widget._status.value
 

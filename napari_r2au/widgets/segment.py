@@ -321,6 +321,8 @@ class SegmentWidget(WorkerRunner, Container):
             "probability_layer": prob_layer.name,
             "attention_layers": attention_names,
             "uncertainty_layer": uncertainty_name,
+            # with the uncertainty map the probabilities are the mean of 3 flipped copies
+            "flip_averaged": output.uncertainty is not None,
             "scope": context.scope,
             "slices": context.slices,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
