@@ -1,0 +1,121 @@
+"""The paper's architecture comparison on DRIVE, from the bundled configs.
+
+``python -m benchmarks.drive_comparison [--minutes M] [--seeds 0 1 2] [--parallel P] [--markdown FILE]``
+
+Trains U-Net, Attention U-Net, R2U-Net and R2AU-Net (``training/configs/drive-<arch>.yaml``:
+same width, data, augmentation and loss) for the same wall-time budget each, on one
+thread per run, ``--parallel`` runs at a time. Every run holds out the same 4 DRIVE
+training images (23, 25, 27, 40), so seeds vary initialisation and sampling only. The
+table gives, per architecture, the mean over seeds (and the worst seed) of the best
+checkpoint's validation F1 at the threshold chosen on the split, F1 at 0.5 and AUC-ROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
+ARCHITECTURES = ("unet", "attention_unet", "r2u_net", "r2au_net")
+VALIDATION = ["23_training", "25_training", "27_training", "40_training"]
+BEGIN, END = "<!-- comparison -->", "<!-- /comparison -->"
+
+
+def train_command(arch: str, seed: int, minutes: float, out: Path, extra: list[str]) -> list[str]:
+    overrides = ["threads=1", f"max_minutes={minutes}", f"seed={seed}", f"output_dir={out}",
+                 f"val_names={json.dumps(VALIDATION)}", f"data.root={DRIVE}", *extra]
+    command = [sys.executable, "-m", "napari_r2au.cli", "train", f"drive-{arch}"]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def run_summary(out: Path) -> dict:
+    """Steps done, best step and validation figures of one finished run."""
+    from napari_r2au.model_files import load_model_file
+
+    with open(out / "log.csv", newline="") as handle:
+        steps = sum(1 for _ in csv.DictReader(handle))
+    best = load_model_file(out / "best.json")
+    provenance = best.metadata["provenance"]
+    chosen = provenance["validation_metrics"]
+    at_half = provenance.get("validation_metrics_at_0.5", chosen)
+    return {"steps": steps, "best_step": provenance["steps"], "f1": chosen["f1"], "threshold": best.threshold,
+            "f1_at_0.5": at_half["f1"], "auc_roc": chosen["auc_roc"],
+            "parameters": sum(p.numel() for p in best.network.parameters())}
+
+
+def table(results: dict[str, list[dict]], minutes: float, seeds: list[int]) -> str:
+    lines = [f"Budget: {minutes:g} minutes of wall time per run, one thread each; seeds {seeds}; "
+             "validation: DRIVE training images 23, 25, 27, 40 (FOV, pooled).", "",
+             "| architecture | parameters | steps done | best step | val F1, chosen threshold (worst seed) "
+             "| F1 at 0.5 | AUC-ROC |", "|---|---|---|---|---|---|---|"]
+    for arch, runs in results.items():
+        def mean(key: str, runs: list[dict] = runs) -> float:
+            return sum(r[key] for r in runs) / len(runs)
+
+        worst = min(r["f1"] for r in runs)
+        lines.append(f"| {arch} | {runs[0]['parameters']:,} | {mean('steps'):.0f} | {mean('best_step'):.0f} "
+                     f"| {mean('f1'):.4f} ({worst:.4f}) | {mean('f1_at_0.5'):.4f} | {mean('auc_roc'):.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, block: str) -> None:
+    """Replace the text between the comparison markers of ``path`` (or append them)."""
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = f"{head}{BEGIN}\n{block}{END}{rest.split(END, 1)[1]}"
+    else:
+        text += f"\n{BEGIN}\n{block}{END}\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.drive_comparison", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=22.0, help="wall-time budget of each run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "comparison")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every run (e.g. steps=20 for a dry run)")
+    parser.add_argument("--markdown", type=Path, help="write the table between the comparison markers here")
+    args = parser.parse_args(argv)
+    if not (DRIVE / "images").is_dir():
+        print(f"DRIVE data not found at {DRIVE}; nothing to compare")
+        return 0
+    jobs = [(arch, seed, args.out / f"{arch}-seed{seed}") for arch in args.architectures for seed in args.seeds]
+
+    def train(job: tuple[str, int, Path]) -> int:
+        arch, seed, out = job
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "w") as log:
+            return subprocess.run(train_command(arch, seed, args.minutes, out, args.set), cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        codes = list(pool.map(train, jobs))
+    failed = [str(out) for (_, _, out), code in zip(jobs, codes) if code != 0]
+    if failed:
+        print("failed runs (see train.log in each): " + ", ".join(failed), file=sys.stderr)
+        return 1
+    results: dict[str, list[dict]] = {}
+    for arch, _seed, out in jobs:
+        results.setdefault(arch, []).append(run_summary(out))
+    block = table(results, args.minutes, args.seeds)
+    print(block)
+    if args.markdown:
+        write_markdown(args.markdown, block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

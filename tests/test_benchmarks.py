@@ -1,0 +1,24 @@
+"""The comparison benchmark end to end, on real DRIVE data at a toy size."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import drive_comparison
+
+
+def test_drive_comparison_trains_each_architecture_and_writes_its_table(tmp_path, drive_root, monkeypatch):
+    monkeypatch.setattr(drive_comparison, "DRIVE", drive_root)
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{drive_comparison.BEGIN}\nold table\n{drive_comparison.END}\noutro\n")
+    tiny = ["steps=2", "base_width=4", "patch_size=32", "batch_size=2", "val_every=2"]
+    args = ["--minutes", "1", "--architectures", "unet", "attention_unet", "--out", str(tmp_path / "runs"),
+            "--markdown", str(doc)] + [item for override in tiny for item in ("--set", override)]
+    assert drive_comparison.main(args) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| unet") or line.startswith("| attention_unet")]
+    assert len(rows) == 2
+    config = json.loads((tmp_path / "runs" / "unet-seed0" / "config.json").read_text())
+    assert config["architecture"] == "unet" and config["threads"] == 1
+    assert config["val_names"] == drive_comparison.VALIDATION
