@@ -1,6 +1,6 @@
 """The paper's architecture comparison on DRIVE, from the bundled configs.
 
-``python -m benchmarks.drive_comparison [--minutes M] [--seeds 0 1 2] [--parallel P] [--markdown FILE]``
+``python -m benchmarks.drive_comparison [--minutes M] [--seeds 0 1 2] [--parallel P] [--reuse] [--markdown FILE]``
 
 Trains U-Net, Attention U-Net, R2U-Net and R2AU-Net (``training/configs/drive-<arch>.yaml``:
 same width, data, augmentation and loss) for the same wall-time budget each, on one
@@ -34,6 +34,29 @@ def train_command(arch: str, seed: int, minutes: float, out: Path, extra: list[s
     for item in overrides:
         command += ["--set", item]
     return command
+
+
+def finished_run_matches(out: Path, command: list[str]) -> bool:
+    """True when ``out`` holds a run that ended normally with the config ``command`` would train.
+
+    Lets ``--reuse`` add seeds or architectures to an earlier comparison without
+    retraining it, and never reuses a killed run or one made with other settings.
+    """
+    from napari_r2au.training.config import load_config
+
+    log, config_file = out / "train.log", out / "config.json"
+    if not (log.is_file() and config_file.is_file() and (out / "best.json").is_file()):
+        return False
+    lines = log.read_text().strip().splitlines()
+    if not lines or not lines[-1].startswith("done after"):
+        return False
+    overrides = [command[i + 1] for i, item in enumerate(command) if item == "--set"]
+    wanted = json.loads(json.dumps(load_config(command[command.index("train") + 1], overrides).to_dict(),
+                                   default=str))
+    saved = json.loads(config_file.read_text())
+    for key in ("package_version", "world_size"):
+        saved.pop(key, None)
+    return saved == wanted
 
 
 def run_summary(out: Path) -> dict:
@@ -88,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (e.g. steps=20 for a dry run)")
     parser.add_argument("--markdown", type=Path, help="write the table between the comparison markers here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs in --out that finished with the same settings (add seeds without retraining)")
     args = parser.parse_args(argv)
     if not (DRIVE / "images").is_dir():
         print(f"DRIVE data not found at {DRIVE}; nothing to compare")
@@ -96,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(job: tuple[str, int, Path]) -> int:
         arch, seed, out = job
+        command = train_command(arch, seed, args.minutes, out, args.set)
+        if args.reuse and finished_run_matches(out, command):
+            print(f"reusing {out}")
+            return 0
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "w") as log:
-            return subprocess.run(train_command(arch, seed, args.minutes, out, args.set), cwd=ROOT,
+            return subprocess.run(command, cwd=ROOT,
                                   stdout=log, stderr=subprocess.STDOUT).returncode
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:

@@ -22,3 +22,34 @@ def test_drive_comparison_trains_each_architecture_and_writes_its_table(tmp_path
     config = json.loads((tmp_path / "runs" / "unet-seed0" / "config.json").read_text())
     assert config["architecture"] == "unet" and config["threads"] == 1
     assert config["val_names"] == drive_comparison.VALIDATION
+
+
+def test_reuse_keeps_finished_runs_and_retrains_changed_or_killed_ones(tmp_path, drive_root, monkeypatch):
+    monkeypatch.setattr(drive_comparison, "DRIVE", drive_root)
+    tiny = ["steps=2", "base_width=4", "patch_size=32", "batch_size=2", "val_every=2"]
+    sets = [item for override in tiny for item in ("--set", override)]
+    runs = tmp_path / "runs"
+    base = ["--minutes", "1", "--architectures", "unet", "--out", str(runs), "--reuse"]
+    assert drive_comparison.main(base + sets) == 0
+    log = runs / "unet-seed0" / "train.log"
+    first = log.stat().st_mtime_ns
+
+    trained: list[list[str]] = []
+    real_run = drive_comparison.subprocess.run
+
+    def spy(command, **kwargs):
+        trained.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(drive_comparison.subprocess, "run", spy)
+    assert drive_comparison.main(base + sets + ["--seeds", "0", "1"]) == 0
+    assert [next(i for i in c if i.startswith("seed=")) for c in trained] == ["seed=1"]  # seed 0 reused, seed 1 trained
+    assert log.stat().st_mtime_ns == first
+
+    trained.clear()
+    assert drive_comparison.main(base + sets + ["--set", "lr=0.001"]) == 0  # other settings: retrained
+    assert len(trained) == 1
+    trained.clear()
+    log.write_text(log.read_text() + "Traceback: killed\n")  # did not end normally: retrained
+    assert drive_comparison.main(base + sets + ["--set", "lr=0.001"]) == 0
+    assert len(trained) == 1
