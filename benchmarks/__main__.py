@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import write_between_markers
 from napari_r2au import create_model, load_model, predict
 from napari_r2au.engine import cpu_has_bf16, inference_network
 from napari_r2au.model_files import LoadedModel
@@ -285,21 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows)
     print(table)
     if args.markdown:
-        write_markdown(args.markdown, f"Machine: {machine}\n\nCommand: `python -m benchmarks"
+        write_between_markers(args.markdown, f"Machine: {machine}\n\nCommand: `python -m benchmarks"
                                       f"{' --quick' if args.quick else ''}`\n\n{table}\n")
     return 0
-
-
-def write_markdown(path: Path, block: str, begin: str = "<!-- table -->", end: str = "<!-- /table -->") -> None:
-    """Put the generated block between the markers of ``path``, keeping the prose around it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = f"{head}{begin}\n{block}{end}{rest.split(end, 1)[1]}"
-    else:
-        text = f"{text}{begin}\n{block}{end}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks import write_between_markers
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
 ARCHITECTURES = ("unet", "attention_unet", "r2u_net", "r2au_net")
@@ -89,17 +91,6 @@ def table(results: dict[str, list[dict]], minutes: float, seeds: list[int]) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, block: str) -> None:
-    """Replace the text between the comparison markers of ``path`` (or append them)."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = f"{head}{BEGIN}\n{block}{END}{rest.split(END, 1)[1]}"
-    else:
-        text += f"\n{BEGIN}\n{block}{END}\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.drive_comparison", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     block = table(results, args.minutes, args.seeds)
     print(block)
     if args.markdown:
-        write_markdown(args.markdown, block)
+        write_between_markers(args.markdown, block, BEGIN, END)
     return 0
 
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_between_markers
+
 ROOT = Path(__file__).resolve().parents[1]
 HRF = ROOT.parent / "shared" / "data" / "HRF"
 #: images used for fine-tuning (one of each group); all others are evaluated
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     text = _tables(runs, start.name)
     print(text)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
         seeds = " ".join(str(s) for s in args.seeds)
-        args.markdown.write_text(
+        write_between_markers(
+            args.markdown,
             f"Command: `python -m benchmarks.hrf_finetune --steps {args.steps} --scale {args.scale} "
             f"--seeds {seeds} --model {args.model}`\n\n"
             f"Fine-tuned on {', '.join(TUNE_IDS)} (first k); evaluated on {len(eval_ids)} other HRF images "

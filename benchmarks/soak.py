@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_between_markers
+
 
 def rss_mib() -> float:
     """Current resident set size (Linux /proc), MiB."""
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{points}; growth after warm-up (run 10 -> {args.runs}): {growth:+.2%}")
     print(text)
     if args.markdown:
-        args.markdown.write_text(f"Command: `python -m benchmarks.soak --runs {args.runs}`\n\n{text}\n")
+        write_between_markers(args.markdown, f"Command: `python -m benchmarks.soak --runs {args.runs}`\n\n{text}\n")
     return 0
 
 

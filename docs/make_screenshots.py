@@ -238,7 +238,7 @@ def main() -> int:
     corrected.mode = "pan_zoom"
     shot(viewer, "07-export.png")
     sidecar = json.loads(EXPORT.with_suffix(".json").read_text())
-    print(json.dumps({k: sidecar[k] for k in ("mask_file", "model", "threshold", "corrected_by_hand")}),
+    print(json.dumps({k: sidecar[k] for k in ("mask_file", "model", "model_sha256", "threshold", "corrected_by_hand")}),
           flush=True)
 
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

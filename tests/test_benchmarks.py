@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import drive_comparison
+from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, write_between_markers
 
 
 def test_drive_comparison_trains_each_architecture_and_writes_its_table(tmp_path, drive_root, monkeypatch):
@@ -53,3 +53,13 @@ def test_reuse_keeps_finished_runs_and_retrains_changed_or_killed_ones(tmp_path,
     log.write_text(log.read_text() + "Traceback: killed\n")  # did not end normally: retrained
     assert drive_comparison.main(base + sets + ["--set", "lr=0.001"]) == 0
     assert len(trained) == 1
+
+
+def test_benchmark_tables_replace_only_the_text_between_their_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    write_between_markers(doc, "first table")
+    assert doc.read_text() == f"{TABLE_BEGIN}\nfirst table\n{TABLE_END}\n"
+    doc.write_text("# Title\n\nintro\n" + doc.read_text() + "\nprose written by hand\n")
+    write_between_markers(doc, "second table\n")
+    assert doc.read_text() == f"# Title\n\nintro\n{TABLE_BEGIN}\nsecond table\n{TABLE_END}\n\nprose written by hand\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]  # written through a temporary file, none left
