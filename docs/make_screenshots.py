@@ -7,7 +7,7 @@ on the Labels layer) and saves the whole window, docks included, after each step
 
     OMP_NUM_THREADS=1 xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
 
-It takes about 35 s on two CPU cores, 20 fine-tuning steps included. User models go
+It takes about 30 s on one CPU thread, 20 fine-tuning steps included. User models go
 to a scratch folder (``R2AU_HOME=/tmp/r2au-shots-home``, emptied first), so the
 fine-tuned model is always ``drive-vessels-ft1`` and never lands in your own models
 folder; the exported mask and its JSON sidecar are written to
@@ -37,8 +37,9 @@ WINDOW = (1600, 1000)  # width, height of the napari window: the whole Xvfb scre
 WIDTH = 1280  # width of the saved PNGs
 MAX_BYTES = 400_000
 
-#: brush strokes of the "correction" step, (row, col) in image pixels: two breaks in thin
-#: vessels below and right of the fovea are closed, three specks near them erased
+#: brush strokes of the "correction" step, (row, col) in image pixels: two short strokes along
+#: thin vessels below and right of the fovea (where an earlier checkpoint left breaks), three
+#: spots near them erased
 BRIDGES = [((866, 895), (816, 897)), ((870, 1017), (912, 1026))]
 ERASE = [(742, 914), (761, 794), (839, 975)]
 ZOOM_CENTER, ZOOM = (860, 930), 3.0
@@ -169,7 +170,7 @@ def main() -> int:
     viewer.layers.selection.active = uncertainty
     shot(viewer, "03-uncertainty.png")
 
-    # 4. correct the mask with the brush: close two breaks, erase specks
+    # 4. correct the mask with the brush: two strokes along thin vessels, three spots erased
     mask = viewer.layers[f"{base} mask"]
     show_only(viewer, image, mask)
     viewer.layers.selection.active = mask
