@@ -281,6 +281,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"dice       before {before}  after {after}  (validation: "
           f"{'the given pair' if validation is not None else 'held-out strip of the first image'})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
+    if result.dice_fell:
+        print(f"warning: {result.model.name} scores lower than its base model on the validation part; "
+              "compare before you use it", file=sys.stderr)
     return 0
 
 

@@ -359,6 +359,24 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     assert viewer.layers["img mask"].metadata["r2au"]["model"] == "tiny-ft1"
 
 
+def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari_viewer, tiny_model,
+                                                                      notifications, monkeypatch):
+    from napari_r2au.model_files import load_model_file
+    from napari_r2au.training.finetune import FinetuneResult
+
+    viewer = make_napari_viewer()
+    finetune = dock(viewer, "Fine-tune")
+    monkeypatch.setattr(type(finetune), "_use_new_model", lambda self, name: None)
+    model = load_model_file(tiny_model, source="user")
+    finetune._on_result(FinetuneResult(model, dice_before=0.85, dice_after=0.84, steps=150, stopped="steps"))
+    assert "Lower than the base model" in finetune._result.value
+    assert "scores lower than its base model" in messages(notifications)
+
+    notifications.clear()
+    finetune._on_result(FinetuneResult(model, dice_before=0.84, dice_after=0.85, steps=150, stopped="steps"))
+    assert "Lower" not in finetune._result.value and "lower" not in messages(notifications)
+
+
 def test_finetune_on_a_corrected_segment_mask_keeps_the_edits_and_the_scale(
         make_napari_viewer, qtbot, tiny_model, notifications):
     """The loop of the user guide: Segment at a Scale, paint on its mask, fine-tune on it.

@@ -46,6 +46,11 @@ class FinetuneResult:
     steps: int
     stopped: str
 
+    @property
+    def dice_fell(self) -> bool:
+        """True when the new model scores lower than its base on the held-out part."""
+        return self.dice_before is not None and self.dice_after is not None and self.dice_after < self.dice_before
+
 
 def next_version_name(base: str, directory: Path | None = None) -> str:
     """``<base>-ft<N>`` with N one above the highest already in the user folder."""
