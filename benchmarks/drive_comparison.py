@@ -29,17 +29,21 @@ VALIDATION = ["23_training", "25_training", "27_training", "40_training"]
 BEGIN, END = "<!-- comparison -->", "<!-- /comparison -->"
 
 
-def train_command(arch: str, seed: int, minutes: float, out: Path, extra: list[str]) -> list[str]:
-    overrides = ["threads=1", f"max_minutes={minutes}", f"seed={seed}", f"output_dir={out}",
-                 f"val_names={json.dumps(VALIDATION)}", f"data.root={DRIVE}", *extra]
+def run_overrides(seed: int, minutes: float, out: Path, extra: list[str]) -> list[str]:
+    """The ``--set`` overrides of one run: what its config differs in from the bundled one."""
+    return ["threads=1", f"max_minutes={minutes}", f"seed={seed}", f"output_dir={out}",
+            f"val_names={json.dumps(VALIDATION)}", f"data.root={DRIVE}", *extra]
+
+
+def train_command(arch: str, overrides: list[str]) -> list[str]:
     command = [sys.executable, "-m", "napari_r2au.cli", "train", f"drive-{arch}"]
     for item in overrides:
         command += ["--set", item]
     return command
 
 
-def finished_run_matches(out: Path, command: list[str]) -> bool:
-    """True when ``out`` holds a run that ended normally with the config ``command`` would train.
+def finished_run_matches(out: Path, arch: str, overrides: list[str]) -> bool:
+    """True when ``out`` holds a run that ended normally with the config these overrides give.
 
     Lets ``--reuse`` add seeds or architectures to an earlier comparison without
     retraining it, and never reuses a killed run or one made with other settings.
@@ -52,9 +56,7 @@ def finished_run_matches(out: Path, command: list[str]) -> bool:
     lines = log.read_text().strip().splitlines()
     if not lines or not lines[-1].startswith("done after"):
         return False
-    overrides = [command[i + 1] for i, item in enumerate(command) if item == "--set"]
-    wanted = json.loads(json.dumps(load_config(command[command.index("train") + 1], overrides).to_dict(),
-                                   default=str))
+    wanted = json.loads(json.dumps(load_config(f"drive-{arch}", overrides).to_dict(), default=str))
     saved = json.loads(config_file.read_text())
     for key in ("package_version", "world_size"):
         saved.pop(key, None)
@@ -112,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(job: tuple[str, int, Path]) -> int:
         arch, seed, out = job
-        command = train_command(arch, seed, args.minutes, out, args.set)
-        if args.reuse and finished_run_matches(out, command):
+        overrides = run_overrides(seed, args.minutes, out, args.set)
+        if args.reuse and finished_run_matches(out, arch, overrides):
             print(f"reusing {out}")
             return 0
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "w") as log:
-            return subprocess.run(command, cwd=ROOT,
+            return subprocess.run(train_command(arch, overrides), cwd=ROOT,
                                   stdout=log, stderr=subprocess.STDOUT).returncode
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
