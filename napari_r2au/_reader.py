@@ -93,7 +93,11 @@ def _mask_record(path: Path) -> dict[str, Any] | None:
 
 
 def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    info = {key: record.get(key) for key in ("model", "model_sha256", "threshold", "cleanup", "image_layer")}
+    info = {key: record.get(key) for key in ("model", "model_sha256", "threshold", "cleanup", "image_layer",
+                                             "flip_averaged", "scope")}
+    info["scale"] = record.get("working_scale")  # what Fine-tune trains at on this mask
+    info["slices"] = record.get("segmented_slices")
+    info["runs"] = record.get("runs")
     # the checksum of the model's own mask: edits are still told apart after a reload
     info["mask_sha256"] = record.get("prediction_sha256")
     info["created"] = record.get("segmented")

@@ -78,6 +78,31 @@ class Prediction:
         return labels
 
 
+def overlay_slices(earlier: np.ndarray | None, later: np.ndarray | None, slices: Sequence[int],
+                   shape: Sequence[int]) -> np.ndarray:
+    """``earlier`` (zeros if None) with ``slices`` taken from ``later`` (zeros if None)."""
+    merged = np.zeros(shape, np.float32) if earlier is None else np.array(earlier, np.float32)
+    index = list(slices)
+    merged[index] = 0.0 if later is None else later[index]
+    return merged
+
+
+def merge_slices(earlier: Prediction, later: Prediction, slices: Sequence[int]) -> Prediction:
+    """A stack's prediction after a run on some of its slices: ``later`` on ``slices``,
+    ``earlier`` everywhere else (a "current slice" run must not blank the others)."""
+    if earlier.probabilities.shape != later.probabilities.shape:
+        raise ValueError(f"cannot merge predictions of shapes {earlier.probabilities.shape} and "
+                         f"{later.probabilities.shape}")
+    probabilities = overlay_slices(earlier.probabilities, later.probabilities, slices,
+                                   earlier.probabilities.shape)
+    plane_shape = earlier.probabilities.shape[:3]
+    gates = max(len(earlier.attention), len(later.attention))
+    attention = [overlay_slices(earlier.attention[g] if g < len(earlier.attention) else None,
+                                later.attention[g] if g < len(later.attention) else None, slices, plane_shape)
+                 for g in range(gates)]
+    return replace(later, probabilities=probabilities, attention=attention)
+
+
 def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None) -> str:
     """Axes string (letters Z, Y, X, C) for an array shape; ``axes`` wins if given."""
     if axes is not None:

@@ -223,3 +223,21 @@ def run_events(net, image):
 def test_empty_image_is_named_on_the_rescaling_path_too(tiny_net):
     with pytest.raises(ValueError, match="empty"):
         predict(tiny_net, np.zeros((0, 12, 3)), scale=0.5)
+
+
+def test_merge_slices_keeps_the_other_slices(tiny_net, rng):
+    from napari_r2au.engine import merge_slices
+
+    stack = rng.random((3, 32, 32)).astype(np.float32)
+    earlier = predict(tiny_net, stack, axes="ZYX", attention=True)
+    later = predict(tiny_net, stack[:, ::-1].copy(), axes="ZYX", slices=[1], attention=False)
+    merged = merge_slices(earlier, later, [1])
+    np.testing.assert_array_equal(merged.probabilities[[0, 2]], earlier.probabilities[[0, 2]])
+    np.testing.assert_array_equal(merged.probabilities[1], later.probabilities[1])
+    # the later run made no attention maps: slice 1's earlier maps are stale, so they are cleared
+    assert len(merged.attention) == len(earlier.attention) > 0
+    for before, after in zip(earlier.attention, merged.attention):
+        np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
+        assert not after[1].any()
+    with pytest.raises(ValueError, match="shapes"):
+        merge_slices(earlier, predict(tiny_net, stack[:2], axes="ZYX"), [1])

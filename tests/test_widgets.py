@@ -320,10 +320,20 @@ def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_mode
     assert live == [(1, [False, True, False]), (0, [True, True, False]), (2, [True, True, True])]
     assert "stack probability (running)" not in viewer.layers
 
+    full = viewer.layers["stack probability"].data.copy()
+    viewer.layers["stack"].data = stack[:, ::-1].copy()  # so that slice 1's new result differs
     widget._scope.value = "Current slice"
     widget.run()
     wait_idle(qtbot, widget)
     assert seen[-1] == [1]
+    # the other slices keep their results; the record says which run made which slice
+    merged = viewer.layers["stack probability"].data
+    np.testing.assert_array_equal(merged[[0, 2]], full[[0, 2]])
+    assert not np.array_equal(merged[1], full[1])
+    info = viewer.layers["stack mask"].metadata["r2au"]
+    assert info["slices"] == [0, 1, 2] and info["scope"] == "Current slice"
+    assert [run["slices"] for run in info["runs"]] == [[0, 2], [1]]
+    np.testing.assert_array_equal(viewer.layers["stack mask"].data[0], (full[0] > widget._threshold.value))
 
 
 # -- Fine-tune -----------------------------------------------------------------------------
@@ -485,6 +495,7 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     np.testing.assert_array_equal(tifffile.imread(written), mask.data)
     assert sidecar["model"] == "tiny" and sidecar["model_sha256"] == load_model("tiny").sha256
     assert sidecar["threshold"] == 0.5 and sidecar["corrected_by_hand"] is False
+    assert sidecar["working_scale"] == 1.0 and sidecar["flip_averaged"] is False and sidecar["maps_left_out"] == []
     date = dt.datetime.fromisoformat(sidecar["date"])
     assert date.utcoffset() == dt.timedelta(0)
     assert sidecar["probability_file"] == "case1_probability.tif"
@@ -506,8 +517,42 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     assert json.loads((tmp_path / "out" / "case1.json").read_text())["corrected_by_hand"] is True
     (data, kwargs, kind), = napari_get_reader(str(written))(str(written))
     assert kind == "labels" and kwargs["metadata"]["r2au"]["model"] == "tiny"
+    assert kwargs["metadata"]["r2au"]["scale"] == 1.0, "Fine-tune on the reopened mask trains at the recorded scale"
     np.testing.assert_array_equal(data, edited)
     np.testing.assert_allclose(kwargs["scale"], mask.scale)
+
+
+def test_export_leaves_out_maps_that_a_later_run_rewrote(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    run_segment(qtbot, viewer)
+    mask = viewer.layers["img mask"]
+    edited = mask.data.copy()
+    edited[:5, :5] = 1 - edited[:5, :5]
+    mask.data = edited
+    run_segment(qtbot, viewer)  # e.g. the re-segmentation after fine-tuning: new maps, edits kept aside
+    corrected = viewer.layers["img corrected"]
+    review = dock(viewer, "Review")
+    review._prediction.value = corrected
+    review._export_path.value = tmp_path / "case2.tif"
+    review._export_maps.value = True
+    (tmp_path / "case2_probability.tif").write_bytes(b"an earlier export")
+    review._export.changed.emit(True)  # a map file exists: refused, nothing written
+    assert not (tmp_path / "case2.tif").exists()
+    assert (tmp_path / "case2_probability.tif").read_bytes() == b"an earlier export"
+
+    review._overwrite.value = True
+    review._export.changed.emit(True)
+    sidecar = json.loads((tmp_path / "case2.json").read_text())
+    assert sidecar["probability_file"] is None and sidecar["attention_files"] == []
+    assert "img probability" in sidecar["maps_left_out"]
+    assert (tmp_path / "case2_probability.tif").read_bytes() == b"an earlier export"
+
+    review._prediction.value = viewer.layers["img mask"]  # the new run's own mask gets its own maps
+    review._export_path.value = tmp_path / "case3.tif"
+    review._export.changed.emit(True)
+    sidecar = json.loads((tmp_path / "case3.json").read_text())
+    assert sidecar["probability_file"] == "case3_probability.tif" and sidecar["maps_left_out"] == []
 
 
 def test_scale_field_resizes_for_the_network_and_restores(make_napari_viewer, qtbot, tiny_model, monkeypatch):

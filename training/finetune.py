@@ -33,6 +33,7 @@ class FinetuneSettings:
     batch_size: int = 8
     augment: bool = True
     freeze_encoder: bool = False
+    freeze_batch_norm: bool = False
     seed: int = 0
     #: share of the image's width held out for validation when no validation pair is given
     holdout_fraction: float = 0.25
@@ -132,7 +133,8 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
         steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
         val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
-        freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
+        freeze_encoder=settings.freeze_encoder,
+        freeze_batch_norm=settings.freeze_batch_norm, in_channels=parent.in_channels,
         input_scale=scale, description=f"{parent.name} fine-tuned on corrected masks",
         pixel_size=pixel_size, pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},

@@ -26,6 +26,7 @@ from napari_r2au.engine import autocast_dtype, predict, run, select_device
 from napari_r2au.io import atomic_path
 from napari_r2au.model_files import LoadedModel, build_metadata, load_model, save_model
 from napari_r2au.models import create_model
+from napari_r2au.models.blocks import StepwiseBatchNorm
 
 from .augment import AugmentConfig, PatchSampler, augment
 from .data import DataError, Sample, drive_samples, folder_samples, split
@@ -66,6 +67,10 @@ class TrainConfig:
     output_dir: str = "runs/model"
     init_from: str | None = None
     freeze_encoder: bool = False
+    #: keep the BatchNorm running statistics of the starting model (normalise with them
+    #: while training): fine-tuning batches are patches of one or two images, whose
+    #: statistics would otherwise replace those learnt on the whole training set
+    freeze_batch_norm: bool = False
     description: str = ""
     input_scale: float = 1.0
     #: the training images' pixel size (before input_scale), if known; models record the
@@ -278,6 +283,13 @@ def distributed_context() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local
 
 
+def _batch_norms_to_eval(network: torch.nn.Module) -> None:
+    """Normalise with (and stop updating) the running statistics; gamma/beta still train."""
+    for module in network.modules():
+        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, StepwiseBatchNorm)):
+            module.eval()
+
+
 def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                val_samples: list[Sample] | None = None, resume: bool = False,
                device: str | None = None, parent: LoadedModel | None = None,
@@ -397,6 +409,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     try:
         while step < config.steps:
             network.train()
+            if config.freeze_batch_norm:
+                _batch_norms_to_eval(network)
             lr = lr_at(step, config, elapsed_before + time.perf_counter() - started)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -23,6 +23,7 @@ from ._common import (
     message_label,
     notify_error,
     notify_info,
+    notify_warning,
     replace_layer,
 )
 
@@ -169,7 +170,11 @@ class ReviewWidget(Container):
         path = Path(target)
         if path.suffix.lower() not in (".tif", ".tiff"):
             path = path.with_name(path.name + ".tif")
-        existing = [p.name for p in (path, path.with_suffix(".json")) if p.exists()]
+        targets = [path, path.with_suffix(".json")]
+        if self._export_maps.value:
+            targets += [*path.parent.glob(f"{path.stem}_probability.tif"),
+                        *path.parent.glob(f"{path.stem}_attention*.tif")]
+        existing = [p.name for p in targets if p.exists()]
         if existing and not self._overwrite.value:
             notify_error(f"Review: {', '.join(existing)} exists already; choose another name or tick "
                          "'Overwrite existing files'.")
@@ -203,6 +208,12 @@ class ReviewWidget(Container):
             "model_sha256": info.get("model_sha256"),
             "threshold": info.get("threshold"),
             "cleanup": info.get("cleanup"),
+            # the scale the network saw (fine-tuning on this mask later trains at it)
+            "working_scale": info.get("scale"),
+            "flip_averaged": info.get("flip_averaged"),
+            "scope": info.get("scope"),
+            "segmented_slices": info.get("slices"),
+            "runs": info.get("runs"),  # which model made which slices, at which scale
             "image_layer": info.get("image_layer"),
             "segmented": info.get("created"),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -223,19 +234,35 @@ class ReviewWidget(Container):
         return sidecar
 
     def _write_maps(self, path: Path, info: dict[str, Any], write_tiff: Any) -> dict[str, Any]:
-        """The probability and attention layers Segment recorded, as float32 TIFFs."""
-        files: dict[str, Any] = {"probability_file": None, "attention_files": []}
-        layers = self._viewer.layers
+        """The probability and attention layers of the run that made this mask, as float32 TIFFs.
+
+        A map layer that a later run (another model, a fine-tuned one) has rewritten is
+        not this mask's map: it is left out, and the record and a warning say so.
+        """
+        files: dict[str, Any] = {"probability_file": None, "attention_files": [], "maps_left_out": []}
+        layers, run_id = self._viewer.layers, info.get("run_id")
+
+        def own(name: str | None) -> bool:
+            if not name or name not in layers:
+                return False
+            if run_id is None or layers[name].metadata.get("r2au_run") != run_id:
+                files["maps_left_out"].append(name)
+                return False
+            return True
+
         name = info.get("probability_layer")
-        if name and name in layers:
+        if own(name):
             target = path.with_name(f"{path.stem}_probability.tif")
             write_tiff(target, np.asarray(layers[name].data, np.float32))
             files["probability_file"] = target.name
         for index, name in enumerate(info.get("attention_layers") or [], start=1):
-            if name in layers:
+            if own(name):
                 target = path.with_name(f"{path.stem}_attention{index}.tif")
                 write_tiff(target, np.asarray(layers[name].data, np.float32))
                 files["attention_files"].append(target.name)
+        if files["maps_left_out"]:
+            notify_warning(f"Review: {', '.join(files['maps_left_out'])} now hold(s) the maps of a later run, "
+                           f"not of '{info.get('image_layer')}' as segmented by {info.get('model')}: not exported.")
         return files
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import uuid
 import weakref
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class SegmentWidget(WorkerRunner, Container):
         self._cancelled = False
         self._loaded: tuple[str, float, LoadedModel] | None = None  # (path, mtime, model)
         self._prediction: Prediction | None = None
+        self._last_info: dict[str, Any] | None = None  # the record of the run self._prediction is from
         self._mask_layer: Any = None
         self._warned_edited = False
 
@@ -281,32 +283,66 @@ class SegmentWidget(WorkerRunner, Container):
 
     # -- outputs ------------------------------------------------------------------------------
 
+    def _earlier_run(self, context: _RunContext, prediction: Prediction) -> dict[str, Any] | None:
+        """The record of the last run on the same stack when this run covered only some of
+        its slices (its results on the other slices are kept), else None."""
+        earlier, info = self._prediction, self._last_info
+        if context.slices is None or earlier is None or info is None or info.get("image_layer") != context.layer.name:
+            return None
+        if len(context.slices) >= prediction.probabilities.shape[0]:
+            return None
+        return info if earlier.probabilities.shape == prediction.probabilities.shape else None
+
     def _show(self, output: SegmentOutput, context: _RunContext) -> None:
+        from napari_r2au.engine import merge_slices, overlay_slices
+
         prediction, layer = output.prediction, context.layer
+        run = {"model": prediction.model_name, "model_sha256": prediction.model_sha256,
+               "scale": output.scale, "flip_averaged": output.uncertainty is not None,
+               "slices": context.slices,
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        runs, uncertainty = [run], output.uncertainty
+        earlier = self._earlier_run(context, prediction)
+        if earlier is not None:
+            assert self._prediction is not None and context.slices is not None
+            prediction = merge_slices(self._prediction, prediction, context.slices)
+            redone = set(context.slices)
+            for old in earlier.get("runs") or []:  # what each earlier run still accounts for
+                kept = [z for z in old.get("slices") or [] if z not in redone]
+                if kept:
+                    runs.insert(-1, dict(old, slices=kept))
+            shown = self._viewer.layers[earlier["uncertainty_layer"]] if earlier.get("uncertainty_layer") in \
+                self._viewer.layers else None
+            if shown is not None and shown.metadata.get("r2au_run") == earlier.get("run_id") and \
+                    shown.data.shape == prediction.probabilities.shape[:3]:
+                uncertainty = overlay_slices(shown.data, uncertainty, context.slices, shown.data.shape)
         self._prediction = prediction
         self._warned_edited = False
         place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+        # the maps carry the id of the run that made them, so that Review exports a mask's own maps
+        run_id = uuid.uuid4().hex
+        maps = dict(place, metadata={"r2au_run": run_id})
         base = layer.name
         probability = prediction.probabilities
         if prediction.multiclass:  # show "any foreground class"; the mask is the arg-max
             probability = 1.0 - probability[..., 0]
         prob_layer = replace_layer(self._viewer, "image", f"{base} probability", probability,
-                                   colormap="magma", contrast_limits=(0.0, 1.0), **place)
+                                   colormap="magma", contrast_limits=(0.0, 1.0), **maps)
         attention_names = []
         for index, alpha in enumerate(prediction.attention):
             name = f"{base} attention {index + 1}"
             existed = name in self._viewer.layers
             gate = replace_layer(self._viewer, "image", name, alpha, colormap="turbo", blending="additive",
-                                 opacity=0.5, contrast_limits=(0.0, 1.0), **place)
+                                 opacity=0.5, contrast_limits=(0.0, 1.0), **maps)
             if not existed:  # one gate at a time reads best; the others are a click away
                 gate.visible = index == 0
             attention_names.append(name)
         uncertainty_name = None
-        if output.uncertainty is not None:
+        if uncertainty is not None:
             uncertainty_name = f"{base} uncertainty"
-            top = float(output.uncertainty.max()) or 1.0
-            replace_layer(self._viewer, "image", uncertainty_name, output.uncertainty, colormap="inferno",
-                          blending="additive", opacity=0.7, contrast_limits=(0.0, top), **place)
+            top = float(uncertainty.max()) or 1.0
+            replace_layer(self._viewer, "image", uncertainty_name, uncertainty, colormap="inferno",
+                          blending="additive", opacity=0.7, contrast_limits=(0.0, top), **maps)
         mask = self._mask()
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         info = {
@@ -324,9 +360,13 @@ class SegmentWidget(WorkerRunner, Container):
             # with the uncertainty map the probabilities are the mean of 3 flipped copies
             "flip_averaged": output.uncertainty is not None,
             "scope": context.scope,
-            "slices": context.slices,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            # a stack's slices that hold results (by this run or, for the others, earlier runs)
+            "slices": None if context.slices is None else sorted({z for r in runs for z in r["slices"]}),
+            "runs": runs,
+            "created": run["created"],
+            "run_id": run_id,
         }
+        self._last_info = info
         self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
                                          metadata={"r2au": info}, **place)
         seconds = time.perf_counter() - context.started
