@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 
 from napari_r2au import create_model, list_models, load_model
+from napari_r2au.engine import run
 from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 from napari_r2au.training.finetune import FinetuneSettings, iter_finetune, next_version_name
 
 
 @pytest.fixture
 def base_model(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
     net = create_model("r2au_net", base_width=4)
     meta = build_metadata(name="base", architecture="r2au_net",
                           arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2})
@@ -94,3 +98,20 @@ def test_stack_fine_tune_at_a_pixel_size_scale(tmp_path, rng):
                                pixel_size=0.7, pixel_size_unit="mm"))  # scale 1.4, slice by slice
     assert result.model.input_scale == pytest.approx(1.4)
     assert result.model.pixel_size == pytest.approx(0.5)
+
+
+def test_the_base_model_is_scored_at_its_best_threshold_on_the_held_out_part(base_model, rng, tmp_path):
+    """The new model's threshold is chosen on the held-out strip; the base gets the same chance."""
+    from napari_r2au.training.finetune import prepare_samples
+    from napari_r2au.training.trainer import THRESHOLDS, evaluate_samples
+
+    # a base whose own threshold (chosen on other data) is poor here
+    base_model = load_model(save_model(base_model.network, tmp_path / "skewed",
+                                       dict(base_model.metadata, name="skewed", threshold=0.97)))
+    image, mask = _bars(rng)
+    settings = FinetuneSettings(steps=2, lr=1e-4, patch_size=48, batch_size=2)
+    result = run(iter_finetune(base_model, [(image, mask)], settings=settings))
+    _, held_out = prepare_samples(base_model, [(image, mask)], None, settings)
+    scores = [evaluate_samples(base_model, held_out, t)["f1"] for t in (*THRESHOLDS, base_model.threshold)]
+    assert result.dice_before == pytest.approx(max(scores))
+    assert result.dice_before > evaluate_samples(base_model, held_out, base_model.threshold)["f1"]

@@ -22,7 +22,7 @@ from napari_r2au.engine import working_scale
 from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
 
 from .data import Sample, annotated_slices, memory_samples, rescale_pair
-from .trainer import TrainConfig, TrainEvent, evaluate_samples, iter_train
+from .trainer import THRESHOLDS, TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
 
 
 @dataclass
@@ -33,7 +33,6 @@ class FinetuneSettings:
     batch_size: int = 8
     augment: bool = True
     freeze_encoder: bool = False
-    freeze_batch_norm: bool = False
     seed: int = 0
     #: share of the image's width held out for validation when no validation pair is given
     holdout_fraction: float = 0.25
@@ -122,8 +121,10 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     patch -= patch % 16
     if patch < 16:
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
-    # validation samples are already at the working scale
-    dice_before = evaluate_samples(parent, val_samples, parent.threshold)["f1"] if val_samples else None
+    # validation samples are already at the working scale. The new model's threshold is
+    # chosen on them, so the base model gets the same chance: its best threshold there
+    dice_before = best_threshold(parent, val_samples, candidates=(*THRESHOLDS, parent.threshold))[1]["f1"] \
+        if val_samples else None
     if name is None:
         name = next_version_name(parent.name)
     elif (user_models_dir() / f"{name}.json").exists() or name == parent.name:
@@ -133,8 +134,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
         steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
         val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
-        freeze_encoder=settings.freeze_encoder,
-        freeze_batch_norm=settings.freeze_batch_norm, in_channels=parent.in_channels,
+        freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
         input_scale=scale, description=f"{parent.name} fine-tuned on corrected masks",
         pixel_size=pixel_size, pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},

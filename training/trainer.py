@@ -26,7 +26,6 @@ from napari_r2au.engine import autocast_dtype, predict, run, select_device
 from napari_r2au.io import atomic_path
 from napari_r2au.model_files import LoadedModel, build_metadata, load_model, save_model
 from napari_r2au.models import create_model
-from napari_r2au.models.blocks import StepwiseBatchNorm
 
 from .augment import AugmentConfig, PatchSampler, augment
 from .data import DataError, Sample, drive_samples, folder_samples, split
@@ -67,10 +66,6 @@ class TrainConfig:
     output_dir: str = "runs/model"
     init_from: str | None = None
     freeze_encoder: bool = False
-    #: keep the BatchNorm running statistics of the starting model (normalise with them
-    #: while training): fine-tuning batches are patches of one or two images, whose
-    #: statistics would otherwise replace those learnt on the whole training set
-    freeze_batch_norm: bool = False
     description: str = ""
     input_scale: float = 1.0
     #: the training images' pixel size (before input_scale), if known; models record the
@@ -283,13 +278,6 @@ def distributed_context() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local
 
 
-def _batch_norms_to_eval(network: torch.nn.Module) -> None:
-    """Normalise with (and stop updating) the running statistics; gamma/beta still train."""
-    for module in network.modules():
-        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, StepwiseBatchNorm)):
-            module.eval()
-
-
 def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                val_samples: list[Sample] | None = None, resume: bool = False,
                device: str | None = None, parent: LoadedModel | None = None,
@@ -409,8 +397,6 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     try:
         while step < config.steps:
             network.train()
-            if config.freeze_batch_norm:
-                _batch_norms_to_eval(network)
             lr = lr_at(step, config, elapsed_before + time.perf_counter() - started)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -481,9 +467,20 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
 
 
+#: the decision thresholds calibration chooses from
+THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.2, 0.81, 0.025), 3))
+
+
+def best_threshold(model: LoadedModel, samples: list[Sample], precision: str = "auto",
+                   candidates: tuple[float, ...] = THRESHOLDS) -> tuple[float, dict[str, float]]:
+    """The candidate threshold with the highest pooled F1 on ``samples``, and the metrics there."""
+    probs = predict_samples(model, samples, precision)
+    best = max(candidates, key=lambda level: pooled_metrics(samples, probs, level)["f1"])
+    return best, dict(pooled_metrics(samples, probs, best), auc_roc=pooled_auc(samples, probs))
+
+
 def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str = "auto",
-                        candidates: tuple[float, ...] = tuple(np.round(np.arange(0.2, 0.81, 0.025), 3)),
-                        ) -> dict[str, float]:
+                        candidates: tuple[float, ...] = THRESHOLDS) -> dict[str, float]:
     """Store in the model file the threshold that maximises validation F1.
 
     Chosen on the validation split only; the metrics at 0.5 are kept beside it.
@@ -491,9 +488,7 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     from napari_r2au.model_files import load_model_file
 
     model = load_model_file(sidecar)
-    probs = predict_samples(model, val_samples, precision)
-    best = max(candidates, key=lambda level: pooled_metrics(val_samples, probs, level)["f1"])
-    chosen = dict(pooled_metrics(val_samples, probs, best), auc_roc=pooled_auc(val_samples, probs))
+    best, chosen = best_threshold(model, val_samples, precision, candidates)
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
     provenance["validation_metrics_at_0.5"] = provenance.get("validation_metrics", {})
