@@ -255,7 +255,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
                                 freeze_encoder=args.freeze_encoder, seed=args.seed)
     generator = iter_finetune(parent, pairs, validation, settings, names=names, fovs=fovs,
-                              validation_fov=validation_fov, scale=args.scale, name=args.name,
+                              validation_fov=validation_fov, scale=args.scale, name=args.name, device=args.device,
                               pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
     bar = _progress_bar(args.steps, "fine-tune", "step")
     started = time.perf_counter()
@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--freeze-encoder", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
     _add_class_map_argument(p)
     p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")

@@ -198,3 +198,12 @@ def test_bundled_em_model_finds_membranes_at_its_pixel_size(tmp_path, capsys):
     truth = read_image(em / "labels" / "29.png")[::2, ::2] == 0
     assert result.probabilities.shape == half.shape
     assert segmentation_metrics(truth, result.probabilities, model.threshold)["f1"] > 0.6
+
+
+def test_train_names_the_config_key_of_a_missing_data_folder(tmp_path, capsys):
+    assert main(["train", "drive-vessels", "--set", f"data.root={tmp_path / 'nowhere'}",
+                 "--set", f"output_dir={tmp_path / 'run'}"]) != 0
+    assert "data.root" in capsys.readouterr().err
+    assert main(["train", "ph2-lesions", "--set", f"data.images={tmp_path}", "--set", f"data.masks={tmp_path / 'x'}",
+                 "--set", f"output_dir={tmp_path / 'run2'}"]) != 0
+    assert "--set data.masks=PATH" in capsys.readouterr().err

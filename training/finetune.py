@@ -97,7 +97,7 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
 def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                   validation: tuple[np.ndarray, np.ndarray] | None = None,
                   settings: FinetuneSettings | None = None, names: Sequence[str] | None = None,
-                  slices: Sequence[Sequence[int]] | None = None, device: str | None = "cpu",
+                  slices: Sequence[Sequence[int]] | None = None, device: str | None = None,
                   fovs: Sequence[np.ndarray | None] | None = None, validation_fov: np.ndarray | None = None,
                   scale: float | None = None, name: str | None = None,
                   pixel_size: float | None = None, pixel_size_unit: str | None = None,
@@ -108,7 +108,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     the pairs before training and recorded in the new model. ``pixel_size``: the pairs'
     pixel size, if known, so that the new model records the pixel size it sees (default:
     the parent's). ``name``: the new model's name (default: the next ``<parent>-ft<N>``);
-    an existing name is refused.
+    an existing name is refused. ``device``: None picks the best available, as training does.
     """
     settings = settings or FinetuneSettings()
     parent = base if isinstance(base, LoadedModel) else load_model(base)

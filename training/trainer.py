@@ -121,14 +121,20 @@ class TrainResult:
 
 
 def load_samples(config: TrainConfig) -> list[Sample]:
+    """The config's training data; a missing folder names the key that points to it."""
     data = config.data
     kind = data.get("kind")
+    keys = {"drive": ["root"], "folders": ["images", "masks"]}.get(kind)
+    if keys is None:
+        raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
+    for key in keys:
+        if not Path(data[key]).is_dir():
+            raise DataError(f"{data[key]}: no such folder (data.{key} of the config; point it at your copy "
+                            f"with --set data.{key}=PATH)")
     if kind == "drive":
         return drive_samples(data["root"], config.in_channels, scale=config.input_scale)
-    if kind == "folders":
-        return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels,
-                              scale=config.input_scale, class_map=data.get("class_map"))
-    raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
+    return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels,
+                          scale=config.input_scale, class_map=data.get("class_map"))
 
 
 def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
