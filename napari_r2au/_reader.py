@@ -100,6 +100,7 @@ def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     info["runs"] = record.get("runs")
     # the checksum of the model's own mask: edits are still told apart after a reload
     info["mask_sha256"] = record.get("prediction_sha256")
+    info["slice_sha256"] = record.get("prediction_slice_sha256")
     info["created"] = record.get("segmented")
     kwargs: dict[str, Any] = {"name": path.stem, "metadata": {"r2au": info, "r2au_export": record}}
     for key in ("scale", "translate"):

@@ -55,6 +55,21 @@ def mask_checksum(mask: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def slice_checksums(mask: np.ndarray) -> list[str] | None:
+    """:func:`mask_checksum` of each slice of a stack (None for a 2D mask): which slices a
+    person corrected, so that fine-tuning learns from those and not the model's own output."""
+    array = np.asarray(mask)
+    return [mask_checksum(plane) for plane in array] if array.ndim == 3 else None
+
+
+def edited_slices(mask: np.ndarray, recorded: list[str]) -> list[int]:
+    """Slices of a stack whose checksum differs from the one recorded when it was made."""
+    array = np.asarray(mask)
+    if array.ndim != 3 or len(recorded) != array.shape[0]:
+        raise ValueError(f"{len(recorded)} recorded slice checksums do not describe a mask of shape {array.shape}")
+    return [z for z in range(array.shape[0]) if mask_checksum(array[z]) != recorded[z]]
+
+
 #: values of :func:`difference_labels`
 FALSE_POSITIVE, FALSE_NEGATIVE = 1, 2
 

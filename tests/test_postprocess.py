@@ -46,3 +46,18 @@ def test_difference_and_compact_labels():
         compact_labels(np.array([-1, 0]))
     with pytest.raises(ValueError, match="integers"):
         compact_labels(np.array([0.5]))
+
+
+def test_edited_slices_are_told_apart_by_their_checksums():
+    from napari_r2au.postprocess import edited_slices, slice_checksums
+
+    stack = np.zeros((4, 8, 8), np.uint8)
+    stack[:, 2:4] = 1
+    recorded = slice_checksums(stack)
+    assert slice_checksums(stack[0]) is None  # a 2D mask has no slices
+    painted = stack.astype(np.int32)  # napari may hand the data back in another dtype
+    painted[2, 0, 0] = 1
+    painted[3] = 0
+    assert edited_slices(painted, recorded) == [2, 3]
+    with pytest.raises(ValueError, match="do not describe"):
+        edited_slices(stack[:3], recorded)

@@ -434,6 +434,43 @@ def test_finetune_refuses_an_empty_mask(make_napari_viewer, tiny_model, notifica
     assert "is empty" in messages(notifications)
 
 
+def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(make_napari_viewer, qtbot, tiny_model,
+                                                                   notifications, monkeypatch):
+    viewer = make_napari_viewer()
+    stack = np.stack([bars(48, seed=z)[0].mean(-1) for z in range(4)]).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    segment = dock(viewer, "Segment")
+    segment._attention.value = False
+    segment.run()
+    wait_idle(qtbot, segment)
+    mask = viewer.layers["stack mask"]
+    finetune = dock(viewer, "Fine-tune")
+    finetune._image.value = viewer.layers["stack"]
+    finetune._corrected.value = mask
+    finetune.run()  # nothing painted yet: every slice is the model's own output
+    assert not finetune.running and "no slice of 'stack mask' was corrected" in messages(notifications)
+
+    seen = []
+    original = type(finetune)._job
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(type(finetune), "_job", staticmethod(spy))
+    edited = mask.data.copy()
+    edited[1, :, 10:14] = 1
+    edited[3] = 0  # erasing a slice's false positives is a correction too
+    mask.data = edited
+    finetune._steps.value = 2
+    finetune._patch.value = 32
+    finetune._resegment.value = False
+    finetune.run()
+    assert seen == [[1, 3]] and "2 corrected slice(s)" in finetune._result.value
+    wait_idle(qtbot, finetune, timeout=300_000)
+    assert finetune.last_result is not None and finetune.last_result.model is not None, messages(notifications)
+
+
 # -- Review --------------------------------------------------------------------------------
 
 def test_review_metrics_difference_and_uncertain_regions(make_napari_viewer):

@@ -146,7 +146,7 @@ class FinetuneWidget(WorkerRunner, Container):
             notify_warning("Fine-tune: a run is in progress; wait for it or press Cancel.")
             return
         try:
-            pairs, validation = self._pairs()
+            pairs, validation, slices = self._pairs()
         except ValueError as exc:
             notify_error(f"Fine-tune: {exc}")
             return
@@ -172,34 +172,42 @@ class FinetuneWidget(WorkerRunner, Container):
         self._curve.reset()
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
-        self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel))
+        if slices is not None:
+            self._result.value = (f"Training on the {len(slices)} corrected slice(s) of "
+                                  f"'{self._corrected.value.name}': {_slice_list(slices)}.")
+        self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel, slices))
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def _pairs(self) -> tuple[list[tuple[Any, np.ndarray]], tuple[Any, np.ndarray] | None]:
+    def _pairs(self) -> tuple[list[tuple[Any, np.ndarray]], tuple[Any, np.ndarray] | None, list[int] | None]:
+        """The training pair, the validation pair (or None) and a stack's corrected slices."""
         image, labels = self._image.value, self._corrected.value
         if image is None or labels is None:
             raise ValueError("choose an image layer and the labels layer with the corrected mask")
         pairs = [_pair(image, labels)]
+        slices = _corrected_slices(labels, pairs[0][1])
         validation = None
         if self._use_validation.value:
             val_image, val_labels = self._val_image.value, self._val_labels.value
             if val_image is None or val_labels is None:
                 raise ValueError("choose both a validation image and its mask, or untick the validation pair")
             validation = _pair(val_image, val_labels)
-        return pairs, validation
+            if not validation[1].any():
+                raise ValueError(f"the validation mask '{val_labels.name}' is empty: Dice cannot be measured on it")
+        return pairs, validation, slices
 
     # -- the work (worker thread) ----------------------------------------------------------
 
     @staticmethod
     def _job(path: str, pairs: list, validation: Any, settings: dict[str, Any], name: str,
-             device: str | None, scale: float | None,
-             pixel: tuple[float | None, str | None]) -> Generator[TrainEvent, None, FinetuneResult]:
+             device: str | None, scale: float | None, pixel: tuple[float | None, str | None],
+             slices: list[int] | None = None) -> Generator[TrainEvent, None, FinetuneResult]:
         # the trainer imports torch: load it in the worker, not on the GUI thread
         from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
 
         return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings), names=[name],
-                                         device=device, scale=scale, pixel_size=pixel[0], pixel_size_unit=pixel[1]))
+                                         slices=None if slices is None else [slices], device=device, scale=scale,
+                                         pixel_size=pixel[0], pixel_size_unit=pixel[1]))
 
     # -- worker callbacks (GUI thread) ----------------------------------------------------
 
@@ -288,15 +296,39 @@ def _pair(image_layer: Any, labels_layer: Any) -> tuple[Any, np.ndarray]:
                          "differ in size")
     if len(spatial) not in (2, 3):
         raise ValueError(f"'{image_layer.name}' must be a 2D image or a 3D stack")
-    if not labels.any():
-        raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
     return image, labels
+
+
+def _corrected_slices(labels_layer: Any, labels: np.ndarray) -> list[int] | None:
+    """For a stack Segment made: the slices painted on since (None: use every labelled slice).
+
+    The untouched slices are the model's own output and would teach it nothing; an
+    erased slice is a correction ("nothing here"), unlike a layer that was always empty.
+    """
+    from napari_r2au.postprocess import edited_slices, mask_checksum
+
+    record = labels_layer.metadata.get("r2au") or {}
+    if labels.ndim == 3 and record.get("slice_sha256"):
+        slices = edited_slices(labels, record["slice_sha256"])
+        if not slices:
+            raise ValueError(f"no slice of '{labels_layer.name}' was corrected since Segment made it: correct "
+                             "the slices the model gets wrong (untouched ones are its own output)")
+        return slices
+    painted = bool(record.get("mask_sha256")) and mask_checksum(labels) != record["mask_sha256"]
+    if not labels.any() and not painted:
+        raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
+    return None
 
 
 def _recorded_scale(labels_layer: Any) -> float | None:
     """The Scale Segment used for a mask (None: not recorded, use the base model's)."""
     scale = (labels_layer.metadata.get("r2au") or {}).get("scale") if labels_layer is not None else None
     return float(scale) if isinstance(scale, (int, float)) and scale > 0 else None
+
+
+def _slice_list(slices: list[int], shown: int = 12) -> str:
+    text = ", ".join(str(z) for z in slices[:shown])
+    return text + (f" … ({len(slices) - shown} more)" if len(slices) > shown else "")
 
 
 def _score(value: float | None) -> str:

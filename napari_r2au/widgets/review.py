@@ -219,6 +219,7 @@ class ReviewWidget(Container):
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "corrected_by_hand": None if recorded is None else mask_checksum(predicted.data) != recorded,
             "prediction_sha256": recorded,
+            "prediction_slice_sha256": info.get("slice_sha256"),  # tells corrected slices apart
             "napari_r2au_version": __version__,
         }
         reference = self._reference.value

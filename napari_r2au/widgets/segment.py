@@ -353,6 +353,7 @@ class SegmentWidget(WorkerRunner, Container):
             "cleanup": self._cleanup_settings(),
             "scale": output.scale,
             "mask_sha256": _checksum(mask),
+            "slice_sha256": _slice_checksums(mask),
             "image_layer": base,
             "probability_layer": prob_layer.name,
             "attention_layers": attention_names,
@@ -406,7 +407,8 @@ class SegmentWidget(WorkerRunner, Container):
             return
         mask = self._mask()
         info.update(threshold=None if self._prediction.multiclass else float(self._threshold.value),
-                    cleanup=self._cleanup_settings(), mask_sha256=_checksum(mask))
+                    cleanup=self._cleanup_settings(), mask_sha256=_checksum(mask),
+                    slice_sha256=_slice_checksums(mask))
         layer.data = mask
         layer.metadata = {**layer.metadata, "r2au": info}
 
@@ -470,3 +472,9 @@ def _checksum(mask: Any) -> str:
     from napari_r2au.postprocess import mask_checksum
 
     return mask_checksum(mask)
+
+
+def _slice_checksums(mask: Any) -> list[str] | None:
+    from napari_r2au.postprocess import slice_checksums
+
+    return slice_checksums(mask)
