@@ -387,10 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", default=None, help="folder with one validation image")
     p.add_argument("--val-masks", default=None)
     p.add_argument("--val-fov", default=None)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--patch", type=int, default=96, help="patch size in pixels (at the model's scale)")
-    p.add_argument("--batch", type=int, default=8)
+    from .training.settings import FinetuneSettings  # torch-free: --help stays fast
+
+    defaults = FinetuneSettings()
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--patch", type=int, default=defaults.patch_size, help="patch size in pixels (at the model's scale)")
+    p.add_argument("--batch", type=int, default=defaults.batch_size)
     p.add_argument("--freeze-encoder", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")

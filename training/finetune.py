@@ -22,20 +22,8 @@ from napari_r2au.engine import working_scale
 from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
 
 from .data import Sample, annotated_slices, memory_samples, rescale_pair
+from .settings import FinetuneSettings
 from .trainer import THRESHOLDS, TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
-
-
-@dataclass
-class FinetuneSettings:
-    steps: int = 150
-    lr: float = 5e-4
-    patch_size: int = 96
-    batch_size: int = 8
-    augment: bool = True
-    freeze_encoder: bool = False
-    seed: int = 0
-    #: share of the image's width held out for validation when no validation pair is given
-    holdout_fraction: float = 0.25
 
 
 @dataclass

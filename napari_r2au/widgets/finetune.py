@@ -22,6 +22,8 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from napari_r2au.training.settings import FinetuneSettings  # torch-free
+
 from ._common import (
     PLUGIN,
     ModelPicker,
@@ -108,11 +110,12 @@ class FinetuneWidget(WorkerRunner, Container):
         self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
         self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
         self._model = ModelPicker(label="Base model")
-        self._steps = SpinBox(label="Steps", min=1, max=100_000, value=150)
-        self._lr = FloatSpinBox(label="Learning rate", min=1e-5, max=1.0, step=1e-5, value=5e-4)
-        self._patch = SpinBox(label="Patch size", min=16, max=1024, step=16, value=96)
-        self._augment = CheckBox(text="Augmentation (flips, rotations, intensity)", value=True)
-        self._freeze = CheckBox(text="Freeze encoder", value=False)
+        defaults = FinetuneSettings()
+        self._steps = SpinBox(label="Steps", min=1, max=100_000, value=defaults.steps)
+        self._lr = FloatSpinBox(label="Learning rate", min=1e-5, max=1.0, step=1e-5, value=defaults.lr)
+        self._patch = SpinBox(label="Patch size", min=16, max=1024, step=16, value=defaults.patch_size)
+        self._augment = CheckBox(text="Augmentation (flips, rotations, intensity)", value=defaults.augment)
+        self._freeze = CheckBox(text="Freeze encoder", value=defaults.freeze_encoder)
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
         self._scale = FloatSpinBox(label="Scale (0: as segmented)", min=0.0, max=8.0, step=0.05, value=0.0,
                                    tooltip="Resize factor for training, recorded in the new model; 0: the "
@@ -203,7 +206,7 @@ class FinetuneWidget(WorkerRunner, Container):
              device: str | None, scale: float | None, pixel: tuple[float | None, str | None],
              slices: list[int] | None = None) -> Generator[TrainEvent, None, FinetuneResult]:
         # the trainer imports torch: load it in the worker, not on the GUI thread
-        from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
+        from napari_r2au.training.finetune import iter_finetune
 
         return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings), names=[name],
                                          slices=None if slices is None else [slices], device=device, scale=scale,
