@@ -37,16 +37,29 @@ def suffix_of(path: str | os.PathLike) -> str:
 
 
 def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | None:
-    """The reader for ``path`` (a file or a list of files) if every file is one we read."""
+    """The reader for ``path`` (a file, a list of files, or a folder of a DICOM series)
+    if every file is one we read."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return read_layers if dicom_series_files(paths[0]) else None
     if not paths or any(suffix_of(p) not in SUFFIXES for p in paths):
         return None
     return read_layers
 
 
+def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
+    """The ``.dcm`` files of a folder (a CT or MR series is usually one file per slice)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and suffix_of(p) in DICOM_SUFFIXES)
+
+
 def read_layers(path: str | Sequence[str]) -> list[LayerData]:
-    """Layer data for each file."""
+    """Layer data for each file; a folder of DICOM files, or several DICOM files opened
+    together (napari's "Open Files as Stack"), is one series: one 3D layer."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return [_read_dicom_series(dicom_series_files(paths[0]), Path(paths[0]).name)]
+    if len(paths) > 1 and all(suffix_of(p) in DICOM_SUFFIXES for p in paths):
+        return [_read_dicom_series([Path(p) for p in paths], Path(paths[0]).parent.name or "series")]
     return [read_file(p) for p in paths]
 
 
@@ -117,7 +130,7 @@ def _read_dicom(path: Path) -> LayerData:
     except ImportError as exc:
         raise missing_extra("Reading DICOM files", "pydicom", "dicom") from exc
     dataset = pydicom.dcmread(path)
-    data = np.asarray(dataset.pixel_array)
+    data = _dicom_pixels(dataset)
     rgb = int(getattr(dataset, "SamplesPerPixel", 1)) in (3, 4) and data.shape[-1] in (3, 4)
     spatial = data.ndim - (1 if rgb else 0)
     kwargs: dict[str, Any] = {"name": path.stem, "rgb": rgb}
@@ -131,6 +144,75 @@ def _read_dicom(path: Path) -> LayerData:
     kwargs["metadata"] = {"dicom": {key: str(getattr(dataset, key)) for key in
                                     ("Modality", "SeriesDescription", "PhotometricInterpretation")
                                     if hasattr(dataset, key)}}
+    return data, kwargs, "image"
+
+
+def _dicom_pixels(dataset: Any, pixels: np.ndarray | None = None) -> np.ndarray:
+    """The stored values in the modality's units (CT: Hounsfield units) when the file
+    gives a rescale; the raw values otherwise."""
+    data = np.asarray(dataset.pixel_array if pixels is None else pixels)
+    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    if (slope, intercept) == (1.0, 0.0):
+        return data
+    return (data * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
+    """Single-frame DICOM files of one series as a (Z, Y, X) stack, in patient order.
+
+    Slices are ordered along the slice normal (ImagePositionPatient and
+    ImageOrientationPatient), else by InstanceNumber; the z spacing is the median
+    distance between slice positions, else SpacingBetweenSlices or SliceThickness.
+    """
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise missing_extra("Reading DICOM files", "pydicom", "dicom") from exc
+    if not paths:
+        raise ValueError("no .dcm files to read")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
+    if len(series) > 1:
+        raise ValueError(f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time")
+    frames = [int(getattr(d, "NumberOfFrames", 1) or 1) for d in datasets]
+    if max(frames) > 1:
+        raise ValueError("a series of multi-frame DICOM files: open each file on its own")
+
+    def position(dataset: Any) -> float | None:
+        ipp, iop = getattr(dataset, "ImagePositionPatient", None), getattr(dataset, "ImageOrientationPatient", None)
+        if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
+            return None
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+        return float(np.dot(normal, np.asarray(ipp, float)))
+
+    positions = [position(d) for d in datasets]
+    if all(p is not None for p in positions):
+        order = np.argsort(positions, kind="stable")
+    else:
+        order = np.argsort([int(getattr(d, "InstanceNumber", i) or i) for i, d in enumerate(datasets)], kind="stable")
+    slices = []
+    for index in order:
+        dataset = datasets[index]
+        plane = np.asarray(dataset.pixel_array)
+        if plane.shape != np.asarray(datasets[order[0]].pixel_array).shape:
+            raise ValueError(f"{paths[index].name}: {plane.shape} differs from the series' first slice "
+                             f"{datasets[order[0]].pixel_array.shape}")
+        slices.append(_dicom_pixels(dataset, plane))
+    data = np.stack(slices)
+    first = datasets[order[0]]
+    kwargs: dict[str, Any] = {"name": name}
+    spacing = getattr(first, "PixelSpacing", None)
+    if spacing is not None and len(spacing) == 2:
+        ordered = sorted(p for p in positions if p is not None)
+        steps = np.diff(ordered) if len(ordered) == len(datasets) > 1 else np.array([])
+        z = float(np.median(steps)) if steps.size and np.median(steps) > 0 else \
+            float(getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", None) or 1.0)
+        kwargs["scale"] = (z, *(float(v) for v in spacing))
+        kwargs["units"] = ("mm",) * 3  # DICOM spacings are in millimetres
+    kwargs["metadata"] = {"dicom": {key: str(getattr(first, key)) for key in
+                                    ("Modality", "SeriesDescription", "PhotometricInterpretation")
+                                    if hasattr(first, key)} | {"files": len(paths)}}
     return data, kwargs, "image"
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from napari_r2au._reader import napari_get_reader
+from napari_r2au._reader import napari_get_reader, read_layers
 from napari_r2au._writer import write_labels
 from napari_r2au.io import write_png, write_tiff
 
@@ -164,3 +164,39 @@ def test_napari_opens_and_saves_through_the_manifest(make_napari_viewer, tmp_pat
     written = viewer.layers.save(str(tmp_path / "saved.png"), selected=True, plugin="napari-r2au")
     assert written == [str(tmp_path / "saved.png")]
     np.testing.assert_array_equal(read(tmp_path / "saved.png")[0][0], labels)
+
+
+def test_a_dicom_series_opens_as_one_stack_in_patient_order(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm")
+    if source is None:
+        pytest.skip("pydicom's test file is not installed")
+    template = pydicom.dcmread(source)
+    raw = template.pixel_array
+    files = []
+    for z in (2, 0, 1):  # written out of order, with instance numbers that disagree with the positions
+        dataset = pydicom.dcmread(source)
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = [0.0, 0.0, 10.0 + 2.5 * z]
+        dataset.InstanceNumber = 7 - z
+        dataset.PixelData = (raw + 100 * z).astype(raw.dtype).tobytes()
+        files.append(tmp_path / "series" / f"slice{z}.dcm")
+        files[-1].parent.mkdir(exist_ok=True)
+        dataset.save_as(files[-1])
+    slope, intercept = float(template.RescaleSlope), float(template.RescaleIntercept)
+    for opened in (str(tmp_path / "series"), [str(p) for p in files]):  # a folder, or files opened as a stack
+        assert napari_get_reader(opened) is not None
+        ((data, kwargs, kind),) = napari_get_reader(opened)(opened)
+        assert kind == "image" and data.shape == (3, *raw.shape)
+        for z in range(3):
+            np.testing.assert_allclose(data[z], (raw + 100 * z) * slope + intercept)
+        np.testing.assert_allclose(kwargs["scale"], [2.5, *(float(v) for v in template.PixelSpacing)])
+        assert kwargs["units"] == ("mm",) * 3
+    assert napari_get_reader(str(tmp_path)) is None  # a folder without DICOM files is not ours
+    other = pydicom.dcmread(files[0])
+    other.SeriesInstanceUID = "1.2.3"
+    other.save_as(tmp_path / "series" / "other.dcm")
+    with pytest.raises(ValueError, match="different series"):
+        read_layers(str(tmp_path / "series"))
