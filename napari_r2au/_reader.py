@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .io import read_image
+from .io import IMAGE_SUFFIXES, read_image
 
 LayerData = tuple[Any, dict[str, Any], str]
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif")
 DICOM_SUFFIXES = (".dcm",)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile"):
@@ -83,8 +84,19 @@ def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, 
     return written
 
 
+def read_input(path: Path) -> tuple[Any, float | None, str | None]:
+    """An input image and its pixel size (DICOM and NIfTI files carry one), read the way
+    the napari reader reads it."""
+    from ._reader import read_file
+    from .io import pixel_size_of
+
+    data, kwargs, _ = read_file(path)
+    size, unit = pixel_size_of(kwargs.get("scale"), kwargs.get("units"), path.name)
+    return data, size, unit
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .io import IMAGE_SUFFIXES, read_image
+    from ._reader import SUFFIXES, suffix_of
     from .model_files import load_model
 
     model = load_model(args.model)
@@ -93,7 +105,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for item in args.inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES))
         else:
             files.append(path)
     if not files:
@@ -103,12 +115,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     failed = 0
     for path in _progress_bar_iter(files):
         try:
-            image = read_image(path)
+            image, size, unit = read_input(path)
+            if args.pixel_size is not None:  # the command line wins over the file
+                size, unit = args.pixel_size, args.pixel_unit
             prediction, uncertainty = _predict_with_bar(
                 model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
-                attention=args.attention, scale=args.scale, pixel_size=args.pixel_size,
-                pixel_size_unit=args.pixel_unit)
-            written = write_outputs(outdir, path.stem, prediction, args.threshold, args.attention, uncertainty)
+                attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit)
+            stem = path.name[: -len(suffix_of(path))] if suffix_of(path) else path.stem
+            written = write_outputs(outdir, stem, prediction, args.threshold, args.attention, uncertainty)
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1

@@ -13,6 +13,31 @@ import numpy as np
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
 
 
+def pixel_size_of(scale: tuple | list | None, units: tuple | list | None, what: str = "the image",
+                  ) -> tuple[float | None, str | None]:
+    """In-plane pixel size and unit from per-axis scale and units (a napari layer's, or
+    what the reader found in a DICOM/NIfTI file).
+
+    A physical unit, or a scale other than 1 in Y/X, gives a pixel size; the default
+    (scale 1, unit "pixel" or none) gives none. A scale without a unit is taken in the
+    model's unit. Anisotropic Y/X pixels give their geometric mean (the engine resizes
+    both axes by one factor).
+    """
+    if not scale:
+        return None, None
+    y_size, x_size = (abs(float(v)) for v in tuple(scale)[-2:])  # a flipped axis has a negative scale
+    names = [str(u) for u in tuple(units or ())[-2:]]
+    if len(set(names)) > 1:
+        raise ValueError(f"{what} has different units for Y and X ({names[0]}, {names[1]}); "
+                         "give both axes the same unit")
+    unit = names[-1] if names else None
+    if unit in ("pixel", "px", "dimensionless", ""):
+        unit = None
+    if unit is None and abs(y_size - 1.0) < 1e-9 and abs(x_size - 1.0) < 1e-9:
+        return None, None
+    return (y_size * x_size) ** 0.5, unit
+
+
 class ImageReadError(OSError):
     """A file could not be read as an image; the message says which and why."""
 

@@ -207,3 +207,28 @@ def test_train_names_the_config_key_of_a_missing_data_folder(tmp_path, capsys):
     assert main(["train", "ph2-lesions", "--set", f"data.images={tmp_path}", "--set", f"data.masks={tmp_path / 'x'}",
                  "--set", f"output_dir={tmp_path / 'run2'}"]) != 0
     assert "--set data.masks=PATH" in capsys.readouterr().err
+
+
+def test_segment_reads_nifti_volumes_with_their_pixel_size(tmp_path, capsys):
+    nibabel = pytest.importorskip("nibabel")
+    import torch
+
+    from napari_r2au import create_model
+    from napari_r2au.cli import read_input
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+    torch.manual_seed(0)
+    meta = build_metadata(name="grey", architecture="r2au_net",
+                          arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2},
+                          pixel_size=1.0, pixel_size_unit="mm")
+    save_model(create_model("r2au_net", in_channels=1, base_width=4), user_models_dir(), meta)
+    volume = np.random.default_rng(0).random((40, 36, 3)).astype(np.float32)  # NIfTI order: x, y, z
+    image = nibabel.Nifti1Image(volume, np.diag([0.5, 0.5, 2.0, 1.0]))
+    image.header.set_xyzt_units("mm")
+    path = tmp_path / "scan.nii.gz"
+    nibabel.save(image, str(path))
+
+    data, size, unit = read_input(path)
+    assert data.shape == (3, 36, 40) and size == pytest.approx(0.5) and unit == "mm"
+    assert main(["segment", str(path), "-m", "grey", "-o", str(tmp_path / "out")]) == 0
+    assert tifffile.imread(tmp_path / "out" / "scan_mask.tif").shape == (3, 36, 40)

@@ -298,3 +298,25 @@ def test_named_validation_split_and_class_map(tmp_path, rng):
     with pytest.raises(DataError, match="nothing left to train on"):
         split(samples, 1, 0, [str(i) for i in range(5)])
     assert [s.name for s in split(samples, 1, 0, "2")[1]] == ["2.png"]  # one name, not its characters
+
+
+def test_tiff_stacks_in_folders_are_read_slice_by_slice(tmp_path, rng):
+    import tifffile
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    stack = (rng.random((5, 32, 40)) * 1000).astype(np.uint16)  # a CT-like stack, 5 slices
+    labels = np.zeros((5, 32, 40), np.uint8)
+    labels[:, 10:20, 5:15] = 1
+    labels[4] = 0  # a slice with nothing in it is a valid negative
+    tifffile.imwrite(tmp_path / "img" / "ct.tif", stack)
+    tifffile.imwrite(tmp_path / "msk" / "ct.tif", labels)
+    samples = folder_samples(tmp_path / "img", tmp_path / "msk", in_channels=1)
+    assert [s.name for s in samples] == [f"ct.tif[{z}]" for z in range(5)]
+    assert all(s.image.shape[:2] == (32, 40) for s in samples)
+    np.testing.assert_array_equal(samples[2].mask, labels[2])
+    np.testing.assert_array_equal(samples[3].raw[..., 0], stack[3])
+
+    tifffile.imwrite(tmp_path / "msk" / "ct.tif", labels[:4])  # a mask stack that does not fit
+    with pytest.raises(DataError, match="differ in size"):
+        folder_samples(tmp_path / "img", tmp_path / "msk", in_channels=1)

@@ -152,15 +152,30 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
     for key in sorted(image_files):
         fov_array = read_image(fov_files[key]) if key in fov_files else None
         image, mask = read_image(image_files[key]), read_image(mask_files[key])
-        if image.shape[:2] != mask.shape[:2]:
-            raise DataError(f"{image_files[key].name}: image {image.shape[:2]} and mask {mask.shape[:2]} differ in size")
-        mask_map = class_map
-        if scale != 1.0:
-            mask, mask_map = binarize_mask(mask, mask_files[key].name, class_map), None  # now 0/1
-            image, mask, fov_array = rescale_pair(image, mask, scale, fov_array)
-        samples.append(make_sample(image, mask, image_files[key].name, in_channels, fov_array, normalization,
-                                   mask_map))
+        for plane, plane_mask, plane_fov, name in _planes(image, mask, fov_array, image_files[key].name):
+            if plane.shape[:2] != plane_mask.shape[:2]:
+                raise DataError(f"{name}: image {plane.shape[:2]} and mask {plane_mask.shape[:2]} differ in size")
+            mask_map = class_map
+            if scale != 1.0:
+                plane_mask, mask_map = binarize_mask(plane_mask, name, class_map), None  # now 0/1
+                plane, plane_mask, plane_fov = rescale_pair(plane, plane_mask, scale, plane_fov)
+            samples.append(make_sample(plane, plane_mask, name, in_channels, plane_fov, normalization, mask_map))
     return samples
+
+
+def _planes(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, name: str):
+    """A file pair as 2D pairs: a stack (a (Z, Y, X) or (Z, Y, X, C) image with a
+    (Z, Y, X) mask) gives one pair per slice, named ``file[z]``; anything else is one pair."""
+    stack = mask.ndim == 3 and mask.shape[-1] > 4 and image.shape[:3] == mask.shape and image.ndim in (3, 4)
+    if not stack:
+        return [(image, mask, fov, name)]
+    if fov is not None and fov.shape[:3] != mask.shape and fov.shape[:2] != mask.shape[1:]:
+        raise DataError(f"{name}: field of view {fov.shape} fits neither the stack {mask.shape} nor one slice")
+    planes = []
+    for z in range(mask.shape[0]):
+        plane_fov = None if fov is None else (fov[z] if fov.shape[:3] == mask.shape else fov)
+        planes.append((image[z], mask[z], plane_fov, f"{name}[{z}]"))
+    return planes
 
 
 def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | None = None,

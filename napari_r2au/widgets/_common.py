@@ -302,27 +302,12 @@ class WorkerRunner:
 
 
 def layer_pixel_size(layer: Any) -> tuple[float | None, str | None]:
-    """A layer's in-plane pixel size and unit, if it has one set.
+    """A layer's in-plane pixel size and unit, if it has one set (see io.pixel_size_of)."""
+    from napari_r2au.io import pixel_size_of
 
-    napari layers carry a scale per axis and, since napari 0.5, units. A layer with a
-    physical unit, or a scale other than 1 in Y/X, has a pixel size; the default
-    (scale 1, unit "pixel") has none. A scale without a unit is taken in the model's
-    unit. Anisotropic Y/X pixels give their geometric mean (the engine resizes both
-    axes by one factor).
-    """
     if layer is None:
         return None, None
-    y_size, x_size = (abs(float(v)) for v in tuple(layer.scale)[-2:])  # a flipped axis has a negative scale
-    units = [str(u) for u in tuple(getattr(layer, "units", None) or ())[-2:]]
-    if len(set(units)) > 1:
-        raise ValueError(f"'{layer.name}' has different units for Y and X ({units[0]}, {units[1]}); "
-                         "give both axes the same unit")
-    unit = units[-1] if units else None
-    if unit in ("pixel", "px", "dimensionless", ""):
-        unit = None
-    if unit is None and abs(y_size - 1.0) < 1e-9 and abs(x_size - 1.0) < 1e-9:
-        return None, None
-    return (y_size * x_size) ** 0.5, unit
+    return pixel_size_of(tuple(layer.scale), tuple(getattr(layer, "units", None) or ()), f"'{layer.name}'")
 
 
 def describe_error(exc: BaseException) -> str:
