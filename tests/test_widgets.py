@@ -169,6 +169,10 @@ def test_threshold_slider_rethresholds_without_running_the_network(
     assert len(calls) == 1
     probability = viewer.layers["img probability"].data
     mask = viewer.layers["img mask"]
+    assert widget._threshold.tracking, "a small mask follows the slider while it is dragged"
+    monkeypatch.setattr("napari_r2au.widgets.segment.LIVE_THRESHOLD_PIXELS", mask.data.size - 1)
+    run_segment(qtbot, viewer)
+    assert not widget._threshold.tracking, "a large one when it is released"
 
     for level in (0.3, 0.7, float(np.median(probability))):
         widget._threshold.value = level
@@ -177,7 +181,7 @@ def test_threshold_slider_rethresholds_without_running_the_network(
     widget._min_size.value = 10
     widget._remove_small.value = True  # clean-up is applied at once as well
     assert mask.data.sum() <= (probability > widget._threshold.value).sum()
-    assert len(calls) == 1, "moving the slider must not run the network"
+    assert len(calls) == 2, "moving the slider must not run the network"
 
     # once the mask is painted on, the slider leaves it alone and says why
     mask.data = np.ones_like(mask.data)

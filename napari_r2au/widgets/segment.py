@@ -71,6 +71,10 @@ class SegmentOutput:
     scale: float  # the resize factor the network saw (the Fine-tune widget trains at it)
 
 
+#: up to this many mask pixels the mask follows the Threshold slider while it is dragged
+LIVE_THRESHOLD_PIXELS = 4_000_000
+
+
 @dataclass
 class _RunContext:
     """What the GUI thread needs to place a run's outputs (captured when it starts)."""
@@ -370,6 +374,9 @@ class SegmentWidget(WorkerRunner, Container):
         self._last_info = info
         self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
                                          metadata={"r2au": info}, **place)
+        # re-thresholding a large stack takes about a second (2 checksums, clean-up): follow the
+        # slider only when it is released, so that dragging does not queue up dozens of updates
+        self._threshold.tracking = mask.size <= LIVE_THRESHOLD_PIXELS
         seconds = time.perf_counter() - context.started
         share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
         at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
