@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="default: the widget's")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1: run two tasks side by side)")
+    parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder and gates only")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     if not (DRIVE if args.task == "drive" else HRF).is_dir():
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []  # (lr, seed, held-out before, after, F1, AUC, seconds)
     for lr in args.lrs:
         for seed in args.seeds:
-            settings = FinetuneSettings(lr=lr, steps=steps, seed=seed)
+            settings = FinetuneSettings(lr=lr, steps=steps, seed=seed, freeze_encoder=args.freeze_encoder)
             started = time.perf_counter()
             result = run(iter_finetune(base, [(image, mask)], settings=settings,
                                        fovs=None if fov is None else [fov], scale=scale,
@@ -111,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     text = _tables(args.task, before, runs, len(list(folders[0].iterdir())))
     print(text)
     if args.markdown:
+        frozen = " --freeze-encoder" if args.freeze_encoder else ""
+        key = f"{args.task}{'-frozen' if args.freeze_encoder else ''}"
         write_between_markers(
             args.markdown,
             f"Command: `python -m benchmarks.finetune_lr --task {args.task} --lrs {' '.join(f'{v:g}' for v in args.lrs)} "
-            f"--seeds {' '.join(map(str, args.seeds))} --steps {steps}`\n\n{text}\n",
-            begin=f"<!-- table {args.task} -->", end=f"<!-- /table {args.task} -->")
+            f"--seeds {' '.join(map(str, args.seeds))} --steps {steps}{frozen}`\n\n{text}\n",
+            begin=f"<!-- table {key} -->", end=f"<!-- /table {key} -->")
     return 0
 
 

@@ -35,6 +35,12 @@ def suffix_of(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def stem_of(path: str | os.PathLike) -> str:
+    """The name without its extension (``scan.nii.gz`` -> ``scan``)."""
+    name, suffix = Path(path).name, suffix_of(path)
+    return name[: -len(suffix)] if suffix else name
+
+
 def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | None:
     """The reader for ``path`` (a file, a list of files, or a folder of a DICOM series)
     if every file is one we read."""
@@ -123,27 +129,37 @@ def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 # -- optional formats ----------------------------------------------------------------------
 
-def _read_dicom(path: Path) -> LayerData:
+def _pydicom() -> Any:
     try:
         import pydicom
     except ImportError as exc:
         raise missing_extra("Reading DICOM files", "pydicom", "dicom") from exc
-    dataset = pydicom.dcmread(path)
-    data = _dicom_pixels(dataset)
-    rgb = int(getattr(dataset, "SamplesPerPixel", 1)) in (3, 4) and data.shape[-1] in (3, 4)
-    spatial = data.ndim - (1 if rgb else 0)
-    kwargs: dict[str, Any] = {"name": path.stem, "rgb": rgb}
+    return pydicom
+
+
+def _dicom_kwargs(dataset: Any, name: str, z_spacing: float | None = None, **extra: Any) -> dict[str, Any]:
+    """Layer name, spacing in mm (with ``z_spacing`` for a stack) and what the file says it is."""
+    kwargs: dict[str, Any] = {"name": name}
     spacing = getattr(dataset, "PixelSpacing", None)
     if spacing is not None and len(spacing) == 2:
         scale = [float(v) for v in spacing]
-        if spatial == 3:  # multi-frame
-            scale = [float(getattr(dataset, "SliceThickness", None) or 1.0), *scale]
+        if z_spacing is not None:
+            scale = [z_spacing, *scale]
         kwargs["scale"] = tuple(scale)
         kwargs["units"] = ("mm",) * len(scale)  # DICOM spacings are in millimetres
     kwargs["metadata"] = {"dicom": {key: str(getattr(dataset, key)) for key in
                                     ("Modality", "SeriesDescription", "PhotometricInterpretation")
-                                    if hasattr(dataset, key)}}
-    return data, kwargs, "image"
+                                    if hasattr(dataset, key)} | extra}
+    return kwargs
+
+
+def _read_dicom(path: Path) -> LayerData:
+    dataset = _pydicom().dcmread(path)
+    data = _dicom_pixels(dataset)
+    rgb = int(getattr(dataset, "SamplesPerPixel", 1)) in (3, 4) and data.shape[-1] in (3, 4)
+    multiframe = data.ndim - (1 if rgb else 0) == 3
+    z_spacing = float(getattr(dataset, "SliceThickness", None) or 1.0) if multiframe else None
+    return data, dict(_dicom_kwargs(dataset, path.stem, z_spacing), rgb=rgb), "image"
 
 
 def _dicom_pixels(dataset: Any, pixels: np.ndarray | None = None) -> np.ndarray:
@@ -164,12 +180,9 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
     ImageOrientationPatient), else by InstanceNumber; the z spacing is the median
     distance between slice positions, else SpacingBetweenSlices or SliceThickness.
     """
-    try:
-        import pydicom
-    except ImportError as exc:
-        raise missing_extra("Reading DICOM files", "pydicom", "dicom") from exc
     if not paths:
         raise ValueError("no .dcm files to read")
+    pydicom = _pydicom()
     datasets = [pydicom.dcmread(p) for p in paths]
     series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
@@ -200,19 +213,11 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
         slices.append(_dicom_pixels(dataset, plane))
     data = np.stack(slices)
     first = datasets[order[0]]
-    kwargs: dict[str, Any] = {"name": name}
-    spacing = getattr(first, "PixelSpacing", None)
-    if spacing is not None and len(spacing) == 2:
-        ordered = sorted(p for p in positions if p is not None)
-        steps = np.diff(ordered) if len(ordered) == len(datasets) > 1 else np.array([])
-        z = float(np.median(steps)) if steps.size and np.median(steps) > 0 else \
-            float(getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", None) or 1.0)
-        kwargs["scale"] = (z, *(float(v) for v in spacing))
-        kwargs["units"] = ("mm",) * 3  # DICOM spacings are in millimetres
-    kwargs["metadata"] = {"dicom": {key: str(getattr(first, key)) for key in
-                                    ("Modality", "SeriesDescription", "PhotometricInterpretation")
-                                    if hasattr(first, key)} | {"files": len(paths)}}
-    return data, kwargs, "image"
+    ordered = sorted(p for p in positions if p is not None)
+    steps = np.diff(ordered) if len(ordered) == len(datasets) > 1 else np.array([])
+    z = float(np.median(steps)) if steps.size and np.median(steps) > 0 else \
+        float(getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", None) or 1.0)
+    return data, _dicom_kwargs(first, name, z, files=len(paths)), "image"
 
 
 def _read_nifti(path: Path) -> LayerData:
@@ -225,7 +230,7 @@ def _read_nifti(path: Path) -> LayerData:
     data = np.asarray(image.dataobj).T
     zooms = [float(z) for z in image.header.get_zooms()[:data.ndim]][::-1]
     metadata = {"nifti": {"affine": np.asarray(image.affine).tolist(), "axes": "reversed"}}
-    kwargs: dict[str, Any] = {"name": path.name[: -len(suffix_of(path))], "scale": tuple(zooms), "metadata": metadata}
+    kwargs: dict[str, Any] = {"name": stem_of(path), "scale": tuple(zooms), "metadata": metadata}
     space_unit = image.header.get_xyzt_units()[0]  # "mm", "micron", "meter" or "unknown"
     unit = {"mm": "mm", "micron": "um", "meter": "m"}.get(space_unit)
     if unit is not None:

@@ -84,19 +84,23 @@ def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, 
     return written
 
 
-def read_input(path: Path) -> tuple[Any, float | None, str | None]:
-    """An input image and its pixel size (DICOM and NIfTI files carry one), read the way
-    the napari reader reads it."""
-    from ._reader import read_file
+def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None]:
+    """An input image, its pixel size (DICOM and NIfTI files carry one) and its axes when
+    the file says (a volume: "ZYX"), read the way the napari reader reads it: a folder of
+    DICOM slices is one stack."""
+    from ._reader import DICOM_SUFFIXES, NIFTI_SUFFIXES, read_file, read_layers, suffix_of
     from .io import pixel_size_of
 
-    data, kwargs, _ = read_file(path)
+    data, kwargs, _ = read_layers(str(path))[0] if path.is_dir() else read_file(path)
     size, unit = pixel_size_of(kwargs.get("scale"), kwargs.get("units"), path.name)
-    return data, size, unit
+    medical = path.is_dir() or suffix_of(path) in DICOM_SUFFIXES + NIFTI_SUFFIXES
+    # a 3-slice volume would otherwise pass for a 3-channel image
+    axes = "ZYX" if medical and data.ndim == 3 and not kwargs.get("rgb") else None
+    return data, size, unit, axes
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ._reader import SUFFIXES, suffix_of
+    from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
     from .model_files import load_model
 
     model = load_model(args.model)
@@ -104,7 +108,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     files: list[Path] = []
     for item in args.inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and dicom_series_files(path):
+            files.append(path)  # a DICOM series: one stack, named after its folder
+        elif path.is_dir():
             files.extend(sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES))
         else:
             files.append(path)
@@ -115,14 +121,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     failed = 0
     for path in _progress_bar_iter(files):
         try:
-            image, size, unit = read_input(path)
+            image, size, unit, axes = read_input(path)
             if args.pixel_size is not None:  # the command line wins over the file
                 size, unit = args.pixel_size, args.pixel_unit
             prediction, uncertainty = _predict_with_bar(
                 model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
-                attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit)
-            stem = path.name[: -len(suffix_of(path))] if suffix_of(path) else path.stem
-            written = write_outputs(outdir, stem, prediction, args.threshold, args.attention, uncertainty)
+                attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit, axes=axes)
+            written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty)
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1

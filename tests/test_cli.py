@@ -228,7 +228,26 @@ def test_segment_reads_nifti_volumes_with_their_pixel_size(tmp_path, capsys):
     path = tmp_path / "scan.nii.gz"
     nibabel.save(image, str(path))
 
-    data, size, unit = read_input(path)
-    assert data.shape == (3, 36, 40) and size == pytest.approx(0.5) and unit == "mm"
+    data, size, unit, axes = read_input(path)
+    assert data.shape == (3, 36, 40) and size == pytest.approx(0.5) and unit == "mm" and axes == "ZYX"
     assert main(["segment", str(path), "-m", "grey", "-o", str(tmp_path / "out")]) == 0
     assert tifffile.imread(tmp_path / "out" / "scan_mask.tif").shape == (3, 36, 40)
+
+
+def test_segment_takes_a_folder_of_dicom_slices_as_one_stack(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm")
+    if source is None:
+        pytest.skip("pydicom's test file is not installed")
+    folder = tmp_path / "ct_series"
+    folder.mkdir()
+    for z in range(3):
+        dataset = pydicom.dcmread(source)
+        dataset.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.save_as(folder / f"{z}.dcm")
+    assert main(["segment", str(folder), "-o", str(tmp_path / "out"), "--scale", "1"]) == 0
+    rows, cols = int(dataset.Rows), int(dataset.Columns)
+    assert tifffile.imread(tmp_path / "out" / "ct_series_mask.tif").shape == (3, rows, cols)

@@ -112,6 +112,21 @@ def test_the_base_model_is_scored_at_its_best_threshold_on_the_held_out_part(bas
     settings = FinetuneSettings(steps=2, lr=1e-4, patch_size=48, batch_size=2)
     result = run(iter_finetune(base_model, [(image, mask)], settings=settings))
     _, held_out = prepare_samples(base_model, [(image, mask)], None, settings)
-    scores = [evaluate_samples(base_model, held_out, t)["f1"] for t in (*THRESHOLDS, base_model.threshold)]
+    scores = [evaluate_samples(base_model, held_out, t)["f1"] for t in THRESHOLDS]
     assert result.dice_before == pytest.approx(max(scores))
     assert result.dice_before > evaluate_samples(base_model, held_out, base_model.threshold)["f1"]
+
+
+def test_the_held_out_strip_comes_from_a_slice_with_foreground(base_model, rng):
+    from napari_r2au.training.finetune import prepare_samples
+
+    image, mask = _bars(rng)
+    stack = np.stack([image.mean(-1)] * 3).astype(np.float32)
+    labels = np.stack([np.zeros_like(mask), mask, mask])  # slice 0: the user erased everything
+    grey = load_model(base_model.path)
+    settings = FinetuneSettings(patch_size=48)
+    train, held_out = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0, 1]])
+    assert [s.name for s in held_out] == ["s[z=1][held out]"]
+    assert held_out[0].mask.any() and {s.name for s in train} == {"s[z=0]", "s[z=1][train]"}
+    _, none = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0]])
+    assert none == [], "no slice has foreground in its strip: no held-out Dice rather than an empty one"

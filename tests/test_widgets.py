@@ -21,23 +21,32 @@ TIMEOUT = 120_000  # ms; runs take about a second, but a busy machine can be far
 
 # -- fixtures and helpers ------------------------------------------------------------------
 
-@pytest.fixture
-def tiny_model() -> Path:
-    """A tiny R2AU-Net saved as a user model called 'tiny' (R2AU_HOME is per test)."""
+def _save_tiny(name: str, seed: int = 0) -> str:
+    """A tiny R2AU-Net saved as a user model (R2AU_HOME is per test); returns its name."""
     import torch
 
     from napari_r2au import create_model
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = create_model("r2au_net", base_width=4)
     meta = build_metadata(
-        name="tiny", architecture="r2au_net",
+        name=name, architecture="r2au_net",
         arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2},
         description="a test model",
         provenance={"data": {"kind": "drive"}, "validation_metrics": {"f1": 0.4321}},
     )
-    return save_model(net, user_models_dir(), meta)
+    save_model(net, user_models_dir(), meta)
+    return name
+
+
+@pytest.fixture
+def tiny_model() -> Path:
+    """A tiny R2AU-Net saved as a user model called 'tiny'."""
+    from napari_r2au.model_files import user_models_dir
+
+    _save_tiny("tiny")
+    return user_models_dir() / "tiny.json"
 
 
 def bars(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -325,19 +334,27 @@ def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_mode
     assert "stack probability (running)" not in viewer.layers
 
     full = viewer.layers["stack probability"].data.copy()
-    viewer.layers["stack"].data = stack[:, ::-1].copy()  # so that slice 1's new result differs
+    other = _save_tiny("tiny-b", seed=1)  # e.g. a fine-tuned model, so that slice 1's result differs
+    widget.select_model(other)
     widget._scope.value = "Current slice"
     widget.run()
     wait_idle(qtbot, widget)
     assert seen[-1] == [1]
-    # the other slices keep their results; the record says which run made which slice
+    # the other slices keep their results; the record says which model made which slice
     merged = viewer.layers["stack probability"].data
     np.testing.assert_array_equal(merged[[0, 2]], full[[0, 2]])
     assert not np.array_equal(merged[1], full[1])
     info = viewer.layers["stack mask"].metadata["r2au"]
     assert info["slices"] == [0, 1, 2] and info["scope"] == "Current slice"
-    assert [run["slices"] for run in info["runs"]] == [[0, 2], [1]]
+    assert [(run["model"], run["slices"]) for run in info["runs"]] == [("tiny", [0, 2]), ("tiny-b", [1])]
     np.testing.assert_array_equal(viewer.layers["stack mask"].data[0], (full[0] > widget._threshold.value))
+
+    # new data in the layer is another image: nothing of the earlier runs is kept
+    viewer.layers["stack"].data = stack[:, ::-1].copy()
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert not viewer.layers["stack probability"].data[[0, 2]].any()
+    assert [run["slices"] for run in viewer.layers["stack mask"].metadata["r2au"]["runs"]] == [[1]]
 
 
 # -- Fine-tune -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from napari_r2au.model_files import LoadedModel, load_model, load_model_file, sa
 
 from .data import Sample, annotated_slices, memory_samples, rescale_pair
 from .settings import FinetuneSettings
-from .trainer import THRESHOLDS, TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
+from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
 
 
 @dataclass
@@ -60,7 +60,7 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                     fovs: Sequence[np.ndarray | None] | None = None,
                     validation_fov: np.ndarray | None = None, scale: float = 1.0):
     """Training and validation samples at the model's scale; without a validation pair,
-    hold out a strip of the first image."""
+    hold out the right strip of the first image (or slice) with foreground there."""
     if abs(scale - 1.0) > 1e-6:  # stacks: their annotated slices, each resized
         pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
         slices = None
@@ -74,12 +74,22 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
     if validation is not None:
         return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
                                      names=["validation"], fovs=[validation_fov])
-    first = train[0]
-    width = first.mask.shape[1]
+    # the strip comes from the first pair with foreground in its right part (a slice the
+    # user erased has none, and Dice on an empty strip says nothing)
+    def strip_foreground(sample: Sample) -> int:
+        cut = int(round(sample.mask.shape[1] * (1 - settings.holdout_fraction)))
+        return int(sample.mask[:, cut:][sample.fov[:, cut:]].sum())
+
+    index = next((i for i, sample in enumerate(train) if strip_foreground(sample) > 0), None)
+    if index is None:
+        return train, []
+    chosen = train[index]
+    width = chosen.mask.shape[1]
     cut = int(round(width * (1 - settings.holdout_fraction)))
     if cut < settings.patch_size or width - cut < 16:
         return train, []
-    return [_crop(first, 0, cut, "[train]"), *train[1:]], [_crop(first, cut, width, "[held out]")]
+    rest = train[:index] + train[index + 1:]
+    return [_crop(chosen, 0, cut, "[train]"), *rest], [_crop(chosen, cut, width, "[held out]")]
 
 
 def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -111,8 +121,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
     # validation samples are already at the working scale. The new model's threshold is
     # chosen on them, so the base model gets the same chance: its best threshold there
-    dice_before = best_threshold(parent, val_samples, candidates=(*THRESHOLDS, parent.threshold))[1]["f1"] \
-        if val_samples else None
+    dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
     if name is None:
         name = next_version_name(parent.name)
     elif (user_models_dir() / f"{name}.json").exists() or name == parent.name:
@@ -136,7 +145,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if not chosen.is_file():
         return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
     tuned = load_model_file(chosen)
-    dice_after = evaluate_samples(tuned, val_samples, tuned.threshold)["f1"] if val_samples else None
+    dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"] if val_samples else None
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     meta["provenance"] = dict(meta["provenance"], dice_before=dice_before, dice_after=dice_after,
                               finetune_settings=settings.__dict__)

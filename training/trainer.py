@@ -469,7 +469,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         network.to("cpu").eval()
         kept.to("cpu").eval()
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
-        best_metrics = calibrate_threshold(best_model, val_samples, config.precision)
+        best_metrics = calibrate_threshold(best_model, val_samples, config.precision, device=str(dev))
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
 
 
@@ -478,15 +478,16 @@ THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.2, 0.81, 0.025), 3))
 
 
 def best_threshold(model: LoadedModel, samples: list[Sample], precision: str = "auto",
-                   candidates: tuple[float, ...] = THRESHOLDS) -> tuple[float, dict[str, float]]:
+                   candidates: tuple[float, ...] = THRESHOLDS, device: str | None = None,
+                   ) -> tuple[float, dict[str, float]]:
     """The candidate threshold with the highest pooled F1 on ``samples``, and the metrics there."""
-    probs = predict_samples(model, samples, precision)
+    probs = predict_samples(model, samples, precision, device)
     best = max(candidates, key=lambda level: pooled_metrics(samples, probs, level)["f1"])
     return best, dict(pooled_metrics(samples, probs, best), auc_roc=pooled_auc(samples, probs))
 
 
 def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str = "auto",
-                        candidates: tuple[float, ...] = THRESHOLDS) -> dict[str, float]:
+                        candidates: tuple[float, ...] = THRESHOLDS, device: str | None = None) -> dict[str, float]:
     """Store in the model file the threshold that maximises validation F1.
 
     Chosen on the validation split only; the metrics at 0.5 are kept beside it.
@@ -494,7 +495,7 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     from napari_r2au.model_files import load_model_file
 
     model = load_model_file(sidecar)
-    best, chosen = best_threshold(model, val_samples, precision, candidates)
+    best, chosen = best_threshold(model, val_samples, precision, candidates, device)
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
     provenance["validation_metrics_at_0.5"] = provenance.get("validation_metrics", {})

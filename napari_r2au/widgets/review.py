@@ -172,8 +172,7 @@ class ReviewWidget(Container):
             path = path.with_name(path.name + ".tif")
         targets = [path, path.with_suffix(".json")]
         if self._export_maps.value:
-            targets += [*path.parent.glob(f"{path.stem}_probability.tif"),
-                        *path.parent.glob(f"{path.stem}_attention*.tif")]
+            targets += list(_map_paths(path, self._info()).values())
         existing = [p.name for p in targets if p.exists()]
         if existing and not self._overwrite.value:
             notify_error(f"Review: {', '.join(existing)} exists already; choose another name or tick "
@@ -241,7 +240,7 @@ class ReviewWidget(Container):
         not this mask's map: it is left out, and the record and a warning say so.
         """
         files: dict[str, Any] = {"probability_file": None, "attention_files": [], "maps_left_out": []}
-        layers, run_id = self._viewer.layers, info.get("run_id")
+        layers, run_id, targets = self._viewer.layers, info.get("run_id"), _map_paths(path, info)
 
         def own(name: str | None) -> bool:
             if not name or name not in layers:
@@ -253,18 +252,26 @@ class ReviewWidget(Container):
 
         name = info.get("probability_layer")
         if own(name):
-            target = path.with_name(f"{path.stem}_probability.tif")
-            write_tiff(target, np.asarray(layers[name].data, np.float32))
-            files["probability_file"] = target.name
-        for index, name in enumerate(info.get("attention_layers") or [], start=1):
+            write_tiff(targets[name], np.asarray(layers[name].data, np.float32))
+            files["probability_file"] = targets[name].name
+        for name in info.get("attention_layers") or []:
             if own(name):
-                target = path.with_name(f"{path.stem}_attention{index}.tif")
-                write_tiff(target, np.asarray(layers[name].data, np.float32))
-                files["attention_files"].append(target.name)
+                write_tiff(targets[name], np.asarray(layers[name].data, np.float32))
+                files["attention_files"].append(targets[name].name)
         if files["maps_left_out"]:
             notify_warning(f"Review: {', '.join(files['maps_left_out'])} now hold(s) the maps of a later run, "
                            f"not of '{info.get('image_layer')}' as segmented by {info.get('model')}: not exported.")
         return files
+
+
+def _map_paths(path: Path, info: dict[str, Any]) -> dict[str, Path]:
+    """The file each map layer of a run is exported to, by layer name (next to the mask)."""
+    paths = {}
+    if info.get("probability_layer"):
+        paths[info["probability_layer"]] = path.with_name(f"{path.stem}_probability.tif")
+    for index, name in enumerate(info.get("attention_layers") or [], start=1):
+        paths[name] = path.with_name(f"{path.stem}_attention{index}.tif")
+    return paths
 
 
 def _rates(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:

@@ -127,6 +127,7 @@ class SegmentWidget(WorkerRunner, Container):
         self._loaded: tuple[str, float, LoadedModel] | None = None  # (path, mtime, model)
         self._prediction: Prediction | None = None
         self._last_info: dict[str, Any] | None = None  # the record of the run self._prediction is from
+        self._last_source: tuple[weakref.ref, int] | None = None  # (its image layer, id of the layer's data)
         self._mask_layer: Any = None
         self._warned_edited = False
 
@@ -248,7 +249,7 @@ class SegmentWidget(WorkerRunner, Container):
     def _show_slice(self, context: _RunContext, z: int, probabilities: np.ndarray) -> None:
         """Show a finished slice of a stack at once, in a temporary layer the run's end removes."""
         if probabilities.ndim == 3:  # multi-class: "any foreground class", as the final layer shows
-            probabilities = 1.0 - probabilities[..., 0]
+            probabilities = probabilities[..., 1:].sum(-1)
         if context.live is None or context.live not in self._viewer.layers:
             data = context.layer.data[0] if context.layer.multiscale else context.layer.data
             context.live = self._viewer.add_image(
@@ -289,9 +290,18 @@ class SegmentWidget(WorkerRunner, Container):
 
     def _earlier_run(self, context: _RunContext, prediction: Prediction) -> dict[str, Any] | None:
         """The record of the last run on the same stack when this run covered only some of
-        its slices (its results on the other slices are kept), else None."""
-        earlier, info = self._prediction, self._last_info
-        if context.slices is None or earlier is None or info is None or info.get("image_layer") != context.layer.name:
+        its slices (its results on the other slices are kept), else None.
+
+        "The same stack": the same layer object holding the same array, with that run's
+        probability layer still shown (deleting it starts afresh).
+        """
+        earlier, info, source = self._prediction, self._last_info, self._last_source
+        if context.slices is None or earlier is None or info is None or source is None:
+            return None
+        if source[0]() is not context.layer or source[1] != id(context.layer.data):
+            return None
+        shown = info.get("probability_layer")
+        if shown not in self._viewer.layers or self._viewer.layers[shown].metadata.get("r2au_run") != info.get("run_id"):
             return None
         if len(context.slices) >= prediction.probabilities.shape[0]:
             return None
@@ -303,7 +313,8 @@ class SegmentWidget(WorkerRunner, Container):
         prediction, layer = output.prediction, context.layer
         run = {"model": prediction.model_name, "model_sha256": prediction.model_sha256,
                "scale": output.scale, "flip_averaged": output.uncertainty is not None,
-               "slices": context.slices,
+               "threshold": None if prediction.multiclass else float(self._threshold.value),
+               "slices": None if context.slices is None else sorted(context.slices),
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         runs, uncertainty = [run], output.uncertainty
         earlier = self._earlier_run(context, prediction)
@@ -320,7 +331,6 @@ class SegmentWidget(WorkerRunner, Container):
             if shown is not None and shown.metadata.get("r2au_run") == earlier.get("run_id") and \
                     shown.data.shape == prediction.probabilities.shape[:3]:
                 uncertainty = overlay_slices(shown.data, uncertainty, context.slices, shown.data.shape)
-        self._prediction = prediction
         self._warned_edited = False
         place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         # the maps carry the id of the run that made them, so that Review exports a mask's own maps
@@ -328,8 +338,8 @@ class SegmentWidget(WorkerRunner, Container):
         maps = dict(place, metadata={"r2au_run": run_id})
         base = layer.name
         probability = prediction.probabilities
-        if prediction.multiclass:  # show "any foreground class"; the mask is the arg-max
-            probability = 1.0 - probability[..., 0]
+        if prediction.multiclass:  # show "any foreground class" (0 where not segmented); the mask is the arg-max
+            probability = probability[..., 1:].sum(-1)
         prob_layer = replace_layer(self._viewer, "image", f"{base} probability", probability,
                                    colormap="magma", contrast_limits=(0.0, 1.0), **maps)
         attention_names = []
@@ -347,7 +357,7 @@ class SegmentWidget(WorkerRunner, Container):
             top = float(uncertainty.max()) or 1.0
             replace_layer(self._viewer, "image", uncertainty_name, uncertainty, colormap="inferno",
                           blending="additive", opacity=0.7, contrast_limits=(0.0, top), **maps)
-        mask = self._mask()
+        mask = self._mask(prediction)
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         info = {
             "model": prediction.model_name,
@@ -371,9 +381,11 @@ class SegmentWidget(WorkerRunner, Container):
             "created": run["created"],
             "run_id": run_id,
         }
-        self._last_info = info
         self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
                                          metadata={"r2au": info}, **place)
+        # the kept prediction, its record and its source change together, once every layer is placed
+        self._prediction, self._last_info = prediction, info
+        self._last_source = (weakref.ref(layer), id(layer.data))
         # re-thresholding a large stack takes about a second (2 checksums, clean-up): follow the
         # slider only when it is released, so that dragging does not queue up dozens of updates
         self._threshold.tracking = mask.size <= LIVE_THRESHOLD_PIXELS
@@ -390,12 +402,14 @@ class SegmentWidget(WorkerRunner, Container):
         return {"remove_small_objects": bool(self._remove_small.value),
                 "fill_holes": bool(self._fill_holes.value), "size": int(self._min_size.value)}
 
-    def _mask(self) -> np.ndarray:
+    def _mask(self, prediction: Prediction | None = None) -> np.ndarray:
+        """The mask at the slider's threshold and clean-up (of the kept prediction by default)."""
         from napari_r2au.postprocess import clean_mask
 
-        assert self._prediction is not None
+        prediction = prediction or self._prediction
+        assert prediction is not None
         size = int(self._min_size.value)
-        return clean_mask(self._prediction.mask(float(self._threshold.value)),
+        return clean_mask(prediction.mask(float(self._threshold.value)),
                           min_size=size if self._remove_small.value else 0,
                           fill_holes=bool(self._fill_holes.value), hole_size=size)
 
