@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--patch", type=int, default=defaults.patch_size, help="patch size in pixels (at the model's scale)")
     p.add_argument("--batch", type=int, default=defaults.batch_size)
-    p.add_argument("--freeze-encoder", action="store_true")
+    p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=defaults.freeze_encoder,
+                   help="train the decoder and attention gates only (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")

@@ -37,7 +37,7 @@ def test_versions_count_up(tmp_path):
 
 def test_finetune_registers_new_model_and_improves(base_model, rng):
     image, mask = _bars(rng)
-    settings = FinetuneSettings(steps=30, lr=0.02, patch_size=48, batch_size=4)
+    settings = FinetuneSettings(steps=30, lr=0.02, patch_size=48, batch_size=4, freeze_encoder=False)
     gen = iter_finetune(base_model, [(image, mask)], settings=settings)
     events = []
     while True:
