@@ -397,15 +397,18 @@ def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari
 
     viewer = make_napari_viewer()
     finetune = dock(viewer, "Fine-tune")
-    monkeypatch.setattr(type(finetune), "_use_new_model", lambda self, name: None)
+    used = []
+    monkeypatch.setattr(type(finetune), "_use_new_model", lambda self, name: used.append(name))
     model = load_model_file(tiny_model, source="user")
     finetune._on_result(FinetuneResult(model, dice_before=0.85, dice_after=0.84, steps=150, stopped="steps"))
-    assert "Lower than the base model" in finetune._result.value
+    assert "Lower than the base model, so Segment keeps the base model" in finetune._result.value
     assert "scores lower than its base model" in messages(notifications)
+    assert used == [], "a model that scores lower is saved but not put to use"
 
     notifications.clear()
     finetune._on_result(FinetuneResult(model, dice_before=0.84, dice_after=0.85, steps=150, stopped="steps"))
     assert "Lower" not in finetune._result.value and "lower" not in messages(notifications)
+    assert used == ["tiny"]
 
 
 def test_finetune_on_a_corrected_segment_mask_keeps_the_edits_and_the_scale(

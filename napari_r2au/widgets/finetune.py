@@ -234,12 +234,14 @@ class FinetuneWidget(WorkerRunner, Container):
         name = result.model.name
         self._result.value = (f"New model {name} after {result.steps} steps.\nValidation Dice: "
                               f"{_score(result.dice_before)} before → {_score(result.dice_after)} after.")
-        if result.dice_fell:
-            self._result.value += "\nLower than the base model: compare before you keep it."
-            notify_warning(f"Fine-tune: {name} scores lower than its base model on the held-out part "
-                           f"({_score(result.dice_after)} vs {_score(result.dice_before)}). Use more steps or "
-                           "corrected images, or go back to the base model in Segment.")
         refresh_model_pickers()
+        if result.dice_fell:  # saved, but not put to use: the user decides
+            self._result.value += ("\nLower than the base model, so Segment keeps the base model; "
+                                   f"choose {name} there to use it anyway.")
+            notify_warning(f"Fine-tune: {name} scores lower than its base model on the held-out part "
+                           f"({_score(result.dice_after)} vs {_score(result.dice_before)}), so it was saved but "
+                           "not selected. Use more steps or corrected images, or a separate validation pair.")
+            return
         try:
             self._use_new_model(name)
         except Exception as exc:  # a missing window, a busy Segment widget...
