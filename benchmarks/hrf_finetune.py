@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="fine-tune seeds (patch sampling, augmentation) to repeat each k with")
     parser.add_argument("--model", default="drive-vessels", help="the DRIVE model to start from")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3], help="numbers of corrected images")
+    parser.add_argument("--finetune", nargs=argparse.REMAINDER, default=[],
+                        help="further r2au finetune options, e.g. --lr 2e-4 --no-freeze-encoder (last)")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     if not (HRF / "images").is_dir():
@@ -68,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_folders(start, *eval_dirs, scale=args.scale)
     runs.append((0, None, report["f1"], report["auc_roc"], 0.0))
     print(runs[-1], flush=True)
-    for k in (1, 2, 3):
+    for k in args.ks:
         images, masks, fov = _link_subset(TUNE_IDS[:k], work / f"tune{k}")
         for seed in args.seeds:
             name = f"{start.name}-hrf-k{k}-s{seed}"
             started = time.perf_counter()
             status = r2au(["finetune", "-m", str(start.path), "--images", str(images), "--masks", str(masks),
                            "--fov", str(fov), "--steps", str(args.steps), "--scale", str(args.scale),
-                           "--seed", str(seed), "--name", name])
+                           "--seed", str(seed), "--name", name, *args.finetune])
             seconds = time.perf_counter() - started
             if status != 0:
                 print(f"fine-tune k={k} seed={seed} failed ({status})", file=sys.stderr)
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         write_between_markers(
             args.markdown,
             f"Command: `python -m benchmarks.hrf_finetune --steps {args.steps} --scale {args.scale} "
-            f"--seeds {seeds} --model {args.model}`\n\n"
+            f"--seeds {seeds} --model {args.model} --ks {' '.join(map(str, args.ks))}"
+            f"{' --finetune ' + ' '.join(args.finetune) if args.finetune else ''}`\n\n"
             f"Fine-tuned on {', '.join(TUNE_IDS)} (first k); evaluated on {len(eval_ids)} other HRF images "
             f"({', '.join(eval_ids)}), pixels inside the FOV pooled.\n\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)

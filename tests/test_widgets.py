@@ -366,8 +366,8 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     viewer.add_labels(truth, name="corrected")
     segment = dock(viewer, "Segment")
     finetune = dock(viewer, "Fine-tune")
-    assert finetune._steps.value == 150 and finetune._lr.value == pytest.approx(1e-4)
-    assert finetune._patch.value == 96 and finetune._augment.value and finetune._freeze.value
+    assert finetune._steps.value == 150 and finetune._lr.value == pytest.approx(5e-4)
+    assert finetune._patch.value == 96 and finetune._augment.value and not finetune._freeze.value
     assert finetune._model._choice.value == "tiny"
     assert finetune._corrected.value.name == "corrected"
 
