@@ -188,13 +188,13 @@ def main() -> int:
     shot(viewer, "04-correct.png")
     corrected = mask
 
-    # 5. Plugins > R2AU-Net segmentation > Fine-tune: 20 steps on the corrected mask
+    # 5. Plugins > R2AU-Net segmentation > Fine-tune: the default 150 steps on the corrected mask
     seg_dock.hide()
     ft_dock, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     finetune._image.value = image
     finetune._corrected.value = corrected
     finetune._model._choice.value = "drive-vessels"
-    finetune._steps.value = 20
+    finetune._steps.value = 150  # the default
     finetune._patch.value = 96
     clock = time.perf_counter()
     finetune._run.native.click()
