@@ -707,3 +707,26 @@ def test_segment_uses_the_layer_pixel_size_for_a_model_that_records_its_own(make
     widget.run()
     wait_idle(qtbot, widget)
     assert viewer.layers["scan mask"].metadata["r2au"]["scale"] == pytest.approx(0.75)
+
+
+def test_a_current_slice_run_keeps_the_other_slices_uncertainty(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    stack = np.stack([bars(32, seed=z)[0].mean(-1) for z in range(3)]).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_point(0, 1.0)
+    widget = dock(viewer, "Segment")
+    widget._attention.value = False
+    widget._uncertainty.value = True
+    widget.run()
+    wait_idle(qtbot, widget)
+    before = viewer.layers["stack uncertainty"].data.copy()
+    assert before[[0, 2]].any()
+    widget._uncertainty.value = False  # this run makes no uncertainty map: slice 1's old one is stale
+    widget._scope.value = "Current slice"
+    widget.run()
+    wait_idle(qtbot, widget)
+    after = viewer.layers["stack uncertainty"].data
+    np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
+    assert not after[1].any()
+    runs = viewer.layers["stack mask"].metadata["r2au"]["runs"]
+    assert [(r["slices"], r["flip_averaged"]) for r in runs] == [([0, 2], True), ([1], False)]

@@ -307,30 +307,39 @@ class SegmentWidget(WorkerRunner, Container):
             return None
         return info if earlier.probabilities.shape == prediction.probabilities.shape else None
 
-    def _show(self, output: SegmentOutput, context: _RunContext) -> None:
+    def _with_earlier_slices(self, context: _RunContext, prediction: Prediction, run: dict[str, Any],
+                             uncertainty: np.ndarray | None,
+                             ) -> tuple[Prediction, list[dict[str, Any]], np.ndarray | None]:
+        """This run's prediction, run records and uncertainty map, with the earlier run's
+        results on the slices this run did not cover (see _earlier_run)."""
         from napari_r2au.engine import merge_slices, overlay_slices
 
+        earlier = self._earlier_run(context, prediction)
+        if earlier is None:
+            return prediction, [run], uncertainty
+        assert self._prediction is not None and context.slices is not None
+        redone = set(context.slices)
+        runs = []
+        for old in earlier.get("runs") or []:  # what each earlier run still accounts for
+            kept = [z for z in old.get("slices") or [] if z not in redone]
+            if kept:
+                runs.append(dict(old, slices=kept))
+        name = earlier.get("uncertainty_layer")
+        if name in self._viewer.layers:  # (napari's LayerList has no .get)
+            shown = self._viewer.layers[name]
+            if shown.metadata.get("r2au_run") == earlier.get("run_id") and \
+                    shown.data.shape == prediction.probabilities.shape[:3]:
+                uncertainty = overlay_slices(shown.data, uncertainty, context.slices, shown.data.shape)
+        return merge_slices(self._prediction, prediction, context.slices), [*runs, run], uncertainty
+
+    def _show(self, output: SegmentOutput, context: _RunContext) -> None:
         prediction, layer = output.prediction, context.layer
         run = {"model": prediction.model_name, "model_sha256": prediction.model_sha256,
                "scale": output.scale, "flip_averaged": output.uncertainty is not None,
                "threshold": None if prediction.multiclass else float(self._threshold.value),
                "slices": None if context.slices is None else sorted(context.slices),
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        runs, uncertainty = [run], output.uncertainty
-        earlier = self._earlier_run(context, prediction)
-        if earlier is not None:
-            assert self._prediction is not None and context.slices is not None
-            prediction = merge_slices(self._prediction, prediction, context.slices)
-            redone = set(context.slices)
-            for old in earlier.get("runs") or []:  # what each earlier run still accounts for
-                kept = [z for z in old.get("slices") or [] if z not in redone]
-                if kept:
-                    runs.insert(-1, dict(old, slices=kept))
-            shown = self._viewer.layers[earlier["uncertainty_layer"]] if earlier.get("uncertainty_layer") in \
-                self._viewer.layers else None
-            if shown is not None and shown.metadata.get("r2au_run") == earlier.get("run_id") and \
-                    shown.data.shape == prediction.probabilities.shape[:3]:
-                uncertainty = overlay_slices(shown.data, uncertainty, context.slices, shown.data.shape)
+        prediction, runs, uncertainty = self._with_earlier_slices(context, prediction, run, output.uncertainty)
         self._warned_edited = False
         place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         # the maps carry the id of the run that made them, so that Review exports a mask's own maps
