@@ -53,8 +53,20 @@ def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerDa
 
 
 def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
-    """The ``.dcm`` files of a folder (a CT or MR series is usually one file per slice)."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and suffix_of(p) in DICOM_SUFFIXES)
+    """The DICOM files of a folder (a CT or MR series is usually one file per slice):
+    ``.dcm`` files, and files without an extension that start like DICOM (scanners and
+    PACS exports often write names such as ``IM0001``)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and (suffix_of(p) in DICOM_SUFFIXES or (not p.suffix and _has_dicom_preamble(p))))
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_layers(path: str | Sequence[str]) -> list[LayerData]:

@@ -195,6 +195,13 @@ def test_a_dicom_series_opens_as_one_stack_in_patient_order(tmp_path):
         np.testing.assert_allclose(kwargs["scale"], [2.5, *(float(v) for v in template.PixelSpacing)])
         assert kwargs["units"] == ("mm",) * 3
     assert napari_get_reader(str(tmp_path)) is None  # a folder without DICOM files is not ours
+    bare = tmp_path / "bare"  # a PACS export: no extensions
+    bare.mkdir()
+    for path in files:
+        (bare / f"IM{path.stem[-1]}").write_bytes(path.read_bytes())
+    (bare / "README").write_text("not an image")
+    ((data, _, _),) = napari_get_reader(str(bare))(str(bare))
+    assert data.shape == (3, *raw.shape)
     other = pydicom.dcmread(files[0])
     other.SeriesInstanceUID = "1.2.3"
     other.save_as(tmp_path / "series" / "other.dcm")
