@@ -1,10 +1,10 @@
 """What the Fine-tune widget's default learning rate does, in domain and across a domain shift.
 
-``python -m benchmarks.finetune_lr --task drive|hrf [--lrs 1e-4 2e-4 5e-4] [--seeds 0 1 2]
-[--steps 150] [--threads 1] [--markdown FILE]``
+``python -m benchmarks.finetune_lr --task drive|hrf [--lrs 1e-4 2e-4 5e-4] [--shares 1 0.5]
+[--seeds 0 1 2] [--steps 150] [--threads 1] [--markdown FILE]``
 
 Each run is the widget's default fine-tune (``FinetuneSettings`` with only the learning
-rate and seed changed) of the bundled ``drive-vessels`` on ONE corrected image, the right
+rate, the weight share and the seed changed) of the bundled ``drive-vessels`` on ONE corrected image, the right
 quarter held out as the widget does; the new model is then scored on OTHER images, which
 the held-out strip cannot show:
 
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["drive", "hrf"], required=True)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 2e-4, 5e-4])
+    parser.add_argument("--shares", type=float, nargs="+", default=None,
+                        help="weight shares of the fine-tuned model (default: the widget's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="default: the widget's")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1: run two tasks side by side)")
@@ -95,50 +97,54 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["R2AU_HOME"] = str(work / "home")  # the new models stay out of the user's folder
     image, mask, fov, scale, folders = _task(args.task, work)
     steps = args.steps or FinetuneSettings().steps
+    shares = args.shares or [FinetuneSettings().weight_share]
     before = evaluate_folders(base, *folders, scale=scale)
     print(f"base: F1 {before['f1']:.4f} AUC {before['auc_roc']:.4f}", flush=True)
-    runs = []  # (lr, seed, held-out before, after, F1, AUC, seconds)
+    runs = []  # ((lr, share), seed, held-out before, after, F1, AUC, seconds)
     for lr in args.lrs:
-        for seed in args.seeds:
-            settings = FinetuneSettings(lr=lr, steps=steps, seed=seed, freeze_encoder=args.freeze_encoder)
-            started = time.perf_counter()
-            result = run(iter_finetune(base, [(image, mask)], settings=settings,
-                                       fovs=None if fov is None else [fov], scale=scale,
-                                       name=f"lr{lr:g}-s{seed}"))
-            seconds = time.perf_counter() - started
-            report = evaluate_folders(result.model, *folders)  # the new model carries its scale
-            runs.append((lr, seed, result.dice_before, result.dice_after, report["f1"], report["auc_roc"], seconds))
-            print(runs[-1], flush=True)
+        for share in shares:
+            for seed in args.seeds:
+                settings = FinetuneSettings(lr=lr, steps=steps, seed=seed, freeze_encoder=args.freeze_encoder,
+                                            weight_share=share)
+                started = time.perf_counter()
+                result = run(iter_finetune(base, [(image, mask)], settings=settings,
+                                           fovs=None if fov is None else [fov], scale=scale,
+                                           name=f"lr{lr:g}-w{share:g}-s{seed}"))
+                seconds = time.perf_counter() - started
+                report = evaluate_folders(result.model, *folders)  # the new model carries its scale
+                runs.append(((lr, share), seed, result.dice_before, result.dice_after, report["f1"],
+                             report["auc_roc"], seconds))
+                print(runs[-1], flush=True)
     text = _tables(args.task, before, runs, len(list(folders[0].iterdir())))
     print(text)
     if args.markdown:
         frozen = " --freeze-encoder" if args.freeze_encoder else ""
-        key = f"{args.task}{'-frozen' if args.freeze_encoder else ''}"
+        key = f"{args.task}{'-frozen' if args.freeze_encoder else ''}{'-shares' if args.shares else ''}"
         write_between_markers(
             args.markdown,
             f"Command: `python -m benchmarks.finetune_lr --task {args.task} --lrs {' '.join(f'{v:g}' for v in args.lrs)} "
-            f"--seeds {' '.join(map(str, args.seeds))} --steps {steps}{frozen}`\n\n{text}\n",
+            f"--shares {' '.join(f'{v:g}' for v in shares)} --seeds {' '.join(map(str, args.seeds))} --steps {steps}{frozen}`\n\n{text}\n",
             begin=f"<!-- table {key} -->", end=f"<!-- /table {key} -->")
     return 0
 
 
 def _tables(task: str, before: dict, runs: list[tuple], n_eval: int) -> str:
     what = {"drive": "DRIVE 25, 27, 40", "hrf": f"{n_eval} other HRF images"}[task]
-    summary = [f"| learning rate | runs | held-out strip Dice, before -> after (mean) | F1 on {what}: mean | sd | "
-               "worst | AUC-ROC mean | seconds |", "|---|---|---|---|---|---|---|---|"]
-    summary.append(f"| drive-vessels as is | - | - | {before['f1']:.4f} | - | - | {before['auc_roc']:.4f} | 0 |")
-    for lr in sorted({r[0] for r in runs}):
-        chosen = [r for r in runs if r[0] == lr]
+    summary = [f"| learning rate | weight share | runs | held-out strip Dice, before -> after (mean) | F1 on {what}: mean | sd | "
+               "worst | AUC-ROC mean | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    summary.append(f"| drive-vessels as is | - | - | - | {before['f1']:.4f} | - | - | {before['auc_roc']:.4f} | 0 |")
+    for lr, share in sorted({r[0] for r in runs}, key=lambda key: (key[0], -key[1])):
+        chosen = [r for r in runs if r[0] == (lr, share)]
         f1s = [r[4] for r in chosen]
         summary.append(
-            f"| {lr:g} | {len(chosen)} | {statistics.mean(r[2] for r in chosen):.4f} -> "
+            f"| {lr:g} | {share:g} | {len(chosen)} | {statistics.mean(r[2] for r in chosen):.4f} -> "
             f"{statistics.mean(r[3] for r in chosen):.4f} | {statistics.mean(f1s):.4f} | "
             f"{statistics.stdev(f1s) if len(f1s) > 1 else 0.0:.4f} | {min(f1s):.4f} | "
             f"{statistics.mean(r[5] for r in chosen):.4f} | {statistics.mean(r[6] for r in chosen):.0f} |")
-    each = ["| learning rate | seed | held-out before | held-out after | F1 | AUC-ROC | seconds |",
-            "|---|---|---|---|---|---|---|"]
-    each += [f"| {lr:g} | {seed} | {b:.4f} | {a:.4f} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
-             for lr, seed, b, a, f1, auc, s in runs]
+    each = ["| learning rate | weight share | seed | held-out before | held-out after | F1 | AUC-ROC | seconds |",
+            "|---|---|---|---|---|---|---|---|"]
+    each += [f"| {lr:g} | {share:g} | {seed} | {b:.4f} | {a:.4f} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
+             for (lr, share), seed, b, a, f1, auc, s in runs]
     return "\n".join(summary) + "\n\nEach run:\n\n" + "\n".join(each)
 
 

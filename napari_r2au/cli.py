@@ -272,7 +272,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
-                                freeze_encoder=args.freeze_encoder, seed=args.seed)
+                                freeze_encoder=args.freeze_encoder, seed=args.seed, weight_share=args.weight_share)
     generator = iter_finetune(parent, pairs, validation, settings, names=names, fovs=fovs,
                               validation_fov=validation_fov, scale=args.scale, name=args.name, device=args.device,
                               pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
@@ -300,6 +300,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"dice       before {before}  after {after}  (validation: "
           f"{'the given pair' if validation is not None else 'held-out strip of the first image'})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
+    if share := result.model.metadata["provenance"].get("weight_share"):
+        print(f"weights    parent + {share:g} x (fine-tuned - parent)")
     if result.dice_fell:
         print(f"warning: {result.model.name} scores lower than its base model on the validation part; "
               "compare before you use it", file=sys.stderr)
@@ -413,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--patch", type=int, default=defaults.patch_size, help="patch size in pixels (at the model's scale)")
     p.add_argument("--batch", type=int, default=defaults.batch_size)
+    p.add_argument("--weight-share", type=float, default=defaults.weight_share, metavar="S",
+                   help="the new weights are parent + S x (fine-tuned - parent); 1 keeps the fine-tuned ones "
+                        "(default: %(default)s)")
     p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=defaults.freeze_encoder,
                    help="train the decoder and attention gates only (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")

@@ -8,6 +8,7 @@ import tifffile
 
 from napari_r2au.cli import main
 from napari_r2au.io import read_image
+from napari_r2au.model_files import load_model
 from napari_r2au.training.metrics import segmentation_metrics
 
 from .conftest import DATA as ROOT_DATA
@@ -107,6 +108,11 @@ def test_finetune_then_evaluate_the_new_model(tmp_path, capsys):
                                                    "iou", "auc_roc", "auc_pr", "per_image"}
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "pr.png").is_file()
     assert main(args + ["--name", "base-ft1"]) == 2  # never overwrite an existing model
+    assert load_model("base-ft1").metadata["provenance"]["weight_share"] == 0.5  # the default
+    assert main(args + ["--weight-share", "1", "--name", "whole"]) == 0
+    assert "weight_share" not in load_model("whole").metadata["provenance"]
+    assert main(args + ["--weight-share", "0", "--name", "none"]) == 2
+    assert "weight share" in capsys.readouterr().err
 
 
 def test_segment_and_evaluate_with_flip_averaging(tmp_path, capsys):

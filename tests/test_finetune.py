@@ -130,3 +130,61 @@ def test_the_held_out_strip_comes_from_a_slice_with_foreground(base_model, rng):
     assert held_out[0].mask.any() and {s.name for s in train} == {"s[z=0]", "s[z=1][train]"}
     _, none = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0]])
     assert none == [], "no slice has foreground in its strip: no held-out Dice rather than an empty one"
+
+
+def test_blending_with_the_parent_mixes_weights_and_statistics(base_model):
+    import torch
+
+    from napari_r2au.training.finetune import blend_with_parent
+
+    parent = base_model.network
+    tuned = create_model("r2au_net", base_width=4)  # other random weights, same layers
+    with torch.no_grad():
+        for buffer in tuned.buffers():
+            buffer.add_(3 if buffer.is_floating_point() else 5)
+    before, after = parent.state_dict(), tuned.state_dict()
+    for share in (0.0, 0.5, 1.0):
+        mixed = blend_with_parent(parent, tuned, share).state_dict()
+        for key, value in after.items():
+            if value.is_floating_point():
+                assert torch.allclose(mixed[key], before[key] + share * (value - before[key]), atol=1e-6), key
+            else:
+                assert torch.equal(mixed[key], value), key  # step counters are the tuned ones
+    assert not torch.equal(parent.state_dict()[next(iter(before))], after[next(iter(after))])  # inputs untouched
+    with pytest.raises(ValueError, match="layers"):
+        blend_with_parent(parent, create_model("r2au_net", base_width=8), 0.5)
+
+
+def test_the_new_model_is_the_chosen_share_of_the_way_from_its_parent(base_model, rng):
+    """Same seed, shares 1 and 0.5: the second model lies halfway between the parent and the first,
+    with its own threshold chosen on the held-out strip and its Dice measured there."""
+    import torch
+
+    from napari_r2au.training.finetune import prepare_samples
+    from napari_r2au.training.trainer import THRESHOLDS, evaluate_samples
+
+    image, mask = _bars(rng)
+    full = FinetuneSettings(steps=6, lr=0.01, patch_size=48, batch_size=2, weight_share=1.0)
+    half = FinetuneSettings(steps=6, lr=0.01, patch_size=48, batch_size=2, weight_share=0.5)
+    whole = run(iter_finetune(base_model, [(image, mask)], settings=full, name="whole")).model
+    result = run(iter_finetune(base_model, [(image, mask)], settings=half, name="half"))
+    blended = result.model
+    parent, ends = base_model.network.state_dict(), whole.network.state_dict()
+    for key, value in blended.network.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (parent[key] + ends[key]) / 2, atol=1e-5), key
+    assert blended.metadata["provenance"]["weight_share"] == 0.5
+    assert "weight_share" not in whole.metadata["provenance"]
+    _, held_out = prepare_samples(base_model, [(image, mask)], None, half)
+    scores = {t: evaluate_samples(blended, held_out, t)["f1"] for t in THRESHOLDS}
+    assert blended.threshold in scores and scores[blended.threshold] == pytest.approx(max(scores.values()))
+    assert result.dice_after == pytest.approx(max(scores.values()))
+    assert blended.metadata["provenance"]["validation_metrics"]["f1"] == pytest.approx(result.dice_after, abs=1e-4)
+
+
+def test_a_weight_share_out_of_range_is_refused_before_training(base_model, rng):
+    image, mask = _bars(rng)
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="weight share"):
+            run(iter_finetune(base_model, [(image, mask)], settings=FinetuneSettings(steps=2, weight_share=share)))
+    assert not list(user_models_dir().glob("base-ft*.json"))

@@ -8,7 +8,7 @@ from napari_r2au import create_model, load_model
 from napari_r2au.training.augment import AugmentConfig, PatchSampler, augment
 from napari_r2au.training.config import load_config
 from napari_r2au.training.data import DataError, binarize_mask, folder_samples, memory_samples, split
-from napari_r2au.training.trainer import TrainConfig, iter_train, train
+from napari_r2au.training.trainer import THRESHOLDS, TrainConfig, iter_train, train
 
 
 def _pairs(rng, n=3, size=48):
@@ -80,7 +80,7 @@ def test_training_writes_checkpoints_and_learns(tmp_path, rng):
     assert best.metadata["provenance"]["validation_metrics"]["f1"] > 0
     # the threshold is chosen on the validation split and is at least as good as 0.5 there
     prov = best.metadata["provenance"]
-    assert 0.2 <= best.metadata["threshold"] <= 0.8
+    assert best.metadata["threshold"] in THRESHOLDS
     assert prov["validation_metrics"]["f1"] >= prov["validation_metrics_at_0.5"]["f1"]
     assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 41
 

@@ -9,12 +9,13 @@ and the validation Dice before and after in its metadata.
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from napari_r2au.model_files import LoadedModel, load_model, load_model_file, sa
 from .data import Sample, annotated_slices, memory_samples, rescale_pair
 from .settings import FinetuneSettings
 from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -47,6 +51,30 @@ def next_version_name(base: str, directory: Path | None = None) -> str:
     taken = [int(m.group(1)) for p in directory.glob(f"{root}-ft*.json")
              if (m := re.fullmatch(rf"{re.escape(root)}-ft(\d+)", p.stem))]
     return f"{root}-ft{max(taken, default=0) + 1}"
+
+
+def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.Module:
+    """A copy of ``tuned`` with weights parent + share x (tuned - parent), buffers included
+    (BatchNorm statistics); integer buffers (step counters) are the tuned ones.
+
+    Fine-tuning on a few corrected images overshoots: the weights halfway between parent
+    and fine-tuned model scored better on other images than either end, in domain and
+    across a domain shift (weight-space ensembling, as in WiSE-FT; docs/finetune-defaults.md).
+    """
+    import torch
+
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the weight share must be between 0 and 1, not {share}")
+    before, after = parent.state_dict(), tuned.state_dict()
+    if before.keys() != after.keys() or any(before[k].shape != after[k].shape for k in after):
+        raise ValueError("the fine-tuned network does not have its parent's layers")
+    blended = copy.deepcopy(tuned)
+    with torch.no_grad():
+        blended.load_state_dict({
+            key: torch.lerp(before[key].float(), value.float(), share).to(value.dtype)
+            if value.is_floating_point() else value
+            for key, value in after.items()})
+    return blended.eval()
 
 
 def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
@@ -109,6 +137,8 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     an existing name is refused. ``device``: None picks the best available, as training does.
     """
     settings = settings or FinetuneSettings()
+    if not 0.0 < settings.weight_share <= 1.0:  # refused before training, not after
+        raise ValueError(f"the weight share must be above 0 and at most 1, not {settings.weight_share}")
     parent = base if isinstance(base, LoadedModel) else load_model(base)
     if parent.path is None:
         raise ValueError("fine-tuning needs a model loaded from a file (its name and hash go into the new model)")
@@ -145,13 +175,21 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if not chosen.is_file():
         return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
     tuned = load_model_file(chosen)
-    dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"] if val_samples else None
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
-    meta["provenance"] = dict(meta["provenance"], dice_before=dice_before, dice_after=dice_after,
-                              finetune_settings=settings.__dict__)
+    provenance = dict(meta["provenance"], finetune_settings=settings.__dict__)
+    network = tuned.network
+    if settings.weight_share < 1.0:
+        network = blend_with_parent(parent.network, tuned.network, settings.weight_share)
+        provenance["weight_share"] = settings.weight_share
+        tuned = LoadedModel(network, meta)
+        if val_samples:  # the trainer chose the threshold, and measured, the unblended weights
+            meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
+            provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
+    dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"] if val_samples else None
+    meta["provenance"] = dict(provenance, dice_before=dice_before, dice_after=dice_after)
     meta.pop("weights_file", None)
     meta.pop("weights_sha256", None)
-    sidecar = save_model(tuned.network, user_models_dir(), meta)
+    sidecar = save_model(network, user_models_dir(), meta)
     shutil.rmtree(run_dir, ignore_errors=True)
     return FinetuneResult(load_model_file(sidecar, source="user"), dice_before, dice_after, result.steps,
                           result.stopped)

@@ -9,10 +9,8 @@ from dataclasses import dataclass
 @dataclass
 class FinetuneSettings:
     """Defaults for adapting a model to the user's images (another camera, population or
-    scale). Measured with ``benchmarks.finetune_lr`` and ``benchmarks.hrf_finetune``
-    (docs/finetune-defaults.md): across a domain shift these beat a frozen encoder at
-    lr 1e-4 by 0.03 F1 with two corrected images; on images like the model's training
-    set the frozen encoder at lr 1e-4 costs the other images less."""
+    scale), measured with ``benchmarks.finetune_lr`` and ``benchmarks.hrf_finetune``
+    (docs/finetune-defaults.md) by what the new model does to the user's *other* images."""
 
     steps: int = 150
     lr: float = 5e-4
@@ -23,3 +21,7 @@ class FinetuneSettings:
     seed: int = 0
     #: share of the image's width held out for validation when no validation pair is given
     holdout_fraction: float = 0.25
+    #: the new model's weights are parent + share x (fine-tuned - parent): halfway keeps
+    #: more of what the parent knew about other images and, measured, still adapts
+    #: (docs/finetune-defaults.md); 1 keeps the fine-tuned weights as they are
+    weight_share: float = 0.5

@@ -473,8 +473,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
 
 
-#: the decision thresholds calibration chooses from
-THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.2, 0.81, 0.025), 3))
+#: the decision thresholds calibration chooses from (thin structures and fine-tuned
+#: models often want less than 0.2; the grid's ends should not be what decides)
+THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.951, 0.025), 3))
 
 
 def best_threshold(model: LoadedModel, samples: list[Sample], precision: str = "auto",

@@ -116,6 +116,9 @@ class FinetuneWidget(WorkerRunner, Container):
         self._patch = SpinBox(label="Patch size", min=16, max=1024, step=16, value=defaults.patch_size)
         self._augment = CheckBox(text="Augmentation (flips, rotations, intensity)", value=defaults.augment)
         self._freeze = CheckBox(text="Freeze encoder", value=defaults.freeze_encoder)
+        self._share = FloatSpinBox(label="Weight share", min=0.05, max=1.0, step=0.05, value=defaults.weight_share,
+                                   tooltip="New weights = base + share x (fine-tuned - base). Halfway keeps more "
+                                           "of what the base model knew about other images; 1: as fine-tuned")
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
         self._scale = FloatSpinBox(label="Scale (0: as segmented)", min=0.0, max=8.0, step=0.05, value=0.0,
                                    tooltip="Resize factor for training, recorded in the new model; 0: the "
@@ -128,7 +131,7 @@ class FinetuneWidget(WorkerRunner, Container):
         self._result = message_label()
         super().__init__(widgets=[
             self._image, self._corrected, self._use_validation, self._validation, self._model, self._steps,
-            self._lr, self._patch, self._augment, self._freeze, self._device, self._scale, self._resegment,
+            self._lr, self._patch, self._augment, self._freeze, self._share, self._device, self._scale, self._resegment,
             self._run, self._cancel, self._progress, self._status, self._result,
         ])
         self._curve = LossCurve()
@@ -160,6 +163,7 @@ class FinetuneWidget(WorkerRunner, Container):
         settings = {
             "steps": int(self._steps.value), "lr": float(self._lr.value), "patch_size": int(self._patch.value),
             "augment": bool(self._augment.value), "freeze_encoder": bool(self._freeze.value),
+            "weight_share": float(self._share.value),
         }
         device = None if self._device.value == "auto" else str(self._device.value)
         # train at the scale the mask was segmented at (e.g. a fundus photograph resized to DRIVE's size)
@@ -232,7 +236,9 @@ class FinetuneWidget(WorkerRunner, Container):
             notify_warning(f"Fine-tuning stopped ({result.stopped}) before a model was saved.")
             return
         name = result.model.name
-        self._result.value = (f"New model {name} after {result.steps} steps.\nValidation Dice: "
+        share = result.model.metadata["provenance"].get("weight_share")
+        blend = f" (weights {share:g} of the way from the base to the fine-tuned ones)" if share else ""
+        self._result.value = (f"New model {name} after {result.steps} steps{blend}.\nValidation Dice: "
                               f"{_score(result.dice_before)} before → {_score(result.dice_after)} after.")
         refresh_model_pickers()
         if result.dice_fell:  # saved, but not put to use: the user decides
