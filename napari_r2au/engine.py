@@ -469,34 +469,94 @@ def iter_predict(
     return prediction
 
 
-def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axes: str | None,
-                           **kwargs: Any) -> Generator[Progress, None, Prediction]:
-    """Resize Y/X by ``scale``, predict, and resize the outputs back (linear)."""
+def _resized_shape(shape: Sequence[int], axes: str, scale: float) -> tuple[int, ...]:
+    return tuple(max(1, round(n * scale)) if ax in "YX" else n for ax, n in zip(axes, shape))
+
+
+def _resize(array: np.ndarray, shape: tuple[int, ...], anti_aliasing: bool = False) -> np.ndarray:
     from skimage.transform import resize
 
-    axes = resolve_axes(image.shape, loaded.in_channels, axes)
-    array = np.asarray(image, dtype=np.float32)
-    small_shape = tuple(
-        max(1, round(n * scale)) if ax in "YX" else n for ax, n in zip(axes, array.shape)
-    )
-    small = resize(array, small_shape, order=1, anti_aliasing=scale < 1, preserve_range=True).astype(np.float32)
-    spatial = tuple(n for ax, n in zip(axes, array.shape) if ax != "C")
+    return resize(array, shape, order=1, anti_aliasing=anti_aliasing, preserve_range=True).astype(np.float32)
 
-    plane = tuple(n for ax, n in zip(axes, array.shape) if ax in "YX")
+
+class _ResizedPlanes:
+    """A stack seen with Y and X resized by ``scale``, one Z plane at a time when read.
+
+    The network reads a stack plane by plane, so a lazy (dask, zarr) stack is never
+    loaded or resized whole, and a run of some slices resizes only those (plus the
+    strided sample the normalization statistics come from). A plane is resized with the
+    same filter as a whole volume would be (nothing mixes along Z).
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, image: Any, axes: str, scale: float):
+        self.image, self.axes, self.scale = image, axes, scale
+        self.z_axis = axes.index("Z")
+        self.shape = _resized_shape(image.shape, axes, scale)
+        self._plane_shape = tuple(n for i, n in enumerate(self.shape) if i != self.z_axis)
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def plane(self, z: int) -> np.ndarray:
+        """Plane ``z`` resized, its axes those of the stack without Z (kept for the next read)."""
+        if self._cached is None or self._cached[0] != z:
+            index = tuple(z if i == self.z_axis else slice(None) for i in range(len(self.axes)))
+            raw = np.asarray(self.image[index], dtype=np.float32)
+            self._cached = (z, _resize(raw, self._plane_shape, anti_aliasing=self.scale < 1))
+        return self._cached[1]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = tuple(index) if isinstance(index, tuple) else (index,)
+        index += (slice(None),) * (len(self.axes) - len(index))
+        zs, rest = index[self.z_axis], index[:self.z_axis] + index[self.z_axis + 1:]
+        if isinstance(zs, (int, np.integer)):
+            return self.plane(int(zs))[rest]
+        planes = [self.plane(z)[rest] for z in range(*zs.indices(self.shape[self.z_axis]))]
+        return np.stack(planes, axis=self.z_axis)
+
+
+def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axes: str | None,
+                           slices: Sequence[int] | None = None, **kwargs: Any) -> Generator[Progress, None, Prediction]:
+    """Resize Y/X by ``scale``, predict, and resize the outputs back (linear).
+
+    Stacks are resized plane by plane as the network reaches them (:class:`_ResizedPlanes`),
+    and only the slices that were run are resized back.
+    """
+    axes = resolve_axes(image.shape, loaded.in_channels, axes)
+    spatial = tuple(n for ax, n in zip(axes, image.shape) if ax != "C")
+    plane = tuple(n for ax, n in zip(axes, image.shape) if ax in "YX")
+    if "Z" in axes:
+        small: Any = _ResizedPlanes(image, axes, scale)
+    else:
+        small = _resize(np.asarray(image, dtype=np.float32), _resized_shape(image.shape, axes, scale),
+                        anti_aliasing=scale < 1)
 
     def back(values: np.ndarray, shape: tuple[int, ...] = spatial) -> np.ndarray:
         shape = shape + values.shape[len(shape):]  # keeps a trailing class axis
-        return np.clip(resize(values, shape, order=1, preserve_range=True), 0, 1).astype(np.float32)
+        return np.clip(_resize(values, shape), 0, 1)
+
+    shown: dict[int, np.ndarray] = {}  # slices already resized back for the progress events
 
     def at_input_size(event: Progress) -> Progress:  # a finished slice, shown at the input's size
         if event.slice_probabilities is None:
             return event
-        return replace(event, slice_probabilities=back(event.slice_probabilities, plane))
+        shown[event.slice_index] = back(event.slice_probabilities, plane)
+        return replace(event, slice_probabilities=shown[event.slice_index])
 
-    result = yield from map_progress(iter_predict(loaded, small, axes=axes, scale=1.0, **kwargs), at_input_size)
-
-    result.probabilities = back(result.probabilities)
-    result.attention = [back(a) for a in result.attention]
+    result = yield from map_progress(
+        iter_predict(loaded, small, axes=axes, scale=1.0, slices=slices, **kwargs), at_input_size)
+    if "Z" not in axes:
+        result.probabilities = back(result.probabilities)
+        result.attention = [back(a) for a in result.attention]
+        return result
+    n_z = spatial[0]
+    probabilities = np.zeros(spatial + result.probabilities.shape[3:], np.float32)
+    attention = [np.zeros(spatial, np.float32) for _ in result.attention]
+    for z in (range(n_z) if slices is None else sorted(set(slices))):
+        probabilities[z] = shown[z] if z in shown else back(result.probabilities[z], plane)
+        for full, small_map in zip(attention, result.attention):
+            full[z] = back(small_map[z], plane)
+    result.probabilities, result.attention = probabilities, attention
     return result
 
 

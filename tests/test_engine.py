@@ -241,3 +241,45 @@ def test_merge_slices_keeps_the_other_slices(tiny_net, rng):
         assert not after[1].any()
     with pytest.raises(ValueError, match="shapes"):
         merge_slices(earlier, predict(tiny_net, stack[:2], axes="ZYX"), [1])
+
+
+class _PlanesOnly:
+    """An array-like stack that records the Z planes read and refuses to be loaded whole."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.planes_read: set[int] = set()
+
+    def __getitem__(self, index):
+        z = index[0] if isinstance(index, tuple) else index
+        self.planes_read.update([z] if isinstance(z, (int, np.integer)) else range(*z.indices(self.shape[0])))
+        return self.array[index]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was loaded")
+
+
+@pytest.mark.parametrize("axes, shape", [("ZYX", (3, 40, 36)), ("ZYXC", (3, 40, 36, 3)), ("CZYX", (3, 3, 40, 36))])
+def test_a_rescaled_stack_is_resized_plane_by_plane_as_a_whole_volume_would_be(tiny_net, rng, axes, shape):
+    from skimage.transform import resize
+
+    stack = rng.random(shape).astype(np.float32)
+    small_shape = tuple(round(n * 0.5) if ax in "YX" else n for ax, n in zip(axes, shape))
+    small = resize(stack, small_shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    expected = predict(tiny_net, small, axes=axes, precision="fp32", attention=True)
+    result = predict(tiny_net, stack, axes=axes, scale=0.5, precision="fp32", attention=True)
+    plane = tuple(n for ax, n in zip(axes, shape) if ax in "YX")
+    for z in range(3):
+        back = resize(expected.probabilities[z], plane, order=1, preserve_range=True)
+        np.testing.assert_allclose(result.probabilities[z], np.clip(back, 0, 1), atol=1e-5)
+        for ours, theirs in zip(result.attention, expected.attention):
+            np.testing.assert_allclose(ours[z], resize(theirs[z], plane, order=1, preserve_range=True), atol=1e-5)
+
+
+def test_a_rescaled_run_of_one_slice_reads_that_slice_and_the_statistics_sample_only(tiny_net, rng):
+    # 5.2 M voxels at the working scale: the normalization statistics sample every 2nd plane
+    stack = _PlanesOnly((rng.random((20, 1024, 1024)) * 255).astype(np.uint8))
+    result = predict(tiny_net, stack, axes="ZYX", scale=0.5, slices=[5], precision="fp32")
+    assert stack.planes_read == set(range(0, 20, 2)) | {5}
+    assert result.probabilities.shape == (20, 1024, 1024)
+    assert result.probabilities[5].any() and not np.delete(result.probabilities, 5, axis=0).any()
