@@ -533,7 +533,7 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
 
     def back(values: np.ndarray, shape: tuple[int, ...] = spatial) -> np.ndarray:
         shape = shape + values.shape[len(shape):]  # keeps a trailing class axis
-        return np.clip(_resize(values, shape), 0, 1)
+        return np.clip(_resize(values, shape, anti_aliasing=scale > 1), 0, 1)
 
     shown: dict[int, np.ndarray] = {}  # slices already resized back for the progress events
 
@@ -553,7 +553,7 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
     probabilities = np.zeros(spatial + result.probabilities.shape[3:], np.float32)
     attention = [np.zeros(spatial, np.float32) for _ in result.attention]
     for z in (range(n_z) if slices is None else sorted(set(slices))):
-        probabilities[z] = shown[z] if z in shown else back(result.probabilities[z], plane)
+        probabilities[z] = shown.pop(z) if z in shown else back(result.probabilities[z], plane)
         for full, small_map in zip(attention, result.attention):
             full[z] = back(small_map[z], plane)
     result.probabilities, result.attention = probabilities, attention

@@ -188,3 +188,23 @@ def test_a_weight_share_out_of_range_is_refused_before_training(base_model, rng)
         with pytest.raises(ValueError, match="weight share"):
             run(iter_finetune(base_model, [(image, mask)], settings=FinetuneSettings(steps=2, weight_share=share)))
     assert not list(user_models_dir().glob("base-ft*.json"))
+
+
+def test_without_a_held_out_part_the_new_model_keeps_its_parents_threshold(base_model, rng, tmp_path):
+    """Too narrow for a strip: no threshold can be chosen, so the parent's is kept (not 0.5)."""
+    parent = load_model(save_model(base_model.network, tmp_path / "p", dict(base_model.metadata, name="p",
+                                                                           threshold=0.3)))
+    image, mask = _bars(rng, 40)
+    result = run(iter_finetune(parent, [(image, mask)], settings=FinetuneSettings(steps=2, patch_size=32)))
+    assert result.dice_before is None and result.dice_after is None
+    assert result.model.threshold == pytest.approx(0.3)
+    assert result.model.metadata["provenance"]["threshold_from"] == "parent"
+
+
+def test_a_multiclass_model_is_refused_before_training(tmp_path, rng):
+    net = create_model("unet", base_width=4, out_channels=3)
+    meta = build_metadata(name="three", architecture="unet", arch_args={"base_width": 4, "out_channels": 3})
+    parent = load_model(save_model(net, tmp_path / "models", meta))
+    image, mask = _bars(rng)
+    with pytest.raises(ValueError, match="3 classes"):
+        run(iter_finetune(parent, [(image, mask)], settings=FinetuneSettings(steps=2)))

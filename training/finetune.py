@@ -71,7 +71,7 @@ def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.M
     blended = copy.deepcopy(tuned)
     with torch.no_grad():
         blended.load_state_dict({
-            key: torch.lerp(before[key].float(), value.float(), share).to(value.dtype)
+            key: torch.lerp(before[key].to(value.device).float(), value.float(), share).to(value.dtype)
             if value.is_floating_point() else value
             for key, value in after.items()})
     return blended.eval()
@@ -142,6 +142,9 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     parent = base if isinstance(base, LoadedModel) else load_model(base)
     if parent.path is None:
         raise ValueError("fine-tuning needs a model loaded from a file (its name and hash go into the new model)")
+    if parent.out_channels > 1:
+        raise ValueError(f"{parent.name} has {parent.out_channels} classes; fine-tuning trains one foreground "
+                         "class and cannot start from a multiclass model")
     scale = working_scale(parent, scale, pixel_size, pixel_size_unit)
     train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
                                                  validation_fov, scale)
@@ -178,14 +181,22 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     provenance = dict(meta["provenance"], finetune_settings=settings.__dict__)
     network = tuned.network
+    if not val_samples:  # nothing to choose a threshold on: the parent's, not the file format's 0.5
+        meta["threshold"] = parent.threshold
+        provenance["threshold_from"] = "parent"
     if settings.weight_share < 1.0:
         network = blend_with_parent(parent.network, tuned.network, settings.weight_share)
         provenance["weight_share"] = settings.weight_share
+        provenance.pop("validation_metrics_at_0.5", None)  # of the unblended weights
         tuned = LoadedModel(network, meta)
-        if val_samples:  # the trainer chose the threshold, and measured, the unblended weights
-            meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
-            provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
-    dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"] if val_samples else None
+    if val_samples and settings.weight_share < 1.0:  # the trainer chose and measured the unblended weights
+        meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
+        provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
+        dice_after = metrics["f1"]
+    elif val_samples:
+        dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"]
+    else:
+        dice_after = None
     meta["provenance"] = dict(provenance, dice_before=dice_before, dice_after=dice_after)
     meta.pop("weights_file", None)
     meta.pop("weights_sha256", None)
