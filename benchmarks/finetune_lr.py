@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.markdown:
         frozen = " --freeze-encoder" if args.freeze_encoder else ""
-        key = f"{args.task}{'-frozen' if args.freeze_encoder else ''}{'-shares' if args.shares else ''}"
+        key = f"{args.task}{'-frozen' if args.freeze_encoder else ''}"
+        if args.shares:  # a table says which weight shares it was run with
+            key += "-shares-" + "-".join(f"{v:g}" for v in args.shares)
         write_between_markers(
             args.markdown,
             f"Command: `python -m benchmarks.finetune_lr --task {args.task} --lrs {' '.join(f'{v:g}' for v in args.lrs)} "

@@ -63,3 +63,14 @@ def test_benchmark_tables_replace_only_the_text_between_their_markers(tmp_path):
     write_between_markers(doc, "second table\n")
     assert doc.read_text() == f"# Title\n\nintro\n{TABLE_BEGIN}\nsecond table\n{TABLE_END}\n\nprose written by hand\n"
     assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]  # written through a temporary file, none left
+
+
+def test_stack_scale_benchmark_times_both_runs_and_writes_its_table(tmp_path):
+    from benchmarks import stack_scale
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("intro\n<!-- stack-scale -->\nold\n<!-- /stack-scale -->\noutro\n")
+    assert stack_scale.main(["--slices", "3", "--size", "64", "--markdown", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| Current slice (1 slice) |" in text and "| All slices (3) |" in text
