@@ -368,12 +368,13 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     finetune = dock(viewer, "Fine-tune")
     assert finetune._steps.value == 150 and finetune._lr.value == pytest.approx(5e-4)
     assert finetune._patch.value == 96 and finetune._augment.value and not finetune._freeze.value
-    assert finetune._share.value == pytest.approx(0.5)
+    assert finetune._share.value == pytest.approx(1.0)
     assert finetune._model._choice.value == "tiny"
     assert finetune._corrected.value.name == "corrected"
 
     finetune._steps.value = 3
     finetune._patch.value = 32
+    finetune._share.value = 0.5
     finetune.run()
     assert finetune.running
     wait_idle(qtbot, finetune, timeout=300_000)
