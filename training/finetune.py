@@ -57,9 +57,10 @@ def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.M
     """A copy of ``tuned`` with weights parent + share x (tuned - parent), buffers included
     (BatchNorm statistics); integer buffers (step counters) are the tuned ones.
 
-    Fine-tuning on a few corrected images overshoots: the weights halfway between parent
-    and fine-tuned model scored better on other images than either end, in domain and
-    across a domain shift (weight-space ensembling, as in WiSE-FT; docs/finetune-defaults.md).
+    Fine-tuning on one corrected image overshoots: halfway between parent and fine-tuned
+    weights scored better on other images, in domain and across a domain shift; with two
+    or three corrected images across a shift the fine-tuned weights did (weight-space
+    ensembling, as in WiSE-FT; docs/finetune-defaults.md).
     """
     import torch
 
@@ -180,7 +181,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     tuned = load_model_file(chosen)
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     provenance = dict(meta["provenance"], finetune_settings=settings.__dict__)
-    network = tuned.network
+    network, dice_after = tuned.network, None
     if not val_samples:  # nothing to choose a threshold on: the parent's, not the file format's 0.5
         meta["threshold"] = parent.threshold
         provenance["threshold_from"] = "parent"
@@ -189,14 +190,12 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         provenance["weight_share"] = settings.weight_share
         provenance.pop("validation_metrics_at_0.5", None)  # of the unblended weights
         tuned = LoadedModel(network, meta)
-    if val_samples and settings.weight_share < 1.0:  # the trainer chose and measured the unblended weights
-        meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
-        provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
-        dice_after = metrics["f1"]
+        if val_samples:  # the trainer chose the threshold of, and measured, the unblended weights
+            meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
+            provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
+            dice_after = metrics["f1"]
     elif val_samples:
         dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"]
-    else:
-        dice_after = None
     meta["provenance"] = dict(provenance, dice_before=dice_before, dice_after=dice_after)
     meta.pop("weights_file", None)
     meta.pop("weights_sha256", None)
