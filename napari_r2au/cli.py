@@ -300,7 +300,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"dice       before {before}  after {after}  (validation: "
           f"{'the given pair' if validation is not None else 'held-out strip of the first image'})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
-    if share := result.model.metadata["provenance"].get("weight_share"):
+    if share := result.weight_share:
         print(f"weights    parent + {share:g} x (fine-tuned - parent)")
     if result.dice_fell:
         print(f"warning: {result.model.name} scores lower than its base model on the validation part; "

@@ -39,6 +39,11 @@ class FinetuneResult:
     stopped: str
 
     @property
+    def weight_share(self) -> float | None:
+        """The share of the fine-tuned weights in the new model, when it was blended with its parent."""
+        return None if self.model is None else self.model.metadata["provenance"].get("weight_share")
+
+    @property
     def dice_fell(self) -> bool:
         """True when the new model scores lower than its base on the held-out part."""
         return self.dice_before is not None and self.dice_after is not None and self.dice_after < self.dice_before

@@ -237,7 +237,7 @@ class FinetuneWidget(WorkerRunner, Container):
             notify_warning(f"Fine-tuning stopped ({result.stopped}) before a model was saved.")
             return
         name = result.model.name
-        share = result.model.metadata["provenance"].get("weight_share")
+        share = result.weight_share
         blend = f" (weights {share:g} of the way from the base to the fine-tuned ones)" if share else ""
         self._result.value = (f"New model {name} after {result.steps} steps{blend}.\nValidation Dice: "
                               f"{_score(result.dice_before)} before → {_score(result.dice_after)} after.")
