@@ -298,7 +298,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     after = "n/a" if result.dice_after is None else f"{result.dice_after:.4f}"
     print(f"new model  {result.model.name} ({result.model.path})")
     print(f"dice       before {before}  after {after}  (validation: "
-          f"{'the given pair' if validation is not None else 'held-out strip of the first image'})")
+          f"{'the given pair' if validation is not None else 'the right quarter of each image, pooled'})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
     if share := result.weight_share:
         print(f"weights    parent + {share:g} x (fine-tuned - parent)")

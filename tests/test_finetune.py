@@ -117,7 +117,9 @@ def test_the_base_model_is_scored_at_its_best_threshold_on_the_held_out_part(bas
     assert result.dice_before > evaluate_samples(base_model, held_out, base_model.threshold)["f1"]
 
 
-def test_the_held_out_strip_comes_from_a_slice_with_foreground(base_model, rng):
+def test_every_slice_with_foreground_gives_a_held_out_strip(base_model, rng):
+    """A threshold chosen on one image's strip follows that image: every annotated slice
+    (or pair) with foreground in its strip lends it, and an erased slice trains whole."""
     from napari_r2au.training.finetune import prepare_samples
 
     image, mask = _bars(rng)
@@ -125,11 +127,29 @@ def test_the_held_out_strip_comes_from_a_slice_with_foreground(base_model, rng):
     labels = np.stack([np.zeros_like(mask), mask, mask])  # slice 0: the user erased everything
     grey = load_model(base_model.path)
     settings = FinetuneSettings(patch_size=48)
-    train, held_out = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0, 1]])
-    assert [s.name for s in held_out] == ["s[z=1][held out]"]
-    assert held_out[0].mask.any() and {s.name for s in train} == {"s[z=0]", "s[z=1][train]"}
+    train, held_out = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0, 1, 2]])
+    assert [s.name for s in held_out] == ["s[z=1][held out]", "s[z=2][held out]"]
+    assert all(s.mask.any() for s in held_out)
+    assert [s.name for s in train] == ["s[z=0]", "s[z=1][train]", "s[z=2][train]"]
+    cut = int(round(mask.shape[1] * 0.75))
+    for kept, strip in zip(train[1:], held_out):  # the two parts tile the slice: nothing lost or shared
+        assert kept.mask.shape[1] == cut and strip.mask.shape[1] == mask.shape[1] - cut
+        assert np.array_equal(np.concatenate([kept.mask, strip.mask], axis=1), mask > 0)
     _, none = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0]])
     assert none == [], "no slice has foreground in its strip: no held-out Dice rather than an empty one"
+
+
+def test_two_pairs_pool_their_strips_and_a_narrow_pair_trains_whole(base_model, rng):
+    from napari_r2au.training.finetune import prepare_samples
+
+    image, mask = _bars(rng)
+    small_image, small_mask = image[:40, :40], mask[:40, :40]  # too narrow to lose a strip at patch 48
+    train, held_out = prepare_samples(base_model, [(image, mask), (image[:, ::-1], mask[:, ::-1]),
+                                                   (small_image, small_mask)],
+                                      None, FinetuneSettings(patch_size=48), names=["a", "b", "c"])
+    assert [s.name for s in held_out] == ["a[held out]", "b[held out]"]
+    assert [s.name for s in train] == ["a[train]", "b[train]", "c"]
+    assert train[2].mask.shape == small_mask.shape
 
 
 def test_blending_with_the_parent_mixes_weights_and_statistics(base_model):

@@ -94,7 +94,7 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                     fovs: Sequence[np.ndarray | None] | None = None,
                     validation_fov: np.ndarray | None = None, scale: float = 1.0):
     """Training and validation samples at the model's scale; without a validation pair,
-    hold out the right strip of the first image (or slice) with foreground there."""
+    hold out the right strip of every image (or slice) with foreground there."""
     if abs(scale - 1.0) > 1e-6:  # stacks: their annotated slices, each resized
         pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
         slices = None
@@ -108,22 +108,20 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
     if validation is not None:
         return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
                                      names=["validation"], fovs=[validation_fov])
-    # the strip comes from the first pair with foreground in its right part (a slice the
-    # user erased has none, and Dice on an empty strip says nothing)
-    def strip_foreground(sample: Sample) -> int:
-        cut = int(round(sample.mask.shape[1] * (1 - settings.holdout_fraction)))
-        return int(sample.mask[:, cut:][sample.fov[:, cut:]].sum())
-
-    index = next((i for i, sample in enumerate(train) if strip_foreground(sample) > 0), None)
-    if index is None:
-        return train, []
-    chosen = train[index]
-    width = chosen.mask.shape[1]
-    cut = int(round(width * (1 - settings.holdout_fraction)))
-    if cut < settings.patch_size or width - cut < 16:
-        return train, []
-    rest = train[:index] + train[index + 1:]
-    return [_crop(chosen, 0, cut, "[train]"), *rest], [_crop(chosen, cut, width, "[held out]")]
+    # every pair (or slice) gives its right strip, pooled: a threshold chosen on one image's
+    # strip follows that image (a hard one pulled it far off with two or three images).
+    # A pair without foreground there (a slice the user erased) or too narrow to lose a
+    # strip trains whole: Dice on an empty strip says nothing.
+    kept, held_out = [], []
+    for sample in train:
+        width = sample.mask.shape[1]
+        cut = int(round(width * (1 - settings.holdout_fraction)))
+        if cut < settings.patch_size or width - cut < 16 or not sample.mask[:, cut:][sample.fov[:, cut:]].any():
+            kept.append(sample)
+            continue
+        kept.append(_crop(sample, 0, cut, "[train]"))
+        held_out.append(_crop(sample, cut, width, "[held out]"))
+    return kept, held_out
 
 
 def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
