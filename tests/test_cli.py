@@ -108,9 +108,9 @@ def test_finetune_then_evaluate_the_new_model(tmp_path, capsys):
                                                    "iou", "auc_roc", "auc_pr", "per_image"}
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "pr.png").is_file()
     assert main(args + ["--name", "base-ft1"]) == 2  # never overwrite an existing model
-    assert "weight_share" not in load_model("base-ft1").metadata["provenance"]  # the default: 1
-    assert main(args + ["--weight-share", "0.5", "--name", "half"]) == 0
-    assert load_model("half").metadata["provenance"]["weight_share"] == 0.5
+    assert load_model("base-ft1").metadata["provenance"]["weight_share"] == 0.5  # the default
+    assert main(args + ["--weight-share", "1", "--name", "whole"]) == 0
+    assert "weight_share" not in load_model("whole").metadata["provenance"]  # the fine-tuned weights as they are
     assert main(args + ["--weight-share", "0", "--name", "none"]) == 2
     assert "weight share" in capsys.readouterr().err
 

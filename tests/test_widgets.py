@@ -368,20 +368,20 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     finetune = dock(viewer, "Fine-tune")
     assert finetune._steps.value == 150 and finetune._lr.value == pytest.approx(5e-4)
     assert finetune._patch.value == 96 and finetune._augment.value and not finetune._freeze.value
-    assert finetune._share.value == pytest.approx(1.0)
+    assert finetune._share.value == pytest.approx(0.5)
     assert finetune._model._choice.value == "tiny"
     assert finetune._corrected.value.name == "corrected"
 
     finetune._steps.value = 3
     finetune._patch.value = 32
-    finetune._share.value = 0.5
+    finetune._share.value = 0.75  # passed through, not the default
     finetune.run()
     assert finetune.running
     wait_idle(qtbot, finetune, timeout=300_000)
     result = finetune.last_result
     assert result is not None and result.model is not None, messages(notifications)
     assert result.model.name == "tiny-ft1" and result.steps == 3
-    assert result.model.metadata["provenance"]["weight_share"] == pytest.approx(0.5)
+    assert result.model.metadata["provenance"]["weight_share"] == pytest.approx(0.75)
     assert finetune._curve.steps == [1, 2, 3]
     assert "tiny-ft1" in finetune._result.value and "before" in finetune._result.value
 

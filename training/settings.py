@@ -22,7 +22,8 @@ class FinetuneSettings:
     #: share of the image's width held out for validation when no validation pair is given
     holdout_fraction: float = 0.25
     #: the new model's weights are parent + share x (fine-tuned - parent); 1 keeps the
-    #: fine-tuned weights. Measured (docs/finetune-defaults.md): 0.5 costs images like the
-    #: training set far less and adapts more with ONE corrected image across a domain
-    #: shift, but less with two or three, which is what fine-tuning is mostly for
-    weight_share: float = 1.0
+    #: fine-tuned weights. Measured (docs/finetune-defaults.md, docs/hrf-finetune.md): 0.5
+    #: costs images like the training set far less, and across a domain shift adapts at
+    #: least as much as 1 with one, two or three corrected images once the threshold is
+    #: chosen on the held-out strips of all of them
+    weight_share: float = 0.5

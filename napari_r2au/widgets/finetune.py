@@ -118,8 +118,8 @@ class FinetuneWidget(WorkerRunner, Container):
         self._freeze = CheckBox(text="Freeze encoder", value=defaults.freeze_encoder)
         self._share = FloatSpinBox(label="Weight share", min=0.05, max=1.0, step=0.05, value=defaults.weight_share,
                                    tooltip="New weights = base + share x (fine-tuned - base); 1: as fine-tuned. "
-                                           "0.5 keeps more of what the base model knew: better on images like its "
-                                           "training set, or with one corrected image")
+                                           "0.5 (default) keeps more of what the base model knew and, measured, "
+                                           "adapts at least as well (docs/finetune-defaults.md)")
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
         self._scale = FloatSpinBox(label="Scale (0: as segmented)", min=0.0, max=8.0, step=0.05, value=0.0,
                                    tooltip="Resize factor for training, recorded in the new model; 0: the "
