@@ -297,8 +297,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     before = "n/a" if result.dice_before is None else f"{result.dice_before:.4f}"
     after = "n/a" if result.dice_after is None else f"{result.dice_after:.4f}"
     print(f"new model  {result.model.name} ({result.model.path})")
-    print(f"dice       before {before}  after {after}  (validation: "
-          f"{'the given pair' if validation is not None else 'the right quarter of each image, pooled'})")
+    if validation is not None:
+        held_out = "the given pair"
+    elif result.dice_before is None:
+        held_out = "none: no image had foreground both in and left of its right quarter"
+    else:
+        held_out = "the right quarter of the images, pooled"
+    print(f"dice       before {before}  after {after}  (validation: {held_out})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
     if share := result.weight_share:
         print(f"weights    parent + {share:g} x (fine-tuned - parent)")

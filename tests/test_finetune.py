@@ -152,6 +152,36 @@ def test_two_pairs_pool_their_strips_and_a_narrow_pair_trains_whole(base_model, 
     assert train[2].mask.shape == small_mask.shape
 
 
+def test_a_pair_whose_foreground_is_all_in_its_strip_trains_whole(base_model, rng):
+    """Holding out its strip would leave it teaching only background."""
+    from napari_r2au.training.finetune import prepare_samples
+
+    image, mask = _bars(rng)
+    right_only = np.zeros_like(mask)
+    right_only[:, 80:88] = 1  # inside the right quarter (columns 72-95) only
+    train, held_out = prepare_samples(base_model, [(image, mask), (image, right_only)], None,
+                                      FinetuneSettings(patch_size=48), names=["a", "b"])
+    assert [s.name for s in held_out] == ["a[held out]"]
+    assert [s.name for s in train] == ["a[train]", "b"] and train[1].mask.sum() == right_only.sum()
+
+
+def test_a_long_stack_lends_at_most_a_few_evenly_spaced_strips(base_model, rng):
+    """Every validation predicts every strip: a hundred painted slices would make it slow."""
+    from napari_r2au.training.finetune import MAX_HELD_OUT_STRIPS, prepare_samples
+
+    image, mask = _bars(rng)
+    n = 3 * MAX_HELD_OUT_STRIPS
+    stack = np.stack([image.mean(-1)] * n).astype(np.float32)
+    labels = np.stack([mask] * n)
+    grey = load_model(base_model.path)
+    train, held_out = prepare_samples(grey, [(stack, labels)], None, FinetuneSettings(patch_size=48),
+                                      names=["s"], slices=[list(range(n))])
+    assert len(held_out) == MAX_HELD_OUT_STRIPS and len(train) == n
+    chosen = [int(s.name.split("=")[1].split("]")[0]) for s in held_out]
+    assert chosen[0] == 0 and chosen[-1] == n - 1 and chosen == sorted(set(chosen))
+    assert {s.name for s in train if s.name.endswith("[train]")} == {f"s[z={z}][train]" for z in chosen}
+
+
 def test_blending_with_the_parent_mixes_weights_and_statistics(base_model):
     import torch
 
@@ -200,6 +230,7 @@ def test_the_new_model_is_the_chosen_share_of_the_way_from_its_parent(base_model
     assert blended.threshold in scores and scores[blended.threshold] == pytest.approx(max(scores.values()))
     assert result.dice_after == pytest.approx(max(scores.values()))
     assert blended.metadata["provenance"]["validation_metrics"]["f1"] == pytest.approx(result.dice_after, abs=1e-4)
+    assert blended.metadata["provenance"]["validation_images"] == ["pair0[held out]"]  # what was held out
 
 
 def test_a_weight_share_out_of_range_is_refused_before_training(base_model, rng):

@@ -26,6 +26,10 @@ from .data import Sample, annotated_slices, memory_samples, rescale_pair
 from .settings import FinetuneSettings
 from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
 
+#: at most this many held-out strips: each validation predicts all of them, and a stack
+#: can have a hundred painted slices
+MAX_HELD_OUT_STRIPS = 8
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -62,10 +66,10 @@ def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.M
     """A copy of ``tuned`` with weights parent + share x (tuned - parent), buffers included
     (BatchNorm statistics); integer buffers (step counters) are the tuned ones.
 
-    Fine-tuning on one corrected image overshoots: halfway between parent and fine-tuned
-    weights scored better on other images, in domain and across a domain shift; with two
-    or three corrected images across a shift the fine-tuned weights did (weight-space
-    ensembling, as in WiSE-FT; docs/finetune-defaults.md).
+    Fine-tuning on a few corrected images overshoots: halfway between parent and fine-tuned
+    weights scored better on other images in domain, and at least as well across a domain
+    shift with one, two or three corrected images (weight-space ensembling, as in WiSE-FT;
+    docs/finetune-defaults.md, docs/hrf-finetune.md).
     """
     import torch
 
@@ -110,17 +114,25 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                                      names=["validation"], fovs=[validation_fov])
     # every pair (or slice) gives its right strip, pooled: a threshold chosen on one image's
     # strip follows that image (a hard one pulled it far off with two or three images).
-    # A pair without foreground there (a slice the user erased) or too narrow to lose a
-    # strip trains whole: Dice on an empty strip says nothing.
-    kept, held_out = [], []
-    for sample in train:
+    # A pair trains whole when its strip has no foreground (a slice the user erased: Dice
+    # on an empty strip says nothing), when the rest would have none (it would teach only
+    # background), or when it is too narrow to lose a strip.
+    def split_at(sample: Sample) -> int | None:
         width = sample.mask.shape[1]
         cut = int(round(width * (1 - settings.holdout_fraction)))
-        if cut < settings.patch_size or width - cut < 16 or not sample.mask[:, cut:][sample.fov[:, cut:]].any():
-            kept.append(sample)
-            continue
-        kept.append(_crop(sample, 0, cut, "[train]"))
-        held_out.append(_crop(sample, cut, width, "[held out]"))
+        if cut < settings.patch_size or width - cut < 16:
+            return None
+        inside = sample.mask & sample.fov
+        return cut if inside[:, cut:].any() and inside[:, :cut].any() else None
+
+    cuts = [split_at(sample) for sample in train]
+    candidates = [i for i, cut in enumerate(cuts) if cut is not None]
+    if len(candidates) > MAX_HELD_OUT_STRIPS:  # a long stack: strips from evenly spaced slices
+        candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, MAX_HELD_OUT_STRIPS).round()]
+    kept, held_out = list(train), []
+    for i in candidates:
+        kept[i] = _crop(train[i], 0, cuts[i], "[train]")
+        held_out.append(_crop(train[i], cuts[i], train[i].mask.shape[1], "[held out]"))
     return kept, held_out
 
 
@@ -168,6 +180,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
         steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
         val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
+        val_images=len(val_samples), val_names=[sample.name for sample in val_samples] or None,
         freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
         input_scale=scale, description=f"{parent.name} fine-tuned on corrected masks",
         pixel_size=pixel_size, pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),

@@ -105,7 +105,7 @@ class FinetuneWidget(WorkerRunner, Container):
         self._image = layer_picker(viewer, "image", "Image")
         self._corrected = layer_picker(viewer, "labels", "Corrected mask")
         self._use_validation = CheckBox(text="Separate validation pair", value=False,
-                                        tooltip="Otherwise the right quarter of each corrected image (or slice) is held out for validation")
+                                        tooltip="Otherwise the right quarter of the image (of each painted slice) is held out for validation")
         self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True)
         self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
         self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
