@@ -98,7 +98,8 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                     fovs: Sequence[np.ndarray | None] | None = None,
                     validation_fov: np.ndarray | None = None, scale: float = 1.0):
     """Training and validation samples at the model's scale; without a validation pair,
-    hold out the right strip of every image (or slice) with foreground there."""
+    hold out the right strip of every image (or slice; at most MAX_HELD_OUT_STRIPS)
+    with foreground both in the strip and left of it."""
     if abs(scale - 1.0) > 1e-6:  # stacks: their annotated slices, each resized
         pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
         slices = None
