@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .preprocess import image_statistics, match_channels, normalize
+from .preprocess import image_statistics, is_planewise, match_channels, normalize, normalize_plane
 
 if TYPE_CHECKING:
     import torch
@@ -286,6 +286,12 @@ def _round_up(value: int, divisor: int) -> int:
     return int(math.ceil(value / divisor) * divisor)
 
 
+def _finite(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise ValueError("the image contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num)")
+    return pixels
+
+
 class _Plane:
     """One 2D plane of an array-like, read lazily tile by tile as channels-last float."""
 
@@ -367,11 +373,14 @@ def iter_predict(
     dev = select_device(device)
     amp = autocast_dtype(dev, precision)
     runner = inference_network(loaded, dev, fuse, channels_last)
-    mean, std = image_statistics(image, axes.index("C") if "C" in axes else None)
-    if "C" in axes:
-        mean, std = match_channels(mean[None], loaded.in_channels)[0], match_channels(std[None], loaded.in_channels)[0]
-    else:
-        mean, std = np.repeat(mean, loaded.in_channels), np.repeat(std, loaded.in_channels)
+    planewise = is_planewise(loaded.normalization)
+    if not planewise:
+        mean, std = image_statistics(image, axes.index("C") if "C" in axes else None)
+        if "C" in axes:
+            mean = match_channels(mean[None], loaded.in_channels)[0]
+            std = match_channels(std[None], loaded.in_channels)[0]
+        else:
+            mean, std = np.repeat(mean, loaded.in_channels), np.repeat(std, loaded.in_channels)
 
     n_z = image.shape[axes.index("Z")] if "Z" in axes else 1
     z_order = list(range(n_z)) if slices is None else [int(z) for z in slices]
@@ -401,6 +410,10 @@ def iter_predict(
 
     for z in z_order:
         plane = _Plane(image, axes, z if "Z" in axes else None, loaded.in_channels)
+        # a plane-wise normalization (CLAHE) sees the whole plane, exactly as in training
+        enhanced = None
+        if planewise:
+            enhanced = normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization)
         acc = np.zeros((n_out, height, width), np.float32)
         acc_alpha = np.zeros((n_gates, height, width), np.float32)
         acc_weight = np.zeros((height, width), np.float32)
@@ -408,11 +421,11 @@ def iter_predict(
             batch_windows = windows[first:first + batch_size]
             tiles = []
             for y, x in batch_windows:
-                tile = plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width))
-                if tile.dtype.kind == "f" and not np.isfinite(tile).all():
-                    raise ValueError("the image contains NaN or infinite values; replace them first "
-                                     "(e.g. numpy.nan_to_num)")
-                tile = normalize(tile, loaded.normalization, mean, std)
+                if enhanced is not None:
+                    tile = enhanced[y:y + tile_h, x:x + tile_w]
+                else:
+                    tile = _finite(plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width)))
+                    tile = normalize(tile, loaded.normalization, mean, std)
                 pad = ((0, tile_h - tile.shape[0]), (0, tile_w - tile.shape[1]), (0, 0))
                 if any(p[1] for p in pad):
                     mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"

@@ -13,6 +13,52 @@ import numpy as np
 #: default spec: per-image, per-channel z-score
 STANDARDIZE: dict[str, Any] = {"kind": "standardize"}
 
+#: every normalization kind a model file may name
+KINDS = ("standardize", "scale", "clahe")
+
+#: CLAHE defaults: the contrast clip limit and the context window in pixels as the network
+#: sees them (a fixed size, so that a large image is not equalized over a huge window)
+CLAHE_CLIP_LIMIT = 0.01
+CLAHE_KERNEL_SIZE = 64
+
+
+def is_planewise(spec: dict[str, Any]) -> bool:
+    """Whether a normalization needs a whole 2D plane (CLAHE) rather than one tile at a time.
+
+    Local contrast equalization looks at a window around each pixel, so applying it tile
+    by tile would give seams and differ from training; the engine enhances whole planes.
+    """
+    return spec.get("kind", "standardize") == "clahe"
+
+
+def normalize_plane(plane: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Normalize a whole channels-last plane (H, W, C) by a plane-wise kind.
+
+    ``clahe``: each channel is stretched to [0, 1] by its own range, equalized by
+    contrast-limited adaptive histograms (``clip_limit``, ``kernel_size`` in pixels),
+    then z-scored over the plane. Local equalization evens out the uneven illumination
+    of fundus photographs and dermoscopy, which otherwise shifts a model's threshold.
+    """
+    from skimage.exposure import equalize_adapthist
+
+    if not is_planewise(spec):
+        raise ValueError(f"normalization {spec.get('kind')!r} is applied per tile, not per plane")
+    plane = np.asarray(plane, dtype=np.float32)
+    height, width = plane.shape[:2]
+    kernel = max(2, min(int(spec.get("kernel_size", CLAHE_KERNEL_SIZE)), height, width))
+    clip = float(spec.get("clip_limit", CLAHE_CLIP_LIMIT))
+    out = np.empty(plane.shape, np.float32)
+    for c in range(plane.shape[-1]):
+        channel = plane[..., c]
+        low, high = float(channel.min()), float(channel.max())
+        if high - low < 1e-6 or min(height, width) < 2:
+            out[..., c] = 0.0
+            continue
+        equalized = equalize_adapthist((channel - low) / (high - low), kernel_size=kernel, clip_limit=clip)
+        mean, std = float(equalized.mean()), float(equalized.std())
+        out[..., c] = (equalized - mean) / max(std, 1e-6)
+    return out
+
 
 def image_statistics(image: Any, channel_axis: int | None, max_samples: int = 4_000_000):
     """Per-channel mean and std of an array-like, from a strided subsample if large.
@@ -39,7 +85,9 @@ def normalize(tile: np.ndarray, spec: dict[str, Any], mean: np.ndarray, std: np.
     if kind == "scale":
         low, high = float(spec.get("min", 0.0)), float(spec.get("max", 255.0))
         return ((tile - low) / max(high - low, 1e-6)).astype(np.float32)
-    raise ValueError(f"unknown normalization {kind!r}; valid: standardize, scale")
+    if kind == "clahe":
+        raise ValueError("clahe normalizes whole planes: use normalize_plane")
+    raise ValueError(f"unknown normalization {kind!r}; valid: {', '.join(KINDS)}")
 
 
 def match_channels(tile: np.ndarray, n_channels: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_r2au.io import find_images, read_image
-from napari_r2au.preprocess import image_statistics, match_channels, normalize
+from napari_r2au.preprocess import image_statistics, is_planewise, match_channels, normalize, normalize_plane
 
 
 class DataError(ValueError):
@@ -89,8 +89,12 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
             raise DataError(f"{name}: field-of-view mask {fov.shape} differs from the mask {mask.shape}")
     raw = image
     image = match_channels(image, in_channels)
-    mean, std = image_statistics(image, channel_axis=2)
-    image = normalize(image, normalization or {"kind": "standardize"}, mean, std)
+    normalization = normalization or {"kind": "standardize"}
+    if is_planewise(normalization):
+        image = normalize_plane(image, normalization)
+    else:
+        mean, std = image_statistics(image, channel_axis=2)
+        image = normalize(image, normalization, mean, std)
     return Sample(np.ascontiguousarray(image), mask, fov, name, raw)
 
 

@@ -82,6 +82,9 @@ class TrainConfig:
     #: keep an exponential moving average of the weights (e.g. 0.999) and validate and save
     #: it instead of the raw weights, which swing from step to step on small data
     ema_decay: float | None = None
+    #: input normalization of a new model, e.g. {kind: clahe} (napari_r2au.preprocess);
+    #: a fine-tuned model keeps its parent's
+    normalization: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -120,8 +123,21 @@ class TrainResult:
     stopped: str
 
 
-def load_samples(config: TrainConfig) -> list[Sample]:
+def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None) -> dict[str, Any]:
+    """The normalization the run trains with: the parent model's, else the config's."""
+    from napari_r2au.preprocess import KINDS
+
+    if parent is not None:
+        return parent.normalization
+    spec = dict(config.normalization or {"kind": "standardize"})
+    if spec.get("kind", "standardize") not in KINDS:
+        raise ValueError(f"normalization.kind must be one of {', '.join(KINDS)}, got {spec.get('kind')!r}")
+    return spec
+
+
+def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = None) -> list[Sample]:
     """The config's training data; a missing folder names the key that points to it."""
+    normalization = normalization or resolve_normalization(config)
     data = config.data
     kind = data.get("kind")
     keys = {"drive": ["root"], "folders": ["images", "masks"]}.get(kind)
@@ -132,8 +148,8 @@ def load_samples(config: TrainConfig) -> list[Sample]:
             raise DataError(f"{data[key]}: no such folder (data.{key} of the config; point it at your copy "
                             f"with --set data.{key}=PATH)")
     if kind == "drive":
-        return drive_samples(data["root"], config.in_channels, scale=config.input_scale)
-    return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels,
+        return drive_samples(data["root"], config.in_channels, normalization, scale=config.input_scale)
+    return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels, normalization,
                           scale=config.input_scale, class_map=data.get("class_map"))
 
 
@@ -213,7 +229,7 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         name=config.name, architecture=config.architecture, arch_args=arch_args,
         description=config.description, provenance=provenance, input_scale=config.input_scale,
         pixel_size=pixel_size, pixel_size_unit=unit,
-        normalization=parent.normalization if parent is not None else {"kind": "standardize"},
+        normalization=resolve_normalization(config, parent),
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
     )
 
@@ -306,16 +322,18 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if parent is None and config.init_from:
+        parent = load_model(config.init_from)
+    normalization = resolve_normalization(config, parent)
     if samples is None:
-        samples, val_samples = split(load_samples(config), config.val_images, config.seed, config.val_names)
+        samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
+                                     config.val_names)
         # (in-memory corrections may be all background: "nothing here" is a valid correction)
         if not any(sample.mask[sample.fov].any() for sample in samples):
             raise DataError("every training mask is empty (all background): nothing to learn; "
                             "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images")
     val_samples = val_samples or []
 
-    if parent is None and config.init_from:
-        parent = load_model(config.init_from)
     if parent is not None:
         network = parent.network
         arch_args = dict(parent.metadata["arch_args"])
@@ -345,7 +363,6 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         synchronize_batch_norms(network)
         model = DistributedDataParallel(network, device_ids=[dev.index] if dev.type == "cuda" else None)
     writer = rank == 0
-    normalization = parent.normalization if parent is not None else {"kind": "standardize"}
     average = WeightAverage(network, config.ema_decay) if config.ema_decay is not None else None
     #: the weights that are validated and saved
     kept = average.network if average else network
