@@ -69,7 +69,7 @@ class Prediction:
         if self.multiclass:
             return np.argmax(self.probabilities, axis=-1).astype(np.uint8)
         level = self.threshold if threshold is None else threshold
-        labels = (self.probabilities > level).astype(np.uint8)
+        labels = np.greater(self.probabilities, level).view(np.uint8)  # bool as 0/1 bytes: no copy
         steps = self.postprocess if postprocess is None else postprocess
         if steps:
             from .postprocess import apply_model_postprocess

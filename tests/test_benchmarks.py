@@ -74,3 +74,15 @@ def test_stack_scale_benchmark_times_both_runs_and_writes_its_table(tmp_path):
     text = doc.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert "| Current slice (1 slice) |" in text and "| All slices (3) |" in text
+
+
+def test_slider_benchmark_moves_the_slider_in_napari_and_writes_its_table(tmp_path):
+    from benchmarks import slider
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("intro\n<!-- slider -->\nPLACEHOLDER\n<!-- /slider -->\noutro\n")
+    assert slider.main(["--slices", "3", "--size", "64", "--moves", "2", "--markdown", str(doc)]) == 0
+    text = doc.read_text()
+    assert "PLACEHOLDER" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| slider update in napari (3x64x64 stack), median of 2 |" in text
+    assert text.count("of which") == 4

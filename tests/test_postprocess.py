@@ -33,6 +33,23 @@ def test_checksum_depends_on_values_and_shape_only():
     assert mask_checksum(mask) != mask_checksum(edited)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (50, 3), (2, 9, 4), (40,), ()])
+def test_checksums_hashed_in_blocks_match_the_whole_array_definition(monkeypatch, shape):
+    import hashlib
+
+    from napari_r2au import postprocess
+
+    monkeypatch.setattr(postprocess, "_HASH_CHUNK", 8)  # blocks of rows, and rows split in turn
+    mask = np.random.default_rng(0).integers(0, 3, shape).astype(np.uint8)
+    definition = hashlib.sha256(repr(mask.shape).encode())
+    definition.update(np.ascontiguousarray(mask, dtype=np.uint32).tobytes())
+    assert mask_checksum(mask) == definition.hexdigest()
+    whole, slices = postprocess.mask_checksums(mask)
+    assert whole == definition.hexdigest()
+    assert slices == postprocess.slice_checksums(mask)
+    assert (slices is None) == (mask.ndim != 3)
+
+
 def test_difference_and_compact_labels():
     predicted = np.array([[1, 1, 0, 0]])
     reference = np.array([[1, 0, 1, 0]])

@@ -375,8 +375,7 @@ class SegmentWidget(WorkerRunner, Container):
             "threshold": None if prediction.multiclass else float(self._threshold.value),
             "cleanup": self._cleanup_settings(),
             "scale": output.scale,
-            "mask_sha256": _checksum(mask),
-            "slice_sha256": _slice_checksums(mask),
+            **_checksums(mask),
             "image_layer": base,
             "probability_layer": prob_layer.name,
             "attention_layers": attention_names,
@@ -437,8 +436,7 @@ class SegmentWidget(WorkerRunner, Container):
             return
         mask = self._mask()
         info.update(threshold=None if self._prediction.multiclass else float(self._threshold.value),
-                    cleanup=self._cleanup_settings(), mask_sha256=_checksum(mask),
-                    slice_sha256=_slice_checksums(mask))
+                    cleanup=self._cleanup_settings(), **_checksums(mask))
         layer.data = mask
         layer.metadata = {**layer.metadata, "r2au": info}
 
@@ -504,7 +502,9 @@ def _checksum(mask: Any) -> str:
     return mask_checksum(mask)
 
 
-def _slice_checksums(mask: Any) -> list[str] | None:
-    from napari_r2au.postprocess import slice_checksums
+def _checksums(mask: Any) -> dict[str, Any]:
+    """The record's checksums of a mask: whole (was it painted on?) and per slice (which slices?)."""
+    from napari_r2au.postprocess import mask_checksums
 
-    return slice_checksums(mask)
+    whole, slices = mask_checksums(mask)
+    return {"mask_sha256": whole, "slice_sha256": slices}
