@@ -75,7 +75,7 @@ def measure(slices: int, size: int, moves: int) -> list[dict]:
             func()
             start = time.perf_counter()
             func()
-            rows.append({"step": f"  of which: {name}", "seconds": time.perf_counter() - start})
+            rows.append({"step": f"of which: {name}", "seconds": time.perf_counter() - start})
         return rows
     finally:
         viewer.close()

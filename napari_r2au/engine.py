@@ -333,6 +333,9 @@ def iter_predict(
 ) -> Generator[Progress, None, Prediction]:
     """Predict tile by tile, yielding progress; returns the :class:`Prediction`.
 
+    Planes are read tile by tile, except for models with a plane-wise normalization
+    (CLAHE), which need each whole 2D plane in memory to enhance it as in training.
+
     Args:
         model: a LoadedModel, a model name or path, or a bare network from create_model.
         image: NumPy, dask or zarr array; YX, YXC, CYX, ZYX, ZYXC or CZYX.

@@ -22,6 +22,22 @@ CLAHE_CLIP_LIMIT = 0.01
 CLAHE_KERNEL_SIZE = 64
 
 
+def check_normalization(spec: Any) -> str | None:
+    """What is wrong with a normalization spec, or None: the kind, and CLAHE's parameters."""
+    if not isinstance(spec, dict):
+        return "expected an object such as {\"kind\": \"standardize\"}"
+    kind = spec.get("kind", "standardize")
+    if kind not in KINDS:
+        return f"kind must be one of {', '.join(KINDS)}, got {kind!r}"
+    if kind == "clahe":
+        kernel, clip = spec.get("kernel_size", CLAHE_KERNEL_SIZE), spec.get("clip_limit", CLAHE_CLIP_LIMIT)
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 2:
+            return f"clahe kernel_size must be an integer of at least 2 pixels, got {kernel!r}"
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+            return f"clahe clip_limit must be a number in (0, 1], got {clip!r}"
+    return None
+
+
 def is_planewise(spec: dict[str, Any]) -> bool:
     """Whether a normalization needs a whole 2D plane (CLAHE) rather than one tile at a time.
 
@@ -43,18 +59,21 @@ def normalize_plane(plane: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
     if not is_planewise(spec):
         raise ValueError(f"normalization {spec.get('kind')!r} is applied per tile, not per plane")
-    plane = np.asarray(plane, dtype=np.float32)
+    plane = np.asarray(plane)
     height, width = plane.shape[:2]
     kernel = max(2, min(int(spec.get("kernel_size", CLAHE_KERNEL_SIZE)), height, width))
     clip = float(spec.get("clip_limit", CLAHE_CLIP_LIMIT))
     out = np.empty(plane.shape, np.float32)
-    for c in range(plane.shape[-1]):
-        channel = plane[..., c]
+    # float32 holds 8- and 16-bit values exactly; wider integers and float64 keep their precision
+    exact = np.float32 if plane.dtype.itemsize <= 2 or plane.dtype == np.float32 else np.float64
+    for c in range(plane.shape[-1]):  # one channel at a time: a large plane is not copied whole
+        channel = plane[..., c].astype(exact)
         low, high = float(channel.min()), float(channel.max())
-        if high - low < 1e-6 or min(height, width) < 2:
+        if not high > low or min(height, width) < 2:
             out[..., c] = 0.0
             continue
-        equalized = equalize_adapthist((channel - low) / (high - low), kernel_size=kernel, clip_limit=clip)
+        stretched = ((channel - low) / (high - low)).astype(np.float32)
+        equalized = equalize_adapthist(stretched, kernel_size=kernel, clip_limit=clip)
         mean, std = float(equalized.mean()), float(equalized.std())
         out[..., c] = (equalized - mean) / max(std, 1e-6)
     return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_r2au import create_model, list_models, load_model
+from napari_r2au import create_model, list_models, load_model, predict
 from napari_r2au.engine import run
 from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 from napari_r2au.training.finetune import FinetuneSettings, iter_finetune, next_version_name
@@ -115,6 +115,25 @@ def test_the_base_model_is_scored_at_its_best_threshold_on_the_held_out_part(bas
     scores = [evaluate_samples(base_model, held_out, t)["f1"] for t in THRESHOLDS]
     assert result.dice_before == pytest.approx(max(scores))
     assert result.dice_before > evaluate_samples(base_model, held_out, base_model.threshold)["f1"]
+
+
+def test_a_held_out_strip_is_predicted_in_the_context_of_its_image(base_model, rng):
+    """Users segment whole images: the strip's probabilities are cut from a whole-image run
+    (its neighbours and normalization statistics), not from a run on the strip alone."""
+    from napari_r2au.training.finetune import prepare_samples
+    from napari_r2au.training.trainer import predict_samples
+
+    image, mask = _bars(rng)
+    image = (image * np.linspace(0.4, 1.0, image.shape[1])[None, :, None]).astype(np.float32)
+    _, held_out = prepare_samples(base_model, [(image, mask)], None, FinetuneSettings(patch_size=48))
+    (strip,) = held_out
+    x0, x1 = strip.window
+    assert strip.raw.shape == image.shape and x1 == image.shape[1] and strip.mask.shape[1] == x1 - x0
+    (probabilities,) = predict_samples(base_model, [strip], precision="fp32")
+    whole = predict(base_model, image, precision="fp32", scale=1.0).probabilities
+    np.testing.assert_array_equal(probabilities, whole[:, x0:x1])
+    alone = predict(base_model, image[:, x0:], precision="fp32", scale=1.0).probabilities
+    assert np.abs(alone - probabilities).max() > 1e-3  # what the strip alone would have given
 
 
 def test_every_slice_with_foreground_gives_a_held_out_strip(base_model, rng):

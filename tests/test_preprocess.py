@@ -109,7 +109,7 @@ def test_a_new_model_trains_and_records_its_normalization(tmp_path, rng):
     model = load_model(tmp_path / "run" / "best.json")
     assert model.normalization == CLAHE
     assert json.loads((tmp_path / "run" / "config.json").read_text())["normalization"] == CLAHE
-    with pytest.raises(ValueError, match="normalization.kind"):
+    with pytest.raises(ValueError, match="kind must be one of"):
         list(iter_train(TrainConfig(output_dir=str(tmp_path / "bad"), normalization={"kind": "magic"}),
                         samples=samples[:2]))
 
@@ -138,3 +138,33 @@ def test_a_run_from_a_parent_loads_its_data_with_the_parents_normalization(tmp_p
                                 init_from=str(tmp_path / "parent" / "best.json"), **common)))
     assert seen == [CLAHE]
     assert load_model(tmp_path / "child" / "best.json").normalization == CLAHE
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"kind": "clahe", "kernel_size": 1}, "kernel_size"),
+    ({"kind": "clahe", "kernel_size": 8.5}, "kernel_size"),
+    ({"kind": "clahe", "clip_limit": 0}, "clip_limit"),
+    ({"kind": "clahe", "clip_limit": "high"}, "clip_limit"),
+    ({"kind": "magic"}, "kind must be one of"),
+    ("clahe", "expected an object"),
+])
+def test_bad_normalization_specs_are_named(spec, problem):
+    from napari_r2au.preprocess import check_normalization
+
+    assert problem in check_normalization(spec)
+    assert check_normalization({"kind": "clahe", "kernel_size": 32, "clip_limit": 0.02}) is None
+
+
+def test_normalization_conflicts_are_refused_before_training(tmp_path, rng, tiny_net):
+    from napari_r2au.model_files import build_metadata, save_model
+
+    parent = load_model(save_model(tiny_net, tmp_path, build_metadata(
+        name="p", architecture="r2au_net", arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4})))
+    pairs = [((rng.random((48, 48, 3)) * 255).astype(np.uint8), np.eye(48, dtype=np.uint8)) for _ in range(2)]
+    with pytest.raises(ValueError, match="keeps its parent's normalization"):
+        list(iter_train(TrainConfig(output_dir=str(tmp_path / "a"), normalization=CLAHE),
+                        samples=memory_samples(pairs), parent=parent))
+    with pytest.raises(ValueError, match="normalized otherwise"):  # clahe samples, z-scoring model
+        list(iter_train(TrainConfig(output_dir=str(tmp_path / "b"), base_width=4),
+                        samples=memory_samples(pairs, normalization=CLAHE)))
+    assert not (tmp_path / "a").exists(), "nothing is written before the settings are checked"

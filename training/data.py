@@ -28,6 +28,9 @@ class Sample:
     """One training image: normalized float32 (H, W, C), mask uint8 {0,1}, FOV bool.
 
     ``raw`` keeps the image as read, so validation runs the engine exactly as users do.
+    A sample cut from a wider image (a fine-tune's held-out strip) keeps the whole image
+    in ``raw`` and its columns in ``window``: the engine then predicts the whole image, with
+    the context and normalization statistics a user's run has, and the strip is cut out.
     """
 
     image: np.ndarray
@@ -35,6 +38,9 @@ class Sample:
     fov: np.ndarray
     name: str
     raw: np.ndarray
+    window: tuple[int, int] | None = None
+    #: the normalization ``image`` was made with
+    normalization: dict | None = None
 
 
 def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None = None) -> np.ndarray:
@@ -95,7 +101,7 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
     else:
         mean, std = image_statistics(image, channel_axis=2)
         image = normalize(image, normalization, mean, std)
-    return Sample(np.ascontiguousarray(image), mask, fov, name, raw)
+    return Sample(np.ascontiguousarray(image), mask, fov, name, raw, normalization=dict(normalization))
 
 
 def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndarray | None = None):

@@ -88,8 +88,10 @@ def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.M
 
 
 def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
+    """Columns x0:x1 of a sample; its raw image stays whole, so that validation predicts
+    a strip in the context of its image, as a user's run does (see :class:`Sample`)."""
     return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], sample.fov[:, x0:x1],
-                  f"{sample.name}{suffix}", sample.raw[:, x0:x1])
+                  f"{sample.name}{suffix}", sample.raw, window=(x0, x1), normalization=sample.normalization)
 
 
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],

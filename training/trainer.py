@@ -125,13 +125,17 @@ class TrainResult:
 
 def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None) -> dict[str, Any]:
     """The normalization the run trains with: the parent model's, else the config's."""
-    from napari_r2au.preprocess import KINDS
+    from napari_r2au.preprocess import check_normalization
 
     if parent is not None:
+        if config.normalization and dict(config.normalization) != parent.normalization:
+            raise ValueError(f"normalization {config.normalization} differs from the one {parent.name} was "
+                             f"trained with ({parent.normalization}); a model keeps its parent's normalization")
         return parent.normalization
     spec = dict(config.normalization or {"kind": "standardize"})
-    if spec.get("kind", "standardize") not in KINDS:
-        raise ValueError(f"normalization.kind must be one of {', '.join(KINDS)}, got {spec.get('kind')!r}")
+    problem = check_normalization(spec)
+    if problem:
+        raise ValueError(f"normalization: {problem}")
     return spec
 
 
@@ -172,10 +176,14 @@ def predict_samples(model: LoadedModel, samples: list[Sample], precision: str = 
     """Probabilities for each sample through the engine.
 
     Samples are already at the model's working scale (they are resized once, when
-    loaded), so the engine must not resize them again: scale 1.
+    loaded), so the engine must not resize them again: scale 1. A sample cut from a
+    wider image is predicted whole and cut out after (its ``window``).
     """
-    return [predict(model, s.raw, precision=precision, device=device, scale=1.0).probabilities
-            for s in samples]
+    out = []
+    for s in samples:
+        probabilities = predict(model, s.raw, precision=precision, device=device, scale=1.0).probabilities
+        out.append(probabilities if s.window is None else probabilities[:, s.window[0]:s.window[1]])
+    return out
 
 
 def pooled_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> dict[str, float]:
@@ -320,14 +328,17 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if parent is None and config.init_from:
         parent = load_model(config.init_from)
     normalization = resolve_normalization(config, parent)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if samples is None:
         samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
                                      config.val_names)
+    elif any(s.normalization not in (None, normalization) for s in [*samples, *(val_samples or [])]):
+        raise DataError(f"the samples were normalized otherwise than the model will be ({normalization}): "
+                        "make them with that normalization")
         # (in-memory corrections may be all background: "nothing here" is a valid correction)
         if not any(sample.mask[sample.fov].any() for sample in samples):
             raise DataError("every training mask is empty (all background): nothing to learn; "

@@ -394,7 +394,7 @@ class SegmentWidget(WorkerRunner, Container):
         # the kept prediction, its record and its source change together, once every layer is placed
         self._prediction, self._last_info = prediction, info
         self._last_source = (weakref.ref(layer), id(layer.data))
-        # re-thresholding a large stack takes about a second (2 checksums, clean-up): follow the
+        # re-thresholding a large stack takes about half a second (checksums, clean-up): follow the
         # slider only when it is released, so that dragging does not queue up dozens of updates
         self._threshold.tracking = mask.size <= LIVE_THRESHOLD_PIXELS
         seconds = time.perf_counter() - context.started
