@@ -336,13 +336,13 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if samples is None:
         samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
                                      config.val_names)
-    elif any(s.normalization not in (None, normalization) for s in [*samples, *(val_samples or [])]):
-        raise DataError(f"the samples were normalized otherwise than the model will be ({normalization}): "
-                        "make them with that normalization")
         # (in-memory corrections may be all background: "nothing here" is a valid correction)
         if not any(sample.mask[sample.fov].any() for sample in samples):
             raise DataError("every training mask is empty (all background): nothing to learn; "
                             "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images")
+    elif any(s.normalization not in (None, normalization) for s in [*samples, *(val_samples or [])]):
+        raise DataError(f"the samples were normalized otherwise than the model will be ({normalization}): "
+                        "make them with that normalization")
     val_samples = val_samples or []
 
     if parent is not None:
