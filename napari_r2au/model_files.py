@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .io import atomic_path, write_bytes_atomic
 from .preprocess import KINDS as NORMALIZATION_KINDS
-from .preprocess import check_normalization
+from .preprocess import STANDARDIZE, check_normalization
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,7 +41,7 @@ REQUIRED_KEYS = ("architecture", "arch_args", "in_channels", "out_channels", "we
 #: optional fields added during format version 1, with the value a file without them means
 OPTIONAL_DEFAULTS: dict[str, Any] = {
     "axes": "YXC",
-    "normalization": {"kind": "standardize"},
+    "normalization": dict(STANDARDIZE),
     "class_names": ["background", "foreground"],
     "threshold": 0.5,
     "input_scale": 1.0,
@@ -103,7 +103,7 @@ class LoadedModel:
 
     @property
     def normalization(self) -> dict[str, Any]:
-        return dict(self.metadata.get("normalization") or {"kind": "standardize"})
+        return dict(self.metadata.get("normalization") or STANDARDIZE)
 
     @property
     def threshold(self) -> float:

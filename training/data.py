@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from napari_r2au.io import find_images, read_image
-from napari_r2au.preprocess import image_statistics, is_planewise, match_channels, normalize, normalize_plane
+from napari_r2au.preprocess import (
+    STANDARDIZE,
+    image_statistics,
+    is_planewise,
+    match_channels,
+    normalize,
+    normalize_plane,
+)
 
 
 class DataError(ValueError):
@@ -95,7 +102,7 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
             raise DataError(f"{name}: field-of-view mask {fov.shape} differs from the mask {mask.shape}")
     raw = image
     image = match_channels(image, in_channels)
-    normalization = normalization or {"kind": "standardize"}
+    normalization = normalization or dict(STANDARDIZE)
     if is_planewise(normalization):
         image = normalize_plane(image, normalization)
     else:

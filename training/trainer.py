@@ -125,14 +125,14 @@ class TrainResult:
 
 def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None) -> dict[str, Any]:
     """The normalization the run trains with: the parent model's, else the config's."""
-    from napari_r2au.preprocess import check_normalization
+    from napari_r2au.preprocess import STANDARDIZE, check_normalization
 
     if parent is not None:
         if config.normalization and dict(config.normalization) != parent.normalization:
             raise ValueError(f"normalization {config.normalization} differs from the one {parent.name} was "
                              f"trained with ({parent.normalization}); a model keeps its parent's normalization")
         return parent.normalization
-    spec = dict(config.normalization or {"kind": "standardize"})
+    spec = dict(config.normalization or STANDARDIZE)
     problem = check_normalization(spec)
     if problem:
         raise ValueError(f"normalization: {problem}")
