@@ -149,87 +149,144 @@ def _pydicom() -> Any:
     return pydicom
 
 
-def _dicom_kwargs(dataset: Any, name: str, z_spacing: float | None = None, **extra: Any) -> dict[str, Any]:
+# Where enhanced (multi-frame) files keep what classic files hold at the top level: a
+# frame's own functional group first, then the group shared by all frames.
+_FUNCTIONAL_GROUP = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "SliceThickness": "PixelMeasuresSequence",
+    "SpacingBetweenSlices": "PixelMeasuresSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+}
+
+
+def _frame_value(dataset: Any, frame: int, keyword: str) -> Any:
+    """``keyword`` for one frame of ``dataset``: from the frame's functional group, the
+    shared group, or the top level; None when none of them gives it."""
+    groups = []
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        items = group.get(_FUNCTIONAL_GROUP[keyword])
+        if items and _given(items[0].get(keyword)):
+            return items[0].get(keyword)
+    value = dataset.get(keyword)
+    return value if _given(value) else None
+
+
+def _given(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and value == "")
+
+
+class _Frame:
+    """One plane of a DICOM file, with where it lies and how its values rescale."""
+
+    def __init__(self, dataset: Any, index: int, pixels: np.ndarray, source: str, order: tuple[int, int]):
+        self.dataset, self.index, self.pixels, self.source, self.order = dataset, index, pixels, source, order
+        self.slope = float(_frame_value(dataset, index, "RescaleSlope") or 1)
+        self.intercept = float(_frame_value(dataset, index, "RescaleIntercept") or 0)
+        ipp = _frame_value(dataset, index, "ImagePositionPatient")
+        iop = _frame_value(dataset, index, "ImageOrientationPatient")
+        self.position = np.asarray(ipp, float) if ipp is not None and len(ipp) == 3 else None
+        self.orientation = np.asarray(iop, float) if iop is not None and len(iop) == 6 else None
+
+
+def _frames_of(dataset: Any, source: str, file_index: int) -> list[_Frame]:
+    """The planes of one file: one for a classic file, NumberOfFrames for a multi-frame one."""
+    pixels = np.asarray(dataset.pixel_array)
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    planes = pixels if count > 1 else pixels[None]
+    instance = dataset.get("InstanceNumber")
+    instance = int(instance) if _given(instance) else file_index
+    return [_Frame(dataset, i, planes[i], source, (instance, i)) for i in range(count)]
+
+
+def _read_dicom_frames(frames: list[_Frame], name: str, files: int) -> LayerData:
+    """DICOM planes (of one file or of a series) as one image: a plane, or a (Z, Y, X)
+    stack in patient order.
+
+    Planes are ordered along the slice normal (ImagePositionPatient and
+    ImageOrientationPatient, per frame in enhanced files) when every plane has a
+    distinct position, else by InstanceNumber and frame number (a time series at one
+    position keeps its order). The z spacing is the median distance between positions,
+    else SpacingBetweenSlices or SliceThickness, else 1. Values are rescaled per plane
+    (CT: Hounsfield units) when a plane gives a rescale.
+    """
+    first = frames[0]
+    shape = first.pixels.shape
+    for frame in frames:
+        if frame.pixels.shape != shape:
+            raise ValueError(f"{frame.source}: a {frame.pixels.shape} plane differs from the first plane's {shape}")
+    positions: list[float] = []
+    if all(f.position is not None and f.orientation is not None for f in frames):
+        if any(not np.allclose(f.orientation, first.orientation, atol=1e-3) for f in frames):
+            raise ValueError(f"{name}: planes in different orientations (a localizer among the slices?): "
+                             "open the planes of one orientation together")
+        normal = np.cross(first.orientation[:3], first.orientation[3:])
+        positions = [float(np.dot(normal, f.position)) for f in frames]
+    if positions and len(set(np.round(positions, 4))) == len(frames):
+        order = np.argsort(positions, kind="stable")
+    else:
+        order = sorted(range(len(frames)), key=lambda i: frames[i].order)
+        positions = []
+    frames = [frames[i] for i in order]
+    if all((f.slope, f.intercept) == (1.0, 0.0) for f in frames):
+        planes = [f.pixels for f in frames]
+    else:
+        planes = [(f.pixels * np.float32(f.slope) + np.float32(f.intercept)).astype(np.float32) for f in frames]
+    rgb = int(first.dataset.get("SamplesPerPixel", 1) or 1) in (3, 4) and shape[-1] in (3, 4)
+    extra: dict[str, Any] = {"files": files} if files > 1 else {}
+    if len(frames) == 1:
+        return planes[0], dict(_dicom_kwargs(first, name, None, **extra), rgb=rgb), "image"
+    steps = np.diff(sorted(positions)) if positions else np.array([])
+    if steps.size and np.median(steps) > 0:
+        z = float(np.median(steps))
+    else:
+        z = float(_frame_value(first.dataset, first.index, "SpacingBetweenSlices")
+                  or _frame_value(first.dataset, first.index, "SliceThickness") or 1.0)
+    kwargs = _dicom_kwargs(first, name, z, frames=len(frames), **extra)
+    return np.stack(planes), dict(kwargs, rgb=rgb), "image"
+
+
+def _dicom_kwargs(frame: _Frame, name: str, z_spacing: float | None = None, **extra: Any) -> dict[str, Any]:
     """Layer name, spacing in mm (with ``z_spacing`` for a stack) and what the file says it is."""
     kwargs: dict[str, Any] = {"name": name}
-    spacing = getattr(dataset, "PixelSpacing", None)
+    spacing = _frame_value(frame.dataset, frame.index, "PixelSpacing")
     if spacing is not None and len(spacing) == 2:
         scale = [float(v) for v in spacing]
         if z_spacing is not None:
             scale = [z_spacing, *scale]
         kwargs["scale"] = tuple(scale)
         kwargs["units"] = ("mm",) * len(scale)  # DICOM spacings are in millimetres
-    kwargs["metadata"] = {"dicom": {key: str(getattr(dataset, key)) for key in
+    kwargs["metadata"] = {"dicom": {key: str(frame.dataset.get(key)) for key in
                                     ("Modality", "SeriesDescription", "PhotometricInterpretation")
-                                    if hasattr(dataset, key)} | extra}
+                                    if key in frame.dataset} | extra}
     return kwargs
 
 
 def _read_dicom(path: Path) -> LayerData:
-    dataset = _pydicom().dcmread(path)
-    data = _dicom_pixels(dataset)
-    rgb = int(getattr(dataset, "SamplesPerPixel", 1)) in (3, 4) and data.shape[-1] in (3, 4)
-    multiframe = data.ndim - (1 if rgb else 0) == 3
-    z_spacing = float(getattr(dataset, "SliceThickness", None) or 1.0) if multiframe else None
-    return data, dict(_dicom_kwargs(dataset, path.stem, z_spacing), rgb=rgb), "image"
-
-
-def _dicom_pixels(dataset: Any, pixels: np.ndarray | None = None) -> np.ndarray:
-    """The stored values in the modality's units (CT: Hounsfield units) when the file
-    gives a rescale; the raw values otherwise."""
-    data = np.asarray(dataset.pixel_array if pixels is None else pixels)
-    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    if (slope, intercept) == (1.0, 0.0):
-        return data
-    return (data * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    """One DICOM file: a plane, or a stack when it holds several frames."""
+    return _read_dicom_frames(_frames_of(_pydicom().dcmread(path), path.name, 0), path.stem, 1)
 
 
 def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
-    """Single-frame DICOM files of one series as a (Z, Y, X) stack, in patient order.
-
-    Slices are ordered along the slice normal (ImagePositionPatient and
-    ImageOrientationPatient), else by InstanceNumber; the z spacing is the median
-    distance between slice positions, else SpacingBetweenSlices or SliceThickness.
-    """
+    """The DICOM files of one series (one file per slice, or multi-frame files) as one stack."""
     if not paths:
         raise ValueError("no .dcm files to read")
     pydicom = _pydicom()
     datasets = [pydicom.dcmread(p) for p in paths]
-    series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
+    series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
         raise ValueError(f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time")
-    frames = [int(getattr(d, "NumberOfFrames", 1) or 1) for d in datasets]
-    if max(frames) > 1:
-        raise ValueError("a series of multi-frame DICOM files: open each file on its own")
-
-    def position(dataset: Any) -> float | None:
-        ipp, iop = getattr(dataset, "ImagePositionPatient", None), getattr(dataset, "ImageOrientationPatient", None)
-        if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
-            return None
-        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-        return float(np.dot(normal, np.asarray(ipp, float)))
-
-    positions = [position(d) for d in datasets]
-    if all(p is not None for p in positions):
-        order = np.argsort(positions, kind="stable")
-    else:
-        order = np.argsort([int(getattr(d, "InstanceNumber", i) or i) for i, d in enumerate(datasets)], kind="stable")
-    slices = []
-    for index in order:
-        dataset = datasets[index]
-        plane = np.asarray(dataset.pixel_array)
-        if plane.shape != np.asarray(datasets[order[0]].pixel_array).shape:
-            raise ValueError(f"{paths[index].name}: {plane.shape} differs from the series' first slice "
-                             f"{datasets[order[0]].pixel_array.shape}")
-        slices.append(_dicom_pixels(dataset, plane))
-    data = np.stack(slices)
-    first = datasets[order[0]]
-    ordered = sorted(p for p in positions if p is not None)
-    steps = np.diff(ordered) if len(ordered) == len(datasets) > 1 else np.array([])
-    z = float(np.median(steps)) if steps.size and np.median(steps) > 0 else \
-        float(getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", None) or 1.0)
-    return data, _dicom_kwargs(first, name, z, files=len(paths)), "image"
+    frames = [frame for i, (path, dataset) in enumerate(zip(paths, datasets))
+              for frame in _frames_of(dataset, path.name, i)]
+    return _read_dicom_frames(frames, name, len(paths))
 
 
 def _read_nifti(path: Path) -> LayerData:

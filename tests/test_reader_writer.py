@@ -207,3 +207,78 @@ def test_a_dicom_series_opens_as_one_stack_in_patient_order(tmp_path):
     other.save_as(tmp_path / "series" / "other.dcm")
     with pytest.raises(ValueError, match="different series"):
         read_layers(str(tmp_path / "series"))
+
+
+def _enhanced_ct(pydicom, source, frames, positions, slopes, orientation=(1, 0, 0, 0, 1, 0)):
+    """An enhanced (multi-frame) CT built from pydicom's CT_small: spacing, positions and
+    rescale live in functional groups, not at the top level."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    dataset = pydicom.dcmread(source)
+    dtype = dataset.pixel_array.dtype
+    for keyword in ("PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept",
+                    "ImagePositionPatient", "ImageOrientationPatient"):
+        if keyword in dataset:
+            delattr(dataset, keyword)
+
+    def group(**items):
+        out = Dataset()
+        for sequence, values in items.items():
+            item = Dataset()
+            for key, value in values.items():
+                setattr(item, key, value)
+            setattr(out, sequence, Sequence([item]))
+        return out
+
+    dataset.SharedFunctionalGroupsSequence = Sequence([group(
+        PixelMeasuresSequence={"PixelSpacing": [0.7, 0.8], "SliceThickness": 5.0},
+        PlaneOrientationSequence={"ImageOrientationPatient": list(orientation)})])
+    dataset.PerFrameFunctionalGroupsSequence = Sequence([group(
+        PlanePositionSequence={"ImagePositionPatient": [0.0, 0.0, float(z)]},
+        PixelValueTransformationSequence={"RescaleSlope": slope, "RescaleIntercept": -1024.0})
+        for z, slope in zip(positions, slopes)])
+    dataset.NumberOfFrames = len(frames)
+    dataset.PixelData = np.stack(frames).astype(dtype).tobytes()
+    return dataset
+
+
+def test_an_enhanced_multiframe_dicom_reads_spacing_order_and_rescale_from_its_functional_groups(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm")
+    if source is None:
+        pytest.skip("pydicom's test file is not installed")
+    raw = pydicom.dcmread(source).pixel_array
+    frames = [raw + 100 * k for k in range(3)]
+    # stored feet-first: frame k lies at z = 20 - 3k, so patient order is frames 2, 1, 0
+    dataset = _enhanced_ct(pydicom, source, frames, positions=[20, 17, 14], slopes=[1.0, 2.0, 0.5])
+    dataset.save_as(tmp_path / "enhanced.dcm")
+    ((data, kwargs, kind),) = read(tmp_path / "enhanced.dcm")
+    assert kind == "image" and data.shape == (3, *raw.shape) and data.dtype == np.float32
+    for z, k in enumerate([2, 1, 0]):
+        np.testing.assert_allclose(data[z], frames[k] * [1.0, 2.0, 0.5][k] - 1024.0)
+    np.testing.assert_allclose(kwargs["scale"], [3.0, 0.7, 0.8])
+    assert kwargs["units"] == ("mm",) * 3 and kwargs["metadata"]["dicom"]["frames"] == 3
+
+    # a series split into two multi-frame files is one stack, interleaved by position
+    series = tmp_path / "series"
+    series.mkdir()
+    _enhanced_ct(pydicom, source, frames[:2], positions=[10, 14], slopes=[1, 1]).save_as(series / "a.dcm")
+    _enhanced_ct(pydicom, source, frames[2:], positions=[12], slopes=[1]).save_as(series / "b.dcm")
+    ((data, kwargs, _),) = read_layers(str(series))
+    np.testing.assert_allclose(data, np.stack([frames[0], frames[2], frames[1]]) - 1024.0)
+    np.testing.assert_allclose(kwargs["scale"], [2.0, 0.7, 0.8])
+
+    # frames at one position (a time series) keep their order; z falls back to the slice thickness
+    _enhanced_ct(pydicom, source, frames, positions=[5, 5, 5], slopes=[1, 1, 1]).save_as(tmp_path / "cine.dcm")
+    ((data, kwargs, _),) = read(tmp_path / "cine.dcm")
+    np.testing.assert_allclose(data, np.stack(frames) - 1024.0)
+    np.testing.assert_allclose(kwargs["scale"], [5.0, 0.7, 0.8])
+
+    # a localizer among axial slices has no place in one stack: a clear error, not a scrambled volume
+    _enhanced_ct(pydicom, source, frames[:1], positions=[30], slopes=[1],
+                 orientation=(1, 0, 0, 0, 0, -1)).save_as(series / "localizer.dcm")
+    with pytest.raises(ValueError, match="different orientations"):
+        read_layers(str(series))
