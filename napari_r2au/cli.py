@@ -64,6 +64,15 @@ def cmd_add_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remove_model(args: argparse.Namespace) -> int:
+    from .model_files import remove_model
+
+    for name in args.names:
+        target = remove_model(name, directory=args.dest)
+        print(f"removed {name}: its files are in {target} (move them back to restore it)")
+    return 0
+
+
 def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool,
                   uncertainty=None) -> list[Path]:
     """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``,
@@ -378,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", default=None, help="folder to add it to (default: your user models folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     p.set_defaults(func=cmd_add_model)
+
+    p = sub.add_parser("remove-model", help="take user models (e.g. a fine-tune you do not want) out of the lists")
+    p.add_argument("names", nargs="+", help="user model names (bundled models cannot be removed)")
+    p.add_argument("--dest", default=None, help="the models folder (default: your user models folder)")
+    p.set_defaults(func=cmd_remove_model)
 
     p = sub.add_parser("segment", help="segment images or folders of images")
     p.add_argument("inputs", nargs="+", help="image files or folders")

@@ -446,3 +446,45 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
         meta["threshold"] = float(threshold)
         meta["provenance"] = provenance
     return save_model(loaded.network, directory, meta)
+
+
+#: where removed user models are kept (inside the user models folder), one folder per removal
+REMOVED_DIR = "removed"
+
+
+def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Take a user model out of the model lists; return the folder its files went to.
+
+    Nothing is deleted: the sidecar and its weights move into
+    ``removed/<name>-<UTC time>/`` in the same folder (moving them back restores the
+    model), so a mask's audit trail can still be traced to the exact file. The sidecar
+    moves first, so the model leaves the lists at once even if the weights' move fails.
+    Bundled models cannot be removed. A broken sidecar is removed all the same.
+    """
+    directory = Path(directory) if directory is not None else user_models_dir()
+    sidecar = directory / f"{name}.json"
+    if not sidecar.is_file():
+        if (bundled_models_dir() / f"{name}.json").is_file():
+            raise ModelFileError(f"{name!r} is a bundled model: it comes with the plugin and cannot be removed")
+        names = ", ".join(p.stem for p in _sidecars(directory)) or "none"
+        raise ModelFileError(f"no user model called {name!r} in {directory}; user models: {names}")
+    try:
+        weights_name = json.loads(sidecar.read_text()).get("weights_file")
+    except (OSError, ValueError, AttributeError):
+        weights_name = None
+    weights = [directory / weights_name] if isinstance(weights_name, str) and "/" not in weights_name \
+        else [directory / f"{name}{suffix}" for suffix in (".safetensors", ".pt", ".pth")]
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = directory / REMOVED_DIR / f"{name}-{stamp}"
+    target.mkdir(parents=True)
+    os.replace(sidecar, target / sidecar.name)
+    for path in weights:
+        if path.is_file():
+            os.replace(path, target / path.name)
+    return target
+
+
+def removed_model_names(directory: str | os.PathLike | None = None) -> list[str]:
+    """Names of the models in the removed folder (a version number is never given twice)."""
+    directory = Path(directory) if directory is not None else user_models_dir()
+    return sorted(p.stem for p in (directory / REMOVED_DIR).glob("*/*.json"))

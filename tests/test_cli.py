@@ -63,7 +63,8 @@ def test_demo_writes_all_outputs(tmp_path, capsys):
     assert 0.03 < mask.mean() < 0.25  # vessels, not nothing and not everything
 
 
-@pytest.mark.parametrize("command", [["--help"], ["segment", "--help"], ["demo", "--help"], ["add-model", "--help"]])
+@pytest.mark.parametrize("command", [["--help"], ["segment", "--help"], ["demo", "--help"], ["add-model", "--help"],
+                                     ["remove-model", "--help"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(command)
@@ -178,6 +179,13 @@ def test_add_model_installs_a_checked_copy(tmp_path, capsys):
     assert main(["add-model", str(source), "--name", "tampered"]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert not (user_models_dir() / "tampered.json").exists()
+
+    assert main(["remove-model", "hand", "my-unet"]) == 0
+    out = capsys.readouterr().out
+    assert "removed hand" in out and "removed my-unet" in out and "move them back" in out
+    assert not (user_models_dir() / "hand.json").exists() and (user_models_dir() / "removed").is_dir()
+    assert main(["remove-model", "drive-vessels"]) == 2
+    assert "cannot be removed" in capsys.readouterr().err
 
 
 def test_bundled_em_model_finds_membranes_at_its_pixel_size(tmp_path, capsys):

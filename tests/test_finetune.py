@@ -33,6 +33,10 @@ def test_versions_count_up(tmp_path):
     (tmp_path / "base-ft7.json").write_text("{}")
     assert next_version_name("base", tmp_path) == "base-ft8"
     assert next_version_name("base-ft8", tmp_path) == "base-ft8"  # root name, next free
+    (tmp_path / "base-ft7.json").unlink()
+    (tmp_path / "removed" / "base-ft9-20261125T000000Z").mkdir(parents=True)
+    (tmp_path / "removed" / "base-ft9-20261125T000000Z" / "base-ft9.json").write_text("{}")
+    assert next_version_name("base", tmp_path) == "base-ft10"  # a removed version's name is not given again
 
 
 def test_finetune_registers_new_model_and_improves(base_model, rng):

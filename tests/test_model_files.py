@@ -180,6 +180,34 @@ def test_add_model_refuses_bundled_names_and_existing_ones(tmp_path):
     assert add_model(sidecar, name="mine", overwrite=True) == added
 
 
+def test_removing_a_user_model_takes_it_out_of_the_lists_and_keeps_its_files(tmp_path):
+    from napari_r2au.model_files import add_model, bundled_models_dir, list_models, remove_model
+
+    _, sidecar = _save_tiny(tmp_path)
+    added = add_model(sidecar, name="mine")
+    weights = added.with_suffix(".safetensors")
+    digest = json.loads(added.read_text())["weights_sha256"]
+    target = remove_model("mine")
+    assert target.parent == user_models_dir() / "removed" and target.name.startswith("mine-")
+    assert not added.exists() and not weights.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["mine.json", "mine.safetensors"]
+    assert "mine" not in [row["name"] for row in list_models()]
+    with pytest.raises(ModelFileError, match="no model called"):
+        load_model("mine")
+    for path in target.iterdir():  # moving the files back restores the very same model
+        path.rename(user_models_dir() / path.name)
+    assert load_model("mine").sha256 == digest
+
+    with pytest.raises(ModelFileError, match="bundled model"):
+        remove_model(DEFAULT_MODEL)
+    assert (bundled_models_dir() / f"{DEFAULT_MODEL}.json").is_file()
+    with pytest.raises(ModelFileError, match="user models: mine"):
+        remove_model("absent")
+    (user_models_dir() / "mine.json").write_text("{not json")  # a broken model can still be removed
+    assert sorted(p.name for p in remove_model("mine").iterdir()) == ["mine.json", "mine.safetensors"]
+    assert list(user_models_dir().glob("mine.*")) == []
+
+
 def test_unknown_architecture_or_arguments_are_model_file_errors(tmp_path):
     _, sidecar = _save_tiny(tmp_path)
     meta = json.loads(sidecar.read_text())

@@ -357,6 +357,33 @@ def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_mode
     assert [run["slices"] for run in viewer.layers["stack mask"].metadata["r2au"]["runs"]] == [[1]]
 
 
+def test_a_user_model_can_be_removed_from_the_pickers_after_a_yes(make_napari_viewer, tiny_model, monkeypatch,
+                                                                  notifications):
+    from napari_r2au.model_files import DEFAULT_MODEL, user_models_dir
+    from napari_r2au.widgets import _common
+
+    _save_tiny("tiny-ft1")
+    viewer = make_napari_viewer()
+    segment, finetune = dock(viewer, "Segment"), dock(viewer, "Fine-tune")
+    picker = segment._model
+    picker._choice.value = DEFAULT_MODEL
+    assert picker._remove.native.isHidden()  # bundled: nothing to remove
+    picker._choice.value = "tiny-ft1"
+    assert not picker._remove.native.isHidden()
+    answers = []
+    monkeypatch.setattr(_common, "confirm", lambda *args: answers.append(args[2]) or False)
+    picker._remove.clicked.emit()
+    assert "tiny-ft1" in answers[0] and "tiny-ft1" in picker._choice.choices  # No keeps it
+    monkeypatch.setattr(_common, "confirm", lambda *args: True)
+    picker._remove.clicked.emit()
+    for widget in (segment, finetune):
+        assert "tiny-ft1" not in widget._model._choice.choices and "tiny" in widget._model._choice.choices
+    assert picker._choice.value != "tiny-ft1" and picker.path is not None
+    assert not (user_models_dir() / "tiny-ft1.json").exists()
+    assert len(list((user_models_dir() / "removed").glob("tiny-ft1-*/tiny-ft1.json"))) == 1
+    assert "Removed tiny-ft1" in messages(notifications)
+
+
 # -- Fine-tune -----------------------------------------------------------------------------
 
 def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot, tiny_model, notifications):

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_r2au.engine import working_scale
-from napari_r2au.model_files import LoadedModel, load_model, load_model_file, save_model, user_models_dir
+from napari_r2au.model_files import (
+    LoadedModel,
+    load_model,
+    load_model_file,
+    removed_model_names,
+    save_model,
+    user_models_dir,
+)
 
 from .data import Sample, annotated_slices, memory_samples, rescale_pair
 from .settings import FinetuneSettings
@@ -54,11 +61,12 @@ class FinetuneResult:
 
 
 def next_version_name(base: str, directory: Path | None = None) -> str:
-    """``<base>-ft<N>`` with N one above the highest already in the user folder."""
+    """``<base>-ft<N>`` with N one above the highest in the user folder, removed models
+    included: a name in an exported mask's audit trail always means one file."""
     directory = directory or user_models_dir()
     root = re.sub(r"-ft\d+$", "", base)
-    taken = [int(m.group(1)) for p in directory.glob(f"{root}-ft*.json")
-             if (m := re.fullmatch(rf"{re.escape(root)}-ft(\d+)", p.stem))]
+    names = [p.stem for p in directory.glob(f"{root}-ft*.json")] + removed_model_names(directory)
+    taken = [int(m.group(1)) for name in names if (m := re.fullmatch(rf"{re.escape(root)}-ft(\d+)", name))]
     return f"{root}-ft{max(taken, default=0) + 1}"
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 
 if TYPE_CHECKING:
     import napari
@@ -101,6 +101,15 @@ def replace_layer(viewer: napari.viewer.Viewer, kind: str, name: str, data: Any,
 
 # -- models --------------------------------------------------------------------------------
 
+def confirm(parent: Any, title: str, question: str) -> bool:
+    """A Yes/No question in a dialog (No is the default)."""
+    from qtpy.QtWidgets import QMessageBox
+
+    buttons = QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No
+    answer = QMessageBox.question(parent, title, question, buttons, QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
+
+
 _PICKERS: weakref.WeakSet[ModelPicker] = weakref.WeakSet()
 
 
@@ -159,13 +168,18 @@ class ModelPicker(Container):
 
     def __init__(self, label: str = "Model") -> None:
         self._paths: dict[str, str] = {}  # name -> sidecar, filled by _names()
+        self._user: set[str] = set()  # the names that are user models (removable)
         self._choice = ComboBox(label=label, choices=lambda _widget: self._names())
         self._file = FileEdit(label="Model file", mode="r", filter="*.json *.safetensors *.pt")
         self._card = message_label()
-        super().__init__(widgets=[self._choice, self._file, self._card], labels=True)
+        self._remove = PushButton(text="Remove this model…",
+                                  tooltip="Take this user model (e.g. a fine-tune you do not want) out of the "
+                                          "lists; its files are kept in the models folder's removed/ folder")
+        super().__init__(widgets=[self._choice, self._file, self._card, self._remove], labels=True)
         self.margins = (0, 0, 0, 0)
         self._choice.changed.connect(self._update)
         self._file.changed.connect(self._update)
+        self._remove.changed.connect(self.remove_chosen)
         _PICKERS.add(self)
         self._update()
 
@@ -174,7 +188,28 @@ class ModelPicker(Container):
 
         rows = list_models()
         self._paths = {row["name"]: row["path"] for row in reversed(rows)}  # bundled wins, like load_model
+        bundled = {row["name"] for row in rows if row["source"] == "bundled"}
+        self._user = {row["name"] for row in rows if row["source"] == "user"} - bundled
         return [*dict.fromkeys(row["name"] for row in rows), LOAD_FROM_FILE]
+
+    def remove_chosen(self, *_: Any) -> None:
+        """Ask, then take the chosen user model out of every picker (its files are kept)."""
+        from napari_r2au.model_files import ModelFileError, remove_model
+
+        name = str(self._choice.value)
+        if name not in self._user:
+            return
+        if not confirm(self.native, "Remove model",
+                       f"Remove {name} from the model lists?\n\nIts files move to the removed/ folder next to "
+                       "your models (move them back to restore it). Masks already exported keep its checksum."):
+            return
+        try:
+            target = remove_model(name, directory=Path(self._paths[name]).parent)
+        except (ModelFileError, OSError) as exc:
+            notify_error(f"Could not remove {name}: {exc}")
+            return
+        refresh_model_pickers()
+        notify_info(f"Removed {name}; its files are in {target}")
 
     def refresh(self, select: str | None = None) -> None:
         """Re-read the installed models; keep the selection unless ``select`` names another."""
@@ -205,6 +240,7 @@ class ModelPicker(Container):
 
     def _update(self, *_: Any) -> None:
         self._file.visible = self._choice.value == LOAD_FROM_FILE
+        self._remove.visible = self._choice.value in self._user
         if self._choice.value == LOAD_FROM_FILE and self.path is None:
             self._card.value = "Choose a model file (.json next to its weights)."
             return
