@@ -185,94 +185,157 @@ def _given(value: Any) -> bool:
 
 
 class _Frame:
-    """One plane of a DICOM file, with where it lies and how its values rescale."""
+    """One plane of a DICOM file, with where it lies, its pixel spacing and its rescale."""
 
     def __init__(self, dataset: Any, index: int, pixels: np.ndarray, source: str, order: tuple[int, int]):
         self.dataset, self.index, self.pixels, self.source, self.order = dataset, index, pixels, source, order
+        self.uid = (str(dataset.get("SOPInstanceUID", "")) or f"{source}#{order[0]}", index)
         self.slope = float(_frame_value(dataset, index, "RescaleSlope") or 1)
         self.intercept = float(_frame_value(dataset, index, "RescaleIntercept") or 0)
         ipp = _frame_value(dataset, index, "ImagePositionPatient")
         iop = _frame_value(dataset, index, "ImageOrientationPatient")
+        spacing = _frame_value(dataset, index, "PixelSpacing")
         self.position = np.asarray(ipp, float) if ipp is not None and len(ipp) == 3 else None
         self.orientation = np.asarray(iop, float) if iop is not None and len(iop) == 6 else None
+        self.spacing = tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 2 else None
+
+    def values(self, as_float: bool) -> np.ndarray:
+        """The plane in the modality's units (CT: Hounsfield units) when ``as_float``."""
+        return (self.pixels * np.float32(self.slope) + np.float32(self.intercept)) if as_float else self.pixels
 
 
-def _frames_of(dataset: Any, source: str, file_index: int) -> list[_Frame]:
-    """The planes of one file: one for a classic file, NumberOfFrames for a multi-frame one."""
-    pixels = np.asarray(dataset.pixel_array)
+def _decoded_pixels(dataset: Any, source: str) -> tuple[np.ndarray, dict[str, str]]:
+    """A file's pixels as they are meant to be seen: palette colour as RGB, MONOCHROME1
+    (where low values are white, as in many X-rays) inverted within its stored range;
+    and what was changed, for the layer's metadata."""
+    try:
+        pixels = np.asarray(dataset.pixel_array)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        raise ValueError(f"{source}: cannot decode its pixels ({getattr(syntax, 'name', syntax) or 'unknown'} "
+                         f"transfer syntax): {exc}") from exc
+    photometric = str(dataset.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        return np.asarray(apply_color_lut(pixels, dataset)), {"converted": "PALETTE COLOR to RGB"}
+    if photometric == "MONOCHROME1":
+        bits = int(dataset.get("BitsStored", pixels.dtype.itemsize * 8))
+        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(dataset.get("PixelRepresentation", 0)) \
+            else (0, 2 ** bits - 1)
+        inverted = (low + high - pixels.astype(np.int64)).astype(pixels.dtype)
+        return inverted, {"converted": "MONOCHROME1 inverted to MONOCHROME2 (high values bright)"}
+    return pixels, {}
+
+
+def _frames_of(dataset: Any, source: str, file_index: int) -> tuple[list[_Frame], dict[str, str]]:
+    """The planes of one file (one for a classic file, NumberOfFrames for a multi-frame
+    one) and the notes of :func:`_decoded_pixels`."""
+    pixels, notes = _decoded_pixels(dataset, source)
     count = int(dataset.get("NumberOfFrames", 1) or 1)
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != count:
+        raise ValueError(f"{source}: {count} frames but {len(per_frame)} per-frame functional groups; "
+                         "the file is inconsistent")
     planes = pixels if count > 1 else pixels[None]
     instance = dataset.get("InstanceNumber")
     instance = int(instance) if _given(instance) else file_index
-    return [_Frame(dataset, i, planes[i], source, (instance, i)) for i in range(count)]
+    return [_Frame(dataset, i, planes[i], source, (instance, i)) for i in range(count)], notes
 
 
-def _read_dicom_frames(frames: list[_Frame], name: str, files: int) -> LayerData:
+def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[str, str]) -> LayerData:
     """DICOM planes (of one file or of a series) as one image: a plane, or a (Z, Y, X)
     stack in patient order.
 
-    Planes are ordered along the slice normal (ImagePositionPatient and
-    ImageOrientationPatient, per frame in enhanced files) when every plane has a
-    distinct position, else by InstanceNumber and frame number (a time series at one
-    position keeps its order). The z spacing is the median distance between positions,
-    else SpacingBetweenSlices or SliceThickness, else 1. Values are rescaled per plane
-    (CT: Hounsfield units) when a plane gives a rescale.
+    A plane sent twice (same SOPInstanceUID and frame) counts once. When every plane has
+    a position and orientation (per frame in enhanced files), planes at distinct
+    positions are sorted along the slice normal and the z spacing is the median step;
+    planes that all share one position (a time series) keep their InstanceNumber and
+    frame order, with no spacing along that axis. Anything else that would stack
+    planes that do not form one volume is refused with a message: several positions
+    repeated (time points, echoes, stacks), different orientations or pixel spacings,
+    several multi-frame files without positions (ultrasound clips). Values are
+    rescaled per plane (CT: Hounsfield units) when a plane gives a rescale.
     """
-    first = frames[0]
-    shape = first.pixels.shape
+    frames = list({frame.uid: frame for frame in reversed(frames)}.values())[::-1]  # first copy of each
+    shape = frames[0].pixels.shape
     for frame in frames:
         if frame.pixels.shape != shape:
             raise ValueError(f"{frame.source}: a {frame.pixels.shape} plane differs from the first plane's {shape}")
-    positions: list[float] = []
+    oriented = [f for f in frames if f.orientation is not None]
+    if any(not np.allclose(f.orientation, oriented[0].orientation, atol=1e-3) for f in oriented):
+        raise ValueError(f"{name}: its planes lie in different orientations (a localizer among the slices, or "
+                         "several views in one file); open planes that share one orientation")
+    if len({f.spacing for f in frames if f.spacing is not None}) > 1:
+        raise ValueError(f"{name}: its planes have different pixel spacings; they do not form one volume")
+    positions: list[float] | None = None
     if all(f.position is not None and f.orientation is not None for f in frames):
-        if any(not np.allclose(f.orientation, first.orientation, atol=1e-3) for f in frames):
-            raise ValueError(f"{name}: planes in different orientations (a localizer among the slices?): "
-                             "open the planes of one orientation together")
-        normal = np.cross(first.orientation[:3], first.orientation[3:])
+        normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
         positions = [float(np.dot(normal, f.position)) for f in frames]
-    if positions and len(set(np.round(positions, 4))) == len(frames):
-        order = np.argsort(positions, kind="stable")
+    elif files > 1 and any(f.index > 0 for f in frames):
+        raise ValueError(f"{name}: several multi-frame files without plane positions (e.g. ultrasound clips) "
+                         "do not form one volume; open each file on its own")
+    extra: dict[str, Any] = dict(notes)
+    if files > 1:
+        extra["files"] = files
+    z: float | None = None
+    distinct = len(set(np.round(positions, 3))) if positions is not None else 0
+    if positions is not None and distinct == len(frames) > 1:
+        order = list(np.argsort(positions, kind="stable"))
+        steps = np.diff(sorted(positions))
+        z = float(np.median(steps))
+        if steps.max() - steps.min() > 0.01 * z:
+            extra["z_steps_mm"] = [round(float(steps.min()), 4), round(float(steps.max()), 4)]
+            _warn(f"{name}: the distance between slices varies from {steps.min():.3g} to {steps.max():.3g} mm "
+                  f"(a missing slice?); the stack is shown at the median, {z:.3g} mm")
+    elif positions is not None and distinct > 1:
+        raise ValueError(f"{name}: {len(frames)} planes at {distinct} positions (several time points, echoes or "
+                         "stacks in one series); napari-r2au opens one volume, one plane per position, at a time")
     else:
         order = sorted(range(len(frames)), key=lambda i: frames[i].order)
-        positions = []
+        if positions is None and len(frames) > 1:  # no positions: what the file says, if anything
+            given = _frame_value(frames[0].dataset, frames[0].index, "SpacingBetweenSlices") \
+                or _frame_value(frames[0].dataset, frames[0].index, "SliceThickness")
+            z = float(given) if given else None
+        elif len(frames) > 1:
+            extra["series"] = "time series at one position"
     frames = [frames[i] for i in order]
-    if all((f.slope, f.intercept) == (1.0, 0.0) for f in frames):
-        planes = [f.pixels for f in frames]
-    else:
-        planes = [(f.pixels * np.float32(f.slope) + np.float32(f.intercept)).astype(np.float32) for f in frames]
-    rgb = int(first.dataset.get("SamplesPerPixel", 1) or 1) in (3, 4) and shape[-1] in (3, 4)
-    extra: dict[str, Any] = {"files": files} if files > 1 else {}
-    if len(frames) == 1:
-        return planes[0], dict(_dicom_kwargs(first, name, None, **extra), rgb=rgb), "image"
-    steps = np.diff(sorted(positions)) if positions else np.array([])
-    if steps.size and np.median(steps) > 0:
-        z = float(np.median(steps))
-    else:
-        z = float(_frame_value(first.dataset, first.index, "SpacingBetweenSlices")
-                  or _frame_value(first.dataset, first.index, "SliceThickness") or 1.0)
-    kwargs = _dicom_kwargs(first, name, z, frames=len(frames), **extra)
-    return np.stack(planes), dict(kwargs, rgb=rgb), "image"
-
-
-def _dicom_kwargs(frame: _Frame, name: str, z_spacing: float | None = None, **extra: Any) -> dict[str, Any]:
-    """Layer name, spacing in mm (with ``z_spacing`` for a stack) and what the file says it is."""
-    kwargs: dict[str, Any] = {"name": name}
-    spacing = _frame_value(frame.dataset, frame.index, "PixelSpacing")
-    if spacing is not None and len(spacing) == 2:
-        scale = [float(v) for v in spacing]
-        if z_spacing is not None:
-            scale = [z_spacing, *scale]
-        kwargs["scale"] = tuple(scale)
-        kwargs["units"] = ("mm",) * len(scale)  # DICOM spacings are in millimetres
-    kwargs["metadata"] = {"dicom": {key: str(frame.dataset.get(key)) for key in
+    rescaled = any((f.slope, f.intercept) != (1.0, 0.0) for f in frames)
+    planes = [f.values(rescaled) for f in frames]
+    first = frames[0]
+    rgb = planes[0].shape[-1] in (3, 4) and (int(first.dataset.get("SamplesPerPixel", 1) or 1) in (3, 4)
+                                             or "PALETTE" in notes.get("converted", ""))
+    kwargs: dict[str, Any] = {"name": name, "rgb": rgb}
+    if first.spacing is not None:
+        kwargs["scale"], kwargs["units"] = first.spacing, ("mm", "mm")  # DICOM spacings are in millimetres
+        if len(frames) > 1:
+            kwargs["scale"] = (z if z else 1.0, *first.spacing)
+            kwargs["units"] = ("mm" if z else "pixel", "mm", "mm")
+    if len(frames) > 1:
+        extra["frames"] = len(frames)
+    kwargs["metadata"] = {"dicom": {key: str(first.dataset.get(key)) for key in
                                     ("Modality", "SeriesDescription", "PhotometricInterpretation")
-                                    if key in frame.dataset} | extra}
-    return kwargs
+                                    if key in first.dataset} | extra}
+    data = planes[0] if len(frames) == 1 else np.stack(planes)
+    return data.astype(np.float32) if rescaled else data, kwargs, "image"
+
+
+def _warn(message: str) -> None:
+    """A warning in napari (and the log), or a Python warning without napari."""
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+        return
+    show_warning(message)
 
 
 def _read_dicom(path: Path) -> LayerData:
     """One DICOM file: a plane, or a stack when it holds several frames."""
-    return _read_dicom_frames(_frames_of(_pydicom().dcmread(path), path.name, 0), path.stem, 1)
+    frames, notes = _frames_of(_pydicom().dcmread(path), path.name, 0)
+    return _read_dicom_frames(frames, path.stem, 1, notes)
 
 
 def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
@@ -284,9 +347,13 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
     series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
         raise ValueError(f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time")
-    frames = [frame for i, (path, dataset) in enumerate(zip(paths, datasets))
-              for frame in _frames_of(dataset, path.name, i)]
-    return _read_dicom_frames(frames, name, len(paths))
+    frames: list[_Frame] = []
+    notes: dict[str, str] = {}
+    for index, (path, dataset) in enumerate(zip(paths, datasets)):
+        file_frames, file_notes = _frames_of(dataset, path.name, index)
+        frames += file_frames
+        notes |= file_notes
+    return _read_dicom_frames(frames, name, len(paths), notes)
 
 
 def _read_nifti(path: Path) -> LayerData:

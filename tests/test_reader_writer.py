@@ -181,6 +181,7 @@ def test_a_dicom_series_opens_as_one_stack_in_patient_order(tmp_path):
         dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         dataset.ImagePositionPatient = [0.0, 0.0, 10.0 + 2.5 * z]
         dataset.InstanceNumber = 7 - z
+        dataset.SOPInstanceUID = f"1.2.826.0.1.3680043.9.9999.{z}"
         dataset.PixelData = (raw + 100 * z).astype(raw.dtype).tobytes()
         files.append(tmp_path / "series" / f"slice{z}.dcm")
         files[-1].parent.mkdir(exist_ok=True)
@@ -209,15 +210,28 @@ def test_a_dicom_series_opens_as_one_stack_in_patient_order(tmp_path):
         read_layers(str(tmp_path / "series"))
 
 
-def _enhanced_ct(pydicom, source, frames, positions, slopes, orientation=(1, 0, 0, 0, 1, 0)):
+_UID = "1.2.826.0.1.3680043.9.9999"
+
+
+def _ct_small(pydicom):
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm")
+    if source is None:
+        pytest.skip("pydicom's test file is not installed")
+    return source
+
+
+def _enhanced_ct(pydicom, source, frames, positions, *, uid, slopes=None, instance=1, spacings=None,
+                 orientation=(1, 0, 0, 0, 1, 0)):
     """An enhanced (multi-frame) CT built from pydicom's CT_small: spacing, positions and
-    rescale live in functional groups, not at the top level."""
+    rescale live in functional groups (per frame before shared), none at the top level."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     dataset = pydicom.dcmread(source)
     dtype = dataset.pixel_array.dtype
-    for keyword in ("PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept",
+    for keyword in ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
                     "ImagePositionPatient", "ImageOrientationPatient"):
         if keyword in dataset:
             delattr(dataset, keyword)
@@ -231,54 +245,163 @@ def _enhanced_ct(pydicom, source, frames, positions, slopes, orientation=(1, 0, 
             setattr(out, sequence, Sequence([item]))
         return out
 
+    slopes = slopes or [1.0] * len(frames)
+    spacings = spacings or [[0.7, 0.8]] * len(frames)
+    # shared: an intercept of -1000 that every frame's own -1024 must override
     dataset.SharedFunctionalGroupsSequence = Sequence([group(
-        PixelMeasuresSequence={"PixelSpacing": [0.7, 0.8], "SliceThickness": 5.0},
-        PlaneOrientationSequence={"ImageOrientationPatient": list(orientation)})])
+        PixelMeasuresSequence={"PixelSpacing": [9.0, 9.0], "SliceThickness": 5.0},
+        PlaneOrientationSequence={"ImageOrientationPatient": list(orientation)},
+        PixelValueTransformationSequence={"RescaleSlope": 1.0, "RescaleIntercept": -1000.0})])
     dataset.PerFrameFunctionalGroupsSequence = Sequence([group(
         PlanePositionSequence={"ImagePositionPatient": [0.0, 0.0, float(z)]},
+        PixelMeasuresSequence={"PixelSpacing": list(spacing)},
         PixelValueTransformationSequence={"RescaleSlope": slope, "RescaleIntercept": -1024.0})
-        for z, slope in zip(positions, slopes)])
+        for z, slope, spacing in zip(positions, slopes, spacings)])
     dataset.NumberOfFrames = len(frames)
+    dataset.InstanceNumber = instance
+    dataset.SOPInstanceUID = f"{_UID}.{uid}"
     dataset.PixelData = np.stack(frames).astype(dtype).tobytes()
     return dataset
 
 
 def test_an_enhanced_multiframe_dicom_reads_spacing_order_and_rescale_from_its_functional_groups(tmp_path):
     pydicom = pytest.importorskip("pydicom")
-    from pydicom.data import get_testdata_file
-
-    source = get_testdata_file("CT_small.dcm")
-    if source is None:
-        pytest.skip("pydicom's test file is not installed")
+    source = _ct_small(pydicom)
     raw = pydicom.dcmread(source).pixel_array
     frames = [raw + 100 * k for k in range(3)]
     # stored feet-first: frame k lies at z = 20 - 3k, so patient order is frames 2, 1, 0
-    dataset = _enhanced_ct(pydicom, source, frames, positions=[20, 17, 14], slopes=[1.0, 2.0, 0.5])
+    dataset = _enhanced_ct(pydicom, source, frames, positions=[20, 17, 14], slopes=[1.0, 2.0, 0.5], uid=1)
     dataset.save_as(tmp_path / "enhanced.dcm")
     ((data, kwargs, kind),) = read(tmp_path / "enhanced.dcm")
     assert kind == "image" and data.shape == (3, *raw.shape) and data.dtype == np.float32
     for z, k in enumerate([2, 1, 0]):
         np.testing.assert_allclose(data[z], frames[k] * [1.0, 2.0, 0.5][k] - 1024.0)
-    np.testing.assert_allclose(kwargs["scale"], [3.0, 0.7, 0.8])
+    np.testing.assert_allclose(kwargs["scale"], [3.0, 0.7, 0.8])  # the frames' spacing, not the shared 9
     assert kwargs["units"] == ("mm",) * 3 and kwargs["metadata"]["dicom"]["frames"] == 3
 
-    # a series split into two multi-frame files is one stack, interleaved by position
+    # a series split over two multi-frame files is one stack, interleaved by position even
+    # where the instance numbers say otherwise
     series = tmp_path / "series"
     series.mkdir()
-    _enhanced_ct(pydicom, source, frames[:2], positions=[10, 14], slopes=[1, 1]).save_as(series / "a.dcm")
-    _enhanced_ct(pydicom, source, frames[2:], positions=[12], slopes=[1]).save_as(series / "b.dcm")
+    _enhanced_ct(pydicom, source, frames[:2], positions=[10, 14], uid=2, instance=1).save_as(series / "a.dcm")
+    _enhanced_ct(pydicom, source, frames[2:], positions=[12], uid=3, instance=0).save_as(series / "b.dcm")
     ((data, kwargs, _),) = read_layers(str(series))
     np.testing.assert_allclose(data, np.stack([frames[0], frames[2], frames[1]]) - 1024.0)
     np.testing.assert_allclose(kwargs["scale"], [2.0, 0.7, 0.8])
-
-    # frames at one position (a time series) keep their order; z falls back to the slice thickness
-    _enhanced_ct(pydicom, source, frames, positions=[5, 5, 5], slopes=[1, 1, 1]).save_as(tmp_path / "cine.dcm")
-    ((data, kwargs, _),) = read(tmp_path / "cine.dcm")
-    np.testing.assert_allclose(data, np.stack(frames) - 1024.0)
-    np.testing.assert_allclose(kwargs["scale"], [5.0, 0.7, 0.8])
+    assert kwargs["metadata"]["dicom"]["files"] == 2
 
     # a localizer among axial slices has no place in one stack: a clear error, not a scrambled volume
-    _enhanced_ct(pydicom, source, frames[:1], positions=[30], slopes=[1],
+    _enhanced_ct(pydicom, source, frames[:1], positions=[30], uid=4,
                  orientation=(1, 0, 0, 0, 0, -1)).save_as(series / "localizer.dcm")
     with pytest.raises(ValueError, match="different orientations"):
         read_layers(str(series))
+
+
+def test_dicom_planes_that_do_not_form_one_volume_are_refused_or_kept_in_their_order(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    source = _ct_small(pydicom)
+    raw = pydicom.dcmread(source).pixel_array
+    frames = [raw + 100 * k for k in range(4)]
+
+    def refused(name, match, **kwargs):
+        _enhanced_ct(pydicom, source, **kwargs).save_as(tmp_path / name)
+        with pytest.raises(ValueError, match=match):
+            read(tmp_path / name)
+
+    # frames at one position (a time series) keep their frame order and get no z spacing
+    _enhanced_ct(pydicom, source, frames[:3], positions=[5, 5, 5], uid=1).save_as(tmp_path / "cine.dcm")
+    ((data, kwargs, _),) = read(tmp_path / "cine.dcm")
+    np.testing.assert_allclose(data, np.stack(frames[:3]) - 1024.0)
+    assert kwargs["scale"] == (1.0, 0.7, 0.8) and kwargs["units"] == ("pixel", "mm", "mm")
+    one_place = tmp_path / "one_place"  # classic files at one position: by instance number, not file name
+    one_place.mkdir()
+    for uid, (name, instance) in enumerate([("a", 2), ("b", 1)]):
+        dataset = pydicom.dcmread(source)
+        dataset.ImageOrientationPatient, dataset.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0.0, 0.0, 5.0]
+        dataset.InstanceNumber, dataset.SOPInstanceUID = instance, f"{_UID}.10{uid}"
+        dataset.PixelData = frames[uid].astype(raw.dtype).tobytes()
+        dataset.save_as(one_place / f"{name}.dcm")
+    ((data, _, _),) = read_layers(str(one_place))
+    assert data[0][0, 0] == (frames[1][0, 0] * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept))
+    assert data[1][0, 0] == (frames[0][0, 0] * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept))
+    # two time points of two slices, several spacings, fewer frame groups than frames
+    refused("dynamic.dcm", "4 planes at 2 positions", frames=frames, positions=[0, 5, 0, 5], uid=2)
+    refused("spacings.dcm", "different pixel spacings", frames=frames[:2], positions=[0, 5], uid=3,
+            spacings=[[0.7, 0.8], [1.4, 1.6]])
+    short = _enhanced_ct(pydicom, source, frames[:3], positions=[0, 5, 10], uid=4)
+    del short.PerFrameFunctionalGroupsSequence[2]
+    short.save_as(tmp_path / "short.dcm")
+    with pytest.raises(ValueError, match="3 frames but 2 per-frame functional groups"):
+        read(tmp_path / "short.dcm")
+
+    # ultrasound clips: multi-frame files without positions are not one volume
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for uid in (5, 6):
+        clip = _enhanced_ct(pydicom, source, frames[:2], positions=[0, 0], uid=uid)
+        del clip.SharedFunctionalGroupsSequence, clip.PerFrameFunctionalGroupsSequence
+        clip.save_as(clips / f"clip{uid}.dcm")
+    with pytest.raises(ValueError, match="without plane positions"):
+        read_layers(str(clips))
+    ((data, kwargs, _),) = read(clips / "clip5.dcm")  # one clip opens, frames in order
+    np.testing.assert_array_equal(data, np.stack(frames[:2]))
+
+
+def test_a_slice_sent_twice_counts_once_and_uneven_slices_are_flagged(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    source = _ct_small(pydicom)
+    raw = pydicom.dcmread(source).pixel_array
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for z, position in enumerate([0.0, 2.5, 5.0, 10.0]):  # slice 7.5 missing
+        dataset = pydicom.dcmread(source)
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = [0.0, 0.0, position]
+        dataset.InstanceNumber = 10 - z  # falls as z rises, as some scanners number them
+        dataset.SOPInstanceUID = f"{_UID}.{z}"
+        dataset.PixelData = (raw + 100 * z).astype(raw.dtype).tobytes()
+        dataset.save_as(folder / f"IM{z}.dcm")
+    (folder / "IM1_again.dcm").write_bytes((folder / "IM1.dcm").read_bytes())  # re-sent by the PACS
+    ((data, kwargs, _),) = read_layers(str(folder))
+    slope, intercept = float(pydicom.dcmread(source).RescaleSlope), float(pydicom.dcmread(source).RescaleIntercept)
+    np.testing.assert_allclose(data, np.stack([raw + 100 * z for z in range(4)]) * slope + intercept)
+    assert kwargs["scale"][0] == pytest.approx(2.5) and kwargs["metadata"]["dicom"]["z_steps_mm"] == [2.5, 5.0]
+
+
+def test_dicom_colour_and_inverted_grey_are_shown_as_meant(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    palette, clip = get_testdata_file("examples_palette.dcm"), get_testdata_file("SC_rgb_rle_2frame.dcm")
+    if palette is None or clip is None:
+        pytest.skip("pydicom's test files are not installed")
+    ((data, kwargs, _),) = read(palette)
+    stored = pydicom.dcmread(palette).pixel_array
+    assert data.shape == (*stored.shape, 3) and kwargs["rgb"] and "PALETTE" in kwargs["metadata"]["dicom"]["converted"]
+    assert len(np.unique(data.reshape(-1, 3), axis=0)) > 1
+    ((data, kwargs, _),) = read(clip)  # an RGB multi-frame file: a stack of colour planes
+    assert data.shape == (2, 100, 100, 3) and kwargs["rgb"]
+
+    xray = pydicom.dcmread(_ct_small(pydicom))
+    stored = np.arange(128 * 128, dtype=np.uint16).reshape(128, 128) % 4096
+    xray.PixelRepresentation, xray.BitsStored, xray.PhotometricInterpretation = 0, 12, "MONOCHROME1"
+    del xray.RescaleSlope, xray.RescaleIntercept
+    xray.PixelData = stored.tobytes()
+    xray.save_as(tmp_path / "xray.dcm")
+    ((data, kwargs, _),) = read(tmp_path / "xray.dcm")
+    np.testing.assert_array_equal(data, 4095 - stored)
+    assert "MONOCHROME1" in kwargs["metadata"]["dicom"]["converted"]
+
+
+def test_compressed_dicom_decodes_with_the_dicom_extra():
+    pytest.importorskip("pydicom")
+    import gdcm  # noqa: F401  the dicom extra brings it: PACS exports are often JPEG-compressed
+    from pydicom.data import get_testdata_file
+
+    plain, lossless = get_testdata_file("MR_small.dcm"), get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    jpeg2000 = get_testdata_file("MR_small_jp2klossless.dcm")
+    if None in (plain, lossless, jpeg2000):
+        pytest.skip("pydicom's test files are not installed")
+    expected = read(plain)[0][0]
+    for path in (lossless, jpeg2000):
+        np.testing.assert_array_equal(read(path)[0][0], expected)
