@@ -187,9 +187,11 @@ def _given(value: Any) -> bool:
 class _Frame:
     """One plane of a DICOM file, with where it lies, its pixel spacing and its rescale."""
 
-    def __init__(self, dataset: Any, index: int, pixels: np.ndarray, source: str, order: tuple[int, int]):
-        self.dataset, self.index, self.pixels, self.source, self.order = dataset, index, pixels, source, order
-        self.uid = (str(dataset.get("SOPInstanceUID", "")) or f"{source}#{order[0]}", index)
+    def __init__(self, dataset: Any, index: int, pixels: np.ndarray, path: Path, order: tuple[int, int]):
+        self.dataset, self.index, self.pixels, self.order = dataset, index, pixels, order
+        self.path, self.source = path, path.name
+        self.sop_uid = str(dataset.get("SOPInstanceUID", ""))
+        self.uid = (self.sop_uid or f"{path}#{order[0]}", index)
         self.slope = float(_frame_value(dataset, index, "RescaleSlope") or 1)
         self.intercept = float(_frame_value(dataset, index, "RescaleIntercept") or 0)
         ipp = _frame_value(dataset, index, "ImagePositionPatient")
@@ -228,9 +230,10 @@ def _decoded_pixels(dataset: Any, source: str) -> tuple[np.ndarray, dict[str, st
     return pixels, {}
 
 
-def _frames_of(dataset: Any, source: str, file_index: int) -> tuple[list[_Frame], dict[str, str]]:
+def _frames_of(dataset: Any, path: Path, file_index: int) -> tuple[list[_Frame], dict[str, str]]:
     """The planes of one file (one for a classic file, NumberOfFrames for a multi-frame
     one) and the notes of :func:`_decoded_pixels`."""
+    source = path.name
     pixels, notes = _decoded_pixels(dataset, source)
     count = int(dataset.get("NumberOfFrames", 1) or 1)
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
@@ -240,7 +243,7 @@ def _frames_of(dataset: Any, source: str, file_index: int) -> tuple[list[_Frame]
     planes = pixels if count > 1 else pixels[None]
     instance = dataset.get("InstanceNumber")
     instance = int(instance) if _given(instance) else file_index
-    return [_Frame(dataset, i, planes[i], source, (instance, i)) for i in range(count)], notes
+    return [_Frame(dataset, i, planes[i], path, (instance, i)) for i in range(count)], notes
 
 
 def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[str, str]) -> LayerData:
@@ -313,6 +316,8 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
             kwargs["units"] = ("mm" if z else "pixel", "mm", "mm")
     if len(frames) > 1:
         extra["frames"] = len(frames)
+    # where each plane came from: what a DICOM SEG export of a mask on this image refers to
+    extra["sources"] = [[str(f.path.resolve()), f.index, f.sop_uid] for f in frames]
     kwargs["metadata"] = {"dicom": {key: str(first.dataset.get(key)) for key in
                                     ("Modality", "SeriesDescription", "PhotometricInterpretation")
                                     if key in first.dataset} | extra}
@@ -332,9 +337,22 @@ def _warn(message: str) -> None:
     show_warning(message)
 
 
+#: the SOP class of DICOM Segmentation objects (masks that refer to another series)
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _is_seg(dataset: Any) -> bool:
+    return str(dataset.get("SOPClassUID", "")) == SEG_SOP_CLASS
+
+
 def _read_dicom(path: Path) -> LayerData:
     """One DICOM file: a plane, or a stack when it holds several frames."""
-    frames, notes = _frames_of(_pydicom().dcmread(path), path.name, 0)
+    dataset = _pydicom().dcmread(path)
+    if _is_seg(dataset):
+        raise ValueError(f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
+                         "here (the SEG's JSON record, if exported from Review, says which), or the SEG in a "
+                         "DICOM viewer such as 3D Slicer or OHIF")
+    frames, notes = _frames_of(dataset, path, 0)
     return _read_dicom_frames(frames, path.stem, 1, notes)
 
 
@@ -343,14 +361,18 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
     if not paths:
         raise ValueError("no .dcm files to read")
     pydicom = _pydicom()
-    datasets = [pydicom.dcmread(p) for p in paths]
+    read = [(Path(p), pydicom.dcmread(p)) for p in paths]
+    kept = [(p, d) for p, d in read if not _is_seg(d)]  # a mask saved next to its slices is not a slice
+    if not kept:
+        raise ValueError("only DICOM SEG files (masks) here: open the series they refer to")
+    paths, datasets = [p for p, _ in kept], [d for _, d in kept]
     series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
         raise ValueError(f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time")
     frames: list[_Frame] = []
     notes: dict[str, str] = {}
     for index, (path, dataset) in enumerate(zip(paths, datasets)):
-        file_frames, file_notes = _frames_of(dataset, path.name, index)
+        file_frames, file_notes = _frames_of(dataset, path, index)
         frames += file_frames
         notes |= file_notes
     return _read_dicom_frames(frames, name, len(paths), notes)

@@ -1,4 +1,5 @@
-"""napari writer for masks (Labels layers): TIFF, PNG, and NIfTI with the ``nifti`` extra.
+"""napari writer for masks (Labels layers): TIFF, PNG, NIfTI with the ``nifti`` extra, and
+DICOM SEG (on a DICOM image) with the ``dicom`` extra.
 
 Files are written atomically: a failed save leaves the previous file intact.
 """
@@ -31,8 +32,10 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         write_png(target, labels)
     elif suffix in (".nii", ".nii.gz"):
         _write_nifti(target, labels, meta)
+    elif suffix == ".dcm":
+        _write_seg(target, np.asarray(data), meta)
     else:
-        raise ValueError(f"{target.name}: masks are saved as .tif, .tiff, .png, .nii or .nii.gz")
+        raise ValueError(f"{target.name}: masks are saved as .tif, .tiff, .png, .nii, .nii.gz or .dcm (DICOM SEG)")
     return [str(target)]
 
 
@@ -55,3 +58,21 @@ def _write_nifti(path: Path, labels: np.ndarray, meta: dict[str, Any]) -> None:
     image.set_data_dtype(labels.dtype)
     blob = image.to_bytes()
     write_bytes_atomic(path, gzip.compress(blob) if suffix_of(path) == ".nii.gz" else blob)
+
+
+def _write_seg(path: Path, data: np.ndarray, meta: dict[str, Any]) -> None:
+    """A DICOM SEG of the mask on the DICOM planes its image came from; AUTOMATIC while the
+    mask is the model's own, SEMIAUTOMATIC once edited."""
+    from .dicom_seg import AUTOMATIC, SEMIAUTOMATIC, dicom_sources, write_dicom_seg
+    from .postprocess import mask_checksum
+
+    metadata = meta.get("metadata") or {}
+    sources = dicom_sources(metadata)
+    if sources is None:
+        raise ValueError("a DICOM SEG refers to the DICOM images it was drawn on: this mask was not made on an "
+                         "image opened from DICOM files; save it as .tif, .png or .nii.gz")
+    info = metadata.get("r2au") or {}
+    recorded = info.get("mask_sha256")
+    edited = recorded is None or mask_checksum(data) != recorded
+    write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
+                    algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC)

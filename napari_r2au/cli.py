@@ -93,10 +93,10 @@ def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, 
     return written
 
 
-def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None]:
-    """An input image, its pixel size (DICOM and NIfTI files carry one) and its axes when
-    the file says (a volume: "ZYX"), read the way the napari reader reads it: a folder of
-    DICOM slices is one stack."""
+def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, dict[str, Any]]:
+    """An input image, its pixel size (DICOM and NIfTI files carry one), its axes when
+    the file says (a volume: "ZYX") and the reader's metadata (a DICOM image's sources),
+    read the way the napari reader reads it: a folder of DICOM slices is one stack."""
     from ._reader import DICOM_SUFFIXES, NIFTI_SUFFIXES, read_file, read_layers, suffix_of
     from .io import pixel_size_of
 
@@ -105,7 +105,7 @@ def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None]:
     medical = path.is_dir() or suffix_of(path) in DICOM_SUFFIXES + NIFTI_SUFFIXES
     # a 3-slice volume would otherwise pass for a 3-channel image
     axes = "ZYX" if medical and data.ndim == 3 and not kwargs.get("rgb") else None
-    return data, size, unit, axes
+    return data, size, unit, axes, kwargs.get("metadata") or {}
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -130,13 +130,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     failed = 0
     for path in _progress_bar_iter(files):
         try:
-            image, size, unit, axes = read_input(path)
+            image, size, unit, axes, metadata = read_input(path)
             if args.pixel_size is not None:  # the command line wins over the file
                 size, unit = args.pixel_size, args.pixel_unit
             prediction, uncertainty = _predict_with_bar(
                 model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
                 attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit, axes=axes)
             written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty)
+            if args.dicom_seg:
+                written.append(_write_seg_output(outdir / f"{stem_of(path)}_seg.dcm", metadata, prediction, model,
+                                                 args.threshold))
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
@@ -144,6 +147,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None) -> Path:
+    """The mask as a DICOM SEG on the DICOM planes the image was read from (``--dicom-seg``)."""
+    from .dicom_seg import dicom_sources, write_dicom_seg
+
+    sources = dicom_sources(metadata)
+    if sources is None:
+        raise ValueError("--dicom-seg needs DICOM input (a .dcm file or a folder of a series)")
+    return write_dicom_seg(target, prediction.mask(threshold), sources, model=model.name, model_sha256=model.sha256)
 
 
 def _progress_bar_iter(items):
@@ -404,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and write their disagreement as <name>_uncertainty.tif")
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="for DICOM input, also write <name>_seg.dcm: a DICOM SEG that PACS, OHIF and 3D Slicer "
+                        "show on the source series (needs the dicom extra)")
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     p.set_defaults(func=cmd_segment)
 

@@ -242,7 +242,7 @@ def test_segment_reads_nifti_volumes_with_their_pixel_size(tmp_path, capsys):
     path = tmp_path / "scan.nii.gz"
     nibabel.save(image, str(path))
 
-    data, size, unit, axes = read_input(path)
+    data, size, unit, axes, _ = read_input(path)
     assert data.shape == (3, 36, 40) and size == pytest.approx(0.5) and unit == "mm" and axes == "ZYX"
     assert main(["segment", str(path), "-m", "grey", "-o", str(tmp_path / "out")]) == 0
     assert tifffile.imread(tmp_path / "out" / "scan_mask.tif").shape == (3, 36, 40)

@@ -259,7 +259,10 @@ def _enhanced_ct(pydicom, source, frames, positions, *, uid, slopes=None, instan
         for z, slope, spacing in zip(positions, slopes, spacings)])
     dataset.NumberOfFrames = len(frames)
     dataset.InstanceNumber = instance
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     dataset.SOPInstanceUID = f"{_UID}.{uid}"
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     dataset.PixelData = np.stack(frames).astype(dtype).tobytes()
     return dataset
 

@@ -760,3 +760,38 @@ def test_a_current_slice_run_keeps_the_other_slices_uncertainty(make_napari_view
     assert not after[1].any()
     runs = viewer.layers["stack mask"].metadata["r2au"]["runs"]
     assert [(r["slices"], r["flip_averaged"]) for r in runs] == [([0, 2], True), ([1], False)]
+
+
+def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(make_napari_viewer, qtbot, tiny_model,
+                                                                             tmp_path):
+    pytest.importorskip("pydicom")
+    hd = pytest.importorskip("highdicom")
+    from tests.test_dicom_seg import _series
+
+    folder = _series(tmp_path / "series")
+    viewer = make_napari_viewer()
+    viewer.open(str(folder), plugin="napari-r2au")
+    segment = run_segment(qtbot, viewer)
+    mask = viewer.layers["series mask"]
+    sources = viewer.layers["series"].metadata["dicom"]["sources"]
+    assert mask.metadata["r2au"]["dicom"]["sources"] == sources
+    review = dock(viewer, "Review")
+    review._prediction.value = mask
+    review._export_path.value = tmp_path / "out" / "case.dcm"
+    review._export.changed.emit(True)
+    sidecar = json.loads((tmp_path / "out" / "case.json").read_text())
+    assert sidecar["mask_format"] == "DICOM SEG" and sidecar["corrected_by_hand"] is False
+    seg = hd.seg.segread(tmp_path / "out" / "case.dcm")
+    assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"AUTOMATIC"}
+    back = seg.get_pixels_by_source_instance([uid for _, _, uid in sources], combine_segments=True,
+                                             skip_overlap_checks=True)
+    np.testing.assert_array_equal(back > 0, mask.data > 0)
+
+    edited = mask.data.copy()
+    edited[:, :4, :4] = 1
+    mask.data = edited
+    review._overwrite.value = True
+    review._export.changed.emit(True)
+    seg = hd.seg.segread(tmp_path / "out" / "case.dcm")
+    assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
+    assert segment.prediction is not None

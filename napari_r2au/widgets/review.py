@@ -53,7 +53,9 @@ class ReviewWidget(Container):
         self._window = SpinBox(label="Region size (px)", min=8, max=4096, step=8, value=64)
         self._next = PushButton(text="Next most uncertain region")
         self._region = message_label()
-        self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff")
+        self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff *.dcm")
+        self._export_path.tooltip = ("A .tif mask, or a .dcm DICOM SEG for a mask on an image opened from DICOM "
+                                     "(it refers to that series); a .json record goes next to it")
         self._export_maps = CheckBox(text="Also export the probability and attention maps", value=False)
         self._overwrite = CheckBox(text="Overwrite existing files", value=False)
         self._export = PushButton(text="Export")
@@ -159,7 +161,8 @@ class ReviewWidget(Container):
     # -- export -------------------------------------------------------------------------------
 
     def export(self, *_: Any) -> Path | None:
-        """Write the mask (TIFF) and a JSON sidecar next to it; returns the mask's path."""
+        """Write the mask (TIFF, or DICOM SEG for a path ending .dcm) and a JSON sidecar next to it;
+        returns the mask's path."""
         predicted, target = self._prediction.value, self._export_path.value
         if predicted is None:
             notify_error("Review: choose the labels layer to export.")
@@ -168,7 +171,7 @@ class ReviewWidget(Container):
             notify_error("Review: choose where to write the mask ('Export to').")
             return None
         path = Path(target)
-        if path.suffix.lower() not in (".tif", ".tiff"):
+        if path.suffix.lower() not in (".tif", ".tiff", ".dcm"):
             path = path.with_name(path.name + ".tif")
         targets = [path, path.with_suffix(".json")]
         if self._export_maps.value:
@@ -227,7 +230,18 @@ class ReviewWidget(Container):
             record["metrics"] = {"reference_layer": reference.name, **{k: _finite(v) for k, v in rates.items()}}
         if self._export_maps.value:
             record.update(self._write_maps(path, info, write_tiff))
-        write_tiff(path, mask)
+        if path.suffix.lower() == ".dcm":  # a DICOM SEG on the series the image came from
+            from napari_r2au.dicom_seg import AUTOMATIC, SEMIAUTOMATIC, dicom_sources, write_dicom_seg
+
+            sources = dicom_sources(predicted.metadata)
+            if sources is None:
+                raise ValueError("a DICOM SEG (.dcm) needs a mask made on an image opened from DICOM files; "
+                                 "export this one as .tif")
+            record["mask_format"] = "DICOM SEG"
+            write_dicom_seg(path, mask, sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
+                            algorithm_type=SEMIAUTOMATIC if record["corrected_by_hand"] is not False else AUTOMATIC)
+        else:
+            write_tiff(path, mask)
         sidecar = path.with_suffix(".json")
         with atomic_path(sidecar) as tmp:  # last: a sidecar means the files next to it are complete
             tmp.write_text(json.dumps(record, indent=2) + "\n")

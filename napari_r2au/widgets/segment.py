@@ -389,6 +389,9 @@ class SegmentWidget(WorkerRunner, Container):
             "created": run["created"],
             "run_id": run_id,
         }
+        sources = (layer.metadata.get("dicom") or {}).get("sources")
+        if sources:  # what a DICOM SEG export of this mask refers to
+            info["dicom"] = {"sources": sources}
         self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
                                          metadata={"r2au": info}, **place)
         # the kept prediction, its record and its source change together, once every layer is placed

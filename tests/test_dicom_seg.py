@@ -1,0 +1,138 @@
+"""Masks exported as DICOM SEG on the DICOM planes their image was read from."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_r2au._reader import read_layers
+from napari_r2au._writer import write_labels
+
+pydicom = pytest.importorskip("pydicom")
+hd = pytest.importorskip("highdicom")
+
+UID = "1.2.826.0.1.3680043.9.9999"
+
+
+def _series(folder, positions=(5.0, 0.0, 2.5)):
+    """Classic single-frame CT slices from pydicom's CT_small, written out of patient order."""
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm")
+    if source is None:
+        pytest.skip("pydicom's test file is not installed")
+    folder.mkdir()
+    raw = pydicom.dcmread(source).pixel_array
+    for index, z in enumerate(positions):
+        dataset = pydicom.dcmread(source)
+        dataset.ImageOrientationPatient, dataset.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0.0, 0.0, z]
+        dataset.SOPInstanceUID, dataset.InstanceNumber = f"{UID}.{index}", index + 1
+        dataset.PixelData = (raw + index).astype(raw.dtype).tobytes()
+        dataset.save_as(folder / f"slice{index}.dcm")
+    return folder
+
+
+def _labels(shape):
+    labels = np.zeros(shape, np.uint8)
+    labels[0, 10:20, 10:40] = 1
+    labels[2, 60:80, 30:50] = 3  # values need not be consecutive
+    return labels
+
+
+def test_a_mask_on_a_dicom_series_is_written_as_a_seg_that_maps_back_onto_its_slices(tmp_path):
+    ((image, kwargs, _),) = read_layers(str(_series(tmp_path / "series")))
+    sources = kwargs["metadata"]["dicom"]["sources"]
+    assert [uid for _, _, uid in sources] == [f"{UID}.1", f"{UID}.2", f"{UID}.0"]  # patient order
+    labels = _labels(image.shape)
+    written = write_labels(str(tmp_path / "mask.dcm"), labels, {"metadata": kwargs["metadata"]})
+    seg = hd.seg.segread(written[0])
+    assert seg.SegmentationType == "BINARY" and seg.number_of_segments == 2
+    assert seg.SeriesInstanceUID != pydicom.dcmread(sources[0][0]).SeriesInstanceUID  # a new series ...
+    referenced = seg.ReferencedSeriesSequence[0]  # ... that refers to the image's
+    assert referenced.SeriesInstanceUID == pydicom.dcmread(sources[0][0]).SeriesInstanceUID
+    back = seg.get_pixels_by_source_instance([uid for _, _, uid in sources], combine_segments=True,
+                                             skip_overlap_checks=True)
+    np.testing.assert_array_equal(back, np.where(labels == 3, 2, labels))  # segments numbered 1, 2
+    descriptions = seg.SegmentSequence
+    assert descriptions[1].SegmentLabel.endswith("label 3")
+    # a mask nobody recorded as a model's output counts as edited by hand
+    assert {d.SegmentAlgorithmType for d in descriptions} == {"SEMIAUTOMATIC"}
+
+    # saved next to its slices, the SEG does not spoil the series; opened on its own, it says what it is
+    (tmp_path / "mask.dcm").rename(tmp_path / "series" / "mask.dcm")
+    ((again, _, _),) = read_layers(str(tmp_path / "series"))
+    np.testing.assert_array_equal(again, image)
+    with pytest.raises(ValueError, match="is a DICOM SEG"):
+        read_layers(str(tmp_path / "series" / "mask.dcm"))
+
+
+def test_a_mask_on_an_enhanced_multiframe_file_follows_the_files_frame_order(tmp_path):
+    from tests.test_reader_writer import _ct_small, _enhanced_ct
+
+    source = _ct_small(pydicom)
+    raw = pydicom.dcmread(source).pixel_array
+    _enhanced_ct(pydicom, source, [raw] * 3, positions=[20, 17, 14], uid=7).save_as(tmp_path / "enhanced.dcm")
+    ((image, kwargs, _),) = read_layers(str(tmp_path / "enhanced.dcm"))
+    assert [frame for _, frame, _ in kwargs["metadata"]["dicom"]["sources"]] == [2, 1, 0]
+    labels = _labels(image.shape)
+    write_labels(str(tmp_path / "mask.dcm"), labels, {"metadata": kwargs["metadata"]})
+    seg = hd.seg.segread(tmp_path / "mask.dcm")
+    back = seg.get_pixels_by_source_frame(f"{UID}.7", [1, 2, 3], combine_segments=True, skip_overlap_checks=True)
+    np.testing.assert_array_equal(back, np.where(labels == 3, 2, labels)[::-1])  # file frame k = stack plane 2-k
+
+
+def test_a_seg_is_refused_without_its_dicom_sources_and_nothing_is_written(tmp_path):
+    folder = _series(tmp_path / "series")
+    ((image, kwargs, _),) = read_layers(str(folder))
+    labels = _labels(image.shape)
+    target = tmp_path / "mask.dcm"
+    with pytest.raises(ValueError, match="not made on an image opened from DICOM"):
+        write_labels(str(target), labels, {"metadata": {}})
+    with pytest.raises(ValueError, match="one mask plane per image plane"):
+        write_labels(str(target), labels[:2], {"metadata": kwargs["metadata"]})
+    (folder / "slice1.dcm").rename(tmp_path / "moved.dcm")
+    with pytest.raises(ValueError, match="is gone"):
+        write_labels(str(target), labels, {"metadata": kwargs["metadata"]})
+    other = pydicom.dcmread(tmp_path / "moved.dcm")
+    other.SOPInstanceUID = f"{UID}.99"  # another instance in the same place
+    other.save_as(folder / "slice1.dcm")
+    with pytest.raises(ValueError, match="no longer holds"):
+        write_labels(str(target), labels, {"metadata": kwargs["metadata"]})
+    assert not target.exists() and list(tmp_path.glob(".*.part")) == []
+
+
+def test_r2au_segment_writes_a_seg_for_a_dicom_series(tmp_path, capsys):
+    import torch
+
+    from napari_r2au import create_model
+    from napari_r2au.cli import main
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+
+    torch.manual_seed(0)
+    meta = build_metadata(name="grey", architecture="r2au_net",
+                          arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2})
+    model = save_model(create_model("r2au_net", in_channels=1, base_width=4), user_models_dir(), meta)
+    folder = _series(tmp_path / "series")
+    assert main(["segment", str(folder), "-m", "grey", "-o", str(tmp_path / "out"), "--dicom-seg",
+                 "--threshold", "0.0"]) == 0
+    seg = hd.seg.segread(tmp_path / "out" / "series_seg.dcm")
+    description = seg.SegmentSequence[0]
+    assert description.SegmentAlgorithmType == "AUTOMATIC"
+    identification = description.SegmentationAlgorithmIdentificationSequence[0]
+    assert identification.AlgorithmName == "grey"
+    assert identification.AlgorithmVersion == json.loads(model.read_text())["weights_sha256"][:16]
+    assert seg.NumberOfFrames == 3  # threshold 0: every slice holds mask
+    # one file of the series: a SEG on that one instance
+    assert main(["segment", str(folder / "slice0.dcm"), "-m", "grey", "-o", str(tmp_path / "one"),
+                 "--dicom-seg", "--threshold", "0.0"]) == 0
+    one = hd.seg.segread(tmp_path / "one" / "slice0_seg.dcm")
+    assert one.NumberOfFrames == 1
+    assert one.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == f"{UID}.0"
+    # a TIFF has no series to refer to
+    from napari_r2au.io import write_tiff
+
+    write_tiff(tmp_path / "plain.tif", np.zeros((32, 32), np.uint8))
+    assert main(["segment", str(tmp_path / "plain.tif"), "-m", "grey", "-o", str(tmp_path / "x"), "--dicom-seg"]) == 1
+    assert "needs DICOM input" in capsys.readouterr().err
