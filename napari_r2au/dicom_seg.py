@@ -99,14 +99,25 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
         segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type], algorithm_identification=algorithm)
         for number, value in enumerate(values, start=1)]
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(hd, source_images, segments, descriptions, model, description, bool(pixel_array.any()))
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); "
+                         "export the mask as .tif") from exc
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        seg.save_as(tmp)
+    return target
+
+
+def _segmentation(hd: Any, source_images: list[Any], segments: np.ndarray, descriptions: list[Any],
+                  model: str | None, description: str | None, any_mask: bool) -> Any:
+    from . import __version__
+
+    return hd.seg.Segmentation(
         source_images=source_images, pixel_array=segments if segments.max() > 1 else segments.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="napari-r2au", manufacturer_model_name=(model or "napari-r2au")[:64],
         software_versions=f"napari-r2au {__version__}", device_serial_number="none",
-        content_description=(description or "")[:64] or None, omit_empty_frames=pixel_array.any())
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        seg.save_as(tmp)
-    return target
+        content_description=(description or "")[:64] or None, omit_empty_frames=any_mask)

@@ -136,3 +136,18 @@ def test_r2au_segment_writes_a_seg_for_a_dicom_series(tmp_path, capsys):
     write_tiff(tmp_path / "plain.tif", np.zeros((32, 32), np.uint8))
     assert main(["segment", str(tmp_path / "plain.tif"), "-m", "grey", "-o", str(tmp_path / "x"), "--dicom-seg"]) == 1
     assert "needs DICOM input" in capsys.readouterr().err
+
+
+def test_images_a_seg_cannot_describe_give_a_clear_error(tmp_path):
+    from tests.test_reader_writer import _ct_small, _enhanced_ct
+
+    source = _ct_small(pydicom)
+    raw = pydicom.dcmread(source).pixel_array
+    clip = _enhanced_ct(pydicom, source, [raw] * 2, positions=[0, 0], uid=5)
+    del clip.SharedFunctionalGroupsSequence, clip.PerFrameFunctionalGroupsSequence, clip.FrameOfReferenceUID
+    clip.SOPClassUID = clip.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US multi-frame
+    clip.save_as(tmp_path / "clip.dcm")
+    ((image, kwargs, _),) = read_layers(str(tmp_path / "clip.dcm"))
+    with pytest.raises(ValueError, match="no DICOM SEG can be made on these images"):
+        write_labels(str(tmp_path / "seg.dcm"), np.ones(image.shape, np.uint8), {"metadata": kwargs["metadata"]})
+    assert not (tmp_path / "seg.dcm").exists()
