@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
 ARCHITECTURES = ("unet", "attention_unet", "r2u_net", "r2au_net")
 VALIDATION = ["23_training", "25_training", "27_training", "40_training"]
-BEGIN, END = "<!-- comparison -->", "<!-- /comparison -->"
 
 
 def run_overrides(seed: int, minutes: float, out: Path, extra: list[str]) -> list[str]:
@@ -104,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (e.g. steps=20 for a dry run)")
     parser.add_argument("--markdown", type=Path, help="write the table between the comparison markers here")
+    parser.add_argument("--marker", default="comparison",
+                        help="the markers' name: <!-- NAME --> ... <!-- /NAME --> (one table per budget)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs in --out that finished with the same settings (add seeds without retraining)")
     args = parser.parse_args(argv)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     block = table(results, args.minutes, args.seeds)
     print(block)
     if args.markdown:
-        write_between_markers(args.markdown, block, BEGIN, END)
+        write_between_markers(args.markdown, block, f"<!-- {args.marker} -->", f"<!-- /{args.marker} -->")
     return 0
 
 

@@ -10,15 +10,20 @@ from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, write_between_m
 def test_drive_comparison_trains_each_architecture_and_writes_its_table(tmp_path, drive_root, monkeypatch):
     monkeypatch.setattr(drive_comparison, "DRIVE", drive_root)
     doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{drive_comparison.BEGIN}\nold table\n{drive_comparison.END}\noutro\n")
+    doc.write_text("intro\n<!-- comparison -->\nold table\n<!-- /comparison -->\noutro\n"
+                   "<!-- comparison-60 -->\nlonger budget\n<!-- /comparison-60 -->\n")
     tiny = ["steps=2", "base_width=4", "patch_size=32", "batch_size=2", "val_every=2"]
     args = ["--minutes", "1", "--architectures", "unet", "attention_unet", "--out", str(tmp_path / "runs"),
             "--markdown", str(doc)] + [item for override in tiny for item in ("--set", override)]
     assert drive_comparison.main(args) == 0
     text = doc.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert text.startswith("intro\n") and "outro\n<!-- comparison-60 -->\nlonger budget\n" in text
+    assert "old table" not in text  # the default markers' table was replaced, the other left alone
     rows = [line for line in text.splitlines() if line.startswith("| unet") or line.startswith("| attention_unet")]
     assert len(rows) == 2
+    assert drive_comparison.main(args + ["--reuse", "--marker", "comparison-60"]) == 0  # a table per budget
+    text = doc.read_text()
+    assert "longer budget" not in text and text.count("| unet |") == 2
     config = json.loads((tmp_path / "runs" / "unet-seed0" / "config.json").read_text())
     assert config["architecture"] == "unet" and config["threads"] == 1
     assert config["val_names"] == drive_comparison.VALIDATION
