@@ -350,7 +350,7 @@ def _read_dicom(path: Path) -> LayerData:
     dataset = _pydicom().dcmread(path)
     if _is_seg(dataset):
         raise ValueError(f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
-                         "here (the SEG's JSON record, if exported from Review, says which), or the SEG in a "
+                         "here (a Review export's JSON record names it under dicom_seg), or the SEG in a "
                          "DICOM viewer such as 3D Slicer or OHIF")
     frames, notes = _frames_of(dataset, path, 0)
     return _read_dicom_frames(frames, path.stem, 1, notes)

@@ -62,8 +62,8 @@ def _write_nifti(path: Path, labels: np.ndarray, meta: dict[str, Any]) -> None:
 
 def _write_seg(path: Path, data: np.ndarray, meta: dict[str, Any]) -> None:
     """A DICOM SEG of the mask on the DICOM planes its image came from; AUTOMATIC while the
-    mask is the model's own, SEMIAUTOMATIC once edited."""
-    from .dicom_seg import AUTOMATIC, SEMIAUTOMATIC, dicom_sources, write_dicom_seg
+    mask is the model's own, SEMIAUTOMATIC once edited, MANUAL without a model."""
+    from .dicom_seg import AUTOMATIC, SEMIAUTOMATIC, dicom_sources, planes_with_results, write_dicom_seg
     from .postprocess import mask_checksum
 
     metadata = meta.get("metadata") or {}
@@ -75,4 +75,4 @@ def _write_seg(path: Path, data: np.ndarray, meta: dict[str, Any]) -> None:
     recorded = info.get("mask_sha256")
     edited = recorded is None or mask_checksum(data) != recorded
     write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
-                    algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC)
+                    algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC, planes=planes_with_results(data, info))

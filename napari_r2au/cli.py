@@ -156,7 +156,8 @@ def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model,
     sources = dicom_sources(metadata)
     if sources is None:
         raise ValueError("--dicom-seg needs DICOM input (a .dcm file or a folder of a series)")
-    return write_dicom_seg(target, prediction.mask(threshold), sources, model=model.name, model_sha256=model.sha256)
+    return write_dicom_seg(target, prediction.mask(threshold), sources, model=model.name,
+                           model_sha256=model.sha256).path
 
 
 def _progress_bar_iter(items):

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .io import atomic_path
 
 #: how the mask came about, in the SEG's segment descriptions
-AUTOMATIC, SEMIAUTOMATIC = "AUTOMATIC", "SEMIAUTOMATIC"
+AUTOMATIC, SEMIAUTOMATIC, MANUAL = "AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"
+#: a binary SEG numbers its segments with 16 bits
+MAX_SEGMENTS = 65535
+
+
+class WrittenSeg(NamedTuple):
+    """Where the SEG went and the identifiers that tie it to its source series."""
+
+    path: Path
+    sop_instance_uid: str
+    series_instance_uid: str
+    source_series_instance_uid: str
 
 
 def _highdicom() -> Any:
@@ -41,57 +52,100 @@ def dicom_sources(metadata: dict[str, Any] | None) -> list[list[Any]] | None:
     return None
 
 
+def planes_with_results(labels: np.ndarray, info: dict[str, Any]) -> list[int] | None:
+    """The planes of a stack that hold a result: the slices a Segment run covered and those
+    a person edited since; None for all (a 2D mask, or a run over every slice).
+
+    A SEG cannot say "not segmented", so the other planes are left out of it rather than
+    passed off as empty.
+    """
+    from .postprocess import edited_slices
+
+    if np.ndim(labels) != 3 or info.get("slices") is None:
+        return None
+    edited = edited_slices(labels, info["slice_sha256"]) if info.get("slice_sha256") else []
+    return sorted({int(z) for z in info["slices"]} | set(edited))
+
+
 def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[list[Any]], *,
                     model: str | None = None, model_sha256: str | None = None,
-                    algorithm_type: str = AUTOMATIC, description: str | None = None) -> Path:
+                    algorithm_type: str = AUTOMATIC, planes: list[int] | None = None) -> WrittenSeg:
     """Write ``labels`` (a plane, or one plane per source) as a binary DICOM SEG, one segment
-    per label value, referring to the source instances; returns the path.
+    per label value, referring to the source instances.
 
     ``model`` and ``model_sha256`` name the algorithm (its version is the checksum's start);
-    ``algorithm_type`` says whether a person corrected the model's mask (SEMIAUTOMATIC).
-    Refused with a message, before anything is written, when the sources have moved or
-    changed, or when the mask's shape is not theirs.
+    without a model the mask counts as drawn by hand (MANUAL). ``algorithm_type`` says
+    whether a person corrected the model's mask (SEMIAUTOMATIC). ``planes`` limits the SEG
+    to those planes of a stack (see :func:`planes_with_results`). Refused with a message,
+    before anything is written, when the sources have moved or changed, when the mask's
+    shape is not theirs, or when highdicom cannot describe these images in a SEG.
     """
     hd = _highdicom()
     import pydicom
-    from pydicom.sr.codedict import codes
-
-    from . import __version__
+    from pydicom.errors import InvalidDicomError
 
     labels = np.asarray(labels)
-    planes = labels[None] if labels.ndim == 2 else labels
-    if planes.ndim != 3 or len(planes) != len(sources):
+    stack = labels[None] if labels.ndim == 2 else labels
+    if stack.ndim != 3 or len(stack) != len(sources):
         raise ValueError(f"the mask has shape {labels.shape} but its image has {len(sources)} DICOM plane(s): "
                          "a DICOM SEG needs one mask plane per image plane")
+    if planes is not None:
+        if not planes:
+            raise ValueError("no slice of this stack holds a result: nothing to write")
+        stack, sources = stack[planes], [sources[z] for z in planes]
     files = list(dict.fromkeys(str(source[0]) for source in sources))
     headers = {}
     for file in files:
         if not Path(file).is_file():
             raise ValueError(f"{file}: the DICOM file this mask's image came from is gone; a DICOM SEG refers to "
                              "it, so open the series again from where it is now")
-        headers[file] = pydicom.dcmread(file, stop_before_pixels=True)
+        try:
+            headers[file] = pydicom.dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise ValueError(f"{file} is no longer the DICOM file the image was read from: {exc}") from exc
     for file, _frame, uid in sources:
         if uid and str(headers[str(file)].get("SOPInstanceUID", "")) != uid:
             raise ValueError(f"{file} no longer holds the instance the image was read from ({uid})")
     first = headers[files[0]]
-    if planes.shape[1:] != (int(first.Rows), int(first.Columns)):
-        raise ValueError(f"the mask's planes are {planes.shape[1:]} but the DICOM images are "
+    if stack.shape[1:] != (int(first.Rows), int(first.Columns)):
+        raise ValueError(f"the mask's planes are {stack.shape[1:]} but the DICOM images are "
                          f"{(int(first.Rows), int(first.Columns))}")
     multiframe = [f for f in files if int(headers[f].get("NumberOfFrames", 1) or 1) > 1]
     if multiframe and len(files) > 1:
         raise ValueError("a DICOM SEG refers to one multi-frame file or to single-frame files, not both")
+    values, numbers = np.unique(stack, return_inverse=True)  # label values -> segments 1..N
+    foreground = [int(v) for v in values if v != 0]
+    if len(foreground) > MAX_SEGMENTS:
+        raise ValueError(f"the mask has {len(foreground)} labels; a DICOM SEG holds at most {MAX_SEGMENTS}")
+    segments = (numbers.reshape(stack.shape) + (0 if values[0] == 0 else 1)).astype(np.uint16)
     if multiframe:  # the SEG's frames follow the source's frame order, not the stack's
-        source_images = [headers[files[0]]]
-        pixel_array = np.zeros((int(first.NumberOfFrames), *planes.shape[1:]), planes.dtype)
-        pixel_array[[int(frame) for _, frame, _ in sources]] = planes
+        source_images = [first]
+        pixel_array = np.zeros((int(first.NumberOfFrames), *stack.shape[1:]), np.uint16)
+        pixel_array[[int(frame) for _, frame, _ in sources]] = segments
     else:
         source_images = [headers[str(file)] for file, _, _ in sources]
-        pixel_array = planes
-    values = [int(v) for v in np.unique(pixel_array) if v != 0] or [1]
-    segments = np.zeros(pixel_array.shape, np.uint16)  # SEG numbers segments 1..N
-    for number, value in enumerate(values, start=1):
-        segments[pixel_array == value] = number
-    algorithm = hd.AlgorithmIdentificationSequence(
+        pixel_array = segments
+    try:
+        seg = _segmentation(hd, source_images, pixel_array, foreground or [1], model, model_sha256,
+                            MANUAL if model is None else algorithm_type)
+        hd.seg.Segmentation.from_dataset(seg, copy=True)  # what a reader will make of it
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); "
+                         "export the mask as .tif") from exc
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        seg.save_as(tmp)
+    return WrittenSeg(target, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID),
+                      str(first.get("SeriesInstanceUID", "")))
+
+
+def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, values: list[int],
+                  model: str | None, model_sha256: str | None, algorithm_type: str) -> Any:
+    from pydicom.sr.codedict import codes
+
+    from . import __version__
+
+    algorithm = None if algorithm_type == MANUAL else hd.AlgorithmIdentificationSequence(
         name=model or "napari-r2au", version=(model_sha256 or __version__)[:16],
         family=codes.cid7162.ArtificialIntelligence)
     descriptions = [hd.seg.SegmentDescription(
@@ -99,25 +153,20 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
         segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type], algorithm_identification=algorithm)
         for number, value in enumerate(values, start=1)]
-    try:
-        seg = _segmentation(hd, source_images, segments, descriptions, model, description, bool(pixel_array.any()))
-    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); "
-                         "export the mask as .tif") from exc
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        seg.save_as(tmp)
-    return target
-
-
-def _segmentation(hd: Any, source_images: list[Any], segments: np.ndarray, descriptions: list[Any],
-                  model: str | None, description: str | None, any_mask: bool) -> Any:
-    from . import __version__
-
-    return hd.seg.Segmentation(
-        source_images=source_images, pixel_array=segments if segments.max() > 1 else segments.astype(bool),
+    first = source_images[0]
+    extra: dict[str, Any] = {}
+    spacing = first.get("PixelSpacing")
+    if spacing is not None and not first.get("SliceThickness") and "SharedFunctionalGroupsSequence" not in first:
+        # a photograph or screen capture gives a pixel spacing but no slice thickness, which
+        # the SEG's pixel measures require: a nominal one, the mean pixel spacing
+        spacing = [float(v) for v in spacing]
+        extra["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=float(np.mean(spacing)))
+    seg = hd.seg.Segmentation(
+        source_images=source_images, pixel_array=pixel_array if len(values) > 1 else pixel_array.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="napari-r2au", manufacturer_model_name=(model or "napari-r2au")[:64],
         software_versions=f"napari-r2au {__version__}", device_serial_number="none",
-        content_description=(description or "")[:64] or None, omit_empty_frames=any_mask)
+        omit_empty_frames=bool(pixel_array.any()), **extra)
+    seg.SeriesDescription = f"napari-r2au mask ({model})"[:64] if model else "napari-r2au mask"
+    return seg

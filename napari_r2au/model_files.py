@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -426,6 +427,9 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
                              "choose another name")
     if (directory / f"{name}.json").exists() and not overwrite:
         raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
+    if name in removed_model_names(directory):
+        raise ModelFileError(f"a removed model was called {name!r} (its files are in {directory / REMOVED_DIR}); "
+                             "choose another name, so that the name keeps meaning one model")
     meta = {k: v for k, v in loaded.metadata.items() if k not in ("weights_file", "weights_sha256")}
     meta["name"] = name
     if description is not None:
@@ -455,32 +459,43 @@ REMOVED_DIR = "removed"
 def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     """Take a user model out of the model lists; return the folder its files went to.
 
-    Nothing is deleted: the sidecar and its weights move into
+    Nothing is deleted: the sidecar ``<name>.json`` and its weights move into
     ``removed/<name>-<UTC time>/`` in the same folder (moving them back restores the
     model), so a mask's audit trail can still be traced to the exact file. The sidecar
-    moves first, so the model leaves the lists at once even if the weights' move fails.
-    Bundled models cannot be removed. A broken sidecar is removed all the same.
+    moves first, so the model leaves the lists at once even if the weights' move fails;
+    weights another model's sidecar also names are copied, not moved. Bundled models
+    cannot be removed. A broken sidecar is removed all the same.
     """
     directory = Path(directory) if directory is not None else user_models_dir()
+    if not name or name != Path(name).name or name.startswith("."):
+        raise ModelFileError(f"{name!r} is not a model name (a file name without folders)")
     sidecar = directory / f"{name}.json"
     if not sidecar.is_file():
         if (bundled_models_dir() / f"{name}.json").is_file():
             raise ModelFileError(f"{name!r} is a bundled model: it comes with the plugin and cannot be removed")
         names = ", ".join(p.stem for p in _sidecars(directory)) or "none"
         raise ModelFileError(f"no user model called {name!r} in {directory}; user models: {names}")
-    try:
-        weights_name = json.loads(sidecar.read_text()).get("weights_file")
-    except (OSError, ValueError, AttributeError):
-        weights_name = None
-    weights = [directory / weights_name] if isinstance(weights_name, str) and "/" not in weights_name \
-        else [directory / f"{name}{suffix}" for suffix in (".safetensors", ".pt", ".pth")]
+
+    def weights_named_in(path: Path) -> str | None:
+        try:
+            value = json.loads(path.read_text()).get("weights_file")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and value == Path(value).name else None
+
+    named = weights_named_in(sidecar)
+    weights = [directory / named] if named else [directory / f"{name}{s}" for s in (".safetensors", ".pt", ".pth")]
+    shared = {weights_named_in(other) for other in _sidecars(directory) if other != sidecar}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     target = directory / REMOVED_DIR / f"{name}-{stamp}"
     target.mkdir(parents=True)
     os.replace(sidecar, target / sidecar.name)
     for path in weights:
         if path.is_file():
-            os.replace(path, target / path.name)
+            if path.name in shared:  # another model needs them where they are
+                shutil.copy2(path, target / path.name)
+            else:
+                os.replace(path, target / path.name)
     return target
 
 

@@ -57,8 +57,9 @@ def test_a_mask_on_a_dicom_series_is_written_as_a_seg_that_maps_back_onto_its_sl
     np.testing.assert_array_equal(back, np.where(labels == 3, 2, labels))  # segments numbered 1, 2
     descriptions = seg.SegmentSequence
     assert descriptions[1].SegmentLabel.endswith("label 3")
-    # a mask nobody recorded as a model's output counts as edited by hand
-    assert {d.SegmentAlgorithmType for d in descriptions} == {"SEMIAUTOMATIC"}
+    # a mask no model made counts as drawn by hand
+    assert {d.SegmentAlgorithmType for d in descriptions} == {"MANUAL"}
+    assert seg.SeriesDescription == "napari-r2au mask"
 
     # saved next to its slices, the SEG does not spoil the series; opened on its own, it says what it is
     (tmp_path / "mask.dcm").rename(tmp_path / "series" / "mask.dcm")
@@ -151,3 +152,41 @@ def test_images_a_seg_cannot_describe_give_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no DICOM SEG can be made on these images"):
         write_labels(str(tmp_path / "seg.dcm"), np.ones(image.shape, np.uint8), {"metadata": kwargs["metadata"]})
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_seg_of_a_run_on_some_slices_refers_to_those_slices_only(tmp_path):
+    from napari_r2au.postprocess import mask_checksums
+
+    ((image, kwargs, _),) = read_layers(str(_series(tmp_path / "series")))
+    sources = kwargs["metadata"]["dicom"]["sources"]
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1, 20:30, 20:30] = 1  # Segment ran on slice 1 only
+    whole, slices = mask_checksums(labels)
+    info = {"model": "tiny", "model_sha256": "ab" * 32, "slices": [1], "mask_sha256": whole, "slice_sha256": slices}
+    meta = {"metadata": {"r2au": dict(info, dicom={"sources": sources})}}
+    write_labels(str(tmp_path / "one.dcm"), labels, meta)
+    seg = hd.seg.segread(tmp_path / "one.dcm")
+    referenced = [item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    assert referenced == [sources[1][2]] and seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    labels[2, :3, :3] = 1  # then a person drew on slice 2: it holds a result too
+    write_labels(str(tmp_path / "two.dcm"), labels, meta)
+    seg = hd.seg.segread(tmp_path / "two.dcm")
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {sources[1][2], sources[2][2]} and seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+
+
+def test_a_seg_on_a_2d_colour_photograph_reads_back(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    photo = get_testdata_file("SC_rgb_rle.dcm")  # RGB secondary capture: pixel spacing, no slice thickness
+    if photo is None:
+        pytest.skip("pydicom's test file is not installed")
+    ((image, kwargs, _),) = read_layers(photo)
+    assert kwargs["rgb"] and image.ndim == 3
+    labels = np.zeros(image.shape[:2], np.uint8)
+    labels[10:40, 20:60] = 1
+    write_labels(str(tmp_path / "photo.dcm"), labels, {"metadata": {"r2au": {"model": "m", "dicom": {
+        "sources": kwargs["metadata"]["dicom"]["sources"]}}}})
+    seg = hd.seg.segread(tmp_path / "photo.dcm")
+    back = seg.get_pixels_by_source_instance([pydicom.dcmread(photo).SOPInstanceUID], combine_segments=True)
+    np.testing.assert_array_equal(back[0], labels)

@@ -206,6 +206,18 @@ def test_removing_a_user_model_takes_it_out_of_the_lists_and_keeps_its_files(tmp
     (user_models_dir() / "mine.json").write_text("{not json")  # a broken model can still be removed
     assert sorted(p.name for p in remove_model("mine").iterdir()) == ["mine.json", "mine.safetensors"]
     assert list(user_models_dir().glob("mine.*")) == []
+    with pytest.raises(ModelFileError, match="a removed model was called 'mine'"):
+        add_model(sidecar, name="mine")  # a name in an audit trail keeps meaning one model
+    with pytest.raises(ModelFileError, match="not a model name"):
+        remove_model("../models/x")
+
+    # weights that another (hand-made) sidecar also names stay where that model needs them
+    twin = add_model(sidecar, name="twin")
+    other = json.loads(twin.read_text())
+    (user_models_dir() / "alias.json").write_text(json.dumps(dict(other, name="alias")))
+    kept = remove_model("twin")
+    assert (kept / "twin.safetensors").is_file() and (user_models_dir() / "twin.safetensors").is_file()
+    assert load_model("alias").sha256 == other["weights_sha256"]
 
 
 def test_unknown_architecture_or_arguments_are_model_file_errors(tmp_path):

@@ -370,10 +370,12 @@ def test_a_user_model_can_be_removed_from_the_pickers_after_a_yes(make_napari_vi
     assert picker._remove.native.isHidden()  # bundled: nothing to remove
     picker._choice.value = "tiny-ft1"
     assert not picker._remove.native.isHidden()
+    segment._threshold.value = 0.8  # the mask on screen was made at 0.8: the button must not reset it
     answers = []
     monkeypatch.setattr(_common, "confirm", lambda *args: answers.append(args[2]) or False)
     picker._remove.clicked.emit()
     assert "tiny-ft1" in answers[0] and "tiny-ft1" in picker._choice.choices  # No keeps it
+    assert segment._threshold.value == pytest.approx(0.8)
     monkeypatch.setattr(_common, "confirm", lambda *args: True)
     picker._remove.clicked.emit()
     for widget in (segment, finetune):
@@ -382,6 +384,16 @@ def test_a_user_model_can_be_removed_from_the_pickers_after_a_yes(make_napari_vi
     assert not (user_models_dir() / "tiny-ft1.json").exists()
     assert len(list((user_models_dir() / "removed").glob("tiny-ft1-*/tiny-ft1.json"))) == 1
     assert "Removed tiny-ft1" in messages(notifications)
+
+    # removed meanwhile from the command line: an error, and the lists catch up
+    from napari_r2au.model_files import remove_model
+
+    _save_tiny("tiny-ft2")
+    picker.refresh(select="tiny-ft2")
+    remove_model("tiny-ft2")
+    picker._remove.clicked.emit()
+    assert "Could not remove tiny-ft2" in messages(notifications)
+    assert "tiny-ft2" not in picker._choice.choices and "tiny-ft2" not in finetune._model._choice.choices
 
 
 # -- Fine-tune -----------------------------------------------------------------------------
@@ -795,3 +807,16 @@ def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(make
     seg = hd.seg.segread(tmp_path / "out" / "case.dcm")
     assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
     assert segment.prediction is not None
+    assert json.loads((tmp_path / "out" / "case.json").read_text())["dicom_seg"]["source_series_instance_uid"] == \
+        seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+
+    # a mask on an image that did not come from DICOM: refused before anything (maps included) is written
+    segment._image.value = add_image(viewer)
+    segment.run()
+    wait_idle(qtbot, segment)
+    review._prediction.value = viewer.layers["img mask"]
+    review._export_path.value = tmp_path / "refused" / "img.dcm"
+    review._export_maps.value = True
+    (tmp_path / "refused").mkdir()
+    assert review.export() is None
+    assert list((tmp_path / "refused").iterdir()) == []

@@ -186,6 +186,9 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         name = next_version_name(parent.name)
     elif (user_models_dir() / f"{name}.json").exists() or name == parent.name:
         raise ValueError(f"a model called {name!r} exists already; choose another name")
+    elif name in removed_model_names():
+        raise ValueError(f"a removed model was called {name!r} (its files are in the models folder's removed/); "
+                         "choose another name, so that the name keeps meaning one model")
     run_dir = user_models_dir().parent / "runs" / name
     config = TrainConfig(
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,

@@ -203,9 +203,11 @@ class ModelPicker(Container):
                        f"Remove {name} from the model lists?\n\nIts files move to the removed/ folder next to "
                        "your models (move them back to restore it). Masks already exported keep its checksum."):
             return
+        sidecar = Path(self._paths[name])
         try:
-            target = remove_model(name, directory=Path(self._paths[name]).parent)
+            target = remove_model(sidecar.stem, directory=sidecar.parent)
         except (ModelFileError, OSError) as exc:
+            refresh_model_pickers()  # e.g. removed meanwhile from the command line
             notify_error(f"Could not remove {name}: {exc}")
             return
         refresh_model_pickers()
@@ -219,6 +221,11 @@ class ModelPicker(Container):
         if wanted in self._choice.choices:
             self._choice.value = wanted
         self._update()
+
+    def on_model_changed(self, callback: Callable[..., Any]) -> None:
+        """Call ``callback`` when another model is chosen (not on the picker's other clicks)."""
+        self._choice.changed.connect(callback)
+        self._file.changed.connect(callback)
 
     @property
     def path(self) -> str | None:

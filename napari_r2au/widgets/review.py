@@ -228,20 +228,31 @@ class ReviewWidget(Container):
         if reference is not None and reference.data.shape == predicted.data.shape:
             rates = _rates(np.asarray(predicted.data), np.asarray(reference.data))
             record["metrics"] = {"reference_layer": reference.name, **{k: _finite(v) for k, v in rates.items()}}
-        if self._export_maps.value:
-            record.update(self._write_maps(path, info, write_tiff))
-        if path.suffix.lower() == ".dcm":  # a DICOM SEG on the series the image came from
-            from napari_r2au.dicom_seg import AUTOMATIC, SEMIAUTOMATIC, dicom_sources, write_dicom_seg
+        if path.suffix.lower() == ".dcm":  # a DICOM SEG on the series the image came from, first: it may be refused
+            from napari_r2au.dicom_seg import (
+                AUTOMATIC,
+                SEMIAUTOMATIC,
+                dicom_sources,
+                planes_with_results,
+                write_dicom_seg,
+            )
 
             sources = dicom_sources(predicted.metadata)
             if sources is None:
                 raise ValueError("a DICOM SEG (.dcm) needs a mask made on an image opened from DICOM files; "
                                  "export this one as .tif")
+            written = write_dicom_seg(
+                path, mask, sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
+                algorithm_type=SEMIAUTOMATIC if record["corrected_by_hand"] is not False else AUTOMATIC,
+                planes=planes_with_results(np.asarray(predicted.data), info))
             record["mask_format"] = "DICOM SEG"
-            write_dicom_seg(path, mask, sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
-                            algorithm_type=SEMIAUTOMATIC if record["corrected_by_hand"] is not False else AUTOMATIC)
+            record["dicom_seg"] = {"sop_instance_uid": written.sop_instance_uid,
+                                   "series_instance_uid": written.series_instance_uid,
+                                   "source_series_instance_uid": written.source_series_instance_uid}
         else:
             write_tiff(path, mask)
+        if self._export_maps.value:
+            record.update(self._write_maps(path, info, write_tiff))
         sidecar = path.with_suffix(".json")
         with atomic_path(sidecar) as tmp:  # last: a sidecar means the files next to it are complete
             tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -131,7 +131,7 @@ class SegmentWidget(WorkerRunner, Container):
         self._mask_layer: Any = None
         self._warned_edited = False
 
-        self._model.changed.connect(self._on_model_changed)
+        self._model.on_model_changed(self._on_model_changed)
         self._show_advanced.changed.connect(lambda value: setattr(self._advanced, "visible", bool(value)))
         for widget in (self._threshold, self._remove_small, self._fill_holes, self._min_size):
             widget.changed.connect(self._apply_threshold)
