@@ -191,7 +191,6 @@ class _Frame:
         self.dataset, self.index, self.pixels, self.order = dataset, index, pixels, order
         self.path, self.source = path, path.name
         self.sop_uid = str(dataset.get("SOPInstanceUID", ""))
-        self.uid = (self.sop_uid or f"{path}#{order[0]}", index)
         self.slope = float(_frame_value(dataset, index, "RescaleSlope") or 1)
         self.intercept = float(_frame_value(dataset, index, "RescaleIntercept") or 0)
         ipp = _frame_value(dataset, index, "ImagePositionPatient")
@@ -200,6 +199,10 @@ class _Frame:
         self.position = np.asarray(ipp, float) if ipp is not None and len(ipp) == 3 else None
         self.orientation = np.asarray(iop, float) if iop is not None and len(iop) == 6 else None
         self.spacing = tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 2 else None
+        # a plane sent twice has the same instance, frame and place (a broken export may
+        # give several slices one SOPInstanceUID: their positions still tell them apart)
+        where = None if self.position is None else tuple(np.round(self.position, 3))
+        self.uid = (self.sop_uid or f"{path}#{order[0]}", index, where)
 
     def values(self, as_float: bool) -> np.ndarray:
         """The plane in the modality's units (CT: Hounsfield units) when ``as_float``."""
