@@ -71,12 +71,13 @@ def _has_dicom_preamble(path: Path) -> bool:
 
 def read_layers(path: str | Sequence[str]) -> list[LayerData]:
     """Layer data for each file; a folder of DICOM files, or several DICOM files opened
-    together (napari's "Open Files as Stack"), is one series: one 3D layer."""
+    together (napari's "Open Files as Stack"), is one series: one 3D layer, plus a Labels
+    layer for each DICOM SEG among them that refers to that series."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        return [_read_dicom_series(dicom_series_files(paths[0]), Path(paths[0]).name)]
+        return _read_dicom_series(dicom_series_files(paths[0]), Path(paths[0]).name)
     if len(paths) > 1 and all(suffix_of(p) in DICOM_SUFFIXES for p in paths):
-        return [_read_dicom_series([Path(p) for p in paths], Path(paths[0]).parent.name or "series")]
+        return _read_dicom_series([Path(p) for p in paths], Path(paths[0]).parent.name or "series")
     return [read_file(p) for p in paths]
 
 
@@ -359,8 +360,9 @@ def _read_dicom(path: Path) -> LayerData:
     return _read_dicom_frames(frames, path.stem, 1, notes)
 
 
-def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
-    """The DICOM files of one series (one file per slice, or multi-frame files) as one stack."""
+def _read_dicom_series(paths: Sequence[Path], name: str) -> list[LayerData]:
+    """The DICOM files of one series (one file per slice, or multi-frame files) as one
+    stack, and the DICOM SEG files among them that refer to it as Labels layers."""
     if not paths:
         raise ValueError("no .dcm files to read")
     pydicom = _pydicom()
@@ -378,7 +380,36 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> LayerData:
         file_frames, file_notes = _frames_of(dataset, path, index)
         frames += file_frames
         notes |= file_notes
-    return _read_dicom_frames(frames, name, len(paths), notes)
+    image = _read_dicom_frames(frames, name, len(paths), notes)
+    layers = [image]
+    for path, dataset in read:
+        if _is_seg(dataset) and series & _seg_series(dataset):
+            try:
+                layers.append(_seg_layer(path, image))
+            except (ImportError, ValueError) as exc:  # the image still opens
+                _warn(f"{path.name}: a DICOM SEG on this series, not shown: {exc}")
+    return layers
+
+
+def _seg_series(dataset: Any) -> set[str]:
+    return {str(item.get("SeriesInstanceUID", "")) for item in dataset.get("ReferencedSeriesSequence", [])}
+
+
+def _seg_layer(path: Path, image: LayerData) -> LayerData:
+    """A DICOM SEG on the series ``image`` was read from, as a Labels layer over it (segment
+    numbers as labels), which can be corrected and exported as a SEG again."""
+    from .dicom_seg import read_dicom_seg
+
+    data, kwargs, _ = image
+    sources = kwargs["metadata"]["dicom"]["sources"]
+    planes = data.shape[:-1] if kwargs.get("rgb") else data.shape
+    labels = read_dicom_seg(path, sources, planes)
+    layer = {key: kwargs[key] for key in ("scale", "units") if key in kwargs}
+    if kwargs.get("rgb") and "scale" in layer:
+        layer["scale"] = layer["scale"][:labels.ndim]
+    layer["name"] = stem_of(path)
+    layer["metadata"] = {"dicom": {"sources": sources, "seg_file": str(path)}}
+    return labels, layer, "labels"
 
 
 def _read_nifti(path: Path) -> LayerData:

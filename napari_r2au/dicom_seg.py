@@ -170,3 +170,31 @@ def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, va
         omit_empty_frames=bool(pixel_array.any()), **extra)
     seg.SeriesDescription = f"napari-r2au mask ({model})"[:64] if model else "napari-r2au mask"
     return seg
+
+
+def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tuple[int, ...]) -> np.ndarray:
+    """The segments of a DICOM SEG placed on the planes ``sources`` describes (the image's
+    reading order): a uint16 label array of ``shape`` (segment numbers; 0 outside every
+    segment, and on planes the SEG does not refer to)."""
+    hd = _highdicom()
+    try:
+        seg = hd.seg.segread(path)
+        labels = np.zeros((len(sources), *shape[-2:]), np.uint16)
+        referenced = {str(item.ReferencedSOPInstanceUID) for series in seg.ReferencedSeriesSequence
+                      for item in series.ReferencedInstanceSequence}
+        multiframe = len({str(file) for file, _, _ in sources}) == 1 and len(sources) > 1 and \
+            len({frame for _, frame, _ in sources}) > 1
+        if multiframe:
+            uid = str(sources[0][2])
+            if uid in referenced:
+                numbers = [int(frame) + 1 for _, frame, _ in sources]
+                labels[:] = seg.get_pixels_by_source_frame(uid, numbers, combine_segments=True,
+                                                           skip_overlap_checks=True)
+        else:
+            wanted = [z for z, (_, _, uid) in enumerate(sources) if str(uid) in referenced]
+            if wanted:
+                labels[wanted] = seg.get_pixels_by_source_instance(
+                    [str(sources[z][2]) for z in wanted], combine_segments=True, skip_overlap_checks=True)
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{Path(path).name}: cannot place this DICOM SEG on its series ({exc})") from exc
+    return labels if len(shape) == 3 else labels[0]

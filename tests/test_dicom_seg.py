@@ -61,10 +61,15 @@ def test_a_mask_on_a_dicom_series_is_written_as_a_seg_that_maps_back_onto_its_sl
     assert {d.SegmentAlgorithmType for d in descriptions} == {"MANUAL"}
     assert seg.SeriesDescription == "napari-r2au mask"
 
-    # saved next to its slices, the SEG does not spoil the series; opened on its own, it says what it is
+    # saved next to its slices, the SEG opens with them as a mask over the stack, ready to be
+    # corrected and exported again; opened on its own, it says what it is
     (tmp_path / "mask.dcm").rename(tmp_path / "series" / "mask.dcm")
-    ((again, _, _),) = read_layers(str(tmp_path / "series"))
+    (again, _, kind), (mask, mask_kwargs, mask_kind) = read_layers(str(tmp_path / "series"))
     np.testing.assert_array_equal(again, image)
+    assert kind == "image" and mask_kind == "labels" and mask_kwargs["name"] == "mask"
+    np.testing.assert_array_equal(mask, np.where(labels == 3, 2, labels))
+    assert mask_kwargs["scale"] == kwargs["scale"] and mask_kwargs["metadata"]["dicom"]["sources"] == sources
+    write_labels(str(tmp_path / "again.dcm"), mask, {"metadata": mask_kwargs["metadata"]})
     with pytest.raises(ValueError, match="is a DICOM SEG"):
         read_layers(str(tmp_path / "series" / "mask.dcm"))
 
@@ -82,6 +87,12 @@ def test_a_mask_on_an_enhanced_multiframe_file_follows_the_files_frame_order(tmp
     seg = hd.seg.segread(tmp_path / "mask.dcm")
     back = seg.get_pixels_by_source_frame(f"{UID}.7", [1, 2, 3], combine_segments=True, skip_overlap_checks=True)
     np.testing.assert_array_equal(back, np.where(labels == 3, 2, labels)[::-1])  # file frame k = stack plane 2-k
+    (tmp_path / "series").mkdir()
+    (tmp_path / "enhanced.dcm").rename(tmp_path / "series" / "enhanced.dcm")
+    (tmp_path / "mask.dcm").rename(tmp_path / "series" / "mask.dcm")
+    _, (mask, _, kind) = read_layers(str(tmp_path / "series"))
+    assert kind == "labels"
+    np.testing.assert_array_equal(mask, np.where(labels == 3, 2, labels))  # back in the stack's order
 
 
 def test_a_seg_is_refused_without_its_dicom_sources_and_nothing_is_written(tmp_path):
@@ -165,6 +176,10 @@ def test_a_seg_of_a_run_on_some_slices_refers_to_those_slices_only(tmp_path):
     info = {"model": "tiny", "model_sha256": "ab" * 32, "slices": [1], "mask_sha256": whole, "slice_sha256": slices}
     meta = {"metadata": {"r2au": dict(info, dicom={"sources": sources})}}
     write_labels(str(tmp_path / "one.dcm"), labels, meta)
+    (tmp_path / "one.dcm").rename(tmp_path / "series" / "one.dcm")  # reopened: only slice 1 has mask
+    _, (mask, _, _) = read_layers(str(tmp_path / "series"))
+    np.testing.assert_array_equal(mask, labels)
+    (tmp_path / "series" / "one.dcm").rename(tmp_path / "one.dcm")
     seg = hd.seg.segread(tmp_path / "one.dcm")
     referenced = [item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
     assert referenced == [sources[1][2]] and seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
