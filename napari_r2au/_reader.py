@@ -254,7 +254,7 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
     """DICOM planes (of one file or of a series) as one image: a plane, or a (Z, Y, X)
     stack in patient order.
 
-    A plane sent twice (same SOPInstanceUID and frame) counts once. When every plane has
+    A plane sent twice (same SOPInstanceUID, frame and position) counts once. When every plane has
     a position and orientation (per frame in enhanced files), planes at distinct
     positions are sorted along the slice normal and the z spacing is the median step;
     planes that all share one position (a time series) keep their InstanceNumber and
@@ -341,17 +341,18 @@ def _warn(message: str) -> None:
     show_warning(message)
 
 
-#: the SOP class of DICOM Segmentation objects (masks that refer to another series)
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: SOP classes of DICOM Segmentation objects (masks that refer to another series): binary or
+#: fractional, and label map
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 
 
 def _is_seg(dataset: Any) -> bool:
-    return str(dataset.get("SOPClassUID", "")) == SEG_SOP_CLASS
+    return str(dataset.get("SOPClassUID", "")) in SEG_SOP_CLASSES
 
 
 def _read_dicom(path: Path) -> LayerData:
     """One DICOM file: a plane, or a stack when it holds several frames."""
-    dataset = _pydicom().dcmread(path)
+    dataset = _dcmread(_pydicom(), path)
     if _is_seg(dataset):
         raise ValueError(f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
                          "here (a Review export's JSON record names it under dicom_seg), or the SEG in a "
@@ -366,7 +367,7 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> list[LayerData]:
     if not paths:
         raise ValueError("no .dcm files to read")
     pydicom = _pydicom()
-    read = [(Path(p), pydicom.dcmread(p)) for p in paths]
+    read = [(Path(p), _dcmread(pydicom, Path(p))) for p in paths]
     kept = [(p, d) for p, d in read if not _is_seg(d)]  # a mask saved next to its slices is not a slice
     if not kept:
         raise ValueError("only DICOM SEG files (masks) here: open the series they refer to")
@@ -386,9 +387,16 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> list[LayerData]:
         if _is_seg(dataset) and series & _seg_series(dataset):
             try:
                 layers.append(_seg_layer(path, image))
-            except (ImportError, ValueError) as exc:  # the image still opens
+            except Exception as exc:  # whatever a SEG from elsewhere holds, the image still opens
                 _warn(f"{path.name}: a DICOM SEG on this series, not shown: {exc}")
     return layers
+
+
+def _dcmread(pydicom: Any, path: Path) -> Any:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises struct, EOF and its own errors for damaged files
+        raise ValueError(f"{path.name}: cannot be read as DICOM ({type(exc).__name__}: {exc})") from exc
 
 
 def _seg_series(dataset: Any) -> set[str]:
@@ -397,19 +405,32 @@ def _seg_series(dataset: Any) -> set[str]:
 
 def _seg_layer(path: Path, image: LayerData) -> LayerData:
     """A DICOM SEG on the series ``image`` was read from, as a Labels layer over it (segment
-    numbers as labels), which can be corrected and exported as a SEG again."""
-    from .dicom_seg import read_dicom_seg
+    numbers as labels), which can be corrected and exported as a SEG again.
+
+    The layer keeps what the SEG says: the planes it covers (a re-export covers those,
+    plus any edited), the algorithm, and for a model's own (AUTOMATIC) mask the checksums
+    that tell a later correction apart, as for a mask Segment made.
+    """
+    from .dicom_seg import AUTOMATIC, read_dicom_seg
+    from .postprocess import mask_checksums
 
     data, kwargs, _ = image
     sources = kwargs["metadata"]["dicom"]["sources"]
-    planes = data.shape[:-1] if kwargs.get("rgb") else data.shape
-    labels = read_dicom_seg(path, sources, planes)
+    placed = read_dicom_seg(path, sources, data.shape[:-1] if kwargs.get("rgb") else data.shape)
+    if placed.overlaps:
+        _warn(f"{path.name}: its segments overlap; where they do, the highest segment number is shown")
+    info: dict[str, Any] = {"model": placed.algorithm_name, "algorithm_version": placed.algorithm_version,
+                            "algorithm_type": placed.algorithm_type, "dicom_seg_file": str(path)}
+    whole, slices = mask_checksums(placed.labels)
+    if placed.labels.ndim == 3:
+        info["slices"] = placed.planes
+        info["seg_slice_sha256"] = slices  # which planes a re-export must add (edited since)
+    if placed.algorithm_type == AUTOMATIC:  # the model's own output: what a correction is told apart from
+        info["mask_sha256"], info["slice_sha256"] = whole, slices
     layer = {key: kwargs[key] for key in ("scale", "units") if key in kwargs}
-    if kwargs.get("rgb") and "scale" in layer:
-        layer["scale"] = layer["scale"][:labels.ndim]
     layer["name"] = stem_of(path)
-    layer["metadata"] = {"dicom": {"sources": sources, "seg_file": str(path)}}
-    return labels, layer, "labels"
+    layer["metadata"] = {"dicom": {"sources": sources}, "r2au": info}
+    return placed.labels, layer, "labels"
 
 
 def _read_nifti(path: Path) -> LayerData:

@@ -75,4 +75,5 @@ def _write_seg(path: Path, data: np.ndarray, meta: dict[str, Any]) -> None:
     recorded = info.get("mask_sha256")
     edited = recorded is None or mask_checksum(data) != recorded
     write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
-                    algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC, planes=planes_with_results(data, info))
+                    algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC, planes=planes_with_results(data, info),
+                    algorithm_version=info.get("algorithm_version"))

@@ -63,17 +63,20 @@ def planes_with_results(labels: np.ndarray, info: dict[str, Any]) -> list[int] |
 
     if np.ndim(labels) != 3 or info.get("slices") is None:
         return None
-    edited = edited_slices(labels, info["slice_sha256"]) if info.get("slice_sha256") else []
+    recorded = info.get("slice_sha256") or info.get("seg_slice_sha256")  # a Segment run's, or a SEG's as read
+    edited = edited_slices(labels, recorded) if recorded else []
     return sorted({int(z) for z in info["slices"]} | set(edited))
 
 
 def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[list[Any]], *,
                     model: str | None = None, model_sha256: str | None = None,
-                    algorithm_type: str = AUTOMATIC, planes: list[int] | None = None) -> WrittenSeg:
+                    algorithm_type: str = AUTOMATIC, planes: list[int] | None = None,
+                    algorithm_version: str | None = None) -> WrittenSeg:
     """Write ``labels`` (a plane, or one plane per source) as a binary DICOM SEG, one segment
     per label value, referring to the source instances.
 
-    ``model`` and ``model_sha256`` name the algorithm (its version is the checksum's start);
+    ``model`` and ``model_sha256`` name the algorithm (its version is the checksum's start,
+    else ``algorithm_version``, as read from an earlier SEG);
     without a model the mask counts as drawn by hand (MANUAL). ``algorithm_type`` says
     whether a person corrected the model's mask (SEMIAUTOMATIC). ``planes`` limits the SEG
     to those planes of a stack (see :func:`planes_with_results`). Refused with a message,
@@ -93,6 +96,10 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
         if not planes:
             raise ValueError("no slice of this stack holds a result: nothing to write")
         stack, sources = stack[planes], [sources[z] for z in planes]
+    keys = [(str(uid), int(frame)) for _, frame, uid in sources]
+    if len(set(keys)) < len(keys):
+        raise ValueError("several planes of this image share one SOPInstanceUID and frame: a DICOM SEG could not "
+                         "tell them apart")
     files = list(dict.fromkeys(str(source[0]) for source in sources))
     headers = {}
     for file in files:
@@ -126,8 +133,8 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
         source_images = [headers[str(file)] for file, _, _ in sources]
         pixel_array = segments
     try:
-        seg = _segmentation(hd, source_images, pixel_array, foreground or [1], model, model_sha256,
-                            MANUAL if model is None else algorithm_type)
+        seg = _segmentation(hd, source_images, pixel_array, foreground or [1], model,
+                            model_sha256 or algorithm_version, MANUAL if model is None else algorithm_type)
         hd.seg.Segmentation.from_dataset(seg, copy=True)  # what a reader will make of it
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); "
@@ -140,13 +147,13 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
 
 
 def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, values: list[int],
-                  model: str | None, model_sha256: str | None, algorithm_type: str) -> Any:
+                  model: str | None, version: str | None, algorithm_type: str) -> Any:
     from pydicom.sr.codedict import codes
 
     from . import __version__
 
     algorithm = None if algorithm_type == MANUAL else hd.AlgorithmIdentificationSequence(
-        name=model or "napari-r2au", version=(model_sha256 or __version__)[:16],
+        name=model or "napari-r2au", version=(version or __version__)[:16],
         family=codes.cid7162.ArtificialIntelligence)
     descriptions = [hd.seg.SegmentDescription(
         segment_number=number, segment_label=f"{model or 'mask'} label {value}"[:64],
@@ -172,29 +179,61 @@ def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, va
     return seg
 
 
-def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tuple[int, ...]) -> np.ndarray:
+class PlacedSeg(NamedTuple):
+    """A DICOM SEG placed on an image's planes, with what it says about how it was made."""
+
+    labels: np.ndarray
+    planes: list[int]  # the planes the SEG refers to
+    algorithm_type: str  # AUTOMATIC, SEMIAUTOMATIC or MANUAL (the first segment's)
+    algorithm_name: str | None
+    algorithm_version: str | None
+    overlaps: bool  # segments overlapped: the highest number was kept where they do
+
+
+def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tuple[int, ...]) -> PlacedSeg:
     """The segments of a DICOM SEG placed on the planes ``sources`` describes (the image's
-    reading order): a uint16 label array of ``shape`` (segment numbers; 0 outside every
-    segment, and on planes the SEG does not refer to)."""
+    reading order): uint16 labels of ``shape`` (segment numbers; 0 outside every segment,
+    and on planes the SEG does not refer to). Frames of multi-frame sources are looked up
+    by frame number, single-frame sources by instance."""
     hd = _highdicom()
     try:
         seg = hd.seg.segread(path)
         labels = np.zeros((len(sources), *shape[-2:]), np.uint16)
         referenced = {str(item.ReferencedSOPInstanceUID) for series in seg.ReferencedSeriesSequence
                       for item in series.ReferencedInstanceSequence}
-        multiframe = len({str(file) for file, _, _ in sources}) == 1 and len(sources) > 1 and \
-            len({frame for _, frame, _ in sources}) > 1
-        if multiframe:
-            uid = str(sources[0][2])
-            if uid in referenced:
-                numbers = [int(frame) + 1 for _, frame, _ in sources]
-                labels[:] = seg.get_pixels_by_source_frame(uid, numbers, combine_segments=True,
-                                                           skip_overlap_checks=True)
-        else:
-            wanted = [z for z, (_, _, uid) in enumerate(sources) if str(uid) in referenced]
-            if wanted:
-                labels[wanted] = seg.get_pixels_by_source_instance(
-                    [str(sources[z][2]) for z in wanted], combine_segments=True, skip_overlap_checks=True)
-    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        by_uid: dict[str, list[int]] = {}
+        for z, (_, _, uid) in enumerate(sources):
+            by_uid.setdefault(str(uid), []).append(z)
+        multiframe = {uid for uid, zs in by_uid.items() if len(zs) > 1 or any(int(sources[z][1]) for z in zs)}
+        overlaps = False
+
+        def combined(get: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+            nonlocal overlaps
+            try:
+                return get(*args, combine_segments=True, **kwargs)
+            except RuntimeError as exc:
+                if "overlap" not in str(exc).lower():
+                    raise
+                overlaps = True
+                return get(*args, combine_segments=True, skip_overlap_checks=True, **kwargs)
+
+        planes: list[int] = []
+        for uid in sorted(multiframe & referenced):
+            zs = by_uid[uid]
+            labels[zs] = combined(seg.get_pixels_by_source_frame, uid, [int(sources[z][1]) + 1 for z in zs],
+                                  assert_missing_frames_are_empty=True)
+            planes += zs
+        single = [z for uid in sorted(referenced - multiframe) for z in by_uid.get(uid, [])]
+        if single:
+            labels[single] = combined(seg.get_pixels_by_source_instance, [str(sources[z][2]) for z in single])
+            planes += single
+        first = seg.SegmentSequence[0]
+        algorithm = (first.get("SegmentationAlgorithmIdentificationSequence") or [None])[0]
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError, IndexError) as exc:
         raise ValueError(f"{Path(path).name}: cannot place this DICOM SEG on its series ({exc})") from exc
-    return labels if len(shape) == 3 else labels[0]
+    if not planes:
+        raise ValueError(f"{Path(path).name}: it refers to none of the planes opened")
+    return PlacedSeg(labels if len(shape) == 3 else labels[0], sorted(planes),
+                     str(first.get("SegmentAlgorithmType", MANUAL)),
+                     None if algorithm is None else str(algorithm.get("AlgorithmName", "")) or None,
+                     None if algorithm is None else str(algorithm.get("AlgorithmVersion", "")) or None, overlaps)

@@ -205,3 +205,76 @@ def test_a_seg_on_a_2d_colour_photograph_reads_back(tmp_path):
     seg = hd.seg.segread(tmp_path / "photo.dcm")
     back = seg.get_pixels_by_source_instance([pydicom.dcmread(photo).SOPInstanceUID], combine_segments=True)
     np.testing.assert_array_equal(back[0], labels)
+
+
+def _manual_seg(sources, pixels, *, labelmap=False, segments=1):
+    """A SEG made by another tool (highdicom directly): MANUAL segments, or a label map."""
+    from pydicom.sr.codedict import codes
+
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=f"s{n}", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for n in range(1, segments + 1)]
+    kind = hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=kind, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="elsewhere", manufacturer_model_name="x", software_versions="1", device_serial_number="1")
+
+
+def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_the_image(tmp_path, monkeypatch):
+    from napari_r2au import _reader
+
+    warnings = []
+    monkeypatch.setattr(_reader, "_warn", warnings.append)
+    folder = _series(tmp_path / "series")
+    ((image, kwargs, _),) = read_layers(str(folder))
+    sources = kwargs["metadata"]["dicom"]["sources"]
+    headers = [pydicom.dcmread(path) for path, _, _ in sources]
+    labels = np.zeros(image.shape, np.uint8)
+    labels[0, 10:30, 10:30], labels[2, 40:50, 40:50] = 1, 2
+    # another SOP class, on slices 0 and 2 only
+    _manual_seg([headers[0], headers[2]], labels[[0, 2]], labelmap=True, segments=2).save_as(folder / "labelmap.dcm")
+    broken = pydicom.dcmread(folder / "labelmap.dcm")
+    broken.Rows = 64  # its frames no longer fit its pixel data
+    broken.save_as(folder / "broken.dcm")
+    (_, _, _), (placed, placed_kwargs, kind) = read_layers(str(folder))
+    assert kind == "labels" and placed_kwargs["name"] == "labelmap"
+    np.testing.assert_array_equal(placed, labels)
+    assert any("broken.dcm" in message for message in warnings)  # skipped with a warning; the image opened
+
+    # reopened and exported again unedited, a person's SEG stays MANUAL and covers its slices
+    info = placed_kwargs["metadata"]["r2au"]
+    assert info["algorithm_type"] == "MANUAL" and info["slices"] == [0, 2] and "slice_sha256" not in info
+    edited = placed.copy()
+    edited[1, :5, :5] = 1  # drawn on a slice the SEG did not cover: the re-export adds it
+    write_labels(str(tmp_path / "again.dcm"), edited, {"metadata": placed_kwargs["metadata"]})
+    again = hd.seg.segread(tmp_path / "again.dcm")
+    referenced = {i.ReferencedSOPInstanceUID for i in again.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {sources[z][2] for z in (0, 1, 2)}
+    assert {d.SegmentAlgorithmType for d in again.SegmentSequence} == {"MANUAL"}
+
+
+def test_a_models_seg_reopened_keeps_its_provenance_and_frames_without_mask(tmp_path):
+    from tests.test_reader_writer import _ct_small, _enhanced_ct
+
+    source = _ct_small(pydicom)
+    raw = pydicom.dcmread(source).pixel_array
+    folder = tmp_path / "series"
+    folder.mkdir()
+    _enhanced_ct(pydicom, source, [raw] * 3, positions=[20, 17, 14], uid=8).save_as(folder / "enhanced.dcm")
+    ((image, kwargs, _),) = read_layers(str(folder))
+    labels = np.zeros(image.shape, np.uint8)
+    labels[2, 5:15, 5:15] = 1  # stack plane 2 is the file's frame 0: frames 2 and 3 hold no mask
+    meta = {"r2au": {"model": "tiny", "model_sha256": "cd" * 32, "dicom": kwargs["metadata"]["dicom"]}}
+    meta["r2au"]["mask_sha256"] = __import__("napari_r2au.postprocess").postprocess.mask_checksum(labels)
+    write_labels(str(folder / "auto.dcm"), labels, {"metadata": meta})
+    _, (placed, placed_kwargs, _) = read_layers(str(folder))
+    np.testing.assert_array_equal(placed, labels)
+    info = placed_kwargs["metadata"]["r2au"]
+    assert info["algorithm_type"] == "AUTOMATIC" and info["model"] == "tiny" and info["algorithm_version"] == "cd" * 8
+    write_labels(str(tmp_path / "unedited.dcm"), placed, {"metadata": placed_kwargs["metadata"]})
+    unedited = hd.seg.segread(tmp_path / "unedited.dcm")
+    identification = unedited.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert unedited.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert (identification.AlgorithmName, identification.AlgorithmVersion) == ("tiny", "cd" * 8)

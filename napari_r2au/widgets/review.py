@@ -244,7 +244,8 @@ class ReviewWidget(Container):
             written = write_dicom_seg(
                 path, mask, sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
                 algorithm_type=SEMIAUTOMATIC if record["corrected_by_hand"] is not False else AUTOMATIC,
-                planes=planes_with_results(np.asarray(predicted.data), info))
+                planes=planes_with_results(np.asarray(predicted.data), info),
+                algorithm_version=info.get("algorithm_version"))
             record["mask_format"] = "DICOM SEG"
             record["dicom_seg"] = {"sop_instance_uid": written.sop_instance_uid,
                                    "series_instance_uid": written.series_instance_uid,
