@@ -278,3 +278,35 @@ def test_a_models_seg_reopened_keeps_its_provenance_and_frames_without_mask(tmp_
     identification = unedited.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert unedited.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     assert (identification.AlgorithmName, identification.AlgorithmVersion) == ("tiny", "cd" * 8)
+
+
+def test_a_folder_of_series_with_their_segs_is_training_data(tmp_path):
+    from napari_r2au.postprocess import mask_checksums
+    from napari_r2au.training.data import DataError, dicom_samples
+    from napari_r2au.training.trainer import TrainConfig, load_samples, train
+
+    root = tmp_path / "cases"
+    root.mkdir()
+    for case in ("case1", "case2"):
+        folder = _series(root / case)
+        ((image, kwargs, _),) = read_layers(str(folder))
+        labels = np.zeros(image.shape, np.uint8)
+        labels[1, 30:60, 40:80] = 1  # a run on slice 1 only: the SEG covers that slice
+        whole, slices = mask_checksums(labels)
+        info = {"model": "tiny", "slices": [1], "mask_sha256": whole, "slice_sha256": slices,
+                "dicom": kwargs["metadata"]["dicom"]}
+        write_labels(str(folder / "mask.dcm"), labels, {"metadata": {"r2au": info}})
+    config = TrainConfig(in_channels=1, data={"kind": "dicom", "root": str(root)}, base_width=4, patch_size=32,
+                         batch_size=2, steps=2, val_every=2, val_images=1, output_dir=str(tmp_path / "run"))
+    samples = load_samples(config)
+    assert [s.name for s in samples] == ["case1[1]", "case2[1]"]
+    assert int(samples[0].mask.sum()) == 30 * 40 and samples[0].image.shape[:2] == image.shape[1:]
+    spacing = float(kwargs["scale"][-1])
+    halved = dicom_samples(root, pixel_size=2 * spacing, pixel_size_unit="mm")  # resized to 2x the pixel size
+    assert halved[0].mask.shape == (64, 64) and int(halved[0].mask.sum()) == 15 * 20
+    result = train(config)
+    assert result.steps == 2 and result.best is not None and result.best.is_file()
+
+    (root / "case2" / "mask.dcm").unlink()
+    with pytest.raises(DataError, match="case2: 0 DICOM SEG files"):
+        load_samples(config)

@@ -203,6 +203,57 @@ def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | 
                           scale=scale)
 
 
+def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | None = None,
+                  scale: float = 1.0, class_map: dict[int, int] | None = None,
+                  pixel_size: float | None = None, pixel_size_unit: str | None = None) -> list[Sample]:
+    """DICOM series with their masks as DICOM SEG (what 3D Slicer or OHIF export, or this
+    plugin's Review): each folder under ``root`` (or ``root`` itself) holds one series and
+    one SEG that refers to it. The slices the SEG refers to are the training slices (an
+    empty one is a valid "nothing here"); segment numbers map through ``class_map``, any
+    segment being foreground by default. Each series is resized by ``scale`` and, when
+    ``pixel_size`` is given, also to that pixel size from its own spacing (in mm).
+    """
+    from napari_r2au._reader import dicom_series_files, read_layers
+    from napari_r2au.engine import convert_length
+
+    root = Path(root)
+    folders = [root] if dicom_series_files(root) else sorted(
+        p for p in root.iterdir() if p.is_dir() and dicom_series_files(p))
+    if not folders:
+        raise DataError(f"{root}: no DICOM series in it or in its subfolders")
+    samples = []
+    for folder in folders:
+        layers = read_layers(str(folder))
+        image, kwargs, _ = layers[0]
+        segs = [layer for layer in layers[1:] if layer[2] == "labels"]
+        if len(segs) != 1:
+            raise DataError(f"{folder}: {len(segs)} DICOM SEG files here refer to its series; training needs "
+                            "exactly one (the mask)")
+        labels, seg_kwargs, _ = segs[0]
+        factor = scale
+        if pixel_size:
+            spacing = kwargs.get("scale")
+            if not spacing:
+                raise DataError(f"{folder}: the series gives no pixel spacing, so it cannot be resized to "
+                                f"{pixel_size:g} {pixel_size_unit or 'mm'} pixels")
+            size = float(np.sqrt(abs(float(spacing[-1]) * float(spacing[-2]))))
+            factor *= convert_length(size, "mm", pixel_size_unit or "mm") / pixel_size
+        rgb = bool(kwargs.get("rgb"))
+        stack = labels.ndim == 3
+        planes = (seg_kwargs["metadata"].get("r2au") or {}).get("slices") or list(range(labels.shape[0])) \
+            if stack else [None]
+        for z in planes:
+            plane, mask = (image, labels) if z is None else (image[z], labels[z])
+            name = folder.name if z is None else f"{folder.name}[{z}]"
+            if rgb is False and plane.ndim != 2:
+                raise DataError(f"{name}: a {plane.shape} plane; expected a 2D slice")
+            mask = binarize_mask(mask, name, class_map) if class_map else (mask > 0).astype(np.uint8)
+            if factor != 1.0:
+                plane, mask, _ = rescale_pair(plane, mask, factor)
+            samples.append(make_sample(plane, mask, name, in_channels, None, normalization))
+    return samples
+
+
 def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str] | None = None,
                      slices: Sequence[Sequence[int]] | None = None,
                      fovs: Sequence[np.ndarray | None] | None = None):

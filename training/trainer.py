@@ -28,7 +28,7 @@ from napari_r2au.model_files import LoadedModel, build_metadata, load_model, sav
 from napari_r2au.models import create_model
 
 from .augment import AugmentConfig, PatchSampler, augment
-from .data import DataError, Sample, drive_samples, folder_samples, split
+from .data import DataError, Sample, dicom_samples, drive_samples, folder_samples, split
 from .losses import segmentation_loss
 from .metrics import Counts, confusion, roc_auc
 
@@ -144,15 +144,19 @@ def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = Non
     normalization = normalization or resolve_normalization(config)
     data = config.data
     kind = data.get("kind")
-    keys = {"drive": ["root"], "folders": ["images", "masks"]}.get(kind)
+    keys = {"drive": ["root"], "folders": ["images", "masks"], "dicom": ["root"]}.get(kind)
     if keys is None:
-        raise ValueError(f"data.kind must be 'drive' or 'folders' (or pass samples), got {kind!r}")
+        raise ValueError(f"data.kind must be 'drive', 'folders' or 'dicom' (or pass samples), got {kind!r}")
     for key in keys:
         if not Path(data[key]).is_dir():
             raise DataError(f"{data[key]}: no such folder (data.{key} of the config; point it at your copy "
                             f"with --set data.{key}=PATH)")
     if kind == "drive":
         return drive_samples(data["root"], config.in_channels, normalization, scale=config.input_scale)
+    if kind == "dicom":
+        return dicom_samples(data["root"], config.in_channels, normalization, scale=config.input_scale,
+                             class_map=data.get("class_map"), pixel_size=config.pixel_size,
+                             pixel_size_unit=config.pixel_size_unit)
     return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels, normalization,
                           scale=config.input_scale, class_map=data.get("class_map"))
 
