@@ -29,6 +29,14 @@ def check_normalization(spec: Any) -> str | None:
     kind = spec.get("kind", "standardize")
     if kind not in KINDS:
         return f"kind must be one of {', '.join(KINDS)}, got {kind!r}"
+    if kind == "scale":
+        low, high, clip = spec.get("min", 0.0), spec.get("max", 255.0), spec.get("clip", False)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) for v in (low, high)):
+            return f"scale min and max must be numbers, got {low!r} and {high!r}"
+        if not high > low:
+            return f"scale max must be above min, got min {low!r} and max {high!r}"
+        if not isinstance(clip, bool):
+            return f"scale clip must be true or false, got {clip!r}"
     if kind == "clahe":
         kernel, clip = spec.get("kernel_size", CLAHE_KERNEL_SIZE), spec.get("clip_limit", CLAHE_CLIP_LIMIT)
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 2:
@@ -101,9 +109,10 @@ def normalize(tile: np.ndarray, spec: dict[str, Any], mean: np.ndarray, std: np.
     tile = tile.astype(np.float32, copy=False)
     if kind == "standardize":
         return ((tile - mean.astype(np.float32)) / np.maximum(std.astype(np.float32), 1e-6)).astype(np.float32)
-    if kind == "scale":
+    if kind == "scale":  # a fixed window, e.g. CT in Hounsfield units: {min: -160, max: 240, clip: true}
         low, high = float(spec.get("min", 0.0)), float(spec.get("max", 255.0))
-        return ((tile - low) / max(high - low, 1e-6)).astype(np.float32)
+        scaled = ((tile - low) / max(high - low, 1e-6)).astype(np.float32)
+        return np.clip(scaled, 0.0, 1.0) if spec.get("clip", False) else scaled
     if kind == "clahe":
         raise ValueError("clahe normalizes whole planes: use normalize_plane")
     raise ValueError(f"unknown normalization {kind!r}; valid: {', '.join(KINDS)}")

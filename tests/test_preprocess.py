@@ -146,6 +146,9 @@ def test_a_run_from_a_parent_loads_its_data_with_the_parents_normalization(tmp_p
     ({"kind": "clahe", "clip_limit": 0}, "clip_limit"),
     ({"kind": "clahe", "clip_limit": "high"}, "clip_limit"),
     ({"kind": "magic"}, "kind must be one of"),
+    ({"kind": "scale", "min": 240, "max": -160}, "max must be above min"),
+    ({"kind": "scale", "min": "air"}, "must be numbers"),
+    ({"kind": "scale", "min": -160, "max": 240, "clip": "yes"}, "clip must be true or false"),
     ("clahe", "expected an object"),
 ])
 def test_bad_normalization_specs_are_named(spec, problem):
@@ -168,3 +171,14 @@ def test_normalization_conflicts_are_refused_before_training(tmp_path, rng, tiny
         list(iter_train(TrainConfig(output_dir=str(tmp_path / "b"), base_width=4),
                         samples=memory_samples(pairs, normalization=CLAHE)))
     assert not (tmp_path / "a").exists(), "nothing is written before the settings are checked"
+
+
+def test_a_fixed_window_maps_hounsfield_units_to_0_1_and_clips_outside_it():
+    from napari_r2au.preprocess import check_normalization, normalize
+
+    ct = np.array([[-1000.0, -160.0], [40.0, 3000.0]], np.float32)[..., None]  # air, window edges, bone
+    window = {"kind": "scale", "min": -160, "max": 240, "clip": True}
+    assert check_normalization(window) is None
+    np.testing.assert_allclose(normalize(ct, window, None, None)[..., 0], [[0.0, 0.0], [0.5, 1.0]])
+    unclipped = normalize(ct, dict(window, clip=False), None, None)[..., 0]
+    assert unclipped[0, 0] < -2 and unclipped[1, 1] > 7  # without clip, air and bone stay far out
