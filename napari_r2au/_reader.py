@@ -57,7 +57,8 @@ def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
     ``.dcm`` files, and files without an extension that start like DICOM (scanners and
     PACS exports often write names such as ``IM0001``)."""
     return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and (suffix_of(p) in DICOM_SUFFIXES or (not p.suffix and _has_dicom_preamble(p))))
+                  if p.is_file() and p.name.upper() != "DICOMDIR"  # the index of a DICOM medium, not an image
+                  and (suffix_of(p) in DICOM_SUFFIXES or (not p.suffix and _has_dicom_preamble(p))))
 
 
 def _has_dicom_preamble(path: Path) -> bool:

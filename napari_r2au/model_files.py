@@ -214,8 +214,8 @@ def _check_field(key: str, value: Any) -> str | None:
         "axes": (lambda v: isinstance(v, str) and set(v) <= set("ZYXC") and "Y" in v and "X" in v,
                  "a string of axes from ZYXC with Y and X"),
         "normalization": (lambda v: check_normalization(v) is None,
-                          f'an object with "kind" one of {", ".join(NORMALIZATION_KINDS)} (and valid clahe '
-                          'kernel_size and clip_limit)'),
+                          f'an object with "kind" one of {", ".join(NORMALIZATION_KINDS)} (and valid scale '
+                          'min, max and clip, clahe kernel_size and clip_limit)'),
         "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of strings"),
         "threshold": (lambda v: _is_number(v) and 0.0 < v < 1.0, "a number between 0 and 1"),
         "input_scale": (lambda v: _is_number(v) and 0.0 < v <= 64.0, "a number in (0, 64]"),

@@ -282,7 +282,7 @@ def test_a_models_seg_reopened_keeps_its_provenance_and_frames_without_mask(tmp_
 
 def test_a_folder_of_series_with_their_segs_is_training_data(tmp_path):
     from napari_r2au.postprocess import mask_checksums
-    from napari_r2au.training.data import DataError, dicom_samples
+    from napari_r2au.training.data import DataError, dicom_samples, series_of, split
     from napari_r2au.training.trainer import TrainConfig, load_samples, train
 
     root = tmp_path / "cases"
@@ -297,12 +297,25 @@ def test_a_folder_of_series_with_their_segs_is_training_data(tmp_path):
                 "dicom": kwargs["metadata"]["dicom"]}
         write_labels(str(folder / "mask.dcm"), labels, {"metadata": {"r2au": info}})
     config = TrainConfig(in_channels=1, data={"kind": "dicom", "root": str(root)}, base_width=4, patch_size=32,
-                         batch_size=2, steps=2, val_every=2, val_images=1, output_dir=str(tmp_path / "run"))
+                         batch_size=2, steps=2, val_every=2, val_images=1, output_dir=str(tmp_path / "run"),
+                         normalization={"kind": "scale", "min": -160, "max": 240, "clip": True})
     samples = load_samples(config)
     assert [s.name for s in samples] == ["case1[1]", "case2[1]"]
+    owner = samples[0].raw if samples[0].raw.base is None else samples[0].raw.base
+    assert owner.nbytes == samples[0].raw.nbytes  # its own slice, not a view that keeps the series alive
+    assert [s.name for s in split(samples, 0, 0, ["case2"])[1]] == ["case2[1]"]  # a series by its name
+    train_part, val_part = split(samples, 1, 0, by_series=True)
+    assert {series_of(s) for s in train_part}.isdisjoint(series_of(s) for s in val_part)
+    with pytest.warns(UserWarning, match="Segment normalizes a whole series"):
+        dicom_samples(root)  # per-image z-scores: said to differ from inference
+    with pytest.raises(DataError, match="resizing by"):
+        dicom_samples(root, pixel_size=0.5, pixel_size_unit="um")  # a unit slip, not a 1300x resize
+    one = dicom_samples(root, class_map={1: 1}, normalization={"kind": "scale"})
+    assert int(one[0].mask.sum()) == 30 * 40  # segment numbers: 0 needs no entry
     assert int(samples[0].mask.sum()) == 30 * 40 and samples[0].image.shape[:2] == image.shape[1:]
     spacing = float(kwargs["scale"][-1])
-    halved = dicom_samples(root, pixel_size=2 * spacing, pixel_size_unit="mm")  # resized to 2x the pixel size
+    halved = dicom_samples(root, pixel_size=2 * spacing, pixel_size_unit="mm",
+                           normalization={"kind": "scale"})  # resized to 2x the pixel size
     assert halved[0].mask.shape == (64, 64) and int(halved[0].mask.sum()) == 15 * 20
     result = train(config)
     assert result.steps == 2 and result.best is not None and result.best.is_file()

@@ -9,6 +9,7 @@ as the engine will normalize them at inference (napari_r2au.preprocess).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,8 +215,15 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
     ``pixel_size`` is given, also to that pixel size from its own spacing (in mm).
     """
     from napari_r2au._reader import dicom_series_files, read_layers
-    from napari_r2au.engine import convert_length
+    from napari_r2au.engine import MAX_SCALE, convert_length
 
+    if pixel_size is not None and not pixel_size > 0:
+        raise DataError(f"pixel_size must be positive, got {pixel_size}")
+    if (normalization or STANDARDIZE).get("kind", "standardize") == "standardize":
+        warnings.warn("DICOM training data with per-image z-scores: each slice is normalized on its own here, "
+                      "but Segment normalizes a whole series at once; a fixed window "
+                      "(normalization: {kind: scale, min: ..., max: ..., clip: true}) means the same everywhere",
+                      stacklevel=2)
     root = Path(root)
     folders = [root] if dicom_series_files(root) else sorted(
         p for p in root.iterdir() if p.is_dir() and dicom_series_files(p))
@@ -223,12 +231,15 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
         raise DataError(f"{root}: no DICOM series in it or in its subfolders")
     samples = []
     for folder in folders:
-        layers = read_layers(str(folder))
+        try:
+            layers = read_layers(str(folder))
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{folder}: {exc}") from exc
         image, kwargs, _ = layers[0]
         segs = [layer for layer in layers[1:] if layer[2] == "labels"]
         if len(segs) != 1:
-            raise DataError(f"{folder}: {len(segs)} DICOM SEG files here refer to its series; training needs "
-                            "exactly one (the mask)")
+            raise DataError(f"{folder}: {len(segs)} DICOM SEG files here refer to its series (a SEG that cannot "
+                            "be placed is skipped, with a warning); training needs exactly one (the mask)")
         labels, seg_kwargs, _ = segs[0]
         factor = scale
         if pixel_size:
@@ -238,16 +249,21 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
                                 f"{pixel_size:g} {pixel_size_unit or 'mm'} pixels")
             size = float(np.sqrt(abs(float(spacing[-1]) * float(spacing[-2]))))
             factor *= convert_length(size, "mm", pixel_size_unit or "mm") / pixel_size
+            if not 1 / MAX_SCALE <= factor <= MAX_SCALE:
+                raise DataError(f"{folder}: {size:g} mm pixels to {pixel_size:g} {pixel_size_unit or 'mm'} means "
+                                f"resizing by {factor:g}; check pixel_size and pixel_size_unit")
         rgb = bool(kwargs.get("rgb"))
         stack = labels.ndim == 3
         planes = (seg_kwargs["metadata"].get("r2au") or {}).get("slices") or list(range(labels.shape[0])) \
             if stack else [None]
         for z in planes:
-            plane, mask = (image, labels) if z is None else (image[z], labels[z])
+            # a copy: a view would keep the whole series alive in every sample
+            plane, mask = (image, labels) if z is None else (np.array(image[z]), labels[z])
             name = folder.name if z is None else f"{folder.name}[{z}]"
             if rgb is False and plane.ndim != 2:
                 raise DataError(f"{name}: a {plane.shape} plane; expected a 2D slice")
-            mask = binarize_mask(mask, name, class_map) if class_map else (mask > 0).astype(np.uint8)
+            # segment numbers: 0 is outside every segment, whatever the class map says about segments
+            mask = binarize_mask(mask, name, {0: 0, **class_map}) if class_map else (mask > 0).astype(np.uint8)
             if factor != 1.0:
                 plane, mask, _ = rescale_pair(plane, mask, factor)
             samples.append(make_sample(plane, mask, name, in_channels, None, normalization))
@@ -294,8 +310,13 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
             for (image, labels), name, fov in zip(pairs, names, fovs)]
 
 
+def series_of(sample: Sample) -> str:
+    """The image or series a sample comes from: ``case1`` for the slice ``case1[3]``."""
+    return sample.name.split("[")[0]
+
+
 def split(samples: list[Sample], n_val: int, seed: int,
-          val_names: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+          val_names: list[str] | None = None, by_series: bool = False) -> tuple[list[Sample], list[Sample]]:
     """A validation split fixed by the seed (same seed, same split), or named.
 
     ``val_names`` (file names or stems) hold out exactly those images, e.g. a contiguous
@@ -305,8 +326,12 @@ def split(samples: list[Sample], n_val: int, seed: int,
         val_names = [val_names]  # one name, not a sequence of characters
     if val_names:
         wanted = {str(name) for name in val_names}
-        chosen = [s for s in samples if s.name in wanted or s.name.split(".")[0] in wanted]
-        found = {s.name for s in chosen} | {s.name.split(".")[0] for s in chosen}
+
+        def names(sample: Sample) -> set[str]:  # a slice answers to its own name and its series'
+            return {sample.name, sample.name.split(".")[0], series_of(sample), series_of(sample).split(".")[0]}
+
+        chosen = [s for s in samples if names(s) & wanted]
+        found = set().union(*(names(s) for s in chosen)) if chosen else set()
         missing = sorted(wanted - found)
         if missing:
             raise DataError(f"validation images not found: {', '.join(missing)}")
@@ -316,6 +341,13 @@ def split(samples: list[Sample], n_val: int, seed: int,
         return [s for s in samples if id(s) not in held], chosen
     if n_val <= 0:
         return samples, []
+    if by_series:  # whole series held out: neighbouring slices would leak into validation
+        groups = list(dict.fromkeys(series_of(s) for s in samples))
+        if n_val >= len(groups):
+            raise DataError(f"cannot hold out {n_val} of {len(groups)} series for validation")
+        order = np.random.default_rng(seed).permutation(len(groups))
+        held = {groups[i] for i in order[:n_val]}
+        return [s for s in samples if series_of(s) not in held], [s for s in samples if series_of(s) in held]
     if n_val >= len(samples):
         raise DataError(f"cannot hold out {n_val} of {len(samples)} images for validation")
     order = np.random.default_rng(seed).permutation(len(samples))

@@ -339,7 +339,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     if samples is None:
         samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
-                                     config.val_names)
+                                     config.val_names, by_series=config.data.get("kind") == "dicom")
         # (in-memory corrections may be all background: "nothing here" is a valid correction)
         if not any(sample.mask[sample.fov].any() for sample in samples):
             raise DataError("every training mask is empty (all background): nothing to learn; "
