@@ -331,15 +331,17 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
 
 
 def _warn(message: str) -> None:
-    """A warning in napari (and the log), or a Python warning without napari."""
-    try:
-        from napari.utils.notifications import show_warning
-    except ImportError:
-        import warnings
+    """A Python warning (seen on the command line and in training logs) and, when a napari
+    viewer is open, a notification there."""
+    import sys
+    import warnings
 
-        warnings.warn(message, stacklevel=3)
-        return
-    show_warning(message)
+    warnings.warn(message, stacklevel=3)
+    napari = sys.modules.get("napari")  # never imported just to warn: the CLI and trainer stay light
+    if napari is not None and napari.current_viewer() is not None:
+        from napari.utils.notifications import show_warning
+
+        show_warning(message)
 
 
 #: SOP classes of DICOM Segmentation objects (masks that refer to another series): binary or
@@ -393,9 +395,9 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> list[LayerData]:
     return layers
 
 
-def _dcmread(pydicom: Any, path: Path) -> Any:
+def _dcmread(pydicom: Any, path: Path, **kwargs: Any) -> Any:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, **kwargs)
     except Exception as exc:  # pydicom raises struct, EOF and its own errors for damaged files
         raise ValueError(f"{path.name}: cannot be read as DICOM ({type(exc).__name__}: {exc})") from exc
 

@@ -61,19 +61,6 @@ def _write_nifti(path: Path, labels: np.ndarray, meta: dict[str, Any]) -> None:
 
 
 def _write_seg(path: Path, data: np.ndarray, meta: dict[str, Any]) -> None:
-    """A DICOM SEG of the mask on the DICOM planes its image came from; AUTOMATIC while the
-    mask is the model's own, SEMIAUTOMATIC once edited, MANUAL without a model."""
-    from .dicom_seg import AUTOMATIC, SEMIAUTOMATIC, dicom_sources, planes_with_results, write_dicom_seg
-    from .postprocess import mask_checksum
+    from .dicom_seg import write_layer_seg
 
-    metadata = meta.get("metadata") or {}
-    sources = dicom_sources(metadata)
-    if sources is None:
-        raise ValueError("a DICOM SEG refers to the DICOM images it was drawn on: this mask was not made on an "
-                         "image opened from DICOM files; save it as .tif, .png or .nii.gz")
-    info = metadata.get("r2au") or {}
-    recorded = info.get("mask_sha256")
-    edited = recorded is None or mask_checksum(data) != recorded
-    write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
-                    algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC, planes=planes_with_results(data, info),
-                    algorithm_version=info.get("algorithm_version"))
+    write_layer_seg(path, data, meta.get("metadata"))

@@ -110,6 +110,7 @@ def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, d
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
+    from .dicom_seg import dicom_sources
     from .model_files import load_model
 
     model = load_model(args.model)
@@ -131,6 +132,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for path in _progress_bar_iter(files):
         try:
             image, size, unit, axes, metadata = read_input(path)
+            if args.dicom_seg and dicom_sources(metadata) is None:  # before any work is done
+                raise ValueError("--dicom-seg needs DICOM input (a .dcm file or a folder of a series)")
             if args.pixel_size is not None:  # the command line wins over the file
                 size, unit = args.pixel_size, args.pixel_unit
             prediction, uncertainty = _predict_with_bar(
@@ -153,10 +156,7 @@ def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model,
     """The mask as a DICOM SEG on the DICOM planes the image was read from (``--dicom-seg``)."""
     from .dicom_seg import dicom_sources, write_dicom_seg
 
-    sources = dicom_sources(metadata)
-    if sources is None:
-        raise ValueError("--dicom-seg needs DICOM input (a .dcm file or a folder of a series)")
-    return write_dicom_seg(target, prediction.mask(threshold), sources, model=model.name,
+    return write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
                            model_sha256=model.sha256).path
 
 

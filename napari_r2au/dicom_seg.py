@@ -68,6 +68,28 @@ def planes_with_results(labels: np.ndarray, info: dict[str, Any]) -> list[int] |
     return sorted({int(z) for z in info["slices"]} | set(edited))
 
 
+def write_layer_seg(path: str | os.PathLike, data: np.ndarray, metadata: dict[str, Any] | None) -> WrittenSeg:
+    """A Labels layer's mask as a DICOM SEG on the DICOM planes its image came from:
+    AUTOMATIC while it is the model's own mask (per the recorded checksum), SEMIAUTOMATIC
+    once edited, MANUAL without a model; only the planes with results (see
+    :func:`planes_with_results`). What Review's export and napari's writer both call."""
+    from .postprocess import compact_labels, mask_checksum
+
+    metadata = metadata or {}
+    sources = dicom_sources(metadata)
+    if sources is None:
+        raise ValueError("a DICOM SEG refers to the DICOM images it was drawn on: this mask was not made on an "
+                         "image opened from DICOM files; save it as .tif, .png or .nii.gz")
+    data = np.asarray(data)
+    info = metadata.get("r2au") or {}
+    recorded = info.get("mask_sha256")
+    edited = recorded is None or mask_checksum(data) != recorded
+    return write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"),
+                           model_sha256=info.get("model_sha256"),
+                           algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC,
+                           planes=planes_with_results(data, info), algorithm_version=info.get("algorithm_version"))
+
+
 def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[list[Any]], *,
                     model: str | None = None, model_sha256: str | None = None,
                     algorithm_type: str = AUTOMATIC, planes: list[int] | None = None,
@@ -83,9 +105,10 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
     before anything is written, when the sources have moved or changed, when the mask's
     shape is not theirs, or when highdicom cannot describe these images in a SEG.
     """
+    from ._reader import _dcmread, _pydicom
+
     hd = _highdicom()
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    pydicom = _pydicom()
 
     labels = np.asarray(labels)
     stack = labels[None] if labels.ndim == 2 else labels
@@ -107,8 +130,8 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
             raise ValueError(f"{file}: the DICOM file this mask's image came from is gone; a DICOM SEG refers to "
                              "it, so open the series again from where it is now")
         try:
-            headers[file] = pydicom.dcmread(file, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
+            headers[file] = _dcmread(pydicom, Path(file), stop_before_pixels=True)
+        except ValueError as exc:
             raise ValueError(f"{file} is no longer the DICOM file the image was read from: {exc}") from exc
     for file, _frame, uid in sources:
         if uid and str(headers[str(file)].get("SOPInstanceUID", "")) != uid:

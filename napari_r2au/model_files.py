@@ -403,6 +403,21 @@ def _threshold_source(model: LoadedModel, donor_source: str | os.PathLike) -> tu
     return donor.threshold, f"validation split of {path} (sha256 {(donor.sha256 or '')[:12]})", record
 
 
+def check_new_model_name(name: str, directory: str | os.PathLike | None = None, overwrite: bool = False) -> None:
+    """Refuse a name a new user model cannot take: a bundled model's (it would be hidden),
+    an existing model's (unless ``overwrite``), or a removed model's (a name in an audit
+    trail keeps meaning one model)."""
+    directory = Path(directory) if directory is not None else user_models_dir()
+    if directory.resolve() != bundled_models_dir().resolve() and (bundled_models_dir() / f"{name}.json").exists():
+        raise ModelFileError(f"{name!r} is a bundled model's name (a user model of that name would be hidden); "
+                             "choose another name")
+    if (directory / f"{name}.json").exists() and not overwrite:
+        raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
+    if name in removed_model_names(directory):
+        raise ModelFileError(f"a removed model was called {name!r} (its files are in {directory / REMOVED_DIR}); "
+                             "choose another name, so that the name keeps meaning one model")
+
+
 def add_model(source: str | os.PathLike, name: str | None = None, directory: str | os.PathLike | None = None,
               overwrite: bool = False, description: str | None = None, threshold: float | None = None,
               threshold_from: str | os.PathLike | None = None) -> Path:
@@ -422,14 +437,7 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
     loaded = load_model_file(resolve_model_path(source)[0])
     name = name or loaded.name
     directory = Path(directory) if directory is not None else user_models_dir()
-    if directory.resolve() != bundled_models_dir().resolve() and (bundled_models_dir() / f"{name}.json").exists():
-        raise ModelFileError(f"{name!r} is a bundled model's name (a user model of that name would be hidden); "
-                             "choose another name")
-    if (directory / f"{name}.json").exists() and not overwrite:
-        raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
-    if name in removed_model_names(directory):
-        raise ModelFileError(f"a removed model was called {name!r} (its files are in {directory / REMOVED_DIR}); "
-                             "choose another name, so that the name keeps meaning one model")
+    check_new_model_name(name, directory, overwrite=overwrite)
     meta = {k: v for k, v in loaded.metadata.items() if k not in ("weights_file", "weights_sha256")}
     meta["name"] = name
     if description is not None:

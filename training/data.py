@@ -312,7 +312,7 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
 
 def series_of(sample: Sample) -> str:
     """The image or series a sample comes from: ``case1`` for the slice ``case1[3]``."""
-    return sample.name.split("[")[0]
+    return re.sub(r"\[\d+\]$", "", sample.name)
 
 
 def split(samples: list[Sample], n_val: int, seed: int,

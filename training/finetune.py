@@ -22,6 +22,7 @@ import numpy as np
 from napari_r2au.engine import working_scale
 from napari_r2au.model_files import (
     LoadedModel,
+    check_new_model_name,
     load_model,
     load_model_file,
     removed_model_names,
@@ -181,14 +182,13 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
     # validation samples are already at the working scale. The new model's threshold is
     # chosen on them, so the base model gets the same chance: its best threshold there
-    dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
     if name is None:
         name = next_version_name(parent.name)
-    elif (user_models_dir() / f"{name}.json").exists() or name == parent.name:
+    elif name == parent.name:
         raise ValueError(f"a model called {name!r} exists already; choose another name")
-    elif name in removed_model_names():
-        raise ValueError(f"a removed model was called {name!r} (its files are in the models folder's removed/); "
-                         "choose another name, so that the name keeps meaning one model")
+    else:
+        check_new_model_name(name)
+    dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
     run_dir = user_models_dir().parent / "runs" / name
     config = TrainConfig(
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,

@@ -232,7 +232,9 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
     if parent is not None:
         provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
     if config.pixel_size:
-        pixel_size, unit = config.pixel_size / config.input_scale, config.pixel_size_unit
+        # DICOM spacings are in mm: a DICOM run's pixel size is in mm unless the config says otherwise
+        unit = config.pixel_size_unit or ("mm" if config.data.get("kind") == "dicom" else None)
+        pixel_size = config.pixel_size / config.input_scale
     elif parent is not None:
         pixel_size, unit = parent.pixel_size, parent.pixel_size_unit
     else:

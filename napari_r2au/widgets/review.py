@@ -183,7 +183,7 @@ class ReviewWidget(Container):
             return None
         try:
             sidecar = self._write(predicted, path)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:  # ImportError: the dicom extra for a .dcm export
             notify_error(f"Review: export failed: {describe_error(exc)}")
             return None
         self._export_status.value = f"Wrote {path.name} and {sidecar.name}"
@@ -229,23 +229,9 @@ class ReviewWidget(Container):
             rates = _rates(np.asarray(predicted.data), np.asarray(reference.data))
             record["metrics"] = {"reference_layer": reference.name, **{k: _finite(v) for k, v in rates.items()}}
         if path.suffix.lower() == ".dcm":  # a DICOM SEG on the series the image came from, first: it may be refused
-            from napari_r2au.dicom_seg import (
-                AUTOMATIC,
-                SEMIAUTOMATIC,
-                dicom_sources,
-                planes_with_results,
-                write_dicom_seg,
-            )
+            from napari_r2au.dicom_seg import write_layer_seg
 
-            sources = dicom_sources(predicted.metadata)
-            if sources is None:
-                raise ValueError("a DICOM SEG (.dcm) needs a mask made on an image opened from DICOM files; "
-                                 "export this one as .tif")
-            written = write_dicom_seg(
-                path, mask, sources, model=info.get("model"), model_sha256=info.get("model_sha256"),
-                algorithm_type=SEMIAUTOMATIC if record["corrected_by_hand"] is not False else AUTOMATIC,
-                planes=planes_with_results(np.asarray(predicted.data), info),
-                algorithm_version=info.get("algorithm_version"))
+            written = write_layer_seg(path, predicted.data, predicted.metadata)
             record["mask_format"] = "DICOM SEG"
             record["dicom_seg"] = {"sop_instance_uid": written.sop_instance_uid,
                                    "series_instance_uid": written.series_instance_uid,
