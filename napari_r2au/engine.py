@@ -313,6 +313,25 @@ class _Plane:
         return match_channels(tile, self.in_channels)
 
 
+def normalization_statistics(image: Any, in_channels: int, axes: str | None = None,
+                             scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel mean and std the engine normalizes ``image`` with at ``scale``.
+
+    A stack's statistics are those of the whole stack (a strided sample of it, resized as
+    the network sees it), one value per model channel. Training calls this on the stack a
+    slice comes from, so that the slice is normalized as Segment will normalize it.
+    """
+    axes = resolve_axes(image.shape, in_channels, axes)
+    if abs(scale - 1.0) > 1e-6:
+        image = _ResizedPlanes(image, axes, scale) if "Z" in axes else _resize(
+            np.asarray(image, dtype=np.float32), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
+    channel_axis = axes.index("C") if "C" in axes else None
+    mean, std = image_statistics(image, channel_axis)
+    if channel_axis is None:
+        return np.repeat(mean, in_channels), np.repeat(std, in_channels)
+    return match_channels(mean[None], in_channels)[0], match_channels(std[None], in_channels)[0]
+
+
 def iter_predict(
     model: Any,
     image: Any,
@@ -330,6 +349,7 @@ def iter_predict(
     pixel_size_unit: str | None = None,
     fuse: bool = True,
     channels_last: bool = True,
+    statistics: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Generator[Progress, None, Prediction]:
     """Predict tile by tile, yielding progress; returns the :class:`Prediction`.
 
@@ -349,6 +369,9 @@ def iter_predict(
             the scale (see :func:`working_scale`). An explicit ``scale`` wins.
         fuse: fold BatchNorm into the convolutions (same result, less memory traffic).
         channels_last: NHWC memory layout, which oneDNN and cuDNN convolutions prefer.
+        statistics: the per-channel (mean, std) to normalize with instead of the image's
+            own (:func:`normalization_statistics`), so that one slice cut from a stack is
+            normalized as it is inside the stack (training validates slices this way).
     """
     import torch
     import torch.nn.functional as F
@@ -366,7 +389,7 @@ def iter_predict(
         return (yield from _iter_predict_rescaled(
             loaded, image, scale, axes=axes, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
             device=device, precision=precision, attention=attention, slices=slices, fuse=fuse,
-            channels_last=channels_last))
+            channels_last=channels_last, statistics=statistics))
     network = loaded.network
     network.eval()
     divisor = int(getattr(network, "divisor", 16))
@@ -378,12 +401,11 @@ def iter_predict(
     runner = inference_network(loaded, dev, fuse, channels_last)
     planewise = is_planewise(loaded.normalization)
     if not planewise:
-        mean, std = image_statistics(image, axes.index("C") if "C" in axes else None)
-        if "C" in axes:
-            mean = match_channels(mean[None], loaded.in_channels)[0]
-            std = match_channels(std[None], loaded.in_channels)[0]
-        else:
-            mean, std = np.repeat(mean, loaded.in_channels), np.repeat(std, loaded.in_channels)
+        mean, std = (normalization_statistics(image, loaded.in_channels, axes) if statistics is None
+                     else (np.asarray(statistics[0], np.float64), np.asarray(statistics[1], np.float64)))
+        if mean.shape != (loaded.in_channels,) or std.shape != (loaded.in_channels,):
+            raise ValueError(f"statistics: expected a mean and a std for each of the model's "
+                             f"{loaded.in_channels} channels, got shapes {mean.shape} and {std.shape}")
 
     n_z = image.shape[axes.index("Z")] if "Z" in axes else 1
     z_order = list(range(n_z)) if slices is None else [int(z) for z in slices]

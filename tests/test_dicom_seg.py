@@ -306,8 +306,13 @@ def test_a_folder_of_series_with_their_segs_is_training_data(tmp_path):
     assert [s.name for s in split(samples, 0, 0, ["case2"])[1]] == ["case2[1]"]  # a series by its name
     train_part, val_part = split(samples, 1, 0, by_series=True)
     assert {series_of(s) for s in train_part}.isdisjoint(series_of(s) for s in val_part)
-    with pytest.warns(UserWarning, match="Segment normalizes a whole series"):
-        dicom_samples(root)  # per-image z-scores: said to differ from inference
+    # z-scores: a slice is normalized with its whole series' statistics, as Segment normalizes the series
+    from napari_r2au.engine import normalization_statistics
+
+    zscored = dicom_samples(root)[0]
+    mean, std = normalization_statistics(image, 1, "ZYX")
+    np.testing.assert_allclose(zscored.statistics, (mean, std))
+    np.testing.assert_allclose(zscored.image, (zscored.raw - mean) / std, rtol=1e-5, atol=1e-5)
     with pytest.raises(DataError, match="resizing by"):
         dicom_samples(root, pixel_size=0.5, pixel_size_unit="um")  # a unit slip, not a 1300x resize
     one = dicom_samples(root, class_map={1: 1}, normalization={"kind": "scale"})

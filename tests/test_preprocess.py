@@ -182,3 +182,67 @@ def test_a_fixed_window_maps_hounsfield_units_to_0_1_and_clips_outside_it():
     np.testing.assert_allclose(normalize(ct, window, None, None)[..., 0], [[0.0, 0.0], [0.5, 1.0]])
     unclipped = normalize(ct, dict(window, clip=False), None, None)[..., 0]
     assert unclipped[0, 0] < -2 and unclipped[1, 1] > 7  # without clip, air and bone stay far out
+
+
+def _bright_and_dark_stack(rng):
+    """Three slices whose own statistics differ widely from the stack's (air, tissue, bone)."""
+    stack = rng.normal(0, 1, (3, 64, 64)).astype(np.float32)
+    stack[0] = stack[0] * 5 - 900
+    stack[1] = stack[1] * 40 + 40
+    stack[2] = stack[2] * 200 + 700
+    labels = np.zeros(stack.shape, np.uint8)
+    labels[1, 20:40, 10:50] = 1
+    return stack, labels
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_a_slice_trains_and_validates_with_its_stacks_statistics(tiny_net, rng, scale):
+    """Segment z-scores a stack as a whole; a slice cut out of it for training must not be
+    z-scored on its own, or the model learns inputs it never sees (CT slices vary widely)."""
+    import torch
+
+    from napari_r2au.engine import normalization_statistics
+    from napari_r2au.training.trainer import predict_samples
+
+    stack, labels = _bright_and_dark_stack(rng)
+    sample = memory_samples([(stack, labels)], scale=scale)[0]
+    mean, std = normalization_statistics(stack, 3, "ZYX", scale)
+    own_mean = sample.raw.mean()
+    assert abs(own_mean - mean[0]) > 50 and std[0] > 10 * sample.raw.std()  # far from the stack's
+    np.testing.assert_allclose(sample.image, (np.repeat(sample.raw, 3, -1) - mean) / std, atol=1e-5)
+    # validation predicts the slice as Segment predicts it inside the stack
+    segment = predict(tiny_net, stack, axes="ZYX", slices=[1], scale=scale, precision="fp32", fuse=False)
+    validation = predict_samples(tiny_net, [sample], precision="fp32")[0]
+    if scale == 1.0:
+        with torch.no_grad():
+            network = torch.sigmoid(tiny_net(torch.from_numpy(sample.image.transpose(2, 0, 1))[None]))[0, 0].numpy()
+        np.testing.assert_allclose(segment.probabilities[1], network, atol=1e-5)
+        np.testing.assert_allclose(validation, network, atol=1e-5)
+    else:  # Segment's output is resized back to the stack's size; compare at the working size
+        small = predict(tiny_net, sample.raw, scale=1.0, statistics=sample.statistics, precision="fp32", fuse=False)
+        np.testing.assert_allclose(validation, small.probabilities, atol=1e-6)
+        own = predict(tiny_net, sample.raw, scale=1.0, precision="fp32", fuse=False).probabilities
+        assert np.abs(own - validation).max() > 1e-3  # the statistics made a difference
+
+
+def test_evaluate_scores_a_stack_as_segment_predicts_it(tiny_net, rng, tmp_path):
+    import tifffile
+
+    from napari_r2au.model_files import build_metadata, save_model
+    from napari_r2au.training.evaluate import evaluate_folders
+    from napari_r2au.training.metrics import segmentation_metrics
+
+    stack, labels = _bright_and_dark_stack(rng)
+    labels[0, 5:9, 5:60] = labels[2, 30:34, 5:60] = 1
+    for role, array in (("images", stack), ("masks", labels * 255)):
+        (tmp_path / role).mkdir()
+        tifffile.imwrite(tmp_path / role / "ct.tif", array)
+    model = load_model(save_model(tiny_net, tmp_path / "m", build_metadata(
+        name="t", architecture="r2au_net", arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4})))
+    for scale in (None, 0.5):
+        report = evaluate_folders(model, tmp_path / "images", tmp_path / "masks", scale=scale)
+        segment = predict(model, stack, axes="ZYX", scale=scale).probabilities
+        for z, row in enumerate(report["per_image"]):
+            assert row["image"] == f"ct.tif[{z}]"
+            expected = segmentation_metrics(labels[z], segment[z], model.threshold)
+            assert row["auc_roc"] == pytest.approx(expected["auc_roc"], abs=1e-4)

@@ -3,13 +3,13 @@
 Three sources: the DRIVE layout, generic folders of image/mask pairs matched by file
 stem, and in-memory (image, mask) pairs as the napari fine-tune widget hands them over
 (3D stacks contribute only their annotated slices). Images are normalized here exactly
-as the engine will normalize them at inference (napari_r2au.preprocess).
+as the engine will normalize them at inference (napari_r2au.preprocess): a slice of a
+stack with the statistics of its whole stack, as Segment normalizes a stack.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +19,14 @@ import numpy as np
 from napari_r2au.io import find_images, read_image
 from napari_r2au.preprocess import (
     STANDARDIZE,
-    image_statistics,
     is_planewise,
     match_channels,
     normalize,
     normalize_plane,
 )
+
+#: per-channel (mean, std) of the image a sample was normalized with
+Statistics = tuple[np.ndarray, np.ndarray]
 
 
 class DataError(ValueError):
@@ -49,6 +51,9 @@ class Sample:
     window: tuple[int, int] | None = None
     #: the normalization ``image`` was made with
     normalization: dict | None = None
+    #: the normalization statistics of the stack a slice comes from (None: the sample's own);
+    #: validation hands them to the engine, so that ``raw`` is predicted as inside its stack
+    statistics: Statistics | None = None
 
 
 def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None = None) -> np.ndarray:
@@ -78,8 +83,9 @@ def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None 
 
 def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int = 3,
                 fov: np.ndarray | None = None, normalization: dict | None = None,
-                class_map: dict[int, int] | None = None) -> Sample:
-    """Validate and normalize one (image, mask[, fov]) pair."""
+                class_map: dict[int, int] | None = None, statistics: Statistics | None = None) -> Sample:
+    """Validate and normalize one (image, mask[, fov]) pair; ``statistics`` are those of
+    the stack the image is a slice of (:func:`stack_statistics`), else its own are used."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
@@ -101,15 +107,29 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
         fov = (fov[..., 0] if fov.ndim == 3 else fov) > 0
         if fov.shape != mask.shape:
             raise DataError(f"{name}: field-of-view mask {fov.shape} differs from the mask {mask.shape}")
+    from napari_r2au.engine import normalization_statistics
+
     raw = image
     image = match_channels(image, in_channels)
     normalization = normalization or dict(STANDARDIZE)
     if is_planewise(normalization):
         image = normalize_plane(image, normalization)
-    else:
-        mean, std = image_statistics(image, channel_axis=2)
+    else:  # the engine's statistics: of the image as read, one value per model channel
+        mean, std = statistics or normalization_statistics(raw, in_channels, "YXC")
         image = normalize(image, normalization, mean, std)
-    return Sample(np.ascontiguousarray(image), mask, fov, name, raw, normalization=dict(normalization))
+    return Sample(np.ascontiguousarray(image), mask, fov, name, raw, normalization=dict(normalization),
+                  statistics=statistics)
+
+
+def stack_statistics(stack: np.ndarray, in_channels: int, normalization: dict | None,
+                     scale: float = 1.0) -> Statistics | None:
+    """The statistics Segment normalizes a whole (Z, Y, X[, C]) stack with at ``scale``,
+    which each of its training slices must share; None when the normalization uses none."""
+    from napari_r2au.engine import normalization_statistics
+
+    if (normalization or STANDARDIZE).get("kind", "standardize") != "standardize":
+        return None
+    return normalization_statistics(stack, in_channels, "ZYXC" if np.ndim(stack) == 4 else "ZYX", scale)
 
 
 def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndarray | None = None):
@@ -158,9 +178,13 @@ def _by_id(folder: Path) -> dict[str, Path]:
 
 def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None = None,
                    in_channels: int = 3, normalization: dict | None = None,
-                   class_map: dict[int, int] | None = None, scale: float = 1.0) -> list[Sample]:
+                   class_map: dict[int, int] | None = None, scale: float = 1.0,
+                   statistics_scale: float | None = None) -> list[Sample]:
     """Pairs from folders, matched by id (DRIVE's leading number, else the file stem),
-    resized by ``scale`` (the model's working scale)."""
+    resized by ``scale`` (the model's working scale). A stack's slices share the stack's
+    statistics, taken at ``statistics_scale`` (default ``scale``; evaluation leaves the
+    resizing to the engine, which takes them at the working scale).
+    """
     image_files, mask_files = _by_id(Path(images)), _by_id(Path(masks))
     fov_files = _by_id(Path(fov)) if fov is not None else {}
     missing = sorted(set(image_files) - set(mask_files))
@@ -170,6 +194,8 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
     for key in sorted(image_files):
         fov_array = read_image(fov_files[key]) if key in fov_files else None
         image, mask = read_image(image_files[key]), read_image(mask_files[key])
+        statistics = stack_statistics(image, in_channels, normalization, statistics_scale or scale) \
+            if _is_stack(image, mask) else None
         for plane, plane_mask, plane_fov, name in _planes(image, mask, fov_array, image_files[key].name):
             if plane.shape[:2] != plane_mask.shape[:2]:
                 raise DataError(f"{name}: image {plane.shape[:2]} and mask {plane_mask.shape[:2]} differ in size")
@@ -177,15 +203,20 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
             if scale != 1.0:
                 plane_mask, mask_map = binarize_mask(plane_mask, name, class_map), None  # now 0/1
                 plane, plane_mask, plane_fov = rescale_pair(plane, plane_mask, scale, plane_fov)
-            samples.append(make_sample(plane, plane_mask, name, in_channels, plane_fov, normalization, mask_map))
+            samples.append(make_sample(plane, plane_mask, name, in_channels, plane_fov, normalization, mask_map,
+                                       statistics))
     return samples
+
+
+def _is_stack(image: np.ndarray, mask: np.ndarray) -> bool:
+    """A (Z, Y, X) or (Z, Y, X, C) image with a (Z, Y, X) mask (not an RGB(A) mask)."""
+    return mask.ndim == 3 and mask.shape[-1] > 4 and image.shape[:3] == mask.shape and image.ndim in (3, 4)
 
 
 def _planes(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, name: str):
     """A file pair as 2D pairs: a stack (a (Z, Y, X) or (Z, Y, X, C) image with a
     (Z, Y, X) mask) gives one pair per slice, named ``file[z]``; anything else is one pair."""
-    stack = mask.ndim == 3 and mask.shape[-1] > 4 and image.shape[:3] == mask.shape and image.ndim in (3, 4)
-    if not stack:
+    if not _is_stack(image, mask):
         return [(image, mask, fov, name)]
     if fov is not None and fov.shape[:3] != mask.shape and fov.shape[:2] != mask.shape[1:]:
         raise DataError(f"{name}: field of view {fov.shape} fits neither the stack {mask.shape} nor one slice")
@@ -219,11 +250,6 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
 
     if pixel_size is not None and not pixel_size > 0:
         raise DataError(f"pixel_size must be positive, got {pixel_size}")
-    if (normalization or STANDARDIZE).get("kind", "standardize") == "standardize":
-        warnings.warn("DICOM training data with per-image z-scores: each slice is normalized on its own here, "
-                      "but Segment normalizes a whole series at once; a fixed window "
-                      "(normalization: {kind: scale, min: ..., max: ..., clip: true}) means the same everywhere",
-                      stacklevel=2)
     root = Path(root)
     folders = [root] if dicom_series_files(root) else sorted(
         p for p in root.iterdir() if p.is_dir() and dicom_series_files(p))
@@ -256,6 +282,7 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
         stack = labels.ndim == 3
         planes = (seg_kwargs["metadata"].get("r2au") or {}).get("slices") or list(range(labels.shape[0])) \
             if stack else [None]
+        statistics = stack_statistics(image, in_channels, normalization, factor) if stack else None
         for z in planes:
             # a copy: a view would keep the whole series alive in every sample
             plane, mask = (image, labels) if z is None else (np.array(image[z]), labels[z])
@@ -266,19 +293,21 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
             mask = binarize_mask(mask, name, {0: 0, **class_map}) if class_map else (mask > 0).astype(np.uint8)
             if factor != 1.0:
                 plane, mask, _ = rescale_pair(plane, mask, factor)
-            samples.append(make_sample(plane, mask, name, in_channels, None, normalization))
+            samples.append(make_sample(plane, mask, name, in_channels, None, normalization, statistics=statistics))
     return samples
 
 
 def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str] | None = None,
                      slices: Sequence[Sequence[int]] | None = None,
                      fovs: Sequence[np.ndarray | None] | None = None):
-    """2D (image, labels) pairs, names and FOVs: a 3D pair gives one pair per annotated slice.
+    """2D (image, labels) pairs, names, FOVs and sources: a 3D pair gives one pair per
+    annotated slice, and ``sources`` names the index of the stack each slice was cut from
+    (None for a 2D pair).
 
     For stacks, ``slices[i]`` lists the slices to use for pair i; by default the slices
     whose labels are not all zero (what the user painted).
     """
-    out_pairs, out_names, out_fovs = [], [], []
+    out_pairs, out_names, out_fovs, sources = [], [], [], []
     for index, (image, labels) in enumerate(pairs):
         name = names[index] if names else f"pair{index}"
         labels = np.asarray(labels)
@@ -286,6 +315,7 @@ def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequ
             out_pairs.append((np.asarray(image), labels))
             out_names.append(name)
             out_fovs.append(fovs[index] if fovs else None)
+            sources.append(None)
             continue
         chosen = list(slices[index]) if slices else [z for z in range(labels.shape[0]) if labels[z].any()]
         if not chosen:
@@ -294,20 +324,27 @@ def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequ
             out_pairs.append((np.asarray(image[z]), labels[z]))
             out_names.append(f"{name}[z={z}]")
             out_fovs.append(None)
-    return out_pairs, out_names, out_fovs
+            sources.append(index)
+    return out_pairs, out_names, out_fovs, sources
 
 
 def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
                    normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
                    names: Sequence[str] | None = None,
-                   fovs: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
-    """In-memory (image, labels) pairs; a 3D pair gives one sample per annotated slice
-    (see :func:`annotated_slices`)."""
-    pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
-    if not pairs:
+                   fovs: Sequence[np.ndarray | None] | None = None, scale: float = 1.0) -> list[Sample]:
+    """In-memory (image, labels) pairs resized by ``scale``; a 3D pair gives one sample per
+    annotated slice (see :func:`annotated_slices`), normalized with its stack's statistics."""
+    flat, names, fovs, sources = annotated_slices(pairs, names, slices, fovs)
+    if not flat:
         raise DataError("no training pairs given")
-    return [make_sample(image, labels > 0, name, in_channels, fov, normalization)
-            for (image, labels), name, fov in zip(pairs, names, fovs)]
+    statistics = {index: stack_statistics(pairs[index][0], in_channels, normalization, scale)  # lazy stays lazy
+                  for index in sorted({i for i in sources if i is not None})}
+    samples = []
+    for (image, labels), name, fov, source in zip(flat, names, fovs, sources):
+        image, labels, fov = rescale_pair(image, np.asarray(labels) > 0, scale, fov)
+        samples.append(make_sample(image, labels > 0, name, in_channels, fov, normalization,
+                                   statistics=None if source is None else statistics[source]))
+    return samples
 
 
 def series_of(sample: Sample) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_r2au.engine import predict, run
+from napari_r2au.engine import predict, run, working_scale
 from napari_r2au.model_files import load_model
 from napari_r2au.uncertainty import iter_predict_tta
 
@@ -26,10 +26,12 @@ def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str
     """
     loaded = load_model(model) if not hasattr(model, "network") else model
     level = loaded.threshold if threshold is None else threshold
-    samples = folder_samples(images, masks, fov, loaded.in_channels, class_map=class_map)
+    scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
+    # a slice of a stack is predicted with the stack's statistics, as `r2au segment` on the stack
+    samples = folder_samples(images, masks, fov, loaded.in_channels, class_map=class_map, statistics_scale=scale)
     rows, truths, scores = [], [], []
     for sample in samples:
-        options = dict(scale=scale, pixel_size=pixel_size, pixel_size_unit=pixel_size_unit)
+        options = dict(scale=scale, statistics=sample.statistics)
         if tta:
             prob = run(iter_predict_tta(loaded, sample.raw, **options))[0].probabilities
         else:

@@ -30,7 +30,7 @@ from napari_r2au.model_files import (
     user_models_dir,
 )
 
-from .data import Sample, annotated_slices, memory_samples, rescale_pair
+from .data import Sample, memory_samples
 from .settings import FinetuneSettings
 from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
 
@@ -100,7 +100,8 @@ def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
     """Columns x0:x1 of a sample; its raw image stays whole, so that validation predicts
     a strip in the context of its image, as a user's run does (see :class:`Sample`)."""
     return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], sample.fov[:, x0:x1],
-                  f"{sample.name}{suffix}", sample.raw, window=(x0, x1), normalization=sample.normalization)
+                  f"{sample.name}{suffix}", sample.raw, window=(x0, x1), normalization=sample.normalization,
+                  statistics=sample.statistics)
 
 
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -111,19 +112,13 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
     """Training and validation samples at the model's scale; without a validation pair,
     hold out the right strip of every image (or slice; at most MAX_HELD_OUT_STRIPS)
     with foreground both in the strip and left of it."""
-    if abs(scale - 1.0) > 1e-6:  # stacks: their annotated slices, each resized
-        pairs, names, fovs = annotated_slices(pairs, names, slices, fovs)
-        slices = None
-        rescaled = [rescale_pair(i, m, scale, f) for (i, m), f in zip(pairs, fovs)]
-        pairs, fovs = [(i, m) for i, m, _ in rescaled], [f for _, _, f in rescaled]
-        if validation is not None:
-            if np.asarray(validation[1]).ndim == 3:
-                raise ValueError("the validation pair must be a 2D image when the model works at a scale other than 1")
-            *validation, validation_fov = rescale_pair(*validation, scale, validation_fov)
-    train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs)
+    if validation is not None and abs(scale - 1.0) > 1e-6 and np.asarray(validation[1]).ndim == 3:
+        raise ValueError("the validation pair must be a 2D image when the model works at a scale other than 1")
+    train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs,
+                           scale=scale)
     if validation is not None:
         return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
-                                     names=["validation"], fovs=[validation_fov])
+                                     names=["validation"], fovs=[validation_fov], scale=scale)
     # every pair (or slice) gives its right strip, pooled: a threshold chosen on one image's
     # strip follows that image (a hard one pulled it far off with two or three images).
     # A pair trains whole when its strip has no foreground (a slice the user erased: Dice

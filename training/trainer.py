@@ -185,7 +185,8 @@ def predict_samples(model: LoadedModel, samples: list[Sample], precision: str = 
     """
     out = []
     for s in samples:
-        probabilities = predict(model, s.raw, precision=precision, device=device, scale=1.0).probabilities
+        probabilities = predict(model, s.raw, precision=precision, device=device, scale=1.0,
+                                statistics=s.statistics).probabilities
         out.append(probabilities if s.window is None else probabilities[:, s.window[0]:s.window[1]])
     return out
 
