@@ -70,15 +70,16 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-def read_layers(path: str | Sequence[str]) -> list[LayerData]:
+def read_layers(path: str | Sequence[str], masks: bool = True) -> list[LayerData]:
     """Layer data for each file; a folder of DICOM files, or several DICOM files opened
     together (napari's "Open Files as Stack"), is one series: one 3D layer, plus a Labels
-    layer for each DICOM SEG among them that refers to that series."""
+    layer for each DICOM SEG among them that refers to that series (``masks=False``: the
+    series only, without decoding the SEGs)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        return _read_dicom_series(dicom_series_files(paths[0]), Path(paths[0]).name)
+        return _read_dicom_series(dicom_series_files(paths[0]), Path(paths[0]).name, masks)
     if len(paths) > 1 and all(suffix_of(p) in DICOM_SUFFIXES for p in paths):
-        return _read_dicom_series([Path(p) for p in paths], Path(paths[0]).parent.name or "series")
+        return _read_dicom_series([Path(p) for p in paths], Path(paths[0]).parent.name or "series", masks)
     return [read_file(p) for p in paths]
 
 
@@ -364,7 +365,7 @@ def _read_dicom(path: Path) -> LayerData:
     return _read_dicom_frames(frames, path.stem, 1, notes)
 
 
-def _read_dicom_series(paths: Sequence[Path], name: str) -> list[LayerData]:
+def _read_dicom_series(paths: Sequence[Path], name: str, masks: bool = True) -> list[LayerData]:
     """The DICOM files of one series (one file per slice, or multi-frame files) as one
     stack, and the DICOM SEG files among them that refer to it as Labels layers."""
     if not paths:
@@ -386,7 +387,7 @@ def _read_dicom_series(paths: Sequence[Path], name: str) -> list[LayerData]:
         notes |= file_notes
     image = _read_dicom_frames(frames, name, len(paths), notes)
     layers = [image]
-    for path, dataset in read:
+    for path, dataset in read if masks else ():
         if _is_seg(dataset) and series & _seg_series(dataset):
             try:
                 layers.append(_seg_layer(path, image))

@@ -100,7 +100,7 @@ def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, d
     from ._reader import DICOM_SUFFIXES, NIFTI_SUFFIXES, read_file, read_layers, suffix_of
     from .io import pixel_size_of
 
-    data, kwargs, _ = read_layers(str(path))[0] if path.is_dir() else read_file(path)
+    data, kwargs, _ = read_layers(str(path), masks=False)[0] if path.is_dir() else read_file(path)
     size, unit = pixel_size_of(kwargs.get("scale"), kwargs.get("units"), path.name)
     medical = path.is_dir() or suffix_of(path) in DICOM_SUFFIXES + NIFTI_SUFFIXES
     # a 3-slice volume would otherwise pass for a 3-channel image

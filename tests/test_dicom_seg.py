@@ -70,6 +70,8 @@ def test_a_mask_on_a_dicom_series_is_written_as_a_seg_that_maps_back_onto_its_sl
     np.testing.assert_array_equal(mask, np.where(labels == 3, 2, labels))
     assert mask_kwargs["scale"] == kwargs["scale"] and mask_kwargs["metadata"]["dicom"]["sources"] == sources
     write_labels(str(tmp_path / "again.dcm"), mask, {"metadata": mask_kwargs["metadata"]})
+    ((series_only, _, _),) = read_layers(str(tmp_path / "series"), masks=False)  # r2au segment's read
+    np.testing.assert_array_equal(series_only, image)
     with pytest.raises(ValueError, match="is a DICOM SEG"):
         read_layers(str(tmp_path / "series" / "mask.dcm"))
 
