@@ -132,11 +132,11 @@ def test_a_held_out_strip_is_predicted_in_the_context_of_its_image(base_model, r
     _, held_out = prepare_samples(base_model, [(image, mask)], None, FinetuneSettings(patch_size=48))
     (strip,) = held_out
     x0, x1 = strip.window
-    assert strip.raw.shape == image.shape and x1 == image.shape[1] and strip.mask.shape[1] == x1 - x0
+    assert strip.raw.shape == image.shape and strip.mask.shape[1] == x1 - x0 == 24
     (probabilities,) = predict_samples(base_model, [strip], precision="fp32")
     whole = predict(base_model, image, precision="fp32", scale=1.0).probabilities
     np.testing.assert_array_equal(probabilities, whole[:, x0:x1])
-    alone = predict(base_model, image[:, x0:], precision="fp32", scale=1.0).probabilities
+    alone = predict(base_model, image[:, x0:x1], precision="fp32", scale=1.0).probabilities
     assert np.abs(alone - probabilities).max() > 1e-3  # what the strip alone would have given
 
 
@@ -158,8 +158,58 @@ def test_every_slice_with_foreground_gives_a_held_out_strip(base_model, rng):
     for kept, strip in zip(train[1:], held_out):  # the two parts tile the slice: nothing lost or shared
         assert kept.mask.shape[1] == cut and strip.mask.shape[1] == mask.shape[1] - cut
         assert np.array_equal(np.concatenate([kept.mask, strip.mask], axis=1), mask > 0)
-    _, none = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0]])
-    assert none == [], "no slice has foreground in its strip: no held-out Dice rather than an empty one"
+    with pytest.raises(ValueError, match="no foreground at all"):  # it would teach the model to find nothing
+        prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0]])
+    below = np.zeros_like(mask)
+    below[60:, 20:28] = 1  # one bar: the left band cuts it, so foreground lies in the band and beside it
+    _, one = prepare_samples(grey, [(stack[:1], below[None])], None, settings, names=["t"], slices=[[0]])
+    assert len(one) == 1
+
+
+def test_the_held_out_band_follows_the_users_corrections():
+    """A band the user never touched is the model's own output: the base model matches it
+    exactly, so no fine-tune can score better there. The right strip is held out while it
+    holds a fair part of the corrections; otherwise the band with the most of them."""
+    from napari_r2au.training.data import make_sample
+    from napari_r2au.training.finetune import held_out_band
+
+    mask = np.zeros((64, 200), np.uint8)
+    mask[10:50, ::10] = 1  # foreground in every column band
+    sample = make_sample(np.zeros((64, 200, 3), np.float32), mask, "m", 3)
+    settings = FinetuneSettings(patch_size=48)
+    spread = np.full(200, 3)
+    assert held_out_band(sample, settings, spread) == (150, 200)  # the right strip, as before
+    nothing = np.zeros(200, int)
+    assert held_out_band(sample, settings, nothing) == (150, 200)
+    left = np.zeros(200, int)
+    left[:40] = 5  # corrected on the left only
+    assert held_out_band(sample, settings, left) == (0, 50)
+    middle = np.zeros(200, int)
+    middle[90:120] = 5
+    x0, x1 = held_out_band(sample, settings, middle)
+    assert x1 - x0 == 50 and x0 <= 90 and x1 >= 120 and x0 >= 48 and 200 - x1 >= 48  # a patch fits each side
+    mostly_left = left.copy()
+    mostly_left[190] = 2  # a couple of pixels on the right: not a fair part of 202
+    assert held_out_band(sample, settings, mostly_left) == (0, 50)
+
+
+def test_a_band_in_the_middle_leaves_two_training_pieces(base_model, rng, monkeypatch):
+    from napari_r2au.training import finetune
+
+    image = (rng.random((64, 200, 3)) * 60).astype(np.uint8)
+    mask = np.zeros((64, 200), np.uint8)
+    mask[10:50, ::10] = 1
+    corrected = mask.astype(float)
+    corrected[:, 100:140] = 1 - corrected[:, 100:140]  # the model is wrong there only (what the user fixed)
+    monkeypatch.setattr(finetune, "predict_samples", lambda model, samples, **_: [corrected for _ in samples])
+    train, held_out = finetune.prepare_samples(base_model, [(image, mask)], None, FinetuneSettings(patch_size=48),
+                                               names=["p"])
+    (band,) = held_out
+    x0, x1 = band.window
+    assert x0 <= 100 and x1 >= 140
+    assert [s.name for s in train] == ["p[train 1]", "p[train 2]"]
+    assert [s.window for s in train] == [(0, x0), (x1, 200)]
+    np.testing.assert_array_equal(np.concatenate([train[0].mask, band.mask, train[1].mask], axis=1), mask)
 
 
 def test_two_pairs_pool_their_strips_and_a_narrow_pair_trains_whole(base_model, rng):

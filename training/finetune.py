@@ -32,7 +32,7 @@ from napari_r2au.model_files import (
 
 from .data import Sample, memory_samples
 from .settings import FinetuneSettings
-from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train
+from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train, predict_samples
 
 #: at most this many held-out strips: each validation predicts all of them, and a stack
 #: can have a hundred painted slices
@@ -108,39 +108,77 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                     validation: tuple[np.ndarray, np.ndarray] | None, settings: FinetuneSettings,
                     names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None,
                     fovs: Sequence[np.ndarray | None] | None = None,
-                    validation_fov: np.ndarray | None = None, scale: float = 1.0):
+                    validation_fov: np.ndarray | None = None, scale: float = 1.0, device: str | None = None):
     """Training and validation samples at the model's scale; without a validation pair,
-    hold out the right strip of every image (or slice; at most MAX_HELD_OUT_STRIPS)
-    with foreground both in the strip and left of it."""
+    hold out a band of columns of every image (or slice; at most MAX_HELD_OUT_STRIPS)
+    with foreground both in the band and beside it: the right strip, unless the user's
+    corrections lie elsewhere (:func:`held_out_band`)."""
     if validation is not None and abs(scale - 1.0) > 1e-6 and np.asarray(validation[1]).ndim == 3:
         raise ValueError("the validation pair must be a 2D image when the model works at a scale other than 1")
     train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs,
                            scale=scale)
+    if not any((sample.mask.astype(bool) & sample.fov).any() for sample in train):
+        raise ValueError("the corrected masks hold no foreground at all: fine-tuning on them would teach the model "
+                         "to find nothing. Include an image or slice where the structure is present")
     if validation is not None:
         return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
                                      names=["validation"], fovs=[validation_fov], scale=scale)
-    # every pair (or slice) gives its right strip, pooled: a threshold chosen on one image's
-    # strip follows that image (a hard one pulled it far off with two or three images).
-    # A pair trains whole when its strip has no foreground (a slice the user erased: Dice
-    # on an empty strip says nothing), when the rest would have none (it would teach only
-    # background), or when it is too narrow to lose a strip.
-    def split_at(sample: Sample) -> int | None:
-        width = sample.mask.shape[1]
-        cut = int(round(width * (1 - settings.holdout_fraction)))
-        if cut < settings.patch_size or width - cut < 16:
-            return None
-        inside = sample.mask & sample.fov
-        return cut if inside[:, cut:].any() and inside[:, :cut].any() else None
-
-    cuts = [split_at(sample) for sample in train]
-    candidates = [i for i, cut in enumerate(cuts) if cut is not None]
-    if len(candidates) > MAX_HELD_OUT_STRIPS:  # a long stack: strips from evenly spaced slices
+    # every pair (or slice) gives a band, pooled: a threshold chosen on one image's band
+    # follows that image (a hard one pulled it far off with two or three images). A pair
+    # trains whole when no band has foreground (a slice the user erased: Dice on an empty
+    # band says nothing), when the rest would have none (it would teach only background),
+    # or when it is too narrow to lose a band.
+    candidates = [i for i, sample in enumerate(train) if _band_starts(sample, settings)]
+    if len(candidates) > MAX_HELD_OUT_STRIPS:  # a long stack: bands from evenly spaced slices
         candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, MAX_HELD_OUT_STRIPS).round()]
-    kept, held_out = list(train), []
-    for i in candidates:
-        kept[i] = _crop(train[i], 0, cuts[i], "[train]")
-        held_out.append(_crop(train[i], cuts[i], train[i].mask.shape[1], "[held out]"))
-    return kept, held_out
+    if not candidates:
+        return train, []
+    # where the user corrected: the mask differs from what the model predicts there now
+    predicted = predict_samples(model, [train[i] for i in candidates], device=device)
+    kept: list[Sample | list[Sample]] = list(train)
+    held_out = []
+    for i, probabilities in zip(candidates, predicted):
+        sample = train[i]
+        corrected = (((probabilities >= model.threshold) != sample.mask.astype(bool)) & sample.fov).sum(axis=0)
+        x0, x1 = held_out_band(sample, settings, corrected)
+        pieces = [(a, b) for a, b in ((0, x0), (x1, sample.mask.shape[1])) if b > a]
+        kept[i] = [_crop(sample, a, b, "[train]" if len(pieces) == 1 else f"[train {n + 1}]")
+                   for n, (a, b) in enumerate(pieces)]
+        held_out.append(_crop(sample, x0, x1, "[held out]"))
+    return [s for item in kept for s in (item if isinstance(item, list) else [item])], held_out
+
+
+def _band_starts(sample: Sample, settings: FinetuneSettings) -> list[int]:
+    """Where a held-out band of columns may start: the right strip first, then the left, then
+    any start that leaves at least a patch's width on both sides; only bands with foreground
+    inside them and beside them."""
+    width = sample.mask.shape[1]
+    band = int(round(width * settings.holdout_fraction))
+    right = width - band
+    if right < settings.patch_size or band < 16:
+        return []
+    columns = (sample.mask.astype(bool) & sample.fov).sum(axis=0)
+    starts = dict.fromkeys([right, 0, *range(settings.patch_size, right - settings.patch_size + 1, 8)])
+    return [x for x in starts if columns[x:x + band].any() and (columns[:x].any() or columns[x + band:].any())]
+
+
+def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndarray) -> tuple[int, int]:
+    """The columns to hold out for validation. ``corrected`` counts, per column, the pixels
+    where the mask differs from the base model's prediction: what the user corrected.
+
+    The right strip, as long as it holds a fair part of the corrections (a quarter of its
+    share by width); otherwise, the band with the most corrections. A band the user never
+    touched holds the model's own output, which the base model matches exactly, so no
+    fine-tune could score better there.
+    """
+    starts = _band_starts(sample, settings)
+    width = sample.mask.shape[1]
+    band = int(round(width * settings.holdout_fraction))
+    right, total = width - band, float(corrected.sum())
+    if right in starts and corrected[right:].sum() >= 0.25 * total * band / width:
+        return right, width
+    best = max(starts, key=lambda x: (corrected[x:x + band].sum(), x))
+    return best, best + band
 
 
 def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -170,7 +208,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
                          "class and cannot start from a multiclass model")
     scale = working_scale(parent, scale, pixel_size, pixel_size_unit)
     train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
-                                                 validation_fov, scale)
+                                                 validation_fov, scale, device)
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
     patch -= patch % 16
     if patch < 16:
@@ -198,10 +236,15 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if not settings.augment:
         config.augment.flips = config.augment.rot90 = config.augment.affine = config.augment.intensity = False
     # Fine-tuning changes the weights of a copy, never the caller's network.
-    result = yield from iter_train(config, samples=train_samples, val_samples=val_samples,
-                                   device=device, parent=load_model_file(parent.path))
+    try:
+        result = yield from iter_train(config, samples=train_samples, val_samples=val_samples,
+                                       device=device, parent=load_model_file(parent.path))
+    except BaseException:  # Cancel (the generator closed), an error: no half-run left in the user's folder
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     chosen = result.best if result.best is not None else result.last
     if not chosen.is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
         return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
     tuned = load_model_file(chosen)
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
