@@ -323,9 +323,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if validation is not None:
         held_out = "the given pair"
     elif result.dice_before is None:
-        held_out = "none: no image had foreground both in and left of its right quarter"
+        held_out = "none: no image had foreground both in and beside a quarter-width band"
     else:
-        held_out = "the right quarter of the images, pooled"
+        held_out = "a quarter-width band of each image (where the corrections are), pooled"
     print(f"dice       before {before}  after {after}  (validation: {held_out})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
     if share := result.weight_share:

@@ -448,6 +448,12 @@ def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari
     assert used == [], "a model that scores lower is saved but not put to use"
 
     notifications.clear()
+    finetune._on_result(FinetuneResult(model, dice_before=None, dice_after=None, steps=150, stopped="steps"))
+    assert "was not validated" in messages(notifications) and "Not validated" in finetune._result.value
+    assert used == ["tiny"], "used, as asked, with a warning"
+    used.clear()
+
+    notifications.clear()
     finetune._on_result(FinetuneResult(model, dice_before=0.84, dice_after=0.85, steps=150, stopped="steps"))
     assert "Lower" not in finetune._result.value and "lower" not in messages(notifications)
     assert used == ["tiny"]
@@ -468,12 +474,15 @@ def test_finetune_on_a_corrected_segment_mask_keeps_the_edits_and_the_scale(
     wait_idle(qtbot, segment)
     mask = viewer.layers["img mask"]
     assert mask.metadata["r2au"]["scale"] == 0.5
-    edited = mask.data.copy()
-    edited[:, 20:26] = 1  # a vessel the model missed
-    mask.data = edited
-
     finetune = dock(viewer, "Fine-tune")
     finetune._corrected.value = mask
+    finetune.run()  # nothing corrected yet: the model's own output teaches it nothing
+    assert not finetune.running and "Segment's output, unchanged" in messages(notifications)
+    edited = mask.data.copy()
+    edited[:, 20:26] = 1  # a vessel the model missed
+    edited[40:44, 30:60] = 0  # and false positives erased (so that something changed, whatever it found)
+    mask.data = edited
+
     finetune._steps.value = 2
     finetune._patch.value = 32
     finetune.run()

@@ -105,7 +105,8 @@ class FinetuneWidget(WorkerRunner, Container):
         self._image = layer_picker(viewer, "image", "Image")
         self._corrected = layer_picker(viewer, "labels", "Corrected mask")
         self._use_validation = CheckBox(text="Separate validation pair", value=False,
-                                        tooltip="Otherwise the right quarter of the image (of each painted slice) is held out for validation")
+                                        tooltip="Otherwise a quarter-width band of the image (of each painted slice) is held out for "
+                                                "validation: the right quarter, or where the corrections are")
         self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True)
         self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
         self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
@@ -242,7 +243,12 @@ class FinetuneWidget(WorkerRunner, Container):
         self._result.value = (f"New model {name} after {result.steps} steps{blend}.\nValidation Dice: "
                               f"{_score(result.dice_before)} before → {_score(result.dice_after)} after.")
         refresh_model_pickers()
-        if result.dice_fell:  # saved, but not put to use: the user decides
+        if result.dice_before is None or result.dice_after is None:  # used, as asked, but said plainly
+            self._result.value += "\nNot validated: no held-out part of the corrected image has foreground."
+            notify_warning(f"Fine-tune: {name} is used but was not validated (no part of the corrected image "
+                           "could be held out with foreground in it); compare its masks with the base model's, "
+                           "or tick 'Separate validation pair'.")
+        elif result.dice_fell:  # saved, but not put to use: the user decides
             self._result.value += ("\nLower than the base model, so Segment keeps the base model; "
                                    f"choose {name} there to use it anyway.")
             notify_warning(f"Fine-tune: {name} scores lower than its base model on the held-out part "
@@ -326,8 +332,11 @@ def _corrected_slices(labels_layer: Any, labels: np.ndarray) -> list[int] | None
             raise ValueError(f"no slice of '{labels_layer.name}' was corrected since Segment made it: correct "
                              "the slices the model gets wrong (untouched ones are its own output)")
         return slices
-    painted = bool(record.get("mask_sha256")) and mask_checksum(labels) != record["mask_sha256"]
-    if not labels.any() and not painted:
+    recorded = record.get("mask_sha256")
+    if recorded and mask_checksum(labels) == recorded:
+        raise ValueError(f"'{labels_layer.name}' is Segment's output, unchanged: correct what the model gets wrong "
+                         "first (fine-tuning on its own output teaches it nothing)")
+    if not labels.any() and not recorded:
         raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
     return None
 
