@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, read_image
+from .io import IMAGE_SUFFIXES, looks_like_mask, read_image
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -94,6 +94,8 @@ def read_file(path: str | os.PathLike) -> LayerData:
     record = _mask_record(path)
     if record is not None:
         return data, _mask_kwargs(path, record), "labels"
+    if looks_like_mask(path, data):  # a manual mask (DRIVE's 21_manual1.gif): a reference for Review
+        return data, {"name": path.stem}, "labels"
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     return data, {"name": path.stem, "rgb": rgb}, "image"
 

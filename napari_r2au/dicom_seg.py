@@ -79,7 +79,7 @@ def write_layer_seg(path: str | os.PathLike, data: np.ndarray, metadata: dict[st
     sources = dicom_sources(metadata)
     if sources is None:
         raise ValueError("a DICOM SEG refers to the DICOM images it was drawn on: this mask was not made on an "
-                         "image opened from DICOM files; save it as .tif, .png or .nii.gz")
+                         "image opened from DICOM files; save it in another format, a .tif for example")
     data = np.asarray(data)
     info = metadata.get("r2au") or {}
     recorded = info.get("mask_sha256")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,26 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
+#: file-name endings that mark a mask: DRIVE's 21_manual1.gif, 21_training_mask.gif, case_seg.png
+MASK_ROLES = r"mask|manual\d*|seg|segmentation|label|labels|gt"
+_MASK_NAME = re.compile(rf"_({MASK_ROLES})$", re.IGNORECASE)
+#: folders of masks: masks/, labels/, DRIVE's 1st_manual/ and mask/, HRF's manual1/
+_MASK_FOLDER = re.compile(rf"(\d+(st|nd|rd|th)_)?({MASK_ROLES})s?", re.IGNORECASE)
+#: a mask has a few values (0/255, or some classes); more means a picture
+MAX_MASK_VALUES = 16
+
+
+def looks_like_mask(path: str | os.PathLike, data: np.ndarray) -> bool:
+    """A file named like a mask (or in a folder named so) whose pixels are a few integer
+    values on one channel, so that it opens as a Labels layer (a reference to compare with,
+    a mask to correct)."""
+    path = Path(path)
+    named = _MASK_NAME.search(path.name.split(".")[0]) or _MASK_FOLDER.fullmatch(path.parent.name)
+    if not named or data.dtype.kind not in "biu" or data.ndim not in (2, 3):
+        return False
+    if data.ndim == 3 and data.shape[-1] in (3, 4):  # colour: not a label image
+        return False
+    return len(np.unique(data)) <= MAX_MASK_VALUES
 
 
 def pixel_size_of(scale: tuple | list | None, units: tuple | list | None, what: str = "the image",

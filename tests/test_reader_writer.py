@@ -75,6 +75,24 @@ def test_rgb_and_grey_images(tmp_path, rng):
     np.testing.assert_array_equal(data, grey_stack)
 
 
+def test_manual_masks_open_as_labels_by_their_name_or_folder(tmp_path, rng):
+    """DRIVE's 21_manual1.gif, PH2's masks/IMD002.png: references for Review, masks to correct."""
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:9, 3:20] = 255
+    photo = (rng.random((20, 30)) * 255).astype(np.uint8)  # a grey picture: hundreds of values
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "1st_manual").mkdir()
+    cases = {"case_manual1.png": (mask, "labels"), "masks/case.png": (mask, "labels"),
+             "1st_manual/21.png": (mask, "labels"), "case.png": (mask, "image"),
+             "photo_mask.png": (photo, "image"), "rgb_seg.png": (np.stack([mask] * 3, -1), "image")}
+    for name, (array, kind) in cases.items():
+        write_png(tmp_path / name, array)
+        ((data, kwargs, got),) = read(tmp_path / name)
+        assert got == kind, name
+        np.testing.assert_array_equal(data, array)
+    assert read(tmp_path / "masks/case.png")[0][1]["name"] == "case"
+
+
 def test_an_exported_mask_opens_as_labels_with_its_record(tmp_path, labels):
     write_tiff(tmp_path / "case.tif", labels)
     record = {"format": "napari-r2au-mask", "format_version": 1, "mask_file": "case.tif", "model": "m",

@@ -159,6 +159,16 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
     assert info["scale"] == 1.0  # the model's input_scale: the Scale field was left at 0
     assert "Done" in widget._status.value
 
+    # a run without those maps removes the earlier run's: they would pass for the new mask's
+    viewer.add_image(np.zeros((4, 4)), name="img attention 9")  # the user's own layer stays
+    widget._attention.value = widget._uncertainty.value = False
+    widget.run()
+    wait_idle(qtbot, widget)
+    names = [lyr.name for lyr in viewer.layers]
+    assert not [n for n in names if n.startswith("img attention ") and n != "img attention 9"]
+    assert "img uncertainty" not in names and "img probability" in names and "img attention 9" in names
+    assert viewer.layers["img mask"].metadata["r2au"]["attention_layers"] == []
+
 
 def test_threshold_slider_rethresholds_without_running_the_network(
         make_napari_viewer, qtbot, tiny_model, monkeypatch, notifications):
@@ -632,6 +642,16 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     assert kwargs["metadata"]["r2au"]["scale"] == 1.0, "Fine-tune on the reopened mask trains at the recorded scale"
     np.testing.assert_array_equal(data, edited)
     np.testing.assert_allclose(kwargs["scale"], mask.scale)
+
+    # a folder: the mask goes inside it, named after its layer; a refusal clears the last "Wrote" line
+    review._export_path.value = tmp_path / "out"
+    review._export.changed.emit(True)
+    assert (tmp_path / "out" / "img_mask.tif").is_file() and (tmp_path / "out" / "img_mask.json").is_file()
+    assert review._export_status.value.startswith("Wrote img_mask.tif")
+    review._export_path.value = tmp_path / "out" / "seg.dcm"  # not an image from DICOM files: refused
+    review._export.changed.emit(True)
+    assert review._export_status.value.startswith("Not written") and "another format" in review._export_status.value
+    assert not (tmp_path / "out" / "seg.dcm").exists()
 
 
 def test_export_leaves_out_maps_that_a_later_run_rewrote(make_napari_viewer, qtbot, tiny_model, tmp_path):

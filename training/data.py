@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_r2au.io import find_images, read_image
+from napari_r2au.io import MASK_ROLES, find_images, read_image
 from napari_r2au.preprocess import (
     STANDARDIZE,
     is_planewise,
@@ -147,7 +147,7 @@ def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndar
     return image, mask, fov
 
 
-_ROLE_SUFFIX = re.compile(r"(_(mask|manual\d*|seg|segmentation|label|labels|gt|training|test))$", re.IGNORECASE)
+_ROLE_SUFFIX = re.compile(rf"(_({MASK_ROLES}|training|test))$", re.IGNORECASE)
 
 
 def _item_id(path: Path) -> str:

@@ -75,7 +75,9 @@ class LossCurve:
         (self._dice_line,) = dice_ax.plot([], [], "o-", color="tab:orange", ms=3, lw=1, label="validation Dice")
         loss_ax.set_xlabel("step", fontsize=8)
         loss_ax.set_ylabel("loss", color="tab:blue", fontsize=8)
-        dice_ax.set_ylabel("validation Dice", color="tab:orange", fontsize=8)
+        # during training: the fine-tuned weights at threshold 0.5 (the result line gives the new
+        # model's own figures: blended with the base, at the threshold chosen on the held-out part)
+        dice_ax.set_ylabel("held-out Dice at 0.5", color="tab:orange", fontsize=8)
         dice_ax.yaxis.set_label_position("right")  # clear() puts a twin's label back on the left
         dice_ax.yaxis.tick_right()
         dice_ax.set_ylim(0, 1)
@@ -240,8 +242,9 @@ class FinetuneWidget(WorkerRunner, Container):
         name = result.model.name
         share = result.weight_share
         blend = f" (weights {share:g} of the way from the base to the fine-tuned ones)" if share else ""
-        self._result.value = (f"New model {name} after {result.steps} steps{blend}.\nValidation Dice: "
-                              f"{_score(result.dice_before)} before → {_score(result.dice_after)} after.")
+        self._result.value = (f"New model {name} after {result.steps} steps{blend}.\nHeld-out Dice, each model at "
+                              f"its best threshold: {_score(result.dice_before)} before → "
+                              f"{_score(result.dice_after)} after.")
         refresh_model_pickers()
         if result.dice_before is None or result.dice_after is None:  # used, as asked, but said plainly
             self._result.value += "\nNot validated: no held-out part of the corrected image has foreground."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +165,7 @@ class ReviewWidget(Container):
         """Write the mask (TIFF, or DICOM SEG for a path ending .dcm) and a JSON sidecar next to it;
         returns the mask's path."""
         predicted, target = self._prediction.value, self._export_path.value
+        self._export_status.value = ""  # a line left from an earlier export would claim this one
         if predicted is None:
             notify_error("Review: choose the labels layer to export.")
             return None
@@ -171,6 +173,8 @@ class ReviewWidget(Container):
             notify_error("Review: choose where to write the mask ('Export to').")
             return None
         path = Path(target)
+        if path.is_dir():  # a folder: the mask goes inside it, named after its layer
+            path = path / (re.sub(r"[^\w.+-]+", "_", predicted.name).strip("._") or "mask")
         if path.suffix.lower() not in (".tif", ".tiff", ".dcm"):
             path = path.with_name(path.name + ".tif")
         targets = [path, path.with_suffix(".json")]
@@ -185,6 +189,7 @@ class ReviewWidget(Container):
             sidecar = self._write(predicted, path)
         except (OSError, ValueError, ImportError) as exc:  # ImportError: the dicom extra for a .dcm export
             notify_error(f"Review: export failed: {describe_error(exc)}")
+            self._export_status.value = f"Not written: {describe_error(exc)}"
             return None
         self._export_status.value = f"Wrote {path.name} and {sidecar.name}"
         return path

@@ -8,6 +8,7 @@ redo cheap NumPy work on the GUI thread.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import time
 import uuid
 import weakref
@@ -366,6 +367,13 @@ class SegmentWidget(WorkerRunner, Container):
             top = float(uncertainty.max()) or 1.0
             replace_layer(self._viewer, "image", uncertainty_name, uncertainty, colormap="inferno",
                           blending="additive", opacity=0.7, contrast_limits=(0.0, top), **maps)
+        # maps of an earlier run that this one did not make (attention off, a model without
+        # gates, no uncertainty map) would be shown as if they belonged to the new mask
+        current = {prob_layer.name, *attention_names, uncertainty_name}
+        stale = re.compile(rf"{re.escape(base)} (attention \d+|uncertainty)")
+        for old in [lyr for lyr in self._viewer.layers if stale.fullmatch(lyr.name) and lyr.name not in current]:
+            if old.metadata.get("r2au_run"):
+                self._viewer.layers.remove(old)
         mask = self._mask(prediction)
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         info = {
