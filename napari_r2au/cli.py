@@ -225,10 +225,12 @@ def _open_gui(image, prediction) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import run
-    from .training.config import load_config
+    from .training.config import load_config, load_run_config
     from .training.trainer import iter_train
 
     config = load_config(args.config, args.set or [])
+    if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
+        config = load_run_config(config.output_dir, args.set or [])
     bar = _progress_bar(config.steps, config.name, "step")
     generator = iter_train(config, resume=bool(args.resume))
 

@@ -265,3 +265,49 @@ def test_segment_takes_a_folder_of_dicom_slices_as_one_stack(tmp_path):
     assert main(["segment", str(folder), "-o", str(tmp_path / "out"), "--scale", "1"]) == 0
     rows, cols = int(dataset.Rows), int(dataset.Columns)
     assert tifffile.imread(tmp_path / "out" / "ct_series_mask.tif").shape == (3, rows, cols)
+
+
+def test_resume_continues_the_run_it_finds_with_its_own_settings(tmp_path, capsys):
+    """`r2au train CONFIG --resume` reads the run's config.json: settings given with --set
+    at the start need not be repeated, and a changed one is said, not silently used."""
+    import csv
+
+    _write_folder(tmp_path / "data", n=3)
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"name: mine\nbase_width: 4\npatch_size: 32\nbatch_size: 8\nsteps: 4\nval_every: 2\n"
+                      f"val_images: 1\nprecision: fp32\nthreads: 1\ndevice: cpu\noutput_dir: {tmp_path}/run\n"
+                      "data: {kind: drive, root: /nowhere}\n")
+    data = [f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}"]
+    assert main(["train", str(config), "--set", data[0], "--set", "batch_size=2"]) == 0
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert main(["train", str(config), "--set", "steps=6", "--resume"]) == 0  # data and batch from the run
+    assert "done after 6 steps" in capsys.readouterr().out
+    assert json.loads(saved)["batch_size"] == 2 and (tmp_path / "run" / "config.json").read_text() == saved
+    with pytest.warns(UserWarning, match="batch_size 2 -> 4"):
+        assert main(["train", str(config), "--set", "steps=8", "--set", "batch_size=4", "--resume"]) == 0
+
+    # the best model's figures at 0.5 are measured, not the already calibrated ones moved over
+    best = load_model(tmp_path / "run" / "best.json").metadata["provenance"]
+    rows = {int(r["step"]): r for r in csv.DictReader((tmp_path / "run" / "log.csv").open()) if r["val_f1"]}
+    assert best["validation_metrics_at_0.5"]["f1"] == pytest.approx(float(rows[best["steps"]]["val_f1"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("steps=abc", "steps must be a whole number"),
+    ("lr=fast", "lr must be a number"),
+    ("val_every=0", "val_every must be at least 1"),
+    ("batch_size=0", "batch_size must be at least 1"),
+    ("patch_size=0", "patch_size must be at least 16"),
+    ("steps=-5", "steps must be at least 1"),
+    ("ema_decay=1", "ema_decay must be above 0 and below 1"),
+    ("loss=focal", "loss must be one of"),
+    ("data.image=x", "data.image is not a key of data.kind folders"),
+    ("data.kind=zip", "data.kind must be one of"),
+    ("augment.flip=false", "unknown augment keys: flip"),
+])
+def test_bad_settings_are_named_before_anything_is_read_or_written(tmp_path, capsys, setting, message):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"output_dir: {tmp_path}/run\ndata: {{kind: folders, images: a, masks: b}}\n")
+    assert main(["train", str(config), "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,33 @@ def load_config(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config is a mapping of keys to values")
+    return TrainConfig.from_dict(_overridden(values, overrides))
+
+
+def load_run_config(output_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The settings a run was started with (its saved config.json), with ``overrides`` on
+    top: what ``--resume`` continues, whatever the bundled config says today."""
+    saved = Path(output_dir) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{output_dir}: no config.json, so no run to resume there (check output_dir)")
+    values = json.loads(saved.read_text())
+    for key in RUN_RECORD_KEYS:
+        values.pop(key, None)
+    values["output_dir"] = str(output_dir)  # where it was found, even if it was given relative to elsewhere
+    return TrainConfig.from_dict(_overridden(values, overrides))
+
+
+#: what config.json records beside the settings
+RUN_RECORD_KEYS = ("package_version", "world_size")
+
+
+def _overridden(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for text in overrides:
         keys, value = parse_override(text)
         target = values
         for key in keys[:-1]:
             target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {text}: {'.'.join(keys[:-1])} is not a mapping")
         target[keys[-1]] = value
-    return TrainConfig.from_dict(values)
+    return values

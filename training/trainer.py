@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_r2au.engine import autocast_dtype, predict, run, select_device
+from napari_r2au.engine import PRECISIONS, autocast_dtype, predict, run, select_device
 from napari_r2au.io import atomic_path
 from napari_r2au.model_files import LoadedModel, build_metadata, load_model, save_model
-from napari_r2au.models import create_model
+from napari_r2au.models import ARCHITECTURES, create_model
 
 from .augment import AugmentConfig, PatchSampler, augment
 from .data import DataError, Sample, dicom_samples, drive_samples, folder_samples, split
-from .losses import segmentation_loss
+from .losses import LOSSES, segmentation_loss
 from .metrics import Counts, confusion, roc_auc
+
+#: the keys of each kind of training data (``class_map`` is allowed for all)
+DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks", "fov"),
+                                         "dicom": ("root",), "memory": ("pairs",)}
+REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks"),
+                                                  "dicom": ("root",), "memory": ()}
 
 
 @dataclass
@@ -94,8 +101,71 @@ class TrainConfig:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         values = dict(values)
         if isinstance(values.get("augment"), dict):
+            augment_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
+            if set(values["augment"]) - augment_keys:
+                raise ValueError(f"unknown augment keys: {', '.join(sorted(set(values['augment']) - augment_keys))}; "
+                                 f"valid: {', '.join(sorted(augment_keys))}")
             values["augment"] = AugmentConfig(**values["augment"])
-        return cls(**values)
+        config = cls(**values)
+        problems = config.problems()
+        if problems:
+            raise ValueError("config: " + "; ".join(problems))
+        return config
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values (types, ranges, data keys), found before any data
+        is read or file written; empty when all is well."""
+        found: list[str] = []
+
+        def number(name: str, low: float, *, integer: bool = False, optional: bool = False,
+                   strict: bool = False, high: float | None = None) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            kind = "a whole number" if integer else "a number"
+            ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value):
+                found.append(f"{name} must be {kind}, got {value!r}")
+            elif value < low or (strict and value == low) or (high is not None and value >= high):
+                bound = f"above {low:g}" if strict else f"at least {low:g}"
+                found.append(f"{name} must be {bound}{'' if high is None else f' and below {high:g}'}, got {value!r}")
+
+        for name in ("base_width", "in_channels", "batch_size", "steps", "val_every"):
+            number(name, 1, integer=True)
+        for name in ("t", "val_images", "warmup_steps", "seed"):
+            number(name, 0, integer=True)
+        number("patch_size", 16, integer=True, optional=True)
+        for name in ("patience", "threads"):
+            number(name, 1, integer=True, optional=True)
+        for name in ("lr", "pos_weight", "input_scale"):
+            number(name, 0, strict=True)
+        for name in ("weight_decay", "dice_weight"):
+            number(name, 0)
+        for name in ("max_minutes", "grad_clip", "pixel_size"):
+            number(name, 0, strict=True, optional=True)
+        number("ema_decay", 0, strict=True, optional=True, high=1)
+        if self.loss not in LOSSES:
+            found.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            found.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.init_from is None and self.architecture not in ARCHITECTURES:
+            found.append(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if not isinstance(self.data, dict):
+            found.append(f"data must be a mapping (kind, root or images/masks, ...), got {self.data!r}")
+        else:
+            kind = self.data.get("kind")
+            allowed = DATA_KEYS.get(kind)
+            if allowed is None:
+                found.append(f"data.kind must be one of {', '.join(DATA_KEYS)}, got {kind!r}")
+            else:
+                unknown = sorted(set(self.data) - set(allowed) - {"kind", "class_map"})
+                if unknown:
+                    found.append(f"data.{unknown[0]} is not a key of data.kind {kind}; "
+                                 f"valid: {', '.join(['kind', *allowed, 'class_map'])}")
+                missing = [key for key in REQUIRED_DATA_KEYS[kind] if self.data.get(key) in (None, "")]
+                if missing:
+                    found.append(f"data.kind {kind} needs data.{missing[0]}")
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -329,6 +399,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     its own slice of it inside DistributedDataParallel, so W processes at a global batch
     B see the samples one process at batch B sees; only rank 0 validates and writes.
     """
+    problems = config.problems()
+    if problems:  # before anything is read or written
+        raise ValueError("config: " + "; ".join(problems))
     rank, world, local_rank = distributed_context()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
@@ -390,6 +463,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if resume:
         if not last_state.is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
+        _warn_changed_settings(config, out / "config.json")
         state = torch.load(last_state, map_location="cpu", weights_only=True)
         trained_with = state.get("ema_decay")
         if trained_with != config.ema_decay:
@@ -508,6 +582,23 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
 
 
+#: settings a resumed run may change without becoming another run
+RESUMABLE_CHANGES = {"steps", "max_minutes", "patience", "threads", "device", "tensorboard", "output_dir"}
+
+
+def _warn_changed_settings(config: TrainConfig, saved: Path) -> None:
+    """Say which settings differ from those the run was started with (its config.json)."""
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    now = json.loads(json.dumps(config.to_dict(), default=str))
+    changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items()
+               if key in before and before[key] != value and key not in RESUMABLE_CHANGES]
+    if changed:
+        warnings.warn(f"resuming {saved.parent} with other settings than it was started with: {'; '.join(changed)}",
+                      stacklevel=3)
+
+
 #: the decision thresholds calibration chooses from (thin structures and fine-tuned
 #: models often want less than 0.2; the grid's ends should not be what decides)
 THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.951, 0.025), 3))
@@ -531,10 +622,15 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     from napari_r2au.model_files import load_model_file
 
     model = load_model_file(sidecar)
-    best, chosen = best_threshold(model, val_samples, precision, candidates, device)
+    probs = predict_samples(model, val_samples, precision, device)
+    auc = pooled_auc(val_samples, probs)
+    best = max(candidates, key=lambda level: pooled_metrics(val_samples, probs, level)["f1"])
+    chosen = dict(pooled_metrics(val_samples, probs, best), auc_roc=auc)
+    at_half = dict(pooled_metrics(val_samples, probs, 0.5), auc_roc=auc)
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
-    provenance["validation_metrics_at_0.5"] = provenance.get("validation_metrics", {})
+    # measured here, not carried over: a resumed run's best.json may have been calibrated already
+    provenance["validation_metrics_at_0.5"] = {k: round(float(v), 5) for k, v in at_half.items()}
     provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in chosen.items()}
     provenance["threshold_chosen_on"] = "validation split, F1"
     meta["provenance"] = provenance
