@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks import write_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
-HRF = ROOT.parent / "shared" / "data" / "HRF"
+HRF = Path(os.environ.get("R2AU_DATA", ROOT.parent / "shared" / "data")) / "HRF"
 #: images used for fine-tuning (one of each group); all others are evaluated
 TUNE_IDS = ["01_h", "01_dr", "01_g"]
 

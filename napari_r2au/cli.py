@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -108,25 +110,42 @@ def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, d
     return data, size, unit, axes, kwargs.get("metadata") or {}
 
 
+#: names of the files ``r2au segment`` writes (write_outputs, --dicom-seg)
+OUTPUT_NAME = re.compile(r"_(mask|prob|attention|uncertainty|seg)$")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
     from .dicom_seg import dicom_sources
     from .model_files import load_model
 
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        print(f"error: --threshold is a probability between 0 and 1 (exclusive), not {args.threshold:g}",
+              file=sys.stderr)
+        return 2
     model = load_model(args.model)
     _check_pixel_arguments(args, model)
     files: list[Path] = []
+    skipped = 0
     for item in args.inputs:
         path = Path(item)
         if path.is_dir() and dicom_series_files(path):
             files.append(path)  # a DICOM series: one stack, named after its folder
         elif path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES))
+            found = sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES)
+            # this command's own outputs (a second run into the same folder) are not inputs
+            kept = [p for p in found if not OUTPUT_NAME.search(stem_of(p))]
+            skipped += len(found) - len(kept)
+            if not kept:
+                print(f"error: {path}: no images to segment ({', '.join(SUFFIXES)}"
+                      f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})", file=sys.stderr)
+                return 2
+            files.extend(kept)
         else:
             files.append(path)
-    if not files:
-        print("error: no input images", file=sys.stderr)
-        return 2
+    if skipped:
+        print(f"skipped {skipped} file(s) named like this command's outputs (*_mask, *_prob, *_attention, "
+              "*_uncertainty, *_seg); give them by name to segment them", file=sys.stderr)
     outdir = Path(args.output)
     failed = 0
     for path in _progress_bar_iter(files):
@@ -231,7 +250,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set or [])
     if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
         config = load_run_config(config.output_dir, args.set or [])
-    bar = _progress_bar(config.steps, config.name, "step")
+    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report, not one per process
+    bar = _progress_bar(config.steps if speaks else 0, config.name, "step")
     generator = iter_train(config, resume=bool(args.resume))
 
     def show(event) -> None:
@@ -240,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if event.best_f1 is not None:
             postfix["val_f1"] = f"{event.best_f1:.4f}"
         bar.set_postfix(postfix)
-        if event.validation:
+        if event.validation and speaks:
             v = event.validation
             print(f"step {event.step}: val F1 {v['f1']:.4f} AUC {v['auc_roc']:.4f} ({event.elapsed:.0f} s)",
                   flush=True)
@@ -253,7 +273,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     finally:
         bar.close()
-    print(f"done after {result.steps} steps ({result.stopped}); best {result.best}, last {result.last}")
+    if speaks:
+        print(f"done after {result.steps} steps ({result.stopped}); best {result.best}, last {result.last}")
     return 0
 
 
@@ -352,6 +373,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for row in report["per_image"]:
         print(f"{row['image']:<24}" + "".join(f"{row[k]:>12.4f}" for k in keys))
     print(f"{'ALL (' + str(report['n_images']) + ')':<24}" + "".join(f"{report[k]:>12.4f}" for k in keys))
+    if report["auc_roc"] < 0.5:  # worse than chance: the masks most likely mark the other class
+        recorded = (model.metadata.get("provenance") or {}).get("data", {}).get("class_map")
+        hint = (f" {model.name} was trained with the class map {recorded}: try --class-map "
+                + ",".join(f"{k}:{v}" for k, v in recorded.items()) if recorded and not args.class_map else "")
+        print(f"warning: AUC-ROC {report['auc_roc']:.3f} is below chance: do the masks mark the background "
+              f"as foreground?{hint}", file=sys.stderr)
     if args.json:
         from .io import write_bytes_atomic
 
@@ -384,7 +411,9 @@ def _add_scale_arguments(p: argparse.ArgumentParser, scale_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="r2au", description="R2AU-Net segmentation: models, segment, demo, train.")
+    parser = argparse.ArgumentParser(
+        prog="r2au", description="R2AU-Net segmentation: segment, evaluate, train and fine-tune models, and "
+                                 "manage your models (models, add-model, remove-model); demo runs the default model.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -443,16 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of corrected masks (0/1 or 0/255), matched by name")
     p.add_argument("--fov", default=None, help="folder of field-of-view masks")
-    p.add_argument("--val-images", default=None, help="folder with one validation image")
-    p.add_argument("--val-masks", default=None)
-    p.add_argument("--val-fov", default=None)
+    p.add_argument("--val-images", default=None,
+                   help="folder with one validation image (default: hold out a quarter-width band of each image)")
+    p.add_argument("--val-masks", default=None, help="folder with its mask")
+    p.add_argument("--val-fov", default=None, help="folder with its field-of-view mask")
     from .training.settings import FinetuneSettings  # torch-free: --help stays fast
 
     defaults = FinetuneSettings()
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--patch", type=int, default=defaults.patch_size, help="patch size in pixels (at the model's scale)")
-    p.add_argument("--batch", type=int, default=defaults.batch_size)
+    p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--patch", type=int, default=defaults.patch_size,
+                   help="patch size in pixels, at the model's scale (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=defaults.batch_size, help="patches per step (default: %(default)s)")
     p.add_argument("--weight-share", type=float, default=defaults.weight_share, metavar="S",
                    help="the new weights are parent + S x (fine-tuned - parent); 1 keeps the fine-tuned ones "
                         "(default: %(default)s)")
@@ -466,11 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
-    p.add_argument("-m", "--model", default="drive-vessels")
-    p.add_argument("--images", required=True)
-    p.add_argument("--masks", required=True)
-    p.add_argument("--fov", default=None, help="folder of field-of-view masks")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of reference masks (0/1 or 0/255), matched by name")
+    p.add_argument("--fov", default=None, help="folder of field-of-view masks (pixels outside are not counted)")
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     _add_class_map_argument(p)
     p.add_argument("--tta", action="store_true", help="score the mean of flipped copies (as segment --tta)")

@@ -311,3 +311,36 @@ def test_bad_settings_are_named_before_anything_is_read_or_written(tmp_path, cap
     assert main(["train", str(config), "--set", setting]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_segment_does_not_take_its_own_outputs_for_inputs(tmp_path, capsys, monkeypatch):
+    _tiny_user_model()
+    _write_folder(tmp_path / "data", n=1)
+    folder = tmp_path / "data" / "images"
+    monkeypatch.chdir(folder)
+    assert main(["segment", ".", "-m", "base"]) == 0  # outputs land beside the input (-o defaults to .)
+    assert main(["segment", ".", "-m", "base"]) == 0  # a second run: the same one input
+    assert sorted(p.name for p in folder.iterdir()) == ["img0.tif", "img0_mask.tif", "img0_prob.tif"]
+    assert "skipped 2 file(s)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["segment", str(tmp_path / "empty"), "-m", "base"]) == 2
+    assert "empty: no images to segment (.tif" in capsys.readouterr().err
+    assert main(["segment", "img0.tif", "-m", "base", "--threshold", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_evaluate_says_when_masks_seem_to_mark_the_other_class(tmp_path, capsys, monkeypatch):
+    from napari_r2au import create_model
+    from napari_r2au.model_files import build_metadata, save_model, user_models_dir
+    from napari_r2au.training import evaluate
+
+    meta = build_metadata(name="em", architecture="unet", arch_args={"in_channels": 1, "base_width": 4},
+                          provenance={"data": {"class_map": {"0": 1, "255": 0}}})
+    save_model(create_model("unet", in_channels=1, base_width=4), user_models_dir(), meta)
+    scores = {"accuracy": 0.1, "sensitivity": 0.1, "specificity": 0.1, "precision": 0.1, "f1": 0.1, "iou": 0.05,
+              "auc_pr": 0.2, "n_images": 1, "per_image": []}
+    for auc, warned in ((0.03, True), (0.9, False)):
+        monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a, auc=auc, **k: dict(scores, auc_roc=auc))
+        assert main(["evaluate", "-m", "em", "--images", str(tmp_path), "--masks", str(tmp_path)]) == 0
+        err = capsys.readouterr().err
+        assert ("below chance" in err and "try --class-map 0:1,255:0" in err) == warned, err

@@ -7,6 +7,8 @@ the parameter counts of the widely used public implementation.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,27 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over ranks, with gradients: each rank's input contributes to every rank's
+    output, so its gradient is the sum over ranks of the output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
 def sync_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                     weight: torch.Tensor, bias: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
     """Training-mode batch norm with statistics over the batches of all ranks.
@@ -70,13 +93,11 @@ def sync_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     statistics makes W ranks compute what one process at the global batch computes.
     Works with gloo on CPUs as well as NCCL (autograd-aware all-reduce).
     """
-    from torch.distributed.nn.functional import all_reduce
-
     channels = x.shape[1]
     dims = [0, *range(2, x.dim())]
     xf = x.float()
     local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([x.numel() / channels])])
-    total = all_reduce(local)
+    total = _AllReduceSum.apply(local)
     count = total[-1]
     mean = total[:channels] / count
     var = total[channels:2 * channels] / count - mean * mean
