@@ -119,8 +119,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .dicom_seg import dicom_sources
     from .model_files import load_model
 
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        print(f"error: --threshold is a probability between 0 and 1 (exclusive), not {args.threshold:g}",
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        print(f"error: --threshold is a probability between 0 and 1, not {args.threshold:g}",
               file=sys.stderr)
         return 2
     model = load_model(args.model)
@@ -176,7 +176,7 @@ def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model,
     from .dicom_seg import dicom_sources, write_dicom_seg
 
     return write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
-                           model_sha256=model.sha256).path
+                           model_sha256=model.sha256, segment_property=model.metadata.get("segment_property")).path
 
 
 def _progress_bar_iter(items):

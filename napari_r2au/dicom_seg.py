@@ -85,7 +85,7 @@ def write_layer_seg(path: str | os.PathLike, data: np.ndarray, metadata: dict[st
     recorded = info.get("mask_sha256")
     edited = recorded is None or mask_checksum(data) != recorded
     return write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"),
-                           model_sha256=info.get("model_sha256"),
+                           model_sha256=info.get("model_sha256"), segment_property=info.get("segment_property"),
                            algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC,
                            planes=planes_with_results(data, info), algorithm_version=info.get("algorithm_version"))
 
@@ -93,7 +93,8 @@ def write_layer_seg(path: str | os.PathLike, data: np.ndarray, metadata: dict[st
 def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[list[Any]], *,
                     model: str | None = None, model_sha256: str | None = None,
                     algorithm_type: str = AUTOMATIC, planes: list[int] | None = None,
-                    algorithm_version: str | None = None) -> WrittenSeg:
+                    algorithm_version: str | None = None,
+                    segment_property: dict[str, Any] | None = None) -> WrittenSeg:
     """Write ``labels`` (a plane, or one plane per source) as a binary DICOM SEG, one segment
     per label value, referring to the source instances.
 
@@ -101,7 +102,9 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
     else ``algorithm_version``, as read from an earlier SEG);
     without a model the mask counts as drawn by hand (MANUAL). ``algorithm_type`` says
     whether a person corrected the model's mask (SEMIAUTOMATIC). ``planes`` limits the SEG
-    to those planes of a stack (see :func:`planes_with_results`). Refused with a message,
+    to those planes of a stack (see :func:`planes_with_results`). ``segment_property`` (a
+    model's, see model_files.check_segment_property) codes what the segments are; without
+    it, the generic "Tissue". Refused with a message,
     before anything is written, when the sources have moved or changed, when the mask's
     shape is not theirs, or when highdicom cannot describe these images in a SEG.
     """
@@ -157,7 +160,8 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
         pixel_array = segments
     try:
         seg = _segmentation(hd, source_images, pixel_array, foreground or [1], model,
-                            model_sha256 or algorithm_version, MANUAL if model is None else algorithm_type)
+                            model_sha256 or algorithm_version, MANUAL if model is None else algorithm_type,
+                            segment_property)
         hd.seg.Segmentation.from_dataset(seg, copy=True)  # what a reader will make of it
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); "
@@ -170,8 +174,15 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
 
 
 def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, values: list[int],
-                  model: str | None, version: str | None, algorithm_type: str) -> Any:
+                  model: str | None, version: str | None, algorithm_type: str,
+                  segment_property: dict[str, Any] | None = None) -> Any:
     from pydicom.sr.codedict import codes
+
+    category, kind = codes.SCT.Tissue, codes.SCT.Tissue  # what the model does not say
+    if segment_property:
+        category, kind = (hd.sr.CodedConcept(value=code["value"], scheme_designator=code["scheme"],
+                                             meaning=code["meaning"])
+                          for code in (segment_property["category"], segment_property["type"]))
 
     from . import __version__
 
@@ -180,7 +191,7 @@ def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, va
         family=codes.cid7162.ArtificialIntelligence)
     descriptions = [hd.seg.SegmentDescription(
         segment_number=number, segment_label=f"{model or 'mask'} label {value}"[:64],
-        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
+        segmented_property_category=category, segmented_property_type=kind,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type], algorithm_identification=algorithm)
         for number, value in enumerate(values, start=1)]
     first = source_images[0]

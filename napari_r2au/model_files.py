@@ -7,7 +7,7 @@ Format (version 1), for a model called NAME::
                         "name", "architecture", "arch_args", "in_channels",
                         "out_channels", "axes", "normalization", "class_names",
                         "threshold", "input_scale", "pixel_size", "pixel_size_unit",
-                        "postprocess", "weights_file", "weights_sha256",
+                        "postprocess", "segment_property", "weights_file", "weights_sha256",
                         "provenance": {...}, "description"}
 
 The sha256 of the weights file is checked before anything is read from it, and the
@@ -49,6 +49,8 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     "pixel_size": None,
     "pixel_size_unit": None,
     "postprocess": [],
+    #: what the foreground is, as DICOM SEG codes (None: generic "Tissue")
+    "segment_property": None,
     "description": "",
     "provenance": {},
 }
@@ -229,11 +231,25 @@ def _check_field(key: str, value: Any) -> str | None:
                            and all(c in "0123456789abcdef" for c in v), "64 lowercase hex digits"),
         "description": (lambda v: isinstance(v, str), "a string"),
         "provenance": (lambda v: isinstance(v, dict), "an object"),
+        "segment_property": (lambda v: v is None or check_segment_property(v) is None,
+                             'null or {"category": CODE, "type": CODE}, each CODE {"scheme", "value", "meaning"}'),
     }
     if key not in checks:
         return None  # unknown keys are kept: a newer minor writer may add information
     check, expected = checks[key]
     return None if check(value) else f"{key} must be {expected}, got {json.dumps(value)[:60]}"
+
+
+def check_segment_property(spec: Any) -> str | None:
+    """Why ``spec`` cannot say what a model segments in a DICOM SEG (None: it can): a
+    category and a type, each a code with its scheme (e.g. SCT), value and meaning."""
+    if not isinstance(spec, dict) or set(spec) != {"category", "type"}:
+        return 'expected {"category": CODE, "type": CODE}'
+    for role, code in spec.items():
+        if not isinstance(code, dict) or set(code) != {"scheme", "value", "meaning"} or \
+                not all(isinstance(v, str) and v.strip() for v in code.values()):
+            return f'{role} must be {{"scheme": ..., "value": ..., "meaning": ...}} with non-empty strings'
+    return None
 
 
 def validate_metadata(meta: dict[str, Any], where: str = "model metadata") -> dict[str, Any]:

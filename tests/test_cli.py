@@ -304,6 +304,7 @@ def test_resume_continues_the_run_it_finds_with_its_own_settings(tmp_path, capsy
     ("data.image=x", "data.image is not a key of data.kind folders"),
     ("data.kind=zip", "data.kind must be one of"),
     ("augment.flip=false", "unknown augment keys: flip"),
+    ("segment_property={type: liver}", "segment_property: expected"),
 ])
 def test_bad_settings_are_named_before_anything_is_read_or_written(tmp_path, capsys, setting, message):
     config = tmp_path / "mine.yaml"

@@ -125,7 +125,9 @@ def test_r2au_segment_writes_a_seg_for_a_dicom_series(tmp_path, capsys):
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
     torch.manual_seed(0)
-    meta = build_metadata(name="grey", architecture="r2au_net",
+    liver = {"category": {"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"},
+             "type": {"scheme": "SCT", "value": "10200004", "meaning": "Liver"}}
+    meta = build_metadata(name="grey", architecture="r2au_net", segment_property=liver,
                           arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2})
     model = save_model(create_model("r2au_net", in_channels=1, base_width=4), user_models_dir(), meta)
     folder = _series(tmp_path / "series")
@@ -138,6 +140,13 @@ def test_r2au_segment_writes_a_seg_for_a_dicom_series(tmp_path, capsys):
     assert identification.AlgorithmName == "grey"
     assert identification.AlgorithmVersion == json.loads(model.read_text())["weights_sha256"][:16]
     assert seg.NumberOfFrames == 3  # threshold 0: every slice holds mask
+    # what the model segments, as it says (a model without codes: the generic "Tissue")
+    assert description.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
+    assert description.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    from napari_r2au.model_files import ModelFileError, validate_metadata
+
+    with pytest.raises(ModelFileError, match="segment_property must be"):
+        validate_metadata(dict(meta, segment_property={"type": liver["type"]}))
     # one file of the series: a SEG on that one instance
     assert main(["segment", str(folder / "slice0.dcm"), "-m", "grey", "-o", str(tmp_path / "one"),
                  "--dicom-seg", "--threshold", "0.0"]) == 0

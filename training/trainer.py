@@ -25,7 +25,13 @@ import torch
 
 from napari_r2au.engine import PRECISIONS, autocast_dtype, predict, run, select_device
 from napari_r2au.io import atomic_path
-from napari_r2au.model_files import LoadedModel, build_metadata, load_model, save_model
+from napari_r2au.model_files import (
+    LoadedModel,
+    build_metadata,
+    check_segment_property,
+    load_model,
+    save_model,
+)
 from napari_r2au.models import ARCHITECTURES, create_model
 
 from .augment import AugmentConfig, PatchSampler, augment
@@ -92,6 +98,9 @@ class TrainConfig:
     #: input normalization of a new model, e.g. {kind: clahe} (napari_r2au.preprocess);
     #: a fine-tuned model keeps its parent's
     normalization: dict[str, Any] | None = None
+    #: what the foreground is, for DICOM SEG exports: {category: CODE, type: CODE}, each
+    #: CODE {scheme: SCT, value: ..., meaning: ...}; a fine-tuned model keeps its parent's
+    segment_property: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -144,6 +153,8 @@ class TrainConfig:
         for name in ("max_minutes", "grad_clip", "pixel_size"):
             number(name, 0, strict=True, optional=True)
         number("ema_decay", 0, strict=True, optional=True, high=1)
+        if self.segment_property is not None and (problem := check_segment_property(self.segment_property)):
+            found.append(f"segment_property: {problem}")
         if self.loss not in LOSSES:
             found.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
@@ -316,6 +327,7 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         pixel_size=pixel_size, pixel_size_unit=unit,
         normalization=resolve_normalization(config, parent),
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
+        segment_property=config.segment_property or (parent.metadata.get("segment_property") if parent else None),
     )
 
 

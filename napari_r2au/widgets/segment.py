@@ -70,6 +70,8 @@ class SegmentOutput:
     uncertainty: np.ndarray | None
     model_path: str
     scale: float  # the resize factor the network saw (the Fine-tune widget trains at it)
+    #: the model's DICOM SEG codes for what it segments (None: generic)
+    segment_property: dict[str, Any] | None = None
 
 
 #: up to this many mask pixels the mask follows the Threshold slider while it is dragged
@@ -219,7 +221,7 @@ class SegmentWidget(WorkerRunner, Container):
             prediction, spread = yield from iter_predict_tta(model, image, **options)
         else:
             prediction, spread = (yield from iter_predict(model, image, **options)), None
-        return SegmentOutput(prediction, spread, path, options["scale"])
+        return SegmentOutput(prediction, spread, path, options["scale"], model.metadata.get("segment_property"))
 
     def _load(self, path: str) -> LoadedModel:
         """Load a model once per file version (the picker only has paths)."""
@@ -398,8 +400,9 @@ class SegmentWidget(WorkerRunner, Container):
             "run_id": run_id,
         }
         sources = (layer.metadata.get("dicom") or {}).get("sources")
-        if sources:  # what a DICOM SEG export of this mask refers to
+        if sources:  # what a DICOM SEG export of this mask refers to, and what it shows
             info["dicom"] = {"sources": sources}
+            info["segment_property"] = output.segment_property
         self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
                                          metadata={"r2au": info}, **place)
         # the kept prediction, its record and its source change together, once every layer is placed
