@@ -374,7 +374,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{row['image']:<24}" + "".join(f"{row[k]:>12.4f}" for k in keys))
     print(f"{'ALL (' + str(report['n_images']) + ')':<24}" + "".join(f"{report[k]:>12.4f}" for k in keys))
     if report["auc_roc"] < 0.5:  # worse than chance: the masks most likely mark the other class
-        recorded = (model.metadata.get("provenance") or {}).get("data", {}).get("class_map")
+        data = (model.metadata.get("provenance") or {}).get("data")
+        recorded = data.get("class_map") if isinstance(data, dict) else None
+        recorded = recorded if isinstance(recorded, dict) else None
         hint = (f" {model.name} was trained with the class map {recorded}: try --class-map "
                 + ",".join(f"{k}:{v}" for k, v in recorded.items()) if recorded and not args.class_map else "")
         print(f"warning: AUC-ROC {report['auc_roc']:.3f} is below chance: do the masks mark the background "

@@ -292,6 +292,16 @@ def test_resume_continues_the_run_it_finds_with_its_own_settings(tmp_path, capsy
     assert best["validation_metrics_at_0.5"]["f1"] == pytest.approx(float(rows[best["steps"]]["val_f1"]), abs=1e-4)
 
 
+def test_a_run_with_a_class_map_resumes_and_another_data_kind_starts_afresh(tmp_path):
+    from napari_r2au.training.config import load_config, load_run_config
+
+    config = load_config("em-membranes", [f"output_dir={tmp_path}"])
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))  # as a run writes it
+    assert load_run_config(tmp_path).data["class_map"] == {0: 1, 255: 0}  # integers again, not "0", "255"
+    dicom = load_config("em-membranes", ["data.kind=dicom", "data.root=/series"])
+    assert dicom.data == {"kind": "dicom", "root": "/series"}  # the folders' keys and mask values dropped
+
+
 @pytest.mark.parametrize("setting, message", [
     ("steps=abc", "steps must be a whole number"),
     ("lr=fast", "lr must be a number"),

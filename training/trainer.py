@@ -39,6 +39,14 @@ from .data import DataError, Sample, dicom_samples, drive_samples, folder_sample
 from .losses import LOSSES, segmentation_loss
 from .metrics import Counts, confusion, roc_auc
 
+
+def _as_int(value: Any) -> Any:
+    """``"255"`` -> 255 (what JSON makes of integer keys); anything else as it is."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
 #: the keys of each kind of training data (``class_map`` is allowed for all)
 DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks", "fov"),
                                          "dicom": ("root",), "memory": ("pairs",)}
@@ -109,6 +117,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         values = dict(values)
+        data = values.get("data")
+        if isinstance(data, dict) and isinstance(data.get("class_map"), dict):
+            # JSON (a run's config.json) and quoted YAML keys give strings: mask values are integers
+            values["data"] = dict(data, class_map={_as_int(k): _as_int(v) for k, v in data["class_map"].items()})
         if isinstance(values.get("augment"), dict):
             augment_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
             if set(values["augment"]) - augment_keys:
