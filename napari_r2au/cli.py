@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 
-def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile"):
+def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile", shown: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not sys.stderr.isatty())
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not (shown and sys.stderr.isatty()))
 
 
 def _predict_with_bar(model, image, desc: str, tta: bool = False, **kwargs):
@@ -251,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
         config = load_run_config(config.output_dir, args.set or [])
     speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report, not one per process
-    bar = _progress_bar(config.steps if speaks else 0, config.name, "step")
+    bar = _progress_bar(config.steps, config.name, "step", shown=speaks)
     generator = iter_train(config, resume=bool(args.resume))
 
     def show(event) -> None:
@@ -291,11 +291,28 @@ def _class_map(text: str) -> dict[int, int]:
 
 
 def _folder_pairs(images: str, masks: str, fov: str | None, class_map: dict[int, int] | None = None):
-    """(image, mask) arrays and FOVs from folders, paired by id like the trainer does."""
-    from .training.data import folder_samples
+    """(image, mask) pairs, FOVs, names and slices from folders, paired by id like the trainer
+    does. A TIFF stack stays one 3D pair with all its slices, so that they are normalized
+    together, as Segment normalizes the stack."""
+    import numpy as np
 
-    samples = folder_samples(images, masks, fov, class_map=class_map)
-    return [(s.raw, s.mask) for s in samples], [s.fov for s in samples], [s.name for s in samples]
+    from .training.data import folder_samples, series_of
+
+    groups: dict[str, list] = {}
+    for sample in folder_samples(images, masks, fov, class_map=class_map):
+        groups.setdefault(series_of(sample), []).append(sample)
+    pairs, fovs, names, slices = [], [], [], []
+    for name, group in groups.items():
+        if len(group) == 1 and group[0].name == name:  # a 2D image
+            pairs.append((group[0].raw, group[0].mask))
+            fovs.append(group[0].fov)
+            slices.append(None)
+        else:
+            pairs.append((np.stack([s.raw for s in group]), np.stack([s.mask for s in group])))
+            fovs.append(np.stack([s.fov for s in group]))
+            slices.append(list(range(len(group))))
+        names.append(name)
+    return pairs, fovs, names, slices
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -306,20 +323,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
-    pairs, fovs, names = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
+    pairs, fovs, names, slices = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
     validation = validation_fov = None
     if args.val_images:
         if not args.val_masks:
             print("error: --val-images needs --val-masks", file=sys.stderr)
             return 2
-        val_pairs, val_fovs, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov, args.class_map)
+        val_pairs, val_fovs, _, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov, args.class_map)
         if len(val_pairs) != 1:
             print("error: give one validation image (a folder with one image and its mask)", file=sys.stderr)
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
                                 freeze_encoder=args.freeze_encoder, seed=args.seed, weight_share=args.weight_share)
-    generator = iter_finetune(parent, pairs, validation, settings, names=names, fovs=fovs,
+    generator = iter_finetune(parent, pairs, validation, settings, names=names, fovs=fovs, slices=slices,
                               validation_fov=validation_fov, scale=args.scale, name=args.name, device=args.device,
                               pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
     bar = _progress_bar(args.steps, "fine-tune", "step")

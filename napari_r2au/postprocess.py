@@ -168,3 +168,26 @@ def apply_model_postprocess(mask: np.ndarray, steps: list[str] | tuple[str, ...]
             planes = np.asarray(mask).astype(bool).reshape(-1, *mask.shape[-2:])
             mask = np.stack([ndimage.binary_fill_holes(p) for p in planes]).reshape(mask.shape).astype(np.uint8)
     return mask
+
+
+def apply_cleanup(mask: np.ndarray, cleanup: dict | None) -> np.ndarray:
+    """Segment's clean-up settings (``{"remove_small_objects", "fill_holes", "size"}``, as its
+    masks record them) applied to a mask: one implementation for the dock and for rebuilding."""
+    cleanup = cleanup or {}
+    size = int(cleanup.get("size") or 0)
+    return clean_mask(mask, min_size=size if cleanup.get("remove_small_objects") else 0,
+                      fill_holes=bool(cleanup.get("fill_holes")), hole_size=size)
+
+
+def rebuild_segment_mask(probabilities: np.ndarray, record: dict) -> np.ndarray | None:
+    """The mask Segment made from ``probabilities`` with the settings its record keeps
+    (threshold, the model's steps, clean-up), or None when the result does not match the
+    recorded checksum: then it is not the mask Segment made, and nothing is guessed."""
+    threshold, recorded = record.get("threshold"), record.get("mask_sha256")
+    if threshold is None or not recorded:
+        return None
+    labels = np.greater(np.asarray(probabilities), float(threshold)).astype(np.uint8)
+    if record.get("postprocess"):
+        labels = apply_model_postprocess(labels, record["postprocess"])
+    mask = apply_cleanup(labels, record.get("cleanup"))
+    return mask if mask_checksum(mask) == recorded else None

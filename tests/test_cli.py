@@ -355,3 +355,32 @@ def test_evaluate_says_when_masks_seem_to_mark_the_other_class(tmp_path, capsys,
         assert main(["evaluate", "-m", "em", "--images", str(tmp_path), "--masks", str(tmp_path)]) == 0
         err = capsys.readouterr().err
         assert ("below chance" in err and "try --class-map 0:1,255:0" in err) == warned, err
+
+
+def test_finetune_on_a_tiff_stack_keeps_it_one_stack(tmp_path, capsys, monkeypatch):
+    """Its slices are normalized together, as Segment normalizes the stack, and all of them
+    train (an empty one says "nothing here")."""
+    from napari_r2au.training import finetune
+
+    _tiny_user_model()
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    stack = (rng.random((3, 64, 64)) * 50).astype(np.float32) + np.array([0, 500, 1000], np.float32)[:, None, None]
+    masks = np.zeros((3, 64, 64), np.uint8)
+    masks[:2, :, 20:28] = 255
+    tifffile.imwrite(tmp_path / "img" / "ct.tif", stack)
+    tifffile.imwrite(tmp_path / "msk" / "ct.tif", masks)
+    seen = {}
+    real = finetune.iter_finetune
+
+    def spy(parent, pairs, *args, **kwargs):
+        seen.update(pairs=pairs, slices=kwargs["slices"], names=kwargs["names"])
+        return real(parent, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "iter_finetune", spy)
+    assert main(["finetune", "-m", "base", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                 "--steps", "2", "--patch", "32", "--batch", "2"]) == 0
+    ((image, labels),) = seen["pairs"]
+    assert image.shape[:3] == labels.shape == (3, 64, 64) and seen["slices"] == [[0, 1, 2]]
+    assert seen["names"] == ["ct.tif"]

@@ -193,6 +193,24 @@ def test_the_held_out_band_follows_the_users_corrections():
     assert held_out_band(sample, settings, mostly_left) == (0, 50)
 
 
+def test_the_mask_before_corrections_says_where_they_are(base_model, rng):
+    """Segment's own mask (flip-averaged, cleaned up, at the slider's threshold) differs from
+    a bare prediction everywhere; the user corrected only the left: the band goes there."""
+    from napari_r2au.training.finetune import prepare_samples
+
+    image = (rng.random((64, 200, 3)) * 60).astype(np.uint8)
+    before = np.zeros((64, 200), np.uint8)
+    before[10:50, ::10] = 1
+    corrected = before.copy()
+    corrected[:, 5:45] = 0
+    corrected[20:30, 5:45] = 1  # the user's strokes, on the left only
+    train, held_out = prepare_samples(base_model, [(image, corrected)], None, FinetuneSettings(patch_size=48),
+                                      names=["p"], originals=[before])
+    (band,) = held_out
+    assert band.window == (0, 50) and [s.window for s in train] == [(50, 200)]
+    assert train[0].weight == pytest.approx(0.75)  # a piece draws by its share of the image
+
+
 def test_a_band_in_the_middle_leaves_two_training_pieces(base_model, rng, monkeypatch):
     from napari_r2au.training import finetune
 
@@ -209,6 +227,7 @@ def test_a_band_in_the_middle_leaves_two_training_pieces(base_model, rng, monkey
     assert x0 <= 100 and x1 >= 140
     assert [s.name for s in train] == ["p[train 1]", "p[train 2]"]
     assert [s.window for s in train] == [(0, x0), (x1, 200)]
+    assert [s.weight for s in train] == pytest.approx([x0 / 200, (200 - x1) / 200])
     np.testing.assert_array_equal(np.concatenate([train[0].mask, band.mask, train[1].mask], axis=1), mask)
 
 

@@ -202,8 +202,19 @@ def test_threshold_slider_rethresholds_without_running_the_network(
     assert mask.data.sum() <= (probability > widget._threshold.value).sum()
     assert len(calls) == 2, "moving the slider must not run the network"
 
+    # Fine-tune rebuilds this mask exactly from the probabilities and the record (threshold,
+    # clean-up), to tell the user's corrections apart from the model's output
+    from napari_r2au.postprocess import rebuild_segment_mask
+    from napari_r2au.widgets.finetune import _segment_record
+
+    made = mask.data.copy()
+    before = _segment_record(viewer, mask)
+    np.testing.assert_array_equal(rebuild_segment_mask(*before), made)
+    assert rebuild_segment_mask(before[0], dict(before[1], threshold=0.5)) is None, "a guess is refused"
+
     # once the mask is painted on, the slider leaves it alone and says why
     mask.data = np.ones_like(mask.data)
+    np.testing.assert_array_equal(rebuild_segment_mask(*_segment_record(viewer, mask)), made)
     widget._threshold.value = 0.9
     assert mask.data.all()
     assert "edited by hand" in messages(notifications)
@@ -539,8 +550,14 @@ def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(make_napari_v
     original = type(finetune)._job
 
     def spy(*args, **kwargs):
-        seen.append(args[-1])
+        seen.append(args[8])  # the corrected slices
+        before = rebuild_segment_mask(*args[9])  # and the stack before the corrections, rebuilt exactly
+        np.testing.assert_array_equal(before, made)
         return original(*args, **kwargs)
+
+    from napari_r2au.postprocess import rebuild_segment_mask
+
+    made = mask.data.copy()
 
     monkeypatch.setattr(type(finetune), "_job", staticmethod(spy))
     edited = mask.data.copy()

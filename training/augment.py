@@ -34,6 +34,9 @@ class PatchSampler:
 
     def __init__(self, samples: list[Sample], patch_size: int | None, generator: torch.Generator):
         self.samples, self.patch_size, self.generator = samples, patch_size, generator
+        weights = [float(getattr(s, "weight", 1.0)) for s in samples]
+        # equal weights draw as they always have (a run's draws stay what they were)
+        self.weights = None if len(set(weights)) <= 1 else torch.tensor(weights, dtype=torch.float64)
         self.images = [torch.from_numpy(s.image).permute(2, 0, 1).contiguous() for s in samples]
         self.masks = [torch.from_numpy(s.mask.astype(np.float32))[None] for s in samples]
         self.fovs = [torch.from_numpy(s.fov.astype(np.float32))[None] for s in samples]
@@ -49,7 +52,8 @@ class PatchSampler:
         """(images B,C,P,P; masks B,1,P,P; fov B,1,P,P)."""
         xs, ys, fs = [], [], []
         for _ in range(batch_size):
-            i = self._randint(len(self.samples))
+            i = self._randint(len(self.samples)) if self.weights is None else \
+                int(torch.multinomial(self.weights, 1, generator=self.generator))
             image, mask, fov = self.images[i], self.masks[i], self.fovs[i]
             if self.patch_size is not None:
                 p = self.patch_size

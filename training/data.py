@@ -54,6 +54,12 @@ class Sample:
     #: the normalization statistics of the stack a slice comes from (None: the sample's own);
     #: validation hands them to the engine, so that ``raw`` is predicted as inside its stack
     statistics: Statistics | None = None
+    #: the mask before the user's corrections (bool, like ``mask``), when known: fine-tuning
+    #: holds out the part that was corrected
+    original: np.ndarray | None = None
+    #: the share of patches drawn from this sample, relative to a whole image (1): a piece of
+    #: an image split around a held-out band draws by its share of the image
+    weight: float = 1.0
 
 
 def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None = None) -> np.ndarray:
@@ -141,10 +147,21 @@ def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndar
     shape = tuple(max(1, round(n * scale)) for n in mask.shape[-2:])
     image = resize(np.asarray(image, np.float32), shape + image.shape[2:], order=1, anti_aliasing=scale < 1,
                    preserve_range=True).astype(np.float32)
-    mask = resize(np.asarray(mask) > 0, shape, order=0, anti_aliasing=False).astype(np.uint8)
+    mask = resize_mask(mask, scale).astype(np.uint8)
     if fov is not None:
-        fov = resize(np.asarray(fov) > 0, shape, order=0, anti_aliasing=False)
+        fov = resize_mask(fov, scale)
     return image, mask, fov
+
+
+def resize_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """A 2D mask (anything > 0) resized by ``scale`` as rescale_pair resizes masks (nearest), bool."""
+    mask = np.asarray(mask) > 0
+    if abs(scale - 1.0) < 1e-6:
+        return mask
+    from skimage.transform import resize
+
+    shape = tuple(max(1, round(n * scale)) for n in mask.shape[-2:])
+    return resize(mask, shape, order=0, anti_aliasing=False)
 
 
 _ROLE_SUFFIX = re.compile(rf"(_({MASK_ROLES}|training|test))$", re.IGNORECASE)
@@ -300,14 +317,14 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
 def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str] | None = None,
                      slices: Sequence[Sequence[int]] | None = None,
                      fovs: Sequence[np.ndarray | None] | None = None):
-    """2D (image, labels) pairs, names, FOVs and sources: a 3D pair gives one pair per
-    annotated slice, and ``sources`` names the index of the stack each slice was cut from
-    (None for a 2D pair).
+    """2D (image, labels) pairs, names, FOVs and origins: a 3D pair gives one pair per
+    annotated slice, and ``origins`` says where each came from, (pair index, slice index;
+    None for a 2D pair).
 
     For stacks, ``slices[i]`` lists the slices to use for pair i; by default the slices
     whose labels are not all zero (what the user painted).
     """
-    out_pairs, out_names, out_fovs, sources = [], [], [], []
+    out_pairs, out_names, out_fovs, origins = [], [], [], []
     for index, (image, labels) in enumerate(pairs):
         name = names[index] if names else f"pair{index}"
         labels = np.asarray(labels)
@@ -315,35 +332,49 @@ def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequ
             out_pairs.append((np.asarray(image), labels))
             out_names.append(name)
             out_fovs.append(fovs[index] if fovs else None)
-            sources.append(None)
+            origins.append((index, None))
             continue
         chosen = list(slices[index]) if slices else [z for z in range(labels.shape[0]) if labels[z].any()]
         if not chosen:
             raise DataError(f"{name}: no annotated slice in the stack")
+        fov = np.asarray(fovs[index]) if fovs and fovs[index] is not None else None
         for z in chosen:
             out_pairs.append((np.asarray(image[z]), labels[z]))
             out_names.append(f"{name}[z={z}]")
-            out_fovs.append(None)
-            sources.append(index)
-    return out_pairs, out_names, out_fovs, sources
+            out_fovs.append(None if fov is None else fov[z] if fov.ndim == 3 else fov)  # per slice, or one for all
+            origins.append((index, z))
+    return out_pairs, out_names, out_fovs, origins
 
 
 def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
                    normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
                    names: Sequence[str] | None = None,
-                   fovs: Sequence[np.ndarray | None] | None = None, scale: float = 1.0) -> list[Sample]:
+                   fovs: Sequence[np.ndarray | None] | None = None, scale: float = 1.0,
+                   originals: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
     """In-memory (image, labels) pairs resized by ``scale``; a 3D pair gives one sample per
-    annotated slice (see :func:`annotated_slices`), normalized with its stack's statistics."""
-    flat, names, fovs, sources = annotated_slices(pairs, names, slices, fovs)
+    annotated slice (see :func:`annotated_slices`), normalized with its stack's statistics.
+    ``originals``: per pair, the mask before the user's corrections (or None), kept on the
+    samples (``Sample.original``) so that fine-tuning can tell what was corrected."""
+    flat, names, fovs, origins = annotated_slices(pairs, names, slices, fovs)
     if not flat:
         raise DataError("no training pairs given")
+    stacks = sorted({index for index, z in origins if z is not None})
     statistics = {index: stack_statistics(pairs[index][0], in_channels, normalization, scale)  # lazy stays lazy
-                  for index in sorted({i for i in sources if i is not None})}
+                  for index in stacks}
     samples = []
-    for (image, labels), name, fov, source in zip(flat, names, fovs, sources):
+    for (image, labels), name, fov, (index, z) in zip(flat, names, fovs, origins):
+        original = originals[index] if originals else None
+        if original is not None:
+            original = np.asarray(original if z is None else original[z]) > 0
+            if original.shape != np.shape(labels):
+                raise DataError(f"{name}: the mask before correction {original.shape} differs from the "
+                                f"corrected one {np.shape(labels)}")
+            original = resize_mask(original, scale)
         image, labels, fov = rescale_pair(image, np.asarray(labels) > 0, scale, fov)
-        samples.append(make_sample(image, labels > 0, name, in_channels, fov, normalization,
-                                   statistics=None if source is None else statistics[source]))
+        sample = make_sample(image, labels > 0, name, in_channels, fov, normalization,
+                             statistics=None if z is None else statistics[index])
+        sample.original = original
+        samples.append(sample)
     return samples
 
 

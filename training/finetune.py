@@ -98,25 +98,30 @@ def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.M
 
 def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
     """Columns x0:x1 of a sample; its raw image stays whole, so that validation predicts
-    a strip in the context of its image, as a user's run does (see :class:`Sample`)."""
-    return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], sample.fov[:, x0:x1],
+    a strip in the context of its image, as a user's run does (see :class:`Sample`). The
+    piece draws patches by its share of the image's field of view."""
+    fov = sample.fov[:, x0:x1]
+    return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], fov,
                   f"{sample.name}{suffix}", sample.raw, window=(x0, x1), normalization=sample.normalization,
-                  statistics=sample.statistics)
+                  statistics=sample.statistics,
+                  original=None if sample.original is None else sample.original[:, x0:x1],
+                  weight=sample.weight * float(fov.sum()) / max(1.0, float(sample.fov.sum())))
 
 
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                     validation: tuple[np.ndarray, np.ndarray] | None, settings: FinetuneSettings,
                     names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None,
                     fovs: Sequence[np.ndarray | None] | None = None,
-                    validation_fov: np.ndarray | None = None, scale: float = 1.0, device: str | None = None):
+                    validation_fov: np.ndarray | None = None, scale: float = 1.0, device: str | None = None,
+                    originals: Sequence[np.ndarray | None] | None = None):
     """Training and validation samples at the model's scale; without a validation pair,
     hold out a band of columns of every image (or slice; at most MAX_HELD_OUT_STRIPS)
     with foreground both in the band and beside it: the right strip, unless the user's
-    corrections lie elsewhere (:func:`held_out_band`)."""
-    if validation is not None and abs(scale - 1.0) > 1e-6 and np.asarray(validation[1]).ndim == 3:
-        raise ValueError("the validation pair must be a 2D image when the model works at a scale other than 1")
+    corrections lie elsewhere (:func:`held_out_band`). ``originals``: per pair, the mask
+    before the corrections (what Segment made), which tells where they are; without it,
+    the base model's prediction stands in."""
     train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs,
-                           scale=scale)
+                           scale=scale, originals=originals)
     if not any((sample.mask.astype(bool) & sample.fov).any() for sample in train):
         raise ValueError("the corrected masks hold no foreground at all: fine-tuning on them would teach the model "
                          "to find nothing. Include an image or slice where the structure is present")
@@ -133,13 +138,17 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
         candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, MAX_HELD_OUT_STRIPS).round()]
     if not candidates:
         return train, []
-    # where the user corrected: the mask differs from what the model predicts there now
-    predicted = predict_samples(model, [train[i] for i in candidates], device=device)
+    # where the user corrected: the mask differs from the one before the corrections, or,
+    # not knowing that one, from what the model predicts there now
+    unknown = [i for i in candidates if train[i].original is None]
+    before = {i: train[i].original for i in candidates if train[i].original is not None}
+    before |= {i: probabilities > model.threshold for i, probabilities in
+               zip(unknown, predict_samples(model, [train[i] for i in unknown], device=device) if unknown else [])}
     kept: list[Sample | list[Sample]] = list(train)
     held_out = []
-    for i, probabilities in zip(candidates, predicted):
+    for i in candidates:
         sample = train[i]
-        corrected = (((probabilities >= model.threshold) != sample.mask.astype(bool)) & sample.fov).sum(axis=0)
+        corrected = ((before[i] != sample.mask.astype(bool)) & sample.fov).sum(axis=0)
         x0, x1 = held_out_band(sample, settings, corrected)
         pieces = [(a, b) for a, b in ((0, x0), (x1, sample.mask.shape[1])) if b > a]
         kept[i] = [_crop(sample, a, b, "[train]" if len(pieces) == 1 else f"[train {n + 1}]")
@@ -188,6 +197,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
                   fovs: Sequence[np.ndarray | None] | None = None, validation_fov: np.ndarray | None = None,
                   scale: float | None = None, name: str | None = None,
                   pixel_size: float | None = None, pixel_size_unit: str | None = None,
+                  originals: Sequence[np.ndarray | None] | None = None,
                   ) -> Generator[TrainEvent, None, FinetuneResult]:
     """Fine-tune ``base`` on (image, corrected labels) pairs; returns the new model.
 
@@ -196,6 +206,8 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     pixel size, if known, so that the new model records the pixel size it sees (default:
     the parent's). ``name``: the new model's name (default: the next ``<parent>-ft<N>``);
     an existing name is refused. ``device``: None picks the best available, as training does.
+    ``originals``: per pair, the mask before the user's corrections (Segment's), if known:
+    the held-out band is then chosen where the corrections are (see :func:`prepare_samples`).
     """
     settings = settings or FinetuneSettings()
     if not 0.0 < settings.weight_share <= 1.0:  # refused before training, not after
@@ -208,7 +220,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
                          "class and cannot start from a multiclass model")
     scale = working_scale(parent, scale, pixel_size, pixel_size_unit)
     train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
-                                                 validation_fov, scale, device)
+                                                 validation_fov, scale, device, originals)
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
     patch -= patch % 16
     if patch < 16:

@@ -156,14 +156,15 @@ class TrainConfig:
         for name in ("t", "val_images", "warmup_steps", "seed"):
             number(name, 0, integer=True)
         number("patch_size", 16, integer=True, optional=True)
-        for name in ("patience", "threads"):
-            number(name, 1, integer=True, optional=True)
+        number("patience", 1, integer=True, optional=True)
+        number("threads", 0, integer=True, optional=True)  # 0 (like null): PyTorch's default
         for name in ("lr", "pos_weight", "input_scale"):
             number(name, 0, strict=True)
         for name in ("weight_decay", "dice_weight"):
             number(name, 0)
-        for name in ("max_minutes", "grad_clip", "pixel_size"):
+        for name in ("max_minutes", "pixel_size"):
             number(name, 0, strict=True, optional=True)
+        number("grad_clip", 0, optional=True)  # 0 (like null): no clipping
         number("ema_decay", 0, strict=True, optional=True, high=1)
         if self.segment_property is not None and (problem := check_segment_property(self.segment_property)):
             found.append(f"segment_property: {problem}")
@@ -487,7 +488,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if resume:
         if not last_state.is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
-        _warn_changed_settings(config, out / "config.json")
+        if writer:
+            _warn_changed_settings(config, out / "config.json")
         state = torch.load(last_state, map_location="cpu", weights_only=True)
         trained_with = state.get("ema_decay")
         if trained_with != config.ema_decay:

@@ -384,6 +384,7 @@ class SegmentWidget(WorkerRunner, Container):
             "model_path": output.model_path,
             "threshold": None if prediction.multiclass else float(self._threshold.value),
             "cleanup": self._cleanup_settings(),
+            "postprocess": list(prediction.postprocess or []),  # the model's own steps, before the clean-up
             "scale": output.scale,
             **_checksums(mask),
             "image_layer": base,
@@ -426,14 +427,11 @@ class SegmentWidget(WorkerRunner, Container):
 
     def _mask(self, prediction: Prediction | None = None) -> np.ndarray:
         """The mask at the slider's threshold and clean-up (of the kept prediction by default)."""
-        from napari_r2au.postprocess import clean_mask
+        from napari_r2au.postprocess import apply_cleanup
 
         prediction = prediction or self._prediction
         assert prediction is not None
-        size = int(self._min_size.value)
-        return clean_mask(prediction.mask(float(self._threshold.value)),
-                          min_size=size if self._remove_small.value else 0,
-                          fill_holes=bool(self._fill_holes.value), hole_size=size)
+        return apply_cleanup(prediction.mask(float(self._threshold.value)), self._cleanup_settings())
 
     def _apply_threshold(self, *_: Any) -> None:
         """Re-threshold the kept probabilities (no network run) unless the mask was painted on."""
