@@ -216,7 +216,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
     print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
     print(f"image      skimage.data.retina() {image.shape}, resized x{scale:.3f} to DRIVE's field of view")
-    print(f"result     vessel pixels {mask.mean():.1%}, {len(prediction.attention)} attention maps, {seconds:.2f} s")
+    print(f"result     foreground (vessel) pixels {mask.mean():.1%}, {len(prediction.attention)} attention maps, "
+          f"{seconds:.2f} s")
     for path in written:
         print(f"wrote      {path}")
     if args.gui:
@@ -476,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="segment the bundled fundus photograph with the default model")
     p.add_argument("-o", "--output", default="r2au-demo", help="output folder (default: r2au-demo)")
-    p.add_argument("-m", "--model", default=None, help="model (default: drive-vessels)")
+    p.add_argument("-m", "--model", default=None,
+                   help="a model for colour fundus photographs, e.g. a fine-tune of drive-vessels (default: drive-vessels)")
     p.add_argument("--gui", action="store_true", help="open the results in napari")
     p.set_defaults(func=cmd_demo)
 
