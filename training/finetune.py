@@ -173,7 +173,8 @@ def _band_starts(sample: Sample, settings: FinetuneSettings) -> list[int]:
 
 def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndarray) -> tuple[int, int]:
     """The columns to hold out for validation. ``corrected`` counts, per column, the pixels
-    where the mask differs from the base model's prediction: what the user corrected.
+    where the mask differs from the one before the corrections (or, not knowing that one,
+    from the base model's prediction): what the user corrected.
 
     The right strip, as long as it holds a fair part of the corrections (a quarter of its
     share by width); otherwise, the band with the most corrections. A band the user never
