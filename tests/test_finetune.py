@@ -191,6 +191,15 @@ def test_the_held_out_band_follows_the_users_corrections():
     mostly_left = left.copy()
     mostly_left[190] = 2  # a couple of pixels on the right: not a fair part of 202
     assert held_out_band(sample, settings, mostly_left) == (0, 50)
+    # a small image (PH2 at 1/3 scale is 255 wide): corrections in the middle are still found,
+    # the patch shrinking to the pieces beside the band rather than holding out untouched output
+    small = np.zeros((191, 255), np.uint8)
+    small[40:150, 70:210] = 1
+    lesion = make_sample(np.zeros((191, 255, 3), np.float32), small, "l", 3)
+    border = np.zeros(255, int)
+    border[72:126] = 20
+    x0, x1 = held_out_band(lesion, FinetuneSettings(), border)
+    assert border[x0:x1].sum() == border.sum() and min(x0, 255 - x1) >= 32
 
 
 def test_the_mask_before_corrections_says_where_they_are(base_model, rng):

@@ -205,16 +205,22 @@ def test_threshold_slider_rethresholds_without_running_the_network(
     # Fine-tune rebuilds this mask exactly from the probabilities and the record (threshold,
     # clean-up), to tell the user's corrections apart from the model's output
     from napari_r2au.postprocess import rebuild_segment_mask
-    from napari_r2au.widgets.finetune import _segment_record
+    from napari_r2au.widgets._common import mask_before_corrections
 
     made = mask.data.copy()
-    before = _segment_record(viewer, mask)
-    np.testing.assert_array_equal(rebuild_segment_mask(*before), made)
-    assert rebuild_segment_mask(before[0], dict(before[1], threshold=0.5)) is None, "a guess is refused"
+    np.testing.assert_array_equal(mask_before_corrections(viewer, mask)(), made)
+    assert made.any()
+    record = dict(mask.metadata["r2au"], threshold=0.999)
+    assert rebuild_segment_mask(probability, record) is None, "a guess is refused"
 
     # once the mask is painted on, the slider leaves it alone and says why
     mask.data = np.ones_like(mask.data)
-    np.testing.assert_array_equal(rebuild_segment_mask(*_segment_record(viewer, mask)), made)
+    np.testing.assert_array_equal(mask_before_corrections(viewer, mask)(), made)
+    # a new run keeps the edited mask under another name, with the mask it was edited from
+    run_segment(qtbot, viewer)
+    kept = viewer.layers["img corrected"]
+    assert kept.data.all() and viewer.layers["img mask"] is not kept
+    np.testing.assert_array_equal(mask_before_corrections(viewer, kept)(), made)
     widget._threshold.value = 0.9
     assert mask.data.all()
     assert "edited by hand" in messages(notifications)
@@ -551,11 +557,8 @@ def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(make_napari_v
 
     def spy(*args, **kwargs):
         seen.append(args[8])  # the corrected slices
-        before = rebuild_segment_mask(*args[9])  # and the stack before the corrections, rebuilt exactly
-        np.testing.assert_array_equal(before, made)
+        np.testing.assert_array_equal(args[9](), made)  # and the stack before the corrections, rebuilt exactly
         return original(*args, **kwargs)
-
-    from napari_r2au.postprocess import rebuild_segment_mask
 
     made = mask.data.copy()
 

@@ -157,17 +157,23 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
     return [s for item in kept for s in (item if isinstance(item, list) else [item])], held_out
 
 
+#: the narrowest piece a band in the middle may leave on either side (the patch size
+#: shrinks to fit it: a small image's corrections may lie anywhere)
+MIN_PIECE = 32
+
+
 def _band_starts(sample: Sample, settings: FinetuneSettings) -> list[int]:
     """Where a held-out band of columns may start: the right strip first, then the left, then
-    any start that leaves at least a patch's width on both sides; only bands with foreground
-    inside them and beside them."""
+    any start that leaves at least MIN_PIECE columns on both sides; only bands with
+    foreground inside them and beside them."""
     width = sample.mask.shape[1]
     band = int(round(width * settings.holdout_fraction))
     right = width - band
     if right < settings.patch_size or band < 16:
         return []
     columns = (sample.mask.astype(bool) & sample.fov).sum(axis=0)
-    starts = dict.fromkeys([right, 0, *range(settings.patch_size, right - settings.patch_size + 1, 8)])
+    piece = min(settings.patch_size, MIN_PIECE)
+    starts = dict.fromkeys([right, 0, *range(piece, right - piece + 1, 8)])
     return [x for x in starts if columns[x:x + band].any() and (columns[:x].any() or columns[x + band:].any())]
 
 
@@ -177,9 +183,10 @@ def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndar
     from the base model's prediction): what the user corrected.
 
     The right strip, as long as it holds a fair part of the corrections (a quarter of its
-    share by width); otherwise, the band with the most corrections. A band the user never
-    touched holds the model's own output, which the base model matches exactly, so no
-    fine-tune could score better there.
+    share by width); otherwise, the band with the most corrections, and among those one
+    that leaves pieces at least a patch wide (else the patch shrinks to fit them). A band
+    the user never touched holds the model's own output, which the base model matches
+    exactly, so no fine-tune could score better there.
     """
     starts = _band_starts(sample, settings)
     width = sample.mask.shape[1]
@@ -187,7 +194,11 @@ def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndar
     right, total = width - band, float(corrected.sum())
     if right in starts and corrected[right:].sum() >= 0.25 * total * band / width:
         return right, width
-    best = max(starts, key=lambda x: (corrected[x:x + band].sum(), x))
+
+    def fits(x: int) -> bool:  # the pieces left and right of the band take whole patches
+        return all(n == 0 or n >= settings.patch_size for n in (x, width - x - band))
+
+    best = max(starts, key=lambda x: (corrected[x:x + band].sum(), fits(x), x))
     return best, best + band
 
 

@@ -363,3 +363,27 @@ def describe_error(exc: BaseException) -> str:
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def mask_before_corrections(viewer: Any, labels_layer: Any) -> Callable[[], Any] | None:
+    """How to get the mask Segment made, before the user's corrections: kept with the layer
+    when a new Segment run renamed it, or rebuilt from the probability layer of the run
+    that made it (call it in a worker: it thresholds and cleans a whole stack; it returns
+    None when the rebuild does not match the recorded checksum). None: nothing to go on."""
+    import functools
+
+    if labels_layer is None:
+        return None
+    kept = labels_layer.metadata.get("r2au_before")
+    if kept is not None and kept.shape == labels_layer.data.shape:
+        return lambda: kept
+    record = labels_layer.metadata.get("r2au") or {}
+    name = record.get("probability_layer")
+    if not name or name not in viewer.layers:
+        return None
+    layer = viewer.layers[name]
+    if layer.metadata.get("r2au_run") != record.get("run_id") or layer.data.shape != labels_layer.data.shape:
+        return None
+    from napari_r2au.postprocess import rebuild_segment_mask
+
+    return functools.partial(rebuild_segment_mask, layer.data, record)

@@ -8,7 +8,7 @@ a new name (``<base>-ftN``), offered in every model picker and used to re-segmen
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from ._common import (
     format_seconds,
     layer_picker,
     layer_pixel_size,
+    mask_before_corrections,
     message_label,
     notify_error,
     notify_info,
@@ -186,7 +187,7 @@ class FinetuneWidget(WorkerRunner, Container):
         if slices is not None:
             self._result.value = (f"Training on the {len(slices)} corrected slice(s) of "
                                   f"'{self._corrected.value.name}': {_slice_list(slices)}.")
-        before = _segment_record(self._viewer, self._corrected.value)
+        before = mask_before_corrections(self._viewer, self._corrected.value)
         self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel, slices,
                               before))
 
@@ -215,13 +216,12 @@ class FinetuneWidget(WorkerRunner, Container):
     def _job(path: str, pairs: list, validation: Any, settings: dict[str, Any], name: str,
              device: str | None, scale: float | None, pixel: tuple[float | None, str | None],
              slices: list[int] | None = None,
-             before: tuple[Any, dict[str, Any]] | None = None) -> Generator[TrainEvent, None, FinetuneResult]:
+             before: Callable[[], Any] | None = None) -> Generator[TrainEvent, None, FinetuneResult]:
         # the trainer imports torch: load it in the worker, not on the GUI thread
-        from napari_r2au.postprocess import rebuild_segment_mask
         from napari_r2au.training.finetune import iter_finetune
 
-        # the mask as Segment made it tells where the user corrected (None: not rebuilt exactly)
-        original = rebuild_segment_mask(*before) if before is not None else None
+        # the mask as Segment made it tells where the user corrected (None: not known exactly)
+        original = before() if before is not None else None
         return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings), names=[name],
                                          slices=None if slices is None else [slices], device=device, scale=scale,
                                          pixel_size=pixel[0], pixel_size_unit=pixel[1], originals=[original]))
@@ -348,20 +348,6 @@ def _corrected_slices(labels_layer: Any, labels: np.ndarray) -> list[int] | None
     if not labels.any() and not recorded:
         raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
     return None
-
-
-def _segment_record(viewer: Any, labels_layer: Any) -> tuple[Any, dict[str, Any]] | None:
-    """The probabilities and record of the Segment run that made ``labels_layer``, from which
-    the mask before the user's corrections can be rebuilt (None: not a Segment mask, or its
-    probability layer was replaced since)."""
-    record = (labels_layer.metadata.get("r2au") or {}) if labels_layer is not None else {}
-    name = record.get("probability_layer")
-    if not name or name not in viewer.layers:
-        return None
-    layer = viewer.layers[name]
-    if layer.metadata.get("r2au_run") != record.get("run_id") or layer.data.shape != labels_layer.data.shape:
-        return None
-    return layer.data, record
 
 
 def _recorded_scale(labels_layer: Any) -> float | None:

@@ -36,6 +36,7 @@ from ._common import (
     format_seconds,
     layer_picker,
     layer_pixel_size,
+    mask_before_corrections,
     message_label,
     notify_error,
     notify_info,
@@ -352,6 +353,9 @@ class SegmentWidget(WorkerRunner, Container):
         probability = prediction.probabilities
         if prediction.multiclass:  # show "any foreground class" (0 where not segmented); the mask is the arg-max
             probability = probability[..., 1:].sum(-1)
+        # an edited mask is kept under another name (with the mask it was edited from, while
+        # the probabilities it was made from are still there), before this run's layers replace them
+        kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         prob_layer = replace_layer(self._viewer, "image", f"{base} probability", probability,
                                    colormap="magma", contrast_limits=(0.0, 1.0), **maps)
         attention_names = []
@@ -377,7 +381,6 @@ class SegmentWidget(WorkerRunner, Container):
             if old.metadata.get("r2au_run"):
                 self._viewer.layers.remove(old)
         mask = self._mask(prediction)
-        kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         info = {
             "model": prediction.model_name,
             "model_sha256": prediction.model_sha256,
@@ -501,6 +504,10 @@ def _keep_edited_mask(viewer: napari.viewer.Viewer, name: str, new_name: str) ->
     recorded = (layer.metadata.get("r2au") or {}).get("mask_sha256")
     if recorded and _checksum(layer.data) == recorded:
         return None
+    before = mask_before_corrections(viewer, layer)
+    original = before() if before is not None else None
+    if original is not None:  # Fine-tune on this layer can still tell the corrections apart
+        layer.metadata = {**layer.metadata, "r2au_before": original}
     unique, n = new_name, 1
     while unique in viewer.layers:  # napari does not make a renamed layer's name unique
         unique, n = f"{new_name} [{n}]", n + 1
