@@ -367,6 +367,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         held_out = "none: no image had foreground both in and beside a quarter-width band"
     else:
         held_out = "a quarter-width band of each image (where the corrections are), pooled"
+        if result.held_out_corrections is not None:
+            held_out += f"; {result.held_out_corrections} of its pixels differ from the base model's prediction"
     print(f"dice       before {before}  after {after}  (validation: {held_out})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
     if share := result.weight_share:

@@ -217,6 +217,7 @@ def test_the_mask_before_corrections_says_where_they_are(base_model, rng):
                                       names=["p"], originals=[before])
     (band,) = held_out
     assert band.window == (0, 50) and [s.window for s in train] == [(50, 200)]
+    assert band.corrections == int((before[:, :50] != corrected[:, :50]).sum())
     assert train[0].weight == pytest.approx(0.75)  # a piece draws by its share of the image
 
 

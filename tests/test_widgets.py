@@ -469,9 +469,11 @@ def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari
     used = []
     monkeypatch.setattr(type(finetune), "_use_new_model", lambda self, name: used.append(name))
     model = load_model_file(tiny_model, source="user")
-    finetune._on_result(FinetuneResult(model, dice_before=0.85, dice_after=0.84, steps=150, stopped="steps"))
+    finetune._on_result(FinetuneResult(model, dice_before=0.85, dice_after=0.84, steps=150, stopped="steps",
+                                       held_out_corrections=12))
     assert "Lower than the base model, so Segment keeps the base model" in finetune._result.value
     assert "scores lower than its base model" in messages(notifications)
+    assert "holds 12 corrected pixel(s)" in messages(notifications)
     assert used == [], "a model that scores lower is saved but not put to use"
 
     notifications.clear()

@@ -60,6 +60,8 @@ class Sample:
     #: the share of patches drawn from this sample, relative to a whole image (1): a piece of
     #: an image split around a held-out band draws by its share of the image
     weight: float = 1.0
+    #: for a held-out band: how many of its pixels the user corrected (None: not counted)
+    corrections: int | None = None
 
 
 def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None = None) -> np.ndarray:

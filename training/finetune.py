@@ -49,6 +49,9 @@ class FinetuneResult:
     dice_after: float | None
     steps: int
     stopped: str
+    #: pixels of the held-out part the user had corrected (None: a validation pair, or not
+    #: known); few means the part is mostly the model's own output, which favours the base
+    held_out_corrections: int | None = None
 
     @property
     def weight_share(self) -> float | None:
@@ -154,6 +157,7 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
         kept[i] = [_crop(sample, a, b, "[train]" if len(pieces) == 1 else f"[train {n + 1}]")
                    for n, (a, b) in enumerate(pieces)]
         held_out.append(_crop(sample, x0, x1, "[held out]"))
+        held_out[-1].corrections = int(corrected[x0:x1].sum())
     return [s for item in kept for s in (item if isinstance(item, list) else [item])], held_out
 
 
@@ -246,6 +250,8 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     else:
         check_new_model_name(name)
     dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
+    counts = [getattr(sample, "corrections", None) for sample in val_samples]
+    corrections = sum(counts) if counts and None not in counts else None
     run_dir = user_models_dir().parent / "runs" / name
     config = TrainConfig(
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
@@ -269,7 +275,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     chosen = result.best if result.best is not None else result.last
     if not chosen.is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
-        return FinetuneResult(None, dice_before, None, result.steps, result.stopped)
+        return FinetuneResult(None, dice_before, None, result.steps, result.stopped, corrections)
     tuned = load_model_file(chosen)
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     provenance = dict(meta["provenance"], finetune_settings=settings.__dict__)
@@ -288,10 +294,11 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
             dice_after = metrics["f1"]
     elif val_samples:
         dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"]
-    meta["provenance"] = dict(provenance, dice_before=dice_before, dice_after=dice_after)
+    meta["provenance"] = dict(provenance, dice_before=dice_before, dice_after=dice_after,
+                              held_out_corrections=corrections)
     meta.pop("weights_file", None)
     meta.pop("weights_sha256", None)
     sidecar = save_model(network, user_models_dir(), meta)
     shutil.rmtree(run_dir, ignore_errors=True)
     return FinetuneResult(load_model_file(sidecar, source="user"), dice_before, dice_after, result.steps,
-                          result.stopped)
+                          result.stopped, corrections)

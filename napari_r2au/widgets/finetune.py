@@ -260,9 +260,14 @@ class FinetuneWidget(WorkerRunner, Container):
         elif result.dice_fell:  # saved, but not put to use: the user decides
             self._result.value += ("\nLower than the base model, so Segment keeps the base model; "
                                    f"choose {name} there to use it anyway.")
+            held = result.held_out_corrections
+            why = "" if held is None else (
+                f" The held-out part holds {held} corrected pixel(s); the rest of it is the base model's own "
+                "output, which it matches by definition, so a few local corrections rarely win there.")
             notify_warning(f"Fine-tune: {name} scores lower than its base model on the held-out part "
                            f"({_score(result.dice_after)} vs {_score(result.dice_before)}), so it was saved but "
-                           "not selected. Use more steps or corrected images, or a separate validation pair.")
+                           f"not selected.{why} Correct more of the image or more images, or tick 'Separate "
+                           "validation pair' (a fully checked image) for a fair test.")
             return
         try:
             self._use_new_model(name)
