@@ -179,6 +179,16 @@ def apply_cleanup(mask: np.ndarray, cleanup: dict | None) -> np.ndarray:
                       fill_holes=bool(cleanup.get("fill_holes")), hole_size=size)
 
 
+def segment_mask(probabilities: np.ndarray, threshold: float, postprocess: list[str] | None = None,
+                 cleanup: dict | None = None) -> np.ndarray:
+    """What Segment makes of binary probabilities: above the threshold, the model's own steps,
+    then the dock's clean-up (uint8)."""
+    labels = np.greater(np.asarray(probabilities), float(threshold)).astype(np.uint8)
+    if postprocess:
+        labels = apply_model_postprocess(labels, postprocess)
+    return apply_cleanup(labels, cleanup)
+
+
 def rebuild_segment_mask(probabilities: np.ndarray, record: dict) -> np.ndarray | None:
     """The mask Segment made from ``probabilities`` with the settings its record keeps
     (threshold, the model's steps, clean-up), or None when the result does not match the
@@ -186,8 +196,5 @@ def rebuild_segment_mask(probabilities: np.ndarray, record: dict) -> np.ndarray 
     threshold, recorded = record.get("threshold"), record.get("mask_sha256")
     if threshold is None or not recorded:
         return None
-    labels = np.greater(np.asarray(probabilities), float(threshold)).astype(np.uint8)
-    if record.get("postprocess"):
-        labels = apply_model_postprocess(labels, record["postprocess"])
-    mask = apply_cleanup(labels, record.get("cleanup"))
+    mask = segment_mask(probabilities, threshold, record.get("postprocess"), record.get("cleanup"))
     return mask if mask_checksum(mask) == recorded else None

@@ -29,6 +29,7 @@ from napari_r2au.model_files import (
     save_model,
     user_models_dir,
 )
+from napari_r2au.postprocess import segment_mask
 
 from .data import Sample, memory_samples
 from .settings import FinetuneSettings
@@ -145,8 +146,10 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
     # not knowing that one, from what the model predicts there now
     unknown = [i for i in candidates if train[i].original is None]
     before = {i: train[i].original for i in candidates if train[i].original is not None}
-    before |= {i: probabilities > model.threshold for i, probabilities in
-               zip(unknown, predict_samples(model, [train[i] for i in unknown], device=device) if unknown else [])}
+    if unknown:  # the stand-in: what Segment makes of the model's prediction (its own steps included)
+        predicted = predict_samples(model, [train[i] for i in unknown], device=device)
+        steps = model.metadata.get("postprocess")
+        before |= {i: segment_mask(p, model.threshold, steps) > 0 for i, p in zip(unknown, predicted)}
     kept: list[Sample | list[Sample]] = list(train)
     held_out = []
     for i in candidates:
