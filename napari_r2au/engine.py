@@ -68,14 +68,10 @@ class Prediction:
         model's clean-up steps (``postprocess=[]`` skips them)."""
         if self.multiclass:
             return np.argmax(self.probabilities, axis=-1).astype(np.uint8)
-        level = self.threshold if threshold is None else threshold
-        labels = np.greater(self.probabilities, level).view(np.uint8)  # bool as 0/1 bytes: no copy
-        steps = self.postprocess if postprocess is None else postprocess
-        if steps:
-            from .postprocess import apply_model_postprocess
+        from .postprocess import segment_mask
 
-            labels = apply_model_postprocess(labels, steps)
-        return labels
+        level = self.threshold if threshold is None else threshold
+        return segment_mask(self.probabilities, level, self.postprocess if postprocess is None else postprocess)
 
 
 def overlay_slices(earlier: np.ndarray | None, later: np.ndarray | None, slices: Sequence[int],

@@ -183,7 +183,7 @@ def segment_mask(probabilities: np.ndarray, threshold: float, postprocess: list[
                  cleanup: dict | None = None) -> np.ndarray:
     """What Segment makes of binary probabilities: above the threshold, the model's own steps,
     then the dock's clean-up (uint8)."""
-    labels = np.greater(np.asarray(probabilities), float(threshold)).astype(np.uint8)
+    labels = np.greater(np.asarray(probabilities), float(threshold)).view(np.uint8)  # bool as 0/1 bytes: no copy
     if postprocess:
         labels = apply_model_postprocess(labels, postprocess)
     return apply_cleanup(labels, cleanup)

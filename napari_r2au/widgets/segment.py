@@ -430,11 +430,14 @@ class SegmentWidget(WorkerRunner, Container):
 
     def _mask(self, prediction: Prediction | None = None) -> np.ndarray:
         """The mask at the slider's threshold and clean-up (of the kept prediction by default)."""
-        from napari_r2au.postprocess import apply_cleanup
+        from napari_r2au.postprocess import apply_cleanup, segment_mask
 
         prediction = prediction or self._prediction
         assert prediction is not None
-        return apply_cleanup(prediction.mask(float(self._threshold.value)), self._cleanup_settings())
+        if prediction.multiclass:
+            return apply_cleanup(prediction.mask(), self._cleanup_settings())
+        return segment_mask(prediction.probabilities, float(self._threshold.value), prediction.postprocess,
+                            self._cleanup_settings())
 
     def _apply_threshold(self, *_: Any) -> None:
         """Re-threshold the kept probabilities (no network run) unless the mask was painted on."""
