@@ -200,6 +200,12 @@ def test_the_held_out_band_follows_the_users_corrections():
     border[72:126] = 20
     x0, x1 = held_out_band(lesion, FinetuneSettings(), border)
     assert border[x0:x1].sum() == border.sum() and min(x0, 255 - x1) >= 32
+    # but a narrow piece (a smaller patch for every image) only when no band that keeps whole
+    # patches holds any correction: here the left band holds half of them
+    wide = make_sample(np.zeros((64, 200, 3), np.float32), mask, "w", 3)
+    near_edge = np.zeros(200, int)
+    near_edge[40:80] = 5
+    assert held_out_band(wide, FinetuneSettings(), near_edge) == (0, 50)
 
 
 def test_the_mask_before_corrections_says_where_they_are(base_model, rng):

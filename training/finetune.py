@@ -190,8 +190,9 @@ def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndar
     from the base model's prediction): what the user corrected.
 
     The right strip, as long as it holds a fair part of the corrections (a quarter of its
-    share by width); otherwise, the band with the most corrections, and among those one
-    that leaves pieces at least a patch wide (else the patch shrinks to fit them). A band
+    share by width); otherwise, the band with the most corrections among those that leave
+    pieces at least a patch wide, and only when none of these holds any, among the bands
+    that leave narrower pieces (the patch then shrinks, for every image, to fit them). A band
     the user never touched holds the model's own output, which the base model matches
     exactly, so no fine-tune could score better there.
     """
@@ -205,7 +206,12 @@ def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndar
     def fits(x: int) -> bool:  # the pieces left and right of the band take whole patches
         return all(n == 0 or n >= settings.patch_size for n in (x, width - x - band))
 
-    best = max(starts, key=lambda x: (corrected[x:x + band].sum(), fits(x), x))
+    def count(x: int) -> float:
+        return float(corrected[x:x + band].sum())
+
+    fitting = [x for x in starts if fits(x)]
+    pool = fitting if fitting and max(map(count, fitting)) > 0 else starts
+    best = max(pool, key=lambda x: (count(x), x))
     return best, best + band
 
 
