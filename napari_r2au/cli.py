@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -246,12 +245,12 @@ def _open_gui(image, prediction) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import run
     from .training.config import load_config, load_run_config
-    from .training.trainer import iter_train
+    from .training.trainer import distributed_context, iter_train
 
     config = load_config(args.config, args.set or [])
     if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
         config = load_run_config(config.output_dir, args.set or [])
-    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report, not one per process
+    speaks = distributed_context()[0] == 0  # under torchrun, one report (rank 0's), as only rank 0 writes
     bar = _progress_bar(config.steps, config.name, "step", shown=speaks)
     generator = iter_train(config, resume=bool(args.resume))
 

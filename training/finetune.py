@@ -259,7 +259,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     else:
         check_new_model_name(name)
     dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
-    counts = [getattr(sample, "corrections", None) for sample in val_samples]
+    counts = [sample.corrections for sample in val_samples]
     corrections = sum(counts) if counts and None not in counts else None
     run_dir = user_models_dir().parent / "runs" / name
     config = TrainConfig(

@@ -238,7 +238,7 @@ def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = Non
     normalization = normalization or resolve_normalization(config)
     data = config.data
     kind = data.get("kind")
-    keys = {"drive": ["root"], "folders": ["images", "masks"], "dicom": ["root"]}.get(kind)
+    keys = REQUIRED_DATA_KEYS.get(kind) if kind != "memory" else None
     if keys is None:
         raise ValueError(f"data.kind must be 'drive', 'folders' or 'dicom' (or pass samples), got {kind!r}")
     for key in keys:
@@ -635,6 +635,11 @@ def best_threshold(model: LoadedModel, samples: list[Sample], precision: str = "
                    ) -> tuple[float, dict[str, float]]:
     """The candidate threshold with the highest pooled F1 on ``samples``, and the metrics there."""
     probs = predict_samples(model, samples, precision, device)
+    return _best_of(samples, probs, candidates)
+
+
+def _best_of(samples: list[Sample], probs: list[np.ndarray], candidates: tuple[float, ...],
+             ) -> tuple[float, dict[str, float]]:
     best = max(candidates, key=lambda level: pooled_metrics(samples, probs, level)["f1"])
     return best, dict(pooled_metrics(samples, probs, best), auc_roc=pooled_auc(samples, probs))
 
@@ -649,10 +654,8 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
 
     model = load_model_file(sidecar)
     probs = predict_samples(model, val_samples, precision, device)
-    auc = pooled_auc(val_samples, probs)
-    best = max(candidates, key=lambda level: pooled_metrics(val_samples, probs, level)["f1"])
-    chosen = dict(pooled_metrics(val_samples, probs, best), auc_roc=auc)
-    at_half = dict(pooled_metrics(val_samples, probs, 0.5), auc_roc=auc)
+    best, chosen = _best_of(val_samples, probs, candidates)
+    at_half = dict(pooled_metrics(val_samples, probs, 0.5), auc_roc=chosen["auc_roc"])
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
     # measured here, not carried over: a resumed run's best.json may have been calibrated already
