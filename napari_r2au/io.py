@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
-#: file-name endings that mark a mask: DRIVE's 21_manual1.gif, 21_training_mask.gif, case_seg.png
-MASK_ROLES = r"mask|manual\d*|seg|segmentation|label|labels|gt"
+#: what fundus cameras and the public sets write: STARE is PPM, CHASE_DB1 and HRF JPEG
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
+#: file-name endings that mark a mask: DRIVE's 21_manual1.gif, 21_training_mask.gif, case_seg.png,
+#: CHASE_DB1's Image_01L_1stHO.png (first human observer); STARE's im0001.ah.ppm pairs by its stem
+MASK_ROLES = r"mask|manual\d*|seg|segmentation|label|labels|gt|\d(st|nd|rd|th)ho"
 _MASK_NAME = re.compile(rf"_({MASK_ROLES})$", re.IGNORECASE)
-#: folders of masks: masks/, labels/, DRIVE's 1st_manual/ and mask/, HRF's manual1/
-_MASK_FOLDER = re.compile(rf"(\d+(st|nd|rd|th)_)?({MASK_ROLES})s?", re.IGNORECASE)
+#: folders of masks: masks/, labels/, DRIVE's 1st_manual/ and mask/, HRF's manual1/, STARE's
+#: labels-ah/ (one folder per observer), CHASE_DB1's 1stHO/
+_MASK_FOLDER = re.compile(rf"(\d+(st|nd|rd|th)_)?({MASK_ROLES})s?(-\w+)?", re.IGNORECASE)
 #: a mask has a few values (0/255, or some classes); more means a picture
 MAX_MASK_VALUES = 16
 

@@ -7,7 +7,7 @@ Format (version 1), for a model called NAME::
                         "name", "architecture", "arch_args", "in_channels",
                         "out_channels", "axes", "normalization", "class_names",
                         "threshold", "input_scale", "pixel_size", "pixel_size_unit",
-                        "postprocess", "segment_property", "weights_file", "weights_sha256",
+                        "fov_diameter", "postprocess", "segment_property", "weights_file", "weights_sha256",
                         "provenance": {...}, "description"}
 
 The sha256 of the weights file is checked before anything is read from it, and the
@@ -48,6 +48,9 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     "input_scale": 1.0,
     "pixel_size": None,
     "pixel_size_unit": None,
+    #: fundus models: the field-of-view diameter, in pixels, the network was trained at; the
+    #: engine resizes each photograph so that its field of view has it (None: input_scale)
+    "fov_diameter": None,
     "postprocess": [],
     #: what the foreground is, as DICOM SEG codes (None: generic "Tissue")
     "segment_property": None,
@@ -126,6 +129,12 @@ class LoadedModel:
     @property
     def pixel_size_unit(self) -> str | None:
         return self.metadata.get("pixel_size_unit") or None
+
+    @property
+    def fov_diameter(self) -> int | None:
+        """The field-of-view diameter (pixels) the engine brings each photograph to, if any."""
+        value = self.metadata.get("fov_diameter")
+        return int(value) if value else None
 
     @property
     def sha256(self) -> str | None:
@@ -223,6 +232,7 @@ def _check_field(key: str, value: Any) -> str | None:
         "input_scale": (lambda v: _is_number(v) and 0.0 < v <= 64.0, "a number in (0, 64]"),
         "pixel_size": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive number"),
         "pixel_size_unit": (lambda v: v is None or _is_length_unit(v), "null or a unit of length (e.g. mm, um, nm)"),
+        "fov_diameter": (lambda v: v is None or (_is_int(v) and 16 <= v <= 16384), "null or pixels in [16, 16384]"),
         "postprocess": (lambda v: isinstance(v, list) and all(step in MODEL_STEPS for step in v),
                         f"a list of steps from {', '.join(MODEL_STEPS)}"),
         "weights_file": (lambda v: isinstance(v, str) and v == Path(v).name and not v.startswith("."),
@@ -408,7 +418,7 @@ def _threshold_source(model: LoadedModel, donor_source: str | os.PathLike) -> tu
         raise ModelFileError(f"{path}: its threshold was not chosen on a validation split "
                              "(use the held-out run's best.json once its run has ended)")
     differs = [key for key in ("architecture", "arch_args", "input_scale", "pixel_size", "pixel_size_unit",
-                               "normalization", "postprocess")
+                               "fov_diameter", "normalization", "postprocess")
                if donor.metadata.get(key) != model.metadata.get(key)]
     if differs:
         raise ModelFileError(f"{path} differs from the model in {', '.join(differs)}: "

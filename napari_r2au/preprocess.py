@@ -139,21 +139,99 @@ def match_channels(tile: np.ndarray, n_channels: int) -> np.ndarray:
 #: horizontal field-of-view diameter of DRIVE photographs, in pixels (measured on its FOV masks)
 DRIVE_FOV_DIAMETER = 537
 
+#: the field of view is found on a copy at most this many pixels on its longer side
+_FOV_WORKING_SIZE = 1024
+
+
+def fov_mask(image: np.ndarray) -> np.ndarray:
+    """The bright, round field of view of a fundus photograph, as a bool (H, W) mask.
+
+    Fundus cameras put the retina on a dark background that is rarely black: JPEG noise,
+    STARE's grey border, CHASE_DB1's dim rim. The threshold therefore sits a fraction of
+    the way from the frame's border level to the retina's bright level, and only the
+    largest bright region counts (text printed in a corner is not the field).
+    """
+    from scipy import ndimage
+
+    grey = np.asarray(image)
+    if grey.ndim == 3:
+        grey = grey[..., :3].astype(np.float32).mean(axis=-1)
+    grey = grey.astype(np.float32, copy=False)
+    if grey.ndim != 2 or min(grey.shape) < 8:
+        return np.ones(grey.shape[:2], bool)
+    ring = max(1, min(grey.shape) // 50)
+    border = np.concatenate([grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(),
+                             grey[:, -ring:].ravel()])
+    background, bright = float(np.median(border)), float(np.percentile(grey, 99))
+    if not bright > background:
+        return np.ones(grey.shape, bool)
+    smooth = ndimage.uniform_filter(grey, size=5)
+    field = smooth > background + 0.12 * (bright - background)
+    labels, count = ndimage.label(field)
+    if count == 0:
+        return np.ones(grey.shape, bool)
+    largest = 1 + int(np.argmax(ndimage.sum_labels(field, labels, range(1, count + 1))))
+    return ndimage.binary_fill_holes(labels == largest)
+
 
 def fov_diameter(image: np.ndarray) -> int:
-    """Width in pixels of a fundus photograph's bright, round field of view.
+    """Diameter in pixels of a fundus photograph's circular field of view.
 
-    Fundus cameras put the retina on a black background; the widest run of pixels
-    brighter than 15% of the bright level is the field of view's diameter.
+    A circle is fitted to the field's edge where it lies inside the frame, so a field
+    clipped at the top and bottom (HRF), notched (DRIVE, STARE) or larger than the frame
+    (a cropped photograph) still gives the circle's diameter, not the visible width.
+    Without such an edge (the field fills the frame) the frame's width stands in.
     """
-    grey = np.asarray(image, dtype=np.float32)
-    if grey.ndim == 3:
-        grey = grey.mean(axis=-1)
-    level = 0.15 * float(np.percentile(grey, 99))
-    columns = np.flatnonzero((grey > level).any(axis=0))
-    return int(columns[-1] - columns[0] + 1) if columns.size else grey.shape[1]
+    from scipy import ndimage
+
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    step = max(1, int(np.ceil(max(height, width) / _FOV_WORKING_SIZE)))
+    field = fov_mask(image[::step, ::step])
+    edge = field & ~ndimage.binary_erosion(field)
+    edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = False, False, False, False  # the frame is no edge
+    ys, xs = np.nonzero(edge)
+    if ys.size < 20:
+        return width
+    ys, xs = ys.astype(np.float64) * step, xs.astype(np.float64) * step
+    keep = np.ones(ys.size, bool)
+    for _ in range(3):  # refit without the points far from the circle (a notch, a flash)
+        cy, cx, radius = _fit_circle(ys[keep], xs[keep])
+        residual = np.abs(np.hypot(ys - cy, xs - cx) - radius)
+        spread = 1.4826 * float(np.median(residual[keep])) + step
+        keep = residual <= 3 * spread
+        if keep.sum() < 20:
+            break
+    if not np.isfinite(radius) or radius <= 0:
+        return width
+    # never smaller than what is visible, nor absurdly larger than the frame
+    visible = int(np.ptp(np.nonzero(field.any(axis=0))[0]) + 1) * step
+    return int(round(min(max(2 * radius, visible), 4 * max(height, width))))
+
+
+def _fit_circle(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares circle through points (Kasa's algebraic fit): centre y, x and radius."""
+    design = np.column_stack([xs, ys, np.ones_like(xs)])
+    target = xs**2 + ys**2
+    (a, b, c), *_ = np.linalg.lstsq(design, target, rcond=None)
+    cx, cy = a / 2, b / 2
+    return float(cy), float(cx), float(np.sqrt(max(c + cx**2 + cy**2, 0.0)))
 
 
 def fundus_scale(image: np.ndarray, reference_diameter: int = DRIVE_FOV_DIAMETER) -> float:
-    """Resize factor that gives a fundus photograph DRIVE's field-of-view size."""
+    """Resize factor that gives a fundus photograph's field of view ``reference_diameter`` pixels."""
     return reference_diameter / max(1, fov_diameter(image))
+
+
+#: a derived scale this close to 1 is taken as 1: resampling by 1% changes nothing a
+#: network sees but blurs the image and costs a resize
+FOV_SCALE_SNAP = 0.02
+
+
+def fov_working_scale(image: np.ndarray, reference_diameter: int) -> float:
+    """The working scale of a model that records its field-of-view diameter: the factor
+    that brings this photograph's field to ``reference_diameter`` pixels. The trainer
+    resizes every training image by it and the engine every image it predicts, so both
+    sides see fields of one size, whatever the camera."""
+    scale = fundus_scale(image, reference_diameter)
+    return 1.0 if abs(scale - 1.0) < FOV_SCALE_SNAP else scale

@@ -23,6 +23,14 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     gamma: float = 0.1
+    #: per-channel shifts and gains (in standard deviations): the colour balance of
+    #: another camera; 0 leaves the channels together
+    colour: float = 0.0
+    #: largest Gaussian blur sigma (pixels), applied to half the patches: a softer lens or
+    #: a photograph resized up; 0: none
+    blur: float = 0.0
+    #: largest standard deviation of added Gaussian noise (in standard deviations); 0: none
+    noise: float = 0.0
 
 
 class PatchSampler:
@@ -103,4 +111,31 @@ def augment(images: torch.Tensor, masks: torch.Tensor, fov: torch.Tensor, config
         gamma = torch.exp(_uniform(generator, n, -config.gamma, config.gamma)).view(shape)
         # gamma on a standardized image: applied to its sign-preserving magnitude
         images = torch.sign(images) * images.abs().pow(gamma)
+    # camera differences, each drawn only when asked for (a config without them draws as before)
+    if config.colour:
+        shape = (n, c, 1, 1)
+        gain = 1 + _uniform(generator, n * c, -config.colour, config.colour).view(shape)
+        shift = _uniform(generator, n * c, -config.colour, config.colour).view(shape)
+        images = images * gain + shift
+    if config.blur:
+        images = _blur(images, _uniform(generator, n, 0, config.blur), torch.rand(n, generator=generator) < 0.5)
+    if config.noise:
+        sigma = _uniform(generator, n, 0, config.noise).view(n, 1, 1, 1)
+        images = images + sigma * torch.randn(images.shape, generator=generator)
     return images.contiguous(), masks, fov
+
+
+def _blur(images: torch.Tensor, sigmas: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of the chosen images, each with its own sigma (separable, reflected edges)."""
+    out = images.clone()
+    for i in torch.nonzero(chosen & (sigmas > 0.1)).flatten().tolist():
+        sigma = float(sigmas[i])
+        radius = max(1, math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        c = images.shape[1]
+        image = F.pad(images[i:i + 1], (radius, radius, radius, radius), mode="reflect")
+        image = F.conv2d(image, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+        out[i:i + 1] = F.conv2d(image, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return out

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_r2au.io import MASK_ROLES, find_images, read_image
+from napari_r2au.io import IMAGE_SUFFIXES, MASK_ROLES, find_images, read_image
 from napari_r2au.preprocess import (
     STANDARDIZE,
+    fov_working_scale,
     is_planewise,
     match_channels,
     normalize,
@@ -62,6 +63,9 @@ class Sample:
     weight: float = 1.0
     #: for a held-out band: how many of its pixels the user corrected (None: not counted)
     corrections: int | None = None
+    #: the data source (camera, data set) of a multi-source run: validation reports each
+    #: source on its own and chooses checkpoints and threshold across them
+    source: str | None = None
 
 
 def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None = None) -> np.ndarray:
@@ -156,8 +160,10 @@ def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndar
 
 
 def resize_mask(mask: np.ndarray, scale: float) -> np.ndarray:
-    """A 2D mask (anything > 0) resized by ``scale`` as rescale_pair resizes masks (nearest), bool."""
-    mask = np.asarray(mask) > 0
+    """A 2D mask (anything > 0) resized by ``scale`` as rescale_pair resizes masks (nearest), bool.
+    An RGB(A) mask (HRF's field-of-view TIFFs) counts by its first channel."""
+    mask = np.asarray(mask)
+    mask = (mask[..., 0] if mask.ndim == 3 and mask.shape[-1] in (3, 4) else mask) > 0
     if abs(scale - 1.0) < 1e-6:
         return mask
     from skimage.transform import resize
@@ -185,7 +191,7 @@ def _by_id(folder: Path) -> dict[str, Path]:
         raise DataError(f"{folder}: no such folder")
     files = find_images(folder)
     if not files:
-        raise DataError(f"{folder}: no images (TIFF/PNG/JPG/GIF) in it")
+        raise DataError(f"{folder}: no images ({'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)}) in it")
     by_id: dict[str, Path] = {}
     for path in files:
         key = _item_id(path)
@@ -198,11 +204,13 @@ def _by_id(folder: Path) -> dict[str, Path]:
 def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None = None,
                    in_channels: int = 3, normalization: dict | None = None,
                    class_map: dict[int, int] | None = None, scale: float = 1.0,
-                   statistics_scale: float | None = None) -> list[Sample]:
+                   statistics_scale: float | None = None, fov_diameter: int | None = None) -> list[Sample]:
     """Pairs from folders, matched by id (DRIVE's leading number, else the file stem),
     resized by ``scale`` (the model's working scale). A stack's slices share the stack's
     statistics, taken at ``statistics_scale`` (default ``scale``; evaluation leaves the
-    resizing to the engine, which takes them at the working scale).
+    resizing to the engine, which takes them at the working scale). ``fov_diameter``: each
+    2D photograph is resized instead so that its field of view is that many pixels across
+    (preprocess.fov_working_scale, as the engine does for such a model).
     """
     image_files, mask_files = _by_id(Path(images)), _by_id(Path(masks))
     fov_files = _by_id(Path(fov)) if fov is not None else {}
@@ -219,9 +227,10 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
             if plane.shape[:2] != plane_mask.shape[:2]:
                 raise DataError(f"{name}: image {plane.shape[:2]} and mask {plane_mask.shape[:2]} differ in size")
             mask_map = class_map
-            if scale != 1.0:
+            plane_scale = fov_working_scale(plane, fov_diameter) if fov_diameter and statistics is None else scale
+            if plane_scale != 1.0:
                 plane_mask, mask_map = binarize_mask(plane_mask, name, class_map), None  # now 0/1
-                plane, plane_mask, plane_fov = rescale_pair(plane, plane_mask, scale, plane_fov)
+                plane, plane_mask, plane_fov = rescale_pair(plane, plane_mask, plane_scale, plane_fov)
             samples.append(make_sample(plane, plane_mask, name, in_channels, plane_fov, normalization, mask_map,
                                        statistics))
     return samples
@@ -247,11 +256,11 @@ def _planes(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, name: s
 
 
 def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | None = None,
-                  scale: float = 1.0) -> list[Sample]:
+                  scale: float = 1.0, fov_diameter: int | None = None) -> list[Sample]:
     """The DRIVE layout: images/, 1st_manual/, mask/ (field of view)."""
     root = Path(root)
     return folder_samples(root / "images", root / "1st_manual", root / "mask", in_channels, normalization,
-                          scale=scale)
+                          scale=scale, fov_diameter=fov_diameter)
 
 
 def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | None = None,
@@ -378,6 +387,28 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
         sample.original = original
         samples.append(sample)
     return samples
+
+
+def split_sources(samples: list[Sample], sources: Sequence[dict], seed: int,
+                  ) -> tuple[list[Sample], list[Sample]]:
+    """Each source split on its own (its ``val_images`` or ``val_names``), so that the
+    validation part holds images of every source, not just of the largest."""
+    train, val = [], []
+    for source in sources:
+        name = source_name(source)
+        own = [s for s in samples if s.source == name]
+        part_train, part_val = split(own, int(source.get("val_images", 1)), seed, source.get("val_names"))
+        train += part_train
+        val += part_val
+    return train, val
+
+
+def source_name(source: dict) -> str:
+    """A source's name in reports: its ``name``, else its folder's."""
+    if source.get("name"):
+        return str(source["name"])
+    folder = Path(str(source.get("root") or source.get("images") or "source"))
+    return folder.parent.name if folder.name in ("images", "training") else folder.name
 
 
 def series_of(sample: Sample) -> str:

@@ -35,7 +35,7 @@ from napari_r2au.model_files import (
 from napari_r2au.models import ARCHITECTURES, create_model
 
 from .augment import AugmentConfig, PatchSampler, augment
-from .data import DataError, Sample, dicom_samples, drive_samples, folder_samples, split
+from .data import DataError, Sample, dicom_samples, drive_samples, folder_samples, split, split_sources
 from .losses import LOSSES, segmentation_loss
 from .metrics import Counts, confusion, roc_auc
 
@@ -49,9 +49,11 @@ def _as_int(value: Any) -> Any:
 
 #: the keys of each kind of training data (``class_map`` is allowed for all)
 DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks", "fov"),
-                                         "dicom": ("root",), "memory": ("pairs",)}
+                                         "dicom": ("root",), "memory": ("pairs",), "sources": ("sources",)}
 REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks"),
-                                                  "dicom": ("root",), "memory": ()}
+                                                  "dicom": ("root",), "memory": (), "sources": ("sources",)}
+#: what each entry of data.sources may hold besides its own kind's keys
+SOURCE_KEYS = ("name", "val_images", "val_names", "weight")
 
 
 @dataclass
@@ -93,6 +95,9 @@ class TrainConfig:
     #: pixel size the network sees, and the engine resizes images of other pixel sizes to it
     pixel_size: float | None = None
     pixel_size_unit: str | None = None
+    #: fundus photographs: resize each image so that its field of view is this many pixels
+    #: across (instead of input_scale); the model records it and the engine does the same
+    fov_diameter: int | None = None
     device: str = "auto"
     #: clean-up steps recorded in the model file and applied by the engine
     postprocess: list[str] = field(default_factory=list)
@@ -156,6 +161,7 @@ class TrainConfig:
         for name in ("t", "val_images", "warmup_steps", "seed"):
             number(name, 0, integer=True)
         number("patch_size", 16, integer=True, optional=True)
+        number("fov_diameter", 16, integer=True, optional=True, high=16385)
         number("patience", 1, integer=True, optional=True)
         number("threads", 0, integer=True, optional=True)  # 0 (like null): PyTorch's default
         for name in ("lr", "pos_weight", "input_scale"):
@@ -189,6 +195,8 @@ class TrainConfig:
                 missing = [key for key in REQUIRED_DATA_KEYS[kind] if self.data.get(key) in (None, "")]
                 if missing:
                     found.append(f"data.kind {kind} needs data.{missing[0]}")
+                elif kind == "sources":
+                    found += _source_problems(self.data["sources"])
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +225,39 @@ class TrainResult:
     stopped: str
 
 
+def _source_problems(sources: Any) -> list[str]:
+    """What is wrong with data.sources: a list of drive/folders entries with unique names."""
+    from .data import source_name
+
+    if not isinstance(sources, list) or not sources:
+        return ["data.sources must be a non-empty list of {kind: drive|folders, ...} entries"]
+    found, names = [], []
+    for index, source in enumerate(sources):
+        where = f"data.sources[{index}]"
+        kind = source.get("kind") if isinstance(source, dict) else None
+        if kind not in ("drive", "folders"):
+            found.append(f"{where}.kind must be drive or folders, got {kind!r}")
+            continue
+        unknown = sorted(set(source) - set(DATA_KEYS[kind]) - set(SOURCE_KEYS) - {"kind"})
+        if unknown:
+            found.append(f"{where}.{unknown[0]} is not a key of a {kind} source; valid: "
+                         f"{', '.join(['kind', *DATA_KEYS[kind], *SOURCE_KEYS])}")
+        missing = [key for key in REQUIRED_DATA_KEYS[kind] if source.get(key) in (None, "")]
+        if missing:
+            found.append(f"{where} needs {missing[0]}")
+        for key in ("val_images",):
+            value = source.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                found.append(f"{where}.{key} must be a whole number, got {value!r}")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            found.append(f"{where}.weight must be a positive number, got {weight!r}")
+        names.append(source_name(source))
+    if len(set(names)) < len(names):
+        found.append(f"data.sources: two sources have the same name ({', '.join(names)}); give each a name")
+    return found
+
+
 def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None) -> dict[str, Any]:
     """The normalization the run trains with: the parent model's, else the config's."""
     from napari_r2au.preprocess import STANDARDIZE, check_normalization
@@ -233,11 +274,25 @@ def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None
     return spec
 
 
-def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = None) -> list[Sample]:
-    """The config's training data; a missing folder names the key that points to it."""
+def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = None,
+                 data: dict[str, Any] | None = None) -> list[Sample]:
+    """The config's training data (or ``data``, one of its sources); a missing folder
+    names the key that points to it. Samples of several sources carry their source's name
+    and draw patches by its ``weight``: a source's share, whatever its number of images."""
     normalization = normalization or resolve_normalization(config)
-    data = config.data
+    data = config.data if data is None else data
     kind = data.get("kind")
+    if kind == "sources":
+        from .data import source_name
+
+        samples = []
+        for source in data["sources"]:
+            own = load_samples(config, normalization, source)
+            for sample in own:
+                sample.source = source_name(source)
+                sample.weight = float(source.get("weight", 1.0)) / len(own)
+            samples += own
+        return samples
     keys = REQUIRED_DATA_KEYS.get(kind) if kind != "memory" else None
     if keys is None:
         raise ValueError(f"data.kind must be 'drive', 'folders' or 'dicom' (or pass samples), got {kind!r}")
@@ -246,13 +301,15 @@ def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = Non
             raise DataError(f"{data[key]}: no such folder (data.{key} of the config; point it at your copy "
                             f"with --set data.{key}=PATH)")
     if kind == "drive":
-        return drive_samples(data["root"], config.in_channels, normalization, scale=config.input_scale)
+        return drive_samples(data["root"], config.in_channels, normalization, scale=config.input_scale,
+                             fov_diameter=config.fov_diameter)
     if kind == "dicom":
         return dicom_samples(data["root"], config.in_channels, normalization, scale=config.input_scale,
                              class_map=data.get("class_map"), pixel_size=config.pixel_size,
                              pixel_size_unit=config.pixel_size_unit)
     return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels, normalization,
-                          scale=config.input_scale, class_map=data.get("class_map"))
+                          scale=config.input_scale, class_map=data.get("class_map"),
+                          fov_diameter=config.fov_diameter)
 
 
 def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
@@ -300,9 +357,44 @@ def pooled_auc(samples: list[Sample], probs: list[np.ndarray]) -> float:
 
 def evaluate_samples(model: LoadedModel, samples: list[Sample], threshold: float = 0.5,
                      precision: str = "auto", device: str | None = None) -> dict[str, float]:
-    """Set-level metrics (with AUC-ROC) over the samples' fields of view."""
+    """Set-level metrics (with AUC-ROC) over the samples' fields of view; with several
+    sources also each source's F1 and AUC-ROC and their mean F1 (:func:`source_metrics`)."""
     probs = predict_samples(model, samples, precision, device)
-    return dict(pooled_metrics(samples, probs, threshold), auc_roc=pooled_auc(samples, probs))
+    return _metrics_at(samples, probs, threshold)
+
+
+def _metrics_at(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> dict[str, float]:
+    return dict(pooled_metrics(samples, probs, threshold), auc_roc=pooled_auc(samples, probs),
+                **source_metrics(samples, probs, threshold))
+
+
+def _by_source(samples: list[Sample], probs: list[np.ndarray]) -> dict[str, tuple[list, list]]:
+    groups: dict[str, tuple[list, list]] = {}
+    for s, p in zip(samples, probs):
+        group = groups.setdefault(s.source or "", ([], []))
+        group[0].append(s)
+        group[1].append(p)
+    return groups
+
+
+def source_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> dict[str, float]:
+    """Per source ``f1@NAME`` and ``auc_roc@NAME``, and ``f1_source_mean``, their mean F1:
+    the score a multi-source run is chosen by, so that the largest source cannot hide
+    a camera the model fails on. Empty for a single source."""
+    groups = _by_source(samples, probs)
+    if len(groups) < 2:
+        return {}
+    out: dict[str, float] = {}
+    for name, (own, own_probs) in groups.items():
+        out[f"f1@{name}"] = pooled_metrics(own, own_probs, threshold)["f1"]
+        out[f"auc_roc@{name}"] = pooled_auc(own, own_probs)
+    out["f1_source_mean"] = float(np.mean([out[f"f1@{name}"] for name in groups]))
+    return out
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """What checkpoints and thresholds are chosen by: the sources' mean F1, else F1."""
+    return metrics.get("f1_source_mean", metrics["f1"])
 
 
 def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed: float,
@@ -338,6 +430,7 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
         name=config.name, architecture=config.architecture, arch_args=arch_args,
         description=config.description, provenance=provenance, input_scale=config.input_scale,
         pixel_size=pixel_size, pixel_size_unit=unit,
+        fov_diameter=config.fov_diameter or (parent.fov_diameter if parent is not None else None),
         normalization=resolve_normalization(config, parent),
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
         segment_property=config.segment_property or (parent.metadata.get("segment_property") if parent else None),
@@ -439,8 +532,12 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if samples is None:
-        samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
-                                     config.val_names, by_series=config.data.get("kind") == "dicom")
+        if config.data.get("kind") == "sources":  # every source split on its own
+            samples, val_samples = split_sources(load_samples(config, normalization), config.data["sources"],
+                                                 config.seed)
+        else:
+            samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
+                                         config.val_names, by_series=config.data.get("kind") == "dicom")
         # (in-memory corrections may be all background: "nothing here" is a valid correction)
         if not any(sample.mask[sample.fov].any() for sample in samples):
             raise DataError("every training mask is empty (all background): nothing to learn; "
@@ -569,8 +666,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                                                 "normalization": normalization}, source="memory")
                     validation = evaluate_samples(loaded, val_samples, precision=config.precision,
                                                   device=str(dev))
-                    if validation["f1"] > best_f1:
-                        best_f1, bad, best_metrics = validation["f1"], 0, validation
+                    if selection_score(validation) > best_f1:
+                        best_f1, bad, best_metrics = selection_score(validation), 0, validation
                         save("best", validation)
                     else:
                         bad += 1
@@ -640,8 +737,10 @@ def best_threshold(model: LoadedModel, samples: list[Sample], precision: str = "
 
 def _best_of(samples: list[Sample], probs: list[np.ndarray], candidates: tuple[float, ...],
              ) -> tuple[float, dict[str, float]]:
-    best = max(candidates, key=lambda level: pooled_metrics(samples, probs, level)["f1"])
-    return best, dict(pooled_metrics(samples, probs, best), auc_roc=pooled_auc(samples, probs))
+    scores = {level: selection_score(dict(pooled_metrics(samples, probs, level),
+                                          **source_metrics(samples, probs, level))) for level in candidates}
+    best = max(candidates, key=scores.__getitem__)
+    return best, _metrics_at(samples, probs, best)
 
 
 def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str = "auto",
@@ -655,13 +754,14 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     model = load_model_file(sidecar)
     probs = predict_samples(model, val_samples, precision, device)
     best, chosen = _best_of(val_samples, probs, candidates)
-    at_half = dict(pooled_metrics(val_samples, probs, 0.5), auc_roc=chosen["auc_roc"])
+    at_half = _metrics_at(val_samples, probs, 0.5)
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
     # measured here, not carried over: a resumed run's best.json may have been calibrated already
     provenance["validation_metrics_at_0.5"] = {k: round(float(v), 5) for k, v in at_half.items()}
     provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in chosen.items()}
-    provenance["threshold_chosen_on"] = "validation split, F1"
+    provenance["threshold_chosen_on"] = "validation split, F1" + (
+        " (mean of its sources)" if "f1_source_mean" in chosen else "")
     meta["provenance"] = provenance
     meta.pop("weights_file")
     meta.pop("weights_sha256")
