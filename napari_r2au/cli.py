@@ -161,7 +161,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if args.dicom_seg:
                 written.append(_write_seg_output(outdir / f"{stem_of(path)}_seg.dcm", metadata, prediction, model,
                                                  args.threshold))
-            print(f"{path}: " + ", ".join(str(p) for p in written))
+            at = "" if abs(prediction.scale - 1.0) < 1e-6 else f" (at scale {prediction.scale:.3g}" + (
+                ", from the field of view)" if args.scale is None and model.fov_diameter else ")")
+            print(f"{path}{at}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
             print(f"error: {path}: {exc}", file=sys.stderr)
@@ -196,9 +198,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model = load_model(args.model or DEFAULT_MODEL)
     image = data.retina()
-    scale = fundus_scale(image)
+    # a fundus model derives the scale from the field of view itself; an older one is told DRIVE's
+    scale = None if model.fov_diameter else fundus_scale(image)
     started = time.perf_counter()
     prediction, _ = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
+    scale = prediction.scale
     seconds = time.perf_counter() - started
     outdir = Path(args.output)
     written = write_outputs(outdir, "retina", prediction, None, True)
@@ -214,7 +218,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     provenance = model.metadata.get("provenance", {})
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
     print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
-    print(f"image      skimage.data.retina() {image.shape}, resized x{scale:.3f} to DRIVE's field of view")
+    field = f"a {model.fov_diameter} px field of view" if model.fov_diameter else "DRIVE's field of view"
+    print(f"image      skimage.data.retina() {image.shape}, resized x{scale:.3f} to {field}")
     print(f"result     foreground (vessel) pixels {mask.mean():.1%}, {len(prediction.attention)} attention maps, "
           f"{seconds:.2f} s")
     for path in written:

@@ -62,6 +62,8 @@ class Prediction:
     multiclass: bool = False
     #: clean-up steps the model file asks for (napari_r2au.postprocess)
     postprocess: list[str] = field(default_factory=list)
+    #: the resize factor the network saw the image at (:func:`working_scale`)
+    scale: float = 1.0
 
     def mask(self, threshold: float | None = None, postprocess: Sequence[str] | None = None) -> np.ndarray:
         """uint8 labels: probability > threshold (binary) or the arg-max class, then the
@@ -195,6 +197,26 @@ def inference_network(loaded: LoadedModel, device: torch.device, fuse: bool, cha
     return runner
 
 
+def derived_fov_scale(model: Any, image: Any, axes: str | None = None) -> float:
+    """The scale that gives ``image``'s field of view the model's ``fov_diameter``.
+
+    The trainer resized each training photograph by the same rule
+    (preprocess.fov_working_scale), so every camera reaches the network at one field
+    size. A stack is measured on its middle plane (a series from one camera).
+    """
+    from .preprocess import fov_working_scale
+
+    loaded = _as_loaded(model)
+    axes = resolve_axes(image.shape, loaded.in_channels, axes)
+    index = tuple(image.shape[axes.index("Z")] // 2 if ax == "Z" else slice(None) for ax in axes)
+    plane = np.asarray(image[index])
+    rest = "".join(ax for ax in axes if ax != "Z")
+    if "C" in rest and rest.index("C") == 0:
+        plane = np.moveaxis(plane, 0, -1)
+    scale = fov_working_scale(plane, loaded.fov_diameter)
+    return float(min(max(scale, 1 / MAX_SCALE), MAX_SCALE))
+
+
 def _as_loaded(model: Any) -> LoadedModel:
     from .model_files import LoadedModel, load_model
 
@@ -234,13 +256,16 @@ def convert_length(value: float, unit: str, to_unit: str) -> float:
 
 
 def working_scale(model: Any, scale: float | None = None, pixel_size: float | None = None,
-                  pixel_size_unit: str | None = None) -> float:
+                  pixel_size_unit: str | None = None, image: Any = None, axes: str | None = None) -> float:
     """The resize factor before the network, from the most specific information given.
 
     An explicit ``scale`` wins. Otherwise, if both the image's pixel size and the
     model's are known, the image is resized so that its pixels have the model's size
-    (0.25 mm pixels into a 0.5 mm model: scale 0.5). Otherwise the model's
-    ``input_scale``. A pixel size without a unit is taken in the model's unit.
+    (0.25 mm pixels into a 0.5 mm model: scale 0.5). Otherwise, for a model that records
+    its field-of-view diameter (fundus models) and given the ``image``, the factor that
+    gives the photograph's field of view that diameter (:func:`derived_fov_scale`).
+    Otherwise the model's ``input_scale``. A pixel size without a unit is taken in the
+    model's unit.
     """
     loaded = _as_loaded(model)
     if scale is None and pixel_size is not None and loaded.pixel_size:
@@ -255,6 +280,8 @@ def working_scale(model: Any, scale: float | None = None, pixel_size: float | No
                 f"the image's pixel size {given} against the model's {loaded.pixel_size:g} "
                 f"{loaded.pixel_size_unit or '(no unit)'} means resizing by {scale:g}; check the units "
                 "(a layer scale without units is read in the model's unit) or set the scale yourself")
+    if scale is None and image is not None and loaded.fov_diameter:
+        scale = derived_fov_scale(loaded, image, axes)
     scale = loaded.input_scale if scale is None else float(scale)
     if not scale > 0 or not np.isfinite(scale):
         raise ValueError(f"scale must be positive, got {scale}")
@@ -384,12 +411,14 @@ def iter_predict(
         raise ValueError(f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image")
     if 0 in tuple(image.shape):
         raise ValueError(f"the image has an empty axis: shape {tuple(image.shape)}")
-    scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
+    scale = working_scale(loaded, scale, pixel_size, pixel_size_unit, image=image, axes=axes)
     if abs(scale - 1.0) > 1e-6:
-        return (yield from _iter_predict_rescaled(
+        result = yield from _iter_predict_rescaled(
             loaded, image, scale, axes=axes, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
             device=device, precision=precision, attention=attention, slices=slices, fuse=fuse,
-            channels_last=channels_last, statistics=statistics))
+            channels_last=channels_last, statistics=statistics)
+        result.scale = scale
+        return result
     network = loaded.network
     network.eval()
     divisor = int(getattr(network, "divisor", 16))

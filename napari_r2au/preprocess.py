@@ -147,22 +147,25 @@ def fov_mask(image: np.ndarray) -> np.ndarray:
     """The bright, round field of view of a fundus photograph, as a bool (H, W) mask.
 
     Fundus cameras put the retina on a dark background that is rarely black: JPEG noise,
-    STARE's grey border, CHASE_DB1's dim rim. The threshold therefore sits a fraction of
+    STARE's scanned-slide rim, CHASE_DB1's dim edge. The threshold therefore sits a fraction of
     the way from the frame's border level to the retina's bright level, and only the
     largest bright region counts (text printed in a corner is not the field).
     """
     from scipy import ndimage
 
     grey = np.asarray(image)
-    if grey.ndim == 3:
-        grey = grey[..., :3].astype(np.float32).mean(axis=-1)
+    if grey.ndim == 3:  # the red channel: the retina is brightest there, a scanned slide's rim is not
+        grey = grey[..., 0]
     grey = grey.astype(np.float32, copy=False)
     if grey.ndim != 2 or min(grey.shape) < 8:
         return np.ones(grey.shape[:2], bool)
     ring = max(1, min(grey.shape) // 50)
     border = np.concatenate([grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(),
                              grey[:, -ring:].ravel()])
-    background, bright = float(np.median(border)), float(np.percentile(grey, 99))
+    # the border is background unless the photograph was cropped into the field: then the
+    # darkest pixels (the corners left outside the circle) are
+    background = min(float(np.median(border)), float(np.percentile(grey, 2)))
+    bright = float(np.percentile(grey, 99))
     if not bright > background:
         return np.ones(grey.shape, bool)
     smooth = ndimage.uniform_filter(grey, size=5)

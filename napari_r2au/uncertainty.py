@@ -87,6 +87,9 @@ def iter_predict_tta(
         raise ValueError(f"flips must start with 'identity' and use {', '.join(TTA_FLIPS)}; got {list(flips)}")
     _check_kind(kind)
     loaded = engine._as_loaded(model)
+    # one scale for every copy (a field of view measured on each flipped copy could differ)
+    kwargs["scale"] = engine.working_scale(loaded, kwargs.get("scale"), kwargs.pop("pixel_size", None),
+                                           kwargs.pop("pixel_size_unit", None), image=image, axes=axes)
     first: Prediction | None = None
     total: np.ndarray | None = None  # running sum of the copies: no stack of them all for big volumes
     maps: list[np.ndarray] = []  # kept only for the std, which needs every copy

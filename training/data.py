@@ -360,17 +360,22 @@ def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequ
 def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
                    normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
                    names: Sequence[str] | None = None,
-                   fovs: Sequence[np.ndarray | None] | None = None, scale: float = 1.0,
+                   fovs: Sequence[np.ndarray | None] | None = None, scale: float | Sequence[float] = 1.0,
                    originals: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
-    """In-memory (image, labels) pairs resized by ``scale``; a 3D pair gives one sample per
-    annotated slice (see :func:`annotated_slices`), normalized with its stack's statistics.
+    """In-memory (image, labels) pairs resized by ``scale`` (one for all, or one per pair:
+    photographs from several cameras, each at its field of view's scale); a 3D pair gives
+    one sample per annotated slice (see :func:`annotated_slices`), normalized with its
+    stack's statistics.
     ``originals``: per pair, the mask before the user's corrections (or None), kept on the
     samples (``Sample.original``) so that fine-tuning can tell what was corrected."""
     flat, names, fovs, origins = annotated_slices(pairs, names, slices, fovs)
     if not flat:
         raise DataError("no training pairs given")
+    scales = [float(scale)] * len(pairs) if np.isscalar(scale) else [float(v) for v in scale]
+    if len(scales) != len(pairs):
+        raise DataError(f"{len(scales)} scales for {len(pairs)} pairs")
     stacks = sorted({index for index, z in origins if z is not None})
-    statistics = {index: stack_statistics(pairs[index][0], in_channels, normalization, scale)  # lazy stays lazy
+    statistics = {index: stack_statistics(pairs[index][0], in_channels, normalization, scales[index])  # lazy stays
                   for index in stacks}
     samples = []
     for (image, labels), name, fov, (index, z) in zip(flat, names, fovs, origins):
@@ -380,8 +385,8 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
             if original.shape != np.shape(labels):
                 raise DataError(f"{name}: the mask before correction {original.shape} differs from the "
                                 f"corrected one {np.shape(labels)}")
-            original = resize_mask(original, scale)
-        image, labels, fov = rescale_pair(image, np.asarray(labels) > 0, scale, fov)
+            original = resize_mask(original, scales[index])
+        image, labels, fov = rescale_pair(image, np.asarray(labels) > 0, scales[index], fov)
         sample = make_sample(image, labels > 0, name, in_channels, fov, normalization,
                              statistics=None if z is None else statistics[index])
         sample.original = original

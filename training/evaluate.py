@@ -26,18 +26,22 @@ def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str
     """
     loaded = load_model(model) if not hasattr(model, "network") else model
     level = loaded.threshold if threshold is None else threshold
+    given = scale
     scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
     # a slice of a stack is predicted with the stack's statistics, as `r2au segment` on the stack
     samples = folder_samples(images, masks, fov, loaded.in_channels, class_map=class_map, statistics_scale=scale)
     rows, truths, scores = [], [], []
     for sample in samples:
-        options = dict(scale=scale, statistics=sample.statistics)
+        # each photograph at its own scale when the model derives it from the field of view
+        own = scale if sample.statistics is not None else working_scale(
+            loaded, given, pixel_size, pixel_size_unit, image=sample.raw)
+        options = dict(scale=own, statistics=sample.statistics)
         if tta:
             prob = run(iter_predict_tta(loaded, sample.raw, **options))[0].probabilities
         else:
             prob = predict(loaded, sample.raw, **options).probabilities
         row = segmentation_metrics(sample.mask, prob, level, sample.fov)
-        rows.append({"image": sample.name, **row})
+        rows.append({"image": sample.name, "scale": round(own, 4), **row})
         truths.append(sample.mask[sample.fov])
         scores.append(prob[sample.fov])
     truth, score = np.concatenate(truths), np.concatenate(scores)

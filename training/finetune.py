@@ -112,11 +112,41 @@ def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
                   weight=sample.weight * float(fov.sum()) / max(1.0, float(sample.fov.sum())))
 
 
+def _pair_scales(parent: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                 validation: tuple[np.ndarray, np.ndarray] | None, scale: float | None,
+                 pixel_size: float | None, pixel_size_unit: str | None,
+                 ) -> tuple[list[float], float | None, int | None]:
+    """The working scale of each pair and of the validation pair, and the new model's
+    field-of-view diameter.
+
+    A parent that derives its scale from the field of view (fundus models) has each
+    photograph trained at its own field's scale, as the engine will predict it. A scale
+    given by hand for such a parent sets the new model's diameter instead: the first
+    image's field at that scale, so that Segment sees it, and every other photograph,
+    as it was trained."""
+    from napari_r2au.engine import derived_fov_scale
+    from napari_r2au.preprocess import fov_diameter
+
+    if not parent.fov_diameter or (scale is None and pixel_size is not None and parent.pixel_size):
+        fixed = working_scale(parent, scale, pixel_size, pixel_size_unit)
+        return [fixed] * len(pairs), None, None
+    if scale is None:
+        scales = [derived_fov_scale(parent, image) for image, _ in pairs]
+        held = derived_fov_scale(parent, validation[0]) if validation is not None else None
+        return scales, held, parent.fov_diameter
+    fixed = working_scale(parent, scale)
+    first = np.asarray(pairs[0][0])
+    plane = first[first.shape[0] // 2] if first.ndim == 4 or (first.ndim == 3 and first.shape[-1] > 4) else first
+    diameter = int(min(max(round(fixed * fov_diameter(plane)), 16), 16384))
+    return [fixed] * len(pairs), None, diameter
+
+
 def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                     validation: tuple[np.ndarray, np.ndarray] | None, settings: FinetuneSettings,
                     names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None,
                     fovs: Sequence[np.ndarray | None] | None = None,
-                    validation_fov: np.ndarray | None = None, scale: float = 1.0, device: str | None = None,
+                    validation_fov: np.ndarray | None = None, scale: float | Sequence[float] = 1.0,
+                    device: str | None = None, validation_scale: float | None = None,
                     originals: Sequence[np.ndarray | None] | None = None):
     """Training and validation samples at the model's scale; without a validation pair,
     hold out a band of columns of every image (or slice; at most MAX_HELD_OUT_STRIPS)
@@ -131,7 +161,8 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
                          "to find nothing. Include an image or slice where the structure is present")
     if validation is not None:
         return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
-                                     names=["validation"], fovs=[validation_fov], scale=scale)
+                                     names=["validation"], fovs=[validation_fov],
+                                     scale=validation_scale or (scale if np.isscalar(scale) else scale[0]))
     # every pair (or slice) gives a band, pooled: a threshold chosen on one image's band
     # follows that image (a hard one pulled it far off with two or three images). A pair
     # trains whole when no band has foreground (a slice the user erased: Dice on an empty
@@ -243,9 +274,11 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if parent.out_channels > 1:
         raise ValueError(f"{parent.name} has {parent.out_channels} classes; fine-tuning trains one foreground "
                          "class and cannot start from a multiclass model")
-    scale = working_scale(parent, scale, pixel_size, pixel_size_unit)
+    scales, validation_scale, fov_diameter = _pair_scales(parent, pairs, validation, scale, pixel_size,
+                                                          pixel_size_unit)
+    scale = scales[0]
     train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
-                                                 validation_fov, scale, device, originals)
+                                                 validation_fov, scales, device, originals, validation_scale)
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
     patch -= patch % 16
     if patch < 16:
@@ -268,7 +301,7 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
         val_images=len(val_samples), val_names=[sample.name for sample in val_samples] or None,
         freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
-        input_scale=scale, description=f"{parent.name} fine-tuned on corrected masks",
+        input_scale=scale, fov_diameter=fov_diameter, description=f"{parent.name} fine-tuned on corrected masks",
         pixel_size=pixel_size, pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},
     )

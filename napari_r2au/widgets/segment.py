@@ -111,10 +111,12 @@ class SegmentWidget(WorkerRunner, Container):
         self._show_advanced = CheckBox(text="Advanced settings", value=False)
         self._tile = SpinBox(label="Tile size (0: auto)", min=0, max=8192, step=16, value=0)
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
-        self._scale = FloatSpinBox(label="Scale (0: model's)", min=0.0, max=8.0, step=0.05, value=0.0,
+        self._scale = FloatSpinBox(label="Scale (0: auto)", min=0.0, max=8.0, step=0.05, value=0.0,
                                    tooltip="Resize factor before the network, so that structures have the size "
-                                           "the model was trained at (e.g. 0.4 for HRF fundus photographs "
-                                           "with a DRIVE model); outputs come back at full resolution")
+                                           "the model was trained at; outputs come back at full resolution. "
+                                           "0 (auto): from the image's pixel size, or for fundus models from "
+                                           "its field of view (shown here after a run), else the model's own")
+        self._scale.native.setSpecialValueText("auto")  # the value 0 shows as "auto", or the scale it gave
         self._advanced = Container(widgets=[self._tile, self._device, self._scale], visible=False)
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -139,6 +141,7 @@ class SegmentWidget(WorkerRunner, Container):
         self._show_advanced.changed.connect(lambda value: setattr(self._advanced, "visible", bool(value)))
         for widget in (self._threshold, self._remove_small, self._fill_holes, self._min_size):
             widget.changed.connect(self._apply_threshold)
+        self._image.changed.connect(lambda _layer: self._scale.native.setSpecialValueText("auto"))
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         follow_layers(viewer, self)
@@ -214,10 +217,11 @@ class SegmentWidget(WorkerRunner, Container):
         from napari_r2au.uncertainty import iter_predict_tta
 
         model = self._load(path)
-        # the Scale field wins; then the layer's pixel size against the model's; then the model's own scale
+        # the Scale field wins; then the layer's pixel size against the model's; then the image's field of
+        # view (fundus models); then the model's own scale
         options = dict(options)
         options["scale"] = working_scale(model, options.pop("scale"), options.pop("pixel_size"),
-                                         options.pop("pixel_size_unit"))
+                                         options.pop("pixel_size_unit"), image=image, axes=options.get("axes"))
         if uncertainty:
             prediction, spread = yield from iter_predict_tta(model, image, **options)
         else:
@@ -418,6 +422,8 @@ class SegmentWidget(WorkerRunner, Container):
         seconds = time.perf_counter() - context.started
         share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
         at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
+        if not self._scale.value:  # auto: the field shows the scale it came to for this image
+            self._scale.native.setSpecialValueText(f"auto ({output.scale:.3g})")
         self._status.value = (f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
                               f"{share:.1f}% foreground.")
         if kept is not None:

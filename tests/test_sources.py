@@ -1,0 +1,86 @@
+"""Training on several data sources at once (the four fundus cameras of retina-vessels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_r2au.training.augment import AugmentConfig, augment
+from napari_r2au.training.data import Sample, split_sources
+from napari_r2au.training.trainer import TrainConfig, _best_of, selection_score, source_metrics
+
+
+def _sample(name: str, source: str, rng: np.random.Generator, quality: float) -> Sample:
+    """A sample whose 'prediction' agrees with its mask with probability ``quality``."""
+    mask = (rng.random((32, 32)) < 0.2).astype(np.uint8)
+    image = rng.random((32, 32, 3)).astype(np.float32)
+    sample = Sample(image, mask, np.ones((32, 32), bool), name, image, source=source)
+    sample.quality = quality  # type: ignore[attr-defined]
+    return sample
+
+
+def test_sources_config_is_checked_before_anything_is_read():
+    good = {"kind": "sources", "sources": [{"name": "A", "kind": "drive", "root": "x"},
+                                           {"name": "B", "kind": "folders", "images": "i", "masks": "m"}]}
+    TrainConfig.from_dict({"data": good})
+    bad = [
+        ({"kind": "sources", "sources": []}, "non-empty list"),
+        ({"kind": "sources", "sources": [{"kind": "dicom", "root": "x"}]}, "must be drive or folders"),
+        ({"kind": "sources", "sources": [{"kind": "drive"}]}, "needs root"),
+        ({"kind": "sources", "sources": [{"kind": "drive", "root": "x", "weight": 0}]}, "weight"),
+        ({"kind": "sources", "sources": [{"kind": "drive", "root": "x", "colour": 1}]}, "not a key"),
+        ({"kind": "sources", "sources": [{"kind": "drive", "root": "a/x"}, {"kind": "drive", "root": "b/x"}]},
+         "same name"),
+    ]
+    for data, message in bad:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict({"data": data})
+    with pytest.raises(ValueError, match="fov_diameter"):
+        TrainConfig.from_dict({"fov_diameter": 3})
+
+
+def test_every_source_is_split_on_its_own(rng):
+    samples = [_sample(f"a{i}", "A", rng, 1) for i in range(20)] + [_sample(f"b{i}", "B", rng, 1) for i in range(4)]
+    sources = [{"name": "A", "kind": "drive", "root": "x", "val_images": 4},
+               {"name": "B", "kind": "drive", "root": "y", "val_images": 1}]
+    train, val = split_sources(samples, sources, seed=0)
+    assert sorted(s.source for s in val) == ["A"] * 4 + ["B"]
+    assert len(train) == 19 and not {id(s) for s in train} & {id(s) for s in val}
+    assert split_sources(samples, sources, seed=0)[1] == val  # fixed by the seed
+
+
+def test_checkpoints_are_chosen_by_the_sources_mean_f1(rng):
+    """A model perfect on the big source and useless on the small one must lose to one
+    that is fair on both, although its pooled F1 is higher."""
+    big = [_sample(f"a{i}", "A", rng, 1) for i in range(6)]
+    small = [_sample("b0", "B", rng, 0)]
+    samples = big + small
+    lopsided = [s.mask.astype(np.float32) for s in big] + [1 - small[0].mask.astype(np.float32)]
+    fair = [np.where(rng.random(s.mask.shape) < 0.8, s.mask, 1 - s.mask).astype(np.float32) for s in samples]
+    scores = {}
+    for name, probs in (("lopsided", lopsided), ("fair", fair)):
+        metrics = source_metrics(samples, probs, 0.5)
+        assert set(metrics) == {"f1@A", "auc_roc@A", "f1@B", "auc_roc@B", "f1_source_mean"}
+        scores[name] = selection_score(dict(metrics, f1=0.0))
+    assert scores["fair"] > scores["lopsided"]
+    # one source: the score is plain F1, as before
+    assert source_metrics(big, lopsided[:6], 0.5) == {}
+    assert selection_score({"f1": 0.7}) == 0.7
+    threshold, chosen = _best_of(samples, fair, (0.3, 0.5, 0.7))
+    assert "f1_source_mean" in chosen and threshold in (0.3, 0.5, 0.7)
+
+
+def test_camera_augmentations_change_only_what_they_should():
+    images = torch.randn(4, 3, 32, 32)
+    masks = (torch.rand(4, 1, 32, 32) > 0.8).float()
+    fov = torch.ones(4, 1, 32, 32)
+    plain = AugmentConfig(flips=False, rot90=False, affine=False, intensity=False)
+    same, _, _ = augment(images.clone(), masks, fov, plain, torch.Generator().manual_seed(0))
+    assert torch.equal(same, images)  # nothing asked, nothing done
+    for key in ("colour", "blur", "noise"):
+        config = AugmentConfig(flips=False, rot90=False, affine=False, intensity=False, **{key: 0.5})
+        out, out_masks, _ = augment(images.clone(), masks, fov, config, torch.Generator().manual_seed(1))
+        assert not torch.allclose(out, images), key
+        assert torch.equal(out_masks, masks), key  # intensity only: the labels stay put
+        assert torch.isfinite(out).all()
