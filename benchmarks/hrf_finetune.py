@@ -1,12 +1,19 @@
-"""The fine-tune loop on a real domain shift: DRIVE model -> HRF fundus photographs.
+"""The fine-tune loop on a real domain shift: a vessel model -> another fundus camera.
 
-``python -m benchmarks.hrf_finetune [--steps N] [--scale S] [--seeds 0 1 2] [--markdown FILE]``
+``python -m benchmarks.hrf_finetune [--dataset HRF|STARE|CHASE_DB1] [--model M] [--steps N]
+[--scale S] [--seeds 0 1 2] [--markdown FILE]``
 
-Evaluates the bundled ``drive-vessels`` model on held-out HRF images (inside the FOV),
-fine-tunes it with ``r2au finetune`` (the CLI, the same code path as the napari widget) on
-k = 1, 2, 3 other HRF images, once per seed, evaluates each new model on the same held-out
-images and prints F1 / AUC against k (each run, then mean, spread and worst over seeds)
-with the wall time of each fine-tune.
+Evaluates the model (default the bundled ``drive-vessels``) on held-out images of the
+camera (inside the FOV), fine-tunes it with ``r2au finetune`` (the CLI, the same code path
+as the napari widget) on k = 1, 2, 3 other images, once per seed, evaluates each new model
+on the same held-out images and prints F1 / AUC against k (each run, then mean, spread and
+worst over seeds) with the wall time of each fine-tune.
+
+HRF keeps its historical split (tuned on 01_h, 01_dr, 01_g; docs/hrf-finetune.md) unless
+``--heldout`` asks for retina-vessels' validation images (01_h, 02_dr, 04_h). STARE
+and CHASE_DB1 have four images each here: the one that ``retina-vessels`` held out for
+validation is evaluated (benchmarks.cross_dataset), the other three are corrected. Give
+``--scale 0`` to let a fundus model derive each photograph's scale from its field of view.
 """
 
 from __future__ import annotations
@@ -23,29 +30,54 @@ from pathlib import Path
 from benchmarks import write_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
-HRF = Path(os.environ.get("R2AU_DATA", ROOT.parent / "shared" / "data")) / "HRF"
-#: images used for fine-tuning (one of each group); all others are evaluated
+DATA = Path(os.environ.get("R2AU_DATA", ROOT.parent / "shared" / "data"))
+HRF = DATA / "HRF"
+#: HRF images used for fine-tuning (one of each group); all others are evaluated
 TUNE_IDS = ["01_h", "01_dr", "01_g"]
+#: each camera's folders and how its masks and FOVs are named after an image's id
+LAYOUTS = {
+    "HRF": (HRF, "images", "manual1", "{}.tif", "mask", "{}_mask.tif"),
+    "STARE": (DATA / "STARE", "images", "labels-ah", "{}.ah.ppm", "mask", "{}.png"),
+    "CHASE_DB1": (DATA / "CHASEDB1", "images", "1stHO", "{}_1stHO.png", "mask", "{}.png"),
+}
 
 
-def _link_subset(ids: list[str], folder: Path) -> tuple[Path, Path, Path]:
+def _link_subset(ids: list[str], folder: Path, dataset: str = "HRF") -> tuple[Path, Path, Path]:
     """Folders of symlinks holding the images, masks and FOVs of ``ids``."""
+    root, images, masks, mask_name, fovs, fov_name = LAYOUTS[dataset]
     out = [folder / name for name in ("images", "masks", "fov")]
     for path in out:
         path.mkdir(parents=True, exist_ok=True)
     for item in ids:
-        image = next(p for p in (HRF / "images").iterdir() if p.stem == item)
+        image = next(p for p in (root / images).iterdir() if p.name.split(".")[0] == item)
         (out[0] / image.name).symlink_to(image)
-        (out[1] / f"{item}.tif").symlink_to(HRF / "manual1" / f"{item}.tif")
-        (out[2] / f"{item}.tif").symlink_to(HRF / "mask" / f"{item}_mask.tif")
+        (out[1] / mask_name.format(item)).symlink_to(root / masks / mask_name.format(item))
+        (out[2] / fov_name.format(item)).symlink_to(root / fovs / fov_name.format(item))
     return out[0], out[1], out[2]
+
+
+def _split(dataset: str, heldout: bool = False) -> tuple[list[str], list[str]]:
+    """(ids to fine-tune on, in order; ids to evaluate) for a camera."""
+    root, images = LAYOUTS[dataset][:2]
+    all_ids = sorted(p.name.split(".")[0] for p in (root / images).iterdir())
+    if dataset == "HRF" and not heldout:
+        return TUNE_IDS, [i for i in all_ids if i not in TUNE_IDS]
+    from benchmarks.cross_dataset import held_out
+
+    evaluated = [triple[0].name.split(".")[0] for triple in held_out()[dataset]]
+    return [i for i in all_ids if i not in evaluated], evaluated
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hrf_finetune", description=__doc__)
+    parser.add_argument("--dataset", choices=list(LAYOUTS), default="HRF", help="the camera to fine-tune on")
+    parser.add_argument("--heldout", action="store_true",
+                        help="HRF: evaluate on the images retina-vessels held out (which trained on the others) "
+                             "instead of the historical split")
     parser.add_argument("--steps", type=int, default=300, help="fine-tune steps per run")
     parser.add_argument("--scale", type=float, default=0.4,
-                        help="working scale for HRF (chosen on the fine-tuning images 01_*: F1 0.25<0.33<0.4)")
+                        help="working scale (HRF: chosen on the fine-tuning images 01_*: F1 0.25<0.33<0.4); "
+                             "0: the model's own (derived from the field of view for fundus models)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="fine-tune seeds (patch sampling, augmentation) to repeat each k with")
     parser.add_argument("--model", default="drive-vessels", help="the DRIVE model to start from")
@@ -54,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="further r2au finetune options, e.g. --lr 2e-4 --no-freeze-encoder (last)")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not (HRF / "images").is_dir():
-        print(f"HRF data not found at {HRF}; nothing to measure")
+    root = LAYOUTS[args.dataset][0]
+    if not (root / "images").is_dir():
+        print(f"{args.dataset} data not found at {root}; nothing to measure")
         return 0
     from napari_r2au.cli import main as r2au
     from napari_r2au.model_files import load_model
@@ -64,20 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     start = load_model(args.model)  # found before R2AU_HOME is redirected (a user model works too)
     work = Path(tempfile.mkdtemp(prefix="r2au-hrf-"))
     os.environ["R2AU_HOME"] = str(work / "home")  # fine-tuned models stay out of the user's folder
-    all_ids = sorted(p.stem for p in (HRF / "images").iterdir())
-    eval_ids = [i for i in all_ids if i not in TUNE_IDS]
-    eval_dirs = _link_subset(eval_ids, work / "eval")
+    tune_ids, eval_ids = _split(args.dataset, args.heldout)
+    eval_dirs = _link_subset(eval_ids, work / "eval", args.dataset)
+    scale = args.scale or None
     runs = []  # (k, seed, f1, auc, seconds)
-    report = evaluate_folders(start, *eval_dirs, scale=args.scale)
+    report = evaluate_folders(start, *eval_dirs, scale=scale)
     runs.append((0, None, report["f1"], report["auc_roc"], 0.0))
     print(runs[-1], flush=True)
     for k in args.ks:
-        images, masks, fov = _link_subset(TUNE_IDS[:k], work / f"tune{k}")
+        images, masks, fov = _link_subset(tune_ids[:k], work / f"tune{k}", args.dataset)
         for seed in args.seeds:
-            name = f"{start.name}-hrf-k{k}-s{seed}"
+            name = f"{start.name}-{args.dataset.lower().replace('_', '')}-k{k}-s{seed}"
             started = time.perf_counter()
             status = r2au(["finetune", "-m", str(start.path), "--images", str(images), "--masks", str(masks),
-                           "--fov", str(fov), "--steps", str(args.steps), "--scale", str(args.scale),
+                           "--fov", str(fov), "--steps", str(args.steps),
+                           *(["--scale", str(scale)] if scale else []),
                            "--seed", str(seed), "--name", name, *args.finetune])
             seconds = time.perf_counter() - started
             if status != 0:
@@ -86,24 +120,27 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate_folders(name, *eval_dirs)  # the new model carries its scale
             runs.append((k, seed, report["f1"], report["auc_roc"], seconds))
             print(runs[-1], flush=True)
-    text = _tables(runs, start.name)
+    text = _tables(runs, start.name, args.dataset)
     print(text)
     if args.markdown:
         seeds = " ".join(str(s) for s in args.seeds)
         write_between_markers(
             args.markdown,
-            f"Command: `python -m benchmarks.hrf_finetune --steps {args.steps} --scale {args.scale} "
+            f"Command: `python -m benchmarks.hrf_finetune --dataset {args.dataset}"
+            f"{' --heldout' if args.heldout else ''} --steps {args.steps} "
+            f"--scale {args.scale} "
             f"--seeds {seeds} --model {args.model} --ks {' '.join(map(str, args.ks))}"
             f"{' --finetune ' + ' '.join(args.finetune) if args.finetune else ''}`\n\n"
-            f"Fine-tuned on {', '.join(TUNE_IDS)} (first k); evaluated on {len(eval_ids)} other HRF images "
+            f"Fine-tuned on {', '.join(tune_ids)} (first k); evaluated on {len(eval_ids)} other {args.dataset} "
+            "images "
             f"({', '.join(eval_ids)}), pixels inside the FOV pooled.\n\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _tables(runs: list[tuple], model: str) -> str:
+def _tables(runs: list[tuple], model: str, dataset: str = "HRF") -> str:
     """A summary per k (mean, spread, worst over seeds) and every run."""
-    summary = ["| corrected HRF images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | fine-tune time (s) |",
+    summary = [f"| corrected {dataset} images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | fine-tune time (s) |",
                "|---|---|---|---|---|---|---|"]
     for k in sorted({run[0] for run in runs}):
         chosen = [run for run in runs if run[0] == k]

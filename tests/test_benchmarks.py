@@ -91,3 +91,19 @@ def test_slider_benchmark_moves_the_slider_in_napari_and_writes_its_table(tmp_pa
     assert "PLACEHOLDER" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert "| slider update in napari (3x64x64 stack), median of 2 |" in text
     assert text.count("of which") == 4
+
+
+def test_cross_dataset_evaluates_the_images_the_retina_config_holds_out(drive_root):
+    """The benchmark's held-out images are exactly the validation part the trainer draws
+    from training/configs/retina-vessels.yaml: one split, so no image is both."""
+    from benchmarks.cross_dataset import CONFIG, held_out
+    from napari_r2au.training.config import load_config
+
+    split = held_out()
+    config = load_config(CONFIG)
+    assert list(split) == [source["name"] for source in config.data["sources"]]
+    for source in config.data["sources"]:
+        assert len(split[source["name"]]) == source["val_images"]
+        for image, mask, fov in split[source["name"]]:
+            assert image.is_file() and mask.is_file() and fov is not None and fov.is_file()
+            assert image.name.split(".")[0].split("_training")[0] in mask.name
