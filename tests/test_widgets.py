@@ -871,3 +871,80 @@ def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(make
     (tmp_path / "refused").mkdir()
     assert review.export() is None
     assert list((tmp_path / "refused").iterdir()) == []
+
+
+def _save_fov_tiny(name: str = "tiny-fov") -> str:
+    """The tiny model under a model file that derives its scale from the field of view."""
+    from napari_r2au.model_files import load_model_file, save_model, user_models_dir
+
+    tiny = load_model_file(user_models_dir() / "tiny.json")
+    meta = dict(tiny.metadata, name=name, fov_diameter=40)
+    meta.pop("weights_file"), meta.pop("weights_sha256")
+    save_model(tiny.network, user_models_dir(), meta)
+    return name
+
+
+def test_first_result_shows_the_image_and_a_readable_mask(make_napari_viewer, qtbot, tiny_model):
+    """The maps are added hidden, the mask in a bright colour; a map the user shows again
+    stays shown on the next run; the Image picker offers no plugin outputs."""
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    widget = dock(viewer, "Segment")
+    widget._uncertainty.value = True
+    widget.run()
+    wait_idle(qtbot, widget)
+    maps = ["img probability", "img uncertainty", *(f"img attention {g}" for g in range(1, 5))]
+    assert all(not viewer.layers[name].visible for name in maps)
+    mask = viewer.layers["img mask"]
+    assert mask.visible and viewer.layers["img"].visible
+    np.testing.assert_allclose(mask.colormap.map(np.array([1]))[0], (0.0, 1.0, 1.0, 1.0))
+    assert mask.colormap.map(np.array([0]))[0][3] == 0  # background transparent
+    assert mask.colormap.map(np.array([2]))[0][3] == 1  # a label painted beyond 1 stays visible
+    viewer.layers["img probability"].visible = True
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert viewer.layers["img probability"].visible and not viewer.layers["img attention 1"].visible
+    widget.reset_choices()
+    assert [layer.name for layer in widget._image.choices] == ["img"]
+
+
+def test_the_model_cannot_change_under_a_running_segment(make_napari_viewer, qtbot, tiny_model):
+    from napari_r2au.model_files import load_model_file, save_model, user_models_dir
+
+    tiny = load_model_file(user_models_dir() / "tiny.json")
+    save_model(tiny.network, user_models_dir(), dict(
+        {k: v for k, v in tiny.metadata.items() if k not in ("weights_file", "weights_sha256")},
+        name="tiny-high", threshold=0.8))
+    viewer = make_napari_viewer()
+    add_image(viewer, size=160)
+    widget = dock(viewer, "Segment")
+    widget._tile.value = 32
+    widget.run()
+    assert widget.running and not widget._model.enabled
+    widget._model.reset_choices()  # a picker refresh mid-run (another dock registered a model)
+    widget._on_model_changed()
+    assert widget._threshold.value == 0.5
+    wait_idle(qtbot, widget)
+    assert widget._model.enabled
+    info = viewer.layers["img mask"].metadata["r2au"]
+    assert info["model"] == "tiny" and info["threshold"] == 0.5
+
+
+def test_segment_derives_and_shows_the_scale_of_a_fundus_model(make_napari_viewer, qtbot, tiny_model):
+    from napari_r2au.preprocess import fov_diameter
+
+    name = _save_fov_tiny()
+    viewer = make_napari_viewer()
+    yy, xx = np.mgrid[:96, :96]
+    field = ((yy - 48) ** 2 + (xx - 48) ** 2 < 40**2)  # an 80 px round field of view on black
+    photo = (field[..., None] * np.array([180, 90, 40])).astype(np.uint8)
+    viewer.add_image(photo, rgb=True, name="photo")
+    widget = dock(viewer, "Segment")
+    widget._model._choice.value = name
+    assert widget._scale.native.text() == "auto"
+    widget.run()
+    wait_idle(qtbot, widget)
+    derived = 40 / fov_diameter(photo)
+    assert viewer.layers["photo mask"].metadata["r2au"]["scale"] == pytest.approx(derived)
+    assert widget._scale.value == 0 and widget._scale.native.text() == f"auto ({derived:.3g})"
+    assert f"at scale {derived:.3g}" in widget._status.value

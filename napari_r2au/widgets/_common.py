@@ -52,21 +52,50 @@ def message_label() -> Label:
 
 # -- layers --------------------------------------------------------------------------------
 
-def layers_of(viewer: napari.viewer.Viewer, kind: str) -> list[tuple[str, Any]]:
-    """(name, layer) choices for a ComboBox: the viewer's layers of one type ("image", "labels")."""
+#: the metadata key of the maps Segment makes (probability, attention, uncertainty)
+RUN_KEY = "r2au_run"
+
+
+def is_plugin_map(layer: Any) -> bool:
+    """A map this plugin made from an image (a probability, attention or uncertainty
+    layer), which is no image to segment or fine-tune on."""
+    return bool(getattr(layer, "metadata", {}).get(RUN_KEY))
+
+
+def layers_of(viewer: napari.viewer.Viewer, kind: str, inputs_only: bool = False) -> list[tuple[str, Any]]:
+    """(name, layer) choices for a ComboBox: the viewer's layers of one type ("image",
+    "labels"); ``inputs_only`` leaves out the maps Segment made."""
     import napari.layers
 
     cls = {"image": napari.layers.Image, "labels": napari.layers.Labels}[kind]
-    return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, cls)]
+    return [(layer.name, layer) for layer in viewer.layers
+            if isinstance(layer, cls) and not (inputs_only and is_plugin_map(layer))]
 
 
-def layer_picker(viewer: napari.viewer.Viewer, kind: str, label: str, nullable: bool = False) -> ComboBox:
-    """A ComboBox of the viewer's layers of one type.
+#: the mask's colour: bright cyan stands out on red fundus photographs, brown skin and grey scans
+MASK_COLOUR = (0.0, 1.0, 1.0, 1.0)
+
+
+def mask_colormap(top_label: int) -> Any:
+    """A colour map that shows a binary mask in :data:`MASK_COLOUR` (0 transparent); None
+    for several classes, whose napari colour cycle tells them apart."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    if top_label > 1:
+        return None
+    # a label the user paints beyond 1 shows in magenta, not invisibly
+    return DirectLabelColormap(color_dict={None: (1.0, 0.0, 1.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0), 1: MASK_COLOUR})
+
+
+def layer_picker(viewer: napari.viewer.Viewer, kind: str, label: str, nullable: bool = False,
+                 inputs_only: bool = False) -> ComboBox:
+    """A ComboBox of the viewer's layers of one type (``inputs_only``: images to run a
+    model on, not the maps a run made).
 
     Its choices are refreshed by the owning widget's ``reset_choices`` (napari calls it
     when layers are added, removed, renamed or moved; see :func:`follow_layers`).
     """
-    return ComboBox(label=label, choices=lambda _widget: layers_of(viewer, kind), nullable=nullable)
+    return ComboBox(label=label, choices=lambda _widget: layers_of(viewer, kind, inputs_only), nullable=nullable)
 
 
 def follow_layers(viewer: napari.viewer.Viewer, widget: Container) -> None:

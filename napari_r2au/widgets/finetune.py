@@ -138,7 +138,7 @@ class FinetuneWidget(WorkerRunner, Container):
             self._image, self._corrected, self._use_validation, self._validation, self._model, self._steps,
             self._lr, self._patch, self._augment, self._freeze, self._share, self._device, self._scale, self._resegment,
             self._run, self._cancel, self._progress, self._status, self._result,
-        ])
+        ], scrollable=True)  # docks scroll on a 768 px screen
         self._curve = LossCurve()
         self.native.layout().addWidget(self._curve.canvas)
         self._worker: GeneratorWorker | None = None

@@ -66,7 +66,7 @@ class ReviewWidget(Container):
             self._window, self._next, self._region, self._export_path, self._export_maps, self._overwrite,
             self._export,
             self._export_status,
-        ])
+        ], scrollable=True)  # docks scroll on a 768 px screen
         self._visited: set[tuple[int, ...]] = set()
         self._visited_source: tuple[str, int] | None = None  # (layer name, window) the visits are for
         self.metrics: dict[str, float] | None = None

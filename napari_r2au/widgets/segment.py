@@ -29,6 +29,7 @@ from magicgui.widgets import (
 )
 
 from ._common import (
+    RUN_KEY,
     ModelPicker,
     WorkerRunner,
     describe_error,
@@ -37,6 +38,7 @@ from ._common import (
     layer_picker,
     layer_pixel_size,
     mask_before_corrections,
+    mask_colormap,
     message_label,
     notify_error,
     notify_info,
@@ -96,7 +98,7 @@ class SegmentWidget(WorkerRunner, Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
         self._model = ModelPicker()
-        self._image = layer_picker(viewer, "image", "Image")
+        self._image = layer_picker(viewer, "image", "Image", inputs_only=True)
         self._scope = ComboBox(label="Scope", choices=[WHOLE_IMAGE, CURRENT_SLICE], value=WHOLE_IMAGE,
                                tooltip="For stacks: every slice (the current one first) or only the current one")
         self._attention = CheckBox(text="Attention maps", value=True)
@@ -126,7 +128,7 @@ class SegmentWidget(WorkerRunner, Container):
             self._model, self._image, self._scope, self._attention, self._uncertainty, self._threshold,
             self._remove_small, self._fill_holes, self._min_size, self._show_advanced, self._advanced,
             self._run, self._cancel, self._progress, self._status,
-        ])
+        ], scrollable=True)  # docks scroll on a 768 px screen
         self._worker: GeneratorWorker | None = None
         self._context: _RunContext | None = None
         self._cancelled = False
@@ -264,7 +266,7 @@ class SegmentWidget(WorkerRunner, Container):
                 np.zeros((data.shape[0], *probabilities.shape), np.float32),
                 name=f"{context.layer.name} probability (running)", colormap="magma",
                 contrast_limits=(0.0, 1.0), scale=tuple(context.layer.scale),
-                translate=tuple(context.layer.translate))
+                translate=tuple(context.layer.translate), metadata={RUN_KEY: "running"})
         context.live.data[z] = probabilities
         context.live.refresh()
 
@@ -352,7 +354,7 @@ class SegmentWidget(WorkerRunner, Container):
         place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         # the maps carry the id of the run that made them, so that Review exports a mask's own maps
         run_id = uuid.uuid4().hex
-        maps = dict(place, metadata={"r2au_run": run_id})
+        maps = dict(place, metadata={RUN_KEY: run_id})
         base = layer.name
         probability = prediction.probabilities
         if prediction.multiclass:  # show "any foreground class" (0 where not segmented); the mask is the arg-max
@@ -360,23 +362,22 @@ class SegmentWidget(WorkerRunner, Container):
         # an edited mask is kept under another name (with the mask it was edited from, while
         # the probabilities it was made from are still there), before this run's layers replace them
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
-        prob_layer = replace_layer(self._viewer, "image", f"{base} probability", probability,
-                                   colormap="magma", contrast_limits=(0.0, 1.0), **maps)
+        # the image and its mask are what a first result shows; the maps are added hidden, a click
+        # away (a layer the user has shown again keeps its visibility on the next run)
+        prob_layer = _hidden_at_first(self._viewer, replace_layer, "image", f"{base} probability", probability,
+                                      colormap="magma", contrast_limits=(0.0, 1.0), **maps)
         attention_names = []
         for index, alpha in enumerate(prediction.attention):
             name = f"{base} attention {index + 1}"
-            existed = name in self._viewer.layers
-            gate = replace_layer(self._viewer, "image", name, alpha, colormap="turbo", blending="additive",
-                                 opacity=0.5, contrast_limits=(0.0, 1.0), **maps)
-            if not existed:  # one gate at a time reads best; the others are a click away
-                gate.visible = index == 0
+            _hidden_at_first(self._viewer, replace_layer, "image", name, alpha, colormap="turbo",
+                             blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), **maps)
             attention_names.append(name)
         uncertainty_name = None
         if uncertainty is not None:
             uncertainty_name = f"{base} uncertainty"
             top = float(uncertainty.max()) or 1.0
-            replace_layer(self._viewer, "image", uncertainty_name, uncertainty, colormap="inferno",
-                          blending="additive", opacity=0.7, contrast_limits=(0.0, top), **maps)
+            _hidden_at_first(self._viewer, replace_layer, "image", uncertainty_name, uncertainty, colormap="inferno",
+                             blending="additive", opacity=0.7, contrast_limits=(0.0, top), **maps)
         # maps of an earlier run that this one did not make (attention off, a model without
         # gates, no uncertainty map) would be shown as if they belonged to the new mask
         current = {prob_layer.name, *attention_names, uncertainty_name}
@@ -411,8 +412,12 @@ class SegmentWidget(WorkerRunner, Container):
         if sources:  # what a DICOM SEG export of this mask refers to, and what it shows
             info["dicom"] = {"sources": sources}
             info["segment_property"] = output.segment_property
+        new_mask = f"{base} mask" not in self._viewer.layers
         self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
                                          metadata={"r2au": info}, **place)
+        colours = mask_colormap(int(mask.max())) if new_mask else None
+        if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
+            self._mask_layer.colormap = colours
         # the kept prediction, its record and its source change together, once every layer is placed
         self._prediction, self._last_info = prediction, info
         self._last_source = (weakref.ref(layer), id(layer.data))
@@ -467,6 +472,8 @@ class SegmentWidget(WorkerRunner, Container):
     # -- helpers ------------------------------------------------------------------------------
 
     def _on_model_changed(self, *_: Any) -> None:
+        if self._worker is not None:  # the picker is locked during a run; a refresh must not move the slider
+            return
         meta = self._model.metadata()
         if meta is not None and int(meta.get("out_channels", 1)) == 1:
             with self._threshold.changed.blocked():
@@ -479,11 +486,21 @@ class SegmentWidget(WorkerRunner, Container):
 
     def _set_running(self, running: bool, message: str | None = None) -> None:
         self._run.enabled = not running
+        self._model.enabled = not running  # a run's record names the model and threshold that made it
         self._cancel.enabled = running
         if running:
             self._progress.max, self._progress.value = 1, 0
         if message is not None:
             self._status.value = message
+
+
+def _hidden_at_first(viewer: Any, replace: Any, kind: str, name: str, data: Any, **kwargs: Any) -> Any:
+    """``replace(viewer, kind, name, data, ...)``, hiding the layer if it is new."""
+    existed = name in viewer.layers
+    layer = replace(viewer, kind, name, data, **kwargs)
+    if not existed:
+        layer.visible = False
+    return layer
 
 
 def _network_input(layer: Any) -> tuple[str, Any]:
