@@ -948,3 +948,34 @@ def test_segment_derives_and_shows_the_scale_of_a_fundus_model(make_napari_viewe
     assert viewer.layers["photo mask"].metadata["r2au"]["scale"] == pytest.approx(derived)
     assert widget._scale.value == 0 and widget._scale.native.text() == f"auto ({derived:.3g})"
     assert f"at scale {derived:.3g}" in widget._status.value
+
+
+def test_review_defaults_follow_segment_and_the_manual_mask(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    """The first Compare works without picking: Prediction is the mask Segment just made,
+    Reference the manual mask of the same size; metrics go when their layers go; exports
+    write the format asked for or say in the dock why not."""
+    import imageio.v3 as iio
+
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    review = dock(viewer, "Review")
+    _, truth = bars()
+    viewer.add_labels(truth, name="manual")
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="other size")
+    run_segment(qtbot, viewer)
+    assert review._prediction.value.name == "img mask"
+    assert review._reference.value.name == "manual"
+    assert review.compare() is not None and "Dice (F1)" in review._metrics.value
+    viewer.layers.remove("manual")
+    assert review.metrics is None and review._metrics.value == ""
+
+    review._export_path.value = tmp_path / "as.png"
+    review._export.changed.emit(True)
+    assert (tmp_path / "as.png").is_file() and not (tmp_path / "as.png.tif").exists()
+    np.testing.assert_array_equal(iio.imread(tmp_path / "as.png"), viewer.layers["img mask"].data)
+    assert review._export_status.value.startswith("Wrote as.png")
+    review._export.changed.emit(True)  # exists already: said in the dock, not only in a toast
+    assert "exists already" in review._export_status.value
+    review._export_path.value = tmp_path / "lossy.jpg"
+    review._export.changed.emit(True)
+    assert "lossy.jpg" in review._export_status.value and not list(tmp_path.glob("lossy*"))

@@ -54,9 +54,9 @@ class ReviewWidget(Container):
         self._window = SpinBox(label="Region size (px)", min=8, max=4096, step=8, value=64)
         self._next = PushButton(text="Next most uncertain region")
         self._region = message_label()
-        self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff *.dcm")
-        self._export_path.tooltip = ("A .tif mask, or a .dcm DICOM SEG for a mask on an image opened from DICOM "
-                                     "(it refers to that series); a .json record goes next to it")
+        self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff *.png *.dcm")
+        self._export_path.tooltip = ("A .tif (or .png) mask, or a .dcm DICOM SEG for a mask on an image opened "
+                                     "from DICOM (it refers to that series); a .json record goes next to it")
         self._export_maps = CheckBox(text="Also export the probability and attention maps", value=False)
         self._overwrite = CheckBox(text="Overwrite existing files", value=False)
         self._export = PushButton(text="Export")
@@ -75,6 +75,49 @@ class ReviewWidget(Container):
         self._next.changed.connect(self.next_region)
         self._export.changed.connect(self.export)
         follow_layers(viewer, self)
+        self._compared: tuple[str, str] | None = None  # the layers the metrics shown are of
+        viewer.layers.events.inserted.connect(self._follow_new_layer)
+        viewer.layers.events.removed.connect(self._forget_removed)
+        self._choose_defaults()
+
+    # -- defaults that follow what the user just did ---------------------------------------------
+
+    def _choose_defaults(self) -> None:
+        """Prediction: the newest mask a model made; Reference: a mask of the same size
+        that no model made (a manual mask opened from a file), so that the first Compare works."""
+        import napari.layers
+
+        labels = [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Labels)]
+        made = [layer for layer in labels if _made_by_model(layer)]
+        if made and not _made_by_model(self._prediction.value):
+            self._prediction.value = made[-1]
+        self._default_reference()
+
+    def _default_reference(self) -> None:
+        import napari.layers
+
+        predicted = self._prediction.value
+        if predicted is None or self._reference.value is not None:
+            return
+        manual = [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Labels)
+                  and layer is not predicted and not _made_by_model(layer)
+                  and not (layer.metadata or {}).get("r2au_difference")
+                  and layer.data.shape == predicted.data.shape]
+        if manual:
+            self._reference.value = manual[-1]
+
+    def _follow_new_layer(self, event: Any) -> None:
+        layer = event.value
+        self.reset_choices()
+        if _made_by_model(layer):  # Segment just made (or remade) a mask: review that one
+            self._prediction.value = layer
+        self._default_reference()
+
+    def _forget_removed(self, event: Any) -> None:
+        """Metrics of a layer that is gone would pass for the current layers'."""
+        if self._compared and event.value.name in self._compared:
+            self._compared, self.metrics = None, None
+            self._metrics.value = ""
 
     # -- metrics and difference ---------------------------------------------------------------
 
@@ -84,11 +127,12 @@ class ReviewWidget(Container):
 
         predicted, reference = self._prediction.value, self._reference.value
         if predicted is None or reference is None:
-            notify_error("Review: choose a prediction and a reference labels layer to compare.")
+            self._refuse(self._metrics, "choose a prediction and a reference labels layer to compare (open the "
+                                        "reference mask with File > Open; it comes in as a Labels layer).")
             return None
         if predicted.data.shape != reference.data.shape:
-            notify_error(f"Review: '{predicted.name}' {predicted.data.shape} and '{reference.name}' "
-                         f"{reference.data.shape} differ in size.")
+            self._refuse(self._metrics, f"'{predicted.name}' {predicted.data.shape} and '{reference.name}' "
+                                        f"{reference.data.shape} differ in size.")
             return None
         pred, ref = np.asarray(predicted.data), np.asarray(reference.data)
         rates = _rates(pred, ref)
@@ -101,8 +145,15 @@ class ReviewWidget(Container):
         )
         replace_layer(self._viewer, "labels", f"{predicted.name} vs {reference.name}",
                       difference_labels(pred, ref), colormap=DIFFERENCE_COLORS, opacity=0.8,
-                      scale=tuple(predicted.scale), translate=tuple(predicted.translate))
+                      scale=tuple(predicted.scale), translate=tuple(predicted.translate),
+                      metadata={"r2au_difference": True})
+        self._compared = (predicted.name, reference.name)
         return rates
+
+    def _refuse(self, line: Any, message: str) -> None:
+        """A refusal in the dock, where the user is looking, and as a notification."""
+        line.value = message
+        notify_error(f"Review: {message}")
 
     # -- uncertain regions --------------------------------------------------------------------
 
@@ -167,23 +218,31 @@ class ReviewWidget(Container):
         predicted, target = self._prediction.value, self._export_path.value
         self._export_status.value = ""  # a line left from an earlier export would claim this one
         if predicted is None:
-            notify_error("Review: choose the labels layer to export.")
+            self._refuse(self._export_status, "choose the labels layer to export.")
             return None
         if not target or str(target) in ("", "."):
-            notify_error("Review: choose where to write the mask ('Export to').")
+            self._refuse(self._export_status, "choose where to write the mask ('Export to').")
             return None
         path = Path(target)
         if path.is_dir():  # a folder: the mask goes inside it, named after its layer
             path = path / (re.sub(r"[^\w.+-]+", "_", predicted.name).strip("._") or "mask")
-        if path.suffix.lower() not in (".tif", ".tiff", ".dcm"):
+        if not path.suffix:  # no format asked for: a TIFF
             path = path.with_name(path.name + ".tif")
+        if path.suffix.lower() not in EXPORT_SUFFIXES:  # the format asked for, or a refusal: never another one
+            self._refuse(self._export_status, f"{path.name}: masks are exported as {', '.join(EXPORT_SUFFIXES)} "
+                                              "(a lossy format such as JPEG would change the labels).")
+            return None
+        if path.suffix.lower() == ".png" and int(np.max(predicted.data, initial=0)) > 255:
+            self._refuse(self._export_status, f"{path.name}: a PNG holds labels up to 255; '{predicted.name}' "
+                                              "has more: export it as .tif.")
+            return None
         targets = [path, path.with_suffix(".json")]
         if self._export_maps.value:
             targets += list(_map_paths(path, self._info()).values())
         existing = [p.name for p in targets if p.exists()]
         if existing and not self._overwrite.value:
-            notify_error(f"Review: {', '.join(existing)} exists already; choose another name or tick "
-                         "'Overwrite existing files'.")
+            self._refuse(self._export_status, f"{', '.join(existing)} exists already; choose another name or "
+                                              "tick 'Overwrite existing files'.")
             return None
         try:
             sidecar = self._write(predicted, path)
@@ -196,7 +255,7 @@ class ReviewWidget(Container):
 
     def _write(self, predicted: Any, path: Path) -> Path:
         from napari_r2au import __version__
-        from napari_r2au.io import atomic_path, write_tiff
+        from napari_r2au.io import atomic_path, write_png, write_tiff
         from napari_r2au.postprocess import compact_labels, mask_checksum
 
         mask = compact_labels(np.asarray(predicted.data))
@@ -241,6 +300,8 @@ class ReviewWidget(Container):
             record["dicom_seg"] = {"sop_instance_uid": written.sop_instance_uid,
                                    "series_instance_uid": written.series_instance_uid,
                                    "source_series_instance_uid": written.source_series_instance_uid}
+        elif path.suffix.lower() == ".png":
+            write_png(path, mask.astype(np.uint8))
         else:
             write_tiff(path, mask)
         if self._export_maps.value:
@@ -279,6 +340,15 @@ class ReviewWidget(Container):
             notify_warning(f"Review: {', '.join(files['maps_left_out'])} now hold(s) the maps of a later run, "
                            f"not of '{info.get('image_layer')}' as segmented by {info.get('model')}: not exported.")
         return files
+
+
+#: what Export writes; anything else is refused (never silently another format)
+EXPORT_SUFFIXES = (".tif", ".tiff", ".png", ".dcm")
+
+
+def _made_by_model(layer: Any) -> bool:
+    """A mask Segment made (or one exported by Review and opened again): it has a model record."""
+    return bool(layer is not None and ((getattr(layer, "metadata", None) or {}).get("r2au") or {}).get("model"))
 
 
 def _map_paths(path: Path, info: dict[str, Any]) -> dict[str, Path]:
