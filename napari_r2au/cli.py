@@ -116,6 +116,7 @@ OUTPUT_NAME = re.compile(r"_(mask|prob|attention|uncertainty|seg)$")
 def cmd_segment(args: argparse.Namespace) -> int:
     from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
     from .dicom_seg import dicom_sources
+    from .engine import input_notices
     from .model_files import load_model
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -154,6 +155,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 raise ValueError("--dicom-seg needs DICOM input (a .dcm file or a folder of a series)")
             if args.pixel_size is not None:  # the command line wins over the file
                 size, unit = args.pixel_size, args.pixel_unit
+            for notice in input_notices(model, image, axes):
+                print(f"warning: {path}: {notice}", file=sys.stderr)
             prediction, uncertainty = _predict_with_bar(
                 model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
                 attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit, axes=axes)

@@ -679,3 +679,38 @@ def predict(model: Any, image: Any, *, progress: Callable[[Progress], Any] | Non
         >>> labels = result.mask(0.5)                          # doctest: +SKIP
     """
     return run(iter_predict(model, image, **kwargs), progress)
+
+
+#: a fixed input window reaching this low is a window in Hounsfield units (air is -1000 HU)
+HU_WINDOW_BELOW = -100.0
+
+
+def input_notices(model: Any, image: Any, axes: str | None = None) -> list[str]:
+    """What the user should know before a model runs on an image, cheaply told: channels
+    the engine converts (grey to RGB, RGB to grey) and pixels that cannot be what the
+    model expects (an 8-bit screenshot for a CT model that reads Hounsfield units).
+
+    One place for the CLI and the docks. Nothing here refuses: a mismatch that cannot
+    be converted is refused by the engine itself (:func:`napari_r2au.preprocess.match_channels`).
+    """
+    # a model file's metadata is enough (the docks have it before the model is loaded)
+    meta = model if isinstance(model, dict) else _as_loaded(model).metadata
+    name, want = meta.get("name", "the model"), int(meta.get("in_channels", 3))
+    notices: list[str] = []
+    axes = resolve_axes(image.shape, want, axes)
+    have = image.shape[axes.index("C")] if "C" in axes else 1
+    if have == 1 and want == 3:
+        notices.append(f"{name} was trained on colour images; this grey image is given to it as RGB "
+                       "(three equal channels), which it may not have seen")
+    elif have in (3, 4) and want == 1:
+        notices.append(f"{name} was trained on single-channel images; this colour image is averaged to grey")
+    spec = meta.get("normalization") or {}
+    if spec.get("kind") == "scale" and float(spec.get("min", 0.0)) <= HU_WINDOW_BELOW:
+        kind = np.dtype(image.dtype)
+        sample = np.asarray(image[tuple(slice(None, None, max(1, n // 64)) for n in image.shape)])
+        low = float(sample.min()) if sample.size else 0.0
+        if (kind.kind == "u" and kind.itemsize == 1) or low >= 0:
+            notices.append(f"{name} reads CT values in Hounsfield units (window {spec.get('min'):g} to "
+                           f"{spec.get('max'):g}), but this image has no negative values ({image.dtype}): an "
+                           "8-bit screenshot or an image without its rescale; open the DICOM series instead")
+    return notices

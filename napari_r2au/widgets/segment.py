@@ -206,6 +206,7 @@ class SegmentWidget(WorkerRunner, Container):
         except ValueError as exc:
             notify_error(f"Segment: {exc}")
             return
+        self._warn_about_inputs(layer, image, axes)
         self._context = _RunContext(layer, str(self._scope.value), slices)
         self._cancelled = False
         self._set_running(True, "Loading the model…")
@@ -470,6 +471,21 @@ class SegmentWidget(WorkerRunner, Container):
         layer.metadata = {**layer.metadata, "r2au": info}
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _warn_about_inputs(self, layer: Any, image: Any, axes: str) -> None:
+        """The engine's notices about this model on this image (channels converted, a CT
+        model on an 8-bit picture), said before the run; nothing is refused here."""
+        from napari_r2au.engine import input_notices
+
+        meta = self._model.metadata()
+        if meta is None:
+            return
+        try:
+            notices = input_notices(meta, image, axes)
+        except ValueError:  # the run itself will say what is wrong
+            return
+        for notice in notices:
+            notify_warning(f"Segment on '{layer.name}': {notice}")
 
     def _on_model_changed(self, *_: Any) -> None:
         if self._worker is not None:  # the picker is locked during a run; a refresh must not move the slider
