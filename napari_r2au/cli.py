@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -74,24 +75,42 @@ def cmd_remove_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_names(stem: str, *, attention: bool = False, uncertainty: bool = False,
+                 dicom_seg: bool = False) -> list[str]:
+    """The files one input gives (``<stem>_mask.tif``, ``_prob.tif``, ``_uncertainty.tif``,
+    ``_attention.tif``, ``_seg.dcm``): known before the run, so conflicts are found first."""
+    names = [f"{stem}_mask.tif", f"{stem}_prob.tif"]
+    names += [f"{stem}_uncertainty.tif"] if uncertainty else []
+    names += [f"{stem}_attention.tif"] if attention else []
+    return names + ([f"{stem}_seg.dcm"] if dicom_seg else [])
+
+
 def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool,
-                  uncertainty=None) -> list[Path]:
-    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``,
-    ``<stem>_uncertainty.tif`` (float32)."""
-    from .io import write_tiff
+                  uncertainty=None, source: str | Path = "", extra: list[tuple[str, Any]] | None = None) -> list[Path]:
+    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_uncertainty.tif``,
+    ``<stem>_attention.tif`` (float32) and ``extra`` (name, writer) files, written together
+    through :func:`napari_r2au.outputs.write_group` (callers check the plan first)."""
+    import numpy as np
 
-    written = [outdir / f"{stem}_mask.tif", outdir / f"{stem}_prob.tif"]
-    write_tiff(written[0], prediction.mask(threshold))
-    write_tiff(written[1], prediction.probabilities.astype("float32"))
+    from .outputs import write_group
+
+    def tiff(array):
+        def write(path: Path) -> None:
+            import tifffile
+
+            tifffile.imwrite(path, array, compression="zlib")
+
+        return write
+
+    gates = attention and bool(prediction.attention)
+    names = output_names(stem, attention=gates, uncertainty=uncertainty is not None)
+    arrays = [prediction.mask(threshold), prediction.probabilities.astype("float32")]
     if uncertainty is not None:
-        written.append(outdir / f"{stem}_uncertainty.tif")
-        write_tiff(written[-1], uncertainty.astype("float32"))
-    if attention and prediction.attention:
-        import numpy as np
-
-        written.append(outdir / f"{stem}_attention.tif")
-        write_tiff(written[-1], np.stack(prediction.attention).astype("float32"))
-    return written
+        arrays.append(uncertainty.astype("float32"))
+    if gates:
+        arrays.append(np.stack(prediction.attention).astype("float32"))
+    files = [(name, tiff(array)) for name, array in zip(names, arrays)] + list(extra or [])
+    return write_group(outdir, source or stem, files)
 
 
 def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, dict[str, Any]]:
@@ -117,6 +136,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
     from .dicom_seg import dicom_sources
     from .model_files import load_model
+    from .outputs import check_plan
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         print(f"error: --threshold is a probability between 0 and 1, not {args.threshold:g}",
@@ -145,7 +165,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped {skipped} file(s) named like this command's outputs (*_mask, *_prob, *_attention, "
               "*_uncertainty, *_seg); give them by name to segment them", file=sys.stderr)
+    files = list({p.resolve(): p for p in reversed(files)}.values())[::-1]  # a file given twice runs once
     outdir = Path(args.output)
+    gates = args.attention and bool(getattr(model.network, "attention", False))
+    plan = {path: [outdir / name for name in output_names(stem_of(path), attention=gates, uncertainty=args.tta,
+                                                          dicom_seg=args.dicom_seg)] for path in files}
+    check_plan(plan, overwrite=args.overwrite)  # before anything is read or written
     failed = 0
     for path in _progress_bar_iter(files):
         try:
@@ -157,10 +182,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             prediction, uncertainty = _predict_with_bar(
                 model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
                 attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit, axes=axes)
-            written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty)
-            if args.dicom_seg:
-                written.append(_write_seg_output(outdir / f"{stem_of(path)}_seg.dcm", metadata, prediction, model,
-                                                 args.threshold))
+            extra = [(f"{stem_of(path)}_seg.dcm", functools.partial(_write_seg_output, metadata=metadata,
+                      prediction=prediction, model=model, threshold=args.threshold))] if args.dicom_seg else []
+            written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty,
+                                    source=path, extra=extra)
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
@@ -170,12 +195,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None) -> Path:
+def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None) -> None:
     """The mask as a DICOM SEG on the DICOM planes the image was read from (``--dicom-seg``)."""
     from .dicom_seg import dicom_sources, write_dicom_seg
 
-    return write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
-                           model_sha256=model.sha256, segment_property=model.metadata.get("segment_property")).path
+    write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
+                    model_sha256=model.sha256, segment_property=model.metadata.get("segment_property"))
 
 
 def _progress_bar_iter(items):
@@ -190,8 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     from skimage import data
 
-    from .io import write_png
     from .model_files import DEFAULT_MODEL, load_model
+    from .outputs import check_plan
     from .preprocess import fundus_scale
 
     model = load_model(args.model or DEFAULT_MODEL)
@@ -201,16 +226,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prediction, _ = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
     seconds = time.perf_counter() - started
     outdir = Path(args.output)
-    written = write_outputs(outdir, "retina", prediction, None, True)
     mask = prediction.mask()
     overlay = image.copy()
     overlay[mask > 0] = (0.4 * overlay[mask > 0] + 0.6 * np.array([255, 255, 0])).astype(np.uint8)
-    write_png(outdir / "retina_overlay.png", overlay)
-    written.append(outdir / "retina_overlay.png")
-    for index, alpha in enumerate(prediction.attention, start=1):
-        path = outdir / f"retina_attention_{index}.png"
-        write_png(path, (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
-        written.append(path)
+    pngs = [("retina_overlay.png", overlay)] + [(f"retina_attention_{index}.png",
+                                                 (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
+                                                for index, alpha in enumerate(prediction.attention, start=1)]
+    names = output_names("retina", attention=bool(prediction.attention)) + [name for name, _ in pngs]
+    check_plan({Path("skimage.data.retina()"): [outdir / name for name in names]}, overwrite=args.overwrite)
+    written = write_outputs(outdir, "retina", prediction, None, True, source="skimage.data.retina()",
+                            extra=[(name, functools.partial(_png, array=array)) for name, array in pngs])
     provenance = model.metadata.get("provenance", {})
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
     print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
@@ -222,6 +247,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.gui:
         return _open_gui(image, prediction)
     return 0
+
+
+def _png(path: Path, array) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, array, extension=".png")
 
 
 def _open_gui(image, prediction) -> int:
@@ -473,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-seg", action="store_true",
                    help="for DICOM input, also write <name>_seg.dcm: a DICOM SEG that PACS, OHIF and 3D Slicer "
                         "show on the source series (needs the dicom extra)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files of the output names even when they are not earlier r2au outputs")
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     p.set_defaults(func=cmd_segment)
 
@@ -481,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None,
                    help="a model for colour fundus photographs, e.g. a fine-tune of drive-vessels (default: drive-vessels)")
     p.add_argument("--gui", action="store_true", help="open the results in napari")
+    p.add_argument("--overwrite", action="store_true", help="replace files there that are not earlier r2au outputs")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
