@@ -120,7 +120,7 @@ def _mask_record(path: Path) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(record, dict) or record.get("format") != MASK_FORMAT or record.get("mask_file") != path.name:
         return None

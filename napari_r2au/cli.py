@@ -139,11 +139,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .outputs import check_plan
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        print(f"error: --threshold is a probability between 0 and 1, not {args.threshold:g}",
-              file=sys.stderr)
+        _error(f"--threshold is a probability between 0 and 1, not {args.threshold:g}")
         return 2
     model = load_model(args.model)
     _check_pixel_arguments(args, model)
+    if args.device:  # before any image is read
+        from .engine import select_device
+
+        select_device(args.device)
     files: list[Path] = []
     skipped = 0
     for item in args.inputs:
@@ -156,8 +159,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             kept = [p for p in found if not OUTPUT_NAME.search(stem_of(p))]
             skipped += len(found) - len(kept)
             if not kept:
-                print(f"error: {path}: no images to segment ({', '.join(SUFFIXES)}"
-                      f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})", file=sys.stderr)
+                _error(f"{path}: no images to segment ({', '.join(SUFFIXES)}"
+                       f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})")
                 return 2
             files.extend(kept)
         else:
@@ -189,7 +192,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"{path}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
-            print(f"error: {path}: {exc}", file=sys.stderr)
+            _error(f"{path}: {exc}")
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
@@ -259,7 +262,7 @@ def _open_gui(image, prediction) -> int:
     import os
 
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        print("error: --gui needs a display (set DISPLAY, or run under xvfb-run)", file=sys.stderr)
+        _error("--gui needs a display (set DISPLAY, or run under xvfb-run)")
         return 2
     import napari
 
@@ -354,15 +357,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
+    if args.device:  # a device this machine lacks: said before the folders are read
+        from .engine import select_device
+
+        select_device(args.device)
     pairs, fovs, names, slices = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
     validation = validation_fov = None
     if args.val_images:
         if not args.val_masks:
-            print("error: --val-images needs --val-masks", file=sys.stderr)
+            _error("--val-images needs --val-masks")
             return 2
         val_pairs, val_fovs, _, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov, args.class_map)
         if len(val_pairs) != 1:
-            print("error: give one validation image (a folder with one image and its mask)", file=sys.stderr)
+            _error("give one validation image (a folder with one image and its mask)")
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
@@ -386,7 +393,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if result.model is None:
-        print("error: fine-tuning produced no model", file=sys.stderr)
+        _error("fine-tuning produced no model")
         return 1
     before = "n/a" if result.dice_before is None else f"{result.dice_before:.4f}"
     after = "n/a" if result.dice_after is None else f"{result.dice_after:.4f}"
@@ -573,12 +580,37 @@ def _version() -> str:
     return f"napari-r2au {__version__}"
 
 
+def _error(message: str) -> None:
+    """One line on stderr, ``r2au: error: ...``: what the user has to fix, no traceback."""
+    print(f"r2au: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _expected(exc: BaseException) -> bool:
+    """Failures that mean bad input or a missing extra, not a bug: ValueError (ModelFileError,
+    DataError, ConfigError, ...), OSError (ImageReadError, a full disk) and MissingExtraError."""
+    if isinstance(exc, (ValueError, OSError)):
+        return True
+    if isinstance(exc, ImportError):
+        from ._reader import MissingExtraError
+
+        return isinstance(exc, MissingExtraError)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line's one error boundary: an expected failure is one line and exit
+    code 2, Ctrl-C one line and 130 (atomic writes leave no partial file); only a bug
+    shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nr2au: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        _error(str(exc) or type(exc).__name__)
         return 2
 
 

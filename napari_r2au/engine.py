@@ -129,11 +129,26 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
 
 
 def select_device(device: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu, unless ``device`` says otherwise."""
+    """cuda, then mps, then cpu, unless ``device`` says otherwise; a device this machine
+    does not have is a ValueError now, not a RuntimeError deep inside the first batch."""
     import torch
 
     if device not in (None, "", "auto"):
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch); "
+                             "use --device cpu")
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
+        if chosen.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {device!r}: napari-r2au runs on cpu, cuda or mps")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

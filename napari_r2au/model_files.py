@@ -301,8 +301,9 @@ def _migrate(meta: dict[str, Any], sidecar: Path) -> dict[str, Any]:
 def _read_metadata(sidecar: Path) -> dict[str, Any]:
     try:
         meta = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{sidecar}: not a readable model description ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelFileError(f"{sidecar}: not a readable model description ({reason})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{sidecar}: not a {FORMAT} file")
     return validate_metadata(_migrate(meta, sidecar), str(sidecar))
@@ -314,7 +315,11 @@ def _read_state_dict(weights: Path) -> dict[str, Any]:
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(weights))
+        try:
+            return load_file(str(weights))
+        except Exception as exc:  # SafetensorError (empty, truncated, bad header) is not an OSError
+            raise ModelFileError(f"{weights}: not a readable safetensors file, empty or truncated "
+                                 f"({type(exc).__name__}: {exc})") from exc
     if weights.suffix in (".pt", ".pth"):
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -513,7 +518,7 @@ def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     def weights_named_in(path: Path) -> str | None:
         try:
             value = json.loads(path.read_text()).get("weights_file")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return None
         return value if isinstance(value, str) and value == Path(value).name else None
 

@@ -56,6 +56,19 @@ REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders":
 SOURCE_KEYS = ("name", "val_images", "val_names", "weight")
 
 
+class ConfigError(ValueError):
+    """A training config (YAML, ``--set``, a run's config.json) cannot be used; the message says why."""
+
+
+#: data keys that name folders: they must be text (``data.root: 5`` is a mistake, not a path)
+PATH_KEYS = ("root", "images", "masks", "fov")
+
+
+def _path_problems(data: dict[Any, Any], where: str) -> list[str]:
+    return [f"{where}.{key} must be a folder path, got {data[key]!r}" for key in PATH_KEYS
+            if data.get(key) is not None and not isinstance(data[key], (str, os.PathLike))]
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved resolved next to its outputs."""
@@ -117,10 +130,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A checked config from plain values (YAML, JSON); raises ConfigError naming every problem."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config is a mapping of keys to values, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(map(str, unknown)))}")
         values = dict(values)
         data = values.get("data")
         if isinstance(data, dict) and isinstance(data.get("class_map"), dict):
@@ -129,13 +145,16 @@ class TrainConfig:
         if isinstance(values.get("augment"), dict):
             augment_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
             if set(values["augment"]) - augment_keys:
-                raise ValueError(f"unknown augment keys: {', '.join(sorted(set(values['augment']) - augment_keys))}; "
-                                 f"valid: {', '.join(sorted(augment_keys))}")
+                unknown_augment = ", ".join(sorted(map(str, set(values["augment"]) - augment_keys)))
+                raise ConfigError(f"unknown augment keys: {unknown_augment}; valid: {', '.join(sorted(augment_keys))}")
             values["augment"] = AugmentConfig(**values["augment"])
         config = cls(**values)
-        problems = config.problems()
+        try:
+            problems = config.problems()
+        except (TypeError, AttributeError) as exc:  # a value of a type no check expects (a list for a name...)
+            raise ConfigError(f"config: a value has the wrong type ({exc})") from exc
         if problems:
-            raise ValueError("config: " + "; ".join(problems))
+            raise ConfigError("config: " + "; ".join(problems))
         return config
 
     def problems(self) -> list[str]:
@@ -183,6 +202,7 @@ class TrainConfig:
         if not isinstance(self.data, dict):
             found.append(f"data must be a mapping (kind, root or images/masks, ...), got {self.data!r}")
         else:
+            found += _path_problems(self.data, "data")
             kind = self.data.get("kind")
             allowed = DATA_KEYS.get(kind)
             if allowed is None:
@@ -245,6 +265,7 @@ def _source_problems(sources: Any) -> list[str]:
         missing = [key for key in REQUIRED_DATA_KEYS[kind] if source.get(key) in (None, "")]
         if missing:
             found.append(f"{where} needs {missing[0]}")
+        found += _path_problems(source, where)
         for key in ("val_images",):
             value = source.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -523,6 +544,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     rank, world, local_rank = distributed_context()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+    dev = select_device(device or config.device)  # a device this machine lacks: said before any data is read
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -554,7 +576,6 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     else:
         arch_args = {"in_channels": config.in_channels, "out_channels": 1, "base_width": config.base_width, "t": config.t}
         network = create_model(config.architecture, **arch_args)
-    dev = select_device(device or config.device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
