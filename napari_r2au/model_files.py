@@ -331,6 +331,23 @@ def _read_state_dict(weights: Path) -> dict[str, Any]:
     raise ModelFileError(f"{weights}: unsupported weights format (use .safetensors or .pt)")
 
 
+def _check_weights(state: dict[str, Any], expected: dict[str, Any], weights: Path) -> None:
+    """Refuse weights that would load and then predict NaN or nonsense: a floating tensor
+    stored as integers (load_state_dict would cast it silently), or NaN/infinite values."""
+    import torch
+
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None or not isinstance(tensor, torch.Tensor):
+            continue  # unknown keys: load_state_dict(strict=True) names them
+        if want.is_floating_point() and not tensor.is_floating_point():
+            raise ModelFileError(f"{weights}: {key} is stored as {tensor.dtype}, not floating point; "
+                                 "the file is not a trained model's weights")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{weights}: {key} holds NaN or infinite values (a diverged training run?); "
+                                 "use an earlier checkpoint")
+
+
 def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedModel:
     """Load a model from its JSON sidecar, checking the weights' hash first."""
     from .models import create_model
@@ -350,8 +367,10 @@ def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedM
         network = create_model(meta["architecture"], **meta["arch_args"])
     except (ValueError, TypeError) as exc:  # unknown architecture or arguments
         raise ModelFileError(f"{sidecar}: cannot build {meta['architecture']!r} with {meta['arch_args']}: {exc}") from exc
+    state = _read_state_dict(weights)
+    _check_weights(state, network.state_dict(), weights)
     try:
-        network.load_state_dict(_read_state_dict(weights), strict=True)
+        network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{weights}: weights do not fit {meta['architecture']}: {exc}") from exc
     network.eval()
