@@ -59,6 +59,27 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: bounds on a model file's architecture arguments, checked before the network is built, so
+#: that a hand-edited or hostile file cannot ask for hundreds of gigabytes (README, "Limits")
+ARCH_LIMITS: dict[str, tuple[int, int]] = {"base_width": (1, 256), "depth": (1, 6), "t": (0, 8),
+                                            "in_channels": (1, 64), "out_channels": (1, 64),
+                                            "spatial_dims": (2, 3)}
+#: the widest layer, base_width * 2**depth (64 * 2**4 = 1024 for the bundled models)
+MAX_WIDEST = 2048
+
+
+def check_arch_args(args: dict[str, Any]) -> str | None:
+    """Why ``args`` would build an unreasonably large network (None: they are within ARCH_LIMITS)."""
+    for key, (low, high) in ARCH_LIMITS.items():
+        value = args.get(key)
+        if value is not None and (not _is_int(value) or not low <= value <= high):
+            return f"arch_args.{key} must be a whole number in [{low}, {high}], got {json.dumps(value)[:40]}"
+    width, depth = args.get("base_width", 64), args.get("depth", 4)
+    if width * 2**depth > MAX_WIDEST:
+        return f"arch_args base_width * 2**depth is {width * 2**depth}, above the largest supported {MAX_WIDEST}"
+    return None
+
+
 class ModelFileError(ValueError):
     """A model file is missing, malformed, tampered with or unsafe."""
 
@@ -218,8 +239,8 @@ def _check_field(key: str, value: Any) -> str | None:
                  "a plain name (no folders, not starting with a dot)"),
         # (the name itself is checked when the network is built: the registry imports torch)
         "architecture": (lambda v: isinstance(v, str) and v.strip() != "", "an architecture name"),
-        "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-                      "an object of keyword arguments"),
+        "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)
+                      and check_arch_args(v) is None, "an object of keyword arguments within the limits"),
         "in_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
         "out_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
         "axes": (lambda v: isinstance(v, str) and set(v) <= set("ZYXC") and "Y" in v and "X" in v,
@@ -269,6 +290,12 @@ def validate_metadata(meta: dict[str, Any], where: str = "model metadata") -> di
     args = meta.get("arch_args")
     if isinstance(args, dict) and args.get("in_channels", meta.get("in_channels")) != meta.get("in_channels"):
         problems.append("in_channels disagrees with arch_args.in_channels")
+    if isinstance(args, dict) and all(isinstance(k, str) for k in args) and (problem := check_arch_args(args)):
+        problems.append(problem)  # the bound itself, not only "must be within the limits"
+    for key in ("in_channels", "out_channels"):
+        low, high = ARCH_LIMITS[key]
+        if _is_int(meta.get(key)) and not low <= meta[key] <= high:
+            problems.append(f"{key} must be at most {high}, got {meta[key]}")
     if problems:
         raise ModelFileError(f"{where}: invalid model metadata: " + "; ".join(problems))
     return meta

@@ -56,6 +56,11 @@ REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders":
 SOURCE_KEYS = ("name", "val_images", "val_names", "weight")
 
 
+def max_threads() -> int:
+    """The most threads a run may ask for: 4 per CPU core (far more crashes PyTorch's pool)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 class ConfigError(ValueError):
     """A training config (YAML, ``--set``, a run's config.json) cannot be used; the message says why."""
 
@@ -182,7 +187,7 @@ class TrainConfig:
         number("patch_size", 16, integer=True, optional=True)
         number("fov_diameter", 16, integer=True, optional=True, high=16385)
         number("patience", 1, integer=True, optional=True)
-        number("threads", 0, integer=True, optional=True)  # 0 (like null): PyTorch's default
+        number("threads", 0, integer=True, optional=True, high=max_threads() + 1)  # 0 (like null): PyTorch's default
         for name in ("lr", "pos_weight", "input_scale"):
             number(name, 0, strict=True)
         for name in ("weight_decay", "dice_weight"):
