@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import sys
 import time
@@ -44,7 +45,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = list_models()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(_json_text(rows))
         return 0
     if not rows:
         print("no models found")
@@ -154,6 +155,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if path.is_dir() and dicom_series_files(path):
             files.append(path)  # a DICOM series: one stack, named after its folder
         elif path.is_dir():
+            dangling = sorted(p.name for p in path.iterdir() if p.is_symlink() and not p.exists())
+            if dangling:
+                print(f"warning: {path}: skipped {len(dangling)} broken link(s) whose target is gone: "
+                      f"{', '.join(dangling[:5])}{', ...' if len(dangling) > 5 else ''}", file=sys.stderr)
             found = sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES)
             # this command's own outputs (a second run into the same folder) are not inputs
             kept = [p for p in found if not OUTPUT_NAME.search(stem_of(p))]
@@ -441,8 +446,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .io import write_bytes_atomic
 
-        write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        write_bytes_atomic(args.json, (_json_text(report) + "\n").encode())
     return 0
+
+
+def _json_text(value: Any) -> str:
+    """Valid JSON: a metric that is undefined (NaN, e.g. AUC on an image without foreground) is null."""
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item.item() if hasattr(item, "item") and hasattr(item, "dtype") else item
+
+    return json.dumps(clean(value), indent=2, allow_nan=False, default=str)
 
 
 def _check_pixel_arguments(args: argparse.Namespace, model) -> None:

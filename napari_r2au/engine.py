@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 WHOLE_IMAGE_PIXELS = 1024 * 1024
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
+#: a last axis this short (and a quarter of Y and X or less) holds channels, not X
+MAX_CHANNELS = 16
 
 
 @dataclass
@@ -113,6 +115,8 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
     if ndim == 3:
         if shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4:
             return "YXC"  # a short last axis is colour (even 2 channels: a clear mismatch error follows)
+        if shape[-1] <= MAX_CHANNELS and shape[-1] * 4 <= min(shape[0], shape[1]):
+            return "YXC"  # 5+ channels (multispectral): not a stack of Y x C planes; the count is checked next
         if shape[0] == in_channels and in_channels > 1 and shape[-1] > 4:
             return "CYX"
         if shape[-1] in small and shape[-1] <= 4:
@@ -244,8 +248,9 @@ def convert_length(value: float, unit: str, to_unit: str) -> float:
     registry = pint.get_application_registry()
     try:
         return float((value * registry(unit)).to(to_unit).magnitude)
-    except (pint.errors.PintError, AttributeError, TypeError) as exc:
-        raise ValueError(f"cannot convert a pixel size in {unit!r} to {to_unit!r}: {exc}") from exc
+    except Exception as exc:  # pint raises PintError, AssertionError (no message), TypeError...
+        reason = str(exc) or f"{unit!r} is not a unit of length pint understands (e.g. mm, um, nm)"
+        raise ValueError(f"cannot convert a pixel size in {unit!r} to {to_unit!r}: {reason}") from exc
 
 
 def working_scale(model: Any, scale: float | None = None, pixel_size: float | None = None,

@@ -125,6 +125,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: the file is empty (0 bytes): an interrupted copy or download?")
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
@@ -141,6 +143,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as exc:  # every reader raises its own types
+        if "Could not find a backend" in str(exc):  # imageio's advice to install plugins misleads here
+            raise ImageReadError(f"{path}: cannot read as an image (corrupt, truncated, or not really "
+                                 f"{suffix or 'an image'})") from exc
         raise ImageReadError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
     if image.size == 0:
         raise ImageReadError(f"{path}: the image is empty")

@@ -405,7 +405,8 @@ def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedM
 
 
 def _sidecars(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+    # regular files only: a FIFO or device named *.json would block the read forever
+    return sorted(p for p in directory.glob("*.json") if p.is_file()) if directory.is_dir() else []
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -633,6 +633,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
 
     log_path = out / "log.csv"
     log_new = not log_path.exists() or not resume
+    if not log_new and writer:
+        _truncate_log(log_path, step)
     log_file = open(log_path if writer else os.devnull, "w" if log_new else "a", newline="")
     log = csv.writer(log_file)
     if log_new:
@@ -729,6 +731,17 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
         best_metrics = calibrate_threshold(best_model, val_samples, config.precision, device=str(dev))
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log rows after ``step``, the step a resume starts from: a run killed after
+    its last checkpoint logged steps it will now train again (they would appear twice)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= step]
+    if len(kept) < len(rows):
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
 
 
 #: settings a resumed run may change without becoming another run
