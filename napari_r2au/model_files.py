@@ -72,7 +72,7 @@ def check_arch_args(args: dict[str, Any]) -> str | None:
     """Why ``args`` would build an unreasonably large network (None: they are within ARCH_LIMITS)."""
     for key, (low, high) in ARCH_LIMITS.items():
         value = args.get(key)
-        if value is not None and (not _is_int(value) or not low <= value <= high):
+        if key in args and (not _is_int(value) or not low <= value <= high):
             return f"arch_args.{key} must be a whole number in [{low}, {high}], got {json.dumps(value)[:40]}"
     width, depth = args.get("base_width", 64), args.get("depth", 4)
     if width * 2**depth > MAX_WIDEST:
