@@ -120,7 +120,7 @@ def _mask_record(path: Path) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(record, dict) or record.get("format") != MASK_FORMAT or record.get("mask_file") != path.name:
         return None
@@ -444,9 +444,18 @@ def _read_nifti(path: Path) -> LayerData:
         import nibabel
     except ImportError as exc:
         raise missing_extra("Reading NIfTI files", "nibabel", "nifti") from exc
-    image = nibabel.load(str(path))
-    # NIfTI stores (x, y, z[, t]); napari shows the last axes as (y, x): reverse them
-    data = np.asarray(image.dataobj).T
+    from .io import ImageReadError, check_size
+
+    try:
+        image = nibabel.load(str(path))
+        check_size(path, image.header.get_data_shape())  # the header's shape, before the voxels are read
+        # NIfTI stores (x, y, z[, t]); napari shows the last axes as (y, x): reverse them
+        data = np.asarray(image.dataobj).T
+    except ImageReadError:
+        raise
+    except Exception as exc:  # nibabel raises several types; some (MemoryError, EOFError) say nothing
+        raise ImageReadError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: "
+                             f"{exc or 'the file is damaged or truncated'})") from exc
     zooms = [float(z) for z in image.header.get_zooms()[:data.ndim]][::-1]
     metadata = {"nifti": {"affine": np.asarray(image.affine).tolist(), "axes": "reversed"}}
     kwargs: dict[str, Any] = {"name": stem_of(path), "scale": tuple(zooms), "metadata": metadata}

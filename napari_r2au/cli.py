@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import re
 import sys
 import time
@@ -43,7 +45,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = list_models()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(_json_text(rows))
         return 0
     if not rows:
         print("no models found")
@@ -74,24 +76,42 @@ def cmd_remove_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_names(stem: str, *, attention: bool = False, uncertainty: bool = False,
+                 dicom_seg: bool = False) -> list[str]:
+    """The files one input gives (``<stem>_mask.tif``, ``_prob.tif``, ``_uncertainty.tif``,
+    ``_attention.tif``, ``_seg.dcm``): known before the run, so conflicts are found first."""
+    names = [f"{stem}_mask.tif", f"{stem}_prob.tif"]
+    names += [f"{stem}_uncertainty.tif"] if uncertainty else []
+    names += [f"{stem}_attention.tif"] if attention else []
+    return names + ([f"{stem}_seg.dcm"] if dicom_seg else [])
+
+
 def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool,
-                  uncertainty=None) -> list[Path]:
-    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_attention.tif``,
-    ``<stem>_uncertainty.tif`` (float32)."""
-    from .io import write_tiff
+                  uncertainty=None, source: str | Path = "", extra: list[tuple[str, Any]] | None = None) -> list[Path]:
+    """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_uncertainty.tif``,
+    ``<stem>_attention.tif`` (float32) and ``extra`` (name, writer) files, written together
+    through :func:`napari_r2au.outputs.write_group` (callers check the plan first)."""
+    import numpy as np
 
-    written = [outdir / f"{stem}_mask.tif", outdir / f"{stem}_prob.tif"]
-    write_tiff(written[0], prediction.mask(threshold))
-    write_tiff(written[1], prediction.probabilities.astype("float32"))
+    from .outputs import write_group
+
+    def tiff(array):
+        def write(path: Path) -> None:
+            import tifffile
+
+            tifffile.imwrite(path, array, compression="zlib")
+
+        return write
+
+    gates = attention and bool(prediction.attention)
+    names = output_names(stem, attention=gates, uncertainty=uncertainty is not None)
+    arrays = [prediction.mask(threshold), prediction.probabilities.astype("float32")]
     if uncertainty is not None:
-        written.append(outdir / f"{stem}_uncertainty.tif")
-        write_tiff(written[-1], uncertainty.astype("float32"))
-    if attention and prediction.attention:
-        import numpy as np
-
-        written.append(outdir / f"{stem}_attention.tif")
-        write_tiff(written[-1], np.stack(prediction.attention).astype("float32"))
-    return written
+        arrays.append(uncertainty.astype("float32"))
+    if gates:
+        arrays.append(np.stack(prediction.attention).astype("float32"))
+    files = [(name, tiff(array)) for name, array in zip(names, arrays)] + list(extra or [])
+    return write_group(outdir, source or stem, files)
 
 
 def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, dict[str, Any]]:
@@ -118,13 +138,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .dicom_seg import dicom_sources
     from .engine import input_notices
     from .model_files import load_model
+    from .outputs import check_plan
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        print(f"error: --threshold is a probability between 0 and 1, not {args.threshold:g}",
-              file=sys.stderr)
+        _error(f"--threshold is a probability between 0 and 1, not {args.threshold:g}")
         return 2
     model = load_model(args.model)
     _check_pixel_arguments(args, model)
+    if args.device:  # before any image is read
+        from .engine import select_device
+
+        select_device(args.device)
     files: list[Path] = []
     skipped = 0
     for item in args.inputs:
@@ -132,13 +156,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if path.is_dir() and dicom_series_files(path):
             files.append(path)  # a DICOM series: one stack, named after its folder
         elif path.is_dir():
+            dangling = sorted(p.name for p in path.iterdir() if p.is_symlink() and not p.exists())
+            if dangling:
+                print(f"warning: {path}: skipped {len(dangling)} broken link(s) whose target is gone: "
+                      f"{', '.join(dangling[:5])}{', ...' if len(dangling) > 5 else ''}", file=sys.stderr)
             found = sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES)
             # this command's own outputs (a second run into the same folder) are not inputs
             kept = [p for p in found if not OUTPUT_NAME.search(stem_of(p))]
             skipped += len(found) - len(kept)
             if not kept:
-                print(f"error: {path}: no images to segment ({', '.join(SUFFIXES)}"
-                      f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})", file=sys.stderr)
+                _error(f"{path}: no images to segment ({', '.join(SUFFIXES)}"
+                       f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})")
                 return 2
             files.extend(kept)
         else:
@@ -146,7 +174,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped {skipped} file(s) named like this command's outputs (*_mask, *_prob, *_attention, "
               "*_uncertainty, *_seg); give them by name to segment them", file=sys.stderr)
+    files = list({p.resolve(): p for p in reversed(files)}.values())[::-1]  # a file given twice runs once
     outdir = Path(args.output)
+    gates = args.attention and bool(getattr(model.network, "attention", False))
+    plan = {path: [outdir / name for name in output_names(stem_of(path), attention=gates, uncertainty=args.tta,
+                                                          dicom_seg=args.dicom_seg)] for path in files}
+    check_plan(plan, overwrite=args.overwrite)  # before anything is read or written
     failed = 0
     for path in _progress_bar_iter(files):
         try:
@@ -160,27 +193,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
             prediction, uncertainty = _predict_with_bar(
                 model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
                 attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit, axes=axes)
-            written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty)
-            if args.dicom_seg:
-                written.append(_write_seg_output(outdir / f"{stem_of(path)}_seg.dcm", metadata, prediction, model,
-                                                 args.threshold))
+            extra = [(f"{stem_of(path)}_seg.dcm", functools.partial(_write_seg_output, metadata=metadata,
+                      prediction=prediction, model=model, threshold=args.threshold))] if args.dicom_seg else []
+            written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty,
+                                    source=path, extra=extra)
             at = "" if abs(prediction.scale - 1.0) < 1e-6 else f" (at scale {prediction.scale:.3g}" + (
                 ", from the field of view)" if args.scale is None and model.fov_diameter else ")")
             print(f"{path}{at}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
-            print(f"error: {path}: {exc}", file=sys.stderr)
+            _error(f"{path}: {exc}")
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None) -> Path:
+def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None) -> None:
     """The mask as a DICOM SEG on the DICOM planes the image was read from (``--dicom-seg``)."""
     from .dicom_seg import dicom_sources, write_dicom_seg
 
-    return write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
-                           model_sha256=model.sha256, segment_property=model.metadata.get("segment_property")).path
+    write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
+                    model_sha256=model.sha256, segment_property=model.metadata.get("segment_property"))
 
 
 def _progress_bar_iter(items):
@@ -195,8 +228,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     from skimage import data
 
-    from .io import write_png
     from .model_files import DEFAULT_MODEL, load_model
+    from .outputs import check_plan
     from .preprocess import fundus_scale
 
     model = load_model(args.model or DEFAULT_MODEL)
@@ -208,16 +241,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     scale = prediction.scale
     seconds = time.perf_counter() - started
     outdir = Path(args.output)
-    written = write_outputs(outdir, "retina", prediction, None, True)
     mask = prediction.mask()
     overlay = image.copy()
     overlay[mask > 0] = (0.4 * overlay[mask > 0] + 0.6 * np.array([255, 255, 0])).astype(np.uint8)
-    write_png(outdir / "retina_overlay.png", overlay)
-    written.append(outdir / "retina_overlay.png")
-    for index, alpha in enumerate(prediction.attention, start=1):
-        path = outdir / f"retina_attention_{index}.png"
-        write_png(path, (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
-        written.append(path)
+    pngs = [("retina_overlay.png", overlay)] + [(f"retina_attention_{index}.png",
+                                                 (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
+                                                for index, alpha in enumerate(prediction.attention, start=1)]
+    names = output_names("retina", attention=bool(prediction.attention)) + [name for name, _ in pngs]
+    check_plan({Path("skimage.data.retina()"): [outdir / name for name in names]}, overwrite=args.overwrite)
+    written = write_outputs(outdir, "retina", prediction, None, True, source="skimage.data.retina()",
+                            extra=[(name, functools.partial(_png, array=array)) for name, array in pngs])
     provenance = model.metadata.get("provenance", {})
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
     print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
@@ -232,11 +265,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _png(path: Path, array) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, array, extension=".png")
+
+
 def _open_gui(image, prediction) -> int:
     import os
 
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        print("error: --gui needs a display (set DISPLAY, or run under xvfb-run)", file=sys.stderr)
+        _error("--gui needs a display (set DISPLAY, or run under xvfb-run)")
         return 2
     import napari
 
@@ -331,15 +370,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
+    if args.device:  # a device this machine lacks: said before the folders are read
+        from .engine import select_device
+
+        select_device(args.device)
     pairs, fovs, names, slices = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
     validation = validation_fov = None
     if args.val_images:
         if not args.val_masks:
-            print("error: --val-images needs --val-masks", file=sys.stderr)
+            _error("--val-images needs --val-masks")
             return 2
         val_pairs, val_fovs, _, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov, args.class_map)
         if len(val_pairs) != 1:
-            print("error: give one validation image (a folder with one image and its mask)", file=sys.stderr)
+            _error("give one validation image (a folder with one image and its mask)")
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
@@ -363,7 +406,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if result.model is None:
-        print("error: fine-tuning produced no model", file=sys.stderr)
+        _error("fine-tuning produced no model")
         return 1
     before = "n/a" if result.dice_before is None else f"{result.dice_before:.4f}"
     after = "n/a" if result.dice_after is None else f"{result.dice_after:.4f}"
@@ -411,8 +454,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .io import write_bytes_atomic
 
-        write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        write_bytes_atomic(args.json, (_json_text(report) + "\n").encode())
     return 0
+
+
+def _json_text(value: Any) -> str:
+    """Valid JSON: a metric that is undefined (NaN, e.g. AUC on an image without foreground) is null."""
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item.item() if hasattr(item, "item") and hasattr(item, "dtype") else item
+
+    return json.dumps(clean(value), indent=2, allow_nan=False, default=str)
 
 
 def _check_pixel_arguments(args: argparse.Namespace, model) -> None:
@@ -481,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-seg", action="store_true",
                    help="for DICOM input, also write <name>_seg.dcm: a DICOM SEG that PACS, OHIF and 3D Slicer "
                         "show on the source series (needs the dicom extra)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files of the output names even when they are not earlier r2au outputs")
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     p.set_defaults(func=cmd_segment)
 
@@ -489,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None,
                    help="a model for colour fundus photographs, e.g. a fine-tune of drive-vessels (default: drive-vessels)")
     p.add_argument("--gui", action="store_true", help="open the results in napari")
+    p.add_argument("--overwrite", action="store_true", help="replace files there that are not earlier r2au outputs")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -547,12 +607,37 @@ def _version() -> str:
     return f"napari-r2au {__version__}"
 
 
+def _error(message: str) -> None:
+    """One line on stderr, ``r2au: error: ...``: what the user has to fix, no traceback."""
+    print(f"r2au: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _expected(exc: BaseException) -> bool:
+    """Failures that mean bad input or a missing extra, not a bug: ValueError (ModelFileError,
+    DataError, ConfigError, ...), OSError (ImageReadError, a full disk) and MissingExtraError."""
+    if isinstance(exc, (ValueError, OSError)):
+        return True
+    if isinstance(exc, ImportError):
+        from ._reader import MissingExtraError
+
+        return isinstance(exc, MissingExtraError)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line's one error boundary: an expected failure is one line and exit
+    code 2, Ctrl-C one line and 130 (atomic writes leave no partial file); only a bug
+    shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nr2au: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        _error(str(exc) or type(exc).__name__)
         return 2
 
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 WHOLE_IMAGE_PIXELS = 1024 * 1024
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
+#: a last axis this short (and a quarter of Y and X or less) holds channels, not X
+MAX_CHANNELS = 16
 
 
 @dataclass
@@ -115,6 +117,8 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
     if ndim == 3:
         if shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4:
             return "YXC"  # a short last axis is colour (even 2 channels: a clear mismatch error follows)
+        if shape[-1] <= MAX_CHANNELS and shape[-1] * 4 <= min(shape[0], shape[1]):
+            return "YXC"  # 5+ channels (multispectral): not a stack of Y x C planes; the count is checked next
         if shape[0] == in_channels and in_channels > 1 and shape[-1] > 4:
             return "CYX"
         if shape[-1] in small and shape[-1] <= 4:
@@ -131,11 +135,26 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
 
 
 def select_device(device: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu, unless ``device`` says otherwise."""
+    """cuda, then mps, then cpu, unless ``device`` says otherwise; a device this machine
+    does not have is a ValueError now, not a RuntimeError deep inside the first batch."""
     import torch
 
     if device not in (None, "", "auto"):
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch); "
+                             "use --device cpu")
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
+        if chosen.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {device!r}: napari-r2au runs on cpu, cuda or mps")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -251,8 +270,9 @@ def convert_length(value: float, unit: str, to_unit: str) -> float:
     registry = pint.get_application_registry()
     try:
         return float((value * registry(unit)).to(to_unit).magnitude)
-    except (pint.errors.PintError, AttributeError, TypeError) as exc:
-        raise ValueError(f"cannot convert a pixel size in {unit!r} to {to_unit!r}: {exc}") from exc
+    except Exception as exc:  # pint raises PintError, AssertionError (no message), TypeError...
+        reason = str(exc) or f"{unit!r} is not a unit of length pint understands (e.g. mm, um, nm)"
+        raise ValueError(f"cannot convert a pixel size in {unit!r} to {to_unit!r}: {reason}") from exc
 
 
 def working_scale(model: Any, scale: float | None = None, pixel_size: float | None = None,
@@ -319,6 +339,43 @@ def _finite(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+#: why a finite image can still give NaN: its values overflow the network's 32-bit floats
+_OVERFLOW = ("the image's values are too large for 32-bit floats (beyond about 3e38, or so large that their "
+             "mean or spread overflows); rescale the image first (e.g. divide it by its maximum)")
+
+
+def _float32(array: Any) -> np.ndarray:
+    """``array`` as float32, refusing values the cast (or, for float64, the statistics)
+    would turn into infinities: checked after the cast, so a finite float64 near 1e308
+    cannot pass the finite check and become NaN later."""
+    source = np.asarray(array)
+    _finite(source)
+    cast = source.astype(np.float32)
+    if not np.isfinite(cast).all():
+        raise ValueError(_OVERFLOW)
+    return cast
+
+
+def _normalized(tile: np.ndarray) -> np.ndarray:
+    """A normalized network input, checked: NaN here would give an all-NaN probability map."""
+    if not np.isfinite(tile).all():
+        raise ValueError(_OVERFLOW)
+    return tile
+
+
+def _check_run_arguments(tile_size: Any, overlap: Any, batch_size: Any) -> None:
+    """Refuse arguments that would silently give NaN (no batch ever runs: 0 / 0)."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    if not whole(overlap) or overlap < 0:
+        raise ValueError(f"overlap must be a whole number of pixels, 0 or more, got {overlap!r}")
+    if tile_size is not None and (not whole(tile_size) or tile_size < 1):
+        raise ValueError(f"tile_size must be a whole number of pixels (or None for automatic), got {tile_size!r}")
+
+
 class _Plane:
     """One 2D plane of an array-like, read lazily tile by tile as channels-last float."""
 
@@ -351,7 +408,7 @@ def normalization_statistics(image: Any, in_channels: int, axes: str | None = No
     axes = resolve_axes(image.shape, in_channels, axes)
     if abs(scale - 1.0) > 1e-6:
         image = _ResizedPlanes(image, axes, scale) if "Z" in axes else _resize(
-            np.asarray(image, dtype=np.float32), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
+            _float32(image), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
     channel_axis = axes.index("C") if "C" in axes else None
     mean, std = image_statistics(image, channel_axis)
     if channel_axis is None:
@@ -403,6 +460,7 @@ def iter_predict(
     import torch
     import torch.nn.functional as F
 
+    _check_run_arguments(tile_size, overlap, batch_size)
     loaded = _as_loaded(model)
     if isinstance(image, (list, tuple)) or (not hasattr(image, "shape") and hasattr(image, "__getitem__")):
         image = image[0]  # a multiscale pyramid: its full-resolution level
@@ -467,7 +525,7 @@ def iter_predict(
         # a plane-wise normalization (CLAHE) sees the whole plane, exactly as in training
         enhanced = None
         if planewise:
-            enhanced = normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization)
+            enhanced = _normalized(normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization))
         acc = np.zeros((n_out, height, width), np.float32)
         acc_alpha = np.zeros((n_gates, height, width), np.float32)
         acc_weight = np.zeros((height, width), np.float32)
@@ -479,7 +537,7 @@ def iter_predict(
                     tile = enhanced[y:y + tile_h, x:x + tile_w]
                 else:
                     tile = _finite(plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width)))
-                    tile = normalize(tile, loaded.normalization, mean, std)
+                    tile = _normalized(normalize(tile, loaded.normalization, mean, std))
                 pad = ((0, tile_h - tile.shape[0]), (0, tile_w - tile.shape[1]), (0, 0))
                 if any(p[1] for p in pad):
                     mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"
@@ -523,6 +581,9 @@ def iter_predict(
     if "Z" not in axes:
         probabilities = probabilities[0]
         alphas = [a[0] for a in alphas]
+    if not np.isfinite(probabilities).all():  # finite inputs, so the network itself (e.g. NaN weights)
+        raise ValueError(f"the network of {loaded.name!r} gave NaN probabilities from a finite image; "
+                         "its weights are probably broken (retrain or reload the model)")
     np.clip(probabilities, 0.0, 1.0, out=probabilities)
     prediction = Prediction(
         probabilities=probabilities,
@@ -568,7 +629,7 @@ class _ResizedPlanes:
         """Plane ``z`` resized, its axes those of the stack without Z (kept for the next read)."""
         if self._cached is None or self._cached[0] != z:
             index = tuple(z if i == self.z_axis else slice(None) for i in range(len(self.axes)))
-            raw = np.asarray(self.image[index], dtype=np.float32)
+            raw = _float32(self.image[index])
             self._cached = (z, _resize(raw, self._plane_shape, anti_aliasing=self.scale < 1))
         return self._cached[1]
 
@@ -595,8 +656,7 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
     if "Z" in axes:
         small: Any = _ResizedPlanes(image, axes, scale)
     else:
-        small = _resize(np.asarray(image, dtype=np.float32), _resized_shape(image.shape, axes, scale),
-                        anti_aliasing=scale < 1)
+        small = _resize(_float32(image), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
 
     def back(values: np.ndarray, shape: tuple[int, ...] = spatial) -> np.ndarray:
         shape = shape + values.shape[len(shape):]  # keeps a trailing class axis

@@ -69,6 +69,30 @@ class ImageReadError(OSError):
     """A file could not be read as an image; the message says which and why."""
 
 
+#: the most values (pixels x channels x slices) a file may declare before it is decoded;
+#: R2AU_MAX_PIXELS overrides it (README, "Limits")
+DEFAULT_MAX_PIXELS = 2**30
+
+
+def max_pixels() -> int:
+    """The limit on the values one image file may hold (read at each call: env-overridable)."""
+    text = os.environ.get("R2AU_MAX_PIXELS", "")
+    try:
+        return int(float(text)) if text.strip() else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise ValueError(f"R2AU_MAX_PIXELS must be a number of pixels, got {text!r}") from None
+
+
+def check_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
+    """Refuse a file whose header declares more values than :func:`max_pixels`, before
+    anything is allocated (a 2.6 MB TIFF can declare 50000 x 50000 pixels)."""
+    count = int(np.prod([int(n) for n in shape], dtype=object)) if shape else 0
+    limit = max_pixels()
+    if count > limit:
+        raise ImageReadError(f"{path}: declares {' x '.join(str(int(n)) for n in shape)} = {count:,} values, more "
+                             f"than the limit of {limit:,}; set R2AU_MAX_PIXELS to read it anyway")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success.
@@ -101,16 +125,27 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: the file is empty (0 bytes): an interrupted copy or download?")
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            return np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tiff:
+                if not tiff.series:
+                    raise ValueError("no image in the file")
+                check_size(path, tiff.series[0].shape)  # from the page headers: nothing decoded yet
+                return np.asarray(tiff.series[0].asarray())
         import imageio.v3 as iio
 
         image = np.asarray(iio.imread(path, index=0) if suffix == ".gif" else iio.imread(path))
+    except ImageReadError:
+        raise
     except Exception as exc:  # every reader raises its own types
+        if "Could not find a backend" in str(exc):  # imageio's advice to install plugins misleads here
+            raise ImageReadError(f"{path}: cannot read as an image (corrupt, truncated, or not really "
+                                 f"{suffix or 'an image'})") from exc
         raise ImageReadError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
     if image.size == 0:
         raise ImageReadError(f"{path}: the image is empty")

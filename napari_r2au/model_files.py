@@ -59,6 +59,27 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: bounds on a model file's architecture arguments, checked before the network is built, so
+#: that a hand-edited or hostile file cannot ask for hundreds of gigabytes (README, "Limits")
+ARCH_LIMITS: dict[str, tuple[int, int]] = {"base_width": (1, 256), "depth": (1, 6), "t": (0, 8),
+                                            "in_channels": (1, 64), "out_channels": (1, 64),
+                                            "spatial_dims": (2, 3)}
+#: the widest layer, base_width * 2**depth (64 * 2**4 = 1024 for the bundled models)
+MAX_WIDEST = 2048
+
+
+def check_arch_args(args: dict[str, Any]) -> str | None:
+    """Why ``args`` would build an unreasonably large network (None: they are within ARCH_LIMITS)."""
+    for key, (low, high) in ARCH_LIMITS.items():
+        value = args.get(key)
+        if key in args and (not _is_int(value) or not low <= value <= high):
+            return f"arch_args.{key} must be a whole number in [{low}, {high}], got {json.dumps(value)[:40]}"
+    width, depth = args.get("base_width", 64), args.get("depth", 4)
+    if width * 2**depth > MAX_WIDEST:
+        return f"arch_args base_width * 2**depth is {width * 2**depth}, above the largest supported {MAX_WIDEST}"
+    return None
+
+
 class ModelFileError(ValueError):
     """A model file is missing, malformed, tampered with or unsafe."""
 
@@ -218,8 +239,8 @@ def _check_field(key: str, value: Any) -> str | None:
                  "a plain name (no folders, not starting with a dot)"),
         # (the name itself is checked when the network is built: the registry imports torch)
         "architecture": (lambda v: isinstance(v, str) and v.strip() != "", "an architecture name"),
-        "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-                      "an object of keyword arguments"),
+        "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)
+                      and check_arch_args(v) is None, "an object of keyword arguments within the limits"),
         "in_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
         "out_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
         "axes": (lambda v: isinstance(v, str) and set(v) <= set("ZYXC") and "Y" in v and "X" in v,
@@ -269,6 +290,12 @@ def validate_metadata(meta: dict[str, Any], where: str = "model metadata") -> di
     args = meta.get("arch_args")
     if isinstance(args, dict) and args.get("in_channels", meta.get("in_channels")) != meta.get("in_channels"):
         problems.append("in_channels disagrees with arch_args.in_channels")
+    if isinstance(args, dict) and all(isinstance(k, str) for k in args) and (problem := check_arch_args(args)):
+        problems.append(problem)  # the bound itself, not only "must be within the limits"
+    for key in ("in_channels", "out_channels"):
+        low, high = ARCH_LIMITS[key]
+        if _is_int(meta.get(key)) and not low <= meta[key] <= high:
+            problems.append(f"{key} must be at most {high}, got {meta[key]}")
     if problems:
         raise ModelFileError(f"{where}: invalid model metadata: " + "; ".join(problems))
     return meta
@@ -301,8 +328,9 @@ def _migrate(meta: dict[str, Any], sidecar: Path) -> dict[str, Any]:
 def _read_metadata(sidecar: Path) -> dict[str, Any]:
     try:
         meta = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{sidecar}: not a readable model description ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelFileError(f"{sidecar}: not a readable model description ({reason})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{sidecar}: not a {FORMAT} file")
     return validate_metadata(_migrate(meta, sidecar), str(sidecar))
@@ -314,7 +342,11 @@ def _read_state_dict(weights: Path) -> dict[str, Any]:
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(weights))
+        try:
+            return load_file(str(weights))
+        except Exception as exc:  # SafetensorError (empty, truncated, bad header) is not an OSError
+            raise ModelFileError(f"{weights}: not a readable safetensors file, empty or truncated "
+                                 f"({type(exc).__name__}: {exc})") from exc
     if weights.suffix in (".pt", ".pth"):
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -324,6 +356,23 @@ def _read_state_dict(weights: Path) -> dict[str, Any]:
             raise ModelFileError(f"{weights}: expected a state dict of tensors")
         return state
     raise ModelFileError(f"{weights}: unsupported weights format (use .safetensors or .pt)")
+
+
+def _check_weights(state: dict[str, Any], expected: dict[str, Any], weights: Path) -> None:
+    """Refuse weights that would load and then predict NaN or nonsense: a floating tensor
+    stored as integers (load_state_dict would cast it silently), or NaN/infinite values."""
+    import torch
+
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None or not isinstance(tensor, torch.Tensor):
+            continue  # unknown keys: load_state_dict(strict=True) names them
+        if want.is_floating_point() and not tensor.is_floating_point():
+            raise ModelFileError(f"{weights}: {key} is stored as {tensor.dtype}, not floating point; "
+                                 "the file is not a trained model's weights")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{weights}: {key} holds NaN or infinite values (a diverged training run?); "
+                                 "use an earlier checkpoint")
 
 
 def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedModel:
@@ -345,8 +394,10 @@ def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedM
         network = create_model(meta["architecture"], **meta["arch_args"])
     except (ValueError, TypeError) as exc:  # unknown architecture or arguments
         raise ModelFileError(f"{sidecar}: cannot build {meta['architecture']!r} with {meta['arch_args']}: {exc}") from exc
+    state = _read_state_dict(weights)
+    _check_weights(state, network.state_dict(), weights)
     try:
-        network.load_state_dict(_read_state_dict(weights), strict=True)
+        network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{weights}: weights do not fit {meta['architecture']}: {exc}") from exc
     network.eval()
@@ -354,7 +405,8 @@ def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedM
 
 
 def _sidecars(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+    # regular files only: a FIFO or device named *.json would block the read forever
+    return sorted(p for p in directory.glob("*.json") if p.is_file()) if directory.is_dir() else []
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -513,7 +565,7 @@ def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     def weights_named_in(path: Path) -> str | None:
         try:
             value = json.loads(path.read_text()).get("weights_file")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return None
         return value if isinstance(value, str) and value == Path(value).name else None
 

@@ -72,7 +72,8 @@ def _write_files(folder):
     iio.imwrite(folder / "rgba.png", np.dstack([good, np.full((40, 48), 255, np.uint8)]))
     tifffile.imwrite(folder / "whole.tif", good)
     (folder / "truncated.tif").write_bytes((folder / "whole.tif").read_bytes()[:300])
-    (folder / "truncated.png").write_bytes((folder / "rgba.png").read_bytes()[:100])
+    # (not truncated.png: with truncated.tif it would share the outputs truncated_mask.tif, ...)
+    (folder / "cut.png").write_bytes((folder / "rgba.png").read_bytes()[:100])
     (folder / "text.png").write_text("this is not an image")
     tifffile.imwrite(folder / "nan.tif", np.full((16, 16), np.nan, np.float32))
     tifffile.imwrite(folder / "fourd.tif", np.zeros((2, 3, 16, 16), np.uint8))
@@ -90,12 +91,12 @@ def test_cli_reports_each_bad_file_and_writes_the_good_ones(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "in"), "-m", "tiny", "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert "5 of 8 files failed" in err
-    for name, reason in (("truncated.tif", "cannot read"), ("truncated.png", "cannot read"),
+    for name, reason in (("truncated.tif", "cannot read"), ("cut.png", "cannot read"),
                          ("text.png", "cannot read"), ("nan.tif", "NaN or infinite"),
                          ("fourd.tif", "cannot tell the axes")):
         assert any(name in line and reason in line for line in err.splitlines()), (name, err)
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["good16_mask.tif", "good16_prob.tif", "rgba_mask.tif", "rgba_prob.tif",
+    assert written == [".r2au-outputs.json", "good16_mask.tif", "good16_prob.tif", "rgba_mask.tif", "rgba_prob.tif",
                        "whole_mask.tif", "whole_prob.tif"]  # nothing for the failures, no temporary files
 
 

@@ -331,7 +331,8 @@ def test_segment_does_not_take_its_own_outputs_for_inputs(tmp_path, capsys, monk
     monkeypatch.chdir(folder)
     assert main(["segment", ".", "-m", "base"]) == 0  # outputs land beside the input (-o defaults to .)
     assert main(["segment", ".", "-m", "base"]) == 0  # a second run: the same one input
-    assert sorted(p.name for p in folder.iterdir()) == ["img0.tif", "img0_mask.tif", "img0_prob.tif"]
+    assert sorted(p.name for p in folder.iterdir()) == [".r2au-outputs.json", "img0.tif", "img0_mask.tif",
+                                                         "img0_prob.tif"]  # and the record of its outputs
     assert "skipped 2 file(s)" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["segment", str(tmp_path / "empty"), "-m", "base"]) == 2

@@ -42,7 +42,8 @@ def test_full_disk_is_reported_and_loses_nothing(tmp_path, monkeypatch, capsys):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tifffile, "imwrite", no_space)
-    assert main(["segment", str(image), "-m", "base", "-o", str(out)]) == 1
+    # (--overwrite: the previous file is not one r2au wrote, so it is refused without it)
+    assert main(["segment", str(image), "-m", "base", "-o", str(out), "--overwrite"]) == 1
     assert "No space left" in capsys.readouterr().err
     assert (out / "a_mask.tif").read_bytes() == b"previous result"
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif"]

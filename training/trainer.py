@@ -56,6 +56,24 @@ REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders":
 SOURCE_KEYS = ("name", "val_images", "val_names", "weight")
 
 
+def max_threads() -> int:
+    """The most threads a run may ask for: 4 per CPU core (far more crashes PyTorch's pool)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+class ConfigError(ValueError):
+    """A training config (YAML, ``--set``, a run's config.json) cannot be used; the message says why."""
+
+
+#: data keys that name folders: they must be text (``data.root: 5`` is a mistake, not a path)
+PATH_KEYS = ("root", "images", "masks", "fov")
+
+
+def _path_problems(data: dict[Any, Any], where: str) -> list[str]:
+    return [f"{where}.{key} must be a folder path, got {data[key]!r}" for key in PATH_KEYS
+            if data.get(key) is not None and not isinstance(data[key], (str, os.PathLike))]
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved resolved next to its outputs."""
@@ -117,10 +135,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A checked config from plain values (YAML, JSON); raises ConfigError naming every problem."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config is a mapping of keys to values, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(map(str, unknown)))}")
         values = dict(values)
         data = values.get("data")
         if isinstance(data, dict) and isinstance(data.get("class_map"), dict):
@@ -129,13 +150,16 @@ class TrainConfig:
         if isinstance(values.get("augment"), dict):
             augment_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
             if set(values["augment"]) - augment_keys:
-                raise ValueError(f"unknown augment keys: {', '.join(sorted(set(values['augment']) - augment_keys))}; "
-                                 f"valid: {', '.join(sorted(augment_keys))}")
+                unknown_augment = ", ".join(sorted(map(str, set(values["augment"]) - augment_keys)))
+                raise ConfigError(f"unknown augment keys: {unknown_augment}; valid: {', '.join(sorted(augment_keys))}")
             values["augment"] = AugmentConfig(**values["augment"])
         config = cls(**values)
-        problems = config.problems()
+        try:
+            problems = config.problems()
+        except (TypeError, AttributeError) as exc:  # a value of a type no check expects (a list for a name...)
+            raise ConfigError(f"config: a value has the wrong type ({exc})") from exc
         if problems:
-            raise ValueError("config: " + "; ".join(problems))
+            raise ConfigError("config: " + "; ".join(problems))
         return config
 
     def problems(self) -> list[str]:
@@ -163,7 +187,7 @@ class TrainConfig:
         number("patch_size", 16, integer=True, optional=True)
         number("fov_diameter", 16, integer=True, optional=True, high=16385)
         number("patience", 1, integer=True, optional=True)
-        number("threads", 0, integer=True, optional=True)  # 0 (like null): PyTorch's default
+        number("threads", 0, integer=True, optional=True, high=max_threads() + 1)  # 0 (like null): PyTorch's default
         for name in ("lr", "pos_weight", "input_scale"):
             number(name, 0, strict=True)
         for name in ("weight_decay", "dice_weight"):
@@ -183,6 +207,7 @@ class TrainConfig:
         if not isinstance(self.data, dict):
             found.append(f"data must be a mapping (kind, root or images/masks, ...), got {self.data!r}")
         else:
+            found += _path_problems(self.data, "data")
             kind = self.data.get("kind")
             allowed = DATA_KEYS.get(kind)
             if allowed is None:
@@ -245,6 +270,7 @@ def _source_problems(sources: Any) -> list[str]:
         missing = [key for key in REQUIRED_DATA_KEYS[kind] if source.get(key) in (None, "")]
         if missing:
             found.append(f"{where} needs {missing[0]}")
+        found += _path_problems(source, where)
         for key in ("val_images",):
             value = source.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -523,6 +549,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     rank, world, local_rank = distributed_context()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+    dev = select_device(device or config.device)  # a device this machine lacks: said before any data is read
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -554,7 +581,6 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     else:
         arch_args = {"in_channels": config.in_channels, "out_channels": 1, "base_width": config.base_width, "t": config.t}
         network = create_model(config.architecture, **arch_args)
-    dev = select_device(device or config.device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -607,6 +633,8 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
 
     log_path = out / "log.csv"
     log_new = not log_path.exists() or not resume
+    if not log_new and writer:
+        _truncate_log(log_path, step)
     log_file = open(log_path if writer else os.devnull, "w" if log_new else "a", newline="")
     log = csv.writer(log_file)
     if log_new:
@@ -703,6 +731,17 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
         best_metrics = calibrate_threshold(best_model, val_samples, config.precision, device=str(dev))
     return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log rows after ``step``, the step a resume starts from: a run killed after
+    its last checkpoint logged steps it will now train again (they would appear twice)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= step]
+    if len(kept) < len(rows):
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
 
 
 #: settings a resumed run may change without becoming another run
