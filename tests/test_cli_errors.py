@@ -107,7 +107,7 @@ def test_ctrl_c_in_segment_is_one_line_and_130(tmp_path, capsys, monkeypatch):
     import napari_r2au.cli as cli
 
     _tiny_user_model()
-    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32, 3), np.uint8))  # colour: no notice before the run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
