@@ -318,9 +318,11 @@ def _folder_pairs(images: str, masks: str, fov: str | None, class_map: dict[int,
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Headless face of the Fine-tune widget: the same iter_finetune generator."""
     from .engine import run
-    from .model_files import load_model
+    from .model_files import load_model, model_path, user_models_dir
     from .training.finetune import FinetuneSettings, iter_finetune
 
+    if args.name is not None:  # a plain name, or refused before anything is read
+        model_path(user_models_dir(), args.name)
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
     pairs, fovs, names, slices = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
@@ -515,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
     _add_class_map_argument(p)
-    p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")
+    p.add_argument("--name", default=None,
+                   help="name of the new model: letters, digits, '-', '_', '.' (default: <parent>-ft<N>)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")

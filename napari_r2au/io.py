@@ -69,6 +69,13 @@ class ImageReadError(OSError):
     """A file could not be read as an image; the message says which and why."""
 
 
+def _normal_permissions(path: Path) -> None:
+    """mkstemp creates 0600; give the file the permissions a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success.
@@ -81,9 +88,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        _normal_permissions(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -94,6 +99,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_bytes_new(path: str | os.PathLike, data: bytes) -> None:
+    """Create ``path`` with ``data``, whole or not at all, only if nothing is there yet
+    (not even a symlink): FileExistsError otherwise. Two writers racing for one name
+    cannot both win, and the loser changes nothing.
+
+    The complete file is hard-linked into place (atomic and exclusive); where the file
+    system has no hard links, the name is claimed with O_EXCL and then replaced.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        _normal_permissions(tmp)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system (FAT, some network shares)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

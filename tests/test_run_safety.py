@@ -1,0 +1,175 @@
+"""Issue 19: a user-given model name never becomes a path unchecked, every fine-tune trains
+in a folder of its own (and deletes no other), two fine-tunes at once give two models, a
+training run never takes over another run's folder or writes through a planted symlink,
+and a fine-tune is one process whatever torchrun variables the shell left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_r2au import create_model, load_model
+from napari_r2au.cli import main
+from napari_r2au.model_files import ModelFileError, build_metadata, save_model, user_models_dir
+
+from .test_cli import _tiny_user_model, _write_folder
+
+CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "drive-r2au_net.yaml"
+BAD_NAMES = [
+    "",
+    ".",
+    "..",
+    "../x",
+    "../../victim",
+    "a/b",
+    "a\\b",
+    ".hidden",
+    "-x",
+    "x.",
+    "a b",
+    "naïve",
+    "x" * 65,
+]
+GOOD_NAMES = ["my-vessels", "drive-vessels-ft1", "v1.2_x", "_scratch", "x" * 64]
+
+
+def _tiny_model(directory: Path, name: str, seed: int = 0, **fields) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    net = create_model("r2au_net", base_width=4)
+    meta = build_metadata(
+        name=name,
+        architecture="r2au_net",
+        arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2},
+        **fields,
+    )
+    return save_model(net, directory, meta)
+
+
+def _bars(rng, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, 20:28] = 1
+    mask[30:36, :] = 1
+    image = (rng.random((size, size, 3)) * 60 + mask[..., None] * 120).astype(np.uint8)
+    return image, mask
+
+
+def _finish(generator):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _finetune_args(tmp_path: Path, *extra: str) -> list[str]:
+    data = tmp_path / "data"
+    if not data.exists():
+        _write_folder(data)
+    return ["finetune", "-m", "base", "--images", str(data / "images"), "--masks", str(data / "masks"),
+            "--steps", "2", "--patch", "32", "--batch", "2", "--device", "cpu", *extra]  # fmt: skip
+
+
+def _train_args(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    data = tmp_path / "data"
+    if not data.exists():
+        _write_folder(data, n=3)
+    sets = ["base_width=4", "patch_size=32", "batch_size=2", "steps=2", "val_every=2", "val_images=1",
+            "precision=fp32", "threads=1", "device=cpu", "max_minutes=null", f"output_dir={out}",
+            f"data={{kind: folders, images: {data}/images, masks: {data}/masks}}"]  # fmt: skip
+    return ["train", str(CONFIG), *[a for s in sets for a in ("--set", s)], *extra]
+
+
+# -- 1. one function turns a model name into a path ---------------------------------------
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_model_name_that_is_not_a_plain_name_is_refused(name, tmp_path):
+    from napari_r2au.model_files import model_path
+
+    with pytest.raises(ModelFileError, match="is not a valid model name"):
+        model_path(tmp_path, name, ".json")
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_a_plain_model_name_gives_a_file_in_the_folder(name, tmp_path):
+    from napari_r2au.model_files import model_path
+
+    assert model_path(tmp_path, name, ".json") == tmp_path / f"{name}.json"
+
+
+@pytest.mark.parametrize("name", ["../evil", "a\\b", "x" * 65, "a b"])
+def test_add_model_save_model_and_remove_model_refuse_the_same_names(name, tmp_path):
+    from napari_r2au.model_files import add_model, remove_model
+
+    source = _tiny_model(tmp_path / "src", "good")
+    models = tmp_path / "models"
+    with pytest.raises(ModelFileError, match="is not a valid model name"):
+        add_model(source, name=name, directory=models)
+    with pytest.raises(ModelFileError, match="is not a valid model name"):
+        save_model(load_model(source).network, models, dict(load_model(source).metadata, name=name))
+    with pytest.raises(ModelFileError, match="is not a valid model name"):
+        remove_model(name, directory=models)
+    assert not models.exists() and not list(tmp_path.glob("*evil*"))
+
+
+@pytest.mark.parametrize("name", ["..", "../../victim", ""])
+def test_finetune_refuses_a_name_that_is_a_path_and_deletes_nothing(name, tmp_path, capsys, monkeypatch):
+    """``--name ..`` then Ctrl-C deleted the user models folder, ``../../victim`` an unrelated
+    folder, ``""`` trained in runs/ itself: refused before anything is read or written."""
+    import napari_r2au.engine
+    import napari_r2au.training.finetune  # noqa: F401  (imported first: it binds the real run)
+
+    def ctrl_c_after_a_step(generator, callback=None):
+        next(generator)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(napari_r2au.engine, "run", ctrl_c_after_a_step)
+    _tiny_user_model()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not the run's")
+    code = main(_finetune_args(tmp_path, "--name", name))
+    assert (user_models_dir() / "base.json").is_file()
+    assert (victim / "keep.txt").read_text() == "not the run's"
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is not a valid model name" in err and len(err.strip().splitlines()) == 1
+    assert not (user_models_dir().parent / "runs").exists()  # nothing was started
+
+
+# -- 3. two fine-tunes at once ------------------------------------------------------------
+
+
+# -- 4. no run takes over another's folder -------------------------------------------------
+
+
+# -- 8. no write through a planted symlink; torchrun variables ---------------------------
+
+
+TORCHRUN = {
+    "WORLD_SIZE": "2",
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29531",
+}
+
+
+@pytest.fixture
+def leftover_torchrun(monkeypatch):
+    """A shell with torchrun's variables left over; joining a process group would wait forever
+    for a rank 1 that never comes, so here it fails at once instead."""
+    import torch.distributed as dist
+
+    for key, value in TORCHRUN.items():
+        monkeypatch.setenv(key, value)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a fine-tune joined a process group (it would wait forever for the other ranks)")
+
+    monkeypatch.setattr(dist, "init_process_group", never)
