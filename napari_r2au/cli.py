@@ -247,12 +247,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import load_config, load_run_config
     from .training.trainer import distributed_context, iter_train
 
+    if args.resume and args.overwrite:
+        print("error: --resume continues the run in output_dir, --overwrite replaces it: give one", file=sys.stderr)
+        return 2
     config = load_config(args.config, args.set or [])
     if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
         config = load_run_config(config.output_dir, args.set or [])
     speaks = distributed_context()[0] == 0  # under torchrun, one report (rank 0's), as only rank 0 writes
     bar = _progress_bar(config.steps, config.name, "step", shown=speaks)
-    generator = iter_train(config, resume=bool(args.resume))
+    generator = iter_train(config, resume=bool(args.resume), overwrite=bool(args.overwrite))
 
     def show(event) -> None:
         bar.update(event.step - bar.n)
@@ -489,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="config file, or the name of a bundled config (e.g. drive-vessels)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (its config.json, log.csv, checkpoints); "
+                        "without it or --resume such a folder is refused")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on corrected masks (a new versioned model)")

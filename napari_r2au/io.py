@@ -8,6 +8,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -127,6 +128,16 @@ def write_bytes_new(path: str | os.PathLike, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def open_for_append(path: str | os.PathLike) -> IO[str]:
+    """Open an existing text file to add lines to (a run's log.csv), refusing a symbolic
+    link there: a link planted at the path would send the writes to another file."""
+    path = Path(path)
+    if path.is_symlink():
+        raise OSError(f"{path} is a symbolic link; refusing to write through it (remove the link)")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))  # a link planted meanwhile: ELOOP
+    return os.fdopen(fd, "a", newline="")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

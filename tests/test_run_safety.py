@@ -148,7 +148,73 @@ def test_finetune_refuses_a_name_that_is_a_path_and_deletes_nothing(name, tmp_pa
 # -- 4. no run takes over another's folder -------------------------------------------------
 
 
+def test_train_refuses_an_output_folder_that_holds_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    before = {name: f"previous {name}".encode() for name in ("config.json", "log.csv", "last_state.pt")}
+    for name, data in before.items():
+        (out / name).write_bytes(data)
+    assert main(_train_args(tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1
+        and "holds a run already" in err
+        and "--resume" in err
+        and "--overwrite" in err
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+
+def test_train_overwrite_replaces_the_previous_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--overwrite" in capsys.readouterr().out
+    out = tmp_path / "run"
+    _tiny_model(out, "best", seed=1, description="the previous run's")
+    (out / "log.csv").write_text("previous log\n")
+    (out / "notes.txt").write_text("mine")
+    assert main(_train_args(tmp_path, out, "--overwrite")) == 0
+    assert load_model(out / "best.json").metadata["description"] != "the previous run's"
+    assert (out / "log.csv").read_text().startswith("step,loss")
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    assert main(_train_args(tmp_path, out, "--overwrite", "--resume")) == 2
+
+
 # -- 8. no write through a planted symlink; torchrun variables ---------------------------
+
+
+def test_config_and_log_are_never_written_through_a_symlink(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    victims = {}
+    for name in ("config.json", "log.csv"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("precious")
+        (out / name).symlink_to(victims[name])
+    assert main(_train_args(tmp_path, out)) == 2  # a folder with a run's file names: refused
+    assert main(_train_args(tmp_path, out, "--overwrite")) == 0  # the links are replaced, not followed
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious"
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0
+
+
+def test_resume_refuses_to_append_to_a_symlinked_log(tmp_path):
+    from napari_r2au.training.data import memory_samples
+    from napari_r2au.training.trainer import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    samples = memory_samples([_bars(rng, 48), _bars(rng, 48)])
+    values = dict(name="t", base_width=4, patch_size=32, batch_size=2, steps=2, val_every=2, precision="fp32",
+                  output_dir=str(tmp_path / "run"), threads=1, device="cpu")  # fmt: skip
+    train(TrainConfig(**values), samples=samples[:1], val_samples=samples[1:])
+    victim = tmp_path / "victim.csv"
+    victim.write_text("precious")
+    log = tmp_path / "run" / "log.csv"
+    log.unlink()
+    log.symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        train(TrainConfig(**dict(values, steps=3)), samples=samples[:1], val_samples=samples[1:], resume=True)
+    assert victim.read_text() == "precious"
 
 
 TORCHRUN = {
@@ -173,3 +239,20 @@ def leftover_torchrun(monkeypatch):
         raise AssertionError("a fine-tune joined a process group (it would wait forever for the other ranks)")
 
     monkeypatch.setattr(dist, "init_process_group", never)
+
+
+def test_a_partial_torchrun_environment_is_refused_not_waited_on(monkeypatch, tmp_path, capsys):
+    """Only a process torchrun started (all its variables) joins a process group."""
+    import torch.distributed as dist
+
+    from napari_r2au.training.trainer import distributed_context
+
+    for key in TORCHRUN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a process group"))
+    with pytest.raises(ValueError, match="not started by torchrun"):
+        distributed_context()
+    assert main(_train_args(tmp_path, tmp_path / "run")) == 2
+    assert "not started by torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
