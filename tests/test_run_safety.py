@@ -5,12 +5,13 @@ and a fine-tune is one process whatever torchrun variables the shell left behind
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from napari_r2au import create_model, load_model
+from napari_r2au import create_model, list_models, load_model
 from napari_r2au.cli import main
 from napari_r2au.model_files import ModelFileError, build_metadata, save_model, user_models_dir
 
@@ -142,10 +143,81 @@ def test_finetune_refuses_a_name_that_is_a_path_and_deletes_nothing(name, tmp_pa
     assert not (user_models_dir().parent / "runs").exists()  # nothing was started
 
 
+def test_cancel_deletes_the_runs_own_folder_and_no_other(tmp_path, rng):
+    from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
+
+    parent = load_model(_tiny_user_model())
+    runs = user_models_dir().parent / "runs"
+    (runs / "base-ft1").mkdir(parents=True)  # a folder of the same name, not this run's
+    (runs / "base-ft1" / "keep.txt").write_text("someone else's")
+    generator = iter_finetune(
+        parent, [_bars(rng)], settings=FinetuneSettings(steps=50, patch_size=32, batch_size=2)
+    )
+    next(generator)  # training
+    own = [p for p in runs.iterdir() if p.name != "base-ft1"]
+    assert len(own) == 1 and own[0].is_dir()
+    generator.close()  # Cancel / Ctrl-C
+    assert sorted(p.name for p in runs.iterdir()) == ["base-ft1"]
+    assert (runs / "base-ft1" / "keep.txt").read_text() == "someone else's"
+    assert [row["name"] for row in list_models() if row["source"] == "user"] == ["base"]
+
+
 # -- 3. two fine-tunes at once ------------------------------------------------------------
 
 
+def test_two_fine_tunes_at_once_give_two_models(rng):
+    """Both start as base-ft1; the one that finishes second takes base-ft2, in its own run folder."""
+    from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
+
+    parent = load_model(_tiny_user_model())
+    both_training = threading.Barrier(2, timeout=300)
+    results, errors = {}, []
+
+    def finetune(key: int, seed: int) -> None:
+        try:
+            settings = FinetuneSettings(steps=4, patch_size=32, batch_size=2, seed=seed)
+            generator = iter_finetune(
+                parent, [_bars(np.random.default_rng(seed))], settings=settings, device="cpu"
+            )
+            next(generator)  # the name is chosen and training has begun
+            both_training.wait()
+            results[key] = _finish(generator)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            both_training.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finetune, args=(key, key)) for key in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    names = sorted(result.model.name for result in results.values())
+    assert names == ["base-ft1", "base-ft2"]
+    for result in results.values():  # each registered model is the one its run made
+        assert load_model(result.model.name).sha256 == result.model.sha256
+    assert results[1].model.sha256 != results[2].model.sha256
+    assert not list((user_models_dir().parent / "runs").iterdir())
+
+
 # -- 4. no run takes over another's folder -------------------------------------------------
+
+
+def test_a_leftover_run_folder_never_supplies_the_new_model(rng):
+    """After a kill -9 the next fine-tune reused runs/<name>/ and, never validating,
+    registered the old run's best.json."""
+    from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
+
+    parent = load_model(_tiny_user_model())
+    leftover = user_models_dir().parent / "runs" / "base-ft1"
+    stale = _tiny_model(leftover, "best", seed=1, description="the killed run's")
+    image, mask = _bars(rng, 40)  # too narrow to hold out a band: no validation
+    settings = FinetuneSettings(steps=2, patch_size=32, batch_size=2, weight_share=1.0)
+    result = _finish(iter_finetune(parent, [(image, mask)], settings=settings, device="cpu"))
+    assert result.dice_after is None and result.model.name == "base-ft1"
+    assert result.model.metadata["description"] != "the killed run's"
+    assert result.model.sha256 != load_model(stale).sha256
+    assert stale.is_file()  # not this run's: left alone
 
 
 def test_train_refuses_an_output_folder_that_holds_a_run(tmp_path, capsys):
@@ -239,6 +311,21 @@ def leftover_torchrun(monkeypatch):
         raise AssertionError("a fine-tune joined a process group (it would wait forever for the other ranks)")
 
     monkeypatch.setattr(dist, "init_process_group", never)
+
+
+def test_finetune_ignores_leftover_torchrun_variables(leftover_torchrun, tmp_path, capsys):
+    _tiny_user_model()
+    assert main(_finetune_args(tmp_path)) == 0
+    assert "new model  base-ft1" in capsys.readouterr().out
+
+
+def test_the_fine_tune_docks_job_ignores_leftover_torchrun_variables(leftover_torchrun, rng):
+    from napari_r2au.widgets.finetune import FinetuneWidget
+
+    sidecar = _tiny_user_model()
+    settings = {"steps": 2, "patch_size": 32, "batch_size": 2}
+    job = FinetuneWidget._job(str(sidecar), [_bars(rng)], None, settings, "image", "cpu", None, (None, None))
+    assert _finish(job).model.name == "base-ft1"
 
 
 def test_a_partial_torchrun_environment_is_refused_not_waited_on(monkeypatch, tmp_path, capsys):
