@@ -136,7 +136,8 @@ def open_for_append(path: str | os.PathLike) -> IO[str]:
     path = Path(path)
     if path.is_symlink():
         raise OSError(f"{path} is a symbolic link; refusing to write through it (remove the link)")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))  # a link planted meanwhile: ELOOP
+    # O_NOFOLLOW: a link planted since the check fails with ELOOP instead of being followed
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
     return os.fdopen(fd, "a", newline="")
 
 
