@@ -35,7 +35,8 @@ def run_overrides(seed: int, minutes: float, out: Path, extra: list[str]) -> lis
 
 
 def train_command(arch: str, overrides: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "napari_r2au.cli", "train", f"drive-{arch}"]
+    # a run not reused is trained again: the folder's earlier run (killed, other settings) is replaced
+    command = [sys.executable, "-m", "napari_r2au.cli", "train", f"drive-{arch}", "--overwrite"]
     for item in overrides:
         command += ["--set", item]
     return command

@@ -294,12 +294,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import load_config, load_run_config
     from .training.trainer import distributed_context, iter_train
 
+    if args.resume and args.overwrite:
+        print("error: --resume continues the run in output_dir, --overwrite replaces it: give one", file=sys.stderr)
+        return 2
     config = load_config(args.config, args.set or [])
     if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
         config = load_run_config(config.output_dir, args.set or [])
     speaks = distributed_context()[0] == 0  # under torchrun, one report (rank 0's), as only rank 0 writes
     bar = _progress_bar(config.steps, config.name, "step", shown=speaks)
-    generator = iter_train(config, resume=bool(args.resume))
+    generator = iter_train(config, resume=bool(args.resume), overwrite=bool(args.overwrite))
 
     def show(event) -> None:
         bar.update(event.step - bar.n)
@@ -365,9 +368,11 @@ def _folder_pairs(images: str, masks: str, fov: str | None, class_map: dict[int,
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Headless face of the Fine-tune widget: the same iter_finetune generator."""
     from .engine import run
-    from .model_files import load_model
+    from .model_files import load_model, model_path, user_models_dir
     from .training.finetune import FinetuneSettings, iter_finetune
 
+    if args.name is not None:  # a plain name, or refused before anything is read
+        model_path(user_models_dir(), args.name)
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
     if args.device:  # a device this machine lacks: said before the folders are read
@@ -555,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="config file, or the name of a bundled config (e.g. drive-vessels)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (its config.json, log.csv, checkpoints); "
+                        "without it or --resume such a folder is refused")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on corrected masks (a new versioned model)")
@@ -583,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
     _add_class_map_argument(p)
-    p.add_argument("--name", default=None, help="name of the new model (default: <parent>-ft<N>)")
+    p.add_argument("--name", default=None,
+                   help="name of the new model: letters, digits, '-', '_', '.' (default: <parent>-ft<N>)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")

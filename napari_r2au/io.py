@@ -8,6 +8,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -93,6 +94,13 @@ def check_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
                              f"than the limit of {limit:,}; set R2AU_MAX_PIXELS to read it anyway")
 
 
+def _normal_permissions(path: Path) -> None:
+    """mkstemp creates 0600; give the file the permissions a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success.
@@ -105,9 +113,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        _normal_permissions(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -118,6 +124,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_bytes_new(path: str | os.PathLike, data: bytes) -> None:
+    """Create ``path`` with ``data``, whole or not at all, only if nothing is there yet
+    (not even a symlink): FileExistsError otherwise. Two writers racing for one name
+    cannot both win, and the loser changes nothing.
+
+    The complete file is hard-linked into place (atomic and exclusive); where the file
+    system has no hard links, the name is claimed with O_EXCL and then replaced.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        _normal_permissions(tmp)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system (FAT, some network shares)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def open_for_append(path: str | os.PathLike) -> IO[str]:
+    """Open an existing text file to add lines to (a run's log.csv), refusing a symbolic
+    link there: a link planted at the path would send the writes to another file."""
+    path = Path(path)
+    if path.is_symlink():
+        raise OSError(f"{path} is a symbolic link; refusing to write through it (remove the link)")
+    # O_NOFOLLOW: a link planted since the check fails with ELOOP instead of being followed
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+    return os.fdopen(fd, "a", newline="")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

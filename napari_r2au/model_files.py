@@ -22,13 +22,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .io import atomic_path, write_bytes_atomic
+from .io import write_bytes_atomic, write_bytes_new
 from .preprocess import KINDS as NORMALIZATION_KINDS
 from .preprocess import STANDARDIZE, check_normalization
 
@@ -82,6 +83,26 @@ def check_arch_args(args: dict[str, Any]) -> str | None:
 
 class ModelFileError(ValueError):
     """A model file is missing, malformed, tampered with or unsafe."""
+
+
+#: what a new model may be called: it becomes a file name (and a run folder's), so nothing
+#: that could be a path (separators, ".", ".."), hidden (a leading dot) or odd on some system
+MODEL_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?")
+MODEL_NAME_RULE = ("1 to 64 letters (a-z, A-Z), digits, '-', '_' and '.', not starting with '.' or '-' "
+                   "and not ending with '.': a plain name, no folders")
+
+
+def model_path(directory: str | os.PathLike, name: object, suffix: str = "") -> Path:
+    """``directory / (name + suffix)`` for a model name a user (or a file) gave.
+
+    The one place a model name becomes a path: anything but a plain name (a separator,
+    ``.``/``..``, empty, a leading dot, odd characters, too long) is refused with one
+    message, before any path is built from it, so that no name can point outside
+    ``directory``.
+    """
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise ModelFileError(f"{name!r} is not a valid model name: use {MODEL_NAME_RULE}")
+    return Path(directory) / f"{name}{suffix}"
 
 
 def user_models_dir() -> Path:
@@ -184,26 +205,35 @@ def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], *
     return meta
 
 
-def save_model(network: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any]) -> Path:
+def save_model(network: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any],
+               exclusive: bool = False) -> Path:
     """Write NAME.safetensors and NAME.json atomically; return the JSON path.
 
-    The metadata is validated before anything is written.
+    The name and the metadata are checked before anything is written. ``exclusive``: a new
+    model, which must not replace one: FileExistsError if either file exists (another run
+    took the name first), leaving the existing files as they were.
     """
     from safetensors.torch import save
 
     name = metadata["name"]
-    directory = Path(directory)
+    weights, sidecar = model_path(directory, name, ".safetensors"), model_path(directory, name, ".json")
     tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     blob = save(tensors)
-    weights = directory / f"{name}.safetensors"
     meta = dict(metadata, weights_file=weights.name, weights_sha256=hashlib.sha256(blob).hexdigest())
     meta.setdefault("format", FORMAT)
     meta.setdefault("format_version", FORMAT_VERSION)
     validate_metadata(meta, f"model {name!r}")
-    write_bytes_atomic(weights, blob)
-    sidecar = directory / f"{name}.json"
-    with atomic_path(sidecar) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    text = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    if not exclusive:
+        write_bytes_atomic(weights, blob)
+        write_bytes_atomic(sidecar, text)
+        return sidecar
+    write_bytes_new(weights, blob)  # the weights first: the sidecar is what makes the model exist
+    try:
+        write_bytes_new(sidecar, text)
+    except BaseException:
+        weights.unlink()  # ours: created just above
+        raise
     return sidecar
 
 
@@ -486,10 +516,11 @@ def check_new_model_name(name: str, directory: str | os.PathLike | None = None, 
     an existing model's (unless ``overwrite``), or a removed model's (a name in an audit
     trail keeps meaning one model)."""
     directory = Path(directory) if directory is not None else user_models_dir()
-    if directory.resolve() != bundled_models_dir().resolve() and (bundled_models_dir() / f"{name}.json").exists():
+    sidecar = model_path(directory, name, ".json")
+    if directory.resolve() != bundled_models_dir().resolve() and (bundled_models_dir() / sidecar.name).exists():
         raise ModelFileError(f"{name!r} is a bundled model's name (a user model of that name would be hidden); "
                              "choose another name")
-    if (directory / f"{name}.json").exists() and not overwrite:
+    if sidecar.exists() and not overwrite:
         raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
     if name in removed_model_names(directory):
         raise ModelFileError(f"a removed model was called {name!r} (its files are in {directory / REMOVED_DIR}); "
@@ -553,9 +584,7 @@ def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     cannot be removed. A broken sidecar is removed all the same.
     """
     directory = Path(directory) if directory is not None else user_models_dir()
-    if not name or name != Path(name).name or name.startswith("."):
-        raise ModelFileError(f"{name!r} is not a model name (a file name without folders)")
-    sidecar = directory / f"{name}.json"
+    sidecar = model_path(directory, name, ".json")
     if not sidecar.is_file():
         if (bundled_models_dir() / f"{name}.json").is_file():
             raise ModelFileError(f"{name!r} is a bundled model: it comes with the plugin and cannot be removed")

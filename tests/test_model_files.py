@@ -159,7 +159,7 @@ def test_older_version_1_file_is_migrated_and_pre_1_is_refused(tmp_path):
 def test_names_and_units_are_checked(tmp_path):
     net = create_model("unet", base_width=4)
     for name in ("../escape", "sub/dir", ".hidden"):
-        with pytest.raises(ModelFileError, match="name must be a plain name"):
+        with pytest.raises(ModelFileError, match="is not a valid model name"):
             save_model(net, tmp_path, build_metadata(name=name, architecture="unet", arch_args={"base_width": 4}))
     with pytest.raises(ModelFileError, match="pixel_size_unit must be null or a unit of length"):
         save_model(net, tmp_path, build_metadata(name="x", architecture="unet", arch_args={"base_width": 4},
@@ -208,7 +208,7 @@ def test_removing_a_user_model_takes_it_out_of_the_lists_and_keeps_its_files(tmp
     assert list(user_models_dir().glob("mine.*")) == []
     with pytest.raises(ModelFileError, match="a removed model was called 'mine'"):
         add_model(sidecar, name="mine")  # a name in an audit trail keeps meaning one model
-    with pytest.raises(ModelFileError, match="not a model name"):
+    with pytest.raises(ModelFileError, match="is not a valid model name"):
         remove_model("../models/x")
 
     # weights that another (hand-made) sidecar also names stay where that model needs them

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+import tempfile
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ import numpy as np
 from napari_r2au.engine import working_scale
 from napari_r2au.model_files import (
     LoadedModel,
+    ModelFileError,
     check_new_model_name,
     load_model,
     load_model_file,
+    model_path,
     removed_model_names,
     save_model,
     user_models_dir,
@@ -73,6 +76,37 @@ def next_version_name(base: str, directory: Path | None = None) -> str:
     names = [p.stem for p in directory.glob(f"{root}-ft*.json")] + removed_model_names(directory)
     taken = [int(m.group(1)) for name in names if (m := re.fullmatch(rf"{re.escape(root)}-ft(\d+)", name))]
     return f"{root}-ft{max(taken, default=0) + 1}"
+
+
+#: how many taken version names registration skips before it gives up
+MAX_NAME_TRIES = 1000
+
+
+def _register(network: nn.Module, meta: dict[str, Any], chosen: bool) -> Path:
+    """Save the new model under a name no other model has, exclusively.
+
+    Of two fine-tunes that started with the same next version (``<root>-ft<N>``), the first
+    to finish keeps it and the other takes the next free number; a name the user ``chosen``
+    is never changed: taken meanwhile, it is refused.
+    """
+    directory = user_models_dir()
+    if chosen:
+        try:
+            return save_model(network, directory, meta, exclusive=True)
+        except FileExistsError:
+            raise ModelFileError(f"a model called {meta['name']!r} was added while this one trained; "
+                                 "fine-tune again with another name") from None
+    root, first = re.fullmatch(r"(.*)-ft(\d+)", meta["name"]).groups()  # next_version_name's form
+    removed = set(removed_model_names(directory))
+    for version in range(int(first), int(first) + MAX_NAME_TRIES):
+        name = f"{root}-ft{version}"
+        if name in removed:  # a removed version's name is not given again
+            continue
+        try:
+            return save_model(network, directory, dict(meta, name=name), exclusive=True)
+        except FileExistsError:  # another run registered it first (or a stray file holds it)
+            continue
+    raise ModelFileError(f"no free version name after {meta['name']!r} in {directory}")
 
 
 def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.Module:
@@ -285,16 +319,22 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
     # validation samples are already at the working scale. The new model's threshold is
     # chosen on them, so the base model gets the same chance: its best threshold there
-    if name is None:
+    chosen_name = name is not None
+    if name is None:  # provisional: the final one is taken when the model is saved (_register)
         name = next_version_name(parent.name)
-    elif name == parent.name:
+    model_path(user_models_dir(), name)  # a plain name, or refused before any work
+    if chosen_name and name == parent.name:
         raise ValueError(f"a model called {name!r} exists already; choose another name")
-    else:
+    elif chosen_name:
         check_new_model_name(name)
     dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
     counts = [sample.corrections for sample in val_samples]
     corrections = sum(counts) if counts and None not in counts else None
-    run_dir = user_models_dir().parent / "runs" / name
+    # this run's own folder, new and unique (mkdtemp creates it exclusively): the only folder
+    # the clean-up below may delete, and one no other run, earlier or concurrent, has written in
+    runs = user_models_dir().parent / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=runs))
     config = TrainConfig(
         name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
         steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
@@ -308,9 +348,10 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     if not settings.augment:
         config.augment.flips = config.augment.rot90 = config.augment.affine = config.augment.intensity = False
     # Fine-tuning changes the weights of a copy, never the caller's network.
+    # A fine-tune is one process: torchrun's variables (left over in a shell) are ignored.
     try:
         result = yield from iter_train(config, samples=train_samples, val_samples=val_samples,
-                                       device=device, parent=load_model_file(parent.path))
+                                       device=device, parent=load_model_file(parent.path), distributed=False)
     except BaseException:  # Cancel (the generator closed), an error: no half-run left in the user's folder
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -340,7 +381,9 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
                               held_out_corrections=corrections)
     meta.pop("weights_file", None)
     meta.pop("weights_sha256", None)
-    sidecar = save_model(network, user_models_dir(), meta)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        sidecar = _register(network, meta, chosen_name)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return FinetuneResult(load_model_file(sidecar, source="user"), dice_before, dice_after, result.steps,
                           result.stopped, corrections)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from napari_r2au.engine import PRECISIONS, autocast_dtype, predict, run, select_device
-from napari_r2au.io import atomic_path
+from napari_r2au.io import atomic_path, open_for_append, write_bytes_atomic
 from napari_r2au.model_files import (
     LoadedModel,
     build_metadata,
@@ -513,31 +513,56 @@ def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generat
         torch.save(state, tmp)
 
 
+#: what torchrun sets in every process it starts; distributed training only with all of them
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def distributed_context() -> tuple[int, int, int]:
     """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise.
 
-    Joins the process group on first use: NCCL on GPUs, gloo on CPUs.
+    Joins the process group on first use: NCCL on GPUs, gloo on CPUs. Only a process that
+    torchrun started (all of TORCHRUN_VARIABLES set) joins one: a WORLD_SIZE left over in a
+    shell would otherwise wait forever for processes that never come, so a partial set is
+    refused with the names of the missing variables.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
+    missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} is set but {', '.join(missing)} not: this process was not started "
+                         "by torchrun (a variable left over in the shell?); unset WORLD_SIZE, or launch with torchrun")
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size(), local
 
 
+#: the files a run writes in its output_dir: one of them there means a run is there
+RUN_FILES = ("config.json", "log.csv", "last_state.pt", "last.json", "last.safetensors", "best.json",
+             "best.safetensors")
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files of a run in ``out`` (symlinks included, dangling or not)."""
+    return [out / name for name in RUN_FILES if os.path.lexists(out / name)]
+
+
 def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                val_samples: list[Sample] | None = None, resume: bool = False,
                device: str | None = None, parent: LoadedModel | None = None,
+               overwrite: bool = False, distributed: bool = True,
                ) -> Generator[TrainEvent, None, TrainResult]:
     """Train per ``config``; yields events, returns where the checkpoints are.
 
     ``samples``: in-memory training samples (fine-tuning); otherwise read from config.data
-    and split into train/validation by the seed. ``resume`` continues from output_dir.
-    ``parent``: the loaded model to start from (else ``config.init_from`` is loaded).
+    and split into train/validation by the seed. ``resume`` continues from output_dir; an
+    output_dir that holds another run is refused (its best.json would pass for this run's)
+    unless ``overwrite``, which deletes that run's files first. ``parent``: the loaded
+    model to start from (else ``config.init_from`` is loaded). ``distributed=False``: one
+    process whatever the environment says (fine-tuning), never a torchrun process group.
 
     Under ``torchrun`` every rank draws the same global batch (same seed) and trains on
     its own slice of it inside DistributedDataParallel, so W processes at a global batch
@@ -546,7 +571,16 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     problems = config.problems()
     if problems:  # before anything is read or written
         raise ValueError("config: " + "; ".join(problems))
-    rank, world, local_rank = distributed_context()
+    out = Path(config.output_dir)
+    previous = run_files(out)  # before this run writes any
+    rank, world, local_rank = distributed_context() if distributed else (0, 1, 0)
+    taken = bool(previous) and not resume and not overwrite
+    if world > 1:  # rank 0's view: the others may already see the files rank 0 goes on to write
+        taken = _agree(taken)
+    if taken:  # before anything is read or written
+        found = f" ({', '.join(p.name for p in previous)})" if previous else ""
+        raise FileExistsError(f"{out} holds a run already{found}; continue it with --resume, replace it with "
+                              "--overwrite, or set another output_dir")
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
     dev = select_device(device or config.device)  # a device this machine lacks: said before any data is read
@@ -556,7 +590,6 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     if parent is None and config.init_from:
         parent = load_model(config.init_from)
     normalization = resolve_normalization(config, parent)
-    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if samples is None:
         if config.data.get("kind") == "sources":  # every source split on its own
@@ -606,6 +639,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     #: the weights that are validated and saved
     kept = average.network if average else network
 
+    if overwrite and not resume and writer:  # the data and the network are ready: now the old run goes
+        for path in previous:  # only a run's own files; whatever else is in the folder stays
+            path.unlink()
     step, best_f1, bad, elapsed_before = 0, -1.0, 0, 0.0
     last_state, last_model, best_model = out / "last_state.pt", out / "last.json", out / "best.json"
     if resume:
@@ -629,16 +665,18 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         from napari_r2au import __version__
 
         resolved = dict(config.to_dict(), package_version=__version__, world_size=world)
-        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+        # atomic: a file or a symlink planted at the path is replaced, never written through
+        write_bytes_atomic(out / "config.json", (json.dumps(resolved, indent=2, default=str) + "\n").encode())
 
     log_path = out / "log.csv"
-    log_new = not log_path.exists() or not resume
-    if not log_new and writer:
+    if writer and (not resume or not os.path.lexists(log_path)):  # a new log: its header, atomically
+        write_bytes_atomic(log_path, b"step,loss,lr,seconds,val_f1,val_auc_roc,val_sensitivity,val_specificity\r\n")
+    elif writer:  # a resumed log loses the rows after the checkpoint (they would appear twice)
+        open_for_append(log_path).close()  # a symlink at the path is refused before it is read
         _truncate_log(log_path, step)
-    log_file = open(log_path if writer else os.devnull, "w" if log_new else "a", newline="")
+    # appended to step by step; a symlink at the path is refused, not followed
+    log_file = open_for_append(log_path) if writer else open(os.devnull, "w", newline="")
     log = csv.writer(log_file)
-    if log_new:
-        log.writerow(["step", "loss", "lr", "seconds", "val_f1", "val_auc_roc", "val_sensitivity", "val_specificity"])
 
     board = None
     if config.tensorboard and writer:
