@@ -105,12 +105,12 @@ class FinetuneWidget(WorkerRunner, Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
-        self._image = layer_picker(viewer, "image", "Image")
+        self._image = layer_picker(viewer, "image", "Image", inputs_only=True)
         self._corrected = layer_picker(viewer, "labels", "Corrected mask")
         self._use_validation = CheckBox(text="Separate validation pair", value=False,
                                         tooltip="Otherwise a quarter-width band of the image (of each painted slice) is held out for "
                                                 "validation: the right quarter, or where the corrections are")
-        self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True)
+        self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True, inputs_only=True)
         self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
         self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
         self._model = ModelPicker(label="Base model")
