@@ -99,8 +99,15 @@ def engine_rows(width: int, size: int, peak32: float, peak16: float, quick: bool
         base = base or seconds
         peak = peak16 if precision == "bf16" else peak32
         gflops = flops / seconds / 1e9
-        rows.append({"config": f"{label} [w{width}, {size}x{size}]", "seconds": seconds, "ratio": base / seconds,
-                     "gflops": gflops, "peak_share": gflops / peak})
+        rows.append(
+            {
+                "config": f"{label} [w{width}, {size}x{size}]",
+                "seconds": seconds,
+                "ratio": base / seconds,
+                "gflops": gflops,
+                "peak_share": gflops / peak,
+            }
+        )
     return rows
 
 
@@ -118,8 +125,10 @@ def agreement_rows() -> list[dict]:
         arrays = [read_image(p) for p in images]
     reference = [predict(model, a, precision="fp32", fuse=False, channels_last=False).mask() for a in arrays]
     rows = []
-    for label, kw in (("fp32, BN folded + channels_last", dict(precision="fp32")),
-                      ("bf16, BN folded + channels_last (default)", dict(precision="auto"))):
+    for label, kw in (
+        ("fp32, BN folded + channels_last", dict(precision="fp32")),
+        ("bf16, BN folded + channels_last (default)", dict(precision="auto")),
+    ):
         scores = [dice(r, predict(model, a, **kw).mask()) for r, a in zip(reference, arrays)]
         rows.append({"config": f"drive-vessels mask agreement: {label}", "dice_vs_fp32": min(scores)})
     return rows
@@ -132,14 +141,20 @@ def default_model_rows() -> list[dict]:
 
     model = load_model("drive-vessels")
 
-    image = read_image(sorted((DRIVE / "images").glob("*.tif"))[0]) if DRIVE.is_dir() else \
-        np.random.default_rng(0).integers(0, 255, (584, 565, 3), dtype=np.uint8)
+    image = (
+        read_image(sorted((DRIVE / "images").glob("*.tif"))[0])
+        if DRIVE.is_dir()
+        else np.random.default_rng(0).integers(0, 255, (584, 565, 3), dtype=np.uint8)
+    )
     seconds = timeit(lambda: predict(model, image), repeat=5)
     averaged = timeit(lambda: run(iter_predict_tta(model, image)), repeat=3)
     result = predict(model, image)
     rethreshold = timeit(lambda: result.mask(0.37), repeat=20)
     return [
-        {"config": f"drive-vessels on a 565x584 fundus image ({torch.get_num_threads()} threads)", "seconds": seconds},
+        {
+            "config": f"drive-vessels on a 565x584 fundus image ({torch.get_num_threads()} threads)",
+            "seconds": seconds,
+        },
         {"config": "same, mean of 3 flipped copies + uncertainty (segment --tta)", "seconds": averaged},
         {"config": "threshold slider: re-threshold cached probabilities", "seconds": rethreshold},
     ]
@@ -159,11 +174,22 @@ def large_image_child(size: int) -> None:
 def large_image_rows(sizes: list[int]) -> list[dict]:
     rows = []
     for size in sizes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks", "--large-child", str(size)],
-                             capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--large-child", str(size)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"config": f"drive-vessels, {size}x{size} RGB, tiles 512", "seconds": result["seconds"],
-                     "us_per_pixel": result["seconds"] / size**2 * 1e6, "peak_gib": result["peak_gib"]})
+        rows.append(
+            {
+                "config": f"drive-vessels, {size}x{size} RGB, tiles 512",
+                "seconds": result["seconds"],
+                "us_per_pixel": result["seconds"] / size**2 * 1e6,
+                "peak_gib": result["peak_gib"],
+            }
+        )
     return rows
 
 
@@ -188,8 +214,13 @@ def training_rows(quick: bool) -> list[dict]:
 
         seconds = timeit(step, repeat=3 if quick else 5, warmup=2)
         base = base or seconds
-        rows.append({"config": f"training step, DRIVE config (w16, 32x64x64), {label}", "seconds": seconds,
-                     "ratio": base / seconds})
+        rows.append(
+            {
+                "config": f"training step, DRIVE config (w16, 32x64x64), {label}",
+                "seconds": seconds,
+                "ratio": base / seconds,
+            }
+        )
     return rows
 
 
@@ -213,8 +244,13 @@ def finetune_rows() -> list[dict]:
     start = time.perf_counter()
     result = run(iter_finetune("drive-vessels", [(image, mask)], settings=FinetuneSettings()))
     seconds = time.perf_counter() - start
-    return [{"config": f"default fine-tune (150 steps, patch 96) on one 512x512 image: held-out Dice "
-                       f"{result.dice_before:.4f} -> {result.dice_after:.4f}", "seconds": seconds}]
+    return [
+        {
+            "config": f"default fine-tune (150 steps, patch 96) on one 512x512 image: held-out Dice "
+            f"{result.dice_before:.4f} -> {result.dice_after:.4f}",
+            "seconds": seconds,
+        }
+    ]
 
 
 def monai_rows(size: int, widths: list[int], reference: dict[int, float]) -> list[dict]:
@@ -225,25 +261,43 @@ def monai_rows(size: int, widths: list[int], reference: dict[int, float]) -> lis
     rows = []
     x = torch.randn(1, 3, size, size)
     for width in widths:
-        net = AttentionUnet(spatial_dims=2, in_channels=3, out_channels=1,
-                            channels=[width * 2**i for i in range(5)], strides=[2, 2, 2, 2]).eval()
+        net = AttentionUnet(
+            spatial_dims=2,
+            in_channels=3,
+            out_channels=1,
+            channels=[width * 2**i for i in range(5)],
+            strides=[2, 2, 2, 2],
+        ).eval()
 
         def run(net=net) -> None:
             with torch.no_grad():
                 net(x)
 
         seconds = timeit(run)
-        rows.append({"config": f"MONAI AttentionUnet eager fp32 [w{width}, {size}x{size}]", "seconds": seconds,
-                     "ratio": reference[width] / seconds})
+        rows.append(
+            {
+                "config": f"MONAI AttentionUnet eager fp32 [w{width}, {size}x{size}]",
+                "seconds": seconds,
+                "ratio": reference[width] / seconds,
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = [("seconds", "time (s)", "{:.4f}"), ("ratio", "x eager fp32", "{:.2f}"), ("gflops", "GFLOP/s", "{:.1f}"),
-               ("peak_share", "share of peak", "{:.0%}"), ("peak_gib", "peak RSS (GiB)", "{:.2f}"),
-               ("us_per_pixel", "us/pixel", "{:.3f}"), ("dice_vs_fp32", "Dice vs fp32", "{:.4f}")]
-    lines = ["| configuration | " + " | ".join(h for _, h, _ in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    columns = [
+        ("seconds", "time (s)", "{:.4f}"),
+        ("ratio", "x eager fp32", "{:.2f}"),
+        ("gflops", "GFLOP/s", "{:.1f}"),
+        ("peak_share", "share of peak", "{:.0%}"),
+        ("peak_gib", "peak RSS (GiB)", "{:.2f}"),
+        ("us_per_pixel", "us/pixel", "{:.3f}"),
+        ("dice_vs_fp32", "Dice vs fp32", "{:.4f}"),
+    ]
+    lines = [
+        "| configuration | " + " | ".join(h for _, h, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for row in rows:
         cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in columns]
         lines.append(f"| {row['config']} | " + " | ".join(cells) + " |")
@@ -252,20 +306,26 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no torch.compile, sizes up to 2k")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats, no torch.compile, sizes up to 2k"
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table and the machine to this file")
     parser.add_argument("--large-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.large_child:
         large_image_child(args.large_child)
         return 0
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, avx512_bf16: {cpu_has_bf16()}, "
-               f"CUDA: {torch.cuda.is_available()}")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, avx512_bf16: {cpu_has_bf16()}, "
+        f"CUDA: {torch.cuda.is_available()}"
+    )
     print(machine, flush=True)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    rows = [{"config": "machine peak: 2048^3 matmul fp32", "gflops": peak32},
-            {"config": "machine peak: 2048^3 matmul bf16", "gflops": peak16}]
+    rows = [
+        {"config": "machine peak: 2048^3 matmul fp32", "gflops": peak32},
+        {"config": "machine peak: 2048^3 matmul bf16", "gflops": peak16},
+    ]
     widths = [16] if args.quick else [16, 64]
     eager_seconds = {}
     for width in widths:
@@ -280,14 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     rows += training_rows(args.quick)
     rows += finetune_rows()
     if torch.cuda.is_available():
-        rows.append({"config": "CUDA: run `python -m benchmarks` on the GPU machine (autocast, cudnn.benchmark)"})
+        rows.append(
+            {"config": "CUDA: run `python -m benchmarks` on the GPU machine (autocast, cudnn.benchmark)"}
+        )
     else:
         rows.append({"config": "CUDA: no GPU on this machine, GPU configurations skipped"})
     table = format_table(rows)
     print(table)
     if args.markdown:
-        write_between_markers(args.markdown, f"Machine: {machine}\n\nCommand: `python -m benchmarks"
-                                      f"{' --quick' if args.quick else ''}`\n\n{table}\n")
+        write_between_markers(
+            args.markdown,
+            f"Machine: {machine}\n\nCommand: `python -m benchmarks"
+            f"{' --quick' if args.quick else ''}`\n\n{table}\n",
+        )
     return 0
 
 

@@ -51,8 +51,14 @@ def held_out(config_path: Path = CONFIG) -> dict[str, list[tuple[Path, Path, Pat
         name = source_name(source)
         for key in sorted(by_image):  # the order folder_samples gives, so the seed draws the same
             blank = np.zeros((1, 1, 1), np.float32)
-            stub = Sample(blank, blank[..., 0].astype(np.uint8), blank[..., 0] > 0, by_image[key].name, blank,
-                          source=name)
+            stub = Sample(
+                blank,
+                blank[..., 0].astype(np.uint8),
+                blank[..., 0] > 0,
+                by_image[key].name,
+                blank,
+                source=name,
+            )
             files[f"{name}/{stub.name}"] = (by_image[key], by_mask[key], by_fov.get(key))
             stubs.append(stub)
     _, val = split_sources(stubs, sources, config.seed)
@@ -110,28 +116,41 @@ def main(argv: list[str] | None = None) -> int:
                 report = evaluate_folders(model, *dirs)
                 scales = sorted({row["scale"] for row in report["per_image"]})
                 cells.append((report["f1"], report["auc_roc"], scales))
-                print(f"{model.name} {name}: F1 {report['f1']:.4f} AUC {report['auc_roc']:.4f} "
-                      f"scales {scales} ({time.perf_counter() - started:.0f} s)", flush=True)
+                print(
+                    f"{model.name} {name}: F1 {report['f1']:.4f} AUC {report['auc_roc']:.4f} "
+                    f"scales {scales} ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
             rows.append((model, cells))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = _table(rows, split)
     print(text)
     if args.markdown:
-        write_between_markers(args.markdown, f"Command: `python -m benchmarks.cross_dataset --models "
-                                             f"{' '.join(args.models)}`\n\n{text}\n",
-                              "<!-- cross-dataset -->", "<!-- /cross-dataset -->")
+        write_between_markers(
+            args.markdown,
+            f"Command: `python -m benchmarks.cross_dataset --models {' '.join(args.models)}`\n\n{text}\n",
+            "<!-- cross-dataset -->",
+            "<!-- /cross-dataset -->",
+        )
     return 0
 
 
 def _table(rows, split) -> str:
     names = list(split)
-    head = "| model | " + " | ".join(f"{name} ({len(split[name])}) F1 / AUC-ROC" for name in names) + " | mean F1 |"
+    head = (
+        "| model | "
+        + " | ".join(f"{name} ({len(split[name])}) F1 / AUC-ROC" for name in names)
+        + " | mean F1 |"
+    )
     lines = [head, "|---|" + "---|" * (len(names) + 1)]
     for model, cells in rows:
         mean = float(np.mean([f1 for f1, _, _ in cells]))
-        lines.append(f"| {model.name} (threshold {model.threshold:g}) | "
-                     + " | ".join(f"{f1:.4f} / {auc:.4f}" for f1, auc, _ in cells) + f" | {mean:.4f} |")
+        lines.append(
+            f"| {model.name} (threshold {model.threshold:g}) | "
+            + " | ".join(f"{f1:.4f} / {auc:.4f}" for f1, auc, _ in cells)
+            + f" | {mean:.4f} |"
+        )
     images = "; ".join(f"{name}: {', '.join(t[0].name for t in split[name])}" for name in names)
     return "\n".join(lines) + f"\n\nHeld-out images (never trained on): {images}."
 

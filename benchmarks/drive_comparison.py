@@ -30,8 +30,15 @@ VALIDATION = ["23_training", "25_training", "27_training", "40_training"]
 
 def run_overrides(seed: int, minutes: float, out: Path, extra: list[str]) -> list[str]:
     """The ``--set`` overrides of one run: what its config differs in from the bundled one."""
-    return ["threads=1", f"max_minutes={minutes}", f"seed={seed}", f"output_dir={out}",
-            f"val_names={json.dumps(VALIDATION)}", f"data.root={DRIVE}", *extra]
+    return [
+        "threads=1",
+        f"max_minutes={minutes}",
+        f"seed={seed}",
+        f"output_dir={out}",
+        f"val_names={json.dumps(VALIDATION)}",
+        f"data.root={DRIVE}",
+        *extra,
+    ]
 
 
 def train_command(arch: str, overrides: list[str]) -> list[str]:
@@ -73,46 +80,75 @@ def run_summary(out: Path) -> dict:
     provenance = best.metadata["provenance"]
     chosen = provenance["validation_metrics"]
     at_half = provenance.get("validation_metrics_at_0.5", chosen)
-    return {"steps": steps, "best_step": provenance["steps"], "f1": chosen["f1"], "threshold": best.threshold,
-            "f1_at_0.5": at_half["f1"], "auc_roc": chosen["auc_roc"],
-            "parameters": sum(p.numel() for p in best.network.parameters())}
+    return {
+        "steps": steps,
+        "best_step": provenance["steps"],
+        "f1": chosen["f1"],
+        "threshold": best.threshold,
+        "f1_at_0.5": at_half["f1"],
+        "auc_roc": chosen["auc_roc"],
+        "parameters": sum(p.numel() for p in best.network.parameters()),
+    }
 
 
 def table(results: dict[str, list[dict]], minutes: float, seeds: list[int]) -> str:
-    lines = [f"Budget: {minutes:g} minutes of wall time per run, one thread each; seeds {seeds}; "
-             "validation: DRIVE training images 23, 25, 27, 40 (FOV, pooled).", "",
-             "| architecture | parameters | steps done | best step | val F1, chosen threshold (worst seed) "
-             "| F1 at 0.5 | AUC-ROC |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Budget: {minutes:g} minutes of wall time per run, one thread each; seeds {seeds}; "
+        "validation: DRIVE training images 23, 25, 27, 40 (FOV, pooled).",
+        "",
+        "| architecture | parameters | steps done | best step | val F1, chosen threshold (worst seed) "
+        "| F1 at 0.5 | AUC-ROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arch, runs in results.items():
+
         def mean(key: str, runs: list[dict] = runs) -> float:
             return sum(r[key] for r in runs) / len(runs)
 
         worst = min(r["f1"] for r in runs)
-        lines.append(f"| {arch} | {runs[0]['parameters']:,} | {mean('steps'):.0f} | {mean('best_step'):.0f} "
-                     f"| {mean('f1'):.4f} ({worst:.4f}) | {mean('f1_at_0.5'):.4f} | {mean('auc_roc'):.4f} |")
+        lines.append(
+            f"| {arch} | {runs[0]['parameters']:,} | {mean('steps'):.0f} | {mean('best_step'):.0f} "
+            f"| {mean('f1'):.4f} ({worst:.4f}) | {mean('f1_at_0.5'):.4f} | {mean('auc_roc'):.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.drive_comparison", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.drive_comparison",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--minutes", type=float, default=22.0, help="wall-time budget of each run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "comparison")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override for every run (e.g. steps=20 for a dry run)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run (e.g. steps=20 for a dry run)",
+    )
     parser.add_argument("--markdown", type=Path, help="write the table between the comparison markers here")
-    parser.add_argument("--marker", default="comparison",
-                        help="the markers' name: <!-- NAME --> ... <!-- /NAME --> (one table per budget)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep runs in --out that finished with the same settings (add seeds without retraining)")
+    parser.add_argument(
+        "--marker",
+        default="comparison",
+        help="the markers' name: <!-- NAME --> ... <!-- /NAME --> (one table per budget)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs in --out that finished with the same settings (add seeds without retraining)",
+    )
     args = parser.parse_args(argv)
     if not (DRIVE / "images").is_dir():
         print(f"DRIVE data not found at {DRIVE}; nothing to compare")
         return 0
-    jobs = [(arch, seed, args.out / f"{arch}-seed{seed}") for arch in args.architectures for seed in args.seeds]
+    jobs = [
+        (arch, seed, args.out / f"{arch}-seed{seed}") for arch in args.architectures for seed in args.seeds
+    ]
 
     def train(job: tuple[str, int, Path]) -> int:
         arch, seed, out = job
@@ -122,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "w") as log:
-            return subprocess.run(train_command(arch, overrides), cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT).returncode
+            return subprocess.run(
+                train_command(arch, overrides), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            ).returncode
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         codes = list(pool.map(train, jobs))

@@ -54,28 +54,47 @@ def _task(name: str, work: Path):
     if name == "drive":
         image = read_image(DRIVE / "images" / "23_training.tif")[36:548, 26:538]
         mask = read_image(DRIVE / "1st_manual" / "23_manual1.gif")[36:548, 26:538] > 0
-        items = [(DRIVE / "images" / f"{i}_training.tif", DRIVE / "1st_manual" / f"{i}_manual1.gif",
-                  DRIVE / "mask" / f"{i}_training_mask.gif") for i in DRIVE_EVAL]
+        items = [
+            (
+                DRIVE / "images" / f"{i}_training.tif",
+                DRIVE / "1st_manual" / f"{i}_manual1.gif",
+                DRIVE / "mask" / f"{i}_training_mask.gif",
+            )
+            for i in DRIVE_EVAL
+        ]
         return image, mask, None, None, _links(work / "eval", items)
     image = read_image(next((HRF / "images").glob(f"{HRF_TUNE}.*")))
     mask = read_image(HRF / "manual1" / f"{HRF_TUNE}.tif") > 0
     fov = read_image(HRF / "mask" / f"{HRF_TUNE}_mask.tif")
     fov = (fov[..., 0] if fov.ndim == 3 else fov) > 0
-    items = [(p, HRF / "manual1" / f"{p.stem}.tif", HRF / "mask" / f"{p.stem}_mask.tif")
-             for p in sorted((HRF / "images").iterdir()) if p.stem not in HRF_NOT_EVALUATED]
+    items = [
+        (p, HRF / "manual1" / f"{p.stem}.tif", HRF / "mask" / f"{p.stem}_mask.tif")
+        for p in sorted((HRF / "images").iterdir())
+        if p.stem not in HRF_NOT_EVALUATED
+    ]
     return image, mask, fov, HRF_SCALE, _links(work / "eval", items)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune_lr", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.finetune_lr",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--task", choices=["drive", "hrf"], required=True)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 2e-4, 5e-4])
-    parser.add_argument("--shares", type=float, nargs="+", default=None,
-                        help="weight shares of the fine-tuned model (default: the widget's)")
+    parser.add_argument(
+        "--shares",
+        type=float,
+        nargs="+",
+        default=None,
+        help="weight shares of the fine-tuned model (default: the widget's)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="default: the widget's")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1: run two tasks side by side)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1: run two tasks side by side)"
+    )
     parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder and gates only")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -104,16 +123,33 @@ def main(argv: list[str] | None = None) -> int:
     for lr in args.lrs:
         for share in shares:
             for seed in args.seeds:
-                settings = FinetuneSettings(lr=lr, steps=steps, seed=seed, freeze_encoder=args.freeze_encoder,
-                                            weight_share=share)
+                settings = FinetuneSettings(
+                    lr=lr, steps=steps, seed=seed, freeze_encoder=args.freeze_encoder, weight_share=share
+                )
                 started = time.perf_counter()
-                result = run(iter_finetune(base, [(image, mask)], settings=settings,
-                                           fovs=None if fov is None else [fov], scale=scale,
-                                           name=f"lr{lr:g}-w{share:g}-s{seed}"))
+                result = run(
+                    iter_finetune(
+                        base,
+                        [(image, mask)],
+                        settings=settings,
+                        fovs=None if fov is None else [fov],
+                        scale=scale,
+                        name=f"lr{lr:g}-w{share:g}-s{seed}",
+                    )
+                )
                 seconds = time.perf_counter() - started
                 report = evaluate_folders(result.model, *folders)  # the new model carries its scale
-                runs.append(((lr, share), seed, result.dice_before, result.dice_after, report["f1"],
-                             report["auc_roc"], seconds))
+                runs.append(
+                    (
+                        (lr, share),
+                        seed,
+                        result.dice_before,
+                        result.dice_after,
+                        report["f1"],
+                        report["auc_roc"],
+                        seconds,
+                    )
+                )
                 print(runs[-1], flush=True)
     text = _tables(args.task, before, runs, len(list(folders[0].iterdir())))
     print(text)
@@ -126,15 +162,22 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown,
             f"Command: `python -m benchmarks.finetune_lr --task {args.task} --lrs {' '.join(f'{v:g}' for v in args.lrs)} "
             f"--shares {' '.join(f'{v:g}' for v in shares)} --seeds {' '.join(map(str, args.seeds))} --steps {steps}{frozen}`\n\n{text}\n",
-            begin=f"<!-- table {key} -->", end=f"<!-- /table {key} -->")
+            begin=f"<!-- table {key} -->",
+            end=f"<!-- /table {key} -->",
+        )
     return 0
 
 
 def _tables(task: str, before: dict, runs: list[tuple], n_eval: int) -> str:
     what = {"drive": "DRIVE 25, 27, 40", "hrf": f"{n_eval} other HRF images"}[task]
-    summary = [f"| learning rate | weight share | runs | held-out strip Dice, before -> after (mean) | F1 on {what}: mean | sd | "
-               "worst | AUC-ROC mean | seconds |", "|---|---|---|---|---|---|---|---|---|"]
-    summary.append(f"| drive-vessels as is | - | - | - | {before['f1']:.4f} | - | - | {before['auc_roc']:.4f} | 0 |")
+    summary = [
+        f"| learning rate | weight share | runs | held-out strip Dice, before -> after (mean) | F1 on {what}: mean | sd | "
+        "worst | AUC-ROC mean | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary.append(
+        f"| drive-vessels as is | - | - | - | {before['f1']:.4f} | - | - | {before['auc_roc']:.4f} | 0 |"
+    )
     for lr, share in sorted({r[0] for r in runs}, key=lambda key: (key[0], -key[1])):
         chosen = [r for r in runs if r[0] == (lr, share)]
         f1s = [r[4] for r in chosen]
@@ -142,11 +185,16 @@ def _tables(task: str, before: dict, runs: list[tuple], n_eval: int) -> str:
             f"| {lr:g} | {share:g} | {len(chosen)} | {statistics.mean(r[2] for r in chosen):.4f} -> "
             f"{statistics.mean(r[3] for r in chosen):.4f} | {statistics.mean(f1s):.4f} | "
             f"{statistics.stdev(f1s) if len(f1s) > 1 else 0.0:.4f} | {min(f1s):.4f} | "
-            f"{statistics.mean(r[5] for r in chosen):.4f} | {statistics.mean(r[6] for r in chosen):.0f} |")
-    each = ["| learning rate | weight share | seed | held-out before | held-out after | F1 | AUC-ROC | seconds |",
-            "|---|---|---|---|---|---|---|---|"]
-    each += [f"| {lr:g} | {share:g} | {seed} | {b:.4f} | {a:.4f} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
-             for (lr, share), seed, b, a, f1, auc, s in runs]
+            f"{statistics.mean(r[5] for r in chosen):.4f} | {statistics.mean(r[6] for r in chosen):.0f} |"
+        )
+    each = [
+        "| learning rate | weight share | seed | held-out before | held-out after | F1 | AUC-ROC | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    each += [
+        f"| {lr:g} | {share:g} | {seed} | {b:.4f} | {a:.4f} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
+        for (lr, share), seed, b, a, f1, auc, s in runs
+    ]
     return "\n".join(summary) + "\n\nEach run:\n\n" + "\n".join(each)
 
 

@@ -71,19 +71,35 @@ def _split(dataset: str, heldout: bool = False) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hrf_finetune", description=__doc__)
     parser.add_argument("--dataset", choices=list(LAYOUTS), default="HRF", help="the camera to fine-tune on")
-    parser.add_argument("--heldout", action="store_true",
-                        help="HRF: evaluate on the images retina-vessels held out (which trained on the others) "
-                             "instead of the historical split")
+    parser.add_argument(
+        "--heldout",
+        action="store_true",
+        help="HRF: evaluate on the images retina-vessels held out (which trained on the others) "
+        "instead of the historical split",
+    )
     parser.add_argument("--steps", type=int, default=300, help="fine-tune steps per run")
-    parser.add_argument("--scale", type=float, default=0.4,
-                        help="working scale (HRF: chosen on the fine-tuning images 01_*: F1 0.25<0.33<0.4); "
-                             "0: the model's own (derived from the field of view for fundus models)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="fine-tune seeds (patch sampling, augmentation) to repeat each k with")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=0.4,
+        help="working scale (HRF: chosen on the fine-tuning images 01_*: F1 0.25<0.33<0.4); "
+        "0: the model's own (derived from the field of view for fundus models)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="fine-tune seeds (patch sampling, augmentation) to repeat each k with",
+    )
     parser.add_argument("--model", default="drive-vessels", help="the DRIVE model to start from")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3], help="numbers of corrected images")
-    parser.add_argument("--finetune", nargs=argparse.REMAINDER, default=[],
-                        help="further r2au finetune options, e.g. --lr 2e-4 --no-freeze-encoder (last)")
+    parser.add_argument(
+        "--finetune",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="further r2au finetune options, e.g. --lr 2e-4 --no-freeze-encoder (last)",
+    )
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     root = LAYOUTS[args.dataset][0]
@@ -109,10 +125,27 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             name = f"{start.name}-{args.dataset.lower().replace('_', '')}-k{k}-s{seed}"
             started = time.perf_counter()
-            status = r2au(["finetune", "-m", str(start.path), "--images", str(images), "--masks", str(masks),
-                           "--fov", str(fov), "--steps", str(args.steps),
-                           *(["--scale", str(scale)] if scale else []),
-                           "--seed", str(seed), "--name", name, *args.finetune])
+            status = r2au(
+                [
+                    "finetune",
+                    "-m",
+                    str(start.path),
+                    "--images",
+                    str(images),
+                    "--masks",
+                    str(masks),
+                    "--fov",
+                    str(fov),
+                    "--steps",
+                    str(args.steps),
+                    *(["--scale", str(scale)] if scale else []),
+                    "--seed",
+                    str(seed),
+                    "--name",
+                    name,
+                    *args.finetune,
+                ]
+            )
             seconds = time.perf_counter() - started
             if status != 0:
                 print(f"fine-tune k={k} seed={seed} failed ({status})", file=sys.stderr)
@@ -133,26 +166,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{' --finetune ' + ' '.join(args.finetune) if args.finetune else ''}`\n\n"
             f"Fine-tuned on {', '.join(tune_ids)} (first k); evaluated on {len(eval_ids)} other {args.dataset} "
             "images "
-            f"({', '.join(eval_ids)}), pixels inside the FOV pooled.\n\n{text}\n")
+            f"({', '.join(eval_ids)}), pixels inside the FOV pooled.\n\n{text}\n",
+        )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def _tables(runs: list[tuple], model: str, dataset: str = "HRF") -> str:
     """A summary per k (mean, spread, worst over seeds) and every run."""
-    summary = [f"| corrected {dataset} images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | fine-tune time (s) |",
-               "|---|---|---|---|---|---|---|"]
+    summary = [
+        f"| corrected {dataset} images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | fine-tune time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in sorted({run[0] for run in runs}):
         chosen = [run for run in runs if run[0] == k]
         f1s = [run[2] for run in chosen]
         spread = statistics.stdev(f1s) if len(f1s) > 1 else 0.0
-        summary.append(f"| {k}{' (' + model + ' as is)' if k == 0 else ''} | {len(chosen)} | "
-                       f"{statistics.mean(f1s):.4f} | {spread:.4f} | {min(f1s):.4f} | "
-                       f"{statistics.mean(run[3] for run in chosen):.4f} | "
-                       f"{statistics.mean(run[4] for run in chosen):.0f} |")
+        summary.append(
+            f"| {k}{' (' + model + ' as is)' if k == 0 else ''} | {len(chosen)} | "
+            f"{statistics.mean(f1s):.4f} | {spread:.4f} | {min(f1s):.4f} | "
+            f"{statistics.mean(run[3] for run in chosen):.4f} | "
+            f"{statistics.mean(run[4] for run in chosen):.0f} |"
+        )
     each = ["| k | seed | F1 | AUC-ROC | fine-tune time (s) |", "|---|---|---|---|---|"]
-    each += [f"| {k} | {'-' if seed is None else seed} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
-             for k, seed, f1, auc, s in runs]
+    each += [
+        f"| {k} | {'-' if seed is None else seed} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
+        for k, seed, f1, auc, s in runs
+    ]
     return "\n".join(summary) + "\n\nEach run:\n\n" + "\n".join(each)
 
 

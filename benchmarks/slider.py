@@ -69,8 +69,12 @@ def measure(slices: int, size: int, moves: int) -> list[dict]:
             "clean-up (off, as by default)": lambda: clean_mask(mask),
             "checksums of the new mask (whole and per slice)": lambda: mask_checksums(mask),
         }
-        rows = [{"step": f"slider update in napari ({slices}x{size}x{size} stack), median of {moves}",
-                 "seconds": statistics.median(seconds)}]
+        rows = [
+            {
+                "step": f"slider update in napari ({slices}x{size}x{size} stack), median of {moves}",
+                "seconds": statistics.median(seconds),
+            }
+        ]
         for name, func in parts.items():
             func()
             start = time.perf_counter()

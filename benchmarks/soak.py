@@ -42,12 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         curve.append(rss_mib())
     warm = curve[min(9, len(curve) - 1)]
     growth = (curve[-1] - warm) / warm
-    points = ", ".join(f"{i + 1}: {curve[i]:.0f}" for i in sorted({0, 9, 49, 99, 149, len(curve) - 1}) if i < len(curve))
-    text = (f"{args.runs} segmentations (565x584 RGB, drive-vessels, attention every 2nd run): RSS MiB after run "
-            f"{points}; growth after warm-up (run 10 -> {args.runs}): {growth:+.2%}")
+    points = ", ".join(
+        f"{i + 1}: {curve[i]:.0f}" for i in sorted({0, 9, 49, 99, 149, len(curve) - 1}) if i < len(curve)
+    )
+    text = (
+        f"{args.runs} segmentations (565x584 RGB, drive-vessels, attention every 2nd run): RSS MiB after run "
+        f"{points}; growth after warm-up (run 10 -> {args.runs}): {growth:+.2%}"
+    )
     print(text)
     if args.markdown:
-        write_between_markers(args.markdown, f"Command: `python -m benchmarks.soak --runs {args.runs}`\n\n{text}\n")
+        write_between_markers(
+            args.markdown, f"Command: `python -m benchmarks.soak --runs {args.runs}`\n\n{text}\n"
+        )
     return 0
 
 

@@ -36,7 +36,9 @@ def child(slices: int, size: int, scale: float, which: str) -> None:
     rng = np.random.default_rng(0)
     plane = rng.integers(0, 255, (size, size), dtype=np.uint8)
     # planes made on demand, so the stack costs nothing until read
-    stack = da.stack([da.from_delayed(_delayed_plane(plane, z), (size, size), np.uint8) for z in range(slices)])
+    stack = da.stack(
+        [da.from_delayed(_delayed_plane(plane, z), (size, size), np.uint8) for z in range(slices)]
+    )
     chosen = [slices // 2] if which == "one" else None
     start = time.perf_counter()
     predict(model, stack, axes="ZYX", scale=scale, slices=chosen, batch_size=2)
@@ -52,8 +54,11 @@ def _delayed_plane(plane, z: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.stack_scale", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.stack_scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--scale", type=float, default=0.5)
@@ -66,16 +71,35 @@ def main(argv: list[str] | None = None) -> int:
     gib = args.slices * args.size**2 / 1024**3
     rows = ["| run | seconds | peak RSS (GiB) |", "|---|---|---|"]
     for which, label in (("one", "Current slice (1 slice)"), ("all", f"All slices ({args.slices})")):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.stack_scale", "--child", which, "--slices",
-                              str(args.slices), "--size", str(args.size), "--scale", str(args.scale)],
-                             capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.stack_scale",
+                "--child",
+                which,
+                "--slices",
+                str(args.slices),
+                "--size",
+                str(args.size),
+                "--scale",
+                str(args.scale),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         result = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(f"| {label} | {result['seconds']:.1f} | {result['peak_gib']:.2f} |")
         print(rows[-1], flush=True)
-    text = (f"Command: `python -m benchmarks.stack_scale --slices {args.slices} --size {args.size} "
-            f"--scale {args.scale:g}`\n\n`drive-vessels` at scale {args.scale:g} on a lazy (dask) uint8 stack of "
-            f"{args.slices} x {args.size} x {args.size} ({gib:.2f} GiB as uint8, {4 * gib:.2f} GiB as float32):\n\n"
-            + "\n".join(rows) + "\n")
+    text = (
+        f"Command: `python -m benchmarks.stack_scale --slices {args.slices} --size {args.size} "
+        f"--scale {args.scale:g}`\n\n`drive-vessels` at scale {args.scale:g} on a lazy (dask) uint8 stack of "
+        f"{args.slices} x {args.size} x {args.size} ({gib:.2f} GiB as uint8, {4 * gib:.2f} GiB as float32):\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
     print(text)
     if args.markdown:
         write_between_markers(args.markdown, text, begin="<!-- stack-scale -->", end="<!-- /stack-scale -->")

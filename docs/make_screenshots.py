@@ -85,9 +85,12 @@ def shot(viewer, name: str) -> Path:
     image.save(path, optimize=True)
     if path.stat().st_size > MAX_BYTES:  # a palette keeps text sharp and the photo recognisable
         image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            path, optimize=True)
-    print(f"{path.relative_to(ROOT)}: {image.width}x{image.height}, {path.stat().st_size // 1000} kB",
-          flush=True)
+            path, optimize=True
+        )
+    print(
+        f"{path.relative_to(ROOT)}: {image.width}x{image.height}, {path.stat().st_size // 1000} kB",
+        flush=True,
+    )
     return path
 
 
@@ -203,8 +206,10 @@ def main() -> int:
     wait_idle(segment)  # the re-segmentation with the new model
     new_mask = viewer.layers[f"{base} mask"]
     print(finetune._result.value.replace("\n", " "), flush=True)
-    print(f"re-segmented with {new_mask.metadata['r2au']['model']}; corrected layer: {corrected.name}",
-          flush=True)
+    print(
+        f"re-segmented with {new_mask.metadata['r2au']['model']}; corrected layer: {corrected.name}",
+        flush=True,
+    )
     new_mask.new_colormap(seed=MASK_COLOUR_SEED)
     show_only(viewer, image, new_mask)
     viewer.layers.selection.active = new_mask
@@ -239,8 +244,12 @@ def main() -> int:
     corrected.mode = "pan_zoom"
     shot(viewer, "07-export.png")
     sidecar = json.loads(EXPORT.with_suffix(".json").read_text())
-    print(json.dumps({k: sidecar[k] for k in ("mask_file", "model", "model_sha256", "threshold", "corrected_by_hand")}),
-          flush=True)
+    print(
+        json.dumps(
+            {k: sidecar[k] for k in ("mask_file", "model", "model_sha256", "threshold", "corrected_by_hand")}
+        ),
+        flush=True,
+    )
 
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     viewer.close()

@@ -56,9 +56,13 @@ def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
     """The DICOM files of a folder (a CT or MR series is usually one file per slice):
     ``.dcm`` files, and files without an extension that start like DICOM (scanners and
     PACS exports often write names such as ``IM0001``)."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.name.upper() != "DICOMDIR"  # the index of a DICOM medium, not an image
-                  and (suffix_of(p) in DICOM_SUFFIXES or (not p.suffix and _has_dicom_preamble(p))))
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file()
+        and p.name.upper() != "DICOMDIR"  # the index of a DICOM medium, not an image
+        and (suffix_of(p) in DICOM_SUFFIXES or (not p.suffix and _has_dicom_preamble(p)))
+    )
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -114,6 +118,7 @@ def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
 
 # -- masks exported by the Review widget ---------------------------------------------------
 
+
 def _mask_record(path: Path) -> dict[str, Any] | None:
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
@@ -122,14 +127,20 @@ def _mask_record(path: Path) -> dict[str, Any] | None:
         record = json.loads(sidecar.read_text())
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("format") != MASK_FORMAT or record.get("mask_file") != path.name:
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != MASK_FORMAT
+        or record.get("mask_file") != path.name
+    ):
         return None
     return record
 
 
 def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    info = {key: record.get(key) for key in ("model", "model_sha256", "threshold", "cleanup", "image_layer",
-                                             "flip_averaged", "scope")}
+    info = {
+        key: record.get(key)
+        for key in ("model", "model_sha256", "threshold", "cleanup", "image_layer", "flip_averaged", "scope")
+    }
     info["scale"] = record.get("working_scale")  # what Fine-tune trains at on this mask
     info["slices"] = record.get("segmented_slices")
     info["runs"] = record.get("runs")
@@ -145,6 +156,7 @@ def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- optional formats ----------------------------------------------------------------------
+
 
 def _pydicom() -> Any:
     try:
@@ -211,7 +223,9 @@ class _Frame:
 
     def values(self, as_float: bool) -> np.ndarray:
         """The plane in the modality's units (CT: Hounsfield units) when ``as_float``."""
-        return (self.pixels * np.float32(self.slope) + np.float32(self.intercept)) if as_float else self.pixels
+        return (
+            (self.pixels * np.float32(self.slope) + np.float32(self.intercept)) if as_float else self.pixels
+        )
 
 
 def _decoded_pixels(dataset: Any, source: str) -> tuple[np.ndarray, dict[str, str]]:
@@ -222,8 +236,10 @@ def _decoded_pixels(dataset: Any, source: str) -> tuple[np.ndarray, dict[str, st
         pixels = np.asarray(dataset.pixel_array)
     except (RuntimeError, NotImplementedError, ValueError) as exc:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        raise ValueError(f"{source}: cannot decode its pixels ({getattr(syntax, 'name', syntax) or 'unknown'} "
-                         f"transfer syntax): {exc}") from exc
+        raise ValueError(
+            f"{source}: cannot decode its pixels ({getattr(syntax, 'name', syntax) or 'unknown'} "
+            f"transfer syntax): {exc}"
+        ) from exc
     photometric = str(dataset.get("PhotometricInterpretation", ""))
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -231,8 +247,11 @@ def _decoded_pixels(dataset: Any, source: str) -> tuple[np.ndarray, dict[str, st
         return np.asarray(apply_color_lut(pixels, dataset)), {"converted": "PALETTE COLOR to RGB"}
     if photometric == "MONOCHROME1":
         bits = int(dataset.get("BitsStored", pixels.dtype.itemsize * 8))
-        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(dataset.get("PixelRepresentation", 0)) \
-            else (0, 2 ** bits - 1)
+        low, high = (
+            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            if int(dataset.get("PixelRepresentation", 0))
+            else (0, 2**bits - 1)
+        )
         inverted = (low + high - pixels.astype(np.int64)).astype(pixels.dtype)
         return inverted, {"converted": "MONOCHROME1 inverted to MONOCHROME2 (high values bright)"}
     return pixels, {}
@@ -246,8 +265,10 @@ def _frames_of(dataset: Any, path: Path, file_index: int) -> tuple[list[_Frame],
     count = int(dataset.get("NumberOfFrames", 1) or 1)
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and len(per_frame) != count:
-        raise ValueError(f"{source}: {count} frames but {len(per_frame)} per-frame functional groups; "
-                         "the file is inconsistent")
+        raise ValueError(
+            f"{source}: {count} frames but {len(per_frame)} per-frame functional groups; "
+            "the file is inconsistent"
+        )
     planes = pixels if count > 1 else pixels[None]
     instance = dataset.get("InstanceNumber")
     instance = int(instance) if _given(instance) else file_index
@@ -272,11 +293,15 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
     shape = frames[0].pixels.shape
     for frame in frames:
         if frame.pixels.shape != shape:
-            raise ValueError(f"{frame.source}: a {frame.pixels.shape} plane differs from the first plane's {shape}")
+            raise ValueError(
+                f"{frame.source}: a {frame.pixels.shape} plane differs from the first plane's {shape}"
+            )
     oriented = [f for f in frames if f.orientation is not None]
     if any(not np.allclose(f.orientation, oriented[0].orientation, atol=1e-3) for f in oriented):
-        raise ValueError(f"{name}: its planes lie in different orientations (a localizer among the slices, or "
-                         "several views in one file); open planes that share one orientation")
+        raise ValueError(
+            f"{name}: its planes lie in different orientations (a localizer among the slices, or "
+            "several views in one file); open planes that share one orientation"
+        )
     if len({f.spacing for f in frames if f.spacing is not None}) > 1:
         raise ValueError(f"{name}: its planes have different pixel spacings; they do not form one volume")
     positions: list[float] | None = None
@@ -284,8 +309,10 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
         normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
         positions = [float(np.dot(normal, f.position)) for f in frames]
     elif files > 1 and any(f.index > 0 for f in frames):
-        raise ValueError(f"{name}: several multi-frame files without plane positions (e.g. ultrasound clips) "
-                         "do not form one volume; open each file on its own")
+        raise ValueError(
+            f"{name}: several multi-frame files without plane positions (e.g. ultrasound clips) "
+            "do not form one volume; open each file on its own"
+        )
     extra: dict[str, Any] = dict(notes)
     if files > 1:
         extra["files"] = files
@@ -297,16 +324,21 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
         z = float(np.median(steps))
         if steps.max() - steps.min() > 0.01 * z:
             extra["z_steps_mm"] = [round(float(steps.min()), 4), round(float(steps.max()), 4)]
-            _warn(f"{name}: the distance between slices varies from {steps.min():.3g} to {steps.max():.3g} mm "
-                  f"(a missing slice?); the stack is shown at the median, {z:.3g} mm")
+            _warn(
+                f"{name}: the distance between slices varies from {steps.min():.3g} to {steps.max():.3g} mm "
+                f"(a missing slice?); the stack is shown at the median, {z:.3g} mm"
+            )
     elif positions is not None and distinct > 1:
-        raise ValueError(f"{name}: {len(frames)} planes at {distinct} positions (several time points, echoes or "
-                         "stacks in one series); napari-r2au opens one volume, one plane per position, at a time")
+        raise ValueError(
+            f"{name}: {len(frames)} planes at {distinct} positions (several time points, echoes or "
+            "stacks in one series); napari-r2au opens one volume, one plane per position, at a time"
+        )
     else:
         order = sorted(range(len(frames)), key=lambda i: frames[i].order)
         if positions is None and len(frames) > 1:  # no positions: what the file says, if anything
-            given = _frame_value(frames[0].dataset, frames[0].index, "SpacingBetweenSlices") \
-                or _frame_value(frames[0].dataset, frames[0].index, "SliceThickness")
+            given = _frame_value(frames[0].dataset, frames[0].index, "SpacingBetweenSlices") or _frame_value(
+                frames[0].dataset, frames[0].index, "SliceThickness"
+            )
             z = float(given) if given else None
         elif len(frames) > 1:
             extra["series"] = "time series at one position"
@@ -314,8 +346,9 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
     rescaled = any((f.slope, f.intercept) != (1.0, 0.0) for f in frames)
     planes = [f.values(rescaled) for f in frames]
     first = frames[0]
-    rgb = planes[0].shape[-1] in (3, 4) and (int(first.dataset.get("SamplesPerPixel", 1) or 1) in (3, 4)
-                                             or "PALETTE" in notes.get("converted", ""))
+    rgb = planes[0].shape[-1] in (3, 4) and (
+        int(first.dataset.get("SamplesPerPixel", 1) or 1) in (3, 4) or "PALETTE" in notes.get("converted", "")
+    )
     kwargs: dict[str, Any] = {"name": name, "rgb": rgb}
     if first.spacing is not None:
         kwargs["scale"], kwargs["units"] = first.spacing, ("mm", "mm")  # DICOM spacings are in millimetres
@@ -326,9 +359,14 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
         extra["frames"] = len(frames)
     # where each plane came from: what a DICOM SEG export of a mask on this image refers to
     extra["sources"] = [[str(f.path.resolve()), f.index, f.sop_uid] for f in frames]
-    kwargs["metadata"] = {"dicom": {key: str(first.dataset.get(key)) for key in
-                                    ("Modality", "SeriesDescription", "PhotometricInterpretation")
-                                    if key in first.dataset} | extra}
+    kwargs["metadata"] = {
+        "dicom": {
+            key: str(first.dataset.get(key))
+            for key in ("Modality", "SeriesDescription", "PhotometricInterpretation")
+            if key in first.dataset
+        }
+        | extra
+    }
     data = planes[0] if len(frames) == 1 else np.stack(planes)
     return data.astype(np.float32) if rescaled else data, kwargs, "image"
 
@@ -360,9 +398,11 @@ def _read_dicom(path: Path) -> LayerData:
     """One DICOM file: a plane, or a stack when it holds several frames."""
     dataset = _dcmread(_pydicom(), path)
     if _is_seg(dataset):
-        raise ValueError(f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
-                         "here (a Review export's JSON record names it under dicom_seg), or the SEG in a "
-                         "DICOM viewer such as 3D Slicer or OHIF")
+        raise ValueError(
+            f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
+            "here (a Review export's JSON record names it under dicom_seg), or the SEG in a "
+            "DICOM viewer such as 3D Slicer or OHIF"
+        )
     frames, notes = _frames_of(dataset, path, 0)
     return _read_dicom_frames(frames, path.stem, 1, notes)
 
@@ -380,7 +420,9 @@ def _read_dicom_series(paths: Sequence[Path], name: str, masks: bool = True) -> 
     paths, datasets = [p for p, _ in kept], [d for _, d in kept]
     series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
-        raise ValueError(f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time")
+        raise ValueError(
+            f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time"
+        )
     frames: list[_Frame] = []
     notes: dict[str, str] = {}
     for index, (path, dataset) in enumerate(zip(paths, datasets)):
@@ -425,8 +467,12 @@ def _seg_layer(path: Path, image: LayerData) -> LayerData:
     placed = read_dicom_seg(path, sources, data.shape[:-1] if kwargs.get("rgb") else data.shape)
     if placed.overlaps:
         _warn(f"{path.name}: its segments overlap; where they do, the highest segment number is shown")
-    info: dict[str, Any] = {"model": placed.algorithm_name, "algorithm_version": placed.algorithm_version,
-                            "algorithm_type": placed.algorithm_type, "dicom_seg_file": str(path)}
+    info: dict[str, Any] = {
+        "model": placed.algorithm_name,
+        "algorithm_version": placed.algorithm_version,
+        "algorithm_type": placed.algorithm_type,
+        "dicom_seg_file": str(path),
+    }
     whole, slices = mask_checksums(placed.labels)
     if placed.labels.ndim == 3:
         info["slices"] = placed.planes
@@ -454,9 +500,11 @@ def _read_nifti(path: Path) -> LayerData:
     except ImageReadError:
         raise
     except Exception as exc:  # nibabel raises several types; some (MemoryError, EOFError) say nothing
-        raise ImageReadError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: "
-                             f"{exc or 'the file is damaged or truncated'})") from exc
-    zooms = [float(z) for z in image.header.get_zooms()[:data.ndim]][::-1]
+        raise ImageReadError(
+            f"{path}: cannot be read as NIfTI ({type(exc).__name__}: "
+            f"{exc or 'the file is damaged or truncated'})"
+        ) from exc
+    zooms = [float(z) for z in image.header.get_zooms()[: data.ndim]][::-1]
     metadata = {"nifti": {"affine": np.asarray(image.affine).tolist(), "axes": "reversed"}}
     kwargs: dict[str, Any] = {"name": stem_of(path), "scale": tuple(zooms), "metadata": metadata}
     space_unit = image.header.get_xyzt_units()[0]  # "mm", "micron", "meter" or "unknown"

@@ -35,7 +35,9 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     elif suffix == ".dcm":
         _write_seg(target, np.asarray(data), meta)
     else:
-        raise ValueError(f"{target.name}: masks are saved as .tif, .tiff, .png, .nii, .nii.gz or .dcm (DICOM SEG)")
+        raise ValueError(
+            f"{target.name}: masks are saved as .tif, .tiff, .png, .nii, .nii.gz or .dcm (DICOM SEG)"
+        )
     return [str(target)]
 
 

@@ -60,9 +60,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_add_model(args: argparse.Namespace) -> int:
     from .model_files import add_model
 
-    sidecar = add_model(args.source, name=args.name, directory=args.dest, overwrite=args.overwrite,
-                        description=args.description, threshold=args.threshold,
-                        threshold_from=args.threshold_from)
+    sidecar = add_model(
+        args.source,
+        name=args.name,
+        directory=args.dest,
+        overwrite=args.overwrite,
+        description=args.description,
+        threshold=args.threshold,
+        threshold_from=args.threshold_from,
+    )
     print(f"added {sidecar.stem} ({sidecar})")
     return 0
 
@@ -76,8 +82,9 @@ def cmd_remove_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_names(stem: str, *, attention: bool = False, uncertainty: bool = False,
-                 dicom_seg: bool = False) -> list[str]:
+def output_names(
+    stem: str, *, attention: bool = False, uncertainty: bool = False, dicom_seg: bool = False
+) -> list[str]:
     """The files one input gives (``<stem>_mask.tif``, ``_prob.tif``, ``_uncertainty.tif``,
     ``_attention.tif``, ``_seg.dcm``): known before the run, so conflicts are found first."""
     names = [f"{stem}_mask.tif", f"{stem}_prob.tif"]
@@ -86,8 +93,16 @@ def output_names(stem: str, *, attention: bool = False, uncertainty: bool = Fals
     return names + ([f"{stem}_seg.dcm"] if dicom_seg else [])
 
 
-def write_outputs(outdir: Path, stem: str, prediction, threshold: float | None, attention: bool,
-                  uncertainty=None, source: str | Path = "", extra: list[tuple[str, Any]] | None = None) -> list[Path]:
+def write_outputs(
+    outdir: Path,
+    stem: str,
+    prediction,
+    threshold: float | None,
+    attention: bool,
+    uncertainty=None,
+    source: str | Path = "",
+    extra: list[tuple[str, Any]] | None = None,
+) -> list[Path]:
     """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_uncertainty.tif``,
     ``<stem>_attention.tif`` (float32) and ``extra`` (name, writer) files, written together
     through :func:`napari_r2au.outputs.write_group` (callers check the plan first)."""
@@ -158,27 +173,42 @@ def cmd_segment(args: argparse.Namespace) -> int:
         elif path.is_dir():
             dangling = sorted(p.name for p in path.iterdir() if p.is_symlink() and not p.exists())
             if dangling:
-                print(f"warning: {path}: skipped {len(dangling)} broken link(s) whose target is gone: "
-                      f"{', '.join(dangling[:5])}{', ...' if len(dangling) > 5 else ''}", file=sys.stderr)
+                print(
+                    f"warning: {path}: skipped {len(dangling)} broken link(s) whose target is gone: "
+                    f"{', '.join(dangling[:5])}{', ...' if len(dangling) > 5 else ''}",
+                    file=sys.stderr,
+                )
             found = sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES)
             # this command's own outputs (a second run into the same folder) are not inputs
             kept = [p for p in found if not OUTPUT_NAME.search(stem_of(p))]
             skipped += len(found) - len(kept)
             if not kept:
-                _error(f"{path}: no images to segment ({', '.join(SUFFIXES)}"
-                       f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})")
+                _error(
+                    f"{path}: no images to segment ({', '.join(SUFFIXES)}"
+                    f"{'; only earlier outputs (*_mask, *_prob, ...)' if found else ''})"
+                )
                 return 2
             files.extend(kept)
         else:
             files.append(path)
     if skipped:
-        print(f"skipped {skipped} file(s) named like this command's outputs (*_mask, *_prob, *_attention, "
-              "*_uncertainty, *_seg); give them by name to segment them", file=sys.stderr)
+        print(
+            f"skipped {skipped} file(s) named like this command's outputs (*_mask, *_prob, *_attention, "
+            "*_uncertainty, *_seg); give them by name to segment them",
+            file=sys.stderr,
+        )
     files = list({p.resolve(): p for p in reversed(files)}.values())[::-1]  # a file given twice runs once
     outdir = Path(args.output)
     gates = args.attention and bool(getattr(model.network, "attention", False))
-    plan = {path: [outdir / name for name in output_names(stem_of(path), attention=gates, uncertainty=args.tta,
-                                                          dicom_seg=args.dicom_seg)] for path in files}
+    plan = {
+        path: [
+            outdir / name
+            for name in output_names(
+                stem_of(path), attention=gates, uncertainty=args.tta, dicom_seg=args.dicom_seg
+            )
+        ]
+        for path in files
+    }
     check_plan(plan, overwrite=args.overwrite)  # before anything is read or written
     failed = 0
     for path in _progress_bar_iter(files):
@@ -191,14 +221,50 @@ def cmd_segment(args: argparse.Namespace) -> int:
             for notice in input_notices(model, image, axes):
                 print(f"warning: {path}: {notice}", file=sys.stderr)
             prediction, uncertainty = _predict_with_bar(
-                model, image, path.name, tta=args.tta, tile_size=args.tile, device=args.device,
-                attention=args.attention, scale=args.scale, pixel_size=size, pixel_size_unit=unit, axes=axes)
-            extra = [(f"{stem_of(path)}_seg.dcm", functools.partial(_write_seg_output, metadata=metadata,
-                      prediction=prediction, model=model, threshold=args.threshold))] if args.dicom_seg else []
-            written = write_outputs(outdir, stem_of(path), prediction, args.threshold, args.attention, uncertainty,
-                                    source=path, extra=extra)
-            at = "" if abs(prediction.scale - 1.0) < 1e-6 else f" (at scale {prediction.scale:.3g}" + (
-                ", from the field of view)" if args.scale is None and model.fov_diameter else ")")
+                model,
+                image,
+                path.name,
+                tta=args.tta,
+                tile_size=args.tile,
+                device=args.device,
+                attention=args.attention,
+                scale=args.scale,
+                pixel_size=size,
+                pixel_size_unit=unit,
+                axes=axes,
+            )
+            extra = (
+                [
+                    (
+                        f"{stem_of(path)}_seg.dcm",
+                        functools.partial(
+                            _write_seg_output,
+                            metadata=metadata,
+                            prediction=prediction,
+                            model=model,
+                            threshold=args.threshold,
+                        ),
+                    )
+                ]
+                if args.dicom_seg
+                else []
+            )
+            written = write_outputs(
+                outdir,
+                stem_of(path),
+                prediction,
+                args.threshold,
+                args.attention,
+                uncertainty,
+                source=path,
+                extra=extra,
+            )
+            at = (
+                ""
+                if abs(prediction.scale - 1.0) < 1e-6
+                else f" (at scale {prediction.scale:.3g}"
+                + (", from the field of view)" if args.scale is None and model.fov_diameter else ")")
+            )
             print(f"{path}{at}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
@@ -208,12 +274,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _write_seg_output(target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None) -> None:
+def _write_seg_output(
+    target: Path, metadata: dict[str, Any], prediction, model, threshold: float | None
+) -> None:
     """The mask as a DICOM SEG on the DICOM planes the image was read from (``--dicom-seg``)."""
     from .dicom_seg import dicom_sources, write_dicom_seg
 
-    write_dicom_seg(target, prediction.mask(threshold), dicom_sources(metadata), model=model.name,
-                    model_sha256=model.sha256, segment_property=model.metadata.get("segment_property"))
+    write_dicom_seg(
+        target,
+        prediction.mask(threshold),
+        dicom_sources(metadata),
+        model=model.name,
+        model_sha256=model.sha256,
+        segment_property=model.metadata.get("segment_property"),
+    )
 
 
 def _progress_bar_iter(items):
@@ -244,20 +318,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mask = prediction.mask()
     overlay = image.copy()
     overlay[mask > 0] = (0.4 * overlay[mask > 0] + 0.6 * np.array([255, 255, 0])).astype(np.uint8)
-    pngs = [("retina_overlay.png", overlay)] + [(f"retina_attention_{index}.png",
-                                                 (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
-                                                for index, alpha in enumerate(prediction.attention, start=1)]
+    pngs = [("retina_overlay.png", overlay)] + [
+        (f"retina_attention_{index}.png", (np.clip(alpha, 0, 1) * 255).astype(np.uint8))
+        for index, alpha in enumerate(prediction.attention, start=1)
+    ]
     names = output_names("retina", attention=bool(prediction.attention)) + [name for name, _ in pngs]
     check_plan({Path("skimage.data.retina()"): [outdir / name for name in names]}, overwrite=args.overwrite)
-    written = write_outputs(outdir, "retina", prediction, None, True, source="skimage.data.retina()",
-                            extra=[(name, functools.partial(_png, array=array)) for name, array in pngs])
+    written = write_outputs(
+        outdir,
+        "retina",
+        prediction,
+        None,
+        True,
+        source="skimage.data.retina()",
+        extra=[(name, functools.partial(_png, array=array)) for name, array in pngs],
+    )
     provenance = model.metadata.get("provenance", {})
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
     print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
     field = f"a {model.fov_diameter} px field of view" if model.fov_diameter else "DRIVE's field of view"
     print(f"image      skimage.data.retina() {image.shape}, resized x{scale:.3f} to {field}")
-    print(f"result     foreground (vessel) pixels {mask.mean():.1%}, {len(prediction.attention)} attention maps, "
-          f"{seconds:.2f} s")
+    print(
+        f"result     foreground (vessel) pixels {mask.mean():.1%}, {len(prediction.attention)} attention maps, "
+        f"{seconds:.2f} s"
+    )
     for path in written:
         print(f"wrote      {path}")
     if args.gui:
@@ -281,7 +365,9 @@ def _open_gui(image, prediction) -> int:
 
     viewer = napari.Viewer()
     viewer.add_image(image, name="retina", rgb=True)
-    viewer.add_image(prediction.probabilities, name="probability", colormap="magma", blending="additive", visible=False)
+    viewer.add_image(
+        prediction.probabilities, name="probability", colormap="magma", blending="additive", visible=False
+    )
     for index, alpha in enumerate(prediction.attention, start=1):
         viewer.add_image(alpha, name=f"attention {index}", colormap="turbo", opacity=0.5, visible=index == 1)
     viewer.add_labels(prediction.mask(), name="mask")
@@ -295,7 +381,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import distributed_context, iter_train
 
     if args.resume and args.overwrite:
-        print("error: --resume continues the run in output_dir, --overwrite replaces it: give one", file=sys.stderr)
+        print(
+            "error: --resume continues the run in output_dir, --overwrite replaces it: give one",
+            file=sys.stderr,
+        )
         return 2
     config = load_config(args.config, args.set or [])
     if args.resume:  # the run's own settings, not today's config file; --set changes them on purpose
@@ -312,8 +401,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix(postfix)
         if event.validation and speaks:
             v = event.validation
-            print(f"step {event.step}: val F1 {v['f1']:.4f} AUC {v['auc_roc']:.4f} ({event.elapsed:.0f} s)",
-                  flush=True)
+            print(
+                f"step {event.step}: val F1 {v['f1']:.4f} AUC {v['auc_roc']:.4f} ({event.elapsed:.0f} s)",
+                flush=True,
+            )
 
     try:
         result = run(generator, show)
@@ -385,16 +476,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not args.val_masks:
             _error("--val-images needs --val-masks")
             return 2
-        val_pairs, val_fovs, _, _ = _folder_pairs(args.val_images, args.val_masks, args.val_fov, args.class_map)
+        val_pairs, val_fovs, _, _ = _folder_pairs(
+            args.val_images, args.val_masks, args.val_fov, args.class_map
+        )
         if len(val_pairs) != 1:
             _error("give one validation image (a folder with one image and its mask)")
             return 2
         validation, validation_fov = val_pairs[0], val_fovs[0]
-    settings = FinetuneSettings(steps=args.steps, lr=args.lr, patch_size=args.patch, batch_size=args.batch,
-                                freeze_encoder=args.freeze_encoder, seed=args.seed, weight_share=args.weight_share)
-    generator = iter_finetune(parent, pairs, validation, settings, names=names, fovs=fovs, slices=slices,
-                              validation_fov=validation_fov, scale=args.scale, name=args.name, device=args.device,
-                              pixel_size=args.pixel_size, pixel_size_unit=args.pixel_unit)
+    settings = FinetuneSettings(
+        steps=args.steps,
+        lr=args.lr,
+        patch_size=args.patch,
+        batch_size=args.batch,
+        freeze_encoder=args.freeze_encoder,
+        seed=args.seed,
+        weight_share=args.weight_share,
+    )
+    generator = iter_finetune(
+        parent,
+        pairs,
+        validation,
+        settings,
+        names=names,
+        fovs=fovs,
+        slices=slices,
+        validation_fov=validation_fov,
+        scale=args.scale,
+        name=args.name,
+        device=args.device,
+        pixel_size=args.pixel_size,
+        pixel_size_unit=args.pixel_unit,
+    )
     bar = _progress_bar(args.steps, "fine-tune", "step")
     started = time.perf_counter()
 
@@ -423,14 +535,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     else:
         held_out = "a quarter-width band of each image (where the corrections are), pooled"
         if result.held_out_corrections is not None:
-            held_out += f"; {result.held_out_corrections} of its pixels differ from the base model's prediction"
+            held_out += (
+                f"; {result.held_out_corrections} of its pixels differ from the base model's prediction"
+            )
     print(f"dice       before {before}  after {after}  (validation: {held_out})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
     if share := result.weight_share:
         print(f"weights    parent + {share:g} x (fine-tuned - parent)")
     if result.dice_fell:
-        print(f"warning: {result.model.name} scores lower than its base model on the validation part; "
-              "compare before you use it", file=sys.stderr)
+        print(
+            f"warning: {result.model.name} scores lower than its base model on the validation part; "
+            "compare before you use it",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -440,9 +557,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     _check_pixel_arguments(args, model)
-    report = evaluate_folders(model, args.images, args.masks, args.fov, args.threshold,
-                              scale=args.scale, plots=args.plots, pixel_size=args.pixel_size,
-                              pixel_size_unit=args.pixel_unit, class_map=args.class_map, tta=args.tta)
+    report = evaluate_folders(
+        model,
+        args.images,
+        args.masks,
+        args.fov,
+        args.threshold,
+        scale=args.scale,
+        plots=args.plots,
+        pixel_size=args.pixel_size,
+        pixel_size_unit=args.pixel_unit,
+        class_map=args.class_map,
+        tta=args.tta,
+    )
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
     print(f"{'image':<24}" + "".join(f"{k:>12}" for k in keys))
     for row in report["per_image"]:
@@ -452,10 +579,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = (model.metadata.get("provenance") or {}).get("data")
         recorded = data.get("class_map") if isinstance(data, dict) else None
         recorded = recorded if isinstance(recorded, dict) else None
-        hint = (f" {model.name} was trained with the class map {recorded}: try --class-map "
-                + ",".join(f"{k}:{v}" for k, v in recorded.items()) if recorded and not args.class_map else "")
-        print(f"warning: AUC-ROC {report['auc_roc']:.3f} is below chance: do the masks mark the background "
-              f"as foreground?{hint}", file=sys.stderr)
+        hint = (
+            f" {model.name} was trained with the class map {recorded}: try --class-map "
+            + ",".join(f"{k}:{v}" for k, v in recorded.items())
+            if recorded and not args.class_map
+            else ""
+        )
+        print(
+            f"warning: AUC-ROC {report['auc_roc']:.3f} is below chance: do the masks mark the background "
+            f"as foreground?{hint}",
+            file=sys.stderr,
+        )
     if args.json:
         from .io import write_bytes_atomic
 
@@ -465,6 +599,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _json_text(value: Any) -> str:
     """Valid JSON: a metric that is undefined (NaN, e.g. AUC on an image without foreground) is null."""
+
     def clean(item: Any) -> Any:
         if isinstance(item, float) and not math.isfinite(item):
             return None
@@ -482,29 +617,44 @@ def _check_pixel_arguments(args: argparse.Namespace, model) -> None:
     if args.pixel_unit and args.pixel_size is None:
         print("warning: --pixel-unit without --pixel-size has no effect", file=sys.stderr)
     if args.pixel_size is not None and not model.pixel_size:
-        print(f"warning: model {model.name!r} records no pixel size, so --pixel-size is ignored; "
-              "use --scale", file=sys.stderr)
+        print(
+            f"warning: model {model.name!r} records no pixel size, so --pixel-size is ignored; use --scale",
+            file=sys.stderr,
+        )
     elif args.pixel_size is not None and args.scale is not None:
         print("warning: --scale is given, so --pixel-size is ignored", file=sys.stderr)
 
 
 def _add_class_map_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--class-map", type=_class_map, default=None, metavar="VALUE:CLASS,...",
-                   help="mask values to classes when masks are not 0/1 or 0/255 foreground, "
-                        "e.g. 0:1,255:0 for labels that mark the foreground with 0")
+    p.add_argument(
+        "--class-map",
+        type=_class_map,
+        default=None,
+        metavar="VALUE:CLASS,...",
+        help="mask values to classes when masks are not 0/1 or 0/255 foreground, "
+        "e.g. 0:1,255:0 for labels that mark the foreground with 0",
+    )
 
 
 def _add_scale_arguments(p: argparse.ArgumentParser, scale_help: str) -> None:
     p.add_argument("--scale", type=float, default=None, help=scale_help)
-    p.add_argument("--pixel-size", type=float, default=None,
-                   help="the images' pixel size; with a model that records its own, it sets the scale")
-    p.add_argument("--pixel-unit", default=None, help="unit of --pixel-size, e.g. mm or um (default: the model's)")
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        help="the images' pixel size; with a model that records its own, it sets the scale",
+    )
+    p.add_argument(
+        "--pixel-unit", default=None, help="unit of --pixel-size, e.g. mm or um (default: the model's)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="r2au", description="R2AU-Net segmentation: segment, evaluate, train and fine-tune models, and "
-                                 "manage your models (models, add-model, remove-model); demo runs the default model.")
+        prog="r2au",
+        description="R2AU-Net segmentation: segment, evaluate, train and fine-tune models, and "
+        "manage your models (models, add-model, remove-model); demo runs the default model.",
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -517,52 +667,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="name in the model list (default: the file's)")
     p.add_argument("--description", default=None, help="replace the description")
     p.add_argument("--threshold", type=float, default=None, help="set the decision threshold")
-    p.add_argument("--threshold-from", default=None, metavar="MODEL",
-                   help="take the threshold from this model (e.g. a run of the same recipe that held out "
-                        "a validation split) and record its validation figures")
+    p.add_argument(
+        "--threshold-from",
+        default=None,
+        metavar="MODEL",
+        help="take the threshold from this model (e.g. a run of the same recipe that held out "
+        "a validation split) and record its validation figures",
+    )
     p.add_argument("--dest", default=None, help="folder to add it to (default: your user models folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     p.set_defaults(func=cmd_add_model)
 
-    p = sub.add_parser("remove-model", help="take user models (e.g. a fine-tune you do not want) out of the lists")
+    p = sub.add_parser(
+        "remove-model", help="take user models (e.g. a fine-tune you do not want) out of the lists"
+    )
     p.add_argument("names", nargs="+", help="user model names (bundled models cannot be removed)")
     p.add_argument("--dest", default=None, help="the models folder (default: your user models folder)")
     p.set_defaults(func=cmd_remove_model)
 
     p = sub.add_parser("segment", help="segment images or folders of images")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)")
+    p.add_argument(
+        "-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)"
+    )
     p.add_argument("-o", "--output", default=".", help="output folder (default: current)")
-    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="probability threshold (default: the model's)"
+    )
     p.add_argument("--attention", action="store_true", help="also write the attention maps")
-    p.add_argument("--tta", action="store_true",
-                   help="average the prediction over flipped copies (3x the time; a little more accurate) "
-                        "and write their disagreement as <name>_uncertainty.tif")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average the prediction over flipped copies (3x the time; a little more accurate) "
+        "and write their disagreement as <name>_uncertainty.tif",
+    )
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--dicom-seg", action="store_true",
-                   help="for DICOM input, also write <name>_seg.dcm: a DICOM SEG that PACS, OHIF and 3D Slicer "
-                        "show on the source series (needs the dicom extra)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing files of the output names even when they are not earlier r2au outputs")
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="for DICOM input, also write <name>_seg.dcm: a DICOM SEG that PACS, OHIF and 3D Slicer "
+        "show on the source series (needs the dicom extra)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files of the output names even when they are not earlier r2au outputs",
+    )
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="segment the bundled fundus photograph with the default model")
     p.add_argument("-o", "--output", default="r2au-demo", help="output folder (default: r2au-demo)")
-    p.add_argument("-m", "--model", default=None,
-                   help="a model for colour fundus photographs, e.g. a fine-tune of drive-vessels (default: drive-vessels)")
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="a model for colour fundus photographs, e.g. a fine-tune of drive-vessels (default: drive-vessels)",
+    )
     p.add_argument("--gui", action="store_true", help="open the results in napari")
-    p.add_argument("--overwrite", action="store_true", help="replace files there that are not earlier r2au outputs")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace files there that are not earlier r2au outputs"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="config file, or the name of a bundled config (e.g. drive-vessels)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in output_dir (its config.json, log.csv, checkpoints); "
-                        "without it or --resume such a folder is refused")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir (its config.json, log.csv, checkpoints); "
+        "without it or --resume such a folder is refused",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on corrected masks (a new versioned model)")
@@ -570,8 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of corrected masks (0/1 or 0/255), matched by name")
     p.add_argument("--fov", default=None, help="folder of field-of-view masks")
-    p.add_argument("--val-images", default=None,
-                   help="folder with one validation image (default: hold out a quarter-width band of each image)")
+    p.add_argument(
+        "--val-images",
+        default=None,
+        help="folder with one validation image (default: hold out a quarter-width band of each image)",
+    )
     p.add_argument("--val-masks", default=None, help="folder with its mask")
     p.add_argument("--val-fov", default=None, help="folder with its field-of-view mask")
     from .training.settings import FinetuneSettings  # torch-free: --help stays fast
@@ -579,28 +760,52 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = FinetuneSettings()
     p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)")
-    p.add_argument("--patch", type=int, default=defaults.patch_size,
-                   help="patch size in pixels, at the model's scale (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=defaults.batch_size, help="patches per step (default: %(default)s)")
-    p.add_argument("--weight-share", type=float, default=defaults.weight_share, metavar="S",
-                   help="the new weights are parent + S x (fine-tuned - parent); 1 keeps the fine-tuned ones "
-                        "(default: %(default)s)")
-    p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=defaults.freeze_encoder,
-                   help="train the decoder and attention gates only (default: %(default)s)")
+    p.add_argument(
+        "--patch",
+        type=int,
+        default=defaults.patch_size,
+        help="patch size in pixels, at the model's scale (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=defaults.batch_size, help="patches per step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--weight-share",
+        type=float,
+        default=defaults.weight_share,
+        metavar="S",
+        help="the new weights are parent + S x (fine-tuned - parent); 1 keeps the fine-tuned ones "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--freeze-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.freeze_encoder,
+        help="train the decoder and attention gates only (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of patch sampling and augmentation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     _add_scale_arguments(p, "working scale (default: from --pixel-size, else the parent's)")
     _add_class_map_argument(p)
-    p.add_argument("--name", default=None,
-                   help="name of the new model: letters, digits, '-', '_', '.' (default: <parent>-ft<N>)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="name of the new model: letters, digits, '-', '_', '.' (default: <parent>-ft<N>)",
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
-    p.add_argument("-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)")
+    p.add_argument(
+        "-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)"
+    )
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of reference masks (0/1 or 0/255), matched by name")
-    p.add_argument("--fov", default=None, help="folder of field-of-view masks (pixels outside are not counted)")
-    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+    p.add_argument(
+        "--fov", default=None, help="folder of field-of-view masks (pixels outside are not counted)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="probability threshold (default: the model's)"
+    )
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     _add_class_map_argument(p)
     p.add_argument("--tta", action="store_true", help="score the mean of flipped copies (as segment --tta)")

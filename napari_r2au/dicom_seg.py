@@ -78,23 +78,39 @@ def write_layer_seg(path: str | os.PathLike, data: np.ndarray, metadata: dict[st
     metadata = metadata or {}
     sources = dicom_sources(metadata)
     if sources is None:
-        raise ValueError("a DICOM SEG refers to the DICOM images it was drawn on: this mask was not made on an "
-                         "image opened from DICOM files; save it in another format, a .tif for example")
+        raise ValueError(
+            "a DICOM SEG refers to the DICOM images it was drawn on: this mask was not made on an "
+            "image opened from DICOM files; save it in another format, a .tif for example"
+        )
     data = np.asarray(data)
     info = metadata.get("r2au") or {}
     recorded = info.get("mask_sha256")
     edited = recorded is None or mask_checksum(data) != recorded
-    return write_dicom_seg(path, compact_labels(data), sources, model=info.get("model"),
-                           model_sha256=info.get("model_sha256"), segment_property=info.get("segment_property"),
-                           algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC,
-                           planes=planes_with_results(data, info), algorithm_version=info.get("algorithm_version"))
+    return write_dicom_seg(
+        path,
+        compact_labels(data),
+        sources,
+        model=info.get("model"),
+        model_sha256=info.get("model_sha256"),
+        segment_property=info.get("segment_property"),
+        algorithm_type=SEMIAUTOMATIC if edited else AUTOMATIC,
+        planes=planes_with_results(data, info),
+        algorithm_version=info.get("algorithm_version"),
+    )
 
 
-def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[list[Any]], *,
-                    model: str | None = None, model_sha256: str | None = None,
-                    algorithm_type: str = AUTOMATIC, planes: list[int] | None = None,
-                    algorithm_version: str | None = None,
-                    segment_property: dict[str, Any] | None = None) -> WrittenSeg:
+def write_dicom_seg(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    sources: list[list[Any]],
+    *,
+    model: str | None = None,
+    model_sha256: str | None = None,
+    algorithm_type: str = AUTOMATIC,
+    planes: list[int] | None = None,
+    algorithm_version: str | None = None,
+    segment_property: dict[str, Any] | None = None,
+) -> WrittenSeg:
     """Write ``labels`` (a plane, or one plane per source) as a binary DICOM SEG, one segment
     per label value, referring to the source instances.
 
@@ -116,22 +132,28 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
     labels = np.asarray(labels)
     stack = labels[None] if labels.ndim == 2 else labels
     if stack.ndim != 3 or len(stack) != len(sources):
-        raise ValueError(f"the mask has shape {labels.shape} but its image has {len(sources)} DICOM plane(s): "
-                         "a DICOM SEG needs one mask plane per image plane")
+        raise ValueError(
+            f"the mask has shape {labels.shape} but its image has {len(sources)} DICOM plane(s): "
+            "a DICOM SEG needs one mask plane per image plane"
+        )
     if planes is not None:
         if not planes:
             raise ValueError("no slice of this stack holds a result: nothing to write")
         stack, sources = stack[planes], [sources[z] for z in planes]
     keys = [(str(uid), int(frame)) for _, frame, uid in sources]
     if len(set(keys)) < len(keys):
-        raise ValueError("several planes of this image share one SOPInstanceUID and frame: a DICOM SEG could not "
-                         "tell them apart")
+        raise ValueError(
+            "several planes of this image share one SOPInstanceUID and frame: a DICOM SEG could not "
+            "tell them apart"
+        )
     files = list(dict.fromkeys(str(source[0]) for source in sources))
     headers = {}
     for file in files:
         if not Path(file).is_file():
-            raise ValueError(f"{file}: the DICOM file this mask's image came from is gone; a DICOM SEG refers to "
-                             "it, so open the series again from where it is now")
+            raise ValueError(
+                f"{file}: the DICOM file this mask's image came from is gone; a DICOM SEG refers to "
+                "it, so open the series again from where it is now"
+            )
         try:
             headers[file] = _dcmread(pydicom, Path(file), stop_before_pixels=True)
         except ValueError as exc:
@@ -141,8 +163,10 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
             raise ValueError(f"{file} no longer holds the instance the image was read from ({uid})")
     first = headers[files[0]]
     if stack.shape[1:] != (int(first.Rows), int(first.Columns)):
-        raise ValueError(f"the mask's planes are {stack.shape[1:]} but the DICOM images are "
-                         f"{(int(first.Rows), int(first.Columns))}")
+        raise ValueError(
+            f"the mask's planes are {stack.shape[1:]} but the DICOM images are "
+            f"{(int(first.Rows), int(first.Columns))}"
+        )
     multiframe = [f for f in files if int(headers[f].get("NumberOfFrames", 1) or 1) > 1]
     if multiframe and len(files) > 1:
         raise ValueError("a DICOM SEG refers to one multi-frame file or to single-frame files, not both")
@@ -159,56 +183,100 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, sources: list[l
         source_images = [headers[str(file)] for file, _, _ in sources]
         pixel_array = segments
     try:
-        seg = _segmentation(hd, source_images, pixel_array, foreground or [1], model,
-                            model_sha256 or algorithm_version, MANUAL if model is None else algorithm_type,
-                            segment_property)
+        seg = _segmentation(
+            hd,
+            source_images,
+            pixel_array,
+            foreground or [1],
+            model,
+            model_sha256 or algorithm_version,
+            MANUAL if model is None else algorithm_type,
+            segment_property,
+        )
         hd.seg.Segmentation.from_dataset(seg, copy=True)  # what a reader will make of it
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); "
-                         "export the mask as .tif") from exc
+        raise ValueError(
+            f"no DICOM SEG can be made on these images ({type(exc).__name__}: {exc}); export the mask as .tif"
+        ) from exc
     target = Path(path)
     with atomic_path(target) as tmp:
         seg.save_as(tmp)
-    return WrittenSeg(target, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID),
-                      str(first.get("SeriesInstanceUID", "")))
+    return WrittenSeg(
+        target, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID), str(first.get("SeriesInstanceUID", ""))
+    )
 
 
-def _segmentation(hd: Any, source_images: list[Any], pixel_array: np.ndarray, values: list[int],
-                  model: str | None, version: str | None, algorithm_type: str,
-                  segment_property: dict[str, Any] | None = None) -> Any:
+def _segmentation(
+    hd: Any,
+    source_images: list[Any],
+    pixel_array: np.ndarray,
+    values: list[int],
+    model: str | None,
+    version: str | None,
+    algorithm_type: str,
+    segment_property: dict[str, Any] | None = None,
+) -> Any:
     from pydicom.sr.codedict import codes
 
     category, kind = codes.SCT.Tissue, codes.SCT.Tissue  # what the model does not say
     if segment_property:
-        category, kind = (hd.sr.CodedConcept(value=code["value"], scheme_designator=code["scheme"],
-                                             meaning=code["meaning"])
-                          for code in (segment_property["category"], segment_property["type"]))
+        category, kind = (
+            hd.sr.CodedConcept(value=code["value"], scheme_designator=code["scheme"], meaning=code["meaning"])
+            for code in (segment_property["category"], segment_property["type"])
+        )
 
     from . import __version__
 
-    algorithm = None if algorithm_type == MANUAL else hd.AlgorithmIdentificationSequence(
-        name=model or "napari-r2au", version=(version or __version__)[:16],
-        family=codes.cid7162.ArtificialIntelligence)
-    descriptions = [hd.seg.SegmentDescription(
-        segment_number=number, segment_label=f"{model or 'mask'} label {value}"[:64],
-        segmented_property_category=category, segmented_property_type=kind,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type], algorithm_identification=algorithm)
-        for number, value in enumerate(values, start=1)]
+    algorithm = (
+        None
+        if algorithm_type == MANUAL
+        else hd.AlgorithmIdentificationSequence(
+            name=model or "napari-r2au",
+            version=(version or __version__)[:16],
+            family=codes.cid7162.ArtificialIntelligence,
+        )
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=f"{model or 'mask'} label {value}"[:64],
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type],
+            algorithm_identification=algorithm,
+        )
+        for number, value in enumerate(values, start=1)
+    ]
     first = source_images[0]
     extra: dict[str, Any] = {}
     spacing = first.get("PixelSpacing")
-    if spacing is not None and not first.get("SliceThickness") and "SharedFunctionalGroupsSequence" not in first:
+    if (
+        spacing is not None
+        and not first.get("SliceThickness")
+        and "SharedFunctionalGroupsSequence" not in first
+    ):
         # a photograph or screen capture gives a pixel spacing but no slice thickness, which
         # the SEG's pixel measures require: a nominal one, the mean pixel spacing
         spacing = [float(v) for v in spacing]
-        extra["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=float(np.mean(spacing)))
+        extra["pixel_measures"] = hd.PixelMeasuresSequence(
+            pixel_spacing=spacing, slice_thickness=float(np.mean(spacing))
+        )
     seg = hd.seg.Segmentation(
-        source_images=source_images, pixel_array=pixel_array if len(values) > 1 else pixel_array.astype(bool),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="napari-r2au", manufacturer_model_name=(model or "napari-r2au")[:64],
-        software_versions=f"napari-r2au {__version__}", device_serial_number="none",
-        omit_empty_frames=bool(pixel_array.any()), **extra)
+        source_images=source_images,
+        pixel_array=pixel_array if len(values) > 1 else pixel_array.astype(bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="napari-r2au",
+        manufacturer_model_name=(model or "napari-r2au")[:64],
+        software_versions=f"napari-r2au {__version__}",
+        device_serial_number="none",
+        omit_empty_frames=bool(pixel_array.any()),
+        **extra,
+    )
     seg.SeriesDescription = f"napari-r2au mask ({model})"[:64] if model else "napari-r2au mask"
     return seg
 
@@ -233,8 +301,11 @@ def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tup
     try:
         seg = hd.seg.segread(path)
         labels = np.zeros((len(sources), *shape[-2:]), np.uint16)
-        referenced = {str(item.ReferencedSOPInstanceUID) for series in seg.ReferencedSeriesSequence
-                      for item in series.ReferencedInstanceSequence}
+        referenced = {
+            str(item.ReferencedSOPInstanceUID)
+            for series in seg.ReferencedSeriesSequence
+            for item in series.ReferencedInstanceSequence
+        }
         by_uid: dict[str, list[int]] = {}
         for z, (_, _, uid) in enumerate(sources):
             by_uid.setdefault(str(uid), []).append(z)
@@ -254,8 +325,12 @@ def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tup
         planes: list[int] = []
         for uid in sorted(multiframe & referenced):
             zs = by_uid[uid]
-            labels[zs] = combined(seg.get_pixels_by_source_frame, uid, [int(sources[z][1]) + 1 for z in zs],
-                                  assert_missing_frames_are_empty=True)
+            labels[zs] = combined(
+                seg.get_pixels_by_source_frame,
+                uid,
+                [int(sources[z][1]) + 1 for z in zs],
+                assert_missing_frames_are_empty=True,
+            )
             planes += zs
         single = [z for uid in sorted(referenced - multiframe) for z in by_uid.get(uid, [])]
         if single:
@@ -267,7 +342,11 @@ def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tup
         raise ValueError(f"{Path(path).name}: cannot place this DICOM SEG on its series ({exc})") from exc
     if not planes:
         raise ValueError(f"{Path(path).name}: it refers to none of the planes opened")
-    return PlacedSeg(labels if len(shape) == 3 else labels[0], sorted(planes),
-                     str(first.get("SegmentAlgorithmType", MANUAL)),
-                     None if algorithm is None else str(algorithm.get("AlgorithmName", "")) or None,
-                     None if algorithm is None else str(algorithm.get("AlgorithmVersion", "")) or None, overlaps)
+    return PlacedSeg(
+        labels if len(shape) == 3 else labels[0],
+        sorted(planes),
+        str(first.get("SegmentAlgorithmType", MANUAL)),
+        None if algorithm is None else str(algorithm.get("AlgorithmName", "")) or None,
+        None if algorithm is None else str(algorithm.get("AlgorithmVersion", "")) or None,
+        overlaps,
+    )

@@ -75,11 +75,14 @@ class Prediction:
         from .postprocess import segment_mask
 
         level = self.threshold if threshold is None else threshold
-        return segment_mask(self.probabilities, level, self.postprocess if postprocess is None else postprocess)
+        return segment_mask(
+            self.probabilities, level, self.postprocess if postprocess is None else postprocess
+        )
 
 
-def overlay_slices(earlier: np.ndarray | None, later: np.ndarray | None, slices: Sequence[int],
-                   shape: Sequence[int]) -> np.ndarray:
+def overlay_slices(
+    earlier: np.ndarray | None, later: np.ndarray | None, slices: Sequence[int], shape: Sequence[int]
+) -> np.ndarray:
     """``earlier`` (zeros if None) with ``slices`` taken from ``later`` (zeros if None)."""
     merged = np.zeros(shape, np.float32) if earlier is None else np.array(earlier, np.float32)
     index = list(slices)
@@ -91,15 +94,24 @@ def merge_slices(earlier: Prediction, later: Prediction, slices: Sequence[int]) 
     """A stack's prediction after a run on some of its slices: ``later`` on ``slices``,
     ``earlier`` everywhere else (a "current slice" run must not blank the others)."""
     if earlier.probabilities.shape != later.probabilities.shape:
-        raise ValueError(f"cannot merge predictions of shapes {earlier.probabilities.shape} and "
-                         f"{later.probabilities.shape}")
-    probabilities = overlay_slices(earlier.probabilities, later.probabilities, slices,
-                                   earlier.probabilities.shape)
+        raise ValueError(
+            f"cannot merge predictions of shapes {earlier.probabilities.shape} and "
+            f"{later.probabilities.shape}"
+        )
+    probabilities = overlay_slices(
+        earlier.probabilities, later.probabilities, slices, earlier.probabilities.shape
+    )
     plane_shape = earlier.probabilities.shape[:3]
     gates = max(len(earlier.attention), len(later.attention))
-    attention = [overlay_slices(earlier.attention[g] if g < len(earlier.attention) else None,
-                                later.attention[g] if g < len(later.attention) else None, slices, plane_shape)
-                 for g in range(gates)]
+    attention = [
+        overlay_slices(
+            earlier.attention[g] if g < len(earlier.attention) else None,
+            later.attention[g] if g < len(later.attention) else None,
+            slices,
+            plane_shape,
+        )
+        for g in range(gates)
+    ]
     return replace(later, probabilities=probabilities, attention=attention)
 
 
@@ -118,7 +130,9 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
         if shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4:
             return "YXC"  # a short last axis is colour (even 2 channels: a clear mismatch error follows)
         if shape[-1] <= MAX_CHANNELS and shape[-1] * 4 <= min(shape[0], shape[1]):
-            return "YXC"  # 5+ channels (multispectral): not a stack of Y x C planes; the count is checked next
+            return (
+                "YXC"  # 5+ channels (multispectral): not a stack of Y x C planes; the count is checked next
+            )
         if shape[0] == in_channels and in_channels > 1 and shape[-1] > 4:
             return "CYX"
         if shape[-1] in small and shape[-1] <= 4:
@@ -145,12 +159,17 @@ def select_device(device: str | None = None) -> torch.device:
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
         if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch); "
-                             "use --device cpu")
+            raise ValueError(
+                f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch); "
+                "use --device cpu"
+            )
         if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                         and torch.backends.mps.is_available()):
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        if chosen.type == "mps" and not (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        ):
             raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
         if chosen.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"device {device!r}: napari-r2au runs on cpu, cuda or mps")
@@ -275,8 +294,14 @@ def convert_length(value: float, unit: str, to_unit: str) -> float:
         raise ValueError(f"cannot convert a pixel size in {unit!r} to {to_unit!r}: {reason}") from exc
 
 
-def working_scale(model: Any, scale: float | None = None, pixel_size: float | None = None,
-                  pixel_size_unit: str | None = None, image: Any = None, axes: str | None = None) -> float:
+def working_scale(
+    model: Any,
+    scale: float | None = None,
+    pixel_size: float | None = None,
+    pixel_size_unit: str | None = None,
+    image: Any = None,
+    axes: str | None = None,
+) -> float:
     """The resize factor before the network, from the most specific information given.
 
     An explicit ``scale`` wins. Otherwise, if both the image's pixel size and the
@@ -299,7 +324,8 @@ def working_scale(model: Any, scale: float | None = None, pixel_size: float | No
             raise ValueError(
                 f"the image's pixel size {given} against the model's {loaded.pixel_size:g} "
                 f"{loaded.pixel_size_unit or '(no unit)'} means resizing by {scale:g}; check the units "
-                "(a layer scale without units is read in the model's unit) or set the scale yourself")
+                "(a layer scale without units is read in the model's unit) or set the scale yourself"
+            )
     if scale is None and image is not None and loaded.fov_diameter:
         scale = derived_fov_scale(loaded, image, axes)
     scale = loaded.input_scale if scale is None else float(scale)
@@ -317,7 +343,7 @@ def _taper(length: int, overlap: int) -> np.ndarray:
     if ramp > 0:
         edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
         weights[:ramp] = edge
-        weights[length - ramp:] = edge[::-1]
+        weights[length - ramp :] = edge[::-1]
     return np.maximum(weights, 1e-3)
 
 
@@ -335,13 +361,17 @@ def _round_up(value: int, divisor: int) -> int:
 
 def _finite(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
-        raise ValueError("the image contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num)")
+        raise ValueError(
+            "the image contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num)"
+        )
     return pixels
 
 
 #: why a finite image can still give NaN: its values overflow the network's 32-bit floats
-_OVERFLOW = ("the image's values are too large for 32-bit floats (beyond about 3e38, or so large that their "
-             "mean or spread overflows); rescale the image first (e.g. divide it by its maximum)")
+_OVERFLOW = (
+    "the image's values are too large for 32-bit floats (beyond about 3e38, or so large that their "
+    "mean or spread overflows); rescale the image first (e.g. divide it by its maximum)"
+)
 
 
 def _float32(array: Any) -> np.ndarray:
@@ -365,6 +395,7 @@ def _normalized(tile: np.ndarray) -> np.ndarray:
 
 def _check_run_arguments(tile_size: Any, overlap: Any, batch_size: Any) -> None:
     """Refuse arguments that would silently give NaN (no batch ever runs: 0 / 0)."""
+
     def whole(value: Any) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -373,7 +404,9 @@ def _check_run_arguments(tile_size: Any, overlap: Any, batch_size: Any) -> None:
     if not whole(overlap) or overlap < 0:
         raise ValueError(f"overlap must be a whole number of pixels, 0 or more, got {overlap!r}")
     if tile_size is not None and (not whole(tile_size) or tile_size < 1):
-        raise ValueError(f"tile_size must be a whole number of pixels (or None for automatic), got {tile_size!r}")
+        raise ValueError(
+            f"tile_size must be a whole number of pixels (or None for automatic), got {tile_size!r}"
+        )
 
 
 class _Plane:
@@ -397,8 +430,9 @@ class _Plane:
         return match_channels(tile, self.in_channels)
 
 
-def normalization_statistics(image: Any, in_channels: int, axes: str | None = None,
-                             scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def normalization_statistics(
+    image: Any, in_channels: int, axes: str | None = None, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel mean and std the engine normalizes ``image`` with at ``scale``.
 
     A stack's statistics are those of the whole stack (a strided sample of it, resized as
@@ -407,8 +441,11 @@ def normalization_statistics(image: Any, in_channels: int, axes: str | None = No
     """
     axes = resolve_axes(image.shape, in_channels, axes)
     if abs(scale - 1.0) > 1e-6:
-        image = _ResizedPlanes(image, axes, scale) if "Z" in axes else _resize(
-            _float32(image), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
+        image = (
+            _ResizedPlanes(image, axes, scale)
+            if "Z" in axes
+            else _resize(_float32(image), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
+        )
     channel_axis = axes.index("C") if "C" in axes else None
     mean, std = image_statistics(image, channel_axis)
     if channel_axis is None:
@@ -466,15 +503,29 @@ def iter_predict(
         image = image[0]  # a multiscale pyramid: its full-resolution level
     kind = np.dtype(image.dtype).kind
     if kind not in "biuf":
-        raise ValueError(f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image")
+        raise ValueError(
+            f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image"
+        )
     if 0 in tuple(image.shape):
         raise ValueError(f"the image has an empty axis: shape {tuple(image.shape)}")
     scale = working_scale(loaded, scale, pixel_size, pixel_size_unit, image=image, axes=axes)
     if abs(scale - 1.0) > 1e-6:
         result = yield from _iter_predict_rescaled(
-            loaded, image, scale, axes=axes, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-            device=device, precision=precision, attention=attention, slices=slices, fuse=fuse,
-            channels_last=channels_last, statistics=statistics)
+            loaded,
+            image,
+            scale,
+            axes=axes,
+            tile_size=tile_size,
+            overlap=overlap,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            attention=attention,
+            slices=slices,
+            fuse=fuse,
+            channels_last=channels_last,
+            statistics=statistics,
+        )
         result.scale = scale
         return result
     network = loaded.network
@@ -488,11 +539,16 @@ def iter_predict(
     runner = inference_network(loaded, dev, fuse, channels_last)
     planewise = is_planewise(loaded.normalization)
     if not planewise:
-        mean, std = (normalization_statistics(image, loaded.in_channels, axes) if statistics is None
-                     else (np.asarray(statistics[0], np.float64), np.asarray(statistics[1], np.float64)))
+        mean, std = (
+            normalization_statistics(image, loaded.in_channels, axes)
+            if statistics is None
+            else (np.asarray(statistics[0], np.float64), np.asarray(statistics[1], np.float64))
+        )
         if mean.shape != (loaded.in_channels,) or std.shape != (loaded.in_channels,):
-            raise ValueError(f"statistics: expected a mean and a std for each of the model's "
-                             f"{loaded.in_channels} channels, got shapes {mean.shape} and {std.shape}")
+            raise ValueError(
+                f"statistics: expected a mean and a std for each of the model's "
+                f"{loaded.in_channels} channels, got shapes {mean.shape} and {std.shape}"
+            )
 
     n_z = image.shape[axes.index("Z")] if "Z" in axes else 1
     z_order = list(range(n_z)) if slices is None else [int(z) for z in slices]
@@ -509,7 +565,9 @@ def iter_predict(
     overlap = min(overlap, tile_h // 2, tile_w // 2)
     ys, xs = _starts(height, tile_h, overlap), _starts(width, tile_w, overlap)
     windows = [(y, x) for y in ys for x in xs]
-    weight_tile = np.outer(_taper(tile_h, overlap if len(ys) > 1 else 0), _taper(tile_w, overlap if len(xs) > 1 else 0))
+    weight_tile = np.outer(
+        _taper(tile_h, overlap if len(ys) > 1 else 0), _taper(tile_w, overlap if len(xs) > 1 else 0)
+    )
 
     n_out = loaded.out_channels
     out_shape = (n_z, height, width)
@@ -525,16 +583,18 @@ def iter_predict(
         # a plane-wise normalization (CLAHE) sees the whole plane, exactly as in training
         enhanced = None
         if planewise:
-            enhanced = _normalized(normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization))
+            enhanced = _normalized(
+                normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization)
+            )
         acc = np.zeros((n_out, height, width), np.float32)
         acc_alpha = np.zeros((n_gates, height, width), np.float32)
         acc_weight = np.zeros((height, width), np.float32)
         for first in range(0, len(windows), batch_size):
-            batch_windows = windows[first:first + batch_size]
+            batch_windows = windows[first : first + batch_size]
             tiles = []
             for y, x in batch_windows:
                 if enhanced is not None:
-                    tile = enhanced[y:y + tile_h, x:x + tile_w]
+                    tile = enhanced[y : y + tile_h, x : x + tile_w]
                 else:
                     tile = _finite(plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width)))
                     tile = _normalized(normalize(tile, loaded.normalization, mean, std))
@@ -546,7 +606,10 @@ def iter_predict(
             batch = torch.from_numpy(np.stack(tiles)).to(dev, non_blocking=True)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None),
+            ):
                 if want_attention:
                     logits, gate_maps = runner(batch, return_attention=True)
                 else:
@@ -561,10 +624,10 @@ def iter_predict(
             for i, (y, x) in enumerate(batch_windows):
                 h, w = min(tile_h, height - y), min(tile_w, width - x)
                 wt = weight_tile[:h, :w]
-                acc[:, y:y + h, x:x + w] += probs_np[i, :, :h, :w] * wt
+                acc[:, y : y + h, x : x + w] += probs_np[i, :, :h, :w] * wt
                 for g, gate in enumerate(gates_np):
-                    acc_alpha[g, y:y + h, x:x + w] += gate[i, :h, :w] * wt
-                acc_weight[y:y + h, x:x + w] += wt
+                    acc_alpha[g, y : y + h, x : x + w] += gate[i, :h, :w] * wt
+                acc_weight[y : y + h, x : x + w] += wt
             done += len(batch_windows)
             yield Progress(done, total)
         acc /= acc_weight
@@ -576,14 +639,18 @@ def iter_predict(
         for g in range(n_gates):
             alphas[g][zi] = acc_alpha[g] / acc_weight
         if "Z" in axes:
-            yield Progress(done, total, slice_index=z, slice_probabilities=np.clip(probabilities[zi], 0.0, 1.0))
+            yield Progress(
+                done, total, slice_index=z, slice_probabilities=np.clip(probabilities[zi], 0.0, 1.0)
+            )
 
     if "Z" not in axes:
         probabilities = probabilities[0]
         alphas = [a[0] for a in alphas]
     if not np.isfinite(probabilities).all():  # finite inputs, so the network itself (e.g. NaN weights)
-        raise ValueError(f"the network of {loaded.name!r} gave NaN probabilities from a finite image; "
-                         "its weights are probably broken (retrain or reload the model)")
+        raise ValueError(
+            f"the network of {loaded.name!r} gave NaN probabilities from a finite image; "
+            "its weights are probably broken (retrain or reload the model)"
+        )
     np.clip(probabilities, 0.0, 1.0, out=probabilities)
     prediction = Prediction(
         probabilities=probabilities,
@@ -636,15 +703,22 @@ class _ResizedPlanes:
     def __getitem__(self, index: Any) -> np.ndarray:
         index = tuple(index) if isinstance(index, tuple) else (index,)
         index += (slice(None),) * (len(self.axes) - len(index))
-        zs, rest = index[self.z_axis], index[:self.z_axis] + index[self.z_axis + 1:]
+        zs, rest = index[self.z_axis], index[: self.z_axis] + index[self.z_axis + 1 :]
         if isinstance(zs, (int, np.integer)):
             return self.plane(int(zs))[rest]
         planes = [self.plane(z)[rest] for z in range(*zs.indices(self.shape[self.z_axis]))]
         return np.stack(planes, axis=self.z_axis)
 
 
-def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axes: str | None,
-                           slices: Sequence[int] | None = None, **kwargs: Any) -> Generator[Progress, None, Prediction]:
+def _iter_predict_rescaled(
+    loaded: LoadedModel,
+    image: Any,
+    scale: float,
+    *,
+    axes: str | None,
+    slices: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> Generator[Progress, None, Prediction]:
     """Resize Y/X by ``scale``, predict, and resize the outputs back (linear).
 
     Stacks are resized plane by plane as the network reaches them (:class:`_ResizedPlanes`),
@@ -659,7 +733,7 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
         small = _resize(_float32(image), _resized_shape(image.shape, axes, scale), anti_aliasing=scale < 1)
 
     def back(values: np.ndarray, shape: tuple[int, ...] = spatial) -> np.ndarray:
-        shape = shape + values.shape[len(shape):]  # keeps a trailing class axis
+        shape = shape + values.shape[len(shape) :]  # keeps a trailing class axis
         return np.clip(_resize(values, shape, anti_aliasing=scale > 1), 0, 1)
 
     shown: dict[int, np.ndarray] = {}  # slices already resized back for the progress events
@@ -671,7 +745,8 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
         return replace(event, slice_probabilities=shown[event.slice_index])
 
     result = yield from map_progress(
-        iter_predict(loaded, small, axes=axes, scale=1.0, slices=slices, **kwargs), at_input_size)
+        iter_predict(loaded, small, axes=axes, scale=1.0, slices=slices, **kwargs), at_input_size
+    )
     if "Z" not in axes:
         result.probabilities = back(result.probabilities)
         result.attention = [back(a) for a in result.attention]
@@ -679,7 +754,7 @@ def _iter_predict_rescaled(loaded: LoadedModel, image: Any, scale: float, *, axe
     n_z = spatial[0]
     probabilities = np.zeros(spatial + result.probabilities.shape[3:], np.float32)
     attention = [np.zeros(spatial, np.float32) for _ in result.attention]
-    for z in (range(n_z) if slices is None else sorted(set(slices))):
+    for z in range(n_z) if slices is None else sorted(set(slices)):
         probabilities[z] = shown.pop(z) if z in shown else back(result.probabilities[z], plane)
         for full, small_map in zip(attention, result.attention):
             full[z] = back(small_map[z], plane)
@@ -694,8 +769,9 @@ def _pad(tile: np.ndarray, pad, mode: str) -> np.ndarray:
     return np.pad(tile, pad, mode=mode)
 
 
-def map_progress(generator: Generator[Progress, None, Any],
-                 transform: Callable[[Progress], Progress]) -> Generator[Progress, None, Any]:
+def map_progress(
+    generator: Generator[Progress, None, Any], transform: Callable[[Progress], Progress]
+) -> Generator[Progress, None, Any]:
     """Yield ``transform(event)`` for each event of ``generator``; return its return value.
 
     Closing the outer generator (Cancel) closes the inner one too.
@@ -730,7 +806,9 @@ class Cancelled(RuntimeError):
     """A run was cancelled cooperatively; nothing partial was written."""
 
 
-def predict(model: Any, image: Any, *, progress: Callable[[Progress], Any] | None = None, **kwargs) -> Prediction:
+def predict(
+    model: Any, image: Any, *, progress: Callable[[Progress], Any] | None = None, **kwargs
+) -> Prediction:
     """Segment ``image``; see :func:`iter_predict` for the arguments.
 
     Example:
@@ -760,8 +838,10 @@ def input_notices(model: Any, image: Any, axes: str | None = None) -> list[str]:
     axes = resolve_axes(image.shape, want, axes)
     have = image.shape[axes.index("C")] if "C" in axes else 1
     if have == 1 and want == 3:
-        notices.append(f"{name} was trained on colour images; this grey image is given to it as RGB "
-                       "(three equal channels), which it may not have seen")
+        notices.append(
+            f"{name} was trained on colour images; this grey image is given to it as RGB "
+            "(three equal channels), which it may not have seen"
+        )
     elif have in (3, 4) and want == 1:
         notices.append(f"{name} was trained on single-channel images; this colour image is averaged to grey")
     spec = meta.get("normalization") or {}
@@ -770,7 +850,9 @@ def input_notices(model: Any, image: Any, axes: str | None = None) -> list[str]:
         sample = np.asarray(image[tuple(slice(None, None, max(1, n // 64)) for n in image.shape)])
         low = float(sample.min()) if sample.size else 0.0
         if (kind.kind == "u" and kind.itemsize == 1) or low >= 0:
-            notices.append(f"{name} reads CT values in Hounsfield units (window {spec.get('min'):g} to "
-                           f"{spec.get('max'):g}), but this image has no negative values ({image.dtype}): an "
-                           "8-bit screenshot or an image without its rescale; open the DICOM series instead")
+            notices.append(
+                f"{name} reads CT values in Hounsfield units (window {spec.get('min'):g} to "
+                f"{spec.get('max'):g}), but this image has no negative values ({image.dtype}): an "
+                "8-bit screenshot or an image without its rescale; open the DICOM series instead"
+            )
     return notices

@@ -36,13 +36,19 @@ def looks_like_mask(path: str | os.PathLike, data: np.ndarray) -> bool:
     if data.ndim == 3 and data.shape[-1] in (3, 4):  # colour: not a label image
         return False
     if data.dtype.itemsize == 1:  # counting 256 bins is far quicker than sorting a stack
-        return int(np.count_nonzero(np.bincount(data.reshape(-1).view(np.uint8), minlength=256))) <= MAX_MASK_VALUES
+        return (
+            int(np.count_nonzero(np.bincount(data.reshape(-1).view(np.uint8), minlength=256)))
+            <= MAX_MASK_VALUES
+        )
     sample = data.reshape(-1)[:: max(1, data.size // 1_000_000)]  # a picture shows itself in a sample
     return len(np.unique(sample)) <= MAX_MASK_VALUES and len(np.unique(data)) <= MAX_MASK_VALUES
 
 
-def pixel_size_of(scale: tuple | list | None, units: tuple | list | None, what: str = "the image",
-                  ) -> tuple[float | None, str | None]:
+def pixel_size_of(
+    scale: tuple | list | None,
+    units: tuple | list | None,
+    what: str = "the image",
+) -> tuple[float | None, str | None]:
     """In-plane pixel size and unit from per-axis scale and units (a napari layer's, or
     what the reader found in a DICOM/NIfTI file).
 
@@ -56,8 +62,9 @@ def pixel_size_of(scale: tuple | list | None, units: tuple | list | None, what: 
     y_size, x_size = (abs(float(v)) for v in tuple(scale)[-2:])  # a flipped axis has a negative scale
     names = [str(u) for u in tuple(units or ())[-2:]]
     if len(set(names)) > 1:
-        raise ValueError(f"{what} has different units for Y and X ({names[0]}, {names[1]}); "
-                         "give both axes the same unit")
+        raise ValueError(
+            f"{what} has different units for Y and X ({names[0]}, {names[1]}); give both axes the same unit"
+        )
     unit = names[-1] if names else None
     if unit in ("pixel", "px", "dimensionless", ""):
         unit = None
@@ -90,8 +97,10 @@ def check_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
     count = int(np.prod([int(n) for n in shape], dtype=object)) if shape else 0
     limit = max_pixels()
     if count > limit:
-        raise ImageReadError(f"{path}: declares {' x '.join(str(int(n)) for n in shape)} = {count:,} values, more "
-                             f"than the limit of {limit:,}; set R2AU_MAX_PIXELS to read it anyway")
+        raise ImageReadError(
+            f"{path}: declares {' x '.join(str(int(n)) for n in shape)} = {count:,} values, more "
+            f"than the limit of {limit:,}; set R2AU_MAX_PIXELS to read it anyway"
+        )
 
 
 def _normal_permissions(path: Path) -> None:
@@ -189,8 +198,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as exc:  # every reader raises its own types
         if "Could not find a backend" in str(exc):  # imageio's advice to install plugins misleads here
-            raise ImageReadError(f"{path}: cannot read as an image (corrupt, truncated, or not really "
-                                 f"{suffix or 'an image'})") from exc
+            raise ImageReadError(
+                f"{path}: cannot read as an image (corrupt, truncated, or not really {suffix or 'an image'})"
+            ) from exc
         raise ImageReadError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
     if image.size == 0:
         raise ImageReadError(f"{path}: the image is empty")

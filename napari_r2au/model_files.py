@@ -62,9 +62,14 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
 
 #: bounds on a model file's architecture arguments, checked before the network is built, so
 #: that a hand-edited or hostile file cannot ask for hundreds of gigabytes (README, "Limits")
-ARCH_LIMITS: dict[str, tuple[int, int]] = {"base_width": (1, 256), "depth": (1, 6), "t": (0, 8),
-                                            "in_channels": (1, 64), "out_channels": (1, 64),
-                                            "spatial_dims": (2, 3)}
+ARCH_LIMITS: dict[str, tuple[int, int]] = {
+    "base_width": (1, 256),
+    "depth": (1, 6),
+    "t": (0, 8),
+    "in_channels": (1, 64),
+    "out_channels": (1, 64),
+    "spatial_dims": (2, 3),
+}
 #: the widest layer, base_width * 2**depth (64 * 2**4 = 1024 for the bundled models)
 MAX_WIDEST = 2048
 
@@ -77,7 +82,9 @@ def check_arch_args(args: dict[str, Any]) -> str | None:
             return f"arch_args.{key} must be a whole number in [{low}, {high}], got {json.dumps(value)[:40]}"
     width, depth = args.get("base_width", 64), args.get("depth", 4)
     if width * 2**depth > MAX_WIDEST:
-        return f"arch_args base_width * 2**depth is {width * 2**depth}, above the largest supported {MAX_WIDEST}"
+        return (
+            f"arch_args base_width * 2**depth is {width * 2**depth}, above the largest supported {MAX_WIDEST}"
+        )
     return None
 
 
@@ -88,8 +95,10 @@ class ModelFileError(ValueError):
 #: what a new model may be called: it becomes a file name (and a run folder's), so nothing
 #: that could be a path (separators, ".", ".."), hidden (a leading dot) or odd on some system
 MODEL_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?")
-MODEL_NAME_RULE = ("1 to 64 letters (a-z, A-Z), digits, '-', '_' and '.', not starting with '.' or '-' "
-                   "and not ending with '.': a plain name, no folders")
+MODEL_NAME_RULE = (
+    "1 to 64 letters (a-z, A-Z), digits, '-', '_' and '.', not starting with '.' or '-' "
+    "and not ending with '.': a plain name, no folders"
+)
 
 
 def model_path(directory: str | os.PathLike, name: object, suffix: str = "") -> Path:
@@ -188,7 +197,9 @@ def _optional_defaults() -> dict[str, Any]:
     return copy.deepcopy(OPTIONAL_DEFAULTS)
 
 
-def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], **fields: Any) -> dict[str, Any]:
+def build_metadata(
+    *, name: str, architecture: str, arch_args: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
     """Metadata for a network of the family, with sensible defaults for the optional fields."""
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -205,8 +216,9 @@ def build_metadata(*, name: str, architecture: str, arch_args: dict[str, Any], *
     return meta
 
 
-def save_model(network: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any],
-               exclusive: bool = False) -> Path:
+def save_model(
+    network: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any], exclusive: bool = False
+) -> Path:
     """Write NAME.safetensors and NAME.json atomically; return the JSON path.
 
     The name and the metadata are checked before anything is written. ``exclusive``: a new
@@ -265,35 +277,62 @@ def _check_field(key: str, value: Any) -> str | None:
     from .postprocess import MODEL_STEPS
 
     checks: dict[str, tuple[Any, str]] = {
-        "name": (lambda v: isinstance(v, str) and v.strip() != "" and v == Path(v).name and not v.startswith("."),
-                 "a plain name (no folders, not starting with a dot)"),
+        "name": (
+            lambda v: isinstance(v, str) and v.strip() != "" and v == Path(v).name and not v.startswith("."),
+            "a plain name (no folders, not starting with a dot)",
+        ),
         # (the name itself is checked when the network is built: the registry imports torch)
         "architecture": (lambda v: isinstance(v, str) and v.strip() != "", "an architecture name"),
-        "arch_args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)
-                      and check_arch_args(v) is None, "an object of keyword arguments within the limits"),
+        "arch_args": (
+            lambda v: (
+                isinstance(v, dict) and all(isinstance(k, str) for k in v) and check_arch_args(v) is None
+            ),
+            "an object of keyword arguments within the limits",
+        ),
         "in_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
         "out_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-        "axes": (lambda v: isinstance(v, str) and set(v) <= set("ZYXC") and "Y" in v and "X" in v,
-                 "a string of axes from ZYXC with Y and X"),
-        "normalization": (lambda v: check_normalization(v) is None,
-                          f'an object with "kind" one of {", ".join(NORMALIZATION_KINDS)} (and valid scale '
-                          'min, max and clip, clahe kernel_size and clip_limit)'),
-        "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of strings"),
+        "axes": (
+            lambda v: isinstance(v, str) and set(v) <= set("ZYXC") and "Y" in v and "X" in v,
+            "a string of axes from ZYXC with Y and X",
+        ),
+        "normalization": (
+            lambda v: check_normalization(v) is None,
+            f'an object with "kind" one of {", ".join(NORMALIZATION_KINDS)} (and valid scale '
+            "min, max and clip, clahe kernel_size and clip_limit)",
+        ),
+        "class_names": (
+            lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+            "a list of strings",
+        ),
         "threshold": (lambda v: _is_number(v) and 0.0 < v < 1.0, "a number between 0 and 1"),
         "input_scale": (lambda v: _is_number(v) and 0.0 < v <= 64.0, "a number in (0, 64]"),
         "pixel_size": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive number"),
-        "pixel_size_unit": (lambda v: v is None or _is_length_unit(v), "null or a unit of length (e.g. mm, um, nm)"),
-        "fov_diameter": (lambda v: v is None or (_is_int(v) and 16 <= v <= 16384), "null or pixels in [16, 16384]"),
-        "postprocess": (lambda v: isinstance(v, list) and all(step in MODEL_STEPS for step in v),
-                        f"a list of steps from {', '.join(MODEL_STEPS)}"),
-        "weights_file": (lambda v: isinstance(v, str) and v == Path(v).name and not v.startswith("."),
-                         "a file name in the same folder (no path)"),
-        "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64
-                           and all(c in "0123456789abcdef" for c in v), "64 lowercase hex digits"),
+        "pixel_size_unit": (
+            lambda v: v is None or _is_length_unit(v),
+            "null or a unit of length (e.g. mm, um, nm)",
+        ),
+        "fov_diameter": (
+            lambda v: v is None or (_is_int(v) and 16 <= v <= 16384),
+            "null or pixels in [16, 16384]",
+        ),
+        "postprocess": (
+            lambda v: isinstance(v, list) and all(step in MODEL_STEPS for step in v),
+            f"a list of steps from {', '.join(MODEL_STEPS)}",
+        ),
+        "weights_file": (
+            lambda v: isinstance(v, str) and v == Path(v).name and not v.startswith("."),
+            "a file name in the same folder (no path)",
+        ),
+        "weights_sha256": (
+            lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+            "64 lowercase hex digits",
+        ),
         "description": (lambda v: isinstance(v, str), "a string"),
         "provenance": (lambda v: isinstance(v, dict), "an object"),
-        "segment_property": (lambda v: v is None or check_segment_property(v) is None,
-                             'null or {"category": CODE, "type": CODE}, each CODE {"scheme", "value", "meaning"}'),
+        "segment_property": (
+            lambda v: v is None or check_segment_property(v) is None,
+            'null or {"category": CODE, "type": CODE}, each CODE {"scheme", "value", "meaning"}',
+        ),
     }
     if key not in checks:
         return None  # unknown keys are kept: a newer minor writer may add information
@@ -307,8 +346,11 @@ def check_segment_property(spec: Any) -> str | None:
     if not isinstance(spec, dict) or set(spec) != {"category", "type"}:
         return 'expected {"category": CODE, "type": CODE}'
     for role, code in spec.items():
-        if not isinstance(code, dict) or set(code) != {"scheme", "value", "meaning"} or \
-                not all(isinstance(v, str) and v.strip() for v in code.values()):
+        if (
+            not isinstance(code, dict)
+            or set(code) != {"scheme", "value", "meaning"}
+            or not all(isinstance(v, str) and v.strip() for v in code.values())
+        ):
             return f'{role} must be {{"scheme": ..., "value": ..., "meaning": ...}} with non-empty strings'
     return None
 
@@ -320,7 +362,11 @@ def validate_metadata(meta: dict[str, Any], where: str = "model metadata") -> di
     args = meta.get("arch_args")
     if isinstance(args, dict) and args.get("in_channels", meta.get("in_channels")) != meta.get("in_channels"):
         problems.append("in_channels disagrees with arch_args.in_channels")
-    if isinstance(args, dict) and all(isinstance(k, str) for k in args) and (problem := check_arch_args(args)):
+    if (
+        isinstance(args, dict)
+        and all(isinstance(k, str) for k in args)
+        and (problem := check_arch_args(args))
+    ):
         problems.append(problem)  # the bound itself, not only "must be within the limits"
     for key in ("in_channels", "out_channels"):
         low, high = ARCH_LIMITS[key]
@@ -375,8 +421,10 @@ def _read_state_dict(weights: Path) -> dict[str, Any]:
         try:
             return load_file(str(weights))
         except Exception as exc:  # SafetensorError (empty, truncated, bad header) is not an OSError
-            raise ModelFileError(f"{weights}: not a readable safetensors file, empty or truncated "
-                                 f"({type(exc).__name__}: {exc})") from exc
+            raise ModelFileError(
+                f"{weights}: not a readable safetensors file, empty or truncated "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
     if weights.suffix in (".pt", ".pth"):
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -398,11 +446,15 @@ def _check_weights(state: dict[str, Any], expected: dict[str, Any], weights: Pat
         if want is None or not isinstance(tensor, torch.Tensor):
             continue  # unknown keys: load_state_dict(strict=True) names them
         if want.is_floating_point() and not tensor.is_floating_point():
-            raise ModelFileError(f"{weights}: {key} is stored as {tensor.dtype}, not floating point; "
-                                 "the file is not a trained model's weights")
+            raise ModelFileError(
+                f"{weights}: {key} is stored as {tensor.dtype}, not floating point; "
+                "the file is not a trained model's weights"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelFileError(f"{weights}: {key} holds NaN or infinite values (a diverged training run?); "
-                                 "use an earlier checkpoint")
+            raise ModelFileError(
+                f"{weights}: {key} holds NaN or infinite values (a diverged training run?); "
+                "use an earlier checkpoint"
+            )
 
 
 def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedModel:
@@ -423,7 +475,9 @@ def load_model_file(sidecar: str | os.PathLike, source: str = "path") -> LoadedM
     try:
         network = create_model(meta["architecture"], **meta["arch_args"])
     except (ValueError, TypeError) as exc:  # unknown architecture or arguments
-        raise ModelFileError(f"{sidecar}: cannot build {meta['architecture']!r} with {meta['arch_args']}: {exc}") from exc
+        raise ModelFileError(
+            f"{sidecar}: cannot build {meta['architecture']!r} with {meta['arch_args']}: {exc}"
+        ) from exc
     state = _read_state_dict(weights)
     _check_weights(state, network.state_dict(), weights)
     try:
@@ -448,14 +502,16 @@ def list_models() -> list[dict[str, Any]]:
                 meta = _read_metadata(sidecar)
             except ModelFileError:
                 continue
-            rows.append({
-                "name": meta.get("name", sidecar.stem),
-                "source": source,
-                "path": str(sidecar),
-                "architecture": meta["architecture"],
-                "description": meta.get("description", ""),
-                "validation": (meta.get("provenance") or {}).get("validation_metrics", {}),
-            })
+            rows.append(
+                {
+                    "name": meta.get("name", sidecar.stem),
+                    "source": source,
+                    "path": str(sidecar),
+                    "architecture": meta["architecture"],
+                    "description": meta.get("description", ""),
+                    "validation": (meta.get("provenance") or {}).get("validation_metrics", {}),
+                }
+            )
     return rows
 
 
@@ -486,7 +542,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     return load_model_file(sidecar, source=source)
 
 
-def _threshold_source(model: LoadedModel, donor_source: str | os.PathLike) -> tuple[float, str, dict[str, Any]]:
+def _threshold_source(
+    model: LoadedModel, donor_source: str | os.PathLike
+) -> tuple[float, str, dict[str, Any]]:
     """The threshold a held-out run chose for the same recipe, and where it came from.
 
     Refused unless the donor's threshold was chosen on a validation split and the donor
@@ -497,39 +555,72 @@ def _threshold_source(model: LoadedModel, donor_source: str | os.PathLike) -> tu
     donor = load_model_file(path)
     provenance = donor.metadata.get("provenance", {})
     if not str(provenance.get("threshold_chosen_on", "")).startswith("validation split"):
-        raise ModelFileError(f"{path}: its threshold was not chosen on a validation split "
-                             "(use the held-out run's best.json once its run has ended)")
-    differs = [key for key in ("architecture", "arch_args", "input_scale", "pixel_size", "pixel_size_unit",
-                               "fov_diameter", "normalization", "postprocess")
-               if donor.metadata.get(key) != model.metadata.get(key)]
+        raise ModelFileError(
+            f"{path}: its threshold was not chosen on a validation split "
+            "(use the held-out run's best.json once its run has ended)"
+        )
+    differs = [
+        key
+        for key in (
+            "architecture",
+            "arch_args",
+            "input_scale",
+            "pixel_size",
+            "pixel_size_unit",
+            "fov_diameter",
+            "normalization",
+            "postprocess",
+        )
+        if donor.metadata.get(key) != model.metadata.get(key)
+    ]
     if differs:
-        raise ModelFileError(f"{path} differs from the model in {', '.join(differs)}: "
-                             "its threshold belongs to another recipe")
-    record = {"name": donor.name, "file": str(path), "sha256": donor.sha256,
-              "validation_images": provenance.get("validation_images"),
-              "validation_metrics": provenance.get("validation_metrics", {})}
+        raise ModelFileError(
+            f"{path} differs from the model in {', '.join(differs)}: its threshold belongs to another recipe"
+        )
+    record = {
+        "name": donor.name,
+        "file": str(path),
+        "sha256": donor.sha256,
+        "validation_images": provenance.get("validation_images"),
+        "validation_metrics": provenance.get("validation_metrics", {}),
+    }
     return donor.threshold, f"validation split of {path} (sha256 {(donor.sha256 or '')[:12]})", record
 
 
-def check_new_model_name(name: str, directory: str | os.PathLike | None = None, overwrite: bool = False) -> None:
+def check_new_model_name(
+    name: str, directory: str | os.PathLike | None = None, overwrite: bool = False
+) -> None:
     """Refuse a name a new user model cannot take: a bundled model's (it would be hidden),
     an existing model's (unless ``overwrite``), or a removed model's (a name in an audit
     trail keeps meaning one model)."""
     directory = Path(directory) if directory is not None else user_models_dir()
     sidecar = model_path(directory, name, ".json")
-    if directory.resolve() != bundled_models_dir().resolve() and (bundled_models_dir() / sidecar.name).exists():
-        raise ModelFileError(f"{name!r} is a bundled model's name (a user model of that name would be hidden); "
-                             "choose another name")
+    if (
+        directory.resolve() != bundled_models_dir().resolve()
+        and (bundled_models_dir() / sidecar.name).exists()
+    ):
+        raise ModelFileError(
+            f"{name!r} is a bundled model's name (a user model of that name would be hidden); "
+            "choose another name"
+        )
     if sidecar.exists() and not overwrite:
         raise ModelFileError(f"a model called {name!r} exists in {directory}; choose another name")
     if name in removed_model_names(directory):
-        raise ModelFileError(f"a removed model was called {name!r} (its files are in {directory / REMOVED_DIR}); "
-                             "choose another name, so that the name keeps meaning one model")
+        raise ModelFileError(
+            f"a removed model was called {name!r} (its files are in {directory / REMOVED_DIR}); "
+            "choose another name, so that the name keeps meaning one model"
+        )
 
 
-def add_model(source: str | os.PathLike, name: str | None = None, directory: str | os.PathLike | None = None,
-              overwrite: bool = False, description: str | None = None, threshold: float | None = None,
-              threshold_from: str | os.PathLike | None = None) -> Path:
+def add_model(
+    source: str | os.PathLike,
+    name: str | None = None,
+    directory: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    description: str | None = None,
+    threshold: float | None = None,
+    threshold_from: str | os.PathLike | None = None,
+) -> Path:
     """Copy a model file (e.g. a training run's ``best.json``) into the user models folder.
 
     The source is loaded first, so a tampered or invalid file is refused before anything
@@ -554,14 +645,22 @@ def add_model(source: str | os.PathLike, name: str | None = None, directory: str
     if threshold is not None or threshold_from is not None:
         provenance = dict(meta.get("provenance", {}))
         # figures measured at the old threshold no longer describe the model: kept aside
-        before = {key: provenance.pop(key) for key in ("validation_metrics", "validation_metrics_at_0.5",
-                                                        "threshold_chosen_on", "threshold_source")
-                  if key in provenance}
+        before = {
+            key: provenance.pop(key)
+            for key in (
+                "validation_metrics",
+                "validation_metrics_at_0.5",
+                "threshold_chosen_on",
+                "threshold_source",
+            )
+            if key in provenance
+        }
         if before:
             provenance["before_threshold_change"] = dict(before, threshold=loaded.threshold)
         if threshold_from is not None:
             threshold, provenance["threshold_chosen_on"], provenance["threshold_source"] = _threshold_source(
-                loaded, threshold_from)
+                loaded, threshold_from
+            )
         else:
             provenance["threshold_chosen_on"] = "set by hand (r2au add-model)"
         meta["threshold"] = float(threshold)
@@ -587,7 +686,9 @@ def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     sidecar = model_path(directory, name, ".json")
     if not sidecar.is_file():
         if (bundled_models_dir() / f"{name}.json").is_file():
-            raise ModelFileError(f"{name!r} is a bundled model: it comes with the plugin and cannot be removed")
+            raise ModelFileError(
+                f"{name!r} is a bundled model: it comes with the plugin and cannot be removed"
+            )
         names = ", ".join(p.stem for p in _sidecars(directory)) or "none"
         raise ModelFileError(f"no user model called {name!r} in {directory}; user models: {names}")
 
@@ -599,7 +700,9 @@ def remove_model(name: str, directory: str | os.PathLike | None = None) -> Path:
         return value if isinstance(value, str) and value == Path(value).name else None
 
     named = weights_named_in(sidecar)
-    weights = [directory / named] if named else [directory / f"{name}{s}" for s in (".safetensors", ".pt", ".pth")]
+    weights = (
+        [directory / named] if named else [directory / f"{name}{s}" for s in (".safetensors", ".pt", ".pth")]
+    )
     shared = {weights_named_in(other) for other in _sidecars(directory) if other != sidecar}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     target = directory / REMOVED_DIR / f"{name}-{stamp}"

@@ -19,8 +19,9 @@ def _without_small(func: Callable, mask: np.ndarray, size: int) -> np.ndarray:
         return func(mask, size)
 
 
-def clean_mask(mask: np.ndarray, *, min_size: int = 0, fill_holes: bool = False,
-               hole_size: int | None = None) -> np.ndarray:
+def clean_mask(
+    mask: np.ndarray, *, min_size: int = 0, fill_holes: bool = False, hole_size: int | None = None
+) -> np.ndarray:
     """Remove objects smaller than ``min_size`` pixels and fill holes smaller than ``hole_size``.
 
     Works plane by plane on the last two axes (stacks are segmented slice by slice, so
@@ -63,7 +64,7 @@ def _uint32_blocks(array: np.ndarray):
         return
     rows = max(1, _HASH_CHUNK // per_row)
     for start in range(0, array.shape[0], rows):
-        yield np.ascontiguousarray(array[start:start + rows], dtype=np.uint32)
+        yield np.ascontiguousarray(array[start : start + rows], dtype=np.uint32)
 
 
 def mask_checksum(mask: np.ndarray) -> str:
@@ -105,7 +106,9 @@ def edited_slices(mask: np.ndarray, recorded: list[str]) -> list[int]:
     """Slices of a stack whose checksum differs from the one recorded when it was made."""
     array = np.asarray(mask)
     if array.ndim != 3 or len(recorded) != array.shape[0]:
-        raise ValueError(f"{len(recorded)} recorded slice checksums do not describe a mask of shape {array.shape}")
+        raise ValueError(
+            f"{len(recorded)} recorded slice checksums do not describe a mask of shape {array.shape}"
+        )
     return [z for z in range(array.shape[0]) if mask_checksum(array[z]) != recorded[z]]
 
 
@@ -166,7 +169,9 @@ def apply_model_postprocess(mask: np.ndarray, steps: list[str] | tuple[str, ...]
             from scipy import ndimage
 
             planes = np.asarray(mask).astype(bool).reshape(-1, *mask.shape[-2:])
-            mask = np.stack([ndimage.binary_fill_holes(p) for p in planes]).reshape(mask.shape).astype(np.uint8)
+            mask = (
+                np.stack([ndimage.binary_fill_holes(p) for p in planes]).reshape(mask.shape).astype(np.uint8)
+            )
     return mask
 
 
@@ -175,15 +180,25 @@ def apply_cleanup(mask: np.ndarray, cleanup: dict | None) -> np.ndarray:
     masks record them) applied to a mask: one implementation for the dock and for rebuilding."""
     cleanup = cleanup or {}
     size = int(cleanup.get("size") or 0)
-    return clean_mask(mask, min_size=size if cleanup.get("remove_small_objects") else 0,
-                      fill_holes=bool(cleanup.get("fill_holes")), hole_size=size)
+    return clean_mask(
+        mask,
+        min_size=size if cleanup.get("remove_small_objects") else 0,
+        fill_holes=bool(cleanup.get("fill_holes")),
+        hole_size=size,
+    )
 
 
-def segment_mask(probabilities: np.ndarray, threshold: float, postprocess: list[str] | None = None,
-                 cleanup: dict | None = None) -> np.ndarray:
+def segment_mask(
+    probabilities: np.ndarray,
+    threshold: float,
+    postprocess: list[str] | None = None,
+    cleanup: dict | None = None,
+) -> np.ndarray:
     """What Segment makes of binary probabilities: above the threshold, the model's own steps,
     then the dock's clean-up (uint8)."""
-    labels = np.greater(np.asarray(probabilities), float(threshold)).view(np.uint8)  # bool as 0/1 bytes: no copy
+    labels = np.greater(np.asarray(probabilities), float(threshold)).view(
+        np.uint8
+    )  # bool as 0/1 bytes: no copy
     if postprocess:
         labels = apply_model_postprocess(labels, postprocess)
     return apply_cleanup(labels, cleanup)

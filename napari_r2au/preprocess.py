@@ -25,13 +25,15 @@ CLAHE_KERNEL_SIZE = 64
 def check_normalization(spec: Any) -> str | None:
     """What is wrong with a normalization spec, or None: the kind, and CLAHE's parameters."""
     if not isinstance(spec, dict):
-        return "expected an object such as {\"kind\": \"standardize\"}"
+        return 'expected an object such as {"kind": "standardize"}'
     kind = spec.get("kind", "standardize")
     if kind not in KINDS:
         return f"kind must be one of {', '.join(KINDS)}, got {kind!r}"
     if kind == "scale":
         low, high, clip = spec.get("min", 0.0), spec.get("max", 255.0), spec.get("clip", False)
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) for v in (low, high)):
+        if any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) for v in (low, high)
+        ):
             return f"scale min and max must be numbers, got {low!r} and {high!r}"
         if not high > low:
             return f"scale max must be above min, got min {low!r} and max {high!r}"
@@ -94,8 +96,12 @@ def image_statistics(image: Any, channel_axis: int | None, max_samples: int = 4_
     """
     shape = image.shape
     n_pixels = int(np.prod(shape))
-    stride = max(1, int(np.ceil((n_pixels / max_samples) ** (1 / max(1, len(shape) - (channel_axis is not None))))))
-    index = tuple(slice(None) if ax == channel_axis else slice(None, None, stride) for ax in range(len(shape)))
+    stride = max(
+        1, int(np.ceil((n_pixels / max_samples) ** (1 / max(1, len(shape) - (channel_axis is not None)))))
+    )
+    index = tuple(
+        slice(None) if ax == channel_axis else slice(None, None, stride) for ax in range(len(shape))
+    )
     sample = np.asarray(image[index], dtype=np.float64)
     if channel_axis is None:
         return np.array([sample.mean()]), np.array([sample.std()])
@@ -108,7 +114,9 @@ def normalize(tile: np.ndarray, spec: dict[str, Any], mean: np.ndarray, std: np.
     kind = spec.get("kind", "standardize")
     tile = tile.astype(np.float32, copy=False)
     if kind == "standardize":
-        return ((tile - mean.astype(np.float32)) / np.maximum(std.astype(np.float32), 1e-6)).astype(np.float32)
+        return ((tile - mean.astype(np.float32)) / np.maximum(std.astype(np.float32), 1e-6)).astype(
+            np.float32
+        )
     if kind == "scale":  # a fixed window, e.g. CT in Hounsfield units: {min: -160, max: 240, clip: true}
         low, high = float(spec.get("min", 0.0)), float(spec.get("max", 255.0))
         scaled = ((tile - low) / max(high - low, 1e-6)).astype(np.float32)
@@ -160,8 +168,9 @@ def fov_mask(image: np.ndarray) -> np.ndarray:
     if grey.ndim != 2 or min(grey.shape) < 8:
         return np.ones(grey.shape[:2], bool)
     ring = max(1, min(grey.shape) // 50)
-    border = np.concatenate([grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(),
-                             grey[:, -ring:].ravel()])
+    border = np.concatenate(
+        [grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(), grey[:, -ring:].ravel()]
+    )
     # the border is background unless the photograph was cropped into the field: then the
     # darkest pixels (the corners left outside the circle) are
     background = min(float(np.median(border)), float(np.percentile(grey, 2)))

@@ -27,7 +27,9 @@ def binary_entropy(probability: np.ndarray) -> np.ndarray:
     return (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).astype(np.float32)
 
 
-def tta_uncertainty(maps: Sequence[np.ndarray], kind: str = "entropy", multiclass: bool = False) -> np.ndarray:
+def tta_uncertainty(
+    maps: Sequence[np.ndarray], kind: str = "entropy", multiclass: bool = False
+) -> np.ndarray:
     """Per-pixel uncertainty of several probability maps of the same image.
 
     ``entropy``: entropy of the mean probability (in [0, 1]; counts both disagreement
@@ -84,12 +86,20 @@ def iter_predict_tta(
 
     unknown = [name for name in flips if name not in TTA_FLIPS]
     if unknown or not flips or flips[0] != "identity":
-        raise ValueError(f"flips must start with 'identity' and use {', '.join(TTA_FLIPS)}; got {list(flips)}")
+        raise ValueError(
+            f"flips must start with 'identity' and use {', '.join(TTA_FLIPS)}; got {list(flips)}"
+        )
     _check_kind(kind)
     loaded = engine._as_loaded(model)
     # one scale for every copy (a field of view measured on each flipped copy could differ)
-    kwargs["scale"] = engine.working_scale(loaded, kwargs.get("scale"), kwargs.pop("pixel_size", None),
-                                           kwargs.pop("pixel_size_unit", None), image=image, axes=axes)
+    kwargs["scale"] = engine.working_scale(
+        loaded,
+        kwargs.get("scale"),
+        kwargs.pop("pixel_size", None),
+        kwargs.pop("pixel_size_unit", None),
+        image=image,
+        axes=axes,
+    )
     first: Prediction | None = None
     total: np.ndarray | None = None  # running sum of the copies: no stack of them all for big volumes
     maps: list[np.ndarray] = []  # kept only for the std, which needs every copy
@@ -97,16 +107,21 @@ def iter_predict_tta(
         if index == 1:  # the identity pass has checked the image; its axes are now safe to resolve
             axes = engine.resolve_axes(image.shape, loaded.in_channels, axes)
         image_axes = [axes.index(ax) for ax in TTA_FLIPS[name]] if index else []
-        generator = engine.iter_predict(loaded, _flip(image, image_axes), axes=axes,
-                                        attention=attention and index == 0, **kwargs)
+        generator = engine.iter_predict(
+            loaded, _flip(image, image_axes), axes=axes, attention=attention and index == 0, **kwargs
+        )
         stage = "predict" if index == 0 else "uncertainty"
 
         def overall(event: engine.Progress, index: int = index, stage: str = stage) -> engine.Progress:
             # progress over all passes; finished slices are shown from the identity pass only
             keep = index == 0 and event.slice_probabilities is not None
-            return engine.Progress(index * event.total + event.done, len(flips) * event.total, stage,
-                                   slice_index=event.slice_index if keep else None,
-                                   slice_probabilities=event.slice_probabilities if keep else None)
+            return engine.Progress(
+                index * event.total + event.done,
+                len(flips) * event.total,
+                stage,
+                slice_index=event.slice_index if keep else None,
+                slice_probabilities=event.slice_probabilities if keep else None,
+            )
 
         prediction = yield from engine.map_progress(generator, overall)
         # outputs are (Z?, Y, X) plus a class axis for multi-class models
@@ -120,7 +135,11 @@ def iter_predict_tta(
             first = prediction
     assert first is not None and total is not None
     mean = total / np.float32(len(flips))
-    spread = tta_uncertainty(maps, "std", first.multiclass) if kind == "std" else mean_entropy(mean, first.multiclass)
+    spread = (
+        tta_uncertainty(maps, "std", first.multiclass)
+        if kind == "std"
+        else mean_entropy(mean, first.multiclass)
+    )
     return dataclasses.replace(first, probabilities=mean), spread
 
 
@@ -133,8 +152,9 @@ class Region:
     score: float
 
 
-def most_uncertain_region(values: np.ndarray, window: int = 64,
-                          visited: Collection[tuple[int, ...]] = ()) -> Region | None:
+def most_uncertain_region(
+    values: np.ndarray, window: int = 64, visited: Collection[tuple[int, ...]] = ()
+) -> Region | None:
     """The window (on a grid of ``window`` pixels over the last two axes) with the
     highest mean value whose key is not in ``visited``; None when all were visited.
 

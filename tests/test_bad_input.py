@@ -84,20 +84,34 @@ def test_cli_reports_each_bad_file_and_writes_the_good_ones(tmp_path, capsys):
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
     from napari_r2au.models import create_model
 
-    save_model(create_model("r2au_net", base_width=4), user_models_dir(),
-               build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}))
+    save_model(
+        create_model("r2au_net", base_width=4),
+        user_models_dir(),
+        build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}),
+    )
     _write_files(tmp_path / "in")
     out = tmp_path / "not" / "yet" / "there"  # a missing output folder is created
     assert main(["segment", str(tmp_path / "in"), "-m", "tiny", "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert "5 of 8 files failed" in err
-    for name, reason in (("truncated.tif", "cannot read"), ("cut.png", "cannot read"),
-                         ("text.png", "cannot read"), ("nan.tif", "NaN or infinite"),
-                         ("fourd.tif", "cannot tell the axes")):
+    for name, reason in (
+        ("truncated.tif", "cannot read"),
+        ("cut.png", "cannot read"),
+        ("text.png", "cannot read"),
+        ("nan.tif", "NaN or infinite"),
+        ("fourd.tif", "cannot tell the axes"),
+    ):
         assert any(name in line and reason in line for line in err.splitlines()), (name, err)
     written = sorted(p.name for p in out.iterdir())
-    assert written == [".r2au-outputs.json", "good16_mask.tif", "good16_prob.tif", "rgba_mask.tif", "rgba_prob.tif",
-                       "whole_mask.tif", "whole_prob.tif"]  # nothing for the failures, no temporary files
+    assert written == [
+        ".r2au-outputs.json",
+        "good16_mask.tif",
+        "good16_prob.tif",
+        "rgba_mask.tif",
+        "rgba_prob.tif",
+        "whole_mask.tif",
+        "whole_prob.tif",
+    ]  # nothing for the failures, no temporary files
 
 
 def test_trainer_names_bad_pairs():
@@ -122,9 +136,15 @@ def test_trainer_refuses_all_background_masks_from_files(tmp_path):
     for i in range(3):
         iio.imwrite(tmp_path / "images" / f"{i}.png", RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8))
         iio.imwrite(tmp_path / "masks" / f"{i}.png", np.zeros((64, 64), np.uint8))
-    config = TrainConfig(base_width=4, steps=2, patch_size=32, batch_size=2, val_images=1,
-                         output_dir=str(tmp_path / "run"),
-                         data={"kind": "folders", "images": str(tmp_path / "images"), "masks": str(tmp_path / "masks")})
+    config = TrainConfig(
+        base_width=4,
+        steps=2,
+        patch_size=32,
+        batch_size=2,
+        val_images=1,
+        output_dir=str(tmp_path / "run"),
+        data={"kind": "folders", "images": str(tmp_path / "images"), "masks": str(tmp_path / "masks")},
+    )
     with pytest.raises(DataError, match="every training mask is empty"):
         next(iter_train(config))
     assert not (tmp_path / "run" / "best.json").exists()
@@ -142,14 +162,43 @@ def test_cli_says_when_pixel_size_cannot_apply(tmp_path, capsys):
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
     from napari_r2au.models import create_model
 
-    save_model(create_model("unet", base_width=4), user_models_dir(),
-               build_metadata(name="plain", architecture="unet", arch_args={"base_width": 4}))
+    save_model(
+        create_model("unet", base_width=4),
+        user_models_dir(),
+        build_metadata(name="plain", architecture="unet", arch_args={"base_width": 4}),
+    )
     tifffile.imwrite(tmp_path / "a.tif", RNG.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    assert main(["segment", str(tmp_path / "a.tif"), "-m", "plain", "-o", str(tmp_path / "out"),
-                 "--pixel-size", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "a.tif"),
+                "-m",
+                "plain",
+                "-o",
+                str(tmp_path / "out"),
+                "--pixel-size",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert "records no pixel size, so --pixel-size is ignored" in capsys.readouterr().err
-    assert main(["segment", str(tmp_path / "a.tif"), "-m", "plain", "-o", str(tmp_path / "out"),
-                 "--pixel-unit", "mm"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "a.tif"),
+                "-m",
+                "plain",
+                "-o",
+                str(tmp_path / "out"),
+                "--pixel-unit",
+                "mm",
+            ]
+        )
+        == 0
+    )
     assert "--pixel-unit without --pixel-size" in capsys.readouterr().err
 
 
@@ -160,8 +209,11 @@ def test_widgets_turn_bad_layers_into_notifications(make_napari_viewer, qtbot, n
 
     from .test_widgets import dock, messages, wait_idle
 
-    save_model(create_model("r2au_net", base_width=4), user_models_dir(),
-               build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}))
+    save_model(
+        create_model("r2au_net", base_width=4),
+        user_models_dir(),
+        build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}),
+    )
     viewer = make_napari_viewer()
     segment = dock(viewer, "Segment")
     before = len(viewer.layers)
@@ -171,7 +223,9 @@ def test_widgets_turn_bad_layers_into_notifications(make_napari_viewer, qtbot, n
     viewer.add_image(np.full((16, 16), np.nan, np.float32), name="nan")
     segment.segment(layer=viewer.layers["nan"])
     wait_idle(qtbot, segment)
-    assert "Segmentation failed: ValueError: the image contains NaN or infinite values" in messages(notifications)
+    assert "Segmentation failed: ValueError: the image contains NaN or infinite values" in messages(
+        notifications
+    )
     assert len(viewer.layers) == before + 2  # no output layers from either failure
 
     finetune = dock(viewer, "Fine-tune")
@@ -189,8 +243,11 @@ def test_finetune_refusing_mixed_units_stays_usable(make_napari_viewer, notifica
 
     from .test_widgets import bars, dock, messages
 
-    save_model(create_model("r2au_net", base_width=4), user_models_dir(),
-               build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}))
+    save_model(
+        create_model("r2au_net", base_width=4),
+        user_models_dir(),
+        build_metadata(name="tiny", architecture="r2au_net", arch_args={"base_width": 4}),
+    )
     viewer = make_napari_viewer()
     image, mask = bars()
     layer = viewer.add_image(image[..., 0], name="scan", scale=(0.5, 0.5), units=("mm", "um"))

@@ -10,16 +10,29 @@ from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, write_between_m
 def test_drive_comparison_trains_each_architecture_and_writes_its_table(tmp_path, drive_root, monkeypatch):
     monkeypatch.setattr(drive_comparison, "DRIVE", drive_root)
     doc = tmp_path / "doc.md"
-    doc.write_text("intro\n<!-- comparison -->\nold table\n<!-- /comparison -->\noutro\n"
-                   "<!-- comparison-60 -->\nlonger budget\n<!-- /comparison-60 -->\n")
+    doc.write_text(
+        "intro\n<!-- comparison -->\nold table\n<!-- /comparison -->\noutro\n"
+        "<!-- comparison-60 -->\nlonger budget\n<!-- /comparison-60 -->\n"
+    )
     tiny = ["steps=2", "base_width=4", "patch_size=32", "batch_size=2", "val_every=2"]
-    args = ["--minutes", "1", "--architectures", "unet", "attention_unet", "--out", str(tmp_path / "runs"),
-            "--markdown", str(doc)] + [item for override in tiny for item in ("--set", override)]
+    args = [
+        "--minutes",
+        "1",
+        "--architectures",
+        "unet",
+        "attention_unet",
+        "--out",
+        str(tmp_path / "runs"),
+        "--markdown",
+        str(doc),
+    ] + [item for override in tiny for item in ("--set", override)]
     assert drive_comparison.main(args) == 0
     text = doc.read_text()
     assert text.startswith("intro\n") and "outro\n<!-- comparison-60 -->\nlonger budget\n" in text
     assert "old table" not in text  # the default markers' table was replaced, the other left alone
-    rows = [line for line in text.splitlines() if line.startswith("| unet") or line.startswith("| attention_unet")]
+    rows = [
+        line for line in text.splitlines() if line.startswith("| unet") or line.startswith("| attention_unet")
+    ]
     assert len(rows) == 2
     assert drive_comparison.main(args + ["--reuse", "--marker", "comparison-60"]) == 0  # a table per budget
     text = doc.read_text()
@@ -48,7 +61,9 @@ def test_reuse_keeps_finished_runs_and_retrains_changed_or_killed_ones(tmp_path,
 
     monkeypatch.setattr(drive_comparison.subprocess, "run", spy)
     assert drive_comparison.main(base + sets + ["--seeds", "0", "1"]) == 0
-    assert [next(i for i in c if i.startswith("seed=")) for c in trained] == ["seed=1"]  # seed 0 reused, seed 1 trained
+    assert [next(i for i in c if i.startswith("seed=")) for c in trained] == [
+        "seed=1"
+    ]  # seed 0 reused, seed 1 trained
     assert log.stat().st_mtime_ns == first
 
     trained.clear()
@@ -66,7 +81,10 @@ def test_benchmark_tables_replace_only_the_text_between_their_markers(tmp_path):
     assert doc.read_text() == f"{TABLE_BEGIN}\nfirst table\n{TABLE_END}\n"
     doc.write_text("# Title\n\nintro\n" + doc.read_text() + "\nprose written by hand\n")
     write_between_markers(doc, "second table\n")
-    assert doc.read_text() == f"# Title\n\nintro\n{TABLE_BEGIN}\nsecond table\n{TABLE_END}\n\nprose written by hand\n"
+    assert (
+        doc.read_text()
+        == f"# Title\n\nintro\n{TABLE_BEGIN}\nsecond table\n{TABLE_END}\n\nprose written by hand\n"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]  # written through a temporary file, none left
 
 

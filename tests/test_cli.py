@@ -55,16 +55,29 @@ def test_segment_unknown_model_is_a_clear_error(tmp_path, capsys):
 
 def test_demo_writes_all_outputs(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path)]) == 0
-    for name in ("retina_mask.tif", "retina_prob.tif", "retina_attention.tif", "retina_overlay.png",
-                 "retina_attention_1.png"):
+    for name in (
+        "retina_mask.tif",
+        "retina_prob.tif",
+        "retina_attention.tif",
+        "retina_overlay.png",
+        "retina_attention_1.png",
+    ):
         assert (tmp_path / name).is_file(), name
     mask = tifffile.imread(tmp_path / "retina_mask.tif")
     assert mask.shape == (1411, 1411)
     assert 0.03 < mask.mean() < 0.25  # vessels, not nothing and not everything
 
 
-@pytest.mark.parametrize("command", [["--help"], ["segment", "--help"], ["demo", "--help"], ["add-model", "--help"],
-                                     ["remove-model", "--help"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["--help"],
+        ["segment", "--help"],
+        ["demo", "--help"],
+        ["add-model", "--help"],
+        ["remove-model", "--help"],
+    ],
+)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(command)
@@ -76,8 +89,11 @@ def _tiny_user_model(name="base"):
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
     net = create_model("r2au_net", base_width=4)
-    meta = build_metadata(name=name, architecture="r2au_net",
-                          arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2})
+    meta = build_metadata(
+        name=name,
+        architecture="r2au_net",
+        arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2},
+    )
     return save_model(net, user_models_dir(), meta)
 
 
@@ -87,7 +103,7 @@ def _write_folder(root, n=2, size=64):
     (root / "masks").mkdir()
     for i in range(n):
         mask = np.zeros((size, size), np.uint8)
-        mask[:, 20 + i:28 + i] = 255
+        mask[:, 20 + i : 28 + i] = 255
         image = (rng.random((size, size, 3)) * 60 + (mask[..., None] > 0) * 120).astype(np.uint8)
         tifffile.imwrite(root / "images" / f"img{i}.tif", image)
         tifffile.imwrite(root / "masks" / f"img{i}.tif", mask)
@@ -96,22 +112,62 @@ def _write_folder(root, n=2, size=64):
 def test_finetune_then_evaluate_the_new_model(tmp_path, capsys):
     _tiny_user_model()
     _write_folder(tmp_path / "data")
-    args = ["finetune", "-m", "base", "--images", str(tmp_path / "data/images"), "--masks",
-            str(tmp_path / "data/masks"), "--steps", "3", "--patch", "32", "--batch", "2"]
+    args = [
+        "finetune",
+        "-m",
+        "base",
+        "--images",
+        str(tmp_path / "data/images"),
+        "--masks",
+        str(tmp_path / "data/masks"),
+        "--steps",
+        "3",
+        "--patch",
+        "32",
+        "--batch",
+        "2",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "new model  base-ft1" in out and "dice       before" in out
     report = tmp_path / "report.json"
-    assert main(["evaluate", "-m", "base-ft1", "--images", str(tmp_path / "data/images"), "--masks",
-                 str(tmp_path / "data/masks"), "--json", str(report), "--plots", str(tmp_path / "plots")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "-m",
+                "base-ft1",
+                "--images",
+                str(tmp_path / "data/images"),
+                "--masks",
+                str(tmp_path / "data/masks"),
+                "--json",
+                str(report),
+                "--plots",
+                str(tmp_path / "plots"),
+            ]
+        )
+        == 0
+    )
     data = json.loads(report.read_text())
-    assert data["n_images"] == 2 and set(data) >= {"accuracy", "sensitivity", "specificity", "precision", "f1",
-                                                   "iou", "auc_roc", "auc_pr", "per_image"}
+    assert data["n_images"] == 2 and set(data) >= {
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "iou",
+        "auc_roc",
+        "auc_pr",
+        "per_image",
+    }
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "pr.png").is_file()
     assert main(args + ["--name", "base-ft1"]) == 2  # never overwrite an existing model
     assert load_model("base-ft1").metadata["provenance"]["weight_share"] == 0.5  # the default
     assert main(args + ["--weight-share", "1", "--name", "whole"]) == 0
-    assert "weight_share" not in load_model("whole").metadata["provenance"]  # the fine-tuned weights as they are
+    assert (
+        "weight_share" not in load_model("whole").metadata["provenance"]
+    )  # the fine-tuned weights as they are
     assert main(args + ["--weight-share", "0", "--name", "none"]) == 2
     assert "weight share" in capsys.readouterr().err
 
@@ -127,14 +183,31 @@ def test_segment_and_evaluate_with_flip_averaging(tmp_path, capsys):
     prob = tifffile.imread(tmp_path / "out" / "img0_prob.tif")
     uncertainty = tifffile.imread(tmp_path / "out" / "img0_uncertainty.tif")
     image = read_image(image_path)
-    copies = [predict("base", image).probabilities,
-              predict("base", image[:, ::-1].copy()).probabilities[:, ::-1],
-              predict("base", image[::-1].copy()).probabilities[::-1]]
+    copies = [
+        predict("base", image).probabilities,
+        predict("base", image[:, ::-1].copy()).probabilities[:, ::-1],
+        predict("base", image[::-1].copy()).probabilities[::-1],
+    ]
     assert prob == pytest.approx(np.mean(copies, axis=0), abs=1e-5)
     assert uncertainty.shape == prob.shape and uncertainty.min() >= 0 and uncertainty.max() <= 1
     report = tmp_path / "report.json"
-    assert main(["evaluate", "-m", "base", "--images", str(tmp_path / "data/images"), "--masks",
-                 str(tmp_path / "data/masks"), "--tta", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "-m",
+                "base",
+                "--images",
+                str(tmp_path / "data/images"),
+                "--masks",
+                str(tmp_path / "data/masks"),
+                "--tta",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     data = json.loads(report.read_text())
     truth = read_image(tmp_path / "data" / "masks" / "img0.tif") > 0
     assert data["tta"] is True
@@ -161,8 +234,11 @@ def test_add_model_installs_a_checked_copy(tmp_path, capsys):
     from napari_r2au import create_model
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
-    source = save_model(create_model("unet", base_width=4), tmp_path / "run",
-                        build_metadata(name="best", architecture="unet", arch_args={"base_width": 4}))
+    source = save_model(
+        create_model("unet", base_width=4),
+        tmp_path / "run",
+        build_metadata(name="best", architecture="unet", arch_args={"base_width": 4}),
+    )
     assert main(["add-model", str(source), "--name", "my-unet"]) == 0
     assert main(["models"]) == 0
     assert "my-unet" in capsys.readouterr().out
@@ -196,8 +272,24 @@ def test_bundled_em_model_finds_membranes_at_its_pixel_size(tmp_path, capsys):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "29.png").symlink_to(source)  # a held-out (validation) section
     report = tmp_path / "report.json"
-    assert main(["evaluate", "-m", "em-membranes", "--images", str(tmp_path / "images"),
-                 "--masks", str(tmp_path / "labels"), "--class-map", "0:1,255:0", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "-m",
+                "em-membranes",
+                "--images",
+                str(tmp_path / "images"),
+                "--masks",
+                str(tmp_path / "labels"),
+                "--class-map",
+                "0:1,255:0",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     f1 = json.loads(report.read_text())["f1"]
     assert f1 > 0.75, f1
     # the same section given at 8 nm pixels (downsampled 2x) goes through at scale 2
@@ -215,11 +307,35 @@ def test_bundled_em_model_finds_membranes_at_its_pixel_size(tmp_path, capsys):
 
 
 def test_train_names_the_config_key_of_a_missing_data_folder(tmp_path, capsys):
-    assert main(["train", "drive-vessels", "--set", f"data.root={tmp_path / 'nowhere'}",
-                 "--set", f"output_dir={tmp_path / 'run'}"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "drive-vessels",
+                "--set",
+                f"data.root={tmp_path / 'nowhere'}",
+                "--set",
+                f"output_dir={tmp_path / 'run'}",
+            ]
+        )
+        != 0
+    )
     assert "data.root" in capsys.readouterr().err
-    assert main(["train", "ph2-lesions", "--set", f"data.images={tmp_path}", "--set", f"data.masks={tmp_path / 'x'}",
-                 "--set", f"output_dir={tmp_path / 'run2'}"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "ph2-lesions",
+                "--set",
+                f"data.images={tmp_path}",
+                "--set",
+                f"data.masks={tmp_path / 'x'}",
+                "--set",
+                f"output_dir={tmp_path / 'run2'}",
+            ]
+        )
+        != 0
+    )
     assert "--set data.masks=PATH" in capsys.readouterr().err
 
 
@@ -232,9 +348,13 @@ def test_segment_reads_nifti_volumes_with_their_pixel_size(tmp_path, capsys):
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
     torch.manual_seed(0)
-    meta = build_metadata(name="grey", architecture="r2au_net",
-                          arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2},
-                          pixel_size=1.0, pixel_size_unit="mm")
+    meta = build_metadata(
+        name="grey",
+        architecture="r2au_net",
+        arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2},
+        pixel_size=1.0,
+        pixel_size_unit="mm",
+    )
     save_model(create_model("r2au_net", in_channels=1, base_width=4), user_models_dir(), meta)
     volume = np.random.default_rng(0).random((40, 36, 3)).astype(np.float32)  # NIfTI order: x, y, z
     image = nibabel.Nifti1Image(volume, np.diag([0.5, 0.5, 2.0, 1.0]))
@@ -274,9 +394,11 @@ def test_resume_continues_the_run_it_finds_with_its_own_settings(tmp_path, capsy
 
     _write_folder(tmp_path / "data", n=3)
     config = tmp_path / "mine.yaml"
-    config.write_text(f"name: mine\nbase_width: 4\npatch_size: 32\nbatch_size: 8\nsteps: 4\nval_every: 2\n"
-                      f"val_images: 1\nprecision: fp32\nthreads: 1\ndevice: cpu\noutput_dir: {tmp_path}/run\n"
-                      "data: {kind: drive, root: /nowhere}\n")
+    config.write_text(
+        f"name: mine\nbase_width: 4\npatch_size: 32\nbatch_size: 8\nsteps: 4\nval_every: 2\n"
+        f"val_images: 1\nprecision: fp32\nthreads: 1\ndevice: cpu\noutput_dir: {tmp_path}/run\n"
+        "data: {kind: drive, root: /nowhere}\n"
+    )
     data = [f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}"]
     assert main(["train", str(config), "--set", data[0], "--set", "batch_size=2"]) == 0
     saved = (tmp_path / "run" / "config.json").read_text()
@@ -289,7 +411,9 @@ def test_resume_continues_the_run_it_finds_with_its_own_settings(tmp_path, capsy
     # the best model's figures at 0.5 are measured, not the already calibrated ones moved over
     best = load_model(tmp_path / "run" / "best.json").metadata["provenance"]
     rows = {int(r["step"]): r for r in csv.DictReader((tmp_path / "run" / "log.csv").open()) if r["val_f1"]}
-    assert best["validation_metrics_at_0.5"]["f1"] == pytest.approx(float(rows[best["steps"]]["val_f1"]), abs=1e-4)
+    assert best["validation_metrics_at_0.5"]["f1"] == pytest.approx(
+        float(rows[best["steps"]]["val_f1"]), abs=1e-4
+    )
 
 
 def test_a_run_with_a_class_map_resumes_and_another_data_kind_starts_afresh(tmp_path):
@@ -302,20 +426,23 @@ def test_a_run_with_a_class_map_resumes_and_another_data_kind_starts_afresh(tmp_
     assert dicom.data == {"kind": "dicom", "root": "/series"}  # the folders' keys and mask values dropped
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("steps=abc", "steps must be a whole number"),
-    ("lr=fast", "lr must be a number"),
-    ("val_every=0", "val_every must be at least 1"),
-    ("batch_size=0", "batch_size must be at least 1"),
-    ("patch_size=0", "patch_size must be at least 16"),
-    ("steps=-5", "steps must be at least 1"),
-    ("ema_decay=1", "ema_decay must be above 0 and below 1"),
-    ("loss=focal", "loss must be one of"),
-    ("data.image=x", "data.image is not a key of data.kind folders"),
-    ("data.kind=zip", "data.kind must be one of"),
-    ("augment.flip=false", "unknown augment keys: flip"),
-    ("segment_property={type: liver}", "segment_property: expected"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("steps=abc", "steps must be a whole number"),
+        ("lr=fast", "lr must be a number"),
+        ("val_every=0", "val_every must be at least 1"),
+        ("batch_size=0", "batch_size must be at least 1"),
+        ("patch_size=0", "patch_size must be at least 16"),
+        ("steps=-5", "steps must be at least 1"),
+        ("ema_decay=1", "ema_decay must be above 0 and below 1"),
+        ("loss=focal", "loss must be one of"),
+        ("data.image=x", "data.image is not a key of data.kind folders"),
+        ("data.kind=zip", "data.kind must be one of"),
+        ("augment.flip=false", "unknown augment keys: flip"),
+        ("segment_property={type: liver}", "segment_property: expected"),
+    ],
+)
 def test_bad_settings_are_named_before_anything_is_read_or_written(tmp_path, capsys, setting, message):
     config = tmp_path / "mine.yaml"
     config.write_text(f"output_dir: {tmp_path}/run\ndata: {{kind: folders, images: a, masks: b}}\n")
@@ -331,8 +458,12 @@ def test_segment_does_not_take_its_own_outputs_for_inputs(tmp_path, capsys, monk
     monkeypatch.chdir(folder)
     assert main(["segment", ".", "-m", "base"]) == 0  # outputs land beside the input (-o defaults to .)
     assert main(["segment", ".", "-m", "base"]) == 0  # a second run: the same one input
-    assert sorted(p.name for p in folder.iterdir()) == [".r2au-outputs.json", "img0.tif", "img0_mask.tif",
-                                                         "img0_prob.tif"]  # and the record of its outputs
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".r2au-outputs.json",
+        "img0.tif",
+        "img0_mask.tif",
+        "img0_prob.tif",
+    ]  # and the record of its outputs
     assert "skipped 2 file(s)" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["segment", str(tmp_path / "empty"), "-m", "base"]) == 2
@@ -346,11 +477,24 @@ def test_evaluate_says_when_masks_seem_to_mark_the_other_class(tmp_path, capsys,
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
     from napari_r2au.training import evaluate
 
-    meta = build_metadata(name="em", architecture="unet", arch_args={"in_channels": 1, "base_width": 4},
-                          provenance={"data": {"class_map": {"0": 1, "255": 0}}})
+    meta = build_metadata(
+        name="em",
+        architecture="unet",
+        arch_args={"in_channels": 1, "base_width": 4},
+        provenance={"data": {"class_map": {"0": 1, "255": 0}}},
+    )
     save_model(create_model("unet", in_channels=1, base_width=4), user_models_dir(), meta)
-    scores = {"accuracy": 0.1, "sensitivity": 0.1, "specificity": 0.1, "precision": 0.1, "f1": 0.1, "iou": 0.05,
-              "auc_pr": 0.2, "n_images": 1, "per_image": []}
+    scores = {
+        "accuracy": 0.1,
+        "sensitivity": 0.1,
+        "specificity": 0.1,
+        "precision": 0.1,
+        "f1": 0.1,
+        "iou": 0.05,
+        "auc_pr": 0.2,
+        "n_images": 1,
+        "per_image": [],
+    }
     for auc, warned in ((0.03, True), (0.9, False)):
         monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a, auc=auc, **k: dict(scores, auc_roc=auc))
         assert main(["evaluate", "-m", "em", "--images", str(tmp_path), "--masks", str(tmp_path)]) == 0
@@ -367,7 +511,9 @@ def test_finetune_on_a_tiff_stack_keeps_it_one_stack(tmp_path, capsys, monkeypat
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
-    stack = (rng.random((3, 64, 64)) * 50).astype(np.float32) + np.array([0, 500, 1000], np.float32)[:, None, None]
+    stack = (rng.random((3, 64, 64)) * 50).astype(np.float32) + np.array([0, 500, 1000], np.float32)[
+        :, None, None
+    ]
     masks = np.zeros((3, 64, 64), np.uint8)
     masks[:2, :, 20:28] = 255
     tifffile.imwrite(tmp_path / "img" / "ct.tif", stack)
@@ -380,8 +526,26 @@ def test_finetune_on_a_tiff_stack_keeps_it_one_stack(tmp_path, capsys, monkeypat
         return real(parent, pairs, *args, **kwargs)
 
     monkeypatch.setattr(finetune, "iter_finetune", spy)
-    assert main(["finetune", "-m", "base", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
-                 "--steps", "2", "--patch", "32", "--batch", "2"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "-m",
+                "base",
+                "--images",
+                str(tmp_path / "img"),
+                "--masks",
+                str(tmp_path / "msk"),
+                "--steps",
+                "2",
+                "--patch",
+                "32",
+                "--batch",
+                "2",
+            ]
+        )
+        == 0
+    )
     ((image, labels),) = seen["pairs"]
     assert image.shape[:3] == labels.shape == (3, 64, 64) and seen["slices"] == [[0, 1, 2]]
     assert seen["names"] == ["ct.tif"]

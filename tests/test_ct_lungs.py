@@ -47,10 +47,18 @@ def _write_series(folder, names: list[str]) -> np.ndarray:
         volume.append(hounsfield)
         dataset = pydicom.dcmread(template)
         dataset.Rows, dataset.Columns = hounsfield.shape
-        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = (
+            16,
+            16,
+            15,
+            0,
+        )
         dataset.RescaleIntercept, dataset.RescaleSlope = -1024, 1
         dataset.PixelSpacing = [0.7, 0.7]
-        dataset.ImageOrientationPatient, dataset.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0.0, 0.0, 5.0 * index]
+        dataset.ImageOrientationPatient, dataset.ImagePositionPatient = (
+            [1, 0, 0, 0, 1, 0],
+            [0.0, 0.0, 5.0 * index],
+        )
         dataset.SOPInstanceUID, dataset.InstanceNumber = f"{UID}.{index}", index + 1
         dataset.PixelData = np.clip(hounsfield + 1024, 0, 65535).astype(np.uint16).tobytes()
         dataset.save_as(folder / f"slice{index}.dcm")

@@ -52,8 +52,9 @@ def test_a_mask_on_a_dicom_series_is_written_as_a_seg_that_maps_back_onto_its_sl
     assert seg.SeriesInstanceUID != pydicom.dcmread(sources[0][0]).SeriesInstanceUID  # a new series ...
     referenced = seg.ReferencedSeriesSequence[0]  # ... that refers to the image's
     assert referenced.SeriesInstanceUID == pydicom.dcmread(sources[0][0]).SeriesInstanceUID
-    back = seg.get_pixels_by_source_instance([uid for _, _, uid in sources], combine_segments=True,
-                                             skip_overlap_checks=True)
+    back = seg.get_pixels_by_source_instance(
+        [uid for _, _, uid in sources], combine_segments=True, skip_overlap_checks=True
+    )
     np.testing.assert_array_equal(back, np.where(labels == 3, 2, labels))  # segments numbered 1, 2
     descriptions = seg.SegmentSequence
     assert descriptions[1].SegmentLabel.endswith("label 3")
@@ -87,8 +88,12 @@ def test_a_mask_on_an_enhanced_multiframe_file_follows_the_files_frame_order(tmp
     labels = _labels(image.shape)
     write_labels(str(tmp_path / "mask.dcm"), labels, {"metadata": kwargs["metadata"]})
     seg = hd.seg.segread(tmp_path / "mask.dcm")
-    back = seg.get_pixels_by_source_frame(f"{UID}.7", [1, 2, 3], combine_segments=True, skip_overlap_checks=True)
-    np.testing.assert_array_equal(back, np.where(labels == 3, 2, labels)[::-1])  # file frame k = stack plane 2-k
+    back = seg.get_pixels_by_source_frame(
+        f"{UID}.7", [1, 2, 3], combine_segments=True, skip_overlap_checks=True
+    )
+    np.testing.assert_array_equal(
+        back, np.where(labels == 3, 2, labels)[::-1]
+    )  # file frame k = stack plane 2-k
     (tmp_path / "series").mkdir()
     (tmp_path / "enhanced.dcm").rename(tmp_path / "series" / "enhanced.dcm")
     (tmp_path / "mask.dcm").rename(tmp_path / "series" / "mask.dcm")
@@ -125,14 +130,34 @@ def test_r2au_segment_writes_a_seg_for_a_dicom_series(tmp_path, capsys):
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
     torch.manual_seed(0)
-    liver = {"category": {"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"},
-             "type": {"scheme": "SCT", "value": "10200004", "meaning": "Liver"}}
-    meta = build_metadata(name="grey", architecture="r2au_net", segment_property=liver,
-                          arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2})
+    liver = {
+        "category": {"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"},
+        "type": {"scheme": "SCT", "value": "10200004", "meaning": "Liver"},
+    }
+    meta = build_metadata(
+        name="grey",
+        architecture="r2au_net",
+        segment_property=liver,
+        arch_args={"in_channels": 1, "out_channels": 1, "base_width": 4, "t": 2},
+    )
     model = save_model(create_model("r2au_net", in_channels=1, base_width=4), user_models_dir(), meta)
     folder = _series(tmp_path / "series")
-    assert main(["segment", str(folder), "-m", "grey", "-o", str(tmp_path / "out"), "--dicom-seg",
-                 "--threshold", "0.0"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(folder),
+                "-m",
+                "grey",
+                "-o",
+                str(tmp_path / "out"),
+                "--dicom-seg",
+                "--threshold",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     seg = hd.seg.segread(tmp_path / "out" / "series_seg.dcm")
     description = seg.SegmentSequence[0]
     assert description.SegmentAlgorithmType == "AUTOMATIC"
@@ -148,16 +173,35 @@ def test_r2au_segment_writes_a_seg_for_a_dicom_series(tmp_path, capsys):
     with pytest.raises(ModelFileError, match="segment_property must be"):
         validate_metadata(dict(meta, segment_property={"type": liver["type"]}))
     # one file of the series: a SEG on that one instance
-    assert main(["segment", str(folder / "slice0.dcm"), "-m", "grey", "-o", str(tmp_path / "one"),
-                 "--dicom-seg", "--threshold", "0.0"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(folder / "slice0.dcm"),
+                "-m",
+                "grey",
+                "-o",
+                str(tmp_path / "one"),
+                "--dicom-seg",
+                "--threshold",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     one = hd.seg.segread(tmp_path / "one" / "slice0_seg.dcm")
     assert one.NumberOfFrames == 1
-    assert one.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == f"{UID}.0"
+    assert (
+        one.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == f"{UID}.0"
+    )
     # a TIFF has no series to refer to
     from napari_r2au.io import write_tiff
 
     write_tiff(tmp_path / "plain.tif", np.zeros((32, 32), np.uint8))
-    assert main(["segment", str(tmp_path / "plain.tif"), "-m", "grey", "-o", str(tmp_path / "x"), "--dicom-seg"]) == 1
+    assert (
+        main(["segment", str(tmp_path / "plain.tif"), "-m", "grey", "-o", str(tmp_path / "x"), "--dicom-seg"])
+        == 1
+    )
     assert "needs DICOM input" in capsys.readouterr().err
 
 
@@ -168,11 +212,15 @@ def test_images_a_seg_cannot_describe_give_a_clear_error(tmp_path):
     raw = pydicom.dcmread(source).pixel_array
     clip = _enhanced_ct(pydicom, source, [raw] * 2, positions=[0, 0], uid=5)
     del clip.SharedFunctionalGroupsSequence, clip.PerFrameFunctionalGroupsSequence, clip.FrameOfReferenceUID
-    clip.SOPClassUID = clip.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US multi-frame
+    clip.SOPClassUID = clip.file_meta.MediaStorageSOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.3.1"  # US multi-frame
+    )
     clip.save_as(tmp_path / "clip.dcm")
     ((image, kwargs, _),) = read_layers(str(tmp_path / "clip.dcm"))
     with pytest.raises(ValueError, match="no DICOM SEG can be made on these images"):
-        write_labels(str(tmp_path / "seg.dcm"), np.ones(image.shape, np.uint8), {"metadata": kwargs["metadata"]})
+        write_labels(
+            str(tmp_path / "seg.dcm"), np.ones(image.shape, np.uint8), {"metadata": kwargs["metadata"]}
+        )
     assert not (tmp_path / "seg.dcm").exists()
 
 
@@ -184,7 +232,13 @@ def test_a_seg_of_a_run_on_some_slices_refers_to_those_slices_only(tmp_path):
     labels = np.zeros(image.shape, np.uint8)
     labels[1, 20:30, 20:30] = 1  # Segment ran on slice 1 only
     whole, slices = mask_checksums(labels)
-    info = {"model": "tiny", "model_sha256": "ab" * 32, "slices": [1], "mask_sha256": whole, "slice_sha256": slices}
+    info = {
+        "model": "tiny",
+        "model_sha256": "ab" * 32,
+        "slices": [1],
+        "mask_sha256": whole,
+        "slice_sha256": slices,
+    }
     meta = {"metadata": {"r2au": dict(info, dicom={"sources": sources})}}
     write_labels(str(tmp_path / "one.dcm"), labels, meta)
     (tmp_path / "one.dcm").rename(tmp_path / "series" / "one.dcm")  # reopened: only slice 1 has mask
@@ -192,13 +246,20 @@ def test_a_seg_of_a_run_on_some_slices_refers_to_those_slices_only(tmp_path):
     np.testing.assert_array_equal(mask, labels)
     (tmp_path / "series" / "one.dcm").rename(tmp_path / "one.dcm")
     seg = hd.seg.segread(tmp_path / "one.dcm")
-    referenced = [item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    referenced = [
+        item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    ]
     assert referenced == [sources[1][2]] and seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     labels[2, :3, :3] = 1  # then a person drew on slice 2: it holds a result too
     write_labels(str(tmp_path / "two.dcm"), labels, meta)
     seg = hd.seg.segread(tmp_path / "two.dcm")
-    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
-    assert referenced == {sources[1][2], sources[2][2]} and seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    referenced = {
+        item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert (
+        referenced == {sources[1][2], sources[2][2]}
+        and seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    )
 
 
 def test_a_seg_on_a_2d_colour_photograph_reads_back(tmp_path):
@@ -211,8 +272,11 @@ def test_a_seg_on_a_2d_colour_photograph_reads_back(tmp_path):
     assert kwargs["rgb"] and image.ndim == 3
     labels = np.zeros(image.shape[:2], np.uint8)
     labels[10:40, 20:60] = 1
-    write_labels(str(tmp_path / "photo.dcm"), labels, {"metadata": {"r2au": {"model": "m", "dicom": {
-        "sources": kwargs["metadata"]["dicom"]["sources"]}}}})
+    write_labels(
+        str(tmp_path / "photo.dcm"),
+        labels,
+        {"metadata": {"r2au": {"model": "m", "dicom": {"sources": kwargs["metadata"]["dicom"]["sources"]}}}},
+    )
     seg = hd.seg.segread(tmp_path / "photo.dcm")
     back = seg.get_pixels_by_source_instance([pydicom.dcmread(photo).SOPInstanceUID], combine_segments=True)
     np.testing.assert_array_equal(back[0], labels)
@@ -222,18 +286,36 @@ def _manual_seg(sources, pixels, *, labelmap=False, segments=1):
     """A SEG made by another tool (highdicom directly): MANUAL segments, or a label map."""
     from pydicom.sr.codedict import codes
 
-    descriptions = [hd.seg.SegmentDescription(
-        segment_number=n, segment_label=f"s{n}", segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-        for n in range(1, segments + 1)]
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=f"s{n}",
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for n in range(1, segments + 1)
+    ]
     kind = hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels, segmentation_type=kind, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="elsewhere", manufacturer_model_name="x", software_versions="1", device_serial_number="1")
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=kind,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="elsewhere",
+        manufacturer_model_name="x",
+        software_versions="1",
+        device_serial_number="1",
+    )
 
 
-def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_the_image(tmp_path, monkeypatch):
+def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_the_image(
+    tmp_path, monkeypatch
+):
     from napari_r2au import _reader
 
     warnings = []
@@ -245,7 +327,9 @@ def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_t
     labels = np.zeros(image.shape, np.uint8)
     labels[0, 10:30, 10:30], labels[2, 40:50, 40:50] = 1, 2
     # another SOP class, on slices 0 and 2 only
-    _manual_seg([headers[0], headers[2]], labels[[0, 2]], labelmap=True, segments=2).save_as(folder / "labelmap.dcm")
+    _manual_seg([headers[0], headers[2]], labels[[0, 2]], labelmap=True, segments=2).save_as(
+        folder / "labelmap.dcm"
+    )
     broken = pydicom.dcmread(folder / "labelmap.dcm")
     broken.Rows = 64  # its frames no longer fit its pixel data
     broken.save_as(folder / "broken.dcm")
@@ -261,7 +345,9 @@ def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_t
     edited[1, :5, :5] = 1  # drawn on a slice the SEG did not cover: the re-export adds it
     write_labels(str(tmp_path / "again.dcm"), edited, {"metadata": placed_kwargs["metadata"]})
     again = hd.seg.segread(tmp_path / "again.dcm")
-    referenced = {i.ReferencedSOPInstanceUID for i in again.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {
+        i.ReferencedSOPInstanceUID for i in again.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
     assert referenced == {sources[z][2] for z in (0, 1, 2)}
     assert {d.SegmentAlgorithmType for d in again.SegmentSequence} == {"MANUAL"}
 
@@ -283,7 +369,11 @@ def test_a_models_seg_reopened_keeps_its_provenance_and_frames_without_mask(tmp_
     _, (placed, placed_kwargs, _) = read_layers(str(folder))
     np.testing.assert_array_equal(placed, labels)
     info = placed_kwargs["metadata"]["r2au"]
-    assert info["algorithm_type"] == "AUTOMATIC" and info["model"] == "tiny" and info["algorithm_version"] == "cd" * 8
+    assert (
+        info["algorithm_type"] == "AUTOMATIC"
+        and info["model"] == "tiny"
+        and info["algorithm_version"] == "cd" * 8
+    )
     write_labels(str(tmp_path / "unedited.dcm"), placed, {"metadata": placed_kwargs["metadata"]})
     unedited = hd.seg.segread(tmp_path / "unedited.dcm")
     identification = unedited.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
@@ -304,12 +394,26 @@ def test_a_folder_of_series_with_their_segs_is_training_data(tmp_path):
         labels = np.zeros(image.shape, np.uint8)
         labels[1, 30:60, 40:80] = 1  # a run on slice 1 only: the SEG covers that slice
         whole, slices = mask_checksums(labels)
-        info = {"model": "tiny", "slices": [1], "mask_sha256": whole, "slice_sha256": slices,
-                "dicom": kwargs["metadata"]["dicom"]}
+        info = {
+            "model": "tiny",
+            "slices": [1],
+            "mask_sha256": whole,
+            "slice_sha256": slices,
+            "dicom": kwargs["metadata"]["dicom"],
+        }
         write_labels(str(folder / "mask.dcm"), labels, {"metadata": {"r2au": info}})
-    config = TrainConfig(in_channels=1, data={"kind": "dicom", "root": str(root)}, base_width=4, patch_size=32,
-                         batch_size=2, steps=2, val_every=2, val_images=1, output_dir=str(tmp_path / "run"),
-                         normalization={"kind": "scale", "min": -160, "max": 240, "clip": True})
+    config = TrainConfig(
+        in_channels=1,
+        data={"kind": "dicom", "root": str(root)},
+        base_width=4,
+        patch_size=32,
+        batch_size=2,
+        steps=2,
+        val_every=2,
+        val_images=1,
+        output_dir=str(tmp_path / "run"),
+        normalization={"kind": "scale", "min": -160, "max": 240, "clip": True},
+    )
     samples = load_samples(config)
     assert [s.name for s in samples] == ["case1[1]", "case2[1]"]
     owner = samples[0].raw if samples[0].raw.base is None else samples[0].raw.base
@@ -330,8 +434,9 @@ def test_a_folder_of_series_with_their_segs_is_training_data(tmp_path):
     assert int(one[0].mask.sum()) == 30 * 40  # segment numbers: 0 needs no entry
     assert int(samples[0].mask.sum()) == 30 * 40 and samples[0].image.shape[:2] == image.shape[1:]
     spacing = float(kwargs["scale"][-1])
-    halved = dicom_samples(root, pixel_size=2 * spacing, pixel_size_unit="mm",
-                           normalization={"kind": "scale"})  # resized to 2x the pixel size
+    halved = dicom_samples(
+        root, pixel_size=2 * spacing, pixel_size_unit="mm", normalization={"kind": "scale"}
+    )  # resized to 2x the pixel size
     assert halved[0].mask.shape == (64, 64) and int(halved[0].mask.sum()) == 15 * 20
     result = train(config)
     assert result.steps == 2 and result.best is not None and result.best.is_file()

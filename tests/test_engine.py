@@ -9,8 +9,15 @@ from napari_r2au.engine import Cancelled, Progress, iter_predict, resolve_axes, 
 
 @pytest.mark.parametrize(
     ("shape", "channels", "axes"),
-    [((20, 30), 3, "YX"), ((20, 30, 3), 3, "YXC"), ((3, 20, 30), 3, "CYX"), ((5, 20, 30), 3, "ZYX"),
-     ((5, 20, 30, 3), 3, "ZYXC"), ((20, 30, 1), 1, "YXC"), ((20, 30, 4), 3, "YXC")],
+    [
+        ((20, 30), 3, "YX"),
+        ((20, 30, 3), 3, "YXC"),
+        ((3, 20, 30), 3, "CYX"),
+        ((5, 20, 30), 3, "ZYX"),
+        ((5, 20, 30, 3), 3, "ZYXC"),
+        ((20, 30, 1), 1, "YXC"),
+        ((20, 30, 4), 3, "YXC"),
+    ],
 )
 def test_axes_are_resolved(shape, channels, axes):
     assert resolve_axes(shape, channels) == axes
@@ -101,8 +108,10 @@ def test_progress_and_cancel(tiny_net, rng):
     predict(tiny_net, image, tile_size=64, batch_size=2, progress=events.append, precision="fp32")
     assert events[0].done == 0 and events[-1].done == events[-1].total > 1
     with pytest.raises(Cancelled):
-        run(iter_predict(tiny_net, image, tile_size=64, batch_size=1, precision="fp32"),
-            lambda event: event.done < 2)
+        run(
+            iter_predict(tiny_net, image, tile_size=64, batch_size=1, precision="fp32"),
+            lambda event: event.done < 2,
+        )
 
 
 def test_threshold_and_multiclass(rng):
@@ -170,8 +179,14 @@ def _model_with_pixel_size(tmp_path, pixel_size, unit):
     from napari_r2au.model_files import build_metadata, load_model, save_model
 
     torch.manual_seed(0)
-    meta = build_metadata(name="px", architecture="unet", arch_args={"base_width": 4},
-                          pixel_size=pixel_size, pixel_size_unit=unit, input_scale=0.8)
+    meta = build_metadata(
+        name="px",
+        architecture="unet",
+        arch_args={"base_width": 4},
+        pixel_size=pixel_size,
+        pixel_size_unit=unit,
+        input_scale=0.8,
+    )
     return load_model(save_model(create_model("unet", base_width=4), tmp_path, meta))
 
 
@@ -205,12 +220,16 @@ def test_stack_slices_are_reported_when_done_at_full_resolution(tiny_net, rng):
     stack = rng.random((3, 40, 36)).astype(np.float32)
     for scale in (1.0, 0.5):
         events = []
-        result = run(iter_predict(tiny_net, stack, axes="ZYX", slices=[2, 0, 1], scale=scale, precision="fp32"),
-                     events.append)
+        result = run(
+            iter_predict(tiny_net, stack, axes="ZYX", slices=[2, 0, 1], scale=scale, precision="fp32"),
+            events.append,
+        )
         done = [e for e in events if e.slice_index is not None]
         assert [e.slice_index for e in done] == [2, 0, 1]
         for event in done:
-            np.testing.assert_allclose(event.slice_probabilities, result.probabilities[event.slice_index], atol=1e-6)
+            np.testing.assert_allclose(
+                event.slice_probabilities, result.probabilities[event.slice_index], atol=1e-6
+            )
     assert all(e.slice_index is None for e in run_events(tiny_net, stack[0]))  # 2D: no slice events
 
 
@@ -259,9 +278,13 @@ class _PlanesOnly:
         raise AssertionError("the whole stack was loaded")
 
 
-@pytest.mark.parametrize("axes, shape", [("ZYX", (3, 40, 36)), ("ZYXC", (3, 40, 36, 3)), ("CZYX", (3, 3, 40, 36))])
+@pytest.mark.parametrize(
+    "axes, shape", [("ZYX", (3, 40, 36)), ("ZYXC", (3, 40, 36, 3)), ("CZYX", (3, 3, 40, 36))]
+)
 @pytest.mark.parametrize("scale", [0.5, 1.5])
-def test_a_rescaled_stack_is_resized_plane_by_plane_as_a_whole_volume_would_be(tiny_net, rng, axes, shape, scale):
+def test_a_rescaled_stack_is_resized_plane_by_plane_as_a_whole_volume_would_be(
+    tiny_net, rng, axes, shape, scale
+):
     """As skimage resizes a whole volume (anti-aliased when shrinking), there and back."""
     from skimage.transform import resize
 
@@ -275,8 +298,9 @@ def test_a_rescaled_stack_is_resized_plane_by_plane_as_a_whole_volume_would_be(t
         back = resize(expected.probabilities[z], plane, order=1, preserve_range=True)
         np.testing.assert_allclose(result.probabilities[z], np.clip(back, 0, 1), atol=1e-5)
         for ours, theirs in zip(result.attention, expected.attention):
-            np.testing.assert_allclose(ours[z], np.clip(resize(theirs[z], plane, order=1, preserve_range=True), 0, 1),
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                ours[z], np.clip(resize(theirs[z], plane, order=1, preserve_range=True), 0, 1), atol=1e-5
+            )
 
 
 def test_a_rescaled_run_of_one_slice_reads_that_slice_and_the_statistics_sample_only(tiny_net, rng):

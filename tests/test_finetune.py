@@ -15,8 +15,11 @@ def base_model(tmp_path):
 
     torch.manual_seed(0)
     net = create_model("r2au_net", base_width=4)
-    meta = build_metadata(name="base", architecture="r2au_net",
-                          arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2})
+    meta = build_metadata(
+        name="base",
+        architecture="r2au_net",
+        arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2},
+    )
     return load_model(save_model(net, tmp_path / "models", meta))
 
 
@@ -74,12 +77,20 @@ def test_finetune_derives_the_scale_from_pixel_sizes_and_keeps_the_model_pixel_s
     from napari_r2au.engine import run
 
     net = create_model("unet", base_width=4)
-    meta = build_metadata(name="ct", architecture="unet", arch_args={"base_width": 4},
-                          pixel_size=0.5, pixel_size_unit="mm")
+    meta = build_metadata(
+        name="ct", architecture="unet", arch_args={"base_width": 4}, pixel_size=0.5, pixel_size_unit="mm"
+    )
     parent = load_model(save_model(net, tmp_path / "models", meta))
     image, mask = _bars(rng, 128)
-    result = run(iter_finetune(parent, [(image, mask)], settings=FinetuneSettings(steps=2, patch_size=32),
-                               pixel_size=250.0, pixel_size_unit="um"))
+    result = run(
+        iter_finetune(
+            parent,
+            [(image, mask)],
+            settings=FinetuneSettings(steps=2, patch_size=32),
+            pixel_size=250.0,
+            pixel_size_unit="um",
+        )
+    )
     tuned = result.model
     assert tuned.input_scale == pytest.approx(0.5)  # 250 um pixels seen as 0.5 mm ones
     assert tuned.pixel_size == pytest.approx(500.0) and tuned.pixel_size_unit == "um"  # = 0.5 mm
@@ -91,15 +102,27 @@ def test_stack_fine_tune_at_a_pixel_size_scale(tmp_path, rng):
     from napari_r2au.engine import run
 
     net = create_model("unet", base_width=4, in_channels=1)
-    meta = build_metadata(name="ct", architecture="unet", arch_args={"base_width": 4, "in_channels": 1},
-                          pixel_size=0.5, pixel_size_unit="mm")
+    meta = build_metadata(
+        name="ct",
+        architecture="unet",
+        arch_args={"base_width": 4, "in_channels": 1},
+        pixel_size=0.5,
+        pixel_size_unit="mm",
+    )
     parent = load_model(save_model(net, tmp_path / "models", meta))
     image, mask = _bars(rng, 64)
     stack = np.stack([image.mean(-1)] * 3).astype(np.float32)
     labels = np.zeros((3, 64, 64), np.uint8)
     labels[1] = mask
-    result = run(iter_finetune(parent, [(stack, labels)], settings=FinetuneSettings(steps=2, patch_size=32),
-                               pixel_size=0.7, pixel_size_unit="mm"))  # scale 1.4, slice by slice
+    result = run(
+        iter_finetune(
+            parent,
+            [(stack, labels)],
+            settings=FinetuneSettings(steps=2, patch_size=32),
+            pixel_size=0.7,
+            pixel_size_unit="mm",
+        )
+    )  # scale 1.4, slice by slice
     assert result.model.input_scale == pytest.approx(1.4)
     assert result.model.pixel_size == pytest.approx(0.5)
 
@@ -110,8 +133,11 @@ def test_the_base_model_is_scored_at_its_best_threshold_on_the_held_out_part(bas
     from napari_r2au.training.trainer import THRESHOLDS, evaluate_samples
 
     # a base whose own threshold (chosen on other data) is poor here
-    base_model = load_model(save_model(base_model.network, tmp_path / "skewed",
-                                       dict(base_model.metadata, name="skewed", threshold=0.97)))
+    base_model = load_model(
+        save_model(
+            base_model.network, tmp_path / "skewed", dict(base_model.metadata, name="skewed", threshold=0.97)
+        )
+    )
     image, mask = _bars(rng)
     settings = FinetuneSettings(steps=2, lr=1e-4, patch_size=48, batch_size=2)
     result = run(iter_finetune(base_model, [(image, mask)], settings=settings))
@@ -150,7 +176,9 @@ def test_every_slice_with_foreground_gives_a_held_out_strip(base_model, rng):
     labels = np.stack([np.zeros_like(mask), mask, mask])  # slice 0: the user erased everything
     grey = load_model(base_model.path)
     settings = FinetuneSettings(patch_size=48)
-    train, held_out = prepare_samples(grey, [(stack, labels)], None, settings, names=["s"], slices=[[0, 1, 2]])
+    train, held_out = prepare_samples(
+        grey, [(stack, labels)], None, settings, names=["s"], slices=[[0, 1, 2]]
+    )
     assert [s.name for s in held_out] == ["s[z=1][held out]", "s[z=2][held out]"]
     assert all(s.mask.any() for s in held_out)
     assert [s.name for s in train] == ["s[z=0]", "s[z=1][train]", "s[z=2][train]"]
@@ -219,8 +247,14 @@ def test_the_mask_before_corrections_says_where_they_are(base_model, rng):
     corrected = before.copy()
     corrected[:, 5:45] = 0
     corrected[20:30, 5:45] = 1  # the user's strokes, on the left only
-    train, held_out = prepare_samples(base_model, [(image, corrected)], None, FinetuneSettings(patch_size=48),
-                                      names=["p"], originals=[before])
+    train, held_out = prepare_samples(
+        base_model,
+        [(image, corrected)],
+        None,
+        FinetuneSettings(patch_size=48),
+        names=["p"],
+        originals=[before],
+    )
     (band,) = held_out
     assert band.window == (0, 50) and [s.window for s in train] == [(50, 200)]
     assert band.corrections == int((before[:, :50] != corrected[:, :50]).sum())
@@ -236,8 +270,9 @@ def test_a_band_in_the_middle_leaves_two_training_pieces(base_model, rng, monkey
     corrected = mask.astype(float)
     corrected[:, 100:140] = 1 - corrected[:, 100:140]  # the model is wrong there only (what the user fixed)
     monkeypatch.setattr(finetune, "predict_samples", lambda model, samples, **_: [corrected for _ in samples])
-    train, held_out = finetune.prepare_samples(base_model, [(image, mask)], None, FinetuneSettings(patch_size=48),
-                                               names=["p"])
+    train, held_out = finetune.prepare_samples(
+        base_model, [(image, mask)], None, FinetuneSettings(patch_size=48), names=["p"]
+    )
     (band,) = held_out
     x0, x1 = band.window
     assert x0 <= 100 and x1 >= 140
@@ -252,9 +287,13 @@ def test_two_pairs_pool_their_strips_and_a_narrow_pair_trains_whole(base_model, 
 
     image, mask = _bars(rng)
     small_image, small_mask = image[:40, :40], mask[:40, :40]  # too narrow to lose a strip at patch 48
-    train, held_out = prepare_samples(base_model, [(image, mask), (image[:, ::-1], mask[:, ::-1]),
-                                                   (small_image, small_mask)],
-                                      None, FinetuneSettings(patch_size=48), names=["a", "b", "c"])
+    train, held_out = prepare_samples(
+        base_model,
+        [(image, mask), (image[:, ::-1], mask[:, ::-1]), (small_image, small_mask)],
+        None,
+        FinetuneSettings(patch_size=48),
+        names=["a", "b", "c"],
+    )
     assert [s.name for s in held_out] == ["a[held out]", "b[held out]"]
     assert [s.name for s in train] == ["a[train]", "b[train]", "c"]
     assert train[2].mask.shape == small_mask.shape
@@ -267,8 +306,13 @@ def test_a_pair_whose_foreground_is_all_in_its_strip_trains_whole(base_model, rn
     image, mask = _bars(rng)
     right_only = np.zeros_like(mask)
     right_only[:, 80:88] = 1  # inside the right quarter (columns 72-95) only
-    train, held_out = prepare_samples(base_model, [(image, mask), (image, right_only)], None,
-                                      FinetuneSettings(patch_size=48), names=["a", "b"])
+    train, held_out = prepare_samples(
+        base_model,
+        [(image, mask), (image, right_only)],
+        None,
+        FinetuneSettings(patch_size=48),
+        names=["a", "b"],
+    )
     assert [s.name for s in held_out] == ["a[held out]"]
     assert [s.name for s in train] == ["a[train]", "b"] and train[1].mask.sum() == right_only.sum()
 
@@ -282,8 +326,9 @@ def test_a_long_stack_lends_at_most_a_few_evenly_spaced_strips(base_model, rng):
     stack = np.stack([image.mean(-1)] * n).astype(np.float32)
     labels = np.stack([mask] * n)
     grey = load_model(base_model.path)
-    train, held_out = prepare_samples(grey, [(stack, labels)], None, FinetuneSettings(patch_size=48),
-                                      names=["s"], slices=[list(range(n))])
+    train, held_out = prepare_samples(
+        grey, [(stack, labels)], None, FinetuneSettings(patch_size=48), names=["s"], slices=[list(range(n))]
+    )
     assert len(held_out) == MAX_HELD_OUT_STRIPS and len(train) == n
     chosen = [int(s.name.split("=")[1].split("]")[0]) for s in held_out]
     assert chosen[0] == 0 and chosen[-1] == n - 1 and chosen == sorted(set(chosen))
@@ -308,7 +353,9 @@ def test_blending_with_the_parent_mixes_weights_and_statistics(base_model):
                 assert torch.allclose(mixed[key], before[key] + share * (value - before[key]), atol=1e-6), key
             else:
                 assert torch.equal(mixed[key], value), key  # step counters are the tuned ones
-    assert not torch.equal(parent.state_dict()[next(iter(before))], after[next(iter(after))])  # inputs untouched
+    assert not torch.equal(
+        parent.state_dict()[next(iter(before))], after[next(iter(after))]
+    )  # inputs untouched
     with pytest.raises(ValueError, match="layers"):
         blend_with_parent(parent, create_model("r2au_net", base_width=8), 0.5)
 
@@ -337,7 +384,9 @@ def test_the_new_model_is_the_chosen_share_of_the_way_from_its_parent(base_model
     scores = {t: evaluate_samples(blended, held_out, t)["f1"] for t in THRESHOLDS}
     assert blended.threshold in scores and scores[blended.threshold] == pytest.approx(max(scores.values()))
     assert result.dice_after == pytest.approx(max(scores.values()))
-    assert blended.metadata["provenance"]["validation_metrics"]["f1"] == pytest.approx(result.dice_after, abs=1e-4)
+    assert blended.metadata["provenance"]["validation_metrics"]["f1"] == pytest.approx(
+        result.dice_after, abs=1e-4
+    )
     assert blended.metadata["provenance"]["validation_images"] == ["pair0[held out]"]  # what was held out
 
 
@@ -345,14 +394,19 @@ def test_a_weight_share_out_of_range_is_refused_before_training(base_model, rng)
     image, mask = _bars(rng)
     for share in (0.0, 1.5):
         with pytest.raises(ValueError, match="weight share"):
-            run(iter_finetune(base_model, [(image, mask)], settings=FinetuneSettings(steps=2, weight_share=share)))
+            run(
+                iter_finetune(
+                    base_model, [(image, mask)], settings=FinetuneSettings(steps=2, weight_share=share)
+                )
+            )
     assert not list(user_models_dir().glob("base-ft*.json"))
 
 
 def test_without_a_held_out_part_the_new_model_keeps_its_parents_threshold(base_model, rng, tmp_path):
     """Too narrow for a strip: no threshold can be chosen, so the parent's is kept (not 0.5)."""
-    parent = load_model(save_model(base_model.network, tmp_path / "p", dict(base_model.metadata, name="p",
-                                                                           threshold=0.3)))
+    parent = load_model(
+        save_model(base_model.network, tmp_path / "p", dict(base_model.metadata, name="p", threshold=0.3))
+    )
     image, mask = _bars(rng, 40)
     result = run(iter_finetune(parent, [(image, mask)], settings=FinetuneSettings(steps=2, patch_size=32)))
     assert result.dice_before is None and result.dice_after is None

@@ -68,7 +68,7 @@ def test_fov_diameter_of_a_cropped_photograph(name):
     """A field larger than the frame: the circle is fitted to the corners' arcs."""
     image, truth = _photographs(name, 1)[0]
     height, width = image.shape[:2]
-    cropped = image[int(0.15 * height):int(0.85 * height), int(0.1 * width):int(0.9 * width)]
+    cropped = image[int(0.15 * height) : int(0.85 * height), int(0.1 * width) : int(0.9 * width)]
     assert abs(fov_diameter(cropped) - truth) <= 0.02 * truth
 
 
@@ -143,8 +143,10 @@ def test_stare_and_chase_pair_with_their_own_mask_names():
     """im0001.ppm with labels-ah/im0001.ah.ppm; Image_01L.jpg with 1stHO/Image_01L_1stHO.png."""
     from napari_r2au.training.data import folder_samples
 
-    for images, masks, fov in (("STARE/images", "STARE/labels-ah", "STARE/mask"),
-                               ("CHASEDB1/images", "CHASEDB1/1stHO", "CHASEDB1/mask")):
+    for images, masks, fov in (
+        ("STARE/images", "STARE/labels-ah", "STARE/mask"),
+        ("CHASEDB1/images", "CHASEDB1/1stHO", "CHASEDB1/mask"),
+    ):
         if not (DATA / images).is_dir():
             pytest.skip(f"{DATA / images} not found")
         samples = folder_samples(DATA / images, DATA / masks, DATA / fov, fov_diameter=537)

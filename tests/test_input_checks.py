@@ -7,7 +7,11 @@ import numpy as np
 from napari_r2au.engine import input_notices
 from napari_r2au.io import write_tiff
 
-CT = {"name": "ct-test", "in_channels": 1, "normalization": {"kind": "scale", "min": -1000, "max": 400, "clip": True}}
+CT = {
+    "name": "ct-test",
+    "in_channels": 1,
+    "normalization": {"kind": "scale", "min": -1000, "max": 400, "clip": True},
+}
 
 
 def test_channel_conversions_are_said():
@@ -36,5 +40,7 @@ def test_segment_cli_warns_before_running(tmp_path, capsys):
     from napari_r2au.cli import main
 
     write_tiff(tmp_path / "grey.tif", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
-    assert main(["segment", str(tmp_path / "grey.tif"), "-m", "drive-vessels", "-o", str(tmp_path / "out")]) == 0
+    assert (
+        main(["segment", str(tmp_path / "grey.tif"), "-m", "drive-vessels", "-o", str(tmp_path / "out")]) == 0
+    )
     assert "warning:" in capsys.readouterr().err

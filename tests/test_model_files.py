@@ -56,8 +56,13 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     weights = tmp_path / "evil.pt"
     weights.write_bytes(pickle.dumps({"conv.weight": _Exploit()}))
     digest = __import__("hashlib").sha256(weights.read_bytes()).hexdigest()
-    meta = build_metadata(name="evil", architecture="r2au_net", arch_args={"base_width": 4},
-                          weights_file="evil.pt", weights_sha256=digest)
+    meta = build_metadata(
+        name="evil",
+        architecture="r2au_net",
+        arch_args={"base_width": 4},
+        weights_file="evil.pt",
+        weights_sha256=digest,
+    )
     (tmp_path / "evil.json").write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match="refused"):
         load_model(tmp_path / "evil.json")
@@ -68,8 +73,13 @@ def test_plain_state_dict_pt_loads(tmp_path):
     net = create_model("unet", base_width=4)
     torch.save(net.state_dict(), tmp_path / "plain.pt")
     digest = __import__("hashlib").sha256((tmp_path / "plain.pt").read_bytes()).hexdigest()
-    meta = build_metadata(name="plain", architecture="unet", arch_args={"base_width": 4},
-                          weights_file="plain.pt", weights_sha256=digest)
+    meta = build_metadata(
+        name="plain",
+        architecture="unet",
+        arch_args={"base_width": 4},
+        weights_file="plain.pt",
+        weights_sha256=digest,
+    )
     (tmp_path / "plain.json").write_text(json.dumps(meta))
     assert load_model(tmp_path / "plain.json").metadata["architecture"] == "unet"
 
@@ -109,15 +119,21 @@ def test_bundled_default_model_is_trained():
 def test_metadata_problems_are_listed_in_one_message(tmp_path):
     _, sidecar = _save_tiny(tmp_path)
     meta = json.loads(sidecar.read_text())
-    meta.update(threshold="high", in_channels=-1, postprocess=["dilate"], weights_file="../elsewhere.safetensors")
+    meta.update(
+        threshold="high", in_channels=-1, postprocess=["dilate"], weights_file="../elsewhere.safetensors"
+    )
     del meta["architecture"]
     sidecar.write_text(json.dumps(meta))
     with pytest.raises(ModelFileError) as caught:
         load_model(sidecar)
     message = str(caught.value)
-    for expected in ("missing architecture", "threshold must be a number between 0 and 1",
-                     "in_channels must be a positive integer", "postprocess must be a list of steps",
-                     "weights_file must be a file name in the same folder"):
+    for expected in (
+        "missing architecture",
+        "threshold must be a number between 0 and 1",
+        "in_channels must be a positive integer",
+        "postprocess must be a list of steps",
+        "weights_file must be a file name in the same folder",
+    ):
         assert expected in message, message
 
 
@@ -160,10 +176,21 @@ def test_names_and_units_are_checked(tmp_path):
     net = create_model("unet", base_width=4)
     for name in ("../escape", "sub/dir", ".hidden"):
         with pytest.raises(ModelFileError, match="is not a valid model name"):
-            save_model(net, tmp_path, build_metadata(name=name, architecture="unet", arch_args={"base_width": 4}))
+            save_model(
+                net, tmp_path, build_metadata(name=name, architecture="unet", arch_args={"base_width": 4})
+            )
     with pytest.raises(ModelFileError, match="pixel_size_unit must be null or a unit of length"):
-        save_model(net, tmp_path, build_metadata(name="x", architecture="unet", arch_args={"base_width": 4},
-                                                 pixel_size=4.0, pixel_size_unit="seconds"))
+        save_model(
+            net,
+            tmp_path,
+            build_metadata(
+                name="x",
+                architecture="unet",
+                arch_args={"base_width": 4},
+                pixel_size=4.0,
+                pixel_size_unit="seconds",
+            ),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -234,7 +261,12 @@ def test_listing_models_does_not_import_torch():
     import sys
 
     code = "import sys; from napari_r2au.model_files import list_models; list_models(); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )
 
 
 def test_add_model_takes_the_threshold_from_a_held_out_run(tmp_path):
@@ -244,10 +276,19 @@ def test_add_model_takes_the_threshold_from_a_held_out_run(tmp_path):
     args = {"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2}
 
     def held_out_run(folder, chosen_on="validation split, F1", architecture="r2au_net"):
-        provenance = {"validation_images": 4, "validation_metrics": {"f1": 0.81}, "threshold_chosen_on": chosen_on}
+        provenance = {
+            "validation_images": 4,
+            "validation_metrics": {"f1": 0.81},
+            "threshold_chosen_on": chosen_on,
+        }
         net = create_model(architecture, base_width=4)
-        return save_model(net, tmp_path / folder, build_metadata(
-            name="best", architecture=architecture, arch_args=args, threshold=0.3, provenance=provenance))
+        return save_model(
+            net,
+            tmp_path / folder,
+            build_metadata(
+                name="best", architecture=architecture, arch_args=args, threshold=0.3, provenance=provenance
+            ),
+        )
 
     donor = held_out_run("held-out")
     _, all_data = _save_tiny(tmp_path / "all")
@@ -257,16 +298,23 @@ def test_add_model_takes_the_threshold_from_a_held_out_run(tmp_path):
     assert source["validation_metrics"] == {"f1": 0.81} and source["sha256"] == load_model(donor).sha256
     assert str(donor) in added.metadata["provenance"]["threshold_chosen_on"]
 
-    by_hand = load_model(add_model(user_models_dir() / "all-data.json", name="by-hand", threshold=np.float32(0.4)))
+    by_hand = load_model(
+        add_model(user_models_dir() / "all-data.json", name="by-hand", threshold=np.float32(0.4))
+    )
     assert by_hand.threshold == pytest.approx(0.4)
     provenance = by_hand.metadata["provenance"]
-    assert provenance["threshold_chosen_on"] == "set by hand (r2au add-model)" and "threshold_source" not in provenance
+    assert (
+        provenance["threshold_chosen_on"] == "set by hand (r2au add-model)"
+        and "threshold_source" not in provenance
+    )
     assert provenance["before_threshold_change"]["threshold"] == 0.3
 
-    for bad, message in ((dict(threshold=1.5), "threshold must be"),
-                         (dict(threshold=0.4, threshold_from=donor), "not both"),
-                         (dict(threshold_from=held_out_run("uncalibrated", chosen_on="")), "not chosen on a validation"),
-                         (dict(threshold_from=held_out_run("other", architecture="unet")), "differs from the model in")):
+    for bad, message in (
+        (dict(threshold=1.5), "threshold must be"),
+        (dict(threshold=0.4, threshold_from=donor), "not both"),
+        (dict(threshold_from=held_out_run("uncalibrated", chosen_on="")), "not chosen on a validation"),
+        (dict(threshold_from=held_out_run("other", architecture="unet")), "differs from the model in"),
+    ):
         with pytest.raises(ModelFileError, match=message):
             add_model(all_data, name="bad", **bad)
     assert not (user_models_dir() / "bad.json").exists()

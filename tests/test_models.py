@@ -22,18 +22,27 @@ def n_params(net: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("arch", sorted(REFERENCE_COUNTS))
 def test_parameter_counts_match_reference(arch):
-    assert n_params(create_model(arch, in_channels=3, out_channels=1, base_width=64)) == REFERENCE_COUNTS[arch]
+    assert (
+        n_params(create_model(arch, in_channels=3, out_channels=1, base_width=64)) == REFERENCE_COUNTS[arch]
+    )
 
 
 def test_registry_names_and_unknown_name():
     assert available_architectures() == [
-        "unet", "attention_unet", "ru_net", "r2u_net", "attention_res_unet", "r2au_net"
+        "unet",
+        "attention_unet",
+        "ru_net",
+        "r2u_net",
+        "attention_res_unet",
+        "r2au_net",
     ]
     with pytest.raises(ValueError, match="valid: unet, attention_unet"):
         create_model("transunet")
 
 
-@pytest.mark.parametrize("arch", ["unet", "attention_unet", "ru_net", "r2u_net", "attention_res_unet", "r2au_net"])
+@pytest.mark.parametrize(
+    "arch", ["unet", "attention_unet", "ru_net", "r2u_net", "attention_res_unet", "r2au_net"]
+)
 def test_forward_shapes_and_attention(arch):
     net = create_model(arch, in_channels=1, out_channels=2, base_width=4).eval()
     x = torch.randn(2, 1, 48, 64)

@@ -44,17 +44,35 @@ def test_installed_package_ships_manifest_and_trainer():
 @pytest.mark.slow
 def test_wheel_contains_manifest_trainer_and_model(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (wheel,) = tmp_path.glob("napari_r2au-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "napari_r2au/napari.yaml" in names
     assert "napari_r2au/widgets/segment.py" in names and "napari_r2au/models/unet.py" in names
-    assert "napari_r2au/training/trainer.py" in names and "napari_r2au/training/configs/drive-vessels.yaml" in names
+    assert (
+        "napari_r2au/training/trainer.py" in names
+        and "napari_r2au/training/configs/drive-vessels.yaml" in names
+    )
     assert "napari_r2au/bundled_models/drive-vessels.json" in names
     assert "napari_r2au/bundled_models/drive-vessels.safetensors" in names
-    assert not any(n.startswith("training/") for n in names), "a bare top-level 'training' package would collide"
+    assert not any(n.startswith("training/") for n in names), (
+        "a bare top-level 'training' package would collide"
+    )
     manifest = zipfile.ZipFile(wheel).read("napari_r2au/napari.yaml").decode()
     assert manifest == (ROOT / "napari.yaml").read_text()
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -55,8 +55,11 @@ def test_plane_wise_kinds_are_not_applied_per_tile():
 
 
 def _clahe_model(net) -> LoadedModel:
-    return LoadedModel(net, {"name": "c", "in_channels": 3, "out_channels": 1, "threshold": 0.5,
-                             "normalization": CLAHE}, source="memory")
+    return LoadedModel(
+        net,
+        {"name": "c", "in_channels": 3, "out_channels": 1, "threshold": 0.5, "normalization": CLAHE},
+        source="memory",
+    )
 
 
 def test_engine_enhances_whole_planes_as_training_does(tiny_net):
@@ -67,7 +70,9 @@ def test_engine_enhances_whole_planes_as_training_does(tiny_net):
     # what the trainer feeds the network: the sample's normalized image
     sample = memory_samples([(image, np.zeros(image.shape[:2], np.uint8))], normalization=CLAHE)[0]
     with torch.no_grad():
-        expected = torch.sigmoid(tiny_net(torch.from_numpy(sample.image.transpose(2, 0, 1))[None]))[0, 0].numpy()
+        expected = torch.sigmoid(tiny_net(torch.from_numpy(sample.image.transpose(2, 0, 1))[None]))[
+            0, 0
+        ].numpy()
     np.testing.assert_allclose(prediction, expected, atol=1e-5)
 
 
@@ -85,9 +90,12 @@ def test_tiles_come_from_the_enhanced_plane_and_stacks_work(tiny_net, rng):
 def test_model_files_name_the_valid_kinds(tiny_net, tmp_path):
     from napari_r2au.model_files import build_metadata, save_model
 
-    metadata = build_metadata(name="m", architecture="r2au_net",
-                              arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4},
-                              normalization=CLAHE)
+    metadata = build_metadata(
+        name="m",
+        architecture="r2au_net",
+        arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4},
+        normalization=CLAHE,
+    )
     path = save_model(tiny_net, tmp_path, metadata)
     assert load_model(path).normalization == CLAHE
     stored = json.loads(path.read_text())
@@ -103,15 +111,29 @@ def test_a_new_model_trains_and_records_its_normalization(tmp_path, rng):
         mask[10:30, 12:20] = 1
         pairs.append(((rng.random((48, 48, 3)) * 40 + mask[..., None] * 150).astype(np.uint8), mask))
     samples = memory_samples(pairs, normalization=CLAHE)
-    config = TrainConfig(name="c", base_width=4, patch_size=32, batch_size=4, steps=4, val_every=2,
-                         precision="fp32", output_dir=str(tmp_path / "run"), threads=1, normalization=CLAHE)
+    config = TrainConfig(
+        name="c",
+        base_width=4,
+        patch_size=32,
+        batch_size=4,
+        steps=4,
+        val_every=2,
+        precision="fp32",
+        output_dir=str(tmp_path / "run"),
+        threads=1,
+        normalization=CLAHE,
+    )
     list(iter_train(config, samples=samples[:2], val_samples=samples[2:]))
     model = load_model(tmp_path / "run" / "best.json")
     assert model.normalization == CLAHE
     assert json.loads((tmp_path / "run" / "config.json").read_text())["normalization"] == CLAHE
     with pytest.raises(ValueError, match="kind must be one of"):
-        list(iter_train(TrainConfig(output_dir=str(tmp_path / "bad"), normalization={"kind": "magic"}),
-                        samples=samples[:2]))
+        list(
+            iter_train(
+                TrainConfig(output_dir=str(tmp_path / "bad"), normalization={"kind": "magic"}),
+                samples=samples[:2],
+            )
+        )
 
 
 def test_a_run_from_a_parent_loads_its_data_with_the_parents_normalization(tmp_path, rng, monkeypatch):
@@ -128,29 +150,53 @@ def test_a_run_from_a_parent_loads_its_data_with_the_parents_normalization(tmp_p
         tifffile.imwrite(tmp_path / "images" / f"case{i}.tif", image)
         tifffile.imwrite(tmp_path / "masks" / f"case{i}.tif", mask * 255)
     data = {"kind": "folders", "images": str(tmp_path / "images"), "masks": str(tmp_path / "masks")}
-    common = dict(base_width=4, patch_size=32, batch_size=4, steps=2, val_every=2, val_images=1,
-                  precision="fp32", threads=1, data=data)
-    list(iter_train(TrainConfig(name="p", output_dir=str(tmp_path / "parent"), normalization=CLAHE, **common)))
+    common = dict(
+        base_width=4,
+        patch_size=32,
+        batch_size=4,
+        steps=2,
+        val_every=2,
+        val_images=1,
+        precision="fp32",
+        threads=1,
+        data=data,
+    )
+    list(
+        iter_train(TrainConfig(name="p", output_dir=str(tmp_path / "parent"), normalization=CLAHE, **common))
+    )
     seen = []
     original = trainer.load_samples
-    monkeypatch.setattr(trainer, "load_samples", lambda config, norm=None: seen.append(norm) or original(config, norm))
-    list(iter_train(TrainConfig(name="child", output_dir=str(tmp_path / "child"),
-                                init_from=str(tmp_path / "parent" / "best.json"), **common)))
+    monkeypatch.setattr(
+        trainer, "load_samples", lambda config, norm=None: seen.append(norm) or original(config, norm)
+    )
+    list(
+        iter_train(
+            TrainConfig(
+                name="child",
+                output_dir=str(tmp_path / "child"),
+                init_from=str(tmp_path / "parent" / "best.json"),
+                **common,
+            )
+        )
+    )
     assert seen == [CLAHE]
     assert load_model(tmp_path / "child" / "best.json").normalization == CLAHE
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"kind": "clahe", "kernel_size": 1}, "kernel_size"),
-    ({"kind": "clahe", "kernel_size": 8.5}, "kernel_size"),
-    ({"kind": "clahe", "clip_limit": 0}, "clip_limit"),
-    ({"kind": "clahe", "clip_limit": "high"}, "clip_limit"),
-    ({"kind": "magic"}, "kind must be one of"),
-    ({"kind": "scale", "min": 240, "max": -160}, "max must be above min"),
-    ({"kind": "scale", "min": "air"}, "must be numbers"),
-    ({"kind": "scale", "min": -160, "max": 240, "clip": "yes"}, "clip must be true or false"),
-    ("clahe", "expected an object"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"kind": "clahe", "kernel_size": 1}, "kernel_size"),
+        ({"kind": "clahe", "kernel_size": 8.5}, "kernel_size"),
+        ({"kind": "clahe", "clip_limit": 0}, "clip_limit"),
+        ({"kind": "clahe", "clip_limit": "high"}, "clip_limit"),
+        ({"kind": "magic"}, "kind must be one of"),
+        ({"kind": "scale", "min": 240, "max": -160}, "max must be above min"),
+        ({"kind": "scale", "min": "air"}, "must be numbers"),
+        ({"kind": "scale", "min": -160, "max": 240, "clip": "yes"}, "clip must be true or false"),
+        ("clahe", "expected an object"),
+    ],
+)
 def test_bad_normalization_specs_are_named(spec, problem):
     from napari_r2au.preprocess import check_normalization
 
@@ -161,15 +207,33 @@ def test_bad_normalization_specs_are_named(spec, problem):
 def test_normalization_conflicts_are_refused_before_training(tmp_path, rng, tiny_net):
     from napari_r2au.model_files import build_metadata, save_model
 
-    parent = load_model(save_model(tiny_net, tmp_path, build_metadata(
-        name="p", architecture="r2au_net", arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4})))
+    parent = load_model(
+        save_model(
+            tiny_net,
+            tmp_path,
+            build_metadata(
+                name="p",
+                architecture="r2au_net",
+                arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4},
+            ),
+        )
+    )
     pairs = [((rng.random((48, 48, 3)) * 255).astype(np.uint8), np.eye(48, dtype=np.uint8)) for _ in range(2)]
     with pytest.raises(ValueError, match="keeps its parent's normalization"):
-        list(iter_train(TrainConfig(output_dir=str(tmp_path / "a"), normalization=CLAHE),
-                        samples=memory_samples(pairs), parent=parent))
+        list(
+            iter_train(
+                TrainConfig(output_dir=str(tmp_path / "a"), normalization=CLAHE),
+                samples=memory_samples(pairs),
+                parent=parent,
+            )
+        )
     with pytest.raises(ValueError, match="normalized otherwise"):  # clahe samples, z-scoring model
-        list(iter_train(TrainConfig(output_dir=str(tmp_path / "b"), base_width=4),
-                        samples=memory_samples(pairs, normalization=CLAHE)))
+        list(
+            iter_train(
+                TrainConfig(output_dir=str(tmp_path / "b"), base_width=4),
+                samples=memory_samples(pairs, normalization=CLAHE),
+            )
+        )
     assert not (tmp_path / "a").exists(), "nothing is written before the settings are checked"
 
 
@@ -215,11 +279,15 @@ def test_a_slice_trains_and_validates_with_its_stacks_statistics(tiny_net, rng, 
     validation = predict_samples(tiny_net, [sample], precision="fp32")[0]
     if scale == 1.0:
         with torch.no_grad():
-            network = torch.sigmoid(tiny_net(torch.from_numpy(sample.image.transpose(2, 0, 1))[None]))[0, 0].numpy()
+            network = torch.sigmoid(tiny_net(torch.from_numpy(sample.image.transpose(2, 0, 1))[None]))[
+                0, 0
+            ].numpy()
         np.testing.assert_allclose(segment.probabilities[1], network, atol=1e-5)
         np.testing.assert_allclose(validation, network, atol=1e-5)
     else:  # Segment's output is resized back to the stack's size; compare at the working size
-        small = predict(tiny_net, sample.raw, scale=1.0, statistics=sample.statistics, precision="fp32", fuse=False)
+        small = predict(
+            tiny_net, sample.raw, scale=1.0, statistics=sample.statistics, precision="fp32", fuse=False
+        )
         np.testing.assert_allclose(validation, small.probabilities, atol=1e-6)
         own = predict(tiny_net, sample.raw, scale=1.0, precision="fp32", fuse=False).probabilities
         assert np.abs(own - validation).max() > 1e-3  # the statistics made a difference
@@ -237,8 +305,17 @@ def test_evaluate_scores_a_stack_as_segment_predicts_it(tiny_net, rng, tmp_path)
     for role, array in (("images", stack), ("masks", labels * 255)):
         (tmp_path / role).mkdir()
         tifffile.imwrite(tmp_path / role / "ct.tif", array)
-    model = load_model(save_model(tiny_net, tmp_path / "m", build_metadata(
-        name="t", architecture="r2au_net", arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4})))
+    model = load_model(
+        save_model(
+            tiny_net,
+            tmp_path / "m",
+            build_metadata(
+                name="t",
+                architecture="r2au_net",
+                arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4},
+            ),
+        )
+    )
     for scale in (None, 0.5):
         report = evaluate_folders(model, tmp_path / "images", tmp_path / "masks", scale=scale)
         segment = predict(model, stack, axes="ZYX", scale=scale).probabilities

@@ -25,8 +25,13 @@ def net():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(height=st.integers(1, 40), width=st.integers(1, 40), channels=st.sampled_from([None, 1, 3, 4]),
-       dtype=DTYPES, seed=st.integers(0, 2**16))
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    channels=st.sampled_from([None, 1, 3, 4]),
+    dtype=DTYPES,
+    seed=st.integers(0, 2**16),
+)
 def test_engine_output_matches_input_shape(net, height, width, channels, dtype, seed):
     rng = np.random.default_rng(seed)
     shape = (height, width) if channels is None else (height, width, channels)

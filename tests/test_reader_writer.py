@@ -82,9 +82,14 @@ def test_manual_masks_open_as_labels_by_their_name_or_folder(tmp_path, rng):
     photo = (rng.random((20, 30)) * 255).astype(np.uint8)  # a grey picture: hundreds of values
     (tmp_path / "masks").mkdir()
     (tmp_path / "1st_manual").mkdir()
-    cases = {"case_manual1.png": (mask, "labels"), "masks/case.png": (mask, "labels"),
-             "1st_manual/21.png": (mask, "labels"), "case.png": (mask, "image"),
-             "photo_mask.png": (photo, "image"), "rgb_seg.png": (np.stack([mask] * 3, -1), "image")}
+    cases = {
+        "case_manual1.png": (mask, "labels"),
+        "masks/case.png": (mask, "labels"),
+        "1st_manual/21.png": (mask, "labels"),
+        "case.png": (mask, "image"),
+        "photo_mask.png": (photo, "image"),
+        "rgb_seg.png": (np.stack([mask] * 3, -1), "image"),
+    }
     for name, (array, kind) in cases.items():
         write_png(tmp_path / name, array)
         ((data, kwargs, got),) = read(tmp_path / name)
@@ -95,9 +100,17 @@ def test_manual_masks_open_as_labels_by_their_name_or_folder(tmp_path, rng):
 
 def test_an_exported_mask_opens_as_labels_with_its_record(tmp_path, labels):
     write_tiff(tmp_path / "case.tif", labels)
-    record = {"format": "napari-r2au-mask", "format_version": 1, "mask_file": "case.tif", "model": "m",
-              "model_sha256": "ab" * 32, "threshold": 0.4, "prediction_sha256": "cd" * 32,
-              "scale": [2.0, 2.0], "translate": [1.0, 0.0]}
+    record = {
+        "format": "napari-r2au-mask",
+        "format_version": 1,
+        "mask_file": "case.tif",
+        "model": "m",
+        "model_sha256": "ab" * 32,
+        "threshold": 0.4,
+        "prediction_sha256": "cd" * 32,
+        "scale": [2.0, 2.0],
+        "translate": [1.0, 0.0],
+    }
     (tmp_path / "case.json").write_text(json.dumps(record))
     ((data, kwargs, kind),) = read(tmp_path / "case.tif")
     assert kind == "labels" and kwargs["scale"] == (2.0, 2.0)
@@ -240,8 +253,18 @@ def _ct_small(pydicom):
     return source
 
 
-def _enhanced_ct(pydicom, source, frames, positions, *, uid, slopes=None, instance=1, spacings=None,
-                 orientation=(1, 0, 0, 0, 1, 0)):
+def _enhanced_ct(
+    pydicom,
+    source,
+    frames,
+    positions,
+    *,
+    uid,
+    slopes=None,
+    instance=1,
+    spacings=None,
+    orientation=(1, 0, 0, 0, 1, 0),
+):
     """An enhanced (multi-frame) CT built from pydicom's CT_small: spacing, positions and
     rescale live in functional groups (per frame before shared), none at the top level."""
     from pydicom.dataset import Dataset
@@ -249,8 +272,15 @@ def _enhanced_ct(pydicom, source, frames, positions, *, uid, slopes=None, instan
 
     dataset = pydicom.dcmread(source)
     dtype = dataset.pixel_array.dtype
-    for keyword in ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
-                    "ImagePositionPatient", "ImageOrientationPatient"):
+    for keyword in (
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+    ):
         if keyword in dataset:
             delattr(dataset, keyword)
 
@@ -266,15 +296,25 @@ def _enhanced_ct(pydicom, source, frames, positions, *, uid, slopes=None, instan
     slopes = slopes or [1.0] * len(frames)
     spacings = spacings or [[0.7, 0.8]] * len(frames)
     # shared: an intercept of -1000 that every frame's own -1024 must override
-    dataset.SharedFunctionalGroupsSequence = Sequence([group(
-        PixelMeasuresSequence={"PixelSpacing": [9.0, 9.0], "SliceThickness": 5.0},
-        PlaneOrientationSequence={"ImageOrientationPatient": list(orientation)},
-        PixelValueTransformationSequence={"RescaleSlope": 1.0, "RescaleIntercept": -1000.0})])
-    dataset.PerFrameFunctionalGroupsSequence = Sequence([group(
-        PlanePositionSequence={"ImagePositionPatient": [0.0, 0.0, float(z)]},
-        PixelMeasuresSequence={"PixelSpacing": list(spacing)},
-        PixelValueTransformationSequence={"RescaleSlope": slope, "RescaleIntercept": -1024.0})
-        for z, slope, spacing in zip(positions, slopes, spacings)])
+    dataset.SharedFunctionalGroupsSequence = Sequence(
+        [
+            group(
+                PixelMeasuresSequence={"PixelSpacing": [9.0, 9.0], "SliceThickness": 5.0},
+                PlaneOrientationSequence={"ImageOrientationPatient": list(orientation)},
+                PixelValueTransformationSequence={"RescaleSlope": 1.0, "RescaleIntercept": -1000.0},
+            )
+        ]
+    )
+    dataset.PerFrameFunctionalGroupsSequence = Sequence(
+        [
+            group(
+                PlanePositionSequence={"ImagePositionPatient": [0.0, 0.0, float(z)]},
+                PixelMeasuresSequence={"PixelSpacing": list(spacing)},
+                PixelValueTransformationSequence={"RescaleSlope": slope, "RescaleIntercept": -1024.0},
+            )
+            for z, slope, spacing in zip(positions, slopes, spacings)
+        ]
+    )
     dataset.NumberOfFrames = len(frames)
     dataset.InstanceNumber = instance
     dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
@@ -312,8 +352,9 @@ def test_an_enhanced_multiframe_dicom_reads_spacing_order_and_rescale_from_its_f
     assert kwargs["metadata"]["dicom"]["files"] == 2
 
     # a localizer among axial slices has no place in one stack: a clear error, not a scrambled volume
-    _enhanced_ct(pydicom, source, frames[:1], positions=[30], uid=4,
-                 orientation=(1, 0, 0, 0, 0, -1)).save_as(series / "localizer.dcm")
+    _enhanced_ct(pydicom, source, frames[:1], positions=[30], uid=4, orientation=(1, 0, 0, 0, 0, -1)).save_as(
+        series / "localizer.dcm"
+    )
     with pytest.raises(ValueError, match="different orientations"):
         read_layers(str(series))
 
@@ -347,8 +388,14 @@ def test_dicom_planes_that_do_not_form_one_volume_are_refused_or_kept_in_their_o
     assert data[1][0, 0] == (frames[0][0, 0] * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept))
     # two time points of two slices, several spacings, fewer frame groups than frames
     refused("dynamic.dcm", "4 planes at 2 positions", frames=frames, positions=[0, 5, 0, 5], uid=2)
-    refused("spacings.dcm", "different pixel spacings", frames=frames[:2], positions=[0, 5], uid=3,
-            spacings=[[0.7, 0.8], [1.4, 1.6]])
+    refused(
+        "spacings.dcm",
+        "different pixel spacings",
+        frames=frames[:2],
+        positions=[0, 5],
+        uid=3,
+        spacings=[[0.7, 0.8], [1.4, 1.6]],
+    )
     short = _enhanced_ct(pydicom, source, frames[:3], positions=[0, 5, 10], uid=4)
     del short.PerFrameFunctionalGroupsSequence[2]
     short.save_as(tmp_path / "short.dcm")
@@ -384,9 +431,15 @@ def test_a_slice_sent_twice_counts_once_and_uneven_slices_are_flagged(tmp_path):
         dataset.save_as(folder / f"IM{z}.dcm")
     (folder / "IM1_again.dcm").write_bytes((folder / "IM1.dcm").read_bytes())  # re-sent by the PACS
     ((data, kwargs, _),) = read_layers(str(folder))
-    slope, intercept = float(pydicom.dcmread(source).RescaleSlope), float(pydicom.dcmread(source).RescaleIntercept)
+    slope, intercept = (
+        float(pydicom.dcmread(source).RescaleSlope),
+        float(pydicom.dcmread(source).RescaleIntercept),
+    )
     np.testing.assert_allclose(data, np.stack([raw + 100 * z for z in range(4)]) * slope + intercept)
-    assert kwargs["scale"][0] == pytest.approx(2.5) and kwargs["metadata"]["dicom"]["z_steps_mm"] == [2.5, 5.0]
+    assert kwargs["scale"][0] == pytest.approx(2.5) and kwargs["metadata"]["dicom"]["z_steps_mm"] == [
+        2.5,
+        5.0,
+    ]
 
 
 def test_dicom_colour_and_inverted_grey_are_shown_as_meant(tmp_path):
@@ -398,7 +451,11 @@ def test_dicom_colour_and_inverted_grey_are_shown_as_meant(tmp_path):
         pytest.skip("pydicom's test files are not installed")
     ((data, kwargs, _),) = read(palette)
     stored = pydicom.dcmread(palette).pixel_array
-    assert data.shape == (*stored.shape, 3) and kwargs["rgb"] and "PALETTE" in kwargs["metadata"]["dicom"]["converted"]
+    assert (
+        data.shape == (*stored.shape, 3)
+        and kwargs["rgb"]
+        and "PALETTE" in kwargs["metadata"]["dicom"]["converted"]
+    )
     assert len(np.unique(data.reshape(-1, 3), axis=0)) > 1
     ((data, kwargs, _),) = read(clip)  # an RGB multi-frame file: a stack of colour planes
     assert data.shape == (2, 100, 100, 3) and kwargs["rgb"]

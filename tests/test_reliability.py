@@ -89,10 +89,23 @@ def test_thousand_small_images_with_failures(tmp_path, capsys):
 def test_training_killed_with_sigkill_resumes(tmp_path):
     _write_folder(tmp_path / "data", n=3)
     config = Path(__file__).resolve().parents[1] / "training" / "configs" / "drive-r2au_net.yaml"
-    sets = ["base_width=4", "patch_size=32", "batch_size=2", "steps=400", "val_every=5", "val_images=1",
-            "precision=fp32", "threads=1", "device=cpu", "max_minutes=null", f"output_dir={tmp_path}/run",
-            f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}"]
-    args = [sys.executable, "-m", "napari_r2au.cli", "train", str(config)] + [a for s in sets for a in ("--set", s)]
+    sets = [
+        "base_width=4",
+        "patch_size=32",
+        "batch_size=2",
+        "steps=400",
+        "val_every=5",
+        "val_images=1",
+        "precision=fp32",
+        "threads=1",
+        "device=cpu",
+        "max_minutes=null",
+        f"output_dir={tmp_path}/run",
+        f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}",
+    ]
+    args = [sys.executable, "-m", "napari_r2au.cli", "train", str(config)] + [
+        a for s in sets for a in ("--set", s)
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "run" / "last_state.pt"
@@ -103,8 +116,9 @@ def test_training_killed_with_sigkill_resumes(tmp_path):
     proc.wait()
     killed_at = load_step(tmp_path)
     assert 10 <= killed_at < 400
-    resume = subprocess.run(args + ["--set", "steps=" + str(killed_at + 10), "--resume"], env=env,
-                            capture_output=True, text=True)
+    resume = subprocess.run(
+        args + ["--set", "steps=" + str(killed_at + 10), "--resume"], env=env, capture_output=True, text=True
+    )
     assert resume.returncode == 0, resume.stderr
     assert load_model(tmp_path / "run" / "last.json").metadata["provenance"]["steps"] == killed_at + 10
 

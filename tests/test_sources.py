@@ -21,8 +21,13 @@ def _sample(name: str, source: str, rng: np.random.Generator, quality: float) ->
 
 
 def test_sources_config_is_checked_before_anything_is_read():
-    good = {"kind": "sources", "sources": [{"name": "A", "kind": "drive", "root": "x"},
-                                           {"name": "B", "kind": "folders", "images": "i", "masks": "m"}]}
+    good = {
+        "kind": "sources",
+        "sources": [
+            {"name": "A", "kind": "drive", "root": "x"},
+            {"name": "B", "kind": "folders", "images": "i", "masks": "m"},
+        ],
+    }
     TrainConfig.from_dict({"data": good})
     bad = [
         ({"kind": "sources", "sources": []}, "non-empty list"),
@@ -30,8 +35,13 @@ def test_sources_config_is_checked_before_anything_is_read():
         ({"kind": "sources", "sources": [{"kind": "drive"}]}, "needs root"),
         ({"kind": "sources", "sources": [{"kind": "drive", "root": "x", "weight": 0}]}, "weight"),
         ({"kind": "sources", "sources": [{"kind": "drive", "root": "x", "colour": 1}]}, "not a key"),
-        ({"kind": "sources", "sources": [{"kind": "drive", "root": "a/x"}, {"kind": "drive", "root": "b/x"}]},
-         "same name"),
+        (
+            {
+                "kind": "sources",
+                "sources": [{"kind": "drive", "root": "a/x"}, {"kind": "drive", "root": "b/x"}],
+            },
+            "same name",
+        ),
     ]
     for data, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -41,9 +51,13 @@ def test_sources_config_is_checked_before_anything_is_read():
 
 
 def test_every_source_is_split_on_its_own(rng):
-    samples = [_sample(f"a{i}", "A", rng, 1) for i in range(20)] + [_sample(f"b{i}", "B", rng, 1) for i in range(4)]
-    sources = [{"name": "A", "kind": "drive", "root": "x", "val_images": 4},
-               {"name": "B", "kind": "drive", "root": "y", "val_images": 1}]
+    samples = [_sample(f"a{i}", "A", rng, 1) for i in range(20)] + [
+        _sample(f"b{i}", "B", rng, 1) for i in range(4)
+    ]
+    sources = [
+        {"name": "A", "kind": "drive", "root": "x", "val_images": 4},
+        {"name": "B", "kind": "drive", "root": "y", "val_images": 1},
+    ]
     train, val = split_sources(samples, sources, seed=0)
     assert sorted(s.source for s in val) == ["A"] * 4 + ["B"]
     assert len(train) == 19 and not {id(s) for s in train} & {id(s) for s in val}

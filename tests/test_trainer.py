@@ -22,8 +22,19 @@ def _pairs(rng, n=3, size=48):
 
 
 def _config(tmp_path, **kw) -> TrainConfig:
-    values = dict(name="t", base_width=4, patch_size=32, batch_size=4, steps=6, val_every=3, lr=0.01,
-                  warmup_steps=2, precision="fp32", output_dir=str(tmp_path / "run"), threads=1)
+    values = dict(
+        name="t",
+        base_width=4,
+        patch_size=32,
+        batch_size=4,
+        steps=6,
+        val_every=3,
+        lr=0.01,
+        warmup_steps=2,
+        precision="fp32",
+        output_dir=str(tmp_path / "run"),
+        threads=1,
+    )
     values.update(kw)
     return TrainConfig(**values)
 
@@ -127,8 +138,11 @@ def test_weight_average_is_what_gets_saved(tmp_path, rng):
     raw_state = load_model(raw.last).network.state_dict()
     ema_model = load_model(averaged.last)
     assert ema_model.metadata["provenance"]["ema_decay"] == 0.5
-    differs = [key for key, value in ema_model.network.state_dict().items()
-               if value.is_floating_point() and not torch.equal(value, raw_state[key])]
+    differs = [
+        key
+        for key, value in ema_model.network.state_dict().items()
+        if value.is_floating_point() and not torch.equal(value, raw_state[key])
+    ]
     assert differs, "the averaged checkpoint equals the raw weights"
     # resuming with another ema_decay (or none) than the run had is refused, not mixed up
     with pytest.raises(ValueError, match="trained with ema_decay=None, not 0.5"):
@@ -163,8 +177,9 @@ def test_bundled_configs_load():
 
 
 def test_drive_training_runs_on_real_data(tmp_path, drive_root):
-    config = _config(tmp_path, steps=2, val_every=2, val_images=1,
-                     data={"kind": "drive", "root": str(drive_root)})
+    config = _config(
+        tmp_path, steps=2, val_every=2, val_images=1, data={"kind": "drive", "root": str(drive_root)}
+    )
     result = train(config)
     assert result.best is not None and result.best_metrics["f1"] >= 0
 
@@ -190,18 +205,67 @@ def test_ddp_two_processes_match_one_process(tmp_path, rng):
     from pathlib import Path
 
     _write_pairs(tmp_path / "data", rng)
-    common = ["--set", "base_width=4", "--set", "patch_size=32", "--set", "batch_size=8", "--set", f"steps={STEPS}",
-              "--set", "val_every=2", "--set", "val_images=1", "--set", "precision=fp32", "--set", "lr=0.01",
-              "--set", "loss=bce", "--set", "threads=1", "--set", "device=cpu",
-              "--set", f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}"]
+    common = [
+        "--set",
+        "base_width=4",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "batch_size=8",
+        "--set",
+        f"steps={STEPS}",
+        "--set",
+        "val_every=2",
+        "--set",
+        "val_images=1",
+        "--set",
+        "precision=fp32",
+        "--set",
+        "lr=0.01",
+        "--set",
+        "loss=bce",
+        "--set",
+        "threads=1",
+        "--set",
+        "device=cpu",
+        "--set",
+        f"data={{kind: folders, images: {tmp_path}/data/images, masks: {tmp_path}/data/masks}}",
+    ]
     config = Path(__file__).resolve().parents[1] / "training" / "configs" / "drive-r2au_net.yaml"
     bin_dir = Path(sys.executable).parent
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
-    subprocess.run([sys.executable, "-m", "napari_r2au.cli", "train", str(config), *common,
-                    "--set", f"output_dir={tmp_path}/one"], check=True, env=env, capture_output=True)
-    subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "napari_r2au.cli",
-                    "train", str(config), *common, "--set", f"output_dir={tmp_path}/two"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_r2au.cli",
+            "train",
+            str(config),
+            *common,
+            "--set",
+            f"output_dir={tmp_path}/one",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "napari_r2au.cli",
+            "train",
+            str(config),
+            *common,
+            "--set",
+            f"output_dir={tmp_path}/two",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     one = load_model(tmp_path / "one" / "last.json").network.state_dict()
     two = load_model(tmp_path / "two" / "last.json").network.state_dict()
     losses = []
@@ -227,9 +291,18 @@ def test_ddp_two_processes_match_one_process(tmp_path, rng):
     assert cosine > 0.99 and ratio < 0.1, (cosine, ratio)
 
 
-@pytest.mark.parametrize(("name", "key"), [("21_training.tif", "21"), ("21_manual1.gif", "21"),
-                                           ("21_training_mask.gif", "21"), ("01_dr.JPG", "01_dr"),
-                                           ("01_dr_mask.tif", "01_dr"), ("IMD002.png", "IMD002"), ("0.png", "0")])
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("21_training.tif", "21"),
+        ("21_manual1.gif", "21"),
+        ("21_training_mask.gif", "21"),
+        ("01_dr.JPG", "01_dr"),
+        ("01_dr_mask.tif", "01_dr"),
+        ("IMD002.png", "IMD002"),
+        ("0.png", "0"),
+    ],
+)
 def test_files_pair_by_id(name, key):
     from pathlib import Path
 
@@ -264,8 +337,9 @@ def test_calibration_uses_samples_at_the_working_scale(tmp_path, rng, monkeypatc
         return original(model, image, **kwargs)
 
     monkeypatch.setattr(trainer, "predict", spy)
-    result = train(_config(tmp_path, steps=4, val_every=2, input_scale=0.5), samples=samples[:2],
-                   val_samples=samples[2:])
+    result = train(
+        _config(tmp_path, steps=4, val_every=2, input_scale=0.5), samples=samples[:2], val_samples=samples[2:]
+    )
     assert load_model(result.best).input_scale == 0.5
     # every validation prediction of a model file that carries a scale runs at scale 1
     assert scales and all(scale == 1.0 for model_scale, scale in scales if model_scale == 0.5)
@@ -285,8 +359,15 @@ def test_named_validation_split_and_class_map(tmp_path, rng):
         labels = np.full((32, 32), 255, np.uint8)
         labels[:, 10 + i] = 0  # a membrane line: 0 in these labels
         iio.imwrite(tmp_path / "labels" / f"{i}.png", labels)
-    config = TrainConfig(in_channels=1, data={"kind": "folders", "images": str(tmp_path / "images"),
-                                              "masks": str(tmp_path / "labels"), "class_map": {0: 1, 255: 0}})
+    config = TrainConfig(
+        in_channels=1,
+        data={
+            "kind": "folders",
+            "images": str(tmp_path / "images"),
+            "masks": str(tmp_path / "labels"),
+            "class_map": {0: 1, 255: 0},
+        },
+    )
     samples = load_samples(config)
     assert all(int(s.mask.sum()) == 32 for s in samples)  # membrane is the foreground
     config.input_scale = 2.0  # the class map is applied once, before resizing

@@ -21,6 +21,7 @@ TIMEOUT = 120_000  # ms; runs take about a second, but a busy machine can be far
 
 # -- fixtures and helpers ------------------------------------------------------------------
 
+
 def _save_tiny(name: str, seed: int = 0) -> str:
     """A tiny R2AU-Net saved as a user model (R2AU_HOME is per test); returns its name."""
     import torch
@@ -31,7 +32,8 @@ def _save_tiny(name: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     net = create_model("r2au_net", base_width=4)
     meta = build_metadata(
-        name=name, architecture="r2au_net",
+        name=name,
+        architecture="r2au_net",
         arch_args={"in_channels": 3, "out_channels": 1, "base_width": 4, "t": 2},
         description="a test model",
         provenance={"data": {"kind": "drive"}, "validation_metrics": {"f1": 0.4321}},
@@ -53,8 +55,8 @@ def bars(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """An RGB image with a few bright bars, and the bars as a mask."""
     rng = np.random.default_rng(seed)
     mask = np.zeros((size, size), np.uint8)
-    mask[:, size // 3: size // 3 + 6] = 1
-    mask[size // 2: size // 2 + 5, :] = 1
+    mask[:, size // 3 : size // 3 + 6] = 1
+    mask[size // 2 : size // 2 + 5, :] = 1
     image = (rng.random((size, size, 3)) * 60 + mask[..., None] * 120).astype(np.uint8)
     return image, mask
 
@@ -95,6 +97,7 @@ def run_segment(qtbot, viewer, *, uncertainty: bool = False, tile: int = 0):
 
 # -- manifest ------------------------------------------------------------------------------
 
+
 def test_manifest_validates_and_lists_the_widgets():
     npe2 = Path(sys.executable).with_name("npe2")
     result = subprocess.run([str(npe2), "validate", "--imports", PLUGIN], capture_output=True, text=True)
@@ -111,14 +114,17 @@ def test_manifest_validates_and_lists_the_widgets():
 
 
 def test_widget_modules_do_not_import_torch_or_napari():
-    code = ("import sys, napari_r2au.widgets.segment, napari_r2au.widgets.finetune, "
-            "napari_r2au.widgets.review, napari_r2au._reader, napari_r2au._writer\n"
-            "print(','.join(m for m in ('torch', 'napari') if m in sys.modules))")
+    code = (
+        "import sys, napari_r2au.widgets.segment, napari_r2au.widgets.finetune, "
+        "napari_r2au.widgets.review, napari_r2au._reader, napari_r2au._writer\n"
+        "print(','.join(m for m in ('torch', 'napari') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
 
 
 # -- Segment -------------------------------------------------------------------------------
+
 
 def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbot, tiny_model):
     from napari_r2au import load_model, predict
@@ -171,7 +177,8 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
 
 
 def test_threshold_slider_rethresholds_without_running_the_network(
-        make_napari_viewer, qtbot, tiny_model, monkeypatch, notifications):
+    make_napari_viewer, qtbot, tiny_model, monkeypatch, notifications
+):
     from napari_r2au import engine
 
     calls = []
@@ -278,8 +285,9 @@ def test_cancel_stops_the_run_and_closes_the_generator(make_napari_viewer, qtbot
     assert widget._run.enabled and not widget._cancel.enabled
 
 
-def test_errors_become_notifications(make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch,
-                                     notifications):
+def test_errors_become_notifications(
+    make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch, notifications
+):
     from napari_r2au import engine
     from napari_r2au.widgets._common import LOAD_FROM_FILE
 
@@ -384,8 +392,9 @@ def test_stack_runs_the_current_slice_first(make_napari_viewer, qtbot, tiny_mode
     assert [run["slices"] for run in viewer.layers["stack mask"].metadata["r2au"]["runs"]] == [[1]]
 
 
-def test_a_user_model_can_be_removed_from_the_pickers_after_a_yes(make_napari_viewer, tiny_model, monkeypatch,
-                                                                  notifications):
+def test_a_user_model_can_be_removed_from_the_pickers_after_a_yes(
+    make_napari_viewer, tiny_model, monkeypatch, notifications
+):
     from napari_r2au.model_files import DEFAULT_MODEL, user_models_dir
     from napari_r2au.widgets import _common
 
@@ -425,6 +434,7 @@ def test_a_user_model_can_be_removed_from_the_pickers_after_a_yes(make_napari_vi
 
 # -- Fine-tune -----------------------------------------------------------------------------
 
+
 def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot, tiny_model, notifications):
     viewer = make_napari_viewer()
     image, truth = bars(64)
@@ -459,8 +469,9 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     assert viewer.layers["img mask"].metadata["r2au"]["model"] == "tiny-ft1"
 
 
-def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari_viewer, tiny_model,
-                                                                      notifications, monkeypatch):
+def test_finetune_says_when_the_new_model_scores_lower_than_its_base(
+    make_napari_viewer, tiny_model, notifications, monkeypatch
+):
     from napari_r2au.model_files import load_model_file
     from napari_r2au.training.finetune import FinetuneResult
 
@@ -469,8 +480,11 @@ def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari
     used = []
     monkeypatch.setattr(type(finetune), "_use_new_model", lambda self, name: used.append(name))
     model = load_model_file(tiny_model, source="user")
-    finetune._on_result(FinetuneResult(model, dice_before=0.85, dice_after=0.84, steps=150, stopped="steps",
-                                       held_out_corrections=12))
+    finetune._on_result(
+        FinetuneResult(
+            model, dice_before=0.85, dice_after=0.84, steps=150, stopped="steps", held_out_corrections=12
+        )
+    )
     assert "Lower than the base model, so Segment keeps the base model" in finetune._result.value
     assert "scores lower than its base model" in messages(notifications)
     assert "holds 12 corrected pixel(s)" in messages(notifications)
@@ -489,7 +503,8 @@ def test_finetune_says_when_the_new_model_scores_lower_than_its_base(make_napari
 
 
 def test_finetune_on_a_corrected_segment_mask_keeps_the_edits_and_the_scale(
-        make_napari_viewer, qtbot, tiny_model, notifications):
+    make_napari_viewer, qtbot, tiny_model, notifications
+):
     """The loop of the user guide: Segment at a Scale, paint on its mask, fine-tune on it.
 
     The re-segmentation must not overwrite the corrections, and the new model must work
@@ -538,8 +553,9 @@ def test_finetune_refuses_an_empty_mask(make_napari_viewer, tiny_model, notifica
     assert "is empty" in messages(notifications)
 
 
-def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(make_napari_viewer, qtbot, tiny_model,
-                                                                   notifications, monkeypatch):
+def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(
+    make_napari_viewer, qtbot, tiny_model, notifications, monkeypatch
+):
     viewer = make_napari_viewer()
     stack = np.stack([bars(48, seed=z)[0].mean(-1) for z in range(4)]).astype(np.float32)
     viewer.add_image(stack, name="stack")
@@ -559,7 +575,9 @@ def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(make_napari_v
 
     def spy(*args, **kwargs):
         seen.append(args[8])  # the corrected slices
-        np.testing.assert_array_equal(args[9](), made)  # and the stack before the corrections, rebuilt exactly
+        np.testing.assert_array_equal(
+            args[9](), made
+        )  # and the stack before the corrections, rebuilt exactly
         return original(*args, **kwargs)
 
     made = mask.data.copy()
@@ -575,10 +593,13 @@ def test_finetune_on_a_stack_learns_from_the_corrected_slices_only(make_napari_v
     finetune.run()
     assert seen == [[1, 3]] and "2 corrected slice(s)" in finetune._result.value
     wait_idle(qtbot, finetune, timeout=300_000)
-    assert finetune.last_result is not None and finetune.last_result.model is not None, messages(notifications)
+    assert finetune.last_result is not None and finetune.last_result.model is not None, messages(
+        notifications
+    )
 
 
 # -- Review --------------------------------------------------------------------------------
+
 
 def test_review_metrics_difference_and_uncertain_regions(make_napari_viewer):
     viewer = make_napari_viewer()
@@ -639,7 +660,11 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     np.testing.assert_array_equal(tifffile.imread(written), mask.data)
     assert sidecar["model"] == "tiny" and sidecar["model_sha256"] == load_model("tiny").sha256
     assert sidecar["threshold"] == 0.5 and sidecar["corrected_by_hand"] is False
-    assert sidecar["working_scale"] == 1.0 and sidecar["flip_averaged"] is False and sidecar["maps_left_out"] == []
+    assert (
+        sidecar["working_scale"] == 1.0
+        and sidecar["flip_averaged"] is False
+        and sidecar["maps_left_out"] == []
+    )
     date = dt.datetime.fromisoformat(sidecar["date"])
     assert date.utcoffset() == dt.timedelta(0)
     assert sidecar["probability_file"] == "case1_probability.tif"
@@ -659,9 +684,11 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     review._overwrite.value = True
     review._export.changed.emit(True)
     assert json.loads((tmp_path / "out" / "case1.json").read_text())["corrected_by_hand"] is True
-    (data, kwargs, kind), = napari_get_reader(str(written))(str(written))
+    ((data, kwargs, kind),) = napari_get_reader(str(written))(str(written))
     assert kind == "labels" and kwargs["metadata"]["r2au"]["model"] == "tiny"
-    assert kwargs["metadata"]["r2au"]["scale"] == 1.0, "Fine-tune on the reopened mask trains at the recorded scale"
+    assert kwargs["metadata"]["r2au"]["scale"] == 1.0, (
+        "Fine-tune on the reopened mask trains at the recorded scale"
+    )
     np.testing.assert_array_equal(data, edited)
     np.testing.assert_allclose(kwargs["scale"], mask.scale)
 
@@ -672,7 +699,10 @@ def test_export_writes_the_mask_and_a_sidecar(make_napari_viewer, qtbot, tiny_mo
     assert review._export_status.value.startswith("Wrote img_mask.tif")
     review._export_path.value = tmp_path / "out" / "seg.dcm"  # not an image from DICOM files: refused
     review._export.changed.emit(True)
-    assert review._export_status.value.startswith("Not written") and "another format" in review._export_status.value
+    assert (
+        review._export_status.value.startswith("Not written")
+        and "another format" in review._export_status.value
+    )
     assert not (tmp_path / "out" / "seg.dcm").exists()
 
 
@@ -782,8 +812,9 @@ def test_segment_uses_the_layer_pixel_size_for_a_model_that_records_its_own(make
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
     torch.manual_seed(0)
-    meta = build_metadata(name="tiny", architecture="unet", arch_args={"base_width": 4},
-                          pixel_size=0.5, pixel_size_unit="mm")
+    meta = build_metadata(
+        name="tiny", architecture="unet", arch_args={"base_width": 4}, pixel_size=0.5, pixel_size_unit="mm"
+    )
     save_model(create_model("unet", base_width=4), user_models_dir(), meta)
     viewer = make_napari_viewer()
     image, _ = bars()
@@ -825,8 +856,9 @@ def test_a_current_slice_run_keeps_the_other_slices_uncertainty(make_napari_view
     assert [(r["slices"], r["flip_averaged"]) for r in runs] == [([0, 2], True), ([1], False)]
 
 
-def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(make_napari_viewer, qtbot, tiny_model,
-                                                                             tmp_path):
+def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(
+    make_napari_viewer, qtbot, tiny_model, tmp_path
+):
     pytest.importorskip("pydicom")
     hd = pytest.importorskip("highdicom")
     from tests.test_dicom_seg import _series
@@ -846,8 +878,9 @@ def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(make
     assert sidecar["mask_format"] == "DICOM SEG" and sidecar["corrected_by_hand"] is False
     seg = hd.seg.segread(tmp_path / "out" / "case.dcm")
     assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"AUTOMATIC"}
-    back = seg.get_pixels_by_source_instance([uid for _, _, uid in sources], combine_segments=True,
-                                             skip_overlap_checks=True)
+    back = seg.get_pixels_by_source_instance(
+        [uid for _, _, uid in sources], combine_segments=True, skip_overlap_checks=True
+    )
     np.testing.assert_array_equal(back > 0, mask.data > 0)
 
     edited = mask.data.copy()
@@ -858,8 +891,10 @@ def test_export_to_dcm_writes_a_dicom_seg_on_the_series_the_image_came_from(make
     seg = hd.seg.segread(tmp_path / "out" / "case.dcm")
     assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
     assert segment.prediction is not None
-    assert json.loads((tmp_path / "out" / "case.json").read_text())["dicom_seg"]["source_series_instance_uid"] == \
-        seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert (
+        json.loads((tmp_path / "out" / "case.json").read_text())["dicom_seg"]["source_series_instance_uid"]
+        == seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    )
 
     # a mask on an image that did not come from DICOM: refused before anything (maps included) is written
     segment._image.value = add_image(viewer)
@@ -912,9 +947,15 @@ def test_the_model_cannot_change_under_a_running_segment(make_napari_viewer, qtb
     from napari_r2au.model_files import load_model_file, save_model, user_models_dir
 
     tiny = load_model_file(user_models_dir() / "tiny.json")
-    save_model(tiny.network, user_models_dir(), dict(
-        {k: v for k, v in tiny.metadata.items() if k not in ("weights_file", "weights_sha256")},
-        name="tiny-high", threshold=0.8))
+    save_model(
+        tiny.network,
+        user_models_dir(),
+        dict(
+            {k: v for k, v in tiny.metadata.items() if k not in ("weights_file", "weights_sha256")},
+            name="tiny-high",
+            threshold=0.8,
+        ),
+    )
     viewer = make_napari_viewer()
     add_image(viewer, size=160)
     widget = dock(viewer, "Segment")
@@ -936,7 +977,7 @@ def test_segment_derives_and_shows_the_scale_of_a_fundus_model(make_napari_viewe
     name = _save_fov_tiny()
     viewer = make_napari_viewer()
     yy, xx = np.mgrid[:96, :96]
-    field = ((yy - 48) ** 2 + (xx - 48) ** 2 < 40**2)  # an 80 px round field of view on black
+    field = (yy - 48) ** 2 + (xx - 48) ** 2 < 40**2  # an 80 px round field of view on black
     photo = (field[..., None] * np.array([180, 90, 40])).astype(np.uint8)
     viewer.add_image(photo, rgb=True, name="photo")
     widget = dock(viewer, "Segment")

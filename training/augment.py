@@ -51,7 +51,9 @@ class PatchSampler:
         if patch_size is not None:
             for s in samples:
                 if min(s.mask.shape) < patch_size:
-                    raise ValueError(f"{s.name}: image {s.mask.shape} is smaller than the patch size {patch_size}")
+                    raise ValueError(
+                        f"{s.name}: image {s.mask.shape} is smaller than the patch size {patch_size}"
+                    )
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(0, high, (1,), generator=self.generator))
@@ -60,8 +62,11 @@ class PatchSampler:
         """(images B,C,P,P; masks B,1,P,P; fov B,1,P,P)."""
         xs, ys, fs = [], [], []
         for _ in range(batch_size):
-            i = self._randint(len(self.samples)) if self.weights is None else \
-                int(torch.multinomial(self.weights, 1, generator=self.generator))
+            i = (
+                self._randint(len(self.samples))
+                if self.weights is None
+                else int(torch.multinomial(self.weights, 1, generator=self.generator))
+            )
             image, mask, fov = self.images[i], self.masks[i], self.fovs[i]
             if self.patch_size is not None:
                 p = self.patch_size
@@ -69,7 +74,7 @@ class PatchSampler:
                     y, x = self._randint(image.shape[1] - p + 1), self._randint(image.shape[2] - p + 1)
                     if fov[0, y + p // 2, x + p // 2] > 0:
                         break
-                image, mask, fov = (t[:, y:y + p, x:x + p] for t in (image, mask, fov))
+                image, mask, fov = (t[:, y : y + p, x : x + p] for t in (image, mask, fov))
             xs.append(image)
             ys.append(mask)
             fs.append(fov)
@@ -80,8 +85,13 @@ def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def augment(images: torch.Tensor, masks: torch.Tensor, fov: torch.Tensor, config: AugmentConfig,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augment(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    fov: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Geometric transforms on image, mask and FOV alike; intensity on the image only."""
     n = images.shape[0]
     stacked = torch.cat((images, masks, fov), dim=1)
@@ -100,9 +110,15 @@ def augment(images: torch.Tensor, masks: torch.Tensor, fov: torch.Tensor, config
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
-        stacked = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        stacked = F.grid_sample(
+            stacked, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
     c = images.shape[1]
-    images, masks, fov = stacked[:, :c], (stacked[:, c:c + 1] > 0.5).float(), (stacked[:, c + 1:] > 0.5).float()
+    images, masks, fov = (
+        stacked[:, :c],
+        (stacked[:, c : c + 1] > 0.5).float(),
+        (stacked[:, c + 1 :] > 0.5).float(),
+    )
     if config.intensity:
         shape = (n, 1, 1, 1)
         contrast = 1 + _uniform(generator, n, -config.contrast, config.contrast).view(shape)
@@ -118,7 +134,9 @@ def augment(images: torch.Tensor, masks: torch.Tensor, fov: torch.Tensor, config
         shift = _uniform(generator, n * c, -config.colour, config.colour).view(shape)
         images = images * gain + shift
     if config.blur:
-        images = _blur(images, _uniform(generator, n, 0, config.blur), torch.rand(n, generator=generator) < 0.5)
+        images = _blur(
+            images, _uniform(generator, n, 0, config.blur), torch.rand(n, generator=generator) < 0.5
+        )
     if config.noise:
         sigma = _uniform(generator, n, 0, config.noise).view(n, 1, 1, 1)
         images = images + sigma * torch.randn(images.shape, generator=generator)
@@ -135,7 +153,7 @@ def _blur(images: torch.Tensor, sigmas: torch.Tensor, chosen: torch.Tensor) -> t
         kernel = torch.exp(-0.5 * (x / sigma) ** 2)
         kernel = kernel / kernel.sum()
         c = images.shape[1]
-        image = F.pad(images[i:i + 1], (radius, radius, radius, radius), mode="reflect")
+        image = F.pad(images[i : i + 1], (radius, radius, radius, radius), mode="reflect")
         image = F.conv2d(image, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-        out[i:i + 1] = F.conv2d(image, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+        out[i : i + 1] = F.conv2d(image, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
     return out

@@ -76,7 +76,11 @@ RUN_RECORD_KEYS = ("package_version", "world_size")
 def _overridden(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for text in overrides:
         keys, value = parse_override(text)
-        if keys == ["data", "kind"] and isinstance(values.get("data"), dict) and values["data"].get("kind") != value:
+        if (
+            keys == ["data", "kind"]
+            and isinstance(values.get("data"), dict)
+            and values["data"].get("kind") != value
+        ):
             # another kind of data: the old kind's folders and mask values mean nothing to it
             values["data"] = {}
         target = values

@@ -93,9 +93,16 @@ def binarize_mask(mask: np.ndarray, name: str, class_map: dict[int, int] | None 
     )
 
 
-def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int = 3,
-                fov: np.ndarray | None = None, normalization: dict | None = None,
-                class_map: dict[int, int] | None = None, statistics: Statistics | None = None) -> Sample:
+def make_sample(
+    image: np.ndarray,
+    mask: np.ndarray,
+    name: str,
+    in_channels: int = 3,
+    fov: np.ndarray | None = None,
+    normalization: dict | None = None,
+    class_map: dict[int, int] | None = None,
+    statistics: Statistics | None = None,
+) -> Sample:
     """Validate and normalize one (image, mask[, fov]) pair; ``statistics`` are those of
     the stack the image is a slice of (:func:`stack_statistics`), else its own are used."""
     image = np.asarray(image)
@@ -129,12 +136,20 @@ def make_sample(image: np.ndarray, mask: np.ndarray, name: str, in_channels: int
     else:  # the engine's statistics: of the image as read, one value per model channel
         mean, std = statistics or normalization_statistics(raw, in_channels, "YXC")
         image = normalize(image, normalization, mean, std)
-    return Sample(np.ascontiguousarray(image), mask, fov, name, raw, normalization=dict(normalization),
-                  statistics=statistics)
+    return Sample(
+        np.ascontiguousarray(image),
+        mask,
+        fov,
+        name,
+        raw,
+        normalization=dict(normalization),
+        statistics=statistics,
+    )
 
 
-def stack_statistics(stack: np.ndarray, in_channels: int, normalization: dict | None,
-                     scale: float = 1.0) -> Statistics | None:
+def stack_statistics(
+    stack: np.ndarray, in_channels: int, normalization: dict | None, scale: float = 1.0
+) -> Statistics | None:
     """The statistics Segment normalizes a whole (Z, Y, X[, C]) stack with at ``scale``,
     which each of its training slices must share; None when the normalization uses none."""
     from napari_r2au.engine import normalization_statistics
@@ -151,8 +166,13 @@ def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float, fov: np.ndar
     from skimage.transform import resize
 
     shape = tuple(max(1, round(n * scale)) for n in mask.shape[-2:])
-    image = resize(np.asarray(image, np.float32), shape + image.shape[2:], order=1, anti_aliasing=scale < 1,
-                   preserve_range=True).astype(np.float32)
+    image = resize(
+        np.asarray(image, np.float32),
+        shape + image.shape[2:],
+        order=1,
+        anti_aliasing=scale < 1,
+        preserve_range=True,
+    ).astype(np.float32)
     mask = resize_mask(mask, scale).astype(np.uint8)
     if fov is not None:
         fov = resize_mask(fov, scale)
@@ -201,10 +221,17 @@ def _by_id(folder: Path) -> dict[str, Path]:
     return by_id
 
 
-def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None = None,
-                   in_channels: int = 3, normalization: dict | None = None,
-                   class_map: dict[int, int] | None = None, scale: float = 1.0,
-                   statistics_scale: float | None = None, fov_diameter: int | None = None) -> list[Sample]:
+def folder_samples(
+    images: str | Path,
+    masks: str | Path,
+    fov: str | Path | None = None,
+    in_channels: int = 3,
+    normalization: dict | None = None,
+    class_map: dict[int, int] | None = None,
+    scale: float = 1.0,
+    statistics_scale: float | None = None,
+    fov_diameter: int | None = None,
+) -> list[Sample]:
     """Pairs from folders, matched by id (DRIVE's leading number, else the file stem),
     resized by ``scale`` (the model's working scale). A stack's slices share the stack's
     statistics, taken at ``statistics_scale`` (default ``scale``; evaluation leaves the
@@ -221,18 +248,28 @@ def folder_samples(images: str | Path, masks: str | Path, fov: str | Path | None
     for key in sorted(image_files):
         fov_array = read_image(fov_files[key]) if key in fov_files else None
         image, mask = read_image(image_files[key]), read_image(mask_files[key])
-        statistics = stack_statistics(image, in_channels, normalization, statistics_scale or scale) \
-            if _is_stack(image, mask) else None
+        statistics = (
+            stack_statistics(image, in_channels, normalization, statistics_scale or scale)
+            if _is_stack(image, mask)
+            else None
+        )
         for plane, plane_mask, plane_fov, name in _planes(image, mask, fov_array, image_files[key].name):
             if plane.shape[:2] != plane_mask.shape[:2]:
-                raise DataError(f"{name}: image {plane.shape[:2]} and mask {plane_mask.shape[:2]} differ in size")
+                raise DataError(
+                    f"{name}: image {plane.shape[:2]} and mask {plane_mask.shape[:2]} differ in size"
+                )
             mask_map = class_map
-            plane_scale = fov_working_scale(plane, fov_diameter) if fov_diameter and statistics is None else scale
+            plane_scale = (
+                fov_working_scale(plane, fov_diameter) if fov_diameter and statistics is None else scale
+            )
             if plane_scale != 1.0:
                 plane_mask, mask_map = binarize_mask(plane_mask, name, class_map), None  # now 0/1
                 plane, plane_mask, plane_fov = rescale_pair(plane, plane_mask, plane_scale, plane_fov)
-            samples.append(make_sample(plane, plane_mask, name, in_channels, plane_fov, normalization, mask_map,
-                                       statistics))
+            samples.append(
+                make_sample(
+                    plane, plane_mask, name, in_channels, plane_fov, normalization, mask_map, statistics
+                )
+            )
     return samples
 
 
@@ -247,7 +284,9 @@ def _planes(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, name: s
     if not _is_stack(image, mask):
         return [(image, mask, fov, name)]
     if fov is not None and fov.shape[:3] != mask.shape and fov.shape[:2] != mask.shape[1:]:
-        raise DataError(f"{name}: field of view {fov.shape} fits neither the stack {mask.shape} nor one slice")
+        raise DataError(
+            f"{name}: field of view {fov.shape} fits neither the stack {mask.shape} nor one slice"
+        )
     planes = []
     for z in range(mask.shape[0]):
         plane_fov = None if fov is None else (fov[z] if fov.shape[:3] == mask.shape else fov)
@@ -255,17 +294,35 @@ def _planes(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, name: s
     return planes
 
 
-def drive_samples(root: str | Path, in_channels: int = 3, normalization: dict | None = None,
-                  scale: float = 1.0, fov_diameter: int | None = None) -> list[Sample]:
+def drive_samples(
+    root: str | Path,
+    in_channels: int = 3,
+    normalization: dict | None = None,
+    scale: float = 1.0,
+    fov_diameter: int | None = None,
+) -> list[Sample]:
     """The DRIVE layout: images/, 1st_manual/, mask/ (field of view)."""
     root = Path(root)
-    return folder_samples(root / "images", root / "1st_manual", root / "mask", in_channels, normalization,
-                          scale=scale, fov_diameter=fov_diameter)
+    return folder_samples(
+        root / "images",
+        root / "1st_manual",
+        root / "mask",
+        in_channels,
+        normalization,
+        scale=scale,
+        fov_diameter=fov_diameter,
+    )
 
 
-def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | None = None,
-                  scale: float = 1.0, class_map: dict[int, int] | None = None,
-                  pixel_size: float | None = None, pixel_size_unit: str | None = None) -> list[Sample]:
+def dicom_samples(
+    root: str | Path,
+    in_channels: int = 1,
+    normalization: dict | None = None,
+    scale: float = 1.0,
+    class_map: dict[int, int] | None = None,
+    pixel_size: float | None = None,
+    pixel_size_unit: str | None = None,
+) -> list[Sample]:
     """DICOM series with their masks as DICOM SEG (what 3D Slicer or OHIF export, or this
     plugin's Review): each folder under ``root`` (or ``root`` itself) holds one series and
     one SEG that refers to it. The slices the SEG refers to are the training slices (an
@@ -279,8 +336,11 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
     if pixel_size is not None and not pixel_size > 0:
         raise DataError(f"pixel_size must be positive, got {pixel_size}")
     root = Path(root)
-    folders = [root] if dicom_series_files(root) else sorted(
-        p for p in root.iterdir() if p.is_dir() and dicom_series_files(p))
+    folders = (
+        [root]
+        if dicom_series_files(root)
+        else sorted(p for p in root.iterdir() if p.is_dir() and dicom_series_files(p))
+    )
     if not folders:
         raise DataError(f"{root}: no DICOM series in it or in its subfolders")
     samples = []
@@ -292,24 +352,33 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
         image, kwargs, _ = layers[0]
         segs = [layer for layer in layers[1:] if layer[2] == "labels"]
         if len(segs) != 1:
-            raise DataError(f"{folder}: {len(segs)} DICOM SEG files here refer to its series (a SEG that cannot "
-                            "be placed is skipped, with a warning); training needs exactly one (the mask)")
+            raise DataError(
+                f"{folder}: {len(segs)} DICOM SEG files here refer to its series (a SEG that cannot "
+                "be placed is skipped, with a warning); training needs exactly one (the mask)"
+            )
         labels, seg_kwargs, _ = segs[0]
         factor = scale
         if pixel_size:
             spacing = kwargs.get("scale")
             if not spacing:
-                raise DataError(f"{folder}: the series gives no pixel spacing, so it cannot be resized to "
-                                f"{pixel_size:g} {pixel_size_unit or 'mm'} pixels")
+                raise DataError(
+                    f"{folder}: the series gives no pixel spacing, so it cannot be resized to "
+                    f"{pixel_size:g} {pixel_size_unit or 'mm'} pixels"
+                )
             size = float(np.sqrt(abs(float(spacing[-1]) * float(spacing[-2]))))
             factor *= convert_length(size, "mm", pixel_size_unit or "mm") / pixel_size
             if not 1 / MAX_SCALE <= factor <= MAX_SCALE:
-                raise DataError(f"{folder}: {size:g} mm pixels to {pixel_size:g} {pixel_size_unit or 'mm'} means "
-                                f"resizing by {factor:g}; check pixel_size and pixel_size_unit")
+                raise DataError(
+                    f"{folder}: {size:g} mm pixels to {pixel_size:g} {pixel_size_unit or 'mm'} means "
+                    f"resizing by {factor:g}; check pixel_size and pixel_size_unit"
+                )
         rgb = bool(kwargs.get("rgb"))
         stack = labels.ndim == 3
-        planes = (seg_kwargs["metadata"].get("r2au") or {}).get("slices") or list(range(labels.shape[0])) \
-            if stack else [None]
+        planes = (
+            (seg_kwargs["metadata"].get("r2au") or {}).get("slices") or list(range(labels.shape[0]))
+            if stack
+            else [None]
+        )
         statistics = stack_statistics(image, in_channels, normalization, factor) if stack else None
         for z in planes:
             # a copy: a view would keep the whole series alive in every sample
@@ -318,16 +387,23 @@ def dicom_samples(root: str | Path, in_channels: int = 1, normalization: dict | 
             if rgb is False and plane.ndim != 2:
                 raise DataError(f"{name}: a {plane.shape} plane; expected a 2D slice")
             # segment numbers: 0 is outside every segment, whatever the class map says about segments
-            mask = binarize_mask(mask, name, {0: 0, **class_map}) if class_map else (mask > 0).astype(np.uint8)
+            mask = (
+                binarize_mask(mask, name, {0: 0, **class_map}) if class_map else (mask > 0).astype(np.uint8)
+            )
             if factor != 1.0:
                 plane, mask, _ = rescale_pair(plane, mask, factor)
-            samples.append(make_sample(plane, mask, name, in_channels, None, normalization, statistics=statistics))
+            samples.append(
+                make_sample(plane, mask, name, in_channels, None, normalization, statistics=statistics)
+            )
     return samples
 
 
-def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str] | None = None,
-                     slices: Sequence[Sequence[int]] | None = None,
-                     fovs: Sequence[np.ndarray | None] | None = None):
+def annotated_slices(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    names: Sequence[str] | None = None,
+    slices: Sequence[Sequence[int]] | None = None,
+    fovs: Sequence[np.ndarray | None] | None = None,
+):
     """2D (image, labels) pairs, names, FOVs and origins: a 3D pair gives one pair per
     annotated slice, and ``origins`` says where each came from, (pair index, slice index;
     None for a 2D pair).
@@ -352,16 +428,23 @@ def annotated_slices(pairs: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequ
         for z in chosen:
             out_pairs.append((np.asarray(image[z]), labels[z]))
             out_names.append(f"{name}[z={z}]")
-            out_fovs.append(None if fov is None else fov[z] if fov.ndim == 3 else fov)  # per slice, or one for all
+            out_fovs.append(
+                None if fov is None else fov[z] if fov.ndim == 3 else fov
+            )  # per slice, or one for all
             origins.append((index, z))
     return out_pairs, out_names, out_fovs, origins
 
 
-def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: int = 3,
-                   normalization: dict | None = None, slices: Sequence[Sequence[int]] | None = None,
-                   names: Sequence[str] | None = None,
-                   fovs: Sequence[np.ndarray | None] | None = None, scale: float | Sequence[float] = 1.0,
-                   originals: Sequence[np.ndarray | None] | None = None) -> list[Sample]:
+def memory_samples(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    in_channels: int = 3,
+    normalization: dict | None = None,
+    slices: Sequence[Sequence[int]] | None = None,
+    names: Sequence[str] | None = None,
+    fovs: Sequence[np.ndarray | None] | None = None,
+    scale: float | Sequence[float] = 1.0,
+    originals: Sequence[np.ndarray | None] | None = None,
+) -> list[Sample]:
     """In-memory (image, labels) pairs resized by ``scale`` (one for all, or one per pair:
     photographs from several cameras, each at its field of view's scale); a 3D pair gives
     one sample per annotated slice (see :func:`annotated_slices`), normalized with its
@@ -375,27 +458,41 @@ def memory_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], in_channels: 
     if len(scales) != len(pairs):
         raise DataError(f"{len(scales)} scales for {len(pairs)} pairs")
     stacks = sorted({index for index, z in origins if z is not None})
-    statistics = {index: stack_statistics(pairs[index][0], in_channels, normalization, scales[index])  # lazy stays
-                  for index in stacks}
+    statistics = {
+        index: stack_statistics(pairs[index][0], in_channels, normalization, scales[index])  # lazy stays
+        for index in stacks
+    }
     samples = []
     for (image, labels), name, fov, (index, z) in zip(flat, names, fovs, origins):
         original = originals[index] if originals else None
         if original is not None:
             original = np.asarray(original if z is None else original[z]) > 0
             if original.shape != np.shape(labels):
-                raise DataError(f"{name}: the mask before correction {original.shape} differs from the "
-                                f"corrected one {np.shape(labels)}")
+                raise DataError(
+                    f"{name}: the mask before correction {original.shape} differs from the "
+                    f"corrected one {np.shape(labels)}"
+                )
             original = resize_mask(original, scales[index])
         image, labels, fov = rescale_pair(image, np.asarray(labels) > 0, scales[index], fov)
-        sample = make_sample(image, labels > 0, name, in_channels, fov, normalization,
-                             statistics=None if z is None else statistics[index])
+        sample = make_sample(
+            image,
+            labels > 0,
+            name,
+            in_channels,
+            fov,
+            normalization,
+            statistics=None if z is None else statistics[index],
+        )
         sample.original = original
         samples.append(sample)
     return samples
 
 
-def split_sources(samples: list[Sample], sources: Sequence[dict], seed: int,
-                  ) -> tuple[list[Sample], list[Sample]]:
+def split_sources(
+    samples: list[Sample],
+    sources: Sequence[dict],
+    seed: int,
+) -> tuple[list[Sample], list[Sample]]:
     """Each source split on its own (its ``val_images`` or ``val_names``), so that the
     validation part holds images of every source, not just of the largest."""
     train, val = [], []
@@ -421,8 +518,9 @@ def series_of(sample: Sample) -> str:
     return re.sub(r"\[\d+\]$", "", sample.name)
 
 
-def split(samples: list[Sample], n_val: int, seed: int,
-          val_names: list[str] | None = None, by_series: bool = False) -> tuple[list[Sample], list[Sample]]:
+def split(
+    samples: list[Sample], n_val: int, seed: int, val_names: list[str] | None = None, by_series: bool = False
+) -> tuple[list[Sample], list[Sample]]:
     """A validation split fixed by the seed (same seed, same split), or named.
 
     ``val_names`` (file names or stems) hold out exactly those images, e.g. a contiguous
@@ -434,7 +532,12 @@ def split(samples: list[Sample], n_val: int, seed: int,
         wanted = {str(name) for name in val_names}
 
         def names(sample: Sample) -> set[str]:  # a slice answers to its own name and its series'
-            return {sample.name, sample.name.split(".")[0], series_of(sample), series_of(sample).split(".")[0]}
+            return {
+                sample.name,
+                sample.name.split(".")[0],
+                series_of(sample),
+                series_of(sample).split(".")[0],
+            }
 
         chosen = [s for s in samples if names(s) & wanted]
         found = set().union(*(names(s) for s in chosen)) if chosen else set()

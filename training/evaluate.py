@@ -15,11 +15,19 @@ from .data import folder_samples
 from .metrics import METRIC_KEYS, curves, segmentation_metrics
 
 
-def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str | Path | None = None,
-                     threshold: float | None = None, scale: float | None = None,
-                     plots: str | Path | None = None, pixel_size: float | None = None,
-                     pixel_size_unit: str | None = None, class_map: dict[int, int] | None = None,
-                     tta: bool = False) -> dict[str, Any]:
+def evaluate_folders(
+    model: Any,
+    images: str | Path,
+    masks: str | Path,
+    fov: str | Path | None = None,
+    threshold: float | None = None,
+    scale: float | None = None,
+    plots: str | Path | None = None,
+    pixel_size: float | None = None,
+    pixel_size_unit: str | None = None,
+    class_map: dict[int, int] | None = None,
+    tta: bool = False,
+) -> dict[str, Any]:
     """Per-image rows and set-level metrics (pixels pooled over all images, inside the FOV).
 
     ``tta``: score the mean of flipped copies, as ``r2au segment --tta`` predicts.
@@ -29,12 +37,17 @@ def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str
     given = scale
     scale = working_scale(loaded, scale, pixel_size, pixel_size_unit)
     # a slice of a stack is predicted with the stack's statistics, as `r2au segment` on the stack
-    samples = folder_samples(images, masks, fov, loaded.in_channels, class_map=class_map, statistics_scale=scale)
+    samples = folder_samples(
+        images, masks, fov, loaded.in_channels, class_map=class_map, statistics_scale=scale
+    )
     rows, truths, scores = [], [], []
     for sample in samples:
         # each photograph at its own scale when the model derives it from the field of view
-        own = scale if sample.statistics is not None else working_scale(
-            loaded, given, pixel_size, pixel_size_unit, image=sample.raw)
+        own = (
+            scale
+            if sample.statistics is not None
+            else working_scale(loaded, given, pixel_size, pixel_size_unit, image=sample.raw)
+        )
         options = dict(scale=own, statistics=sample.statistics)
         if tta:
             prob = run(iter_predict_tta(loaded, sample.raw, **options))[0].probabilities
@@ -47,14 +60,22 @@ def evaluate_folders(model: Any, images: str | Path, masks: str | Path, fov: str
     truth, score = np.concatenate(truths), np.concatenate(scores)
     report: dict[str, Any] = segmentation_metrics(truth, score, level)
     report = {key: float(report[key]) for key in METRIC_KEYS}
-    report.update(n_images=len(samples), threshold=level, model=loaded.name, model_sha256=loaded.sha256,
-                  tta=tta, per_image=rows)
+    report.update(
+        n_images=len(samples),
+        threshold=level,
+        model=loaded.name,
+        model_sha256=loaded.sha256,
+        tta=tta,
+        per_image=rows,
+    )
     if plots is not None:
         write_curve_plots(truth, score, Path(plots), report)
     return report
 
 
-def write_curve_plots(truth: np.ndarray, score: np.ndarray, folder: Path, report: dict[str, Any]) -> list[Path]:
+def write_curve_plots(
+    truth: np.ndarray, score: np.ndarray, folder: Path, report: dict[str, Any]
+) -> list[Path]:
     """ROC and PR curves as PNG files."""
     import matplotlib
 
@@ -70,8 +91,13 @@ def write_curve_plots(truth: np.ndarray, score: np.ndarray, folder: Path, report
     ):
         fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
         ax.plot(x, y, lw=1.5)
-        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01),
-               title=f"{report['model']}: {key} {report[key]:.4f}")
+        ax.set(
+            xlabel=xlabel,
+            ylabel=ylabel,
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+            title=f"{report['model']}: {key} {report[key]:.4f}",
+        )
         fig.tight_layout()
         fig.savefig(folder / name)
         plt.close(fig)

@@ -65,7 +65,11 @@ class FinetuneResult:
     @property
     def dice_fell(self) -> bool:
         """True when the new model scores lower than its base on the held-out part."""
-        return self.dice_before is not None and self.dice_after is not None and self.dice_after < self.dice_before
+        return (
+            self.dice_before is not None
+            and self.dice_after is not None
+            and self.dice_after < self.dice_before
+        )
 
 
 def next_version_name(base: str, directory: Path | None = None) -> str:
@@ -94,8 +98,10 @@ def _register(network: nn.Module, meta: dict[str, Any], chosen: bool) -> Path:
         try:
             return save_model(network, directory, meta, exclusive=True)
         except FileExistsError:
-            raise ModelFileError(f"a model called {meta['name']!r} was added while this one trained; "
-                                 "fine-tune again with another name") from None
+            raise ModelFileError(
+                f"a model called {meta['name']!r} was added while this one trained; "
+                "fine-tune again with another name"
+            ) from None
     root, first = re.fullmatch(r"(.*)-ft(\d+)", meta["name"]).groups()  # next_version_name's form
     removed = set(removed_model_names(directory))
     for version in range(int(first), int(first) + MAX_NAME_TRIES):
@@ -127,10 +133,14 @@ def blend_with_parent(parent: nn.Module, tuned: nn.Module, share: float) -> nn.M
         raise ValueError("the fine-tuned network does not have its parent's layers")
     blended = copy.deepcopy(tuned)
     with torch.no_grad():
-        blended.load_state_dict({
-            key: torch.lerp(before[key].to(value.device).float(), value.float(), share).to(value.dtype)
-            if value.is_floating_point() else value
-            for key, value in after.items()})
+        blended.load_state_dict(
+            {
+                key: torch.lerp(before[key].to(value.device).float(), value.float(), share).to(value.dtype)
+                if value.is_floating_point()
+                else value
+                for key, value in after.items()
+            }
+        )
     return blended.eval()
 
 
@@ -139,17 +149,28 @@ def _crop(sample: Sample, x0: int, x1: int, suffix: str) -> Sample:
     a strip in the context of its image, as a user's run does (see :class:`Sample`). The
     piece draws patches by its share of the image's field of view."""
     fov = sample.fov[:, x0:x1]
-    return Sample(sample.image[:, x0:x1], sample.mask[:, x0:x1], fov,
-                  f"{sample.name}{suffix}", sample.raw, window=(x0, x1), normalization=sample.normalization,
-                  statistics=sample.statistics,
-                  original=None if sample.original is None else sample.original[:, x0:x1],
-                  weight=sample.weight * float(fov.sum()) / max(1.0, float(sample.fov.sum())))
+    return Sample(
+        sample.image[:, x0:x1],
+        sample.mask[:, x0:x1],
+        fov,
+        f"{sample.name}{suffix}",
+        sample.raw,
+        window=(x0, x1),
+        normalization=sample.normalization,
+        statistics=sample.statistics,
+        original=None if sample.original is None else sample.original[:, x0:x1],
+        weight=sample.weight * float(fov.sum()) / max(1.0, float(sample.fov.sum())),
+    )
 
 
-def _pair_scales(parent: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-                 validation: tuple[np.ndarray, np.ndarray] | None, scale: float | None,
-                 pixel_size: float | None, pixel_size_unit: str | None,
-                 ) -> tuple[list[float], float | None, int | None]:
+def _pair_scales(
+    parent: LoadedModel,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    scale: float | None,
+    pixel_size: float | None,
+    pixel_size_unit: str | None,
+) -> tuple[list[float], float | None, int | None]:
     """The working scale of each pair and of the validation pair, and the new model's
     field-of-view diameter.
 
@@ -170,33 +191,57 @@ def _pair_scales(parent: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarr
         return scales, held, parent.fov_diameter
     fixed = working_scale(parent, scale)
     first = np.asarray(pairs[0][0])
-    plane = first[first.shape[0] // 2] if first.ndim == 4 or (first.ndim == 3 and first.shape[-1] > 4) else first
+    plane = (
+        first[first.shape[0] // 2] if first.ndim == 4 or (first.ndim == 3 and first.shape[-1] > 4) else first
+    )
     diameter = int(min(max(round(fixed * fov_diameter(plane)), 16), 16384))
     return [fixed] * len(pairs), None, diameter
 
 
-def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-                    validation: tuple[np.ndarray, np.ndarray] | None, settings: FinetuneSettings,
-                    names: Sequence[str] | None = None, slices: Sequence[Sequence[int]] | None = None,
-                    fovs: Sequence[np.ndarray | None] | None = None,
-                    validation_fov: np.ndarray | None = None, scale: float | Sequence[float] = 1.0,
-                    device: str | None = None, validation_scale: float | None = None,
-                    originals: Sequence[np.ndarray | None] | None = None):
+def prepare_samples(
+    model: LoadedModel,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    settings: FinetuneSettings,
+    names: Sequence[str] | None = None,
+    slices: Sequence[Sequence[int]] | None = None,
+    fovs: Sequence[np.ndarray | None] | None = None,
+    validation_fov: np.ndarray | None = None,
+    scale: float | Sequence[float] = 1.0,
+    device: str | None = None,
+    validation_scale: float | None = None,
+    originals: Sequence[np.ndarray | None] | None = None,
+):
     """Training and validation samples at the model's scale; without a validation pair,
     hold out a band of columns of every image (or slice; at most MAX_HELD_OUT_STRIPS)
     with foreground both in the band and beside it: the right strip, unless the user's
     corrections lie elsewhere (:func:`held_out_band`). ``originals``: per pair, the mask
     before the corrections (what Segment made), which tells where they are; without it,
     the base model's prediction stands in."""
-    train = memory_samples(pairs, model.in_channels, model.normalization, slices=slices, names=names, fovs=fovs,
-                           scale=scale, originals=originals)
+    train = memory_samples(
+        pairs,
+        model.in_channels,
+        model.normalization,
+        slices=slices,
+        names=names,
+        fovs=fovs,
+        scale=scale,
+        originals=originals,
+    )
     if not any((sample.mask.astype(bool) & sample.fov).any() for sample in train):
-        raise ValueError("the corrected masks hold no foreground at all: fine-tuning on them would teach the model "
-                         "to find nothing. Include an image or slice where the structure is present")
+        raise ValueError(
+            "the corrected masks hold no foreground at all: fine-tuning on them would teach the model "
+            "to find nothing. Include an image or slice where the structure is present"
+        )
     if validation is not None:
-        return train, memory_samples([tuple(validation)], model.in_channels, model.normalization,
-                                     names=["validation"], fovs=[validation_fov],
-                                     scale=validation_scale or (scale if np.isscalar(scale) else scale[0]))
+        return train, memory_samples(
+            [tuple(validation)],
+            model.in_channels,
+            model.normalization,
+            names=["validation"],
+            fovs=[validation_fov],
+            scale=validation_scale or (scale if np.isscalar(scale) else scale[0]),
+        )
     # every pair (or slice) gives a band, pooled: a threshold chosen on one image's band
     # follows that image (a hard one pulled it far off with two or three images). A pair
     # trains whole when no band has foreground (a slice the user erased: Dice on an empty
@@ -204,7 +249,9 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
     # or when it is too narrow to lose a band.
     candidates = [i for i, sample in enumerate(train) if _band_starts(sample, settings)]
     if len(candidates) > MAX_HELD_OUT_STRIPS:  # a long stack: bands from evenly spaced slices
-        candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, MAX_HELD_OUT_STRIPS).round()]
+        candidates = [
+            candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, MAX_HELD_OUT_STRIPS).round()
+        ]
     if not candidates:
         return train, []
     # where the user corrected: the mask differs from the one before the corrections, or,
@@ -222,8 +269,10 @@ def prepare_samples(model: LoadedModel, pairs: Sequence[tuple[np.ndarray, np.nda
         corrected = ((before[i] != sample.mask.astype(bool)) & sample.fov).sum(axis=0)
         x0, x1 = held_out_band(sample, settings, corrected)
         pieces = [(a, b) for a, b in ((0, x0), (x1, sample.mask.shape[1])) if b > a]
-        kept[i] = [_crop(sample, a, b, "[train]" if len(pieces) == 1 else f"[train {n + 1}]")
-                   for n, (a, b) in enumerate(pieces)]
+        kept[i] = [
+            _crop(sample, a, b, "[train]" if len(pieces) == 1 else f"[train {n + 1}]")
+            for n, (a, b) in enumerate(pieces)
+        ]
         held_out.append(_crop(sample, x0, x1, "[held out]"))
         held_out[-1].corrections = int(corrected[x0:x1].sum())
     return [s for item in kept for s in (item if isinstance(item, list) else [item])], held_out
@@ -246,7 +295,9 @@ def _band_starts(sample: Sample, settings: FinetuneSettings) -> list[int]:
     columns = (sample.mask.astype(bool) & sample.fov).sum(axis=0)
     piece = min(settings.patch_size, MIN_PIECE)
     starts = dict.fromkeys([right, 0, *range(piece, right - piece + 1, 8)])
-    return [x for x in starts if columns[x:x + band].any() and (columns[:x].any() or columns[x + band:].any())]
+    return [
+        x for x in starts if columns[x : x + band].any() and (columns[:x].any() or columns[x + band :].any())
+    ]
 
 
 def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndarray) -> tuple[int, int]:
@@ -272,7 +323,7 @@ def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndar
         return all(n == 0 or n >= settings.patch_size for n in (x, width - x - band))
 
     def count(x: int) -> float:
-        return float(corrected[x:x + band].sum())
+        return float(corrected[x : x + band].sum())
 
     fitting = [x for x in starts if fits(x)]
     pool = fitting if fitting and max(map(count, fitting)) > 0 else starts
@@ -280,15 +331,22 @@ def held_out_band(sample: Sample, settings: FinetuneSettings, corrected: np.ndar
     return best, best + band
 
 
-def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-                  validation: tuple[np.ndarray, np.ndarray] | None = None,
-                  settings: FinetuneSettings | None = None, names: Sequence[str] | None = None,
-                  slices: Sequence[Sequence[int]] | None = None, device: str | None = None,
-                  fovs: Sequence[np.ndarray | None] | None = None, validation_fov: np.ndarray | None = None,
-                  scale: float | None = None, name: str | None = None,
-                  pixel_size: float | None = None, pixel_size_unit: str | None = None,
-                  originals: Sequence[np.ndarray | None] | None = None,
-                  ) -> Generator[TrainEvent, None, FinetuneResult]:
+def iter_finetune(
+    base: str | Path | LoadedModel,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    settings: FinetuneSettings | None = None,
+    names: Sequence[str] | None = None,
+    slices: Sequence[Sequence[int]] | None = None,
+    device: str | None = None,
+    fovs: Sequence[np.ndarray | None] | None = None,
+    validation_fov: np.ndarray | None = None,
+    scale: float | None = None,
+    name: str | None = None,
+    pixel_size: float | None = None,
+    pixel_size_unit: str | None = None,
+    originals: Sequence[np.ndarray | None] | None = None,
+) -> Generator[TrainEvent, None, FinetuneResult]:
     """Fine-tune ``base`` on (image, corrected labels) pairs; returns the new model.
 
     ``scale``: the working scale of the new model (default: the parent's), applied to
@@ -304,15 +362,32 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
         raise ValueError(f"the weight share must be above 0 and at most 1, not {settings.weight_share}")
     parent = base if isinstance(base, LoadedModel) else load_model(base)
     if parent.path is None:
-        raise ValueError("fine-tuning needs a model loaded from a file (its name and hash go into the new model)")
+        raise ValueError(
+            "fine-tuning needs a model loaded from a file (its name and hash go into the new model)"
+        )
     if parent.out_channels > 1:
-        raise ValueError(f"{parent.name} has {parent.out_channels} classes; fine-tuning trains one foreground "
-                         "class and cannot start from a multiclass model")
-    scales, validation_scale, fov_diameter = _pair_scales(parent, pairs, validation, scale, pixel_size,
-                                                          pixel_size_unit)
+        raise ValueError(
+            f"{parent.name} has {parent.out_channels} classes; fine-tuning trains one foreground "
+            "class and cannot start from a multiclass model"
+        )
+    scales, validation_scale, fov_diameter = _pair_scales(
+        parent, pairs, validation, scale, pixel_size, pixel_size_unit
+    )
     scale = scales[0]
-    train_samples, val_samples = prepare_samples(parent, pairs, validation, settings, names, slices, fovs,
-                                                 validation_fov, scales, device, originals, validation_scale)
+    train_samples, val_samples = prepare_samples(
+        parent,
+        pairs,
+        validation,
+        settings,
+        names,
+        slices,
+        fovs,
+        validation_fov,
+        scales,
+        device,
+        originals,
+        validation_scale,
+    )
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
     patch -= patch % 16
     if patch < 16:
@@ -336,13 +411,25 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     runs.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=runs))
     config = TrainConfig(
-        name=name, init_from=str(parent.path), patch_size=patch, batch_size=settings.batch_size,
-        steps=settings.steps, lr=settings.lr, warmup_steps=max(1, settings.steps // 10),
-        val_every=max(1, settings.steps // 5), seed=settings.seed, output_dir=str(run_dir),
-        val_images=len(val_samples), val_names=[sample.name for sample in val_samples] or None,
-        freeze_encoder=settings.freeze_encoder, in_channels=parent.in_channels,
-        input_scale=scale, fov_diameter=fov_diameter, description=f"{parent.name} fine-tuned on corrected masks",
-        pixel_size=pixel_size, pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
+        name=name,
+        init_from=str(parent.path),
+        patch_size=patch,
+        batch_size=settings.batch_size,
+        steps=settings.steps,
+        lr=settings.lr,
+        warmup_steps=max(1, settings.steps // 10),
+        val_every=max(1, settings.steps // 5),
+        seed=settings.seed,
+        output_dir=str(run_dir),
+        val_images=len(val_samples),
+        val_names=[sample.name for sample in val_samples] or None,
+        freeze_encoder=settings.freeze_encoder,
+        in_channels=parent.in_channels,
+        input_scale=scale,
+        fov_diameter=fov_diameter,
+        description=f"{parent.name} fine-tuned on corrected masks",
+        pixel_size=pixel_size,
+        pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},
     )
     if not settings.augment:
@@ -350,8 +437,14 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
     # Fine-tuning changes the weights of a copy, never the caller's network.
     # A fine-tune is one process: torchrun's variables (left over in a shell) are ignored.
     try:
-        result = yield from iter_train(config, samples=train_samples, val_samples=val_samples,
-                                       device=device, parent=load_model_file(parent.path), distributed=False)
+        result = yield from iter_train(
+            config,
+            samples=train_samples,
+            val_samples=val_samples,
+            device=device,
+            parent=load_model_file(parent.path),
+            distributed=False,
+        )
     except BaseException:  # Cancel (the generator closed), an error: no half-run left in the user's folder
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -377,13 +470,20 @@ def iter_finetune(base: str | Path | LoadedModel, pairs: Sequence[tuple[np.ndarr
             dice_after = metrics["f1"]
     elif val_samples:
         dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"]
-    meta["provenance"] = dict(provenance, dice_before=dice_before, dice_after=dice_after,
-                              held_out_corrections=corrections)
+    meta["provenance"] = dict(
+        provenance, dice_before=dice_before, dice_after=dice_after, held_out_corrections=corrections
+    )
     meta.pop("weights_file", None)
     meta.pop("weights_sha256", None)
     try:
         sidecar = _register(network, meta, chosen_name)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return FinetuneResult(load_model_file(sidecar, source="user"), dice_before, dice_after, result.steps,
-                          result.stopped, corrections)
+    return FinetuneResult(
+        load_model_file(sidecar, source="user"),
+        dice_before,
+        dice_after,
+        result.steps,
+        result.stopped,
+        corrections,
+    )

@@ -15,8 +15,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - (2 * intersection + eps) / (probs.sum() + target.sum() + eps)
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce_dice",
-                      pos_weight: float = 1.0, dice_weight: float = 1.0) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    kind: str = "bce_dice",
+    pos_weight: float = 1.0,
+    dice_weight: float = 1.0,
+) -> torch.Tensor:
     """BCE + Dice by default; ``pos_weight`` > 1 favours thin foreground structures."""
     logits = logits.float()
     if kind not in LOSSES:

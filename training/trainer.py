@@ -48,10 +48,20 @@ def _as_int(value: Any) -> Any:
 
 
 #: the keys of each kind of training data (``class_map`` is allowed for all)
-DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks", "fov"),
-                                         "dicom": ("root",), "memory": ("pairs",), "sources": ("sources",)}
-REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {"drive": ("root",), "folders": ("images", "masks"),
-                                                  "dicom": ("root",), "memory": (), "sources": ("sources",)}
+DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "drive": ("root",),
+    "folders": ("images", "masks", "fov"),
+    "dicom": ("root",),
+    "memory": ("pairs",),
+    "sources": ("sources",),
+}
+REQUIRED_DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "drive": ("root",),
+    "folders": ("images", "masks"),
+    "dicom": ("root",),
+    "memory": (),
+    "sources": ("sources",),
+}
 #: what each entry of data.sources may hold besides its own kind's keys
 SOURCE_KEYS = ("name", "val_images", "val_names", "weight")
 
@@ -70,8 +80,11 @@ PATH_KEYS = ("root", "images", "masks", "fov")
 
 
 def _path_problems(data: dict[Any, Any], where: str) -> list[str]:
-    return [f"{where}.{key} must be a folder path, got {data[key]!r}" for key in PATH_KEYS
-            if data.get(key) is not None and not isinstance(data[key], (str, os.PathLike))]
+    return [
+        f"{where}.{key} must be a folder path, got {data[key]!r}"
+        for key in PATH_KEYS
+        if data.get(key) is not None and not isinstance(data[key], (str, os.PathLike))
+    ]
 
 
 @dataclass
@@ -83,7 +96,9 @@ class TrainConfig:
     base_width: int = 16
     t: int = 2
     in_channels: int = 3
-    data: dict[str, Any] = field(default_factory=lambda: {"kind": "drive", "root": "../shared/data/DRIVE/training"})
+    data: dict[str, Any] = field(
+        default_factory=lambda: {"kind": "drive", "root": "../shared/data/DRIVE/training"}
+    )
     val_images: int = 4
     #: hold out these images (names or stems) instead of ``val_images`` chosen by the seed
     val_names: list[str] | None = None
@@ -146,17 +161,24 @@ class TrainConfig:
         data = values.get("data")
         if isinstance(data, dict) and isinstance(data.get("class_map"), dict):
             # JSON (a run's config.json) and quoted YAML keys give strings: mask values are integers
-            values["data"] = dict(data, class_map={_as_int(k): _as_int(v) for k, v in data["class_map"].items()})
+            values["data"] = dict(
+                data, class_map={_as_int(k): _as_int(v) for k, v in data["class_map"].items()}
+            )
         if isinstance(values.get("augment"), dict):
             augment_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
             if set(values["augment"]) - augment_keys:
                 unknown_augment = ", ".join(sorted(map(str, set(values["augment"]) - augment_keys)))
-                raise ConfigError(f"unknown augment keys: {unknown_augment}; valid: {', '.join(sorted(augment_keys))}")
+                raise ConfigError(
+                    f"unknown augment keys: {unknown_augment}; valid: {', '.join(sorted(augment_keys))}"
+                )
             values["augment"] = AugmentConfig(**values["augment"])
         config = cls(**values)
         try:
             problems = config.problems()
-        except (TypeError, AttributeError) as exc:  # a value of a type no check expects (a list for a name...)
+        except (
+            TypeError,
+            AttributeError,
+        ) as exc:  # a value of a type no check expects (a list for a name...)
             raise ConfigError(f"config: a value has the wrong type ({exc})") from exc
         if problems:
             raise ConfigError("config: " + "; ".join(problems))
@@ -167,8 +189,15 @@ class TrainConfig:
         is read or file written; empty when all is well."""
         found: list[str] = []
 
-        def number(name: str, low: float, *, integer: bool = False, optional: bool = False,
-                   strict: bool = False, high: float | None = None) -> None:
+        def number(
+            name: str,
+            low: float,
+            *,
+            integer: bool = False,
+            optional: bool = False,
+            strict: bool = False,
+            high: float | None = None,
+        ) -> None:
             value = getattr(self, name)
             if value is None and optional:
                 return
@@ -178,7 +207,9 @@ class TrainConfig:
                 found.append(f"{name} must be {kind}, got {value!r}")
             elif value < low or (strict and value == low) or (high is not None and value >= high):
                 bound = f"above {low:g}" if strict else f"at least {low:g}"
-                found.append(f"{name} must be {bound}{'' if high is None else f' and below {high:g}'}, got {value!r}")
+                found.append(
+                    f"{name} must be {bound}{'' if high is None else f' and below {high:g}'}, got {value!r}"
+                )
 
         for name in ("base_width", "in_channels", "batch_size", "steps", "val_every"):
             number(name, 1, integer=True)
@@ -187,7 +218,9 @@ class TrainConfig:
         number("patch_size", 16, integer=True, optional=True)
         number("fov_diameter", 16, integer=True, optional=True, high=16385)
         number("patience", 1, integer=True, optional=True)
-        number("threads", 0, integer=True, optional=True, high=max_threads() + 1)  # 0 (like null): PyTorch's default
+        number(
+            "threads", 0, integer=True, optional=True, high=max_threads() + 1
+        )  # 0 (like null): PyTorch's default
         for name in ("lr", "pos_weight", "input_scale"):
             number(name, 0, strict=True)
         for name in ("weight_decay", "dice_weight"):
@@ -215,8 +248,10 @@ class TrainConfig:
             else:
                 unknown = sorted(set(self.data) - set(allowed) - {"kind", "class_map"})
                 if unknown:
-                    found.append(f"data.{unknown[0]} is not a key of data.kind {kind}; "
-                                 f"valid: {', '.join(['kind', *allowed, 'class_map'])}")
+                    found.append(
+                        f"data.{unknown[0]} is not a key of data.kind {kind}; "
+                        f"valid: {', '.join(['kind', *allowed, 'class_map'])}"
+                    )
                 missing = [key for key in REQUIRED_DATA_KEYS[kind] if self.data.get(key) in (None, "")]
                 if missing:
                     found.append(f"data.kind {kind} needs data.{missing[0]}")
@@ -265,8 +300,10 @@ def _source_problems(sources: Any) -> list[str]:
             continue
         unknown = sorted(set(source) - set(DATA_KEYS[kind]) - set(SOURCE_KEYS) - {"kind"})
         if unknown:
-            found.append(f"{where}.{unknown[0]} is not a key of a {kind} source; valid: "
-                         f"{', '.join(['kind', *DATA_KEYS[kind], *SOURCE_KEYS])}")
+            found.append(
+                f"{where}.{unknown[0]} is not a key of a {kind} source; valid: "
+                f"{', '.join(['kind', *DATA_KEYS[kind], *SOURCE_KEYS])}"
+            )
         missing = [key for key in REQUIRED_DATA_KEYS[kind] if source.get(key) in (None, "")]
         if missing:
             found.append(f"{where} needs {missing[0]}")
@@ -290,8 +327,10 @@ def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None
 
     if parent is not None:
         if config.normalization and dict(config.normalization) != parent.normalization:
-            raise ValueError(f"normalization {config.normalization} differs from the one {parent.name} was "
-                             f"trained with ({parent.normalization}); a model keeps its parent's normalization")
+            raise ValueError(
+                f"normalization {config.normalization} differs from the one {parent.name} was "
+                f"trained with ({parent.normalization}); a model keeps its parent's normalization"
+            )
         return parent.normalization
     spec = dict(config.normalization or STANDARDIZE)
     problem = check_normalization(spec)
@@ -300,8 +339,9 @@ def resolve_normalization(config: TrainConfig, parent: LoadedModel | None = None
     return spec
 
 
-def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = None,
-                 data: dict[str, Any] | None = None) -> list[Sample]:
+def load_samples(
+    config: TrainConfig, normalization: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+) -> list[Sample]:
     """The config's training data (or ``data``, one of its sources); a missing folder
     names the key that points to it. Samples of several sources carry their source's name
     and draw patches by its ``weight``: a source's share, whatever its number of images."""
@@ -324,18 +364,38 @@ def load_samples(config: TrainConfig, normalization: dict[str, Any] | None = Non
         raise ValueError(f"data.kind must be 'drive', 'folders' or 'dicom' (or pass samples), got {kind!r}")
     for key in keys:
         if not Path(data[key]).is_dir():
-            raise DataError(f"{data[key]}: no such folder (data.{key} of the config; point it at your copy "
-                            f"with --set data.{key}=PATH)")
+            raise DataError(
+                f"{data[key]}: no such folder (data.{key} of the config; point it at your copy "
+                f"with --set data.{key}=PATH)"
+            )
     if kind == "drive":
-        return drive_samples(data["root"], config.in_channels, normalization, scale=config.input_scale,
-                             fov_diameter=config.fov_diameter)
+        return drive_samples(
+            data["root"],
+            config.in_channels,
+            normalization,
+            scale=config.input_scale,
+            fov_diameter=config.fov_diameter,
+        )
     if kind == "dicom":
-        return dicom_samples(data["root"], config.in_channels, normalization, scale=config.input_scale,
-                             class_map=data.get("class_map"), pixel_size=config.pixel_size,
-                             pixel_size_unit=config.pixel_size_unit)
-    return folder_samples(data["images"], data["masks"], data.get("fov"), config.in_channels, normalization,
-                          scale=config.input_scale, class_map=data.get("class_map"),
-                          fov_diameter=config.fov_diameter)
+        return dicom_samples(
+            data["root"],
+            config.in_channels,
+            normalization,
+            scale=config.input_scale,
+            class_map=data.get("class_map"),
+            pixel_size=config.pixel_size,
+            pixel_size_unit=config.pixel_size_unit,
+        )
+    return folder_samples(
+        data["images"],
+        data["masks"],
+        data.get("fov"),
+        config.in_channels,
+        normalization,
+        scale=config.input_scale,
+        class_map=data.get("class_map"),
+        fov_diameter=config.fov_diameter,
+    )
 
 
 def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
@@ -352,8 +412,9 @@ def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def predict_samples(model: LoadedModel, samples: list[Sample], precision: str = "auto",
-                    device: str | None = None) -> list[np.ndarray]:
+def predict_samples(
+    model: LoadedModel, samples: list[Sample], precision: str = "auto", device: str | None = None
+) -> list[np.ndarray]:
     """Probabilities for each sample through the engine.
 
     Samples are already at the model's working scale (they are resized once, when
@@ -362,9 +423,10 @@ def predict_samples(model: LoadedModel, samples: list[Sample], precision: str = 
     """
     out = []
     for s in samples:
-        probabilities = predict(model, s.raw, precision=precision, device=device, scale=1.0,
-                                statistics=s.statistics).probabilities
-        out.append(probabilities if s.window is None else probabilities[:, s.window[0]:s.window[1]])
+        probabilities = predict(
+            model, s.raw, precision=precision, device=device, scale=1.0, statistics=s.statistics
+        ).probabilities
+        out.append(probabilities if s.window is None else probabilities[:, s.window[0] : s.window[1]])
     return out
 
 
@@ -377,12 +439,19 @@ def pooled_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: fl
 
 
 def pooled_auc(samples: list[Sample], probs: list[np.ndarray]) -> float:
-    return roc_auc(np.concatenate([s.mask[s.fov] for s in samples]),
-                   np.concatenate([p[s.fov] for s, p in zip(samples, probs)]))
+    return roc_auc(
+        np.concatenate([s.mask[s.fov] for s in samples]),
+        np.concatenate([p[s.fov] for s, p in zip(samples, probs)]),
+    )
 
 
-def evaluate_samples(model: LoadedModel, samples: list[Sample], threshold: float = 0.5,
-                     precision: str = "auto", device: str | None = None) -> dict[str, float]:
+def evaluate_samples(
+    model: LoadedModel,
+    samples: list[Sample],
+    threshold: float = 0.5,
+    precision: str = "auto",
+    device: str | None = None,
+) -> dict[str, float]:
     """Set-level metrics (with AUC-ROC) over the samples' fields of view; with several
     sources also each source's F1 and AUC-ROC and their mean F1 (:func:`source_metrics`)."""
     probs = predict_samples(model, samples, precision, device)
@@ -390,8 +459,11 @@ def evaluate_samples(model: LoadedModel, samples: list[Sample], threshold: float
 
 
 def _metrics_at(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> dict[str, float]:
-    return dict(pooled_metrics(samples, probs, threshold), auc_roc=pooled_auc(samples, probs),
-                **source_metrics(samples, probs, threshold))
+    return dict(
+        pooled_metrics(samples, probs, threshold),
+        auc_roc=pooled_auc(samples, probs),
+        **source_metrics(samples, probs, threshold),
+    )
 
 
 def _by_source(samples: list[Sample], probs: list[np.ndarray]) -> dict[str, tuple[list, list]]:
@@ -423,8 +495,15 @@ def selection_score(metrics: dict[str, float]) -> float:
     return metrics.get("f1_source_mean", metrics["f1"])
 
 
-def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed: float,
-              metrics: dict[str, float], parent: LoadedModel | None, n_train: int) -> dict[str, Any]:
+def _metadata(
+    config: TrainConfig,
+    arch_args: dict[str, Any],
+    step: int,
+    elapsed: float,
+    metrics: dict[str, float],
+    parent: LoadedModel | None,
+    n_train: int,
+) -> dict[str, Any]:
     from napari_r2au import __version__
 
     provenance = {
@@ -453,13 +532,19 @@ def _metadata(config: TrainConfig, arch_args: dict[str, Any], step: int, elapsed
     else:
         pixel_size, unit = None, None
     return build_metadata(
-        name=config.name, architecture=config.architecture, arch_args=arch_args,
-        description=config.description, provenance=provenance, input_scale=config.input_scale,
-        pixel_size=pixel_size, pixel_size_unit=unit,
+        name=config.name,
+        architecture=config.architecture,
+        arch_args=arch_args,
+        description=config.description,
+        provenance=provenance,
+        input_scale=config.input_scale,
+        pixel_size=pixel_size,
+        pixel_size_unit=unit,
         fov_diameter=config.fov_diameter or (parent.fov_diameter if parent is not None else None),
         normalization=resolve_normalization(config, parent),
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
-        segment_property=config.segment_property or (parent.metadata.get("segment_property") if parent else None),
+        segment_property=config.segment_property
+        or (parent.metadata.get("segment_property") if parent else None),
     )
 
 
@@ -493,9 +578,17 @@ class WeightAverage:
                 value.copy_(live[key])
 
 
-def _save_state(path: Path, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                best_f1: float, bad_validations: int, elapsed: float, network: torch.nn.Module,
-                average: WeightAverage | None) -> None:
+def _save_state(
+    path: Path,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    best_f1: float,
+    bad_validations: int,
+    elapsed: float,
+    network: torch.nn.Module,
+    average: WeightAverage | None,
+) -> None:
     """Everything a resume needs, weights included, so that it never pairs files of two steps."""
     state = {
         "network": network.state_dict(),
@@ -530,8 +623,10 @@ def distributed_context() -> tuple[int, int, int]:
         return 0, 1, 0
     missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
     if missing:
-        raise ValueError(f"WORLD_SIZE={world} is set but {', '.join(missing)} not: this process was not started "
-                         "by torchrun (a variable left over in the shell?); unset WORLD_SIZE, or launch with torchrun")
+        raise ValueError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} not: this process was not started "
+            "by torchrun (a variable left over in the shell?); unset WORLD_SIZE, or launch with torchrun"
+        )
     import torch.distributed as dist
 
     local = int(os.environ["LOCAL_RANK"])
@@ -541,8 +636,15 @@ def distributed_context() -> tuple[int, int, int]:
 
 
 #: the files a run writes in its output_dir: one of them there means a run is there
-RUN_FILES = ("config.json", "log.csv", "last_state.pt", "last.json", "last.safetensors", "best.json",
-             "best.safetensors")
+RUN_FILES = (
+    "config.json",
+    "log.csv",
+    "last_state.pt",
+    "last.json",
+    "last.safetensors",
+    "best.json",
+    "best.safetensors",
+)
 
 
 def run_files(out: Path) -> list[Path]:
@@ -550,11 +652,16 @@ def run_files(out: Path) -> list[Path]:
     return [out / name for name in RUN_FILES if os.path.lexists(out / name)]
 
 
-def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
-               val_samples: list[Sample] | None = None, resume: bool = False,
-               device: str | None = None, parent: LoadedModel | None = None,
-               overwrite: bool = False, distributed: bool = True,
-               ) -> Generator[TrainEvent, None, TrainResult]:
+def iter_train(
+    config: TrainConfig,
+    samples: list[Sample] | None = None,
+    val_samples: list[Sample] | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    parent: LoadedModel | None = None,
+    overwrite: bool = False,
+    distributed: bool = True,
+) -> Generator[TrainEvent, None, TrainResult]:
     """Train per ``config``; yields events, returns where the checkpoints are.
 
     ``samples``: in-memory training samples (fine-tuning); otherwise read from config.data
@@ -579,8 +686,10 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         taken = _agree(taken)
     if taken:  # before anything is read or written
         found = f" ({', '.join(p.name for p in previous)})" if previous else ""
-        raise FileExistsError(f"{out} holds a run already{found}; continue it with --resume, replace it with "
-                              "--overwrite, or set another output_dir")
+        raise FileExistsError(
+            f"{out} holds a run already{found}; continue it with --resume, replace it with "
+            "--overwrite, or set another output_dir"
+        )
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
     dev = select_device(device or config.device)  # a device this machine lacks: said before any data is read
@@ -593,18 +702,28 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     if samples is None:
         if config.data.get("kind") == "sources":  # every source split on its own
-            samples, val_samples = split_sources(load_samples(config, normalization), config.data["sources"],
-                                                 config.seed)
+            samples, val_samples = split_sources(
+                load_samples(config, normalization), config.data["sources"], config.seed
+            )
         else:
-            samples, val_samples = split(load_samples(config, normalization), config.val_images, config.seed,
-                                         config.val_names, by_series=config.data.get("kind") == "dicom")
+            samples, val_samples = split(
+                load_samples(config, normalization),
+                config.val_images,
+                config.seed,
+                config.val_names,
+                by_series=config.data.get("kind") == "dicom",
+            )
         # (in-memory corrections may be all background: "nothing here" is a valid correction)
         if not any(sample.mask[sample.fov].any() for sample in samples):
-            raise DataError("every training mask is empty (all background): nothing to learn; "
-                            "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images")
+            raise DataError(
+                "every training mask is empty (all background): nothing to learn; "
+                "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images"
+            )
     elif any(s.normalization not in (None, normalization) for s in [*samples, *(val_samples or [])]):
-        raise DataError(f"the samples were normalized otherwise than the model will be ({normalization}): "
-                        "make them with that normalization")
+        raise DataError(
+            f"the samples were normalized otherwise than the model will be ({normalization}): "
+            "make them with that normalization"
+        )
     val_samples = val_samples or []
 
     if parent is not None:
@@ -612,7 +731,12 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         arch_args = dict(parent.metadata["arch_args"])
         config.architecture = parent.metadata["architecture"]
     else:
-        arch_args = {"in_channels": config.in_channels, "out_channels": 1, "base_width": config.base_width, "t": config.t}
+        arch_args = {
+            "in_channels": config.in_channels,
+            "out_channels": 1,
+            "base_width": config.base_width,
+            "t": config.t,
+        }
         network = create_model(config.architecture, **arch_args)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
@@ -652,15 +776,24 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         state = torch.load(last_state, map_location="cpu", weights_only=True)
         trained_with = state.get("ema_decay")
         if trained_with != config.ema_decay:
-            raise ValueError(f"{out}: this run was trained with ema_decay={trained_with}, not {config.ema_decay}; "
-                             f"resume it with --set ema_decay={trained_with}")
+            raise ValueError(
+                f"{out}: this run was trained with ema_decay={trained_with}, not {config.ema_decay}; "
+                f"resume it with --set ema_decay={trained_with}"
+            )
         # the state file holds the weights of its own step; older runs kept them in last.json only
-        network.load_state_dict(state["network"] if "network" in state else load_model(last_model).network.state_dict())
+        network.load_state_dict(
+            state["network"] if "network" in state else load_model(last_model).network.state_dict()
+        )
         if average is not None:
             average.network.load_state_dict(state["average"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        step, best_f1, bad, elapsed_before = state["step"], state["best_f1"], state["bad_validations"], state["elapsed"]
+        step, best_f1, bad, elapsed_before = (
+            state["step"],
+            state["best_f1"],
+            state["bad_validations"],
+            state["elapsed"],
+        )
     elif writer:
         from napari_r2au import __version__
 
@@ -670,7 +803,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
 
     log_path = out / "log.csv"
     if writer and (not resume or not os.path.lexists(log_path)):  # a new log: its header, atomically
-        write_bytes_atomic(log_path, b"step,loss,lr,seconds,val_f1,val_auc_roc,val_sensitivity,val_specificity\r\n")
+        write_bytes_atomic(
+            log_path, b"step,loss,lr,seconds,val_f1,val_auc_roc,val_sensitivity,val_specificity\r\n"
+        )
     elif writer:  # a resumed log loses the rows after the checkpoint (they would appear twice)
         open_for_append(log_path).close()  # a symlink at the path is refused before it is read
         _truncate_log(log_path, step)
@@ -683,7 +818,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from exc
+            raise ValueError(
+                "tensorboard: true needs the tensorboard package (pip install tensorboard)"
+            ) from exc
         board = SummaryWriter(str(out / "tensorboard"))
 
     best_metrics: dict[str, float] = {}
@@ -693,8 +830,15 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
     stopped = "steps"
 
     def save(kind: str, metrics: dict[str, float]) -> Path:
-        meta = _metadata(config, arch_args, step, elapsed_before + time.perf_counter() - started,
-                         metrics, parent, len(samples))
+        meta = _metadata(
+            config,
+            arch_args,
+            step,
+            elapsed_before + time.perf_counter() - started,
+            metrics,
+            parent,
+            len(samples),
+        )
         meta["name"] = kind
         return save_model(kept, out, meta)
 
@@ -707,7 +851,7 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
             x, y, fov = sampler.sample(config.batch_size)
             x, y, fov = augment(x, y, fov, config.augment, generator)
             share = config.batch_size // world
-            x, y = x[rank * share:(rank + 1) * share].to(dev), y[rank * share:(rank + 1) * share].to(dev)
+            x, y = x[rank * share : (rank + 1) * share].to(dev), y[rank * share : (rank + 1) * share].to(dev)
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(x)
             loss = segmentation_loss(logits, y, config.loss, config.pos_weight, config.dice_weight)
@@ -727,11 +871,20 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
             if (step % config.val_every == 0 or step == config.steps or out_of_time) and writer:
                 if val_samples:
                     kept.eval()
-                    loaded = LoadedModel(kept, {"name": config.name, "in_channels": config.in_channels,
-                                                "out_channels": 1, "threshold": 0.5,
-                                                "normalization": normalization}, source="memory")
-                    validation = evaluate_samples(loaded, val_samples, precision=config.precision,
-                                                  device=str(dev))
+                    loaded = LoadedModel(
+                        kept,
+                        {
+                            "name": config.name,
+                            "in_channels": config.in_channels,
+                            "out_channels": 1,
+                            "threshold": 0.5,
+                            "normalization": normalization,
+                        },
+                        source="memory",
+                    )
+                    validation = evaluate_samples(
+                        loaded, val_samples, precision=config.precision, device=str(dev)
+                    )
                     if selection_score(validation) > best_f1:
                         best_f1, bad, best_metrics = selection_score(validation), 0, validation
                         save("best", validation)
@@ -749,8 +902,15 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
                 board.add_scalar("train/lr", lr, step)
                 for key, value in (validation or {}).items():
                     board.add_scalar(f"validation/{key}", value, step)
-            yield TrainEvent(step, config.steps, float(loss.item()), lr, elapsed, validation,
-                             best_f1 if best_f1 >= 0 else None)
+            yield TrainEvent(
+                step,
+                config.steps,
+                float(loss.item()),
+                lr,
+                elapsed,
+                validation,
+                best_f1 if best_f1 >= 0 else None,
+            )
             if out_of_time:
                 stopped = "time"
                 break
@@ -768,7 +928,9 @@ def iter_train(config: TrainConfig, samples: list[Sample] | None = None,
         kept.to("cpu").eval()
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
         best_metrics = calibrate_threshold(best_model, val_samples, config.precision, device=str(dev))
-    return TrainResult(out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped)
+    return TrainResult(
+        out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped
+    )
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -792,11 +954,16 @@ def _warn_changed_settings(config: TrainConfig, saved: Path) -> None:
         return
     before = json.loads(saved.read_text())
     now = json.loads(json.dumps(config.to_dict(), default=str))
-    changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items()
-               if key in before and before[key] != value and key not in RESUMABLE_CHANGES]
+    changed = [
+        f"{key} {before[key]!r} -> {value!r}"
+        for key, value in now.items()
+        if key in before and before[key] != value and key not in RESUMABLE_CHANGES
+    ]
     if changed:
-        warnings.warn(f"resuming {saved.parent} with other settings than it was started with: {'; '.join(changed)}",
-                      stacklevel=3)
+        warnings.warn(
+            f"resuming {saved.parent} with other settings than it was started with: {'; '.join(changed)}",
+            stacklevel=3,
+        )
 
 
 #: the decision thresholds calibration chooses from (thin structures and fine-tuned
@@ -804,24 +971,40 @@ def _warn_changed_settings(config: TrainConfig, saved: Path) -> None:
 THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.951, 0.025), 3))
 
 
-def best_threshold(model: LoadedModel, samples: list[Sample], precision: str = "auto",
-                   candidates: tuple[float, ...] = THRESHOLDS, device: str | None = None,
-                   ) -> tuple[float, dict[str, float]]:
+def best_threshold(
+    model: LoadedModel,
+    samples: list[Sample],
+    precision: str = "auto",
+    candidates: tuple[float, ...] = THRESHOLDS,
+    device: str | None = None,
+) -> tuple[float, dict[str, float]]:
     """The candidate threshold with the highest pooled F1 on ``samples``, and the metrics there."""
     probs = predict_samples(model, samples, precision, device)
     return _best_of(samples, probs, candidates)
 
 
-def _best_of(samples: list[Sample], probs: list[np.ndarray], candidates: tuple[float, ...],
-             ) -> tuple[float, dict[str, float]]:
-    scores = {level: selection_score(dict(pooled_metrics(samples, probs, level),
-                                          **source_metrics(samples, probs, level))) for level in candidates}
+def _best_of(
+    samples: list[Sample],
+    probs: list[np.ndarray],
+    candidates: tuple[float, ...],
+) -> tuple[float, dict[str, float]]:
+    scores = {
+        level: selection_score(
+            dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
+        )
+        for level in candidates
+    }
     best = max(candidates, key=scores.__getitem__)
     return best, _metrics_at(samples, probs, best)
 
 
-def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str = "auto",
-                        candidates: tuple[float, ...] = THRESHOLDS, device: str | None = None) -> dict[str, float]:
+def calibrate_threshold(
+    sidecar: Path,
+    val_samples: list[Sample],
+    precision: str = "auto",
+    candidates: tuple[float, ...] = THRESHOLDS,
+    device: str | None = None,
+) -> dict[str, float]:
     """Store in the model file the threshold that maximises validation F1.
 
     Chosen on the validation split only; the metrics at 0.5 are kept beside it.
@@ -838,7 +1021,8 @@ def calibrate_threshold(sidecar: Path, val_samples: list[Sample], precision: str
     provenance["validation_metrics_at_0.5"] = {k: round(float(v), 5) for k, v in at_half.items()}
     provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in chosen.items()}
     provenance["threshold_chosen_on"] = "validation split, F1" + (
-        " (mean of its sources)" if "f1_source_mean" in chosen else "")
+        " (mean of its sources)" if "f1_source_mean" in chosen else ""
+    )
     meta["provenance"] = provenance
     meta.pop("weights_file")
     meta.pop("weights_sha256")
@@ -859,5 +1043,3 @@ def _agree(flag: bool) -> bool:
 def train(config: TrainConfig, **kwargs) -> TrainResult:
     """Run :func:`iter_train` to the end (no progress output)."""
     return run(iter_train(config, **kwargs))
-
-

@@ -43,11 +43,13 @@ def create_model(
     """
     key = arch.lower().replace("-", "_")
     if key not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {arch!r}; valid: {', '.join(available_architectures())}"
-        )
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                        ("base_width", base_width), ("depth", depth)):
+        raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(available_architectures())}")
+    for name, value in (
+        ("in_channels", in_channels),
+        ("out_channels", out_channels),
+        ("base_width", base_width),
+        ("depth", depth),
+    ):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if t < 0:

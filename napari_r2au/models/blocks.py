@@ -85,8 +85,15 @@ class _AllReduceSum(torch.autograd.Function):
         return total
 
 
-def sync_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                    weight: torch.Tensor, bias: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+def sync_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
     """Training-mode batch norm with statistics over the batches of all ranks.
 
     With DistributedDataParallel each rank sees a slice of the global batch; pooling the
@@ -100,7 +107,7 @@ def sync_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     total = _AllReduceSum.apply(local)
     count = total[-1]
     mean = total[:channels] / count
-    var = total[channels:2 * channels] / count - mean * mean
+    var = total[channels : 2 * channels] / count - mean * mean
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(momentum * mean)
         running_var.mul_(1 - momentum).add_(momentum * var * count / (count - 1))
@@ -115,8 +122,15 @@ class _Synced:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _distributed():
             self.num_batches_tracked += 1
-            return sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                   self.momentum if self.momentum is not None else 0.1, self.eps)
+            return sync_batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.momentum if self.momentum is not None else 0.1,
+                self.eps,
+            )
         return super().forward(x)
 
 
@@ -171,8 +185,15 @@ class StepwiseBatchNorm(nn.Module):
             if momentum is None:  # cumulative moving average, as in nn.BatchNorm
                 momentum = 1.0 / float(self.num_batches_tracked[step])
             if self.sync and _distributed():
-                return sync_batch_norm(x, self.running_mean[step], self.running_var[step], self.weight,
-                                       self.bias, momentum, self.eps)
+                return sync_batch_norm(
+                    x,
+                    self.running_mean[step],
+                    self.running_var[step],
+                    self.weight,
+                    self.bias,
+                    momentum,
+                    self.eps,
+                )
         # Row views share storage with the buffers, so F.batch_norm updates them in place.
         return F.batch_norm(
             x,

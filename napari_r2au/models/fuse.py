@@ -20,8 +20,15 @@ _CONVS = (nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _fold(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
-          gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     scale = gamma / torch.sqrt(var + eps)
     shape = (-1,) + (1,) * (weight.dim() - 1)
     bias = torch.zeros_like(mean) if bias is None else bias
@@ -37,7 +44,15 @@ class FusedRecurrentConv(nn.Module):
         conv, norm = layer.conv, layer.norm
         self.conv_fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
         pairs = [
-            _fold(conv.weight, conv.bias, norm.running_mean[k], norm.running_var[k], norm.weight, norm.bias, norm.eps)
+            _fold(
+                conv.weight,
+                conv.bias,
+                norm.running_mean[k],
+                norm.running_var[k],
+                norm.weight,
+                norm.bias,
+                norm.eps,
+            )
             for k in range(layer.t + 1)
         ]
         self.weights = nn.ParameterList(nn.Parameter(w.detach(), requires_grad=False) for w, _ in pairs)
@@ -63,8 +78,15 @@ def fuse_for_inference(network: nn.Module) -> nn.Module:
             for i in range(len(children) - 1):
                 conv, norm = children[i], children[i + 1]
                 if isinstance(conv, _CONVS) and isinstance(norm, _NORMS):
-                    weight, bias = _fold(conv.weight, conv.bias, norm.running_mean, norm.running_var,
-                                         norm.weight, norm.bias, norm.eps)
+                    weight, bias = _fold(
+                        conv.weight,
+                        conv.bias,
+                        norm.running_mean,
+                        norm.running_var,
+                        norm.weight,
+                        norm.bias,
+                        norm.eps,
+                    )
                     conv.weight.copy_(weight)
                     if conv.bias is None:
                         conv.bias = nn.Parameter(bias)

@@ -24,6 +24,7 @@ PLUGIN = "napari-r2au"
 
 # -- notifications -------------------------------------------------------------------------
 
+
 def notify_error(message: str) -> None:
     """An error notification in napari (and the log): the widget never raises into Qt."""
     from napari.utils.notifications import show_error
@@ -68,8 +69,11 @@ def layers_of(viewer: napari.viewer.Viewer, kind: str, inputs_only: bool = False
     import napari.layers
 
     cls = {"image": napari.layers.Image, "labels": napari.layers.Labels}[kind]
-    return [(layer.name, layer) for layer in viewer.layers
-            if isinstance(layer, cls) and not (inputs_only and is_plugin_map(layer))]
+    return [
+        (layer.name, layer)
+        for layer in viewer.layers
+        if isinstance(layer, cls) and not (inputs_only and is_plugin_map(layer))
+    ]
 
 
 #: the mask's colour: bright cyan stands out on red fundus photographs, brown skin and grey scans
@@ -84,18 +88,23 @@ def mask_colormap(top_label: int) -> Any:
     if top_label > 1:
         return None
     # a label the user paints beyond 1 shows in magenta, not invisibly
-    return DirectLabelColormap(color_dict={None: (1.0, 0.0, 1.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0), 1: MASK_COLOUR})
+    return DirectLabelColormap(
+        color_dict={None: (1.0, 0.0, 1.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0), 1: MASK_COLOUR}
+    )
 
 
-def layer_picker(viewer: napari.viewer.Viewer, kind: str, label: str, nullable: bool = False,
-                 inputs_only: bool = False) -> ComboBox:
+def layer_picker(
+    viewer: napari.viewer.Viewer, kind: str, label: str, nullable: bool = False, inputs_only: bool = False
+) -> ComboBox:
     """A ComboBox of the viewer's layers of one type (``inputs_only``: images to run a
     model on, not the maps a run made).
 
     Its choices are refreshed by the owning widget's ``reset_choices`` (napari calls it
     when layers are added, removed, renamed or moved; see :func:`follow_layers`).
     """
-    return ComboBox(label=label, choices=lambda _widget: layers_of(viewer, kind, inputs_only), nullable=nullable)
+    return ComboBox(
+        label=label, choices=lambda _widget: layers_of(viewer, kind, inputs_only), nullable=nullable
+    )
 
 
 def follow_layers(viewer: napari.viewer.Viewer, widget: Container) -> None:
@@ -129,6 +138,7 @@ def replace_layer(viewer: napari.viewer.Viewer, kind: str, name: str, data: Any,
 
 
 # -- models --------------------------------------------------------------------------------
+
 
 def confirm(parent: Any, title: str, question: str) -> bool:
     """A Yes/No question in a dialog (No is the default)."""
@@ -182,10 +192,14 @@ def model_card(meta: dict[str, Any]) -> str:
     f1 = (prov.get("validation_metrics") or {}).get("f1")
     after = prov.get("dice_after")
     score = after if after is not None else f1
-    lines.append(f"Validation F1: {score:.3f}" if isinstance(score, (int, float)) else "Validation F1: not recorded")
+    lines.append(
+        f"Validation F1: {score:.3f}" if isinstance(score, (int, float)) else "Validation F1: not recorded"
+    )
     scale = float(meta.get("input_scale", 1.0))
-    lines.append(f"Channels: {meta.get('in_channels', '?')} in, {meta.get('out_channels', '?')} out"
-                 + (f"; images resized ×{scale:g}" if abs(scale - 1) > 1e-6 else ""))
+    lines.append(
+        f"Channels: {meta.get('in_channels', '?')} in, {meta.get('out_channels', '?')} out"
+        + (f"; images resized ×{scale:g}" if abs(scale - 1) > 1e-6 else "")
+    )
     return "\n".join(lines)
 
 
@@ -201,9 +215,11 @@ class ModelPicker(Container):
         self._choice = ComboBox(label=label, choices=lambda _widget: self._names())
         self._file = FileEdit(label="Model file", mode="r", filter="*.json *.safetensors *.pt")
         self._card = message_label()
-        self._remove = PushButton(text="Remove this model…",
-                                  tooltip="Take this user model (e.g. a fine-tune you do not want) out of the "
-                                          "lists; its files are kept in the models folder's removed/ folder")
+        self._remove = PushButton(
+            text="Remove this model…",
+            tooltip="Take this user model (e.g. a fine-tune you do not want) out of the "
+            "lists; its files are kept in the models folder's removed/ folder",
+        )
         super().__init__(widgets=[self._choice, self._file, self._card, self._remove], labels=True)
         self.margins = (0, 0, 0, 0)
         self._choice.changed.connect(self._update)
@@ -228,9 +244,12 @@ class ModelPicker(Container):
         name = str(self._choice.value)
         if name not in self._user:
             return
-        if not confirm(self.native, "Remove model",
-                       f"Remove {name} from the model lists?\n\nIts files move to the removed/ folder next to "
-                       "your models (move them back to restore it). Masks already exported keep its checksum."):
+        if not confirm(
+            self.native,
+            "Remove model",
+            f"Remove {name} from the model lists?\n\nIts files move to the removed/ folder next to "
+            "your models (move them back to restore it). Masks already exported keep its checksum.",
+        ):
             return
         sidecar = Path(self._paths[name])
         try:
@@ -292,6 +311,7 @@ class ModelPicker(Container):
 
 # -- workers -------------------------------------------------------------------------------
 
+
 class JobError(Exception):
     """A failure inside a worker, re-raised as a type superqt reports through ``errored``.
 
@@ -332,6 +352,7 @@ def start_worker(
         return lambda *args: callback(*args) if alive[0] else None
 
     if owner is not None:
+
         def owner_gone(*_: Any) -> None:
             alive[0] = False
             worker.quit()
@@ -362,8 +383,14 @@ class WorkerRunner:
 
     def _start(self, job: Generator[Any, None, Any]) -> None:
         self._cancelled = False
-        self._worker = start_worker(job, on_yield=self._on_progress, on_return=self._on_result,
-                                    on_error=self._on_error, on_finish=self._on_finish, owner=self)
+        self._worker = start_worker(
+            job,
+            on_yield=self._on_progress,
+            on_return=self._on_result,
+            on_error=self._on_error,
+            on_finish=self._on_finish,
+            owner=self,
+        )
 
     def cancel(self, *_: Any) -> None:
         """Ask the worker to stop at its next progress step (nothing half-written)."""

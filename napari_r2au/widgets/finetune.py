@@ -73,7 +73,9 @@ class LossCurve:
         loss_ax.clear()
         dice_ax.clear()
         (self._loss_line,) = loss_ax.plot([], [], color="tab:blue", lw=1, label="loss")
-        (self._dice_line,) = dice_ax.plot([], [], "o-", color="tab:orange", ms=3, lw=1, label="validation Dice")
+        (self._dice_line,) = dice_ax.plot(
+            [], [], "o-", color="tab:orange", ms=3, lw=1, label="validation Dice"
+        )
         loss_ax.set_xlabel("step", fontsize=8)
         loss_ax.set_ylabel("loss", color="tab:blue", fontsize=8)
         # during training: the fine-tuned weights at threshold 0.5 (the result line gives the new
@@ -107,9 +109,12 @@ class FinetuneWidget(WorkerRunner, Container):
         self._viewer = viewer
         self._image = layer_picker(viewer, "image", "Image", inputs_only=True)
         self._corrected = layer_picker(viewer, "labels", "Corrected mask")
-        self._use_validation = CheckBox(text="Separate validation pair", value=False,
-                                        tooltip="Otherwise a quarter-width band of the image (of each painted slice) is held out for "
-                                                "validation: the right quarter, or where the corrections are")
+        self._use_validation = CheckBox(
+            text="Separate validation pair",
+            value=False,
+            tooltip="Otherwise a quarter-width band of the image (of each painted slice) is held out for "
+            "validation: the right quarter, or where the corrections are",
+        )
         self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True, inputs_only=True)
         self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
         self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
@@ -120,25 +125,56 @@ class FinetuneWidget(WorkerRunner, Container):
         self._patch = SpinBox(label="Patch size", min=16, max=1024, step=16, value=defaults.patch_size)
         self._augment = CheckBox(text="Augmentation (flips, rotations, intensity)", value=defaults.augment)
         self._freeze = CheckBox(text="Freeze encoder", value=defaults.freeze_encoder)
-        self._share = FloatSpinBox(label="Weight share", min=0.05, max=1.0, step=0.05, value=defaults.weight_share,
-                                   tooltip="New weights = base + share x (fine-tuned - base); 1: as fine-tuned. "
-                                           "0.5 (default) keeps more of what the base model knew and, measured, "
-                                           "adapts at least as well (docs/finetune-defaults.md)")
+        self._share = FloatSpinBox(
+            label="Weight share",
+            min=0.05,
+            max=1.0,
+            step=0.05,
+            value=defaults.weight_share,
+            tooltip="New weights = base + share x (fine-tuned - base); 1: as fine-tuned. "
+            "0.5 (default) keeps more of what the base model knew and, measured, "
+            "adapts at least as well (docs/finetune-defaults.md)",
+        )
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
-        self._scale = FloatSpinBox(label="Scale (0: as segmented)", min=0.0, max=8.0, step=0.05, value=0.0,
-                                   tooltip="Resize factor for training, recorded in the new model; 0: the "
-                                           "Scale Segment used for the corrected mask, else the base model's")
+        self._scale = FloatSpinBox(
+            label="Scale (0: as segmented)",
+            min=0.0,
+            max=8.0,
+            step=0.05,
+            value=0.0,
+            tooltip="Resize factor for training, recorded in the new model; 0: the "
+            "Scale Segment used for the corrected mask, else the base model's",
+        )
         self._resegment = CheckBox(text="Re-segment the image with the new model", value=True)
         self._run = PushButton(text="Fine-tune")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(min=0, max=1, value=0)
         self._status = message_label()
         self._result = message_label()
-        super().__init__(widgets=[
-            self._image, self._corrected, self._use_validation, self._validation, self._model, self._steps,
-            self._lr, self._patch, self._augment, self._freeze, self._share, self._device, self._scale, self._resegment,
-            self._run, self._cancel, self._progress, self._status, self._result,
-        ], scrollable=True)  # docks scroll on a 768 px screen
+        super().__init__(
+            widgets=[
+                self._image,
+                self._corrected,
+                self._use_validation,
+                self._validation,
+                self._model,
+                self._steps,
+                self._lr,
+                self._patch,
+                self._augment,
+                self._freeze,
+                self._share,
+                self._device,
+                self._scale,
+                self._resegment,
+                self._run,
+                self._cancel,
+                self._progress,
+                self._status,
+                self._result,
+            ],
+            scrollable=True,
+        )  # docks scroll on a 768 px screen
         self._curve = LossCurve()
         self.native.layout().addWidget(self._curve.canvas)
         self._worker: GeneratorWorker | None = None
@@ -166,8 +202,11 @@ class FinetuneWidget(WorkerRunner, Container):
             notify_error("Fine-tune: choose a base model first.")
             return
         settings = {
-            "steps": int(self._steps.value), "lr": float(self._lr.value), "patch_size": int(self._patch.value),
-            "augment": bool(self._augment.value), "freeze_encoder": bool(self._freeze.value),
+            "steps": int(self._steps.value),
+            "lr": float(self._lr.value),
+            "patch_size": int(self._patch.value),
+            "augment": bool(self._augment.value),
+            "freeze_encoder": bool(self._freeze.value),
             "weight_share": float(self._share.value),
         }
         device = None if self._device.value == "auto" else str(self._device.value)
@@ -185,11 +224,16 @@ class FinetuneWidget(WorkerRunner, Container):
         self._result.value = ""
         self._set_running(True, "Preparing (measuring the base model on the validation data)…")
         if slices is not None:
-            self._result.value = (f"Training on the {len(slices)} corrected slice(s) of "
-                                  f"'{self._corrected.value.name}': {_slice_list(slices)}.")
+            self._result.value = (
+                f"Training on the {len(slices)} corrected slice(s) of "
+                f"'{self._corrected.value.name}': {_slice_list(slices)}."
+            )
         before = mask_before_corrections(self._viewer, self._corrected.value)
-        self._start(self._job(path, pairs, validation, settings, self._source.name, device, scale, pixel, slices,
-                              before))
+        self._start(
+            self._job(
+                path, pairs, validation, settings, self._source.name, device, scale, pixel, slices, before
+            )
+        )
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -207,24 +251,46 @@ class FinetuneWidget(WorkerRunner, Container):
                 raise ValueError("choose both a validation image and its mask, or untick the validation pair")
             validation = _pair(val_image, val_labels)
             if not validation[1].any():
-                raise ValueError(f"the validation mask '{val_labels.name}' is empty: Dice cannot be measured on it")
+                raise ValueError(
+                    f"the validation mask '{val_labels.name}' is empty: Dice cannot be measured on it"
+                )
         return pairs, validation, slices
 
     # -- the work (worker thread) ----------------------------------------------------------
 
     @staticmethod
-    def _job(path: str, pairs: list, validation: Any, settings: dict[str, Any], name: str,
-             device: str | None, scale: float | None, pixel: tuple[float | None, str | None],
-             slices: list[int] | None = None,
-             before: Callable[[], Any] | None = None) -> Generator[TrainEvent, None, FinetuneResult]:
+    def _job(
+        path: str,
+        pairs: list,
+        validation: Any,
+        settings: dict[str, Any],
+        name: str,
+        device: str | None,
+        scale: float | None,
+        pixel: tuple[float | None, str | None],
+        slices: list[int] | None = None,
+        before: Callable[[], Any] | None = None,
+    ) -> Generator[TrainEvent, None, FinetuneResult]:
         # the trainer imports torch: load it in the worker, not on the GUI thread
         from napari_r2au.training.finetune import iter_finetune
 
         # the mask as Segment made it tells where the user corrected (None: not known exactly)
         original = before() if before is not None else None
-        return (yield from iter_finetune(path, pairs, validation, FinetuneSettings(**settings), names=[name],
-                                         slices=None if slices is None else [slices], device=device, scale=scale,
-                                         pixel_size=pixel[0], pixel_size_unit=pixel[1], originals=[original]))
+        return (
+            yield from iter_finetune(
+                path,
+                pairs,
+                validation,
+                FinetuneSettings(**settings),
+                names=[name],
+                slices=None if slices is None else [slices],
+                device=device,
+                scale=scale,
+                pixel_size=pixel[0],
+                pixel_size_unit=pixel[1],
+                originals=[original],
+            )
+        )
 
     # -- worker callbacks (GUI thread) ----------------------------------------------------
 
@@ -233,8 +299,10 @@ class FinetuneWidget(WorkerRunner, Container):
         self._progress.value = min(event.step, event.total)
         eta = event.elapsed / max(1, event.step) * (event.total - event.step)
         dice = (event.validation or {}).get("f1")
-        text = (f"Step {event.step}/{event.total} · loss {event.loss:.4f} · "
-                f"{format_seconds(event.elapsed)} elapsed · ETA {format_seconds(eta)}")
+        text = (
+            f"Step {event.step}/{event.total} · loss {event.loss:.4f} · "
+            f"{format_seconds(event.elapsed)} elapsed · ETA {format_seconds(eta)}"
+        )
         if dice is not None:
             text += f" · validation Dice {dice:.3f}"
         self._status.value = text
@@ -248,32 +316,46 @@ class FinetuneWidget(WorkerRunner, Container):
         name = result.model.name
         share = result.weight_share
         blend = f" (weights {share:g} of the way from the base to the fine-tuned ones)" if share else ""
-        self._result.value = (f"New model {name} after {result.steps} steps{blend}.\nHeld-out Dice, each model at "
-                              f"its best threshold: {_score(result.dice_before)} before → "
-                              f"{_score(result.dice_after)} after.")
+        self._result.value = (
+            f"New model {name} after {result.steps} steps{blend}.\nHeld-out Dice, each model at "
+            f"its best threshold: {_score(result.dice_before)} before → "
+            f"{_score(result.dice_after)} after."
+        )
         refresh_model_pickers()
         if result.dice_before is None or result.dice_after is None:  # used, as asked, but said plainly
             self._result.value += "\nNot validated: no held-out part of the corrected image has foreground."
-            notify_warning(f"Fine-tune: {name} is used but was not validated (no part of the corrected image "
-                           "could be held out with foreground in it); compare its masks with the base model's, "
-                           "or tick 'Separate validation pair'.")
+            notify_warning(
+                f"Fine-tune: {name} is used but was not validated (no part of the corrected image "
+                "could be held out with foreground in it); compare its masks with the base model's, "
+                "or tick 'Separate validation pair'."
+            )
         elif result.dice_fell:  # saved, but not put to use: the user decides
-            self._result.value += ("\nLower than the base model, so Segment keeps the base model; "
-                                   f"choose {name} there to use it anyway.")
+            self._result.value += (
+                "\nLower than the base model, so Segment keeps the base model; "
+                f"choose {name} there to use it anyway."
+            )
             held = result.held_out_corrections
-            why = "" if held is None else (
-                f" The held-out part holds {held} corrected pixel(s); the rest of it is the base model's own "
-                "output, which it matches by definition, so a few local corrections rarely win there.")
-            notify_warning(f"Fine-tune: {name} scores lower than its base model on the held-out part "
-                           f"({_score(result.dice_after)} vs {_score(result.dice_before)}), so it was saved but "
-                           f"not selected.{why} Correct more of the image or more images, or tick 'Separate "
-                           "validation pair' (a fully checked image) for a fair test.")
+            why = (
+                ""
+                if held is None
+                else (
+                    f" The held-out part holds {held} corrected pixel(s); the rest of it is the base model's own "
+                    "output, which it matches by definition, so a few local corrections rarely win there."
+                )
+            )
+            notify_warning(
+                f"Fine-tune: {name} scores lower than its base model on the held-out part "
+                f"({_score(result.dice_after)} vs {_score(result.dice_before)}), so it was saved but "
+                f"not selected.{why} Correct more of the image or more images, or tick 'Separate "
+                "validation pair' (a fully checked image) for a fair test."
+            )
             return
         try:
             self._use_new_model(name)
         except Exception as exc:  # a missing window, a busy Segment widget...
-            notify_error(f"Fine-tune: {name} was saved but could not be used to re-segment: "
-                         f"{describe_error(exc)}")
+            notify_error(
+                f"Fine-tune: {name} was saved but could not be used to re-segment: {describe_error(exc)}"
+            )
 
     def _on_error(self, exc: BaseException) -> None:
         reason = describe_error(exc)
@@ -324,8 +406,9 @@ def _pair(image_layer: Any, labels_layer: Any) -> tuple[Any, np.ndarray]:
     labels = np.array(labels_layer.data[0] if labels_layer.multiscale else labels_layer.data)  # a copy:
     # the user may keep painting while the worker trains on it
     if spatial != labels.shape:
-        raise ValueError(f"'{image_layer.name}' {spatial} and '{labels_layer.name}' {labels.shape} "
-                         "differ in size")
+        raise ValueError(
+            f"'{image_layer.name}' {spatial} and '{labels_layer.name}' {labels.shape} differ in size"
+        )
     if len(spatial) not in (2, 3):
         raise ValueError(f"'{image_layer.name}' must be a 2D image or a 3D stack")
     return image, labels
@@ -343,13 +426,17 @@ def _corrected_slices(labels_layer: Any, labels: np.ndarray) -> list[int] | None
     if labels.ndim == 3 and record.get("slice_sha256"):
         slices = edited_slices(labels, record["slice_sha256"])
         if not slices:
-            raise ValueError(f"no slice of '{labels_layer.name}' was corrected since Segment made it: correct "
-                             "the slices the model gets wrong (untouched ones are its own output)")
+            raise ValueError(
+                f"no slice of '{labels_layer.name}' was corrected since Segment made it: correct "
+                "the slices the model gets wrong (untouched ones are its own output)"
+            )
         return slices
     recorded = record.get("mask_sha256")
     if recorded and mask_checksum(labels) == recorded:
-        raise ValueError(f"'{labels_layer.name}' is Segment's output, unchanged: correct what the model gets wrong "
-                         "first (fine-tuning on its own output teaches it nothing)")
+        raise ValueError(
+            f"'{labels_layer.name}' is Segment's output, unchanged: correct what the model gets wrong "
+            "first (fine-tuning on its own output teaches it nothing)"
+        )
     if not labels.any() and not recorded:
         raise ValueError(f"'{labels_layer.name}' is empty: paint or correct a mask first")
     return None

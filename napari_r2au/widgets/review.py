@@ -50,23 +50,39 @@ class ReviewWidget(Container):
         self._compare = PushButton(text="Compare")
         self._metrics = message_label()
         self._uncertainty = layer_picker(viewer, "image", "Uncertainty map", nullable=True)
-        self._uncertainty.tooltip = "Empty: the uncertainty (else probability) map Segment made for the prediction"
+        self._uncertainty.tooltip = (
+            "Empty: the uncertainty (else probability) map Segment made for the prediction"
+        )
         self._window = SpinBox(label="Region size (px)", min=8, max=4096, step=8, value=64)
         self._next = PushButton(text="Next most uncertain region")
         self._region = message_label()
         self._export_path = FileEdit(label="Export to", mode="w", filter="*.tif *.tiff *.png *.dcm")
-        self._export_path.tooltip = ("A .tif (or .png) mask, or a .dcm DICOM SEG for a mask on an image opened "
-                                     "from DICOM (it refers to that series); a .json record goes next to it")
+        self._export_path.tooltip = (
+            "A .tif (or .png) mask, or a .dcm DICOM SEG for a mask on an image opened "
+            "from DICOM (it refers to that series); a .json record goes next to it"
+        )
         self._export_maps = CheckBox(text="Also export the probability and attention maps", value=False)
         self._overwrite = CheckBox(text="Overwrite existing files", value=False)
         self._export = PushButton(text="Export")
         self._export_status = message_label()
-        super().__init__(widgets=[
-            self._prediction, self._reference, self._compare, self._metrics, self._uncertainty,
-            self._window, self._next, self._region, self._export_path, self._export_maps, self._overwrite,
-            self._export,
-            self._export_status,
-        ], scrollable=True)  # docks scroll on a 768 px screen
+        super().__init__(
+            widgets=[
+                self._prediction,
+                self._reference,
+                self._compare,
+                self._metrics,
+                self._uncertainty,
+                self._window,
+                self._next,
+                self._region,
+                self._export_path,
+                self._export_maps,
+                self._overwrite,
+                self._export,
+                self._export_status,
+            ],
+            scrollable=True,
+        )  # docks scroll on a 768 px screen
         self._visited: set[tuple[int, ...]] = set()
         self._visited_source: tuple[str, int] | None = None  # (layer name, window) the visits are for
         self.metrics: dict[str, float] | None = None
@@ -99,10 +115,15 @@ class ReviewWidget(Container):
         predicted = self._prediction.value
         if predicted is None or self._reference.value is not None:
             return
-        manual = [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Labels)
-                  and layer is not predicted and not _made_by_model(layer)
-                  and not (layer.metadata or {}).get("r2au_difference")
-                  and layer.data.shape == predicted.data.shape]
+        manual = [
+            layer
+            for layer in self._viewer.layers
+            if isinstance(layer, napari.layers.Labels)
+            and layer is not predicted
+            and not _made_by_model(layer)
+            and not (layer.metadata or {}).get("r2au_difference")
+            and layer.data.shape == predicted.data.shape
+        ]
         if manual:
             self._reference.value = manual[-1]
 
@@ -127,12 +148,18 @@ class ReviewWidget(Container):
 
         predicted, reference = self._prediction.value, self._reference.value
         if predicted is None or reference is None:
-            self._refuse(self._metrics, "choose a prediction and a reference labels layer to compare (open the "
-                                        "reference mask with File > Open; it comes in as a Labels layer).")
+            self._refuse(
+                self._metrics,
+                "choose a prediction and a reference labels layer to compare (open the "
+                "reference mask with File > Open; it comes in as a Labels layer).",
+            )
             return None
         if predicted.data.shape != reference.data.shape:
-            self._refuse(self._metrics, f"'{predicted.name}' {predicted.data.shape} and '{reference.name}' "
-                                        f"{reference.data.shape} differ in size.")
+            self._refuse(
+                self._metrics,
+                f"'{predicted.name}' {predicted.data.shape} and '{reference.name}' "
+                f"{reference.data.shape} differ in size.",
+            )
             return None
         pred, ref = np.asarray(predicted.data), np.asarray(reference.data)
         rates = _rates(pred, ref)
@@ -143,10 +170,17 @@ class ReviewWidget(Container):
             f"Accuracy {_fmt(rates['accuracy'])} · Precision {_fmt(rates['precision'])}\n"
             "Difference layer: orange = false positive, blue = false negative"
         )
-        replace_layer(self._viewer, "labels", f"{predicted.name} vs {reference.name}",
-                      difference_labels(pred, ref), colormap=DIFFERENCE_COLORS, opacity=0.8,
-                      scale=tuple(predicted.scale), translate=tuple(predicted.translate),
-                      metadata={"r2au_difference": True})
+        replace_layer(
+            self._viewer,
+            "labels",
+            f"{predicted.name} vs {reference.name}",
+            difference_labels(pred, ref),
+            colormap=DIFFERENCE_COLORS,
+            opacity=0.8,
+            scale=tuple(predicted.scale),
+            translate=tuple(predicted.translate),
+            metadata={"r2au_difference": True},
+        )
         self._compared = (predicted.name, reference.name)
         return rates
 
@@ -163,8 +197,10 @@ class ReviewWidget(Container):
 
         layer = self._uncertainty.value or self._recorded_map()
         if layer is None:
-            notify_error("Review: choose an uncertainty (or probability) image layer; Segment makes "
-                         "one with 'Uncertainty map' ticked.")
+            notify_error(
+                "Review: choose an uncertainty (or probability) image layer; Segment makes "
+                "one with 'Uncertainty map' ticked."
+            )
             return
         if layer.rgb or layer.ndim not in (2, 3):
             notify_error(f"Review: '{layer.name}' must be a single-channel 2D map or a stack of them.")
@@ -191,8 +227,12 @@ class ReviewWidget(Container):
             self._viewer.camera.zoom = ZOOM_FILL * min(canvas) / max(extent, 1e-9)
         if len(world) == 3:  # a stack: go to the region's slice
             self._viewer.dims.set_point(self._viewer.dims.ndim - 3, world[0])
-        where = ", ".join(f"{name} {value:.0f}" for name, value in zip("zyx"[-len(region.center):], region.center))
-        self._region.value = f"Region {len(self._visited)}: mean {region.score:.3f} at ({where}) in {layer.name}"
+        where = ", ".join(
+            f"{name} {value:.0f}" for name, value in zip("zyx"[-len(region.center) :], region.center)
+        )
+        self._region.value = (
+            f"Region {len(self._visited)}: mean {region.score:.3f} at ({where}) in {layer.name}"
+        )
 
     def _recorded_map(self) -> Any:
         """The uncertainty (else probability) layer Segment recorded for the chosen prediction."""
@@ -228,21 +268,31 @@ class ReviewWidget(Container):
             path = path / (re.sub(r"[^\w.+-]+", "_", predicted.name).strip("._") or "mask")
         if not path.suffix:  # no format asked for: a TIFF
             path = path.with_name(path.name + ".tif")
-        if path.suffix.lower() not in EXPORT_SUFFIXES:  # the format asked for, or a refusal: never another one
-            self._refuse(self._export_status, f"{path.name}: masks are exported as {', '.join(EXPORT_SUFFIXES)} "
-                                              "(a lossy format such as JPEG would change the labels).")
+        if (
+            path.suffix.lower() not in EXPORT_SUFFIXES
+        ):  # the format asked for, or a refusal: never another one
+            self._refuse(
+                self._export_status,
+                f"{path.name}: masks are exported as {', '.join(EXPORT_SUFFIXES)} "
+                "(a lossy format such as JPEG would change the labels).",
+            )
             return None
         if path.suffix.lower() == ".png" and int(np.max(predicted.data, initial=0)) > 255:
-            self._refuse(self._export_status, f"{path.name}: a PNG holds labels up to 255; '{predicted.name}' "
-                                              "has more: export it as .tif.")
+            self._refuse(
+                self._export_status,
+                f"{path.name}: a PNG holds labels up to 255; '{predicted.name}' has more: export it as .tif.",
+            )
             return None
         targets = [path, path.with_suffix(".json")]
         if self._export_maps.value:
             targets += list(_map_paths(path, self._info()).values())
         existing = [p.name for p in targets if p.exists()]
         if existing and not self._overwrite.value:
-            self._refuse(self._export_status, f"{', '.join(existing)} exists already; choose another name or "
-                                              "tick 'Overwrite existing files'.")
+            self._refuse(
+                self._export_status,
+                f"{', '.join(existing)} exists already; choose another name or "
+                "tick 'Overwrite existing files'.",
+            )
             return None
         try:
             sidecar = self._write(predicted, path)
@@ -291,15 +341,22 @@ class ReviewWidget(Container):
         reference = self._reference.value
         if reference is not None and reference.data.shape == predicted.data.shape:
             rates = _rates(np.asarray(predicted.data), np.asarray(reference.data))
-            record["metrics"] = {"reference_layer": reference.name, **{k: _finite(v) for k, v in rates.items()}}
-        if path.suffix.lower() == ".dcm":  # a DICOM SEG on the series the image came from, first: it may be refused
+            record["metrics"] = {
+                "reference_layer": reference.name,
+                **{k: _finite(v) for k, v in rates.items()},
+            }
+        if (
+            path.suffix.lower() == ".dcm"
+        ):  # a DICOM SEG on the series the image came from, first: it may be refused
             from napari_r2au.dicom_seg import write_layer_seg
 
             written = write_layer_seg(path, predicted.data, predicted.metadata)
             record["mask_format"] = "DICOM SEG"
-            record["dicom_seg"] = {"sop_instance_uid": written.sop_instance_uid,
-                                   "series_instance_uid": written.series_instance_uid,
-                                   "source_series_instance_uid": written.source_series_instance_uid}
+            record["dicom_seg"] = {
+                "sop_instance_uid": written.sop_instance_uid,
+                "series_instance_uid": written.series_instance_uid,
+                "source_series_instance_uid": written.source_series_instance_uid,
+            }
         elif path.suffix.lower() == ".png":
             write_png(path, mask.astype(np.uint8))
         else:
@@ -337,8 +394,10 @@ class ReviewWidget(Container):
                 write_tiff(targets[name], np.asarray(layers[name].data, np.float32))
                 files["attention_files"].append(targets[name].name)
         if files["maps_left_out"]:
-            notify_warning(f"Review: {', '.join(files['maps_left_out'])} now hold(s) the maps of a later run, "
-                           f"not of '{info.get('image_layer')}' as segmented by {info.get('model')}: not exported.")
+            notify_warning(
+                f"Review: {', '.join(files['maps_left_out'])} now hold(s) the maps of a later run, "
+                f"not of '{info.get('image_layer')}' as segmented by {info.get('model')}: not exported."
+            )
         return files
 
 
@@ -348,7 +407,9 @@ EXPORT_SUFFIXES = (".tif", ".tiff", ".png", ".dcm")
 
 def _made_by_model(layer: Any) -> bool:
     """A mask Segment made (or one exported by Review and opened again): it has a model record."""
-    return bool(layer is not None and ((getattr(layer, "metadata", None) or {}).get("r2au") or {}).get("model"))
+    return bool(
+        layer is not None and ((getattr(layer, "metadata", None) or {}).get("r2au") or {}).get("model")
+    )
 
 
 def _map_paths(path: Path, info: dict[str, Any]) -> dict[str, Path]:

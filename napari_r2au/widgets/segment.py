@@ -99,36 +99,69 @@ class SegmentWidget(WorkerRunner, Container):
         self._viewer = viewer
         self._model = ModelPicker()
         self._image = layer_picker(viewer, "image", "Image", inputs_only=True)
-        self._scope = ComboBox(label="Scope", choices=[WHOLE_IMAGE, CURRENT_SLICE], value=WHOLE_IMAGE,
-                               tooltip="For stacks: every slice (the current one first) or only the current one")
+        self._scope = ComboBox(
+            label="Scope",
+            choices=[WHOLE_IMAGE, CURRENT_SLICE],
+            value=WHOLE_IMAGE,
+            tooltip="For stacks: every slice (the current one first) or only the current one",
+        )
         self._attention = CheckBox(text="Attention maps", value=True)
         self._uncertainty = CheckBox(
-            text="Uncertainty map (runs 3× on flipped copies)", value=False,
-            tooltip="Also averages the three copies into the probability and mask, which is a little more accurate")
-        self._threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, step=0.01, value=0.5,
-                                      tooltip="Re-thresholds the kept probabilities at once; no new run")
+            text="Uncertainty map (runs 3× on flipped copies)",
+            value=False,
+            tooltip="Also averages the three copies into the probability and mask, which is a little more accurate",
+        )
+        self._threshold = FloatSlider(
+            label="Threshold",
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            value=0.5,
+            tooltip="Re-thresholds the kept probabilities at once; no new run",
+        )
         self._remove_small = CheckBox(text="Remove small objects", value=False)
         self._fill_holes = CheckBox(text="Fill small holes", value=False)
         self._min_size = SpinBox(label="Smaller than (px)", min=2, max=1_000_000, value=30)
         self._show_advanced = CheckBox(text="Advanced settings", value=False)
         self._tile = SpinBox(label="Tile size (0: auto)", min=0, max=8192, step=16, value=0)
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
-        self._scale = FloatSpinBox(label="Scale (0: auto)", min=0.0, max=8.0, step=0.05, value=0.0,
-                                   tooltip="Resize factor before the network, so that structures have the size "
-                                           "the model was trained at; outputs come back at full resolution. "
-                                           "0 (auto): from the image's pixel size, or for fundus models from "
-                                           "its field of view (shown here after a run), else the model's own")
+        self._scale = FloatSpinBox(
+            label="Scale (0: auto)",
+            min=0.0,
+            max=8.0,
+            step=0.05,
+            value=0.0,
+            tooltip="Resize factor before the network, so that structures have the size "
+            "the model was trained at; outputs come back at full resolution. "
+            "0 (auto): from the image's pixel size, or for fundus models from "
+            "its field of view (shown here after a run), else the model's own",
+        )
         self._scale.native.setSpecialValueText("auto")  # the value 0 shows as "auto", or the scale it gave
         self._advanced = Container(widgets=[self._tile, self._device, self._scale], visible=False)
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(min=0, max=1, value=0)
         self._status = message_label()
-        super().__init__(widgets=[
-            self._model, self._image, self._scope, self._attention, self._uncertainty, self._threshold,
-            self._remove_small, self._fill_holes, self._min_size, self._show_advanced, self._advanced,
-            self._run, self._cancel, self._progress, self._status,
-        ], scrollable=True)  # docks scroll on a 768 px screen
+        super().__init__(
+            widgets=[
+                self._model,
+                self._image,
+                self._scope,
+                self._attention,
+                self._uncertainty,
+                self._threshold,
+                self._remove_small,
+                self._fill_holes,
+                self._min_size,
+                self._show_advanced,
+                self._advanced,
+                self._run,
+                self._cancel,
+                self._progress,
+                self._status,
+            ],
+            scrollable=True,
+        )  # docks scroll on a 768 px screen
         self._worker: GeneratorWorker | None = None
         self._context: _RunContext | None = None
         self._cancelled = False
@@ -191,8 +224,11 @@ class SegmentWidget(WorkerRunner, Container):
         if "Z" in axes:
             n_z = image.shape[0]
             current = self._current_slice(layer, n_z)
-            slices = [current] if self._scope.value == CURRENT_SLICE else [
-                current, *(z for z in range(n_z) if z != current)]
+            slices = (
+                [current]
+                if self._scope.value == CURRENT_SLICE
+                else [current, *(z for z in range(n_z) if z != current)]
+            )
         options = {
             "axes": axes,
             "slices": slices,
@@ -214,8 +250,9 @@ class SegmentWidget(WorkerRunner, Container):
 
     # -- the work (runs in the worker thread: no Qt here) -------------------------------------
 
-    def _job(self, path: str, image: Any, options: dict[str, Any],
-             uncertainty: bool) -> Generator[Progress, None, SegmentOutput]:
+    def _job(
+        self, path: str, image: Any, options: dict[str, Any], uncertainty: bool
+    ) -> Generator[Progress, None, SegmentOutput]:
         from napari_r2au.engine import iter_predict, working_scale
         from napari_r2au.uncertainty import iter_predict_tta
 
@@ -223,13 +260,21 @@ class SegmentWidget(WorkerRunner, Container):
         # the Scale field wins; then the layer's pixel size against the model's; then the image's field of
         # view (fundus models); then the model's own scale
         options = dict(options)
-        options["scale"] = working_scale(model, options.pop("scale"), options.pop("pixel_size"),
-                                         options.pop("pixel_size_unit"), image=image, axes=options.get("axes"))
+        options["scale"] = working_scale(
+            model,
+            options.pop("scale"),
+            options.pop("pixel_size"),
+            options.pop("pixel_size_unit"),
+            image=image,
+            axes=options.get("axes"),
+        )
         if uncertainty:
             prediction, spread = yield from iter_predict_tta(model, image, **options)
         else:
             prediction, spread = (yield from iter_predict(model, image, **options)), None
-        return SegmentOutput(prediction, spread, path, options["scale"], model.metadata.get("segment_property"))
+        return SegmentOutput(
+            prediction, spread, path, options["scale"], model.metadata.get("segment_property")
+        )
 
     def _load(self, path: str) -> LoadedModel:
         """Load a model once per file version (the picker only has paths)."""
@@ -265,9 +310,13 @@ class SegmentWidget(WorkerRunner, Container):
             data = context.layer.data[0] if context.layer.multiscale else context.layer.data
             context.live = self._viewer.add_image(
                 np.zeros((data.shape[0], *probabilities.shape), np.float32),
-                name=f"{context.layer.name} probability (running)", colormap="magma",
-                contrast_limits=(0.0, 1.0), scale=tuple(context.layer.scale),
-                translate=tuple(context.layer.translate), metadata={RUN_KEY: "running"})
+                name=f"{context.layer.name} probability (running)",
+                colormap="magma",
+                contrast_limits=(0.0, 1.0),
+                scale=tuple(context.layer.scale),
+                translate=tuple(context.layer.translate),
+                metadata={RUN_KEY: "running"},
+            )
         context.live.data[z] = probabilities
         context.live.refresh()
 
@@ -312,15 +361,21 @@ class SegmentWidget(WorkerRunner, Container):
         if source[0]() is not context.layer or source[1] != id(context.layer.data):
             return None
         shown = info.get("probability_layer")
-        if shown not in self._viewer.layers or self._viewer.layers[shown].metadata.get("r2au_run") != info.get("run_id"):
+        if shown not in self._viewer.layers or self._viewer.layers[shown].metadata.get(
+            "r2au_run"
+        ) != info.get("run_id"):
             return None
         if len(context.slices) >= prediction.probabilities.shape[0]:
             return None
         return info if earlier.probabilities.shape == prediction.probabilities.shape else None
 
-    def _with_earlier_slices(self, context: _RunContext, prediction: Prediction, run: dict[str, Any],
-                             uncertainty: np.ndarray | None,
-                             ) -> tuple[Prediction, list[dict[str, Any]], np.ndarray | None]:
+    def _with_earlier_slices(
+        self,
+        context: _RunContext,
+        prediction: Prediction,
+        run: dict[str, Any],
+        uncertainty: np.ndarray | None,
+    ) -> tuple[Prediction, list[dict[str, Any]], np.ndarray | None]:
         """This run's prediction, run records and uncertainty map, with the earlier run's
         results on the slices this run did not cover (see _earlier_run)."""
         from napari_r2au.engine import merge_slices, overlay_slices
@@ -338,19 +393,27 @@ class SegmentWidget(WorkerRunner, Container):
         name = earlier.get("uncertainty_layer")
         if name in self._viewer.layers:  # (napari's LayerList has no .get)
             shown = self._viewer.layers[name]
-            if shown.metadata.get("r2au_run") == earlier.get("run_id") and \
-                    shown.data.shape == prediction.probabilities.shape[:3]:
+            if (
+                shown.metadata.get("r2au_run") == earlier.get("run_id")
+                and shown.data.shape == prediction.probabilities.shape[:3]
+            ):
                 uncertainty = overlay_slices(shown.data, uncertainty, context.slices, shown.data.shape)
         return merge_slices(self._prediction, prediction, context.slices), [*runs, run], uncertainty
 
     def _show(self, output: SegmentOutput, context: _RunContext) -> None:
         prediction, layer = output.prediction, context.layer
-        run = {"model": prediction.model_name, "model_sha256": prediction.model_sha256,
-               "scale": output.scale, "flip_averaged": output.uncertainty is not None,
-               "threshold": None if prediction.multiclass else float(self._threshold.value),
-               "slices": None if context.slices is None else sorted(context.slices),
-               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        prediction, runs, uncertainty = self._with_earlier_slices(context, prediction, run, output.uncertainty)
+        run = {
+            "model": prediction.model_name,
+            "model_sha256": prediction.model_sha256,
+            "scale": output.scale,
+            "flip_averaged": output.uncertainty is not None,
+            "threshold": None if prediction.multiclass else float(self._threshold.value),
+            "slices": None if context.slices is None else sorted(context.slices),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        prediction, runs, uncertainty = self._with_earlier_slices(
+            context, prediction, run, output.uncertainty
+        )
         self._warned_edited = False
         place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         # the maps carry the id of the run that made them, so that Review exports a mask's own maps
@@ -358,32 +421,64 @@ class SegmentWidget(WorkerRunner, Container):
         maps = dict(place, metadata={RUN_KEY: run_id})
         base = layer.name
         probability = prediction.probabilities
-        if prediction.multiclass:  # show "any foreground class" (0 where not segmented); the mask is the arg-max
+        if (
+            prediction.multiclass
+        ):  # show "any foreground class" (0 where not segmented); the mask is the arg-max
             probability = probability[..., 1:].sum(-1)
         # an edited mask is kept under another name (with the mask it was edited from, while
         # the probabilities it was made from are still there), before this run's layers replace them
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         # the image and its mask are what a first result shows; the maps are added hidden, a click
         # away (a layer the user has shown again keeps its visibility on the next run)
-        prob_layer = _hidden_at_first(self._viewer, replace_layer, "image", f"{base} probability", probability,
-                                      colormap="magma", contrast_limits=(0.0, 1.0), **maps)
+        prob_layer = _hidden_at_first(
+            self._viewer,
+            replace_layer,
+            "image",
+            f"{base} probability",
+            probability,
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+            **maps,
+        )
         attention_names = []
         for index, alpha in enumerate(prediction.attention):
             name = f"{base} attention {index + 1}"
-            _hidden_at_first(self._viewer, replace_layer, "image", name, alpha, colormap="turbo",
-                             blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), **maps)
+            _hidden_at_first(
+                self._viewer,
+                replace_layer,
+                "image",
+                name,
+                alpha,
+                colormap="turbo",
+                blending="additive",
+                opacity=0.5,
+                contrast_limits=(0.0, 1.0),
+                **maps,
+            )
             attention_names.append(name)
         uncertainty_name = None
         if uncertainty is not None:
             uncertainty_name = f"{base} uncertainty"
             top = float(uncertainty.max()) or 1.0
-            _hidden_at_first(self._viewer, replace_layer, "image", uncertainty_name, uncertainty, colormap="inferno",
-                             blending="additive", opacity=0.7, contrast_limits=(0.0, top), **maps)
+            _hidden_at_first(
+                self._viewer,
+                replace_layer,
+                "image",
+                uncertainty_name,
+                uncertainty,
+                colormap="inferno",
+                blending="additive",
+                opacity=0.7,
+                contrast_limits=(0.0, top),
+                **maps,
+            )
         # maps of an earlier run that this one did not make (attention off, a model without
         # gates, no uncertainty map) would be shown as if they belonged to the new mask
         current = {prob_layer.name, *attention_names, uncertainty_name}
         stale = re.compile(rf"{re.escape(base)} (attention \d+|uncertainty)")
-        for old in [lyr for lyr in self._viewer.layers if stale.fullmatch(lyr.name) and lyr.name not in current]:
+        for old in [
+            lyr for lyr in self._viewer.layers if stale.fullmatch(lyr.name) and lyr.name not in current
+        ]:
             if old.metadata.get("r2au_run"):
                 self._viewer.layers.remove(old)
         mask = self._mask(prediction)
@@ -414,8 +509,9 @@ class SegmentWidget(WorkerRunner, Container):
             info["dicom"] = {"sources": sources}
             info["segment_property"] = output.segment_property
         new_mask = f"{base} mask" not in self._viewer.layers
-        self._mask_layer = replace_layer(self._viewer, "labels", f"{base} mask", mask,
-                                         metadata={"r2au": info}, **place)
+        self._mask_layer = replace_layer(
+            self._viewer, "labels", f"{base} mask", mask, metadata={"r2au": info}, **place
+        )
         colours = mask_colormap(int(mask.max())) if new_mask else None
         if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
             self._mask_layer.colormap = colours
@@ -430,15 +526,22 @@ class SegmentWidget(WorkerRunner, Container):
         at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
         if not self._scale.value:  # auto: the field shows the scale it came to for this image
             self._scale.native.setSpecialValueText(f"auto ({output.scale:.3g})")
-        self._status.value = (f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
-                              f"{share:.1f}% foreground.")
+        self._status.value = (
+            f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
+            f"{share:.1f}% foreground."
+        )
         if kept is not None:
-            notify_info(f"'{base} mask' had been edited by hand: the edits are kept in '{kept}', "
-                        f"the new mask is '{base} mask'.")
+            notify_info(
+                f"'{base} mask' had been edited by hand: the edits are kept in '{kept}', "
+                f"the new mask is '{base} mask'."
+            )
 
     def _cleanup_settings(self) -> dict[str, Any]:
-        return {"remove_small_objects": bool(self._remove_small.value),
-                "fill_holes": bool(self._fill_holes.value), "size": int(self._min_size.value)}
+        return {
+            "remove_small_objects": bool(self._remove_small.value),
+            "fill_holes": bool(self._fill_holes.value),
+            "size": int(self._min_size.value),
+        }
 
     def _mask(self, prediction: Prediction | None = None) -> np.ndarray:
         """The mask at the slider's threshold and clean-up (of the kept prediction by default)."""
@@ -448,8 +551,12 @@ class SegmentWidget(WorkerRunner, Container):
         assert prediction is not None
         if prediction.multiclass:
             return apply_cleanup(prediction.mask(), self._cleanup_settings())
-        return segment_mask(prediction.probabilities, float(self._threshold.value), prediction.postprocess,
-                            self._cleanup_settings())
+        return segment_mask(
+            prediction.probabilities,
+            float(self._threshold.value),
+            prediction.postprocess,
+            self._cleanup_settings(),
+        )
 
     def _apply_threshold(self, *_: Any) -> None:
         """Re-threshold the kept probabilities (no network run) unless the mask was painted on."""
@@ -460,13 +567,18 @@ class SegmentWidget(WorkerRunner, Container):
         if info.get("mask_sha256") and _checksum(layer.data) != info["mask_sha256"]:
             if not self._warned_edited:
                 self._warned_edited = True
-                notify_warning(f"'{layer.name}' was edited by hand, so it was not re-thresholded "
-                               "(that would undo the edits). Run Segment again to start over; "
-                               "the edited mask is then kept under another name.")
+                notify_warning(
+                    f"'{layer.name}' was edited by hand, so it was not re-thresholded "
+                    "(that would undo the edits). Run Segment again to start over; "
+                    "the edited mask is then kept under another name."
+                )
             return
         mask = self._mask()
-        info.update(threshold=None if self._prediction.multiclass else float(self._threshold.value),
-                    cleanup=self._cleanup_settings(), **_checksums(mask))
+        info.update(
+            threshold=None if self._prediction.multiclass else float(self._threshold.value),
+            cleanup=self._cleanup_settings(),
+            **_checksums(mask),
+        )
         layer.data = mask
         layer.metadata = {**layer.metadata, "r2au": info}
 
@@ -496,7 +608,7 @@ class SegmentWidget(WorkerRunner, Container):
                 self._threshold.value = float(meta.get("threshold", 0.5))
 
     def _current_slice(self, layer: Any, n_z: int) -> int:
-        point = tuple(self._viewer.dims.point)[-layer.ndim:]
+        point = tuple(self._viewer.dims.point)[-layer.ndim :]
         z = layer.world_to_data(point)[0]
         return int(np.clip(round(float(z)), 0, n_z - 1))
 
