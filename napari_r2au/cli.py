@@ -263,7 +263,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 ""
                 if abs(prediction.scale - 1.0) < 1e-6
                 else f" (at scale {prediction.scale:.3g}"
-                + (", from the field of view)" if args.scale is None and model.fov_diameter else ")")
+                + (f", from the {_rule_name(model)})" if args.scale is None and model.derives_scale else ")")
             )
             print(f"{path}{at}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
@@ -272,6 +272,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _rule_name(model) -> str:
+    """What a model derives its scale from, for the line that reports it."""
+    return "field of view" if model.fov_diameter else "image width"
 
 
 def _write_seg_output(
@@ -309,7 +314,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = load_model(args.model or DEFAULT_MODEL)
     image = data.retina()
     # a fundus model derives the scale from the field of view itself; an older one is told DRIVE's
-    scale = None if model.fov_diameter else fundus_scale(image)
+    scale = None if model.derives_scale else fundus_scale(image)
     started = time.perf_counter()
     prediction, _ = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
     scale = prediction.scale

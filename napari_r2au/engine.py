@@ -235,24 +235,31 @@ def inference_network(loaded: LoadedModel, device: torch.device, fuse: bool, cha
     return runner
 
 
-def derived_fov_scale(model: Any, image: Any, axes: str | None = None) -> float:
-    """The scale that gives ``image``'s field of view the model's ``fov_diameter``.
+def derived_scale(model: Any, image: Any, axes: str | None = None) -> float:
+    """The scale a model that derives it from each image asks for (its field of view, or
+    its width: :func:`napari_r2au.preprocess.derived_working_scale`), else its ``input_scale``.
 
-    The trainer resized each training photograph by the same rule
-    (preprocess.fov_working_scale), so every camera reaches the network at one field
-    size. A stack is measured on its middle plane (a series from one camera).
+    The trainer resized each training image by the same rule, so every camera reaches the
+    network alike. A stack is measured on its middle plane (a series from one camera).
     """
-    from .preprocess import fov_working_scale
+    from .preprocess import derived_working_scale
 
     loaded = _as_loaded(model)
-    axes = resolve_axes(image.shape, loaded.in_channels, axes)
+    if not loaded.derives_scale:
+        return loaded.input_scale
+    scale = derived_working_scale(
+        image_plane(image, loaded.in_channels, axes), loaded.fov_diameter, loaded.image_width
+    )
+    return float(min(max(scale, 1 / MAX_SCALE), MAX_SCALE))
+
+
+def image_plane(image: Any, in_channels: int, axes: str | None = None) -> np.ndarray:
+    """One 2D plane (Y, X[, C]) of an image: a stack's middle slice, channels last."""
+    axes = resolve_axes(image.shape, in_channels, axes)
     index = tuple(image.shape[axes.index("Z")] // 2 if ax == "Z" else slice(None) for ax in axes)
     plane = np.asarray(image[index])
     rest = "".join(ax for ax in axes if ax != "Z")
-    if "C" in rest and rest.index("C") == 0:
-        plane = np.moveaxis(plane, 0, -1)
-    scale = fov_working_scale(plane, loaded.fov_diameter)
-    return float(min(max(scale, 1 / MAX_SCALE), MAX_SCALE))
+    return np.moveaxis(plane, 0, -1) if "C" in rest and rest.index("C") == 0 else plane
 
 
 def _as_loaded(model: Any) -> LoadedModel:
@@ -306,9 +313,9 @@ def working_scale(
 
     An explicit ``scale`` wins. Otherwise, if both the image's pixel size and the
     model's are known, the image is resized so that its pixels have the model's size
-    (0.25 mm pixels into a 0.5 mm model: scale 0.5). Otherwise, for a model that records
-    its field-of-view diameter (fundus models) and given the ``image``, the factor that
-    gives the photograph's field of view that diameter (:func:`derived_fov_scale`).
+    (0.25 mm pixels into a 0.5 mm model: scale 0.5). Otherwise, for a model that derives
+    its scale from the image (a fundus model's field of view, a dermoscopy model's image
+    width) and given the ``image``, the scale that rule gives (:func:`derived_scale`).
     Otherwise the model's ``input_scale``. A pixel size without a unit is taken in the
     model's unit.
     """
@@ -326,8 +333,8 @@ def working_scale(
                 f"{loaded.pixel_size_unit or '(no unit)'} means resizing by {scale:g}; check the units "
                 "(a layer scale without units is read in the model's unit) or set the scale yourself"
             )
-    if scale is None and image is not None and loaded.fov_diameter:
-        scale = derived_fov_scale(loaded, image, axes)
+    if scale is None and image is not None and loaded.derives_scale:
+        scale = derived_scale(loaded, image, axes)
     scale = loaded.input_scale if scale is None else float(scale)
     if not scale > 0 or not np.isfinite(scale):
         raise ValueError(f"scale must be positive, got {scale}")

@@ -7,7 +7,7 @@ Format (version 1), for a model called NAME::
                         "name", "architecture", "arch_args", "in_channels",
                         "out_channels", "axes", "normalization", "class_names",
                         "threshold", "input_scale", "pixel_size", "pixel_size_unit",
-                        "fov_diameter", "postprocess", "segment_property", "weights_file", "weights_sha256",
+                        "fov_diameter", "image_width", "postprocess", "segment_property", "weights_file", "weights_sha256",
                         "provenance": {...}, "description"}
 
 The sha256 of the weights file is checked before anything is read from it, and the
@@ -52,6 +52,9 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     #: fundus models: the field-of-view diameter, in pixels, the network was trained at; the
     #: engine resizes each photograph so that its field of view has it (None: input_scale)
     "fov_diameter": None,
+    #: photographs framed alike (dermoscopy): the width, in pixels, the engine resizes each
+    #: image to (None: no such rule)
+    "image_width": None,
     "postprocess": [],
     #: what the foreground is, as DICOM SEG codes (None: generic "Tissue")
     "segment_property": None,
@@ -188,6 +191,17 @@ class LoadedModel:
         return int(value) if value else None
 
     @property
+    def image_width(self) -> int | None:
+        """The width (pixels) the engine brings each image to, if the model asks for it."""
+        value = self.metadata.get("image_width")
+        return int(value) if value else None
+
+    @property
+    def derives_scale(self) -> bool:
+        """Whether the engine derives this model's scale from each image (field of view or width)."""
+        return bool(self.fov_diameter or self.image_width)
+
+    @property
     def sha256(self) -> str | None:
         return self.metadata.get("weights_sha256")
 
@@ -312,6 +326,10 @@ def _check_field(key: str, value: Any) -> str | None:
             "null or a unit of length (e.g. mm, um, nm)",
         ),
         "fov_diameter": (
+            lambda v: v is None or (_is_int(v) and 16 <= v <= 16384),
+            "null or pixels in [16, 16384]",
+        ),
+        "image_width": (
             lambda v: v is None or (_is_int(v) and 16 <= v <= 16384),
             "null or pixels in [16, 16384]",
         ),
@@ -568,6 +586,7 @@ def _threshold_source(
             "pixel_size",
             "pixel_size_unit",
             "fov_diameter",
+            "image_width",
             "normalization",
             "postprocess",
         )

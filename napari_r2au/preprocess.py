@@ -245,5 +245,31 @@ def fov_working_scale(image: np.ndarray, reference_diameter: int) -> float:
     that brings this photograph's field to ``reference_diameter`` pixels. The trainer
     resizes every training image by it and the engine every image it predicts, so both
     sides see fields of one size, whatever the camera."""
-    scale = fundus_scale(image, reference_diameter)
-    return 1.0 if abs(scale - 1.0) < FOV_SCALE_SNAP else scale
+    return _snapped(fundus_scale(image, reference_diameter))
+
+
+def derived_working_scale(
+    image: np.ndarray, diameter: int | None = None, width: int | None = None
+) -> float | None:
+    """The one rule for a scale derived from the image itself (None: the model has none).
+
+    ``diameter`` (a model's ``fov_diameter``): fundus photographs, by their round field of
+    view, from any camera. ``width`` (a model's ``image_width``): photographs framed alike
+    at any resolution (dermoscopy: PH2's 767 px and ISIC's 256 px copies show a lesion
+    alike), brought to that width.
+    """
+    if diameter:
+        return fov_working_scale(image, diameter)
+    if width:
+        return _snapped(width / max(1, int(np.shape(image)[1])))
+    return None
+
+
+def size_measure(image: np.ndarray, by_diameter: bool) -> int:
+    """What a derived-scale rule measures on ``image`` (its field's diameter, else its
+    width), so that a scale chosen by hand can be turned back into the rule's value."""
+    return fov_diameter(image) if by_diameter else int(np.shape(image)[1])
+
+
+def _snapped(scale: float) -> float:
+    return 1.0 if abs(scale - 1.0) < FOV_SCALE_SNAP else float(scale)

@@ -98,3 +98,40 @@ def test_camera_augmentations_change_only_what_they_should():
         assert not torch.allclose(out, images), key
         assert torch.equal(out_masks, masks), key  # intensity only: the labels stay put
         assert torch.isfinite(out).all()
+
+
+def test_val_names_may_be_patterns(rng):
+    from napari_r2au.training.data import DataError, split
+
+    samples = [_sample(f"isic17_train_{i:04d}.jpg", "A", rng, 1) for i in range(6)]
+    samples += [_sample(f"isic17_validation_{i:04d}.jpg", "A", rng, 1) for i in range(3)]
+    train, val = split(samples, 0, 0, ["isic17_validation_*"])
+    assert [s.name for s in val] == [f"isic17_validation_{i:04d}.jpg" for i in range(3)] and len(train) == 6
+    with pytest.raises(DataError, match="isic17_test_"):
+        split(samples, 0, 0, ["isic17_test_*"])
+
+
+def test_image_width_rule_resizes_every_image_to_one_width(tmp_path):
+    """Photographs framed alike at two resolutions reach the network alike (dermoscopy)."""
+    from napari_r2au.engine import working_scale
+    from napari_r2au.io import write_png
+    from napari_r2au.model_files import load_model_file, resolve_model_path, save_model
+    from napari_r2au.training.data import folder_samples
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name, width in (("big", 768), ("small", 256)):
+        height = width * 3 // 4
+        mask = np.zeros((height, width), np.uint8)
+        mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+        write_png(tmp_path / "images" / f"{name}.png", np.dstack([mask // 2] * 3))
+        write_png(tmp_path / "masks" / f"{name}.png", mask)
+    samples = folder_samples(tmp_path / "images", tmp_path / "masks", image_width=256)
+    assert [s.image.shape[:2] for s in samples] == [(192, 256), (192, 256)]
+    model = load_model_file(resolve_model_path("ph2-lesions")[0])
+    meta = {k: v for k, v in model.metadata.items() if k not in ("weights_file", "weights_sha256")}
+    saved = load_model_file(save_model(model.network, tmp_path, dict(meta, name="w256", image_width=256)))
+    big = np.zeros((576, 768, 3), np.uint8)
+    assert working_scale(saved, image=big) == pytest.approx(256 / 768)
+    assert working_scale(saved, image=big[:192, :256]) == 1.0
+    assert working_scale(saved) == saved.input_scale  # no image: the recorded scale

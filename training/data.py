@@ -19,7 +19,7 @@ import numpy as np
 from napari_r2au.io import IMAGE_SUFFIXES, MASK_ROLES, find_images, read_image
 from napari_r2au.preprocess import (
     STANDARDIZE,
-    fov_working_scale,
+    derived_working_scale,
     is_planewise,
     match_channels,
     normalize,
@@ -231,13 +231,14 @@ def folder_samples(
     scale: float = 1.0,
     statistics_scale: float | None = None,
     fov_diameter: int | None = None,
+    image_width: int | None = None,
 ) -> list[Sample]:
     """Pairs from folders, matched by id (DRIVE's leading number, else the file stem),
     resized by ``scale`` (the model's working scale). A stack's slices share the stack's
     statistics, taken at ``statistics_scale`` (default ``scale``; evaluation leaves the
-    resizing to the engine, which takes them at the working scale). ``fov_diameter``: each
-    2D photograph is resized instead so that its field of view is that many pixels across
-    (preprocess.fov_working_scale, as the engine does for such a model).
+    resizing to the engine, which takes them at the working scale). ``fov_diameter`` or
+    ``image_width``: each 2D photograph is resized instead so that its field of view, or its
+    width, is that many pixels (preprocess.derived_working_scale, as the engine does).
     """
     image_files, mask_files = _by_id(Path(images)), _by_id(Path(masks))
     fov_files = _by_id(Path(fov)) if fov is not None else {}
@@ -260,7 +261,9 @@ def folder_samples(
                 )
             mask_map = class_map
             plane_scale = (
-                fov_working_scale(plane, fov_diameter) if fov_diameter and statistics is None else scale
+                derived_working_scale(plane, fov_diameter, image_width)
+                if (fov_diameter or image_width) and statistics is None
+                else scale
             )
             if plane_scale != 1.0:
                 plane_mask, mask_map = binarize_mask(plane_mask, name, class_map), None  # now 0/1
@@ -300,6 +303,7 @@ def drive_samples(
     normalization: dict | None = None,
     scale: float = 1.0,
     fov_diameter: int | None = None,
+    image_width: int | None = None,
 ) -> list[Sample]:
     """The DRIVE layout: images/, 1st_manual/, mask/ (field of view)."""
     root = Path(root)
@@ -311,6 +315,7 @@ def drive_samples(
         normalization,
         scale=scale,
         fov_diameter=fov_diameter,
+        image_width=image_width,
     )
 
 
@@ -524,7 +529,9 @@ def split(
     """A validation split fixed by the seed (same seed, same split), or named.
 
     ``val_names`` (file names or stems) hold out exactly those images, e.g. a contiguous
-    block of a stack, whose neighbouring sections would otherwise leak into validation.
+    block of a stack, whose neighbouring sections would otherwise leak into validation. A
+    name with ``*`` or ``?`` is a pattern (``isic17_validation_*``: a set's own validation
+    part) and must match at least one image.
     """
     if isinstance(val_names, (str, int)):
         val_names = [val_names]  # one name, not a sequence of characters
@@ -539,8 +546,16 @@ def split(
                 series_of(sample).split(".")[0],
             }
 
-        chosen = [s for s in samples if names(s) & wanted]
-        found = set().union(*(names(s) for s in chosen)) if chosen else set()
+        from fnmatch import fnmatchcase
+
+        patterns = {name for name in wanted if "*" in name or "?" in name}
+
+        def matches(sample: Sample) -> set[str]:  # the wanted names and patterns a sample answers to
+            own = names(sample)
+            return (own & wanted) | {p for p in patterns if any(fnmatchcase(n, p) for n in own)}
+
+        chosen = [s for s in samples if matches(s)]
+        found = set().union(*(matches(s) for s in chosen)) if chosen else set()
         missing = sorted(wanted - found)
         if missing:
             raise DataError(f"validation images not found: {', '.join(missing)}")

@@ -170,32 +170,33 @@ def _pair_scales(
     scale: float | None,
     pixel_size: float | None,
     pixel_size_unit: str | None,
-) -> tuple[list[float], float | None, int | None]:
+) -> tuple[list[float], float | None, dict[str, int | None]]:
     """The working scale of each pair and of the validation pair, and the new model's
-    field-of-view diameter.
+    derived-scale rule (``fov_diameter``, ``image_width``).
 
-    A parent that derives its scale from the field of view (fundus models) has each
-    photograph trained at its own field's scale, as the engine will predict it. A scale
-    given by hand for such a parent sets the new model's diameter instead: the first
-    image's field at that scale, so that Segment sees it, and every other photograph,
-    as it was trained."""
-    from napari_r2au.engine import derived_fov_scale
-    from napari_r2au.preprocess import fov_diameter
+    A parent that derives its scale from each image (a fundus model's field of view, a
+    dermoscopy model's width) has each pair trained at its own scale, as the engine will
+    predict it. A scale given by hand for such a parent sets the new model's rule instead:
+    the first image measured at that scale, so that Segment sees it, and every other
+    image, as it was trained."""
+    from napari_r2au.engine import derived_scale, image_plane
+    from napari_r2au.preprocess import size_measure
 
-    if not parent.fov_diameter or (scale is None and pixel_size is not None and parent.pixel_size):
+    rule = {"fov_diameter": parent.fov_diameter, "image_width": parent.image_width}
+    if not parent.derives_scale or (scale is None and pixel_size is not None and parent.pixel_size):
         fixed = working_scale(parent, scale, pixel_size, pixel_size_unit)
-        return [fixed] * len(pairs), None, None
+        return [fixed] * len(pairs), None, {"fov_diameter": None, "image_width": None}
     if scale is None:
-        scales = [derived_fov_scale(parent, image) for image, _ in pairs]
-        held = derived_fov_scale(parent, validation[0]) if validation is not None else None
-        return scales, held, parent.fov_diameter
+        scales = [derived_scale(parent, image) for image, _ in pairs]
+        held = derived_scale(parent, validation[0]) if validation is not None else None
+        return scales, held, rule
     fixed = working_scale(parent, scale)
-    first = np.asarray(pairs[0][0])
-    plane = (
-        first[first.shape[0] // 2] if first.ndim == 4 or (first.ndim == 3 and first.shape[-1] > 4) else first
+    measured = size_measure(
+        image_plane(pairs[0][0], parent.in_channels), by_diameter=bool(parent.fov_diameter)
     )
-    diameter = int(min(max(round(fixed * fov_diameter(plane)), 16), 16384))
-    return [fixed] * len(pairs), None, diameter
+    value = int(min(max(round(fixed * measured), 16), 16384))
+    key = "fov_diameter" if parent.fov_diameter else "image_width"
+    return [fixed] * len(pairs), None, dict(rule, **{key: value})
 
 
 def prepare_samples(
@@ -370,7 +371,7 @@ def iter_finetune(
             f"{parent.name} has {parent.out_channels} classes; fine-tuning trains one foreground "
             "class and cannot start from a multiclass model"
         )
-    scales, validation_scale, fov_diameter = _pair_scales(
+    scales, validation_scale, size_rule = _pair_scales(
         parent, pairs, validation, scale, pixel_size, pixel_size_unit
     )
     scale = scales[0]
@@ -426,7 +427,7 @@ def iter_finetune(
         freeze_encoder=settings.freeze_encoder,
         in_channels=parent.in_channels,
         input_scale=scale,
-        fov_diameter=fov_diameter,
+        **size_rule,
         description=f"{parent.name} fine-tuned on corrected masks",
         pixel_size=pixel_size,
         pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),

@@ -131,6 +131,8 @@ class TrainConfig:
     #: fundus photographs: resize each image so that its field of view is this many pixels
     #: across (instead of input_scale); the model records it and the engine does the same
     fov_diameter: int | None = None
+    #: photographs framed alike (dermoscopy): resize each image to this width instead
+    image_width: int | None = None
     device: str = "auto"
     #: clean-up steps recorded in the model file and applied by the engine
     postprocess: list[str] = field(default_factory=list)
@@ -217,6 +219,9 @@ class TrainConfig:
             number(name, 0, integer=True)
         number("patch_size", 16, integer=True, optional=True)
         number("fov_diameter", 16, integer=True, optional=True, high=16385)
+        number("image_width", 16, integer=True, optional=True, high=16385)
+        if self.fov_diameter and self.image_width:
+            found.append("fov_diameter and image_width are two rules for one scale: give one")
         number("patience", 1, integer=True, optional=True)
         number(
             "threads", 0, integer=True, optional=True, high=max_threads() + 1
@@ -283,6 +288,15 @@ class TrainResult:
     steps: int
     best_metrics: dict[str, float]
     stopped: str
+
+
+def _size_rule(config: TrainConfig, parent: LoadedModel | None) -> dict[str, int | None]:
+    """The derived-scale rule the new model records: the config's, else its parent's."""
+    if config.fov_diameter or config.image_width:
+        return {"fov_diameter": config.fov_diameter, "image_width": config.image_width}
+    if parent is not None:
+        return {"fov_diameter": parent.fov_diameter, "image_width": parent.image_width}
+    return {"fov_diameter": None, "image_width": None}
 
 
 def _source_problems(sources: Any) -> list[str]:
@@ -375,6 +389,7 @@ def load_samples(
             normalization,
             scale=config.input_scale,
             fov_diameter=config.fov_diameter,
+            image_width=config.image_width,
         )
     if kind == "dicom":
         return dicom_samples(
@@ -395,6 +410,7 @@ def load_samples(
         scale=config.input_scale,
         class_map=data.get("class_map"),
         fov_diameter=config.fov_diameter,
+        image_width=config.image_width,
     )
 
 
@@ -540,7 +556,7 @@ def _metadata(
         input_scale=config.input_scale,
         pixel_size=pixel_size,
         pixel_size_unit=unit,
-        fov_diameter=config.fov_diameter or (parent.fov_diameter if parent is not None else None),
+        **_size_rule(config, parent),
         normalization=resolve_normalization(config, parent),
         postprocess=list(config.postprocess or (parent.metadata.get("postprocess", []) if parent else [])),
         segment_property=config.segment_property
