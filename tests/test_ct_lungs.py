@@ -43,7 +43,8 @@ def _write_series(folder, names: list[str]) -> np.ndarray:
     folder.mkdir()
     volume = []
     for index, name in enumerate(names):
-        hounsfield = read_image(LUNG / "2d_images" / f"{name}.tif").astype(np.int32)
+        # below -1024 HU (outside the scanner's field) is what an unsigned stored value cannot hold
+        hounsfield = np.maximum(read_image(LUNG / "2d_images" / f"{name}.tif").astype(np.int32), -1024)
         volume.append(hounsfield)
         dataset = pydicom.dcmread(template)
         dataset.Rows, dataset.Columns = hounsfield.shape
