@@ -7,11 +7,13 @@ on the Labels layer) and saves the whole window, docks included, after each step
 
     OMP_NUM_THREADS=1 xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
 
-It takes about 30 s on one CPU thread, 20 fine-tuning steps included. User models go
-to a scratch folder (``R2AU_HOME=/tmp/r2au-shots-home``, emptied first), so the
-fine-tuned model is always ``drive-vessels-ft1`` and never lands in your own models
-folder; the exported mask and its JSON sidecar are written to
-``/tmp/r2au-shots-home/export/``.
+It takes about a minute on one CPU thread, the default 150 fine-tuning steps included.
+Segment runs with its defaults (the default model, Scale left at auto): the first shot is
+what a new user sees. User models go to a scratch folder (``R2AU_HOME=/tmp/r2au-shots-home``,
+emptied first), so the fine-tuned model is always ``<default model>-ft1`` and never lands
+in your own models folder; the exported mask and its JSON sidecar are written to
+``/tmp/r2au-shots-home/export/``. The last shot is the window at 1366x768 with the three
+docks open (they scroll).
 """
 
 from __future__ import annotations
@@ -44,9 +46,7 @@ BRIDGES = [((866, 895), (816, 897)), ((870, 1017), (912, 1026))]
 ERASE = [(742, 914), (761, 794), (839, 975)]
 ZOOM_CENTER, ZOOM = (860, 930), 3.0
 REVIEW_ZOOM = 2.0
-#: seed of the Labels layer's "shuffle colours" button that makes label 1 light blue,
-#: which stands out on a red fundus (napari's first colour is a dark red)
-MASK_COLOUR_SEED = 81
+LAPTOP = (1366, 768)  # a small laptop screen: the three docks must still be usable
 
 
 def pump(seconds: float = 0.3) -> None:
@@ -125,7 +125,7 @@ def main() -> int:
         pass
     import torch
 
-    from napari_r2au.preprocess import fundus_scale
+    from napari_r2au.model_files import DEFAULT_MODEL
 
     torch.set_num_threads(1)
     shutil.rmtree(HOME, ignore_errors=True)
@@ -140,18 +140,16 @@ def main() -> int:
     (image,) = viewer.open_sample(PLUGIN, "retina")
     base = image.name
     seg_dock, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    segment._model._choice.value = "drive-vessels"
-    segment._show_advanced.value = True
-    scale = fundus_scale(image.data)
-    segment._scale.value = scale
-    print(f"fundus_scale = {scale:.4f}; the Scale field shows {segment._scale.value}", flush=True)
+    segment._model._choice.value = DEFAULT_MODEL  # what the dock starts with
+    segment._show_advanced.value = True  # to show the Scale field: auto, and after the run its value
     clock = time.perf_counter()
     segment._run.native.click()
     wait_idle(segment)
-    print(f"Segment: {time.perf_counter() - clock:.1f} s", flush=True)
+    print(f"Segment: {time.perf_counter() - clock:.1f} s; {segment._status.value}", flush=True)
+    print(f"the Scale field shows {segment._scale.native.text()!r}", flush=True)
     mask = viewer.layers[f"{base} mask"]
-    mask.new_colormap(seed=MASK_COLOUR_SEED)
-    show_only(viewer, image, mask)
+    visible = [layer.name for layer in viewer.layers if layer.visible]
+    print(f"visible after Segment: {visible}", flush=True)
     viewer.layers.selection.active = mask
     viewer.reset_view()
     shot(viewer, "01-segment.png")
@@ -196,7 +194,7 @@ def main() -> int:
     ft_dock, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     finetune._image.value = image
     finetune._corrected.value = corrected
-    finetune._model._choice.value = "drive-vessels"
+    finetune._model._choice.value = DEFAULT_MODEL
     finetune._steps.value = 150  # the default
     finetune._patch.value = 96
     clock = time.perf_counter()
@@ -210,7 +208,6 @@ def main() -> int:
         f"re-segmented with {new_mask.metadata['r2au']['model']}; corrected layer: {corrected.name}",
         flush=True,
     )
-    new_mask.new_colormap(seed=MASK_COLOUR_SEED)
     show_only(viewer, image, new_mask)
     viewer.layers.selection.active = new_mask
     viewer.reset_view()
@@ -250,6 +247,15 @@ def main() -> int:
         ),
         flush=True,
     )
+
+    # 8. a 1366x768 laptop screen with the three docks open: they scroll instead of pushing the window
+    for widget_dock in (seg_dock, ft_dock):
+        widget_dock.show()
+    viewer.window._qt_window.resize(*LAPTOP)
+    pump(1.0)
+    size = viewer.window._qt_window.size()
+    print(f"window at {size.width()}x{size.height()} with three docks", flush=True)
+    shot(viewer, "08-laptop-1366x768.png")
 
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     viewer.close()
