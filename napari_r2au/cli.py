@@ -545,6 +545,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
     print(f"dice       before {before}  after {after}  (validation: {held_out})")
     print(f"steps      {result.steps} in {time.perf_counter() - started:.0f} s")
+    if result.scales:
+        scales = ", ".join(f"{value:.3g}" for value in result.scales)
+        derived = (
+            f", from each image's {_rule_name(result.model)}"
+            if args.scale is None and result.model.derives_scale
+            else ""
+        )
+        print(f"scale      {scales}{derived}")
     if share := result.weight_share:
         print(f"weights    parent + {share:g} x (fine-tuned - parent)")
     if result.dice_fell:
@@ -576,10 +584,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tta=args.tta,
     )
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
-    print(f"{'image':<24}" + "".join(f"{k:>12}" for k in keys))
-    for row in report["per_image"]:
-        print(f"{row['image']:<24}" + "".join(f"{row[k]:>12.4f}" for k in keys))
-    print(f"{'ALL (' + str(report['n_images']) + ')':<24}" + "".join(f"{report[k]:>12.4f}" for k in keys))
+    print(f"{'image':<24}{'scale':>8}" + "".join(f"{k:>12}" for k in keys))
+    for row in report[
+        "per_image"
+    ]:  # the scale each image was predicted at (derived per image for fundus models)
+        print(f"{row['image']:<24}{row['scale']:>8.3g}" + "".join(f"{row[k]:>12.4f}" for k in keys))
+    print(
+        f"{'ALL (' + str(report['n_images']) + ')':<24}{'':>8}" + "".join(f"{report[k]:>12.4f}" for k in keys)
+    )
     if report["auc_roc"] < 0.5:  # worse than chance: the masks most likely mark the other class
         data = (model.metadata.get("provenance") or {}).get("data")
         recorded = data.get("class_map") if isinstance(data, dict) else None

@@ -170,3 +170,47 @@ def test_ppm_opens_in_napari_reader_as_an_image_and_its_labels_as_labels():
     data, _, kind = reader(str(image_path))[0]
     assert kind == "image" and np.shape(data) == (605, 700, 3)
     assert napari_get_reader(str(label_path)) is not None
+
+
+def test_evaluate_predicts_each_photograph_at_its_own_derived_scale(fov_model, tmp_path, capsys):
+    """r2au evaluate on STARE and CHASE_DB1 together: each at its field of view's scale."""
+    from napari_r2au.cli import main
+
+    pairs = (
+        ("STARE/images/im0001.ppm", "STARE/labels-ah/im0001.ah.ppm", "STARE/mask/im0001.png"),
+        (
+            "CHASEDB1/images/Image_01L.jpg",
+            "CHASEDB1/1stHO/Image_01L_1stHO.png",
+            "CHASEDB1/mask/Image_01L.png",
+        ),
+    )
+    for folder in ("images", "masks", "fov"):
+        (tmp_path / folder).mkdir()
+    for image, mask, fov in pairs:
+        if not (DATA / image).is_file():
+            pytest.skip(f"{DATA / image} not found")
+        for folder, path in zip(("images", "masks", "fov"), (image, mask, fov)):
+            (tmp_path / folder / Path(path).name).symlink_to(DATA / path)
+    report = tmp_path / "report.json"
+    args = [
+        "evaluate",
+        "-m",
+        str(fov_model),
+        "--images",
+        str(tmp_path / "images"),
+        "--masks",
+        str(tmp_path / "masks"),
+        "--fov",
+        str(tmp_path / "fov"),
+        "--json",
+        str(report),
+    ]
+    assert main(args) == 0
+    rows = {row["image"]: row for row in json.loads(report.read_text())["per_image"]}
+    for image, _, _ in pairs:
+        expected = 537 / fov_diameter(read_image(DATA / image))
+        assert rows[Path(image).name]["scale"] == pytest.approx(expected, abs=1e-4)
+    out = capsys.readouterr().out
+    assert out.split()[:2] == ["image", "scale"]  # the table says which scale each image ran at
+    for image, _, _ in pairs:
+        assert f"{537 / fov_diameter(read_image(DATA / image)):.3g}" in out

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,8 @@ class FinetuneResult:
     #: pixels of the held-out part the user had corrected (None: a validation pair, or not
     #: known); few means the part is mostly the model's own output, which favours the base
     held_out_corrections: int | None = None
+    #: the working scale each pair was trained at (derived per image for a fundus model)
+    scales: list[float] = field(default_factory=list)
 
     @property
     def weight_share(self) -> float | None:
@@ -452,7 +454,7 @@ def iter_finetune(
     chosen = result.best if result.best is not None else result.last
     if not chosen.is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
-        return FinetuneResult(None, dice_before, None, result.steps, result.stopped, corrections)
+        return FinetuneResult(None, dice_before, None, result.steps, result.stopped, corrections, scales)
     tuned = load_model_file(chosen)
     meta: dict[str, Any] = dict(tuned.metadata, name=name)
     provenance = dict(meta["provenance"], finetune_settings=settings.__dict__)
@@ -487,4 +489,5 @@ def iter_finetune(
         result.steps,
         result.stopped,
         corrections,
+        scales,
     )
