@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, looks_like_mask, read_image
+from .io import IMAGE_SUFFIXES, MASK_FORMAT, looks_like_mask, read_image
 
 LayerData = tuple[Any, dict[str, Any], str]
 
 DICOM_SUFFIXES = (".dcm",)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
-MASK_FORMAT = "napari-r2au-mask"
 
 
 class MissingExtraError(ImportError):

@@ -21,6 +21,8 @@ _MASK_NAME = re.compile(rf"_({MASK_ROLES})$", re.IGNORECASE)
 #: folders of masks: masks/, labels/, DRIVE's 1st_manual/ and mask/, HRF's manual1/, STARE's
 #: labels-ah/ (one folder per observer), CHASE_DB1's 1stHO/
 _MASK_FOLDER = re.compile(rf"(\d+(st|nd|rd|th)_)?({MASK_ROLES})s?(-\w+)?", re.IGNORECASE)
+#: the format name of the JSON record Review writes next to an exported mask (the reader checks it)
+MASK_FORMAT = "napari-r2au-mask"
 #: a mask has a few values (0/255, or some classes); more means a picture
 MAX_MASK_VALUES = 16
 

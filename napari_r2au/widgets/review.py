@@ -31,7 +31,6 @@ from ._common import (
 if TYPE_CHECKING:
     import napari
 
-MASK_FORMAT = "napari-r2au-mask"
 #: colours of the difference layer: false positives orange, false negatives blue (colour-blind safe)
 DIFFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#1e90ff"}
 
@@ -305,7 +304,7 @@ class ReviewWidget(Container):
 
     def _write(self, predicted: Any, path: Path) -> Path:
         from napari_r2au import __version__
-        from napari_r2au.io import atomic_path, write_png, write_tiff
+        from napari_r2au.io import MASK_FORMAT, atomic_path, write_png, write_tiff
         from napari_r2au.postprocess import compact_labels, mask_checksum
 
         mask = compact_labels(np.asarray(predicted.data))
