@@ -1020,3 +1020,15 @@ def test_review_defaults_follow_segment_and_the_manual_mask(make_napari_viewer, 
     review._export_path.value = tmp_path / "lossy.jpg"
     review._export.changed.emit(True)
     assert "lossy.jpg" in review._export_status.value and not list(tmp_path.glob("lossy*"))
+
+
+def test_the_docks_start_with_the_default_model(make_napari_viewer, tiny_model):
+    """Not whichever model sorts first (ct-lungs, a user's 'a-model')."""
+    from napari_r2au.model_files import DEFAULT_MODEL
+
+    _save_tiny("a-first-by-name")
+    viewer = make_napari_viewer()
+    for name in ("Segment", "Fine-tune"):
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        assert widget._model._choice.value == DEFAULT_MODEL
+        assert widget._model._choice.choices[0] == DEFAULT_MODEL

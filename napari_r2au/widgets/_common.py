@@ -229,13 +229,16 @@ class ModelPicker(Container):
         self._update()
 
     def _names(self) -> list[str]:
-        from napari_r2au.model_files import list_models
+        from napari_r2au.model_files import DEFAULT_MODEL, list_models
 
         rows = list_models()
         self._paths = {row["name"]: row["path"] for row in reversed(rows)}  # bundled wins, like load_model
         bundled = {row["name"] for row in rows if row["source"] == "bundled"}
         self._user = {row["name"] for row in rows if row["source"] == "user"} - bundled
-        return [*dict.fromkeys(row["name"] for row in rows), LOAD_FROM_FILE]
+        names = list(dict.fromkeys(row["name"] for row in rows))
+        # the default model first: it is what a dock starts with (not whichever sorts first)
+        names.sort(key=lambda name: name != DEFAULT_MODEL)
+        return [*names, LOAD_FROM_FILE]
 
     def remove_chosen(self, *_: Any) -> None:
         """Ask, then take the chosen user model out of every picker (its files are kept)."""
