@@ -150,8 +150,8 @@ OUTPUT_NAME = re.compile(r"_(mask|prob|attention|uncertainty|seg)$")
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
+    from .checks import input_notices
     from .dicom_seg import dicom_sources
-    from .engine import input_notices
     from .model_files import load_model
     from .outputs import check_plan
 
@@ -461,6 +461,20 @@ def _folder_pairs(images: str, masks: str, fov: str | None, class_map: dict[int,
     return pairs, fovs, names, slices
 
 
+def _warn_about_pairs(model: str, pairs: list, names: list[str]) -> None:
+    """The shared checks before a fine-tune (napari_r2au.checks), one line each on stderr."""
+    from .checks import correction_notices
+    from .model_files import read_model_metadata, resolve_model_path
+
+    try:
+        meta = read_model_metadata(resolve_model_path(model)[0])
+    except (ValueError, OSError):  # the fine-tune itself will say what is wrong with the model
+        meta = None
+    for (image, labels), name in zip(pairs, names):
+        for notice in correction_notices(meta, image, labels, f"the mask of {name}"):
+            print(f"warning: {name}: {notice}", file=sys.stderr)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Headless face of the Fine-tune widget: the same iter_finetune generator."""
     from .engine import run
@@ -476,6 +490,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
         select_device(args.device)
     pairs, fovs, names, slices = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
+    _warn_about_pairs(args.model, pairs, names)
     validation = validation_fov = None
     if args.val_images:
         if not args.val_masks:

@@ -419,6 +419,13 @@ def _migrate(meta: dict[str, Any], sidecar: Path) -> dict[str, Any]:
     return {**_optional_defaults(), "name": sidecar.stem, **meta}
 
 
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A model's JSON sidecar, validated, without loading weights (or torch): what the docks
+    and the checks before a run need (name, channels, normalization, threshold)."""
+    path = Path(path)
+    return _read_metadata(path if path.suffix == ".json" else path.with_suffix(".json"))
+
+
 def _read_metadata(sidecar: Path) -> dict[str, Any]:
     try:
         meta = json.loads(sidecar.read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_r2au.engine import input_notices
+from napari_r2au.checks import input_notices
 from napari_r2au.io import write_tiff
 
 CT = {
@@ -44,3 +44,46 @@ def test_segment_cli_warns_before_running(tmp_path, capsys):
         main(["segment", str(tmp_path / "grey.tif"), "-m", "drive-vessels", "-o", str(tmp_path / "out")]) == 0
     )
     assert "warning:" in capsys.readouterr().err
+
+
+def test_a_mask_that_looks_inverted_or_is_no_mask_is_said():
+    from napari_r2au.checks import mask_notices
+
+    vessels = np.zeros((64, 64), np.uint8)
+    vessels[:, 30:34] = 1
+    assert mask_notices(vessels) == []
+    interior = 1 - vessels  # ISBI 2012's labels mark the cell interior: mostly foreground
+    assert "inverted" in " ".join(mask_notices(interior))
+    picture = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)
+    assert "picture" in " ".join(mask_notices(picture))
+    assert "fractional" in " ".join(mask_notices(np.random.default_rng(0).random((64, 64))))
+
+
+def test_finetune_cli_warns_about_an_inverted_mask_and_a_grey_image(tmp_path, capsys):
+    from napari_r2au.cli import main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    inverted = np.full((64, 64), 255, np.uint8)
+    inverted[:, 30:34] = 0
+    write_tiff(tmp_path / "images" / "a.tif", image)
+    write_tiff(tmp_path / "masks" / "a.tif", inverted)
+    args = [
+        "finetune",
+        "-m",
+        "drive-vessels",
+        "--images",
+        str(tmp_path / "images"),
+        "--masks",
+        str(tmp_path / "masks"),
+        "--steps",
+        "1",
+        "--patch",
+        "32",
+        "--batch",
+        "2",
+    ]
+    main(args)
+    err = capsys.readouterr().err
+    assert "inverted" in err and "grey image" in err

@@ -1032,3 +1032,19 @@ def test_the_docks_start_with_the_default_model(make_napari_viewer, tiny_model):
         _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         assert widget._model._choice.value == DEFAULT_MODEL
         assert widget._model._choice.choices[0] == DEFAULT_MODEL
+
+
+def test_finetune_says_when_the_corrected_mask_looks_inverted(
+    make_napari_viewer, qtbot, tiny_model, notifications
+):
+    """ISBI 2012's own label file (255 = interior) as corrections: said before the run."""
+    viewer = make_napari_viewer()
+    viewer.add_image(bars(64)[0][..., 0], name="grey")  # a grey image for an RGB model: said too
+    _, truth = bars(64)
+    viewer.add_labels((1 - truth).astype(np.uint8), name="inverted")
+    finetune = dock(viewer, "Fine-tune")
+    finetune._steps.value = 2
+    finetune.run()
+    text = messages(notifications)
+    assert "inverted" in text and "'inverted'" in text and "grey image" in text
+    wait_idle(qtbot, finetune)

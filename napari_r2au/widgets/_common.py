@@ -163,9 +163,9 @@ def refresh_model_pickers() -> None:
 
 def read_model_metadata(path: str | Path) -> dict[str, Any]:
     """A model's JSON sidecar, validated, without loading weights (or torch)."""
-    from napari_r2au.model_files import _read_metadata
+    from napari_r2au.model_files import read_model_metadata as read
 
-    return _read_metadata(Path(path).with_suffix(".json") if Path(path).suffix != ".json" else Path(path))
+    return read(path)
 
 
 def model_card(meta: dict[str, Any]) -> str:

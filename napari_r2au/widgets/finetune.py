@@ -187,6 +187,17 @@ class FinetuneWidget(WorkerRunner, Container):
         self._cancel.changed.connect(self.cancel)
         follow_layers(viewer, self)
 
+    def _warn_about_inputs(self, pairs: list) -> None:
+        """The shared checks (napari_r2au.checks): the base model on this image, the mask as
+        corrections. Said before the run; the user decides."""
+        from napari_r2au.checks import correction_notices
+
+        image, labels = pairs[0]
+        for notice in correction_notices(
+            self._model.metadata(), image, labels, f"'{self._corrected.value.name}'"
+        ):
+            notify_warning(f"Fine-tune: {notice}")
+
     def run(self, *_: Any) -> None:
         """Check the inputs and start fine-tuning in a worker thread."""
         if self.running:  # one run at a time: a second one is refused, never interleaved
@@ -217,6 +228,7 @@ class FinetuneWidget(WorkerRunner, Container):
         except ValueError as exc:
             notify_error(f"Fine-tune: {exc}")
             return
+        self._warn_about_inputs(pairs)
         self._source = self._image.value
         self._cancelled = False
         self.last_result = None

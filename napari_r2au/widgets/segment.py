@@ -587,7 +587,7 @@ class SegmentWidget(WorkerRunner, Container):
     def _warn_about_inputs(self, layer: Any, image: Any, axes: str) -> None:
         """The engine's notices about this model on this image (channels converted, a CT
         model on an 8-bit picture), said before the run; nothing is refused here."""
-        from napari_r2au.engine import input_notices
+        from napari_r2au.checks import input_notices
 
         meta = self._model.metadata()
         if meta is None:
