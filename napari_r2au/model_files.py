@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 FORMAT = "napari-r2au-model"
 FORMAT_VERSION = 1
-DEFAULT_MODEL = "drive-vessels"
+DEFAULT_MODEL = "retina-vessels"
 REQUIRED_KEYS = ("architecture", "arch_args", "in_channels", "out_channels", "weights_file", "weights_sha256")
 #: optional fields added during format version 1, with the value a file without them means
 OPTIONAL_DEFAULTS: dict[str, Any] = {
