@@ -179,6 +179,8 @@ def model_card(meta: dict[str, Any]) -> str:
         trained = "DRIVE retinal vessels"
     elif data.get("kind") == "memory":
         trained = f"corrected masks ({', '.join(map(str, data.get('pairs', []))) or 'in memory'})"
+    elif data.get("kind") == "sources" and isinstance(data.get("sources"), list):
+        trained = ", ".join(str(src.get("name", "?")) for src in data["sources"] if isinstance(src, dict))
     elif data.get("kind"):
         trained = str(data.get("kind"))
     else:
@@ -201,6 +203,22 @@ def model_card(meta: dict[str, Any]) -> str:
         + (f"; images resized ×{scale:g}" if abs(scale - 1) > 1e-6 else "")
     )
     return "\n".join(lines)
+
+
+class ScrollingDock(Container):
+    """A dock that scrolls instead of growing past a small screen (1366x768 with all three
+    docks open). napari docks a magicgui widget's ``native``, which for a scrollable
+    container is the inner widget, not its scroll area: here ``native`` is the scroll area,
+    and ``content`` the widget that holds the layout. Subclasses pass ``scrollable=True``."""
+
+    @property
+    def native(self) -> Any:
+        return self.root_native_widget
+
+    @property
+    def content(self) -> Any:
+        """The widget with the dock's layout (inside the scroll area)."""
+        return self._widget._mgui_get_native_widget()
 
 
 class ModelPicker(Container):

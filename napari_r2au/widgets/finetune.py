@@ -27,6 +27,7 @@ from napari_r2au.training.settings import FinetuneSettings  # torch-free
 from ._common import (
     PLUGIN,
     ModelPicker,
+    ScrollingDock,
     WorkerRunner,
     describe_error,
     follow_layers,
@@ -102,7 +103,7 @@ class LossCurve:
         self.canvas.draw_idle()
 
 
-class FinetuneWidget(WorkerRunner, Container):
+class FinetuneWidget(WorkerRunner, ScrollingDock):
     """Fine-tune a model on an image and its corrected mask; the result is a new model."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -176,7 +177,7 @@ class FinetuneWidget(WorkerRunner, Container):
             scrollable=True,
         )  # docks scroll on a 768 px screen
         self._curve = LossCurve()
-        self.native.layout().addWidget(self._curve.canvas)
+        self.content.layout().addWidget(self._curve.canvas)
         self._worker: GeneratorWorker | None = None
         self._cancelled = False
         self._source: Any = None  # the image layer being trained on

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, Container, FileEdit, PushButton, SpinBox
+from magicgui.widgets import CheckBox, FileEdit, PushButton, SpinBox
 
 from ._common import (
+    ScrollingDock,
     describe_error,
     follow_layers,
     layer_picker,
@@ -39,7 +40,7 @@ DIFFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#1
 ZOOM_FILL = 0.5
 
 
-class ReviewWidget(Container):
+class ReviewWidget(ScrollingDock):
     """Metrics against a reference, a difference layer, uncertain regions, and export."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:

@@ -31,6 +31,7 @@ from magicgui.widgets import (
 from ._common import (
     RUN_KEY,
     ModelPicker,
+    ScrollingDock,
     WorkerRunner,
     describe_error,
     follow_layers,
@@ -92,7 +93,7 @@ class _RunContext:
     live: Any = None  # a stack's probabilities, slice by slice while the run goes on
 
 
-class SegmentWidget(WorkerRunner, Container):
+class SegmentWidget(WorkerRunner, ScrollingDock):
     """Segment an Image layer with an R2AU-Net model (probability, mask, attention, uncertainty)."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
