@@ -1048,3 +1048,20 @@ def test_finetune_says_when_the_corrected_mask_looks_inverted(
     text = messages(notifications)
     assert "inverted" in text and "'inverted'" in text and "grey image" in text
     wait_idle(qtbot, finetune)
+
+
+def test_three_docks_fit_a_1366x768_window(make_napari_viewer, qtbot, tiny_model):
+    """napari docks the scroll area (not the content), so the docks scroll instead of
+    holding the window taller than a laptop screen."""
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    widgets = [
+        viewer.window.add_plugin_dock_widget(PLUGIN, name)[1] for name in ("Segment", "Fine-tune", "Review")
+    ]
+    for widget in widgets:
+        assert isinstance(widget.native, QScrollArea) and widget.native.widget() is widget.content
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    qtbot.wait(300)
+    assert window.height() <= 800, f"the docks hold the window {window.height()} px tall"
