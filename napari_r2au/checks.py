@@ -36,6 +36,15 @@ def input_notices(model: Any, image: Any, axes: str | None = None) -> list[str]:
         )
     elif have in (3, 4) and want == 1:
         notices.append(f"{name} was trained on single-channel images; this colour image is averaged to grey")
+    if meta.get("fov_diameter"):
+        from .engine import image_plane
+        from .preprocess import derived_working_scale
+
+        if derived_working_scale(image_plane(image, want, axes), meta["fov_diameter"]) is None:
+            notices.append(
+                f"{name} finds the scale of fundus photographs from their round field of view, and "
+                "this image shows none: it runs at the model's own scale (type a Scale to override)"
+            )
     spec = meta.get("normalization") or {}
     if spec.get("kind") == "scale" and float(spec.get("min", 0.0)) <= HU_WINDOW_BELOW:
         kind = np.dtype(image.dtype)

@@ -250,6 +250,8 @@ def derived_scale(model: Any, image: Any, axes: str | None = None) -> float:
     scale = derived_working_scale(
         image_plane(image, loaded.in_channels, axes), loaded.fov_diameter, loaded.image_width
     )
+    if scale is None:  # no field of view to go by: the model's own scale
+        return loaded.input_scale
     return float(min(max(scale, 1 / MAX_SCALE), MAX_SCALE))
 
 

@@ -248,10 +248,17 @@ def fov_working_scale(image: np.ndarray, reference_diameter: int) -> float:
     return _snapped(fundus_scale(image, reference_diameter))
 
 
+#: a fundus photograph's field of view spans at least this share of the frame's shorter side
+#: (DRIVE 0.92, STARE 1.07, CHASE_DB1 0.96, HRF 1.4); a smaller bright region is no field
+#: of view (a fluorescence image, a photograph of something else), so no scale is derived
+PLAUSIBLE_FIELD = 0.5
+
+
 def derived_working_scale(
     image: np.ndarray, diameter: int | None = None, width: int | None = None
 ) -> float | None:
-    """The one rule for a scale derived from the image itself (None: the model has none).
+    """The one rule for a scale derived from the image itself (None: the model has none, or
+    the image shows no field of view to go by).
 
     ``diameter`` (a model's ``fov_diameter``): fundus photographs, by their round field of
     view, from any camera. ``width`` (a model's ``image_width``): photographs framed alike
@@ -259,7 +266,10 @@ def derived_working_scale(
     alike), brought to that width.
     """
     if diameter:
-        return fov_working_scale(image, diameter)
+        field = fov_diameter(image)
+        if field < PLAUSIBLE_FIELD * min(np.shape(image)[:2]):  # no fundus photograph: no field to go by
+            return None
+        return _snapped(diameter / max(1, field))
     if width:
         return _snapped(width / max(1, int(np.shape(image)[1])))
     return None

@@ -214,3 +214,52 @@ def test_evaluate_predicts_each_photograph_at_its_own_derived_scale(fov_model, t
     assert out.split()[:2] == ["image", "scale"]  # the table says which scale each image ran at
     for image, _, _ in pairs:
         assert f"{537 / fov_diameter(read_image(DATA / image)):.3g}" in out
+
+
+def test_a_fundus_model_on_an_image_without_a_field_of_view_keeps_its_own_scale(fov_model):
+    """A dark-background picture that is no fundus photograph (a star field) would otherwise
+    be blown up eightfold: no plausible field, no derived scale, and the user is told."""
+    from skimage import data
+
+    from napari_r2au import load_model
+    from napari_r2au.checks import input_notices
+    from napari_r2au.engine import working_scale
+
+    model = load_model(fov_model)
+    stars = data.hubble_deep_field()
+    assert working_scale(model, image=stars) == model.input_scale
+    assert any("shows none" in notice for notice in input_notices(model, stars))
+    assert input_notices(model, data.retina()) == []
+
+
+def test_fine_tuning_a_fundus_model_with_a_validation_pair_and_the_mask_before(fov_model):
+    """Each pair at its own field's scale, the validation pair at its own, and the mask
+    Segment made kept with its pair (the arguments reach prepare_samples by name)."""
+    from napari_r2au import load_model
+    from napari_r2au.engine import run
+    from napari_r2au.training.data import binarize_mask
+    from napari_r2au.training.finetune import iter_finetune
+    from napari_r2au.training.settings import FinetuneSettings
+
+    images = [DATA / "STARE" / "images" / f"{n}.ppm" for n in ("im0001", "im0002")]
+    if not images[0].is_file():
+        pytest.skip("STARE not found")
+    masks = [
+        binarize_mask(read_image(DATA / "STARE" / "labels-ah" / f"{p.stem}.ah.ppm"), p.name) for p in images
+    ]
+    train, held = (read_image(images[0]), masks[0]), (read_image(images[1]), masks[1])
+    before = masks[0].copy()
+    before[:100] = 0  # what Segment made before the user's corrections
+    settings = FinetuneSettings(steps=2, patch_size=64, batch_size=2)
+    result = run(
+        iter_finetune(
+            load_model(fov_model),
+            [train],
+            validation=held,
+            settings=settings,
+            originals=[before],
+            name="fov-test-ft",
+        )
+    )
+    assert result.model is not None and result.model.fov_diameter == 537
+    assert result.scales == [pytest.approx(537 / fov_diameter(train[0]))]

@@ -135,3 +135,31 @@ def test_image_width_rule_resizes_every_image_to_one_width(tmp_path):
     assert working_scale(saved, image=big) == pytest.approx(256 / 768)
     assert working_scale(saved, image=big[:192, :256]) == 1.0
     assert working_scale(saved) == saved.input_scale  # no image: the recorded scale
+
+
+def test_a_source_without_foreground_does_not_break_the_choice(rng):
+    """Its F1 is 0/0: it must neither make every score NaN (no checkpoint ever saved) nor
+    let the first threshold win by default."""
+    found = [_sample(f"a{i}", "A", rng, 1) for i in range(3)]
+    empty = _sample("b0", "B", rng, 1)
+    empty.mask[:] = 0
+    samples = [*found, empty]
+    probs = [s.mask.astype(np.float32) * 0.7 + 0.1 for s in found] + [np.full((32, 32), 0.1, np.float32)]
+    metrics = source_metrics(samples, probs, 0.5)
+    assert metrics["f1_source_mean"] == pytest.approx(1.0)  # source A alone votes
+    threshold, chosen = _best_of(samples, probs, (0.05, 0.5, 0.9))
+    assert threshold == 0.5
+    assert selection_score({"f1": float("nan")}) == float("-inf")
+
+
+def test_a_source_keeps_its_share_after_the_split(rng):
+    samples = [_sample(f"a{i}", "A", rng, 1) for i in range(20)] + [
+        _sample(f"b{i}", "B", rng, 1) for i in range(4)
+    ]
+    sources = [
+        {"name": "A", "kind": "drive", "root": "x", "val_images": 4, "weight": 0.6},
+        {"name": "B", "kind": "drive", "root": "y", "val_images": 1, "weight": 0.4},
+    ]
+    train, _ = split_sources(samples, sources, seed=0)
+    shares = {name: sum(s.weight for s in train if s.source == name) for name in "AB"}
+    assert shares == {"A": pytest.approx(0.6), "B": pytest.approx(0.4)}

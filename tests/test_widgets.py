@@ -1065,3 +1065,14 @@ def test_three_docks_fit_a_1366x768_window(make_napari_viewer, qtbot, tiny_model
     window.resize(1366, 768)
     qtbot.wait(300)
     assert window.height() <= 800, f"the docks hold the window {window.height()} px tall"
+
+
+def test_export_to_a_folder_of_a_layer_with_a_dot_in_its_name(make_napari_viewer, tmp_path):
+    """'scan.nii mask' exported to a folder is scan.nii_mask.tif, not a refused format."""
+    viewer = make_napari_viewer()
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="scan.nii mask")
+    review = dock(viewer, "Review")
+    review._prediction.value = viewer.layers["scan.nii mask"]
+    review._export_path.value = tmp_path
+    review._export.changed.emit(True)
+    assert (tmp_path / "scan.nii_mask.tif").is_file(), review._export_status.value

@@ -261,7 +261,7 @@ def folder_samples(
                 )
             mask_map = class_map
             plane_scale = (
-                derived_working_scale(plane, fov_diameter, image_width)
+                (derived_working_scale(plane, fov_diameter, image_width) or scale)
                 if (fov_diameter or image_width) and statistics is None
                 else scale
             )
@@ -499,12 +499,16 @@ def split_sources(
     seed: int,
 ) -> tuple[list[Sample], list[Sample]]:
     """Each source split on its own (its ``val_images`` or ``val_names``), so that the
-    validation part holds images of every source, not just of the largest."""
+    validation part holds images of every source, not just of the largest. A source's
+    training images share its ``weight`` (its share of the patches, whatever its number
+    of images), set here, after the split, so that holding images out costs no share."""
     train, val = [], []
     for source in sources:
         name = source_name(source)
         own = [s for s in samples if s.source == name]
         part_train, part_val = split(own, int(source.get("val_images", 1)), seed, source.get("val_names"))
+        for sample in part_train:
+            sample.weight = float(source.get("weight", 1.0)) / len(part_train)
         train += part_train
         val += part_val
     return train, val

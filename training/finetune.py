@@ -387,9 +387,9 @@ def iter_finetune(
         fovs,
         validation_fov,
         scales,
-        device,
-        originals,
-        validation_scale,
+        device=device,
+        originals=originals,
+        validation_scale=validation_scale,
     )
     patch = min(settings.patch_size, *(min(s.mask.shape) for s in train_samples))
     patch -= patch % 16

@@ -368,9 +368,8 @@ def load_samples(
         samples = []
         for source in data["sources"]:
             own = load_samples(config, normalization, source)
-            for sample in own:
+            for sample in own:  # (split_sources gives the training images their source's weight)
                 sample.source = source_name(source)
-                sample.weight = float(source.get("weight", 1.0)) / len(own)
             samples += own
         return samples
     keys = REQUIRED_DATA_KEYS.get(kind) if kind != "memory" else None
@@ -502,13 +501,19 @@ def source_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: fl
     for name, (own, own_probs) in groups.items():
         out[f"f1@{name}"] = pooled_metrics(own, own_probs, threshold)["f1"]
         out[f"auc_roc@{name}"] = pooled_auc(own, own_probs)
-    out["f1_source_mean"] = float(np.mean([out[f"f1@{name}"] for name in groups]))
+    scores = [out[f"f1@{name}"] for name in groups if math.isfinite(out[f"f1@{name}"])]
+    # a source without foreground in its validation images has no F1 (0/0): it does not vote
+    out["f1_source_mean"] = float(np.mean(scores)) if scores else float("nan")
     return out
 
 
 def selection_score(metrics: dict[str, float]) -> float:
-    """What checkpoints and thresholds are chosen by: the sources' mean F1, else F1."""
-    return metrics.get("f1_source_mean", metrics["f1"])
+    """What checkpoints and thresholds are chosen by: the sources' mean F1, else F1; a score
+    that is not a number (nothing found, nothing to find) ranks last, never first."""
+    score = metrics.get("f1_source_mean", metrics["f1"])
+    if not math.isfinite(score):
+        score = metrics["f1"]
+    return score if math.isfinite(score) else float("-inf")
 
 
 def _metadata(

@@ -264,9 +264,10 @@ class ReviewWidget(ScrollingDock):
             self._refuse(self._export_status, "choose where to write the mask ('Export to').")
             return None
         path = Path(target)
-        if path.is_dir():  # a folder: the mask goes inside it, named after its layer
-            path = path / (re.sub(r"[^\w.+-]+", "_", predicted.name).strip("._") or "mask")
-        if not path.suffix:  # no format asked for: a TIFF
+        if path.is_dir():  # a folder: the mask goes inside it as a TIFF named after its layer
+            stem = re.sub(r"[^\w.+-]+", "_", predicted.name).strip("._") or "mask"
+            path = path / f"{stem}.tif"  # (a dot in the name, 'scan.nii mask', is no format)
+        elif not path.suffix:  # no format asked for: a TIFF
             path = path.with_name(path.name + ".tif")
         if (
             path.suffix.lower() not in EXPORT_SUFFIXES
