@@ -240,18 +240,22 @@ def fundus_scale(image: np.ndarray, reference_diameter: int = DRIVE_FOV_DIAMETER
 FOV_SCALE_SNAP = 0.02
 
 
-def fov_working_scale(image: np.ndarray, reference_diameter: int) -> float:
-    """The working scale of a model that records its field-of-view diameter: the factor
-    that brings this photograph's field to ``reference_diameter`` pixels. The trainer
-    resizes every training image by it and the engine every image it predicts, so both
-    sides see fields of one size, whatever the camera."""
-    return _snapped(fundus_scale(image, reference_diameter))
-
-
 #: a fundus photograph's field of view spans at least this share of the frame's shorter side
 #: (DRIVE 0.92, STARE 1.07, CHASE_DB1 0.96, HRF 1.4); a smaller bright region is no field
 #: of view (a fluorescence image, a photograph of something else), so no scale is derived
 PLAUSIBLE_FIELD = 0.5
+
+
+def fov_working_scale(image: np.ndarray, reference_diameter: int) -> float | None:
+    """The working scale of a model that records its field-of-view diameter: the factor
+    that brings this photograph's field to ``reference_diameter`` pixels (None: no
+    plausible field of view, so nothing to go by). The trainer resizes every training
+    image by it and the engine every image it predicts, so both sides see fields of one
+    size, whatever the camera."""
+    field = fov_diameter(image)
+    if field < PLAUSIBLE_FIELD * min(np.shape(image)[:2]):
+        return None
+    return _snapped(reference_diameter / max(1, field))
 
 
 def derived_working_scale(
@@ -266,10 +270,7 @@ def derived_working_scale(
     alike), brought to that width.
     """
     if diameter:
-        field = fov_diameter(image)
-        if field < PLAUSIBLE_FIELD * min(np.shape(image)[:2]):  # no fundus photograph: no field to go by
-            return None
-        return _snapped(diameter / max(1, field))
+        return fov_working_scale(image, diameter)
     if width:
         return _snapped(width / max(1, int(np.shape(image)[1])))
     return None

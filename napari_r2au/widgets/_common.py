@@ -118,8 +118,11 @@ def follow_layers(viewer: napari.viewer.Viewer, widget: Container) -> None:
         event.connect(widget.reset_choices)
 
 
-def replace_layer(viewer: napari.viewer.Viewer, kind: str, name: str, data: Any, **kwargs: Any) -> Any:
-    """Update the layer called ``name`` in place if it has the right type, else add it.
+def replace_layer(
+    viewer: napari.viewer.Viewer, kind: str, name: str, data: Any, *, shown_if_new: bool = True, **kwargs: Any
+) -> Any:
+    """Update the layer called ``name`` in place if it has the right type, else add it
+    (hidden unless ``shown_if_new``: an updated layer keeps the visibility the user gave it).
 
     Re-running a widget refreshes its outputs instead of piling up copies.
     """
@@ -134,7 +137,7 @@ def replace_layer(viewer: napari.viewer.Viewer, kind: str, name: str, data: Any,
                 setattr(layer, key, kwargs[key])
         return layer
     add = viewer.add_image if kind == "image" else viewer.add_labels
-    return add(data, name=name, **kwargs)
+    return add(data, name=name, visible=shown_if_new, **kwargs)
 
 
 # -- models --------------------------------------------------------------------------------

@@ -431,12 +431,12 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
         # the image and its mask are what a first result shows; the maps are added hidden, a click
         # away (a layer the user has shown again keeps its visibility on the next run)
-        prob_layer = _hidden_at_first(
+        prob_layer = replace_layer(
             self._viewer,
-            replace_layer,
             "image",
             f"{base} probability",
             probability,
+            shown_if_new=False,
             colormap="magma",
             contrast_limits=(0.0, 1.0),
             **maps,
@@ -444,12 +444,12 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         attention_names = []
         for index, alpha in enumerate(prediction.attention):
             name = f"{base} attention {index + 1}"
-            _hidden_at_first(
+            replace_layer(
                 self._viewer,
-                replace_layer,
                 "image",
                 name,
                 alpha,
+                shown_if_new=False,
                 colormap="turbo",
                 blending="additive",
                 opacity=0.5,
@@ -461,12 +461,12 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         if uncertainty is not None:
             uncertainty_name = f"{base} uncertainty"
             top = float(uncertainty.max()) or 1.0
-            _hidden_at_first(
+            replace_layer(
                 self._viewer,
-                replace_layer,
                 "image",
                 uncertainty_name,
                 uncertainty,
+                shown_if_new=False,
                 colormap="inferno",
                 blending="additive",
                 opacity=0.7,
@@ -621,15 +621,6 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             self._progress.max, self._progress.value = 1, 0
         if message is not None:
             self._status.value = message
-
-
-def _hidden_at_first(viewer: Any, replace: Any, kind: str, name: str, data: Any, **kwargs: Any) -> Any:
-    """``replace(viewer, kind, name, data, ...)``, hiding the layer if it is new."""
-    existed = name in viewer.layers
-    layer = replace(viewer, kind, name, data, **kwargs)
-    if not existed:
-        layer.visible = False
-    return layer
 
 
 def _network_input(layer: Any) -> tuple[str, Any]:
