@@ -7,7 +7,6 @@ be reviewed or exported again later.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, MASK_FORMAT, looks_like_mask, read_image
+from .io import IMAGE_SUFFIXES, looks_like_mask, read_image
+from .mask_record import read_sidecar, record_from_export, with_record
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -94,13 +94,28 @@ def read_file(path: str | os.PathLike) -> LayerData:
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path)
     data = read_image(path)
-    record = _mask_record(path)
+    record = read_sidecar(path)
     if record is not None:
         return data, _mask_kwargs(path, record), "labels"
     if looks_like_mask(path, data):  # a manual mask (DRIVE's 21_manual1.gif): a reference for Review
         return data, {"name": path.stem}, "labels"
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     return data, {"name": path.stem, "rgb": rgb}, "image"
+
+
+def read_input(path: str | os.PathLike) -> tuple[Any, float | None, str | None, str | None, dict[str, Any]]:
+    """An input image, its pixel size (DICOM and NIfTI files carry one), its axes when
+    the file says (a volume: "ZYX") and the reader's metadata (a DICOM image's sources),
+    read the way the napari reader reads it: a folder of DICOM slices is one stack."""
+    from .io import pixel_size_of
+
+    path = Path(path)
+    data, kwargs, _ = read_layers(str(path), masks=False)[0] if path.is_dir() else read_file(path)
+    size, unit = pixel_size_of(kwargs.get("scale"), kwargs.get("units"), path.name)
+    medical = path.is_dir() or suffix_of(path) in DICOM_SUFFIXES + NIFTI_SUFFIXES
+    # a 3-slice volume would otherwise pass for a 3-channel image
+    axes = "ZYX" if medical and data.ndim == 3 and not kwargs.get("rgb") else None
+    return data, size, unit, axes, kwargs.get("metadata") or {}
 
 
 def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
@@ -118,36 +133,9 @@ def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
 # -- masks exported by the Review widget ---------------------------------------------------
 
 
-def _mask_record(path: Path) -> dict[str, Any] | None:
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        return None
-    try:
-        record = json.loads(sidecar.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    if (
-        not isinstance(record, dict)
-        or record.get("format") != MASK_FORMAT
-        or record.get("mask_file") != path.name
-    ):
-        return None
-    return record
-
-
 def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    info = {
-        key: record.get(key)
-        for key in ("model", "model_sha256", "threshold", "cleanup", "image_layer", "flip_averaged", "scope")
-    }
-    info["scale"] = record.get("working_scale")  # what Fine-tune trains at on this mask
-    info["slices"] = record.get("segmented_slices")
-    info["runs"] = record.get("runs")
-    # the checksum of the model's own mask: edits are still told apart after a reload
-    info["mask_sha256"] = record.get("prediction_sha256")
-    info["slice_sha256"] = record.get("prediction_slice_sha256")
-    info["created"] = record.get("segmented")
-    kwargs: dict[str, Any] = {"name": path.stem, "metadata": {"r2au": info, "r2au_export": record}}
+    info = record_from_export(record)
+    kwargs: dict[str, Any] = {"name": path.stem, "metadata": {**with_record({}, info), "r2au_export": record}}
     for key in ("scale", "translate"):
         if record.get(key):
             kwargs[key] = tuple(record[key])
@@ -480,7 +468,7 @@ def _seg_layer(path: Path, image: LayerData) -> LayerData:
         info["mask_sha256"], info["slice_sha256"] = whole, slices
     layer = {key: kwargs[key] for key in ("scale", "units") if key in kwargs}
     layer["name"] = stem_of(path)
-    layer["metadata"] = {"dicom": {"sources": sources}, "r2au": info}
+    layer["metadata"] = with_record({"dicom": {"sources": sources}}, info)
     return placed.labels, layer, "labels"
 
 

@@ -129,27 +129,12 @@ def write_outputs(
     return write_group(outdir, source or stem, files)
 
 
-def read_input(path: Path) -> tuple[Any, float | None, str | None, str | None, dict[str, Any]]:
-    """An input image, its pixel size (DICOM and NIfTI files carry one), its axes when
-    the file says (a volume: "ZYX") and the reader's metadata (a DICOM image's sources),
-    read the way the napari reader reads it: a folder of DICOM slices is one stack."""
-    from ._reader import DICOM_SUFFIXES, NIFTI_SUFFIXES, read_file, read_layers, suffix_of
-    from .io import pixel_size_of
-
-    data, kwargs, _ = read_layers(str(path), masks=False)[0] if path.is_dir() else read_file(path)
-    size, unit = pixel_size_of(kwargs.get("scale"), kwargs.get("units"), path.name)
-    medical = path.is_dir() or suffix_of(path) in DICOM_SUFFIXES + NIFTI_SUFFIXES
-    # a 3-slice volume would otherwise pass for a 3-channel image
-    axes = "ZYX" if medical and data.ndim == 3 and not kwargs.get("rgb") else None
-    return data, size, unit, axes, kwargs.get("metadata") or {}
-
-
 #: names of the files ``r2au segment`` writes (write_outputs, --dicom-seg)
 OUTPUT_NAME = re.compile(r"_(mask|prob|attention|uncertainty|seg)$")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ._reader import SUFFIXES, dicom_series_files, stem_of, suffix_of
+    from ._reader import SUFFIXES, dicom_series_files, read_input, stem_of, suffix_of
     from .checks import input_notices
     from .dicom_seg import dicom_sources
     from .model_files import load_model

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .io import atomic_path
+from .mask_record import layer_record
 
 #: how the mask came about, in the SEG's segment descriptions
 AUTOMATIC, SEMIAUTOMATIC, MANUAL = "AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"
@@ -46,7 +47,7 @@ def dicom_sources(metadata: dict[str, Any] | None) -> list[list[Any]] | None:
     """The per-plane sources a layer's metadata carries (its own, or those of the image
     a Segment run recorded), or None for an image that did not come from DICOM."""
     metadata = metadata or {}
-    for record in (metadata.get("dicom"), (metadata.get("r2au") or {}).get("dicom")):
+    for record in (metadata.get("dicom"), layer_record(metadata).get("dicom")):
         if isinstance(record, dict) and record.get("sources"):
             return record["sources"]
     return None
@@ -83,7 +84,7 @@ def write_layer_seg(path: str | os.PathLike, data: np.ndarray, metadata: dict[st
             "image opened from DICOM files; save it in another format, a .tif for example"
         )
     data = np.asarray(data)
-    info = metadata.get("r2au") or {}
+    info = layer_record(metadata)
     recorded = info.get("mask_sha256")
     edited = recorded is None or mask_checksum(data) != recorded
     return write_dicom_seg(

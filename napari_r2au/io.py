@@ -21,8 +21,8 @@ _MASK_NAME = re.compile(rf"_({MASK_ROLES})$", re.IGNORECASE)
 #: folders of masks: masks/, labels/, DRIVE's 1st_manual/ and mask/, HRF's manual1/, STARE's
 #: labels-ah/ (one folder per observer), CHASE_DB1's 1stHO/
 _MASK_FOLDER = re.compile(rf"(\d+(st|nd|rd|th)_)?({MASK_ROLES})s?(-\w+)?", re.IGNORECASE)
-#: the format name of the JSON record Review writes next to an exported mask (the reader checks it)
-MASK_FORMAT = "napari-r2au-mask"
+#: role suffixes a file name may carry on top of the id it pairs by (DRIVE's 21_training)
+_ROLE_SUFFIX = re.compile(rf"(_({MASK_ROLES}|training|test))$", re.IGNORECASE)
 #: a mask has a few values (0/255, or some classes); more means a picture
 MAX_MASK_VALUES = 16
 
@@ -228,3 +228,23 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     """Image files in a folder (not recursive), sorted by name."""
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def pairing_id(path: str | os.PathLike) -> str:
+    """The id that pairs an image with its masks (``r2au evaluate``, training folders, the
+    worklist): the file stem without role suffixes. DRIVE: 21_training / 21_manual1 /
+    21_training_mask -> 21; HRF: 01_dr / 01_dr_mask -> 01_dr; STARE: im0001.ah -> im0001."""
+    stem = Path(path).name.split(".")[0]
+    while (stripped := _ROLE_SUFFIX.sub("", stem)) != stem and stripped:
+        stem = stripped
+    return stem
+
+
+def named_like_mask(path: str | os.PathLike) -> bool:
+    """A file whose name marks it as a mask (``_manual1``, ``_mask``, ``_seg``...), by name alone."""
+    return bool(_MASK_NAME.search(Path(path).name.split(".")[0]))
+
+
+def mask_folder_name(name: str) -> bool:
+    """A folder name that marks masks: masks/, labels/, 1st_manual/, manual1/, labels-ah/, 1stHO/."""
+    return bool(_MASK_FOLDER.fullmatch(name))

@@ -344,7 +344,7 @@ def test_segment_reads_nifti_volumes_with_their_pixel_size(tmp_path, capsys):
     import torch
 
     from napari_r2au import create_model
-    from napari_r2au.cli import read_input
+    from napari_r2au._reader import read_input
     from napari_r2au.model_files import build_metadata, save_model, user_models_dir
 
     torch.manual_seed(0)

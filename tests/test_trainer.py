@@ -306,9 +306,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, rng):
 def test_files_pair_by_id(name, key):
     from pathlib import Path
 
-    from napari_r2au.training.data import _item_id
+    from napari_r2au.io import pairing_id
 
-    assert _item_id(Path(name)) == key
+    assert pairing_id(Path(name)) == key
 
 
 def test_tensorboard_logging_or_a_clear_error(tmp_path, rng):

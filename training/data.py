@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_r2au.io import IMAGE_SUFFIXES, MASK_ROLES, find_images, read_image
+from napari_r2au.io import IMAGE_SUFFIXES, find_images, pairing_id, read_image
+from napari_r2au.mask_record import layer_record
 from napari_r2au.preprocess import (
     STANDARDIZE,
     derived_working_scale,
@@ -192,20 +193,6 @@ def resize_mask(mask: np.ndarray, scale: float) -> np.ndarray:
     return resize(mask, shape, order=0, anti_aliasing=False)
 
 
-_ROLE_SUFFIX = re.compile(rf"(_({MASK_ROLES}|training|test))$", re.IGNORECASE)
-
-
-def _item_id(path: Path) -> str:
-    """The id that pairs files: the stem without role suffixes.
-
-    DRIVE: 21_training / 21_manual1 / 21_training_mask -> 21; HRF: 01_dr / 01_dr_mask -> 01_dr.
-    """
-    stem = path.name.split(".")[0]
-    while (stripped := _ROLE_SUFFIX.sub("", stem)) != stem and stripped:
-        stem = stripped
-    return stem
-
-
 def _by_id(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
@@ -214,7 +201,7 @@ def _by_id(folder: Path) -> dict[str, Path]:
         raise DataError(f"{folder}: no images ({'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)}) in it")
     by_id: dict[str, Path] = {}
     for path in files:
-        key = _item_id(path)
+        key = pairing_id(path)
         if key in by_id:
             raise DataError(f"{folder}: {by_id[key].name} and {path.name} have the same id {key!r}")
         by_id[key] = path
@@ -380,7 +367,7 @@ def dicom_samples(
         rgb = bool(kwargs.get("rgb"))
         stack = labels.ndim == 3
         planes = (
-            (seg_kwargs["metadata"].get("r2au") or {}).get("slices") or list(range(labels.shape[0]))
+            layer_record(seg_kwargs["metadata"]).get("slices") or list(range(labels.shape[0]))
             if stack
             else [None]
         )

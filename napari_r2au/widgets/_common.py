@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 
+from napari_r2au.mask_record import layer_record
+
 if TYPE_CHECKING:
     import napari
     from superqt.utils import GeneratorWorker
@@ -457,7 +459,7 @@ def mask_before_corrections(viewer: Any, labels_layer: Any) -> Callable[[], Any]
     kept = labels_layer.metadata.get("r2au_before")
     if kept is not None and kept.shape == labels_layer.data.shape:
         return lambda: kept
-    record = labels_layer.metadata.get("r2au") or {}
+    record = layer_record(labels_layer.metadata)
     name = record.get("probability_layer")
     if not name or name not in viewer.layers:
         return None

@@ -22,6 +22,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from napari_r2au.mask_record import layer_record
 from napari_r2au.training.settings import FinetuneSettings  # torch-free
 
 from ._common import (
@@ -435,7 +436,7 @@ def _corrected_slices(labels_layer: Any, labels: np.ndarray) -> list[int] | None
     """
     from napari_r2au.postprocess import edited_slices, mask_checksum
 
-    record = labels_layer.metadata.get("r2au") or {}
+    record = layer_record(labels_layer.metadata)
     if labels.ndim == 3 and record.get("slice_sha256"):
         slices = edited_slices(labels, record["slice_sha256"])
         if not slices:
@@ -457,7 +458,7 @@ def _corrected_slices(labels_layer: Any, labels: np.ndarray) -> list[int] | None
 
 def _recorded_scale(labels_layer: Any) -> float | None:
     """The Scale Segment used for a mask (None: not recorded, use the base model's)."""
-    scale = (labels_layer.metadata.get("r2au") or {}).get("scale") if labels_layer is not None else None
+    scale = layer_record(labels_layer.metadata).get("scale") if labels_layer is not None else None
     return float(scale) if isinstance(scale, (int, float)) and scale > 0 else None
 
 

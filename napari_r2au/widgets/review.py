@@ -7,8 +7,6 @@ JSON sidecar that records which model made it and whether a person corrected it.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 import re
 from pathlib import Path
@@ -16,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import CheckBox, FileEdit, PushButton, SpinBox
+
+from napari_r2au.mask_record import layer_record
 
 from ._common import (
     ScrollingDock,
@@ -248,7 +248,7 @@ class ReviewWidget(ScrollingDock):
 
     def _info(self) -> dict[str, Any]:
         predicted = self._prediction.value
-        return dict(predicted.metadata.get("r2au") or {}) if predicted is not None else {}
+        return layer_record(predicted.metadata) if predicted is not None else {}
 
     # -- export -------------------------------------------------------------------------------
 
@@ -305,47 +305,25 @@ class ReviewWidget(ScrollingDock):
         return path
 
     def _write(self, predicted: Any, path: Path) -> Path:
-        from napari_r2au import __version__
-        from napari_r2au.io import MASK_FORMAT, atomic_path, write_png, write_tiff
-        from napari_r2au.postprocess import compact_labels, mask_checksum
+        from napari_r2au.io import atomic_path, write_png, write_tiff
+        from napari_r2au.mask_record import export_record, sidecar_text, with_metrics
+        from napari_r2au.postprocess import compact_labels
 
         mask = compact_labels(np.asarray(predicted.data))
         info = self._info()
-        recorded = info.get("mask_sha256")
-        record: dict[str, Any] = {
-            "format": MASK_FORMAT,
-            "format_version": 1,
-            "mask_file": path.name,
-            "layer": predicted.name,
-            "shape": list(mask.shape),
-            "dtype": str(mask.dtype),
-            "scale": [float(v) for v in predicted.scale],
-            "translate": [float(v) for v in predicted.translate],
-            "model": info.get("model"),
-            "model_sha256": info.get("model_sha256"),
-            "threshold": info.get("threshold"),
-            "cleanup": info.get("cleanup"),
-            # the scale the network saw (fine-tuning on this mask later trains at it)
-            "working_scale": info.get("scale"),
-            "flip_averaged": info.get("flip_averaged"),
-            "scope": info.get("scope"),
-            "segmented_slices": info.get("slices"),
-            "runs": info.get("runs"),  # which model made which slices, at which scale
-            "image_layer": info.get("image_layer"),
-            "segmented": info.get("created"),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "corrected_by_hand": None if recorded is None else mask_checksum(predicted.data) != recorded,
-            "prediction_sha256": recorded,
-            "prediction_slice_sha256": info.get("slice_sha256"),  # tells corrected slices apart
-            "napari_r2au_version": __version__,
-        }
+        record = export_record(
+            info,
+            np.asarray(predicted.data),
+            mask_file=path.name,
+            layer=predicted.name,
+            scale=predicted.scale,
+            translate=predicted.translate,
+        )
+        record["dtype"] = str(mask.dtype)
         reference = self._reference.value
         if reference is not None and reference.data.shape == predicted.data.shape:
             rates = _rates(np.asarray(predicted.data), np.asarray(reference.data))
-            record["metrics"] = {
-                "reference_layer": reference.name,
-                **{k: _finite(v) for k, v in rates.items()},
-            }
+            record = with_metrics(record, reference.name, rates)
         if (
             path.suffix.lower() == ".dcm"
         ):  # a DICOM SEG on the series the image came from, first: it may be refused
@@ -366,7 +344,7 @@ class ReviewWidget(ScrollingDock):
             record.update(self._write_maps(path, info, write_tiff))
         sidecar = path.with_suffix(".json")
         with atomic_path(sidecar) as tmp:  # last: a sidecar means the files next to it are complete
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.write_text(sidecar_text(record))
         return sidecar
 
     def _write_maps(self, path: Path, info: dict[str, Any], write_tiff: Any) -> dict[str, Any]:
@@ -408,9 +386,7 @@ EXPORT_SUFFIXES = (".tif", ".tiff", ".png", ".dcm")
 
 def _made_by_model(layer: Any) -> bool:
     """A mask Segment made (or one exported by Review and opened again): it has a model record."""
-    return bool(
-        layer is not None and ((getattr(layer, "metadata", None) or {}).get("r2au") or {}).get("model")
-    )
+    return bool(layer is not None and layer_record(getattr(layer, "metadata", None)).get("model"))
 
 
 def _map_paths(path: Path, info: dict[str, Any]) -> dict[str, Path]:
@@ -432,7 +408,3 @@ def _rates(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def _fmt(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.3f}"
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None

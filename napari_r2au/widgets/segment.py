@@ -28,6 +28,8 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from napari_r2au.mask_record import checksums, edited, layer_record, segment_record, with_record
+
 from ._common import (
     RUN_KEY,
     ModelPicker,
@@ -483,35 +485,33 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             if old.metadata.get("r2au_run"):
                 self._viewer.layers.remove(old)
         mask = self._mask(prediction)
-        info = {
-            "model": prediction.model_name,
-            "model_sha256": prediction.model_sha256,
-            "model_path": output.model_path,
-            "threshold": None if prediction.multiclass else float(self._threshold.value),
-            "cleanup": self._cleanup_settings(),
-            "postprocess": list(prediction.postprocess or []),  # the model's own steps, before the clean-up
-            "scale": output.scale,
-            **_checksums(mask),
-            "image_layer": base,
-            "probability_layer": prob_layer.name,
-            "attention_layers": attention_names,
-            "uncertainty_layer": uncertainty_name,
+        info = segment_record(
+            prediction,
+            mask,
+            threshold=float(self._threshold.value),
+            cleanup=self._cleanup_settings(),
+            model_path=output.model_path,
             # with the uncertainty map the probabilities are the mean of 3 flipped copies
-            "flip_averaged": output.uncertainty is not None,
-            "scope": context.scope,
+            flip_averaged=output.uncertainty is not None,
+            scale=output.scale,
+            image_layer=base,
+            probability_layer=prob_layer.name,
+            attention_layers=attention_names,
+            uncertainty_layer=uncertainty_name,
+            scope=context.scope,
             # a stack's slices that hold results (by this run or, for the others, earlier runs)
-            "slices": None if context.slices is None else sorted({z for r in runs for z in r["slices"]}),
-            "runs": runs,
-            "created": run["created"],
-            "run_id": run_id,
-        }
+            slices=None if context.slices is None else sorted({z for r in runs for z in r["slices"]}),
+            runs=runs,
+            created=run["created"],
+            run_id=run_id,
+        )
         sources = (layer.metadata.get("dicom") or {}).get("sources")
         if sources:  # what a DICOM SEG export of this mask refers to, and what it shows
             info["dicom"] = {"sources": sources}
             info["segment_property"] = output.segment_property
         new_mask = f"{base} mask" not in self._viewer.layers
         self._mask_layer = replace_layer(
-            self._viewer, "labels", f"{base} mask", mask, metadata={"r2au": info}, **place
+            self._viewer, "labels", f"{base} mask", mask, metadata=with_record({}, info), **place
         )
         colours = mask_colormap(int(mask.max())) if new_mask else None
         if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
@@ -564,8 +564,8 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         layer = self._mask_layer
         if self._prediction is None or layer is None or layer not in self._viewer.layers:
             return
-        info = dict(layer.metadata.get("r2au") or {})
-        if info.get("mask_sha256") and _checksum(layer.data) != info["mask_sha256"]:
+        info = layer_record(layer.metadata)
+        if edited(info, layer.data):
             if not self._warned_edited:
                 self._warned_edited = True
                 notify_warning(
@@ -578,10 +578,10 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         info.update(
             threshold=None if self._prediction.multiclass else float(self._threshold.value),
             cleanup=self._cleanup_settings(),
-            **_checksums(mask),
+            **checksums(mask),
         )
         layer.data = mask
-        layer.metadata = {**layer.metadata, "r2au": info}
+        layer.metadata = with_record(layer.metadata, info)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -647,8 +647,7 @@ def _keep_edited_mask(viewer: napari.viewer.Viewer, name: str, new_name: str) ->
     if name not in viewer.layers or not isinstance(viewer.layers[name], napari.layers.Labels):
         return None
     layer = viewer.layers[name]
-    recorded = (layer.metadata.get("r2au") or {}).get("mask_sha256")
-    if recorded and _checksum(layer.data) == recorded:
+    if edited(layer_record(layer.metadata), layer.data) is False:
         return None
     before = mask_before_corrections(viewer, layer)
     original = before() if before is not None else None
@@ -659,17 +658,3 @@ def _keep_edited_mask(viewer: napari.viewer.Viewer, name: str, new_name: str) ->
         unique, n = f"{new_name} [{n}]", n + 1
     layer.name = unique
     return unique
-
-
-def _checksum(mask: Any) -> str:
-    from napari_r2au.postprocess import mask_checksum
-
-    return mask_checksum(mask)
-
-
-def _checksums(mask: Any) -> dict[str, Any]:
-    """The record's checksums of a mask: whole (was it painted on?) and per slice (which slices?)."""
-    from napari_r2au.postprocess import mask_checksums
-
-    whole, slices = mask_checksums(mask)
-    return {"mask_sha256": whole, "slice_sha256": slices}
