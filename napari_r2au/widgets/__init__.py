@@ -1,4 +1,4 @@
-"""The napari widgets (Segment, Fine-tune, Review), listed in the plugin manifest.
+"""The napari widgets (Segment, Fine-tune, Review, Worklist), listed in the plugin manifest.
 
 Each widget module imports napari and torch only inside functions, so napari can read
 the manifest and build a dock quickly; the work runs in thread workers.
@@ -6,7 +6,7 @@ the manifest and build a dock quickly; the work runs in thread workers.
 
 from __future__ import annotations
 
-__all__ = ["FinetuneWidget", "ReviewWidget", "SegmentWidget"]
+__all__ = ["FinetuneWidget", "ReviewWidget", "SegmentWidget", "WorklistWidget"]
 
 
 def __getattr__(name: str):
@@ -23,4 +23,8 @@ def __getattr__(name: str):
         from .review import ReviewWidget
 
         return ReviewWidget
+    if name == "WorklistWidget":
+        from .worklist import WorklistWidget
+
+        return WorklistWidget
     raise AttributeError(f"module 'napari_r2au.widgets' has no attribute {name!r}")
