@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, ProgressBar, PushButton
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 
 from napari_r2au.mask_record import with_record
 
@@ -113,6 +122,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             tooltip="Fine-tune the worklist's model on every accepted and corrected case (a new model "
             "version), then re-segment only the cases nobody has touched yet",
         )
+        self._steps = SpinBox(label="Learning steps", min=1, max=100_000, value=_default_steps())
         self._learn_line = message_label()
         self._export_to = FileEdit(label="Export to", mode="d")
         self._overwrite = CheckBox(text="Overwrite earlier exports", value=False)
@@ -144,6 +154,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                 self._case_line,
                 self._comment,
                 verdicts,
+                self._steps,
                 self._learn,
                 self._learn_line,
                 self._export_to,
@@ -606,7 +617,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         if not chosen:
             self._refuse("accept or correct some cases first; the model learns from those.")
             return
-        job = iter_learn(self.worklist, settings=FinetuneSettings())
+        job = iter_learn(self.worklist, settings=FinetuneSettings(steps=int(self._steps.value)))
         self._run_job("learn", job, f"Learning from {len(chosen)} reviewed cases…")
 
     def export(self, *_: Any) -> None:
@@ -758,6 +769,12 @@ def _read_case_layers(worklist: Worklist, case: Case) -> list:
 
         raise WorklistError(f"its image {path} is gone (moved or deleted?)")
     return read_layers(str(path), masks=False)
+
+
+def _default_steps() -> int:
+    from napari_r2au.training.settings import FinetuneSettings  # torch-free
+
+    return FinetuneSettings().steps
 
 
 def _minutes(seconds: float) -> str:

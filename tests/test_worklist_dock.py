@@ -1,0 +1,204 @@
+"""The Worklist dock, built through the plugin manifest, on a tiny model and small images:
+open a folder of cases, pre-segment, go through them, correct, judge, close and resume,
+learn from the reviewed cases, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .test_widgets import PLUGIN, TIMEOUT, _save_tiny, bars
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def cases(tmp_path) -> Path:
+    """Three small RGB photographs with their reference masks beside them (case_seg.png)."""
+    import imageio.v3 as iio
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for index in range(3):
+        image, mask = bars(64, seed=index)
+        iio.imwrite(folder / f"case{index}.png", image)
+        iio.imwrite(folder / f"case{index}_seg.png", mask * 255)
+    return folder
+
+
+@pytest.fixture
+def tiny() -> str:
+    return _save_tiny("tiny")
+
+
+def open_dock(viewer, folder: Path, cases: Path | None = None):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Worklist")
+    widget._model.refresh(select="tiny")
+    widget._folder.value = str(folder)
+    if cases is not None:
+        widget._cases.value = str(cases)
+    widget.open_worklist()
+    return widget
+
+
+def wait_idle(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+
+def presegmented(qtbot, viewer, tmp_path, cases):
+    widget = open_dock(viewer, tmp_path / "wl", cases)
+    assert widget.worklist is not None and len(widget.worklist.cases) == 3
+    widget.presegment()
+    assert widget.running
+    wait_idle(qtbot, widget)
+    return widget
+
+
+def test_a_folder_of_cases_opens_as_a_table_and_is_pre_segmented_case_on_screen_first(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    viewer = make_napari_viewer()
+    widget = open_dock(viewer, tmp_path / "wl", cases)
+    table = widget._table
+    assert table.rowCount() == 3
+    assert [widget._row_case(r) for r in range(3)] == ["case0", "case1", "case2"]
+    assert widget.current == "case0" and "case0 image" in viewer.layers
+    assert "case0 mask" not in viewer.layers  # nothing segmented yet
+    widget.step(1)  # the reviewer moves on before pre-segmenting: that case is done first
+    assert widget.current == "case1"
+    widget.presegment()
+    wait_idle(qtbot, widget)
+    worklist = widget.worklist
+    order = [case["model"] for case in worklist.case("case1").history[:1]]
+    assert order == ["tiny"]
+    first = min(worklist.cases, key=lambda c: c.segmented or "")
+    assert first.segmented == worklist.case("case1").segmented  # the case on screen came first
+    assert all(c.model == "tiny" and c.dice is not None and c.uncertainty is not None for c in worklist.cases)
+    # the case on screen got its mask as soon as it was done, readable at once
+    assert "case1 mask" in viewer.layers
+    mask = viewer.layers["case1 mask"]
+    assert mask.visible and viewer.layers.selection.active is mask
+    for name in ("case1 probability", "case1 uncertainty"):
+        assert not viewer.layers[name].visible  # maps added hidden
+    assert worklist.case("case1").status == "in review"
+    assert {widget._table.item(r, 1).text() for r in range(3)} >= {"segmented", "in review"}
+
+
+def test_edits_are_saved_in_the_background_and_survive_a_restart(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    from napari_r2au.worklist import Worklist
+
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    case = widget.worklist.case(widget.current)
+    on_disk = widget.worklist.mask_path(case)
+    before = on_disk.read_bytes()
+    layer = widget._mask_layer
+    layer.paint((5, 5), 1)  # a stroke, as the brush makes it
+    # saved without any other action, within the debounce delay (a crash now loses nothing)
+    qtbot.waitUntil(lambda: on_disk.read_bytes() != before, timeout=10_000)
+    qtbot.waitUntil(lambda: not widget._saving, timeout=10_000)
+    stored = Worklist.open(tmp_path / "wl", read_only=True)
+    assert stored.case(case.id).edited and stored.case(case.id).status == "in review"
+    assert np.array_equal(stored.read_mask(stored.case(case.id)), layer.data)
+    edited = np.array(layer.data)
+    widget._comment.value = "bar ends redrawn"
+    widget.set_verdict("accepted")
+    assert widget.worklist.case(case.id).status == "corrected"  # accepted with edits
+    assert widget.current != case.id  # the next case opens
+    # napari closes: a new window on the same folder restores every case as it was
+    widget.close_worklist()
+    again = open_dock(make_napari_viewer(), tmp_path / "wl")
+    restored = again.worklist.case(case.id)
+    assert restored.status == "corrected" and restored.comment == "bar ends redrawn" and restored.edited
+    assert np.array_equal(again.worklist.read_mask(restored), edited)
+    again.open_case(case.id)
+    assert np.array_equal(again._viewer.layers[f"{case.id} mask"].data, edited)
+    record = json.loads(again.worklist.mask_path(restored).with_suffix(".json").read_text())
+    assert record["corrected_by_hand"] is True and record["review"]["status"] == "corrected"
+    assert record["model"] == "tiny" and record["reviewer"]
+
+
+def test_a_second_window_is_refused_and_a_rejection_needs_a_comment(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    other = open_dock(make_napari_viewer(), tmp_path / "wl")
+    assert other.worklist is None and "open elsewhere" in other._status.value
+    current = widget.current
+    widget._comment.value = ""
+    widget.set_verdict("rejected")
+    assert widget.worklist.case(current).status == "in review" and "why" in widget._case_line.value
+    widget._comment.value = "out of focus"
+    widget.set_verdict("rejected")
+    assert widget.worklist.case(current).status == "rejected"
+
+
+def test_keys_move_through_the_cases_and_set_verdicts(make_napari_viewer, qtbot, tmp_path, cases, tiny):
+    from napari_r2au.widgets.worklist import SHORTCUTS
+
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    bound = {str(key): action for key, action in viewer.keymap.items()}
+    assert {"PageDown", "PageUp", "Ctrl+Shift+A"} <= set(bound), bound
+    start = widget.current
+    bound[str(SHORTCUTS["next"]).replace("-", "+")](viewer)
+    assert widget.current != start
+    bound["PageUp"](viewer)
+    assert widget.current == start
+    bound["Ctrl+Shift+A"](viewer)
+    assert widget.worklist.case(start).status == "accepted"
+
+
+def test_learning_makes_a_new_version_and_re_segments_only_untouched_cases(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    worklist = widget.worklist
+    first = widget.current
+    _, truth = bars(64, seed=int(first[-1]))
+    widget._mask_layer.data = truth  # the reviewer's correction
+    widget.set_verdict("accepted")
+    judged = widget.current
+    widget._comment.value = "artefact"
+    widget.set_verdict("rejected")
+    untouched = [c.id for c in worklist.cases if c.untouched]
+    assert len(untouched) == 1
+    widget._steps.value = 4
+    widget.learn()
+    wait_idle(qtbot, widget)
+    new = worklist.model
+    assert new and new != "tiny" and worklist.models[-1]["cases"] == [first]
+    assert "New model" in widget._learn_line.value
+    assert worklist.case(untouched[0]).model == new  # re-segmented with the new version
+    assert worklist.case(first).model == "tiny" and worklist.case(judged).model == "tiny"
+    assert worklist.case(first).status == "corrected"
+
+
+def test_the_series_exports_with_a_summary_and_never_replaces_files_silently(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    widget.set_verdict("accepted")
+    out = tmp_path / "out"
+    widget._export_to.value = str(out)
+    widget.export()
+    wait_idle(qtbot, widget)
+    assert {"summary.csv", "summary.json", "summary.png", "case0_mask.tif", "case0_mask.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["case"] for row in summary["cases"]] == ["case0", "case1", "case2"]
+    assert summary["cases"][0]["status"] == "accepted" and summary["cases"][0]["dice"] is not None
+    (out / "case1_mask.tif").write_bytes(b"a file the user made")
+    widget.export()
+    wait_idle(qtbot, widget)
+    assert "Not written" in widget._export_line.value
+    assert (out / "case1_mask.tif").read_bytes() == b"a file the user made"
