@@ -614,6 +614,285 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- r2au worklist: the Worklist dock without a window -------------------------------------
+
+#: the verdicts ``r2au worklist set`` gives (accepting an edited mask records "corrected")
+VERDICTS = ("accepted", "needs correction", "rejected", "in review")
+
+
+def _verdict(text: str) -> str:
+    """``needs-correction`` and ``needs_correction`` for "needs correction": no quotes needed."""
+    return " ".join(text.replace("-", " ").replace("_", " ").split()).lower()
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _case_line(case) -> str:
+    """One case as ``r2au worklist segment`` reports it: status, Dice where a reference
+    exists, the uncertainty score the review order follows."""
+    dice = "" if case.dice is None else f"  dice {case.dice:.4f}"
+    return f"{case.id}: {case.status}{dice}  uncertainty {_number(case.uncertainty, 4)}"
+
+
+def _count_line(counts: dict[str, int]) -> str:
+    parts = [f"{n} {status}" for status, n in counts.items() if n]
+    return f"{_cases(sum(counts.values()))}: " + ", ".join(parts)
+
+
+def cmd_worklist_create(args: argparse.Namespace) -> int:
+    from .worklist import Worklist
+
+    if args.model is not None:  # a misspelt model is said now, not at the first segment
+        from .model_files import resolve_model_path
+
+        resolve_model_path(args.model)
+    with Worklist.create(args.folder, args.cases, model=args.model) as worklist:
+        cases = worklist.cases
+        references = sum(c.reference is not None for c in cases)
+        series = sum(c.kind == "dicom" for c in cases)
+        print(
+            f"worklist   {worklist.folder}: {_cases(len(cases))}, {references} with a reference"
+            + (f", {series} DICOM series" if series else "")
+        )
+        for case in cases:
+            reference = f"  (reference {worklist.path_of(case.reference)})" if case.reference else ""
+            print(f"{case.id}: {worklist.path_of(case.image)}{reference}")
+    return 0
+
+
+def cmd_worklist_segment(args: argparse.Namespace) -> int:
+    """Each untouched case in turn, saved as it finishes: a failed case is said and
+    skipped (as ``r2au segment`` does), Ctrl-C keeps the finished ones."""
+    from .model_files import DEFAULT_MODEL, load_model
+    from .worklist import Worklist, iter_segment, run_events
+
+    if args.device:  # a device this machine lacks: said before anything is read
+        from .engine import select_device
+
+        select_device(args.device)
+    with Worklist.open(args.folder) as worklist:
+        model = load_model(args.model or worklist.model or DEFAULT_MODEL)
+        untouched = [c for c in worklist.cases if c.untouched]
+        # a case this very model has segmented already is kept: a second run goes on where
+        # an interrupted one stopped
+        todo = [
+            c
+            for c in untouched
+            if not (c.status == "segmented" and c.model == model.name and c.model_sha256 == model.sha256)
+        ]
+        kept = len(worklist.cases) - len(untouched)
+        print(
+            f"model      {model.name}: {len(todo)} of {_cases(len(worklist.cases))} to segment"
+            + (f"; {len(untouched) - len(todo)} done already" if len(untouched) > len(todo) else "")
+            + (f"; {kept} opened or reviewed, kept as they are" if kept else "")
+        )
+        bar = _progress_bar(len(todo), "cases", "case")
+        done: list[str] = []
+        failed = 0
+
+        def show(event) -> None:
+            if event.stage == "segment":
+                bar.set_postfix_str(f"{event.case} {event.detail.done}/{event.detail.total}")
+            elif event.stage == "case":
+                bar.update()
+                print(_case_line(worklist.case(event.case)), flush=True)
+
+        try:
+            for case in todo:
+                generator = iter_segment(
+                    worklist, model, [case], tile_size=args.tile, device=args.device, attention=args.attention
+                )
+                try:
+                    done += run_events(generator, show)
+                except KeyboardInterrupt:
+                    generator.close()
+                    raise
+                except Exception as exc:
+                    if not _expected(exc):
+                        raise
+                    failed += 1
+                    bar.update()
+                    _error(f"case {case.id}: {exc}")
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted; {len(done)} of {_cases(len(todo))} segmented and saved, the others as they were",
+                file=sys.stderr,
+            )
+            return 130
+        finally:
+            bar.close()
+        if worklist.model is None:  # the model the next segment and learn start from
+            worklist.model = model.name
+            worklist.save()
+        print(_count_line(worklist.counts()))
+    if failed:
+        print(f"{failed} of {_cases(len(todo))} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _status_row(case) -> dict[str, Any]:
+    return {
+        "case": case.id,
+        "status": case.status,
+        "model": case.model,
+        "dice": case.dice,
+        "uncertainty": case.uncertainty,
+        "edited": case.edited,
+        "reviewer": case.reviewer,
+        "comment": case.comment,
+    }
+
+
+def cmd_worklist_status(args: argparse.Namespace) -> int:
+    """Read-only: it answers while the dock (or a segment run) has the worklist open."""
+    from .worklist import Worklist
+
+    with Worklist.open(args.folder, read_only=True) as worklist:
+        rows = [_status_row(case) for case in worklist.ordered(args.order)]
+        if args.json:
+            summary = {
+                "worklist": str(worklist.folder),
+                "model": worklist.model,
+                "models": worklist.models,
+                "counts": worklist.counts(),
+                "cases": rows,
+            }
+            print(_json_text(summary))
+            return 0
+        table = [
+            [
+                row["case"],
+                row["status"],
+                row["model"] or "-",
+                _number(row["dice"], 4),
+                _number(row["uncertainty"], 4),
+                "yes" if row["edited"] else "no",
+                row["reviewer"] or "-",
+                " ".join(row["comment"].split()),
+            ]
+            for row in rows
+        ]
+        header = ["case", "status", "model", "dice", "uncertainty", "edited", "reviewer", "comment"]
+        widths = [max(len(str(line[i])) for line in [header, *table]) for i in range(len(header) - 1)]
+        for line in [header, *table]:
+            cells = "  ".join(f"{cell:<{width}}" for cell, width in zip(line, widths))
+            print(f"{cells}  {line[-1]}".rstrip())
+        print(_count_line(worklist.counts()))
+        print(f"model      {worklist.model or 'none yet'}")
+    return 0
+
+
+def cmd_worklist_set(args: argparse.Namespace) -> int:
+    from .worklist import Worklist
+
+    with Worklist.open(args.folder) as worklist:
+        case = worklist.case(args.case)
+        worklist.set_status(case, args.status, args.comment)
+        why = " (its mask was edited)" if case.status == "corrected" and args.status == "accepted" else ""
+        comment = f"  comment: {case.comment}" if case.comment else ""
+        print(f"{case.id}: {case.status}{why}{comment}")
+    return 0
+
+
+def cmd_worklist_learn(args: argparse.Namespace) -> int:
+    """Headless face of the dock's Learn: iter_learn, then the re-segmentation it does."""
+    from .training.finetune import FinetuneSettings
+    from .worklist import Worklist, iter_learn, run_events
+
+    if args.name is not None:  # a plain name, or refused before anything is read
+        from .model_files import model_path, user_models_dir
+
+        model_path(user_models_dir(), args.name)
+    if args.device:
+        from .engine import select_device
+
+        select_device(args.device)
+    with Worklist.open(args.folder) as worklist:
+        generator = iter_learn(
+            worklist,
+            args.model,
+            settings=FinetuneSettings(steps=args.steps),
+            device=args.device,
+            resegment=args.resegment,
+            name=args.name,
+        )
+        bar = _progress_bar(args.steps, "learn", "step")
+        learned = None
+
+        def show(event) -> None:
+            nonlocal bar, learned
+            if event.stage == "learn":
+                bar.update(event.done - bar.n)
+                bar.set_postfix(loss=f"{event.detail.loss:.4f}")
+            elif event.stage == "learned":
+                learned = event.detail
+                bar.close()
+                bar = _progress_bar(None, "re-segment", "case")
+            elif event.stage == "case":
+                bar.total = event.total
+                bar.update(event.done - bar.n)
+
+        try:
+            result = run_events(generator, show)
+        except KeyboardInterrupt:
+            generator.close()
+            if learned is None:
+                print("\ninterrupted; no model registered, the worklist is unchanged", file=sys.stderr)
+            else:
+                print(
+                    f"\ninterrupted; {learned.model} is the worklist's model, the cases re-segmented "
+                    "so far are saved",
+                    file=sys.stderr,
+                )
+            return 130
+        finally:
+            bar.close()
+    if result.model is None:
+        _error("fine-tuning produced no model; the worklist is unchanged")
+        return 1
+    before, after = _number(result.dice_before, 4), _number(result.dice_after, 4)
+    print(f"new model  {result.model} (from {result.parent}; the worklist's model now)")
+    print(f"learned    from {_cases(len(result.cases))}: {', '.join(result.cases)}")
+    print(f"dice       before {before}  after {after}  (on the held-out part of those cases)")
+    if not args.resegment:
+        print("re-segmented none (--no-resegment)")
+    else:
+        print(
+            f"re-segmented {_cases(len(result.resegmented))} nobody had touched"
+            + (f": {', '.join(result.resegmented)}" if result.resegmented else "")
+        )
+    if (
+        result.dice_before is not None
+        and result.dice_after is not None
+        and result.dice_after < result.dice_before
+    ):
+        print(
+            f"warning: {result.model} scores lower than {result.parent} on the held-out part; "
+            "compare before you rely on it",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_worklist_export(args: argparse.Namespace) -> int:
+    """Read-only on the worklist: it may be exported while the dock has it open."""
+    from .worklist import Worklist, export_series
+
+    with Worklist.open(args.folder, read_only=True) as worklist:
+        written = export_series(worklist, args.out, overwrite=args.overwrite)
+        masks = sum(1 for path in written if path.name.endswith("_mask.tif"))
+        print(f"exported   the masks of {masks} of {_cases(len(worklist.cases))} to {Path(args.out)}")
+        for path in written:
+            print(f"wrote      {path}")
+    return 0
+
+
 def _json_text(value: Any) -> str:
     """Valid JSON: a metric that is undefined (NaN, e.g. AUC on an image without foreground) is null."""
 
@@ -669,8 +948,9 @@ def _add_scale_arguments(p: argparse.ArgumentParser, scale_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r2au",
-        description="R2AU-Net segmentation: segment, evaluate, train and fine-tune models, and "
-        "manage your models (models, add-model, remove-model); demo runs the default model.",
+        description="R2AU-Net segmentation: segment, evaluate, train and fine-tune models, "
+        "manage your models (models, add-model, remove-model), and review a series of cases "
+        "(worklist); demo runs the default model.",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -829,7 +1109,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", default=None, help="write ROC and PR curves as PNG into this folder")
     p.set_defaults(func=cmd_evaluate)
+    _add_worklist_parser(sub)
     return parser
+
+
+def _add_worklist_parser(sub) -> None:
+    """``r2au worklist ACTION``: the Worklist dock's jobs without a window, so that a study
+    can be pre-segmented on one machine and reviewed on another."""
+    from .training.settings import FinetuneSettings  # torch-free: --help stays fast
+
+    p = sub.add_parser(
+        "worklist",
+        help="a series of cases to pre-segment, review and learn from (the Worklist dock, headless)",
+        description="A worklist is a folder that holds a series of cases, their masks and their "
+        "review status; the napari Worklist dock opens the same folder.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    q = actions.add_parser("create", help="make a worklist of the cases found in folders, CSV files or files")
+    q.add_argument("folder", help="the worklist's folder (new or empty)")
+    q.add_argument(
+        "cases",
+        nargs="+",
+        help="folders of images (reference masks are paired by name, beside them or in a mask "
+        "folder next to them), folders of DICOM series, CSV files (columns image, reference, id), "
+        "or single image files",
+    )
+    q.add_argument("-m", "--model", default=None, help="the model to segment with (default: retina-vessels)")
+    q.set_defaults(func=cmd_worklist_create)
+
+    q = actions.add_parser("segment", help="segment the cases nobody has opened or reviewed yet")
+    q.add_argument("folder", help="the worklist's folder")
+    q.add_argument("-m", "--model", default=None, help="model name or path (default: the worklist's model)")
+    q.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    q.add_argument(
+        "--no-attention",
+        dest="attention",
+        action="store_false",
+        help="do not keep the attention maps with the cases (smaller, a little faster)",
+    )
+    q.set_defaults(func=cmd_worklist_segment)
+
+    q = actions.add_parser("status", help="the cases, their status and scores (read-only)")
+    q.add_argument("folder", help="the worklist's folder")
+    q.add_argument(
+        "--order",
+        choices=("file", "uncertain"),
+        default="file",
+        help="file order, or the most uncertain cases first (default: file)",
+    )
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_worklist_status)
+
+    q = actions.add_parser("set", help="give a case a verdict")
+    q.add_argument("folder", help="the worklist's folder")
+    q.add_argument("case", help="the case id (as r2au worklist status lists it)")
+    q.add_argument(
+        "status",
+        type=_verdict,
+        choices=VERDICTS,
+        metavar="STATUS",
+        help=f"{', '.join(VERDICTS)} (or needs-correction, in-review); accepting a mask that was "
+        "edited records 'corrected'; rejecting needs --comment",
+    )
+    q.add_argument("--comment", default=None, help="a note kept with the verdict (why, what to fix)")
+    q.set_defaults(func=cmd_worklist_set)
+
+    q = actions.add_parser(
+        "learn", help="fine-tune the model on the accepted and corrected cases, then re-segment the rest"
+    )
+    q.add_argument("folder", help="the worklist's folder")
+    q.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="the parent model (default: the worklist's model; never overwritten)",
+    )
+    q.add_argument(
+        "--name",
+        default=None,
+        help="name of the new model: letters, digits, '-', '_', '.' (default: <parent>-ft<N>)",
+    )
+    q.add_argument(
+        "--steps", type=int, default=FinetuneSettings().steps, help="training steps (default: %(default)s)"
+    )
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    q.add_argument(
+        "--no-resegment",
+        dest="resegment",
+        action="store_false",
+        help="keep the untouched cases' masks (default: re-segment them with the new model)",
+    )
+    q.set_defaults(func=cmd_worklist_learn)
+
+    q = actions.add_parser(
+        "export", help="write every mask with its record, and a summary (CSV, JSON, a plot)"
+    )
+    q.add_argument("folder", help="the worklist's folder")
+    q.add_argument("out", help="the folder to write to")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files there that are not earlier r2au outputs",
+    )
+    q.set_defaults(func=cmd_worklist_export)
 
 
 def _version() -> str:
@@ -845,7 +1229,8 @@ def _error(message: str) -> None:
 
 def _expected(exc: BaseException) -> bool:
     """Failures that mean bad input or a missing extra, not a bug: ValueError (ModelFileError,
-    DataError, ConfigError, ...), OSError (ImageReadError, a full disk) and MissingExtraError."""
+    DataError, ConfigError, WorklistError and WorklistLocked, ...), OSError (ImageReadError,
+    a full disk) and MissingExtraError."""
     if isinstance(exc, (ValueError, OSError)):
         return True
     if isinstance(exc, ImportError):

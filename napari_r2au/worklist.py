@@ -135,7 +135,26 @@ def _reference_folders(folder: Path) -> list[Path]:
                 p for p in sorted(parent.iterdir()) if p.is_dir() and p != folder and mask_folder_name(p.name)
             ]
     manual = [p for p in candidates if _REFERENCE_ROLE.search(p.name)]
-    return manual or candidates
+    return manual or candidates or _twin_folders(folder)
+
+
+def _twin_folders(folder: Path) -> list[Path]:
+    """Siblings named like ``folder`` with masks for images: LUNG_CT's ``2d_images`` and
+    ``2d_masks``, ``train_images`` and ``train_labels`` (asked only when no folder is
+    named like masks on its own)."""
+    stem = re.sub(r"images?|imgs?", "", folder.name, flags=re.IGNORECASE)
+    if stem == folder.name:
+        return []
+    with contextlib.suppress(OSError):
+        return [
+            p
+            for p in sorted(folder.parent.iterdir())
+            if p.is_dir()
+            and p != folder
+            and re.search(r"masks?|labels?", p.name, re.IGNORECASE)
+            and re.sub(r"masks?|labels?", "", p.name, flags=re.IGNORECASE) == stem
+        ]
+    return []
 
 
 def _safe_id(text: str, taken: set[str]) -> str:
@@ -208,6 +227,8 @@ def _csv_cases(path: Path) -> list[dict[str, Any]]:
         reference = (row.get("reference") or "").strip()
         if not image.exists():
             raise WorklistError(f"{path}, line {number}: {image}: no such file or folder")
+        if reference and not (path.parent / reference).is_file():
+            raise WorklistError(f"{path}, line {number}: {(path.parent / reference).resolve()}: no such file")
         kind = "dicom" if image.is_dir() and dicom_series_files(image) else "image"
         cases.append(
             {
@@ -271,6 +292,26 @@ class _Lock:
 # -- the worklist --------------------------------------------------------------------------
 
 
+def _read_cases(folder: Path, items: Any) -> list[Case]:
+    """The cases of a worklist.json, checked: a worklist may come from another machine, and
+    an id is a folder name under cases/ (one like ``../x`` would write outside)."""
+    if not isinstance(items, list):
+        raise WorklistError(f"{folder / WORKLIST_FILE}: 'cases' is not a list")
+    cases, taken = [], set()
+    for item in items:
+        try:
+            case = Case(**item)
+        except TypeError as exc:  # not a dict, a key missing, a key this version does not know
+            raise WorklistError(f"{folder / WORKLIST_FILE}: a case it lists cannot be read ({exc})") from None
+        if not isinstance(case.id, str) or _safe_id(case.id, set()) != case.id or case.id.lower() in taken:
+            raise WorklistError(
+                f"{folder / WORKLIST_FILE}: the case id {case.id!r} is not a plain, unique folder name"
+            )
+        taken.add(case.id.lower())
+        cases.append(case)
+    return cases
+
+
 class Worklist:
     """A worklist folder, open for writing (locked) or for reading only.
 
@@ -281,7 +322,7 @@ class Worklist:
     def __init__(self, folder: Path, data: dict[str, Any], *, read_only: bool = False):
         self.folder = folder
         self.read_only = read_only
-        self.cases: list[Case] = [Case(**case) for case in data.get("cases", [])]
+        self.cases: list[Case] = _read_cases(folder, data.get("cases", []))
         self.model: str | None = data.get("model")
         self.models: list[dict[str, Any]] = list(data.get("models", []))
         self.created: str = data.get("created") or now()
@@ -363,10 +404,14 @@ class Worklist:
             "cases": [asdict(case) for case in self.cases],
         }
 
-    def save(self) -> None:
-        """Write worklist.json atomically (a reader never sees half a file)."""
+    def _writable(self) -> None:
+        """Refuse a change to a worklist opened read-only before any file of it is written."""
         if self.read_only:
             raise WorklistError(f"{self.folder}: opened read-only")
+
+    def save(self) -> None:
+        """Write worklist.json atomically (a reader never sees half a file)."""
+        self._writable()
         with self._mutex:
             text = json.dumps(self.to_dict(), indent=1) + "\n"
             write_bytes_atomic(self.folder / WORKLIST_FILE, text.encode())
@@ -451,7 +496,11 @@ class Worklist:
         if case.reference is None:
             return None
         if case.id not in self._references:
-            data = read_image(self.path_of(case.reference))
+            try:
+                data = read_image(self.path_of(case.reference))
+            except OSError:  # not copied along (reviewed on another machine), or gone: Dice unknown
+                self._references[case.id] = None
+                return None
             if data.ndim == 3 and data.shape[-1] in (3, 4):  # an RGB(A) mask counts by its first channel
                 data = data[..., 0]
             self._references[case.id] = data > 0
@@ -493,6 +542,9 @@ class Worklist:
     ) -> bool:
         """Keep a model's result as the case's mask, unless the case was opened, edited or
         judged meanwhile (then nothing is written and False is returned)."""
+        self._writable()
+        if not case.untouched:  # opened since the job began: its maps stay those of its mask
+            return False
         folder = self.case_folder(case)
         # the maps first, into place one by one: the mask and its record come last, and only
         # a case whose record names this run shows these maps as its own
@@ -520,10 +572,12 @@ class Worklist:
     def save_mask(self, case: Case, mask: np.ndarray) -> bool:
         """Keep the reviewer's mask of ``case`` (a copy taken on the GUI thread); returns
         whether it differs from the model's. A case that was only segmented is now in review."""
+        self._writable()
         mask = np.asarray(mask)
         with self._mutex:
             record = self.record(case)
-            changed = bool(edited(record, mask))
+            # no model's mask to compare with (a case drawn before any run): all the reviewer's
+            changed = edited(record, mask) is not False
             write_tiff(self.mask_path(case), mask)
             case.edited = changed
             if changed and case.status in ("new", "segmented"):
@@ -547,6 +601,7 @@ class Worklist:
         was edited makes the case "corrected". Rejecting asks for a comment (why)."""
         if status not in STATUSES[2:]:
             raise WorklistError(f"a reviewer sets one of {', '.join(STATUSES[2:])}, not {status!r}")
+        self._writable()
         with self._mutex:
             mask = self.read_mask(case)
             if status in LEARNABLE and mask is None:
@@ -563,6 +618,7 @@ class Worklist:
             self.save()
 
     def add_time(self, case: Case, seconds: float) -> None:
+        self._writable()
         with self._mutex:
             case.seconds = round(case.seconds + max(0.0, seconds), 1)
             self.save()
@@ -722,9 +778,10 @@ def iter_learn(
         tuned.dice_before,
         tuned.dice_after,
     )
-    yield WorklistEvent("learned", 1, 1, detail=result)
     if tuned.model is None:
+        yield WorklistEvent("learned", 1, 1, detail=result)
         return result
+    # recorded before "learned" is yielded: a job cancelled there still names the model it made
     with worklist._mutex:
         worklist.model = tuned.model.name
         worklist.models.append(
@@ -738,6 +795,7 @@ def iter_learn(
             }
         )
         worklist.save()
+    yield WorklistEvent("learned", 1, 1, detail=result)
     if resegment:
         stale = [c for c in worklist.cases if c.untouched and c.model != tuned.model.name]
         result.resegmented = yield from iter_segment(worklist, tuned.model, stale, device=device)
