@@ -54,6 +54,7 @@ def presegmented(qtbot, viewer, tmp_path, cases):
     widget.presegment()
     assert widget.running
     wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: widget._next_step is None, timeout=10_000)  # the case on screen is placed
     return widget
 
 
@@ -66,7 +67,7 @@ def test_a_folder_of_cases_opens_as_a_table_and_is_pre_segmented_case_on_screen_
     assert table.rowCount() == 3
     assert [widget._row_case(r) for r in range(3)] == ["case0", "case1", "case2"]
     assert widget.current == "case0" and "case0 image" in viewer.layers
-    assert "case0 mask" not in viewer.layers  # nothing segmented yet
+    assert not viewer.layers["case0 mask"].data.any()  # nothing segmented yet: an empty mask to paint on
     widget.step(1)  # the reviewer moves on before pre-segmenting: that case is done first
     assert widget.current == "case1"
     widget.presegment()
@@ -80,7 +81,11 @@ def test_a_folder_of_cases_opens_as_a_table_and_is_pre_segmented_case_on_screen_
     # the case on screen got its mask as soon as it was done, readable at once
     assert "case1 mask" in viewer.layers
     mask = viewer.layers["case1 mask"]
-    assert mask.visible and viewer.layers.selection.active is mask
+    # its layers are placed one per turn of the event loop, the mask on top at the end
+    qtbot.waitUntil(
+        lambda: "case1 uncertainty" in viewer.layers and viewer.layers[-1] is mask, timeout=10_000
+    )
+    assert mask.visible and viewer.layers.selection.active is mask and mask.data.any()
     for name in ("case1 probability", "case1 uncertainty"):
         assert not viewer.layers[name].visible  # maps added hidden
     assert worklist.case("case1").status == "in review"

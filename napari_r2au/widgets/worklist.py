@@ -8,6 +8,7 @@ reviewer's edits in the background and sets the verdicts.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Generator
@@ -62,6 +63,8 @@ SAVE_DELAY_MS = 1500
 SAVE_AT_LATEST_MS = 5000
 #: the metadata key that marks a layer as a worklist case's (its case id)
 CASE_KEY = "r2au_worklist_case"
+#: and which of the case's layers it is (image, mask, probability, ...): reused for the next case
+ROLE_KEY = "r2au_worklist_role"
 ORDER_CHOICES = {"File order": "file", "Most uncertain first": "uncertain"}
 
 
@@ -171,6 +174,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._opened_at = 0.0
         self._job = ""  # "segment", "learn" or "export" while a worker runs
         self._mask_layer: Any = None
+        self._roles: dict[str, Any] = {}  # role -> the layer showing it
+        self._generation = 0  # counts the cases opened: a staged opening stops when another begins
+        self._loading = False
+        self._awaiting_mask = False  # the case on screen had no mask when it was opened
         self._dirty = False
         self._saving = False
         # held by the background save from its start to its end: a save on this thread waits for
@@ -182,6 +189,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._latest_timer = QTimer()
         self._latest_timer.setSingleShot(True)
         self._latest_timer.timeout.connect(self._save_now)
+        self._stage_timer = QTimer()  # places a staged case's layers one per turn of the event loop
+        self._stage_timer.setSingleShot(True)
+        self._next_step: Any = None
+        self._stage_timer.timeout.connect(lambda: self._next_step() if self._next_step else None)
 
         self._open.changed.connect(self.open_worklist)
         self._presegment.changed.connect(self.presegment)
@@ -264,6 +275,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
 
     def _closing(self, *_: Any) -> None:
         """The dock (or napari) closes: the open case's edits are saved and the lock released."""
+        self._next_step = None  # no layer is placed in a closing viewer
+        with contextlib.suppress(RuntimeError):
+            self._stage_timer.stop()
         try:
             self._flush()
         except Exception as exc:  # the layer may be gone already; the last autosave stands
@@ -368,9 +382,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             return
         self.open_case(self._row_case(target))
 
-    def open_case(self, case_id: str | None) -> None:
+    def open_case(self, case_id: str | None, staged: bool = False) -> None:
         """Show a case: its image, the mask on top (readable at once: the maps are added hidden),
-        ready to paint on. Leaving the previous case saves its edits first."""
+        ready to paint on. Leaving the previous case saves its edits first. ``staged``: see
+        :meth:`_show_case_layers`."""
         if self.worklist is None or case_id is None:
             return
         from napari_r2au.worklist import WorklistError
@@ -389,9 +404,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             self.current = case.id
             self._mark_current()
             return
-        self._remove_case_layers()
         self.current = case.id
-        self._add_case_layers(case, image_layers, mask, maps, reference)
+        self._awaiting_mask = mask is None
+        self._show_case_layers(case, image_layers, mask, maps, reference, staged=staged)
         if mask is not None and case.status == "segmented":
             worklist.set_status(case, "in review")
         self._comment.value = case.comment
@@ -400,82 +415,185 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._mark_current()
         self._show_case_line()
 
-    def _add_case_layers(self, case: Case, image_layers: list, mask: Any, maps: dict, reference: Any) -> None:
-        viewer, tag = self._viewer, {CASE_KEY: case.id}
-        place: dict[str, Any] = {}
-        for data, kwargs, kind in image_layers:
-            kwargs = dict(kwargs)
-            kwargs["name"] = f"{case.id} image"
-            kwargs["metadata"] = {**(kwargs.get("metadata") or {}), **tag}
-            viewer.add_image(data, **kwargs) if kind == "image" else viewer.add_labels(data, **kwargs)
-            place = {k: kwargs[k] for k in ("scale", "translate") if k in kwargs}
-            break  # the image (a DICOM series' SEG files are not the worklist's mask)
-        maps_meta = {RUN_KEY: f"worklist:{case.id}", **tag}
+    def _show_case_layers(
+        self, case: Case, image_layers: list, mask: Any, maps: dict, reference: Any, staged: bool = False
+    ) -> None:
+        """The case's image, maps, reference and mask in the viewer, in the layers of the case
+        before when there are (new data in place: removing and adding layers costs a
+        second or more of the GUI thread, updating them a fraction); maps added hidden.
+
+        ``staged``: one layer per turn of the event loop, the mask last (a case whose mask
+        arrives while the reviewer works: adding seven new layers at once would freeze
+        napari for over a second).
+        """
+        tag = {CASE_KEY: case.id}
+        data, kwargs, _ = image_layers[0]  # the image (a DICOM series' SEG files are not the worklist's mask)
+        place = {k: kwargs[k] for k in ("scale", "translate") if k in kwargs}
+        steps: list[tuple[str, str, Any, str, bool, Any, dict[str, Any]]] = []
+
+        def show(
+            role: str,
+            kind: str,
+            array: Any,
+            name: str,
+            visible: bool = True,
+            metadata: Any = None,
+            **props: Any,
+        ) -> None:
+            steps.append(
+                (
+                    role,
+                    kind,
+                    array,
+                    name,
+                    visible,
+                    {**(metadata or {}), **tag, ROLE_KEY: role},
+                    {**props, **place},
+                )
+            )
+
+        image_kwargs = {
+            k: v for k, v in kwargs.items() if k not in ("name", "metadata", "scale", "translate")
+        }
+        show("image", "image", data, f"{case.id} image", metadata=kwargs.get("metadata"), **image_kwargs)
+        hidden = {RUN_KEY: f"worklist:{case.id}"}
         names: dict[str, Any] = {"attention_layers": []}
         if "probability" in maps:
-            layer = viewer.add_image(
+            names["probability_layer"] = f"{case.id} probability"
+            show(
+                "probability",
+                "image",
                 maps["probability"],
-                name=f"{case.id} probability",
+                names["probability_layer"],
+                False,
+                hidden,
                 colormap="magma",
                 contrast_limits=(0.0, 1.0),
-                visible=False,
-                metadata=maps_meta,
-                **place,
             )
-            names["probability_layer"] = layer.name
         for index, alpha in enumerate(maps.get("attention", []), start=1):
-            layer = viewer.add_image(
+            names["attention_layers"].append(f"{case.id} attention {index}")
+            show(
+                f"attention {index}",
+                "image",
                 alpha,
-                name=f"{case.id} attention {index}",
+                names["attention_layers"][-1],
+                False,
+                hidden,
                 colormap="turbo",
                 blending="additive",
                 opacity=0.5,
                 contrast_limits=(0.0, 1.0),
-                visible=False,
-                metadata=maps_meta,
-                **place,
             )
-            names["attention_layers"].append(layer.name)
         if "uncertainty" in maps:
+            names["uncertainty_layer"] = f"{case.id} uncertainty"
             top = float(np.max(maps["uncertainty"])) or 1.0
-            layer = viewer.add_image(
+            show(
+                "uncertainty",
+                "image",
                 maps["uncertainty"],
-                name=f"{case.id} uncertainty",
+                names["uncertainty_layer"],
+                False,
+                hidden,
                 colormap="inferno",
                 blending="additive",
                 opacity=0.7,
                 contrast_limits=(0.0, top),
-                visible=False,
-                metadata=maps_meta,
-                **place,
             )
-            names["uncertainty_layer"] = layer.name
         if reference is not None:
-            viewer.add_labels(
-                reference.astype(np.uint8),
-                name=f"{case.id} reference",
-                visible=False,
-                metadata=dict(tag),
-                **place,
-            )
-        self._mask_layer = None
-        if mask is not None:
-            assert self.worklist is not None
-            record = dict(self.worklist.record(case), image_layer=f"{case.id} image", **names)
-            layer = viewer.add_labels(
-                mask, name=f"{case.id} mask", metadata=with_record(tag, record), **place
-            )
-            colours = mask_colormap(int(mask.max(initial=0)))
-            if colours is not None:
-                layer.colormap = colours
-            viewer.layers.selection.active = layer
-            layer.events.paint.connect(self._edited)
-            layer.events.data.connect(self._edited)
-            self._mask_layer = layer
+            show("reference", "labels", reference.astype(np.uint8), f"{case.id} reference", False)
+        assert self.worklist is not None
+        if mask is None:  # not segmented yet: an empty mask to paint on by hand if need be
+            spatial = np.shape(data)[:-1] if kwargs.get("rgb") else np.shape(data)
+            mask = np.zeros(spatial, np.uint8)
+        record = dict(self.worklist.record(case), image_layer=f"{case.id} image", **names)
+        colours = mask_colormap(max(1, int(mask.max(initial=0))))
+        show(
+            "mask",
+            "labels",
+            mask,
+            f"{case.id} mask",
+            metadata=with_record({}, record),
+            **({"colormap": colours} if colours is not None else {}),
+        )
+        wanted = {step[0] for step in steps}
+        self._generation += 1
+        generation = self._generation
+
+        def place_next(index: int) -> None:
+            if generation != self._generation:  # another case was opened meanwhile
+                return
+            role, kind, array, name, visible, metadata, props = steps[index]
+            painted = staged and role == "mask" and self._dirty and role in self._roles
+            if painted:  # the reviewer painted while the maps were placed: the painting stays
+                layer = self._roles[role]
+                layer.metadata = metadata
+            else:
+                layer = self._place(role, kind, array, name, visible, metadata, **props)
+            if role == "mask":
+                self._viewer.layers.selection.active = layer
+                self._mask_layer = layer
+            if index + 1 < len(steps):
+                if staged:  # the next layer on the next turn of the event loop (stopped on closing)
+                    self._next_step = lambda: place_next(index + 1)
+                    self._stage_timer.start(0)
+                else:
+                    place_next(index + 1)
+                return
+            for role in [r for r in self._roles if r not in wanted]:  # e.g. a case without a mask yet
+                layer = self._roles.pop(role)
+                if layer in self._viewer.layers:
+                    self._viewer.layers.remove(layer)
+            self._next_step = None
+            if self._mask_layer is not None:  # on top of the maps added after it
+                layers = self._viewer.layers
+                layers.move(layers.index(self._mask_layer), len(layers))
+                layers.selection.active = self._mask_layer
+
+        place_next(0)
+
+    def _place(
+        self, role: str, kind: str, data: Any, name: str, visible: bool, metadata: dict, **props: Any
+    ) -> Any:
+        """The layer of ``role``, updated in place if there is one of the right kind, else added."""
+        import napari.layers
+
+        cls = napari.layers.Image if kind == "image" else napari.layers.Labels
+        layer = self._roles.get(role)
+        rgb = props.pop("rgb", None)
+        reusable = (
+            layer is not None
+            and layer in self._viewer.layers
+            and isinstance(layer, cls)
+            and (rgb is None or bool(layer.rgb) == bool(rgb))
+            and layer.data.ndim == np.ndim(data)
+        )
+        if not reusable:
+            if layer is not None and layer in self._viewer.layers:
+                self._viewer.layers.remove(layer)
+            add = self._viewer.add_image if kind == "image" else self._viewer.add_labels
+            extra = {} if rgb is None else {"rgb": rgb}
+            layer = add(data, name=name, visible=visible, metadata=metadata, **extra, **props)
+            if kind == "labels" and role == "mask":
+                layer.events.paint.connect(self._edited)
+                layer.events.data.connect(self._edited)
+            self._roles[role] = layer
+            return layer
+        self._loading = True  # new data is no edit
+        try:
+            layer.data = data
+        finally:
+            self._loading = False
+        layer.name, layer.metadata = name, metadata
+        for key, value in props.items():
+            setattr(layer, key, value)
+        if kind == "image" and "contrast_limits" not in props and not layer.rgb:
+            layer.reset_contrast_limits()
+        return layer
 
     def _remove_case_layers(self) -> None:
         for layer in [lyr for lyr in self._viewer.layers if CASE_KEY in (lyr.metadata or {})]:
             self._viewer.layers.remove(layer)
+        self._roles.clear()
         self._mask_layer = None
 
     def _leave_case(self) -> None:
@@ -503,6 +621,8 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
 
     def _edited(self, *_: Any) -> None:
         """A stroke (or a fill) on the mask: save soon, in the background."""
+        if self._loading:
+            return
         self._dirty = True
         self._save_timer.start(SAVE_DELAY_MS)
         if not self._latest_timer.isActive():
@@ -553,8 +673,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
 
     def _flush(self) -> None:
         """Save a pending edit now, on this thread (leaving a case, a verdict, closing)."""
-        self._save_timer.stop()
-        self._latest_timer.stop()
+        with contextlib.suppress(RuntimeError):  # napari closing: the timers may be deleted already
+            self._save_timer.stop()
+            self._latest_timer.stop()
         with self._write_lock:  # a background save still running ends first
             if not (self._dirty and self._mask_layer is not None and self.worklist and self.current):
                 return
@@ -664,8 +785,11 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         elif event.stage == "case" and event.case is not None:
             self._progress.value = int(1000 * event.done / max(1, event.total))
             self._refresh_case(event.case)
-            if event.case == self.current and self._mask_layer is None:  # on screen, waiting for its mask
-                self.open_case(event.case)
+            case = self.worklist.case(event.case) if self.worklist is not None else None
+            # the case on screen, waiting for its mask, unless the reviewer has started painting
+            waiting = case is not None and case.id == self.current and self._awaiting_mask
+            if waiting and not self._dirty and case.status == "segmented":
+                self.open_case(case.id, staged=True)
         elif event.stage == "learn" and event.total:
             self._progress.value = int(1000 * min(1.0, event.done / event.total))
             self._status.value = f"Learning: step {event.done} of {event.total}…"
