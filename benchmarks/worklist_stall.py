@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     for phase, row in results.items():
-        lines.append(f"| {phase} | {row['beats']} | {row['max_ms']} | {row['p99_ms']} | {row['over_100ms']} |")
+        lines.append(
+            f"| {phase} | {row['beats']} | {row['max_ms']} | {row['p99_ms']} | {row['over_100ms']} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:

@@ -13,8 +13,10 @@ shots are what a new user sees. The correction loop (shots 4-7) then uses ``driv
 trained on DRIVE only, whose mask of this photograph has breaks worth correcting. User models go to a scratch folder (``R2AU_HOME=/tmp/r2au-shots-home``,
 emptied first), so the fine-tuned model is always ``drive-vessels-ft1`` and never lands
 in your own models folder; the exported mask and its JSON sidecar are written to
-``/tmp/r2au-shots-home/export/``. The last shot is the window at 1366x768 with the three
-docks open (they scroll).
+``/tmp/r2au-shots-home/export/``. Shot 8 is the window at 1366x768 with the three
+docks open (they scroll). Shot 9 is the Worklist dock at 1366x768 on five DRIVE photographs
+from ../shared/data (skipped when absent), pre-segmented and sorted most uncertain first;
+``--worklist-only`` takes only that one.
 """
 
 from __future__ import annotations
@@ -273,5 +275,45 @@ def main() -> int:
     return 0
 
 
+DRIVE_IMAGES = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
+
+
+def worklist_shot() -> int:
+    """9. The Worklist dock at 1366x768: five photographs, pre-segmented, most uncertain first."""
+    import napari
+
+    if not (DRIVE_IMAGES / "images").is_dir():
+        print(f"{DRIVE_IMAGES}: not found; no worklist shot", flush=True)
+        return 0
+    cases = HOME / "worklist-cases"
+    shutil.rmtree(cases, ignore_errors=True)
+    for sub in ("images", "1st_manual"):
+        (cases / sub).mkdir(parents=True)
+        for path in sorted((DRIVE_IMAGES / sub).iterdir())[:5]:
+            (cases / sub / path.name).symlink_to(path)
+    shutil.rmtree(HOME / "worklist", ignore_errors=True)
+    viewer = napari.Viewer()
+    viewer.window._qt_window.resize(*LAPTOP)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Worklist")
+    widget._folder.value = str(HOME / "worklist")
+    widget._cases.value = str(cases / "images")
+    widget.open_worklist()
+    widget.presegment()
+    wait_idle(widget)
+    pump(2.0)  # the case on screen gets its layers one per turn of the event loop
+    widget._order.value = "Most uncertain first"
+    widget.step(1)
+    viewer.reset_view()  # the window was resized after the first case was shown
+    viewer.layers.selection.active = widget._mask_layer
+    pump(1.0)
+    print(f"worklist: {widget._case_line.value}; layers {[lyr.name for lyr in viewer.layers]}", flush=True)
+    shot(viewer, "09-worklist.png")
+    widget.close_worklist()
+    viewer.close()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    if "--worklist-only" in sys.argv:
+        sys.exit(worklist_shot())
+    sys.exit(main() or worklist_shot())
