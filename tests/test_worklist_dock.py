@@ -34,13 +34,21 @@ def tiny() -> str:
     return _save_tiny("tiny")
 
 
-def open_dock(viewer, folder: Path, cases: Path | None = None):
+def settle(qtbot, widget) -> None:
+    """Wait until the case asked for is on screen (its files are read in a worker, and a case
+    whose mask arrives in the background gets its layers one per turn of the event loop)."""
+    qtbot.waitUntil(lambda: not widget.opening and widget._next_step is None, timeout=10_000)
+
+
+def open_dock(viewer, folder: Path, cases: Path | None = None, qtbot=None):
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Worklist")
     widget._model.refresh(select="tiny")
     widget._folder.value = str(folder)
     if cases is not None:
         widget._cases.value = str(cases)
     widget.open_worklist()
+    if qtbot is not None and widget.worklist is not None:
+        settle(qtbot, widget)
     return widget
 
 
@@ -49,12 +57,12 @@ def wait_idle(qtbot, widget) -> None:
 
 
 def presegmented(qtbot, viewer, tmp_path, cases):
-    widget = open_dock(viewer, tmp_path / "wl", cases)
+    widget = open_dock(viewer, tmp_path / "wl", cases, qtbot)
     assert widget.worklist is not None and len(widget.worklist.cases) == 3
     widget.presegment()
     assert widget.running
     wait_idle(qtbot, widget)
-    qtbot.waitUntil(lambda: widget._next_step is None, timeout=10_000)  # the case on screen is placed
+    settle(qtbot, widget)
     return widget
 
 
@@ -62,13 +70,14 @@ def test_a_folder_of_cases_opens_as_a_table_and_is_pre_segmented_case_on_screen_
     make_napari_viewer, qtbot, tmp_path, cases, tiny
 ):
     viewer = make_napari_viewer()
-    widget = open_dock(viewer, tmp_path / "wl", cases)
+    widget = open_dock(viewer, tmp_path / "wl", cases, qtbot)
     table = widget._table
     assert table.rowCount() == 3
     assert [widget._row_case(r) for r in range(3)] == ["case0", "case1", "case2"]
     assert widget.current == "case0" and "case0 image" in viewer.layers
     assert not viewer.layers["case0 mask"].data.any()  # nothing segmented yet: an empty mask to paint on
     widget.step(1)  # the reviewer moves on before pre-segmenting: that case is done first
+    settle(qtbot, widget)
     assert widget.current == "case1"
     widget.presegment()
     wait_idle(qtbot, widget)
@@ -113,15 +122,17 @@ def test_edits_are_saved_in_the_background_and_survive_a_restart(
     edited = np.array(layer.data)
     widget._comment.value = "bar ends redrawn"
     widget.set_verdict("accepted")
+    settle(qtbot, widget)
     assert widget.worklist.case(case.id).status == "corrected"  # accepted with edits
     assert widget.current != case.id  # the next case opens
     # napari closes: a new window on the same folder restores every case as it was
     widget.close_worklist()
-    again = open_dock(make_napari_viewer(), tmp_path / "wl")
+    again = open_dock(make_napari_viewer(), tmp_path / "wl", qtbot=qtbot)
     restored = again.worklist.case(case.id)
     assert restored.status == "corrected" and restored.comment == "bar ends redrawn" and restored.edited
     assert np.array_equal(again.worklist.read_mask(restored), edited)
     again.open_case(case.id)
+    settle(qtbot, again)
     assert np.array_equal(again._viewer.layers[f"{case.id} mask"].data, edited)
     record = json.loads(again.worklist.mask_path(restored).with_suffix(".json").read_text())
     assert record["corrected_by_hand"] is True and record["review"]["status"] == "corrected"
@@ -133,14 +144,16 @@ def test_a_second_window_is_refused_and_a_rejection_needs_a_comment(
 ):
     viewer = make_napari_viewer()
     widget = presegmented(qtbot, viewer, tmp_path, cases)
-    other = open_dock(make_napari_viewer(), tmp_path / "wl")
+    other = open_dock(make_napari_viewer(), tmp_path / "wl", qtbot=qtbot)
     assert other.worklist is None and "open elsewhere" in other._status.value
     current = widget.current
     widget._comment.value = ""
     widget.set_verdict("rejected")
+    settle(qtbot, widget)
     assert widget.worklist.case(current).status == "in review" and "why" in widget._case_line.value
     widget._comment.value = "out of focus"
     widget.set_verdict("rejected")
+    settle(qtbot, widget)
     assert widget.worklist.case(current).status == "rejected"
 
 
@@ -153,10 +166,13 @@ def test_keys_move_through_the_cases_and_set_verdicts(make_napari_viewer, qtbot,
     assert {"PageDown", "PageUp", "Ctrl+Shift+A"} <= set(bound), bound
     start = widget.current
     bound[str(SHORTCUTS["next"]).replace("-", "+")](viewer)
+    settle(qtbot, widget)
     assert widget.current != start
     bound["PageUp"](viewer)
+    settle(qtbot, widget)
     assert widget.current == start
     bound["Ctrl+Shift+A"](viewer)
+    settle(qtbot, widget)
     assert widget.worklist.case(start).status == "accepted"
 
 
@@ -170,6 +186,7 @@ def test_learning_makes_a_new_version_and_re_segments_only_untouched_cases(
     _, truth = bars(64, seed=int(first[-1]))
     widget._mask_layer.data = truth  # the reviewer's correction
     widget.set_verdict("accepted")
+    settle(qtbot, widget)
     opened = widget.current  # the next case, on screen: in review, so never re-segmented
     untouched = [c.id for c in worklist.cases if c.untouched]
     assert len(untouched) == 1 and opened not in untouched
@@ -190,6 +207,7 @@ def test_the_series_exports_with_a_summary_and_never_replaces_files_silently(
     viewer = make_napari_viewer()
     widget = presegmented(qtbot, viewer, tmp_path, cases)
     widget.set_verdict("accepted")
+    settle(qtbot, widget)
     out = tmp_path / "out"
     widget._export_to.value = str(out)
     widget.export()

@@ -178,6 +178,8 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._generation = 0  # counts the cases opened: a staged opening stops when another begins
         self._loading = False
         self._awaiting_mask = False  # the case on screen had no mask when it was opened
+        self._opening = 0  # counts the cases asked for: a late read of an earlier one is dropped
+        self._reader: Any = None  # the worker reading the case being opened
         self._dirty = False
         self._saving = False
         # held by the background save from its start to its end: a save on this thread waits for
@@ -384,36 +386,67 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
 
     def open_case(self, case_id: str | None, staged: bool = False) -> None:
         """Show a case: its image, the mask on top (readable at once: the maps are added hidden),
-        ready to paint on. Leaving the previous case saves its edits first. ``staged``: see
-        :meth:`_show_case_layers`."""
+        ready to paint on. Leaving the previous case saves its edits first. The files are read
+        in a worker (a 3504x2336 photograph and its maps take a second); the layers are then
+        updated on the GUI thread. ``staged``: see :meth:`_show_case_layers`."""
         if self.worklist is None or case_id is None:
             return
-        from napari_r2au.worklist import WorklistError
+        from napari.qt.threading import thread_worker
 
         worklist = self.worklist
         case = worklist.case(case_id)
         self._leave_case()
-        try:
+        if self._mask_layer is not None:  # no stroke lands on the case being left while the next is read
+            self._mask_layer.editable = False
+        self._mask_layer = None
+        self._awaiting_mask = False
+        self.current = case.id
+        self._opening += 1
+        ticket = self._opening
+        self._mark_current()
+        self._case_line.value = f"Opening case {case.id}…"
+
+        @thread_worker(start_thread=False)
+        def read() -> tuple[list, Any, dict, Any]:
             image_layers = _read_case_layers(worklist, case)
             mask = worklist.read_mask(case)
             maps = worklist.read_maps(case) if mask is not None else {}
-            reference = worklist.reference(case)
-        except (WorklistError, OSError, ValueError, ImportError) as exc:
-            notify_error(f"Worklist: case {case.id}: {describe_error(exc)}")
-            self._case_line.value = f"Case {case.id} cannot be opened: {describe_error(exc)}"
-            self.current = case.id
-            self._mark_current()
+            return image_layers, mask, maps, worklist.reference(case)
+
+        worker = read()
+        worker.returned.connect(lambda files: self._opened(ticket, case, files, staged))
+        worker.errored.connect(lambda exc: self._open_failed(ticket, case, exc))
+        self._reader = worker  # kept until it is done
+        worker.start()
+
+    @property
+    def opening(self) -> bool:
+        """A case's files are being read (the case on screen is about to change)."""
+        return self._reader is not None
+
+    def _opened(self, ticket: int, case: Case, files: tuple, staged: bool) -> None:
+        if ticket != self._opening:  # another case was asked for meanwhile
             return
-        self.current = case.id
+        self._reader = None
+        if self.worklist is None or self.current != case.id:
+            return
+        image_layers, mask, maps, reference = files
         self._awaiting_mask = mask is None
         self._show_case_layers(case, image_layers, mask, maps, reference, staged=staged)
         if mask is not None and case.status == "segmented":
-            worklist.set_status(case, "in review")
+            self.worklist.set_status(case, "in review")
         self._comment.value = case.comment
         self._opened_at = time.monotonic()
         self._refresh_case(case.id)
         self._mark_current()
         self._show_case_line()
+
+    def _open_failed(self, ticket: int, case: Case, exc: BaseException) -> None:
+        if ticket != self._opening:
+            return
+        self._reader = None
+        notify_error(f"Worklist: case {case.id}: {describe_error(exc)}")
+        self._case_line.value = f"Case {case.id} cannot be opened: {describe_error(exc)}"
 
     def _show_case_layers(
         self, case: Case, image_layers: list, mask: Any, maps: dict, reference: Any, staged: bool = False
@@ -530,6 +563,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             else:
                 layer = self._place(role, kind, array, name, visible, metadata, **props)
             if role == "mask":
+                layer.editable = True
                 self._viewer.layers.selection.active = layer
                 self._mask_layer = layer
             if index + 1 < len(steps):
