@@ -1076,3 +1076,34 @@ def test_export_to_a_folder_of_a_layer_with_a_dot_in_its_name(make_napari_viewer
     review._export_path.value = tmp_path
     review._export.changed.emit(True)
     assert (tmp_path / "scan.nii_mask.tif").is_file(), review._export_status.value
+
+
+def test_the_threshold_readout_shows_a_model_threshold_with_three_decimals(make_napari_viewer):
+    from qtpy.QtWidgets import QDoubleSpinBox
+
+    widget = dock(make_napari_viewer(), "Segment")
+    widget._threshold.value = 0.225  # retina-vessels' threshold
+    (readout,) = widget._threshold.native.findChildren(QDoubleSpinBox)
+    assert readout.text() == "0.225" and widget._threshold.value == pytest.approx(0.225)
+
+
+def test_fine_tune_defaults_to_the_mask_just_painted_not_a_mask_file(make_napari_viewer):
+    from napari_r2au.mask_record import checksums, with_record
+
+    viewer = make_napari_viewer()
+    add_image(viewer)
+    _, truth = bars(64)
+    viewer.add_labels(truth, name="case_mask")  # a mask file: no model record
+    made = viewer.add_labels(
+        truth.copy(), name="img mask", metadata=with_record({}, {"model": "tiny", **checksums(truth)})
+    )
+    other = viewer.add_labels(
+        truth.copy(), name="other mask", metadata=with_record({}, {"model": "tiny", **checksums(truth)})
+    )
+    made.data = np.where(truth > 0, 0, 1).astype(np.uint8)  # painted on
+    widget = dock(viewer, "Fine-tune")
+    assert widget._corrected.value is made  # edited beats the latest unedited one
+    widget._corrected.value = viewer.layers["case_mask"]  # the user's own pick stays
+    viewer.add_labels(truth.copy(), name="third", metadata=with_record({}, {"model": "tiny"}))
+    assert widget._corrected.value is viewer.layers["case_mask"]
+    assert other is not made

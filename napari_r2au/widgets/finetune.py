@@ -35,6 +35,7 @@ from ._common import (
     format_seconds,
     layer_picker,
     layer_pixel_size,
+    layers_of,
     mask_before_corrections,
     message_label,
     notify_error,
@@ -188,6 +189,47 @@ class FinetuneWidget(WorkerRunner, ScrollingDock):
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         follow_layers(viewer, self)
+        self._corrected_chosen = False  # the user picked a mask: the default no longer moves
+        self._corrected.changed.connect(self._corrected_picked)
+        self._default_corrected()
+
+    def reset_choices(self, *args: Any) -> None:
+        self._choosing = True  # a choice that changes because a layer went is not the user's
+        try:
+            super().reset_choices(*args)
+        finally:
+            self._choosing = False
+        self._default_corrected()
+
+    def _corrected_picked(self, *_: Any) -> None:
+        if not self._choosing:
+            self._corrected_chosen = True
+
+    _choosing = False
+    _corrected_chosen = False
+
+    def _default_corrected(self) -> None:
+        """Until the user picks one, the corrected mask is the one just painted: a mask a model
+        made that has been edited since, else the latest a model made (not a mask file)."""
+        if self._corrected_chosen:
+            return
+        from napari_r2au.mask_record import edited
+
+        made = [
+            layer
+            for _, layer in layers_of(self._viewer, "labels")
+            if layer_record(layer.metadata).get("model")
+        ]
+        if not made:
+            return
+        painted = [layer for layer in made if edited(layer_record(layer.metadata), layer.data)]
+        choice = (painted or made)[-1]
+        if self._corrected.value is not choice:
+            self._choosing = True
+            try:
+                self._corrected.value = choice
+            finally:
+                self._choosing = False
 
     def _warn_about_inputs(self, pairs: list) -> None:
         """The shared checks (napari_r2au.checks): the base model on this image, the mask as

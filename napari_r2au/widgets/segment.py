@@ -122,6 +122,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             value=0.5,
             tooltip="Re-thresholds the kept probabilities at once; no new run",
         )
+        _three_decimals(self._threshold)  # a model's 0.225 reads 0.225, not 0.23
         self._remove_small = CheckBox(text="Remove small objects", value=False)
         self._fill_holes = CheckBox(text="Fill small holes", value=False)
         self._min_size = SpinBox(label="Smaller than (px)", min=2, max=1_000_000, value=30)
@@ -621,6 +622,14 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             self._progress.max, self._progress.value = 1, 0
         if message is not None:
             self._status.value = message
+
+
+def _three_decimals(slider: FloatSlider) -> None:
+    """Show a slider's value with three decimals (its readout box rounds to two)."""
+    from qtpy.QtWidgets import QDoubleSpinBox
+
+    for box in slider.native.findChildren(QDoubleSpinBox):
+        box.setDecimals(3)
 
 
 def _network_input(layer: Any) -> tuple[str, Any]:
