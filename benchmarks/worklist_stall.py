@@ -73,6 +73,11 @@ def pump_until(done, timeout: float = 3600.0) -> None:
         time.sleep(0.002)
 
 
+def settled(widget) -> bool:
+    """The case asked for is on screen: read, and its layers placed."""
+    return not widget.opening and widget._next_step is None
+
+
 def summary(gaps: list[float]) -> dict[str, float]:
     values = np.asarray(gaps or [0.0])
     return {
@@ -104,12 +109,14 @@ def measure(dataset: str, n_cases: int, model: str) -> dict[str, dict[str, float
         beat = Heartbeat()
         beat.enter("open worklist")
         widget.open_worklist()
+        pump_until(lambda: settled(widget))  # the first case's files are read in a worker
         beat.enter("pre-segment")
         widget.presegment()
-        pump_until(lambda: not widget.running)
+        pump_until(lambda: not widget.running and settled(widget))
         beat.enter("open a case")
         for _ in range(len(widget.worklist.cases) - 1):
             widget.step(1)
+            pump_until(lambda: settled(widget))
             beat.enter("idle")
             pump(0.3)
             beat.enter("open a case")

@@ -107,7 +107,7 @@ def test_manifest_validates_and_lists_the_widgets():
 
     manifest = PluginManifest.from_file(ROOT / "napari.yaml")
     widgets = {w.display_name: w.command for w in manifest.contributions.widgets}
-    assert set(widgets) == {"Segment", "Fine-tune", "Review"}
+    assert set(widgets) == {"Segment", "Fine-tune", "Review", "Worklist"}
     menu = [item.command for item in manifest.contributions.menus["napari/layers/segment"]]
     assert sorted(menu) == sorted(widgets.values())
     assert [s.key for s in manifest.contributions.sample_data] == ["retina"]
@@ -116,7 +116,8 @@ def test_manifest_validates_and_lists_the_widgets():
 def test_widget_modules_do_not_import_torch_or_napari():
     code = (
         "import sys, napari_r2au.widgets.segment, napari_r2au.widgets.finetune, "
-        "napari_r2au.widgets.review, napari_r2au._reader, napari_r2au._writer\n"
+        "napari_r2au.widgets.review, napari_r2au.widgets.worklist, napari_r2au.worklist, napari_r2au._reader, "
+        "napari_r2au._writer\n"
         "print(','.join(m for m in ('torch', 'napari') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
