@@ -45,10 +45,19 @@ def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerDa
     if every file is one we read."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        return read_layers if dicom_series_files(paths[0]) else None
+        return _napari_read if dicom_series_files(paths[0]) else None
     if not paths or any(suffix_of(p) not in SUFFIXES for p in paths):
         return None
-    return read_layers
+    return _napari_read
+
+
+def _napari_read(path: str | Sequence[str]) -> list[LayerData]:
+    """read_layers for napari: a missing extra is also said in napari's notifications."""
+    try:
+        return read_layers(path)
+    except MissingExtraError as exc:
+        notify_missing_extra(exc)
+        raise
 
 
 def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
@@ -119,15 +128,17 @@ def read_input(path: str | os.PathLike) -> tuple[Any, float | None, str | None, 
 
 
 def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
-    """The error (also shown in napari) for a file type whose extra is not installed."""
+    """The error for a file type whose extra is not installed (what to install, in one line)."""
     message = f"{what} needs {package}: install napari-r2au[{extra}] (pip install 'napari-r2au[{extra}]')"
-    try:
-        from napari.utils.notifications import show_error
-
-        show_error(message)
-    except ImportError:  # used without napari
-        pass
     return MissingExtraError(message)
+
+
+def notify_missing_extra(exc: MissingExtraError) -> None:
+    """Show a missing extra in napari (the reader's and writer's entry points call this; the
+    command line and the trainer only raise)."""
+    from napari.utils.notifications import show_error
+
+    show_error(str(exc))
 
 
 # -- masks exported by the Review widget ---------------------------------------------------

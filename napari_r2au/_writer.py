@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._reader import missing_extra, suffix_of
+from ._reader import MissingExtraError, missing_extra, notify_missing_extra, suffix_of
 from .io import write_bytes_atomic, write_png, write_tiff
 from .postprocess import compact_labels
 
@@ -30,10 +30,15 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         if labels.dtype.itemsize > 2:
             raise ValueError("PNG holds labels up to 65535: save this mask as TIFF")
         write_png(target, labels)
-    elif suffix in (".nii", ".nii.gz"):
-        _write_nifti(target, labels, meta)
-    elif suffix == ".dcm":
-        _write_seg(target, np.asarray(data), meta)
+    elif suffix in (".nii", ".nii.gz") or suffix == ".dcm":
+        try:
+            if suffix == ".dcm":
+                _write_seg(target, np.asarray(data), meta)
+            else:
+                _write_nifti(target, labels, meta)
+        except MissingExtraError as exc:  # napari's writer: said in its notifications too
+            notify_missing_extra(exc)
+            raise
     else:
         raise ValueError(
             f"{target.name}: masks are saved as .tif, .tiff, .png, .nii, .nii.gz or .dcm (DICOM SEG)"

@@ -483,3 +483,20 @@ def test_compressed_dicom_decodes_with_the_dicom_extra():
     expected = read(plain)[0][0]
     for path in (lossless, jpeg2000):
         np.testing.assert_array_equal(read(path)[0][0], expected)
+
+
+def test_a_missing_extra_is_shown_in_napari_only_through_napari(tmp_path, monkeypatch):
+    """The command line and the trainer only raise; napari's reader entry point also notifies."""
+    from napari_r2au import _reader
+
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    (tmp_path / "scan.dcm").write_bytes(b"")
+    shown: list[str] = []
+    monkeypatch.setattr(_reader, "notify_missing_extra", lambda exc: shown.append(str(exc)))
+    with pytest.raises(ImportError, match=r"napari-r2au\[dicom\]"):
+        read_layers(str(tmp_path / "scan.dcm"))
+    assert shown == []
+    reader = napari_get_reader(str(tmp_path / "scan.dcm"))
+    with pytest.raises(ImportError, match=r"napari-r2au\[dicom\]"):
+        reader(str(tmp_path / "scan.dcm"))
+    assert len(shown) == 1 and "pip install" in shown[0]
