@@ -696,10 +696,11 @@ def iter_segment(
             case, record, mask, probability, uncertainty, prediction.attention, score
         ):
             done.append(case.id)
+            if loaded.path is not None and worklist.model != loaded.name:
+                # the model that made the latest masks is the one learning starts from next
+                worklist.model = loaded.name
+                worklist.save()
         yield WorklistEvent("case", index + 1, len(todo), case.id, message=f"{case.id}: {case.status}")
-    if loaded.path is not None and worklist.model is None:
-        worklist.model = loaded.name
-        worklist.save()
     return done
 
 

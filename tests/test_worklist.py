@@ -383,6 +383,16 @@ def test_segmenting_skips_every_case_a_person_has_touched(worklist):
     assert _files(worklist.case_folder(c2)) == before
 
 
+def test_the_model_of_the_latest_masks_is_the_one_learning_starts_from(worklist):
+    _tiny_user_model("base")
+    _tiny_user_model("other")
+    c0, c1, c2 = worklist.cases
+    assert _run(iter_segment(worklist, "base", [c0])) == ["c0"] and worklist.model == "base"
+    assert _run(iter_segment(worklist, "other", [c1])) == ["c1"] and worklist.model == "other"
+    assert _run(iter_segment(worklist, "base", [])) == [] and worklist.model == "other"  # nothing made
+    assert Worklist.open(worklist.folder, read_only=True).model == "other"  # saved as it changed
+
+
 def test_a_case_opened_while_it_is_being_segmented_keeps_the_reviewers_mask(worklist):
     _tiny_user_model()
     c0 = worklist.cases[0]
