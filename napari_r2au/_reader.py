@@ -14,18 +14,24 @@ from typing import Any
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, looks_like_mask, read_image
+from .dicom import (
+    DICOM_SUFFIXES,
+    Frame,
+    dcmread,
+    dicom_series_files,
+    frame_value,
+    frames_of,
+    is_seg,
+    pydicom_module,
+    seg_series,
+)
+from .io import IMAGE_SUFFIXES, MissingExtraError, looks_like_mask, missing_extra, read_image
 from .mask_record import read_sidecar, record_from_export, with_record
 
 LayerData = tuple[Any, dict[str, Any], str]
 
-DICOM_SUFFIXES = (".dcm",)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency for a file type is not installed; the message says how to get it."""
 
 
 def suffix_of(path: str | os.PathLike) -> str:
@@ -58,28 +64,6 @@ def _napari_read(path: str | Sequence[str]) -> list[LayerData]:
     except MissingExtraError as exc:
         notify_missing_extra(exc)
         raise
-
-
-def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM files of a folder (a CT or MR series is usually one file per slice):
-    ``.dcm`` files, and files without an extension that start like DICOM (scanners and
-    PACS exports often write names such as ``IM0001``)."""
-    return sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.is_file()
-        and p.name.upper() != "DICOMDIR"  # the index of a DICOM medium, not an image
-        and (suffix_of(p) in DICOM_SUFFIXES or (not p.suffix and _has_dicom_preamble(p)))
-    )
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    """DICOM Part 10 files carry "DICM" after a 128-byte preamble."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 def read_layers(path: str | Sequence[str], masks: bool = True) -> list[LayerData]:
@@ -127,12 +111,6 @@ def read_input(path: str | os.PathLike) -> tuple[Any, float | None, str | None, 
     return data, size, unit, axes, kwargs.get("metadata") or {}
 
 
-def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
-    """The error for a file type whose extra is not installed (what to install, in one line)."""
-    message = f"{what} needs {package}: install napari-r2au[{extra}] (pip install 'napari-r2au[{extra}]')"
-    return MissingExtraError(message)
-
-
 def notify_missing_extra(exc: MissingExtraError) -> None:
     """Show a missing extra in napari (the reader's and writer's entry points call this; the
     command line and the trainer only raise)."""
@@ -156,124 +134,7 @@ def _mask_kwargs(path: Path, record: dict[str, Any]) -> dict[str, Any]:
 # -- optional formats ----------------------------------------------------------------------
 
 
-def _pydicom() -> Any:
-    try:
-        import pydicom
-    except ImportError as exc:
-        raise missing_extra("Reading DICOM files", "pydicom", "dicom") from exc
-    return pydicom
-
-
-# Where enhanced (multi-frame) files keep what classic files hold at the top level: a
-# frame's own functional group first, then the group shared by all frames.
-_FUNCTIONAL_GROUP = {
-    "ImagePositionPatient": "PlanePositionSequence",
-    "ImageOrientationPatient": "PlaneOrientationSequence",
-    "PixelSpacing": "PixelMeasuresSequence",
-    "SliceThickness": "PixelMeasuresSequence",
-    "SpacingBetweenSlices": "PixelMeasuresSequence",
-    "RescaleSlope": "PixelValueTransformationSequence",
-    "RescaleIntercept": "PixelValueTransformationSequence",
-}
-
-
-def _frame_value(dataset: Any, frame: int, keyword: str) -> Any:
-    """``keyword`` for one frame of ``dataset``: from the frame's functional group, the
-    shared group, or the top level; None when none of them gives it."""
-    groups = []
-    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and frame < len(per_frame):
-        groups.append(per_frame[frame])
-    shared = dataset.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for group in groups:
-        items = group.get(_FUNCTIONAL_GROUP[keyword])
-        if items and _given(items[0].get(keyword)):
-            return items[0].get(keyword)
-    value = dataset.get(keyword)
-    return value if _given(value) else None
-
-
-def _given(value: Any) -> bool:
-    return value is not None and not (isinstance(value, str) and value == "")
-
-
-class _Frame:
-    """One plane of a DICOM file, with where it lies, its pixel spacing and its rescale."""
-
-    def __init__(self, dataset: Any, index: int, pixels: np.ndarray, path: Path, order: tuple[int, int]):
-        self.dataset, self.index, self.pixels, self.order = dataset, index, pixels, order
-        self.path, self.source = path, path.name
-        self.sop_uid = str(dataset.get("SOPInstanceUID", ""))
-        self.slope = float(_frame_value(dataset, index, "RescaleSlope") or 1)
-        self.intercept = float(_frame_value(dataset, index, "RescaleIntercept") or 0)
-        ipp = _frame_value(dataset, index, "ImagePositionPatient")
-        iop = _frame_value(dataset, index, "ImageOrientationPatient")
-        spacing = _frame_value(dataset, index, "PixelSpacing")
-        self.position = np.asarray(ipp, float) if ipp is not None and len(ipp) == 3 else None
-        self.orientation = np.asarray(iop, float) if iop is not None and len(iop) == 6 else None
-        self.spacing = tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 2 else None
-        # a plane sent twice has the same instance, frame and place (a broken export may
-        # give several slices one SOPInstanceUID: their positions still tell them apart)
-        where = None if self.position is None else tuple(np.round(self.position, 3))
-        self.uid = (self.sop_uid or f"{path}#{order[0]}", index, where)
-
-    def values(self, as_float: bool) -> np.ndarray:
-        """The plane in the modality's units (CT: Hounsfield units) when ``as_float``."""
-        return (
-            (self.pixels * np.float32(self.slope) + np.float32(self.intercept)) if as_float else self.pixels
-        )
-
-
-def _decoded_pixels(dataset: Any, source: str) -> tuple[np.ndarray, dict[str, str]]:
-    """A file's pixels as they are meant to be seen: palette colour as RGB, MONOCHROME1
-    (where low values are white, as in many X-rays) inverted within its stored range;
-    and what was changed, for the layer's metadata."""
-    try:
-        pixels = np.asarray(dataset.pixel_array)
-    except (RuntimeError, NotImplementedError, ValueError) as exc:
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        raise ValueError(
-            f"{source}: cannot decode its pixels ({getattr(syntax, 'name', syntax) or 'unknown'} "
-            f"transfer syntax): {exc}"
-        ) from exc
-    photometric = str(dataset.get("PhotometricInterpretation", ""))
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        return np.asarray(apply_color_lut(pixels, dataset)), {"converted": "PALETTE COLOR to RGB"}
-    if photometric == "MONOCHROME1":
-        bits = int(dataset.get("BitsStored", pixels.dtype.itemsize * 8))
-        low, high = (
-            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-            if int(dataset.get("PixelRepresentation", 0))
-            else (0, 2**bits - 1)
-        )
-        inverted = (low + high - pixels.astype(np.int64)).astype(pixels.dtype)
-        return inverted, {"converted": "MONOCHROME1 inverted to MONOCHROME2 (high values bright)"}
-    return pixels, {}
-
-
-def _frames_of(dataset: Any, path: Path, file_index: int) -> tuple[list[_Frame], dict[str, str]]:
-    """The planes of one file (one for a classic file, NumberOfFrames for a multi-frame
-    one) and the notes of :func:`_decoded_pixels`."""
-    source = path.name
-    pixels, notes = _decoded_pixels(dataset, source)
-    count = int(dataset.get("NumberOfFrames", 1) or 1)
-    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and len(per_frame) != count:
-        raise ValueError(
-            f"{source}: {count} frames but {len(per_frame)} per-frame functional groups; "
-            "the file is inconsistent"
-        )
-    planes = pixels if count > 1 else pixels[None]
-    instance = dataset.get("InstanceNumber")
-    instance = int(instance) if _given(instance) else file_index
-    return [_Frame(dataset, i, planes[i], path, (instance, i)) for i in range(count)], notes
-
-
-def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[str, str]) -> LayerData:
+def _read_dicom_frames(frames: list[Frame], name: str, files: int, notes: dict[str, str]) -> LayerData:
     """DICOM planes (of one file or of a series) as one image: a plane, or a (Z, Y, X)
     stack in patient order.
 
@@ -334,7 +195,7 @@ def _read_dicom_frames(frames: list[_Frame], name: str, files: int, notes: dict[
     else:
         order = sorted(range(len(frames)), key=lambda i: frames[i].order)
         if positions is None and len(frames) > 1:  # no positions: what the file says, if anything
-            given = _frame_value(frames[0].dataset, frames[0].index, "SpacingBetweenSlices") or _frame_value(
+            given = frame_value(frames[0].dataset, frames[0].index, "SpacingBetweenSlices") or frame_value(
                 frames[0].dataset, frames[0].index, "SliceThickness"
             )
             z = float(given) if given else None
@@ -383,25 +244,16 @@ def _warn(message: str) -> None:
         show_warning(message)
 
 
-#: SOP classes of DICOM Segmentation objects (masks that refer to another series): binary or
-#: fractional, and label map
-SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
-
-
-def _is_seg(dataset: Any) -> bool:
-    return str(dataset.get("SOPClassUID", "")) in SEG_SOP_CLASSES
-
-
 def _read_dicom(path: Path) -> LayerData:
     """One DICOM file: a plane, or a stack when it holds several frames."""
-    dataset = _dcmread(_pydicom(), path)
-    if _is_seg(dataset):
+    dataset = dcmread(pydicom_module(), path)
+    if is_seg(dataset):
         raise ValueError(
             f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
             "here (a Review export's JSON record names it under dicom_seg), or the SEG in a "
             "DICOM viewer such as 3D Slicer or OHIF"
         )
-    frames, notes = _frames_of(dataset, path, 0)
+    frames, notes = frames_of(dataset, path, 0)
     return _read_dicom_frames(frames, path.stem, 1, notes)
 
 
@@ -410,9 +262,9 @@ def _read_dicom_series(paths: Sequence[Path], name: str, masks: bool = True) -> 
     stack, and the DICOM SEG files among them that refer to it as Labels layers."""
     if not paths:
         raise ValueError("no .dcm files to read")
-    pydicom = _pydicom()
-    read = [(Path(p), _dcmread(pydicom, Path(p))) for p in paths]
-    kept = [(p, d) for p, d in read if not _is_seg(d)]  # a mask saved next to its slices is not a slice
+    pydicom = pydicom_module()
+    read = [(Path(p), dcmread(pydicom, Path(p))) for p in paths]
+    kept = [(p, d) for p, d in read if not is_seg(d)]  # a mask saved next to its slices is not a slice
     if not kept:
         raise ValueError("only DICOM SEG files (masks) here: open the series they refer to")
     paths, datasets = [p for p, _ in kept], [d for _, d in kept]
@@ -421,32 +273,21 @@ def _read_dicom_series(paths: Sequence[Path], name: str, masks: bool = True) -> 
         raise ValueError(
             f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time"
         )
-    frames: list[_Frame] = []
+    frames: list[Frame] = []
     notes: dict[str, str] = {}
     for index, (path, dataset) in enumerate(zip(paths, datasets)):
-        file_frames, file_notes = _frames_of(dataset, path, index)
+        file_frames, file_notes = frames_of(dataset, path, index)
         frames += file_frames
         notes |= file_notes
     image = _read_dicom_frames(frames, name, len(paths), notes)
     layers = [image]
     for path, dataset in read if masks else ():
-        if _is_seg(dataset) and series & _seg_series(dataset):
+        if is_seg(dataset) and series & seg_series(dataset):
             try:
                 layers.append(_seg_layer(path, image))
             except Exception as exc:  # whatever a SEG from elsewhere holds, the image still opens
                 _warn(f"{path.name}: a DICOM SEG on this series, not shown: {exc}")
     return layers
-
-
-def _dcmread(pydicom: Any, path: Path, **kwargs: Any) -> Any:
-    try:
-        return pydicom.dcmread(path, **kwargs)
-    except Exception as exc:  # pydicom raises struct, EOF and its own errors for damaged files
-        raise ValueError(f"{path.name}: cannot be read as DICOM ({type(exc).__name__}: {exc})") from exc
-
-
-def _seg_series(dataset: Any) -> set[str]:
-    return {str(item.get("SeriesInstanceUID", "")) for item in dataset.get("ReferencedSeriesSequence", [])}
 
 
 def _seg_layer(path: Path, image: LayerData) -> LayerData:

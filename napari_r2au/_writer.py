@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._reader import MissingExtraError, missing_extra, notify_missing_extra, suffix_of
-from .io import write_bytes_atomic, write_png, write_tiff
+from ._reader import notify_missing_extra, suffix_of
+from .io import MissingExtraError, missing_extra, write_bytes_atomic, write_png, write_tiff
 from .postprocess import compact_labels
 
 

@@ -1234,7 +1234,7 @@ def _expected(exc: BaseException) -> bool:
     if isinstance(exc, (ValueError, OSError)):
         return True
     if isinstance(exc, ImportError):
-        from ._reader import MissingExtraError
+        from .io import MissingExtraError
 
         return isinstance(exc, MissingExtraError)
     return False

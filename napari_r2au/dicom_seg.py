@@ -37,7 +37,7 @@ def _highdicom() -> Any:
     try:
         import highdicom
     except ImportError as exc:
-        from ._reader import missing_extra
+        from .io import missing_extra
 
         raise missing_extra("Writing DICOM SEG files", "highdicom", "dicom") from exc
     return highdicom
@@ -125,10 +125,10 @@ def write_dicom_seg(
     before anything is written, when the sources have moved or changed, when the mask's
     shape is not theirs, or when highdicom cannot describe these images in a SEG.
     """
-    from ._reader import _dcmread, _pydicom
+    from .dicom import dcmread, pydicom_module
 
     hd = _highdicom()
-    pydicom = _pydicom()
+    pydicom = pydicom_module()
 
     labels = np.asarray(labels)
     stack = labels[None] if labels.ndim == 2 else labels
@@ -156,7 +156,7 @@ def write_dicom_seg(
                 "it, so open the series again from where it is now"
             )
         try:
-            headers[file] = _dcmread(pydicom, Path(file), stop_before_pixels=True)
+            headers[file] = dcmread(pydicom, Path(file), stop_before_pixels=True)
         except ValueError as exc:
             raise ValueError(f"{file} is no longer the DICOM file the image was read from: {exc}") from exc
     for file, _frame, uid in sources:

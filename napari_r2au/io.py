@@ -75,6 +75,16 @@ def pixel_size_of(
     return (y_size * x_size) ** 0.5, unit
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency for a file type is not installed; the message says how to get it."""
+
+
+def missing_extra(what: str, package: str, extra: str) -> MissingExtraError:
+    """The error for a file type whose extra is not installed (what to install, in one line)."""
+    message = f"{what} needs {package}: install napari-r2au[{extra}] (pip install 'napari-r2au[{extra}]')"
+    return MissingExtraError(message)
+
+
 class ImageReadError(OSError):
     """A file could not be read as an image; the message says which and why."""
 

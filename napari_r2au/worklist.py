@@ -173,7 +173,7 @@ def discover_cases(sources: Sequence[str | os.PathLike]) -> list[dict[str, Any]]
     series (one case per series), or CSV files (columns ``image`` and optionally
     ``reference`` and ``id``; paths relative to the CSV). Returns dicts with id, image,
     reference, kind, in the order given (files sorted by name)."""
-    from ._reader import dicom_series_files
+    from .dicom import dicom_series_files
 
     found: list[dict[str, Any]] = []
     for source in sources:
@@ -211,7 +211,7 @@ def discover_cases(sources: Sequence[str | os.PathLike]) -> list[dict[str, Any]]
 
 
 def _csv_cases(path: Path) -> list[dict[str, Any]]:
-    from ._reader import dicom_series_files
+    from .dicom import dicom_series_files
 
     with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
