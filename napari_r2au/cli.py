@@ -21,7 +21,7 @@ def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile", 
 
 
 def _predict_with_bar(model, image, desc: str, tta: bool = False, **kwargs):
-    """(prediction, uncertainty map or None); ``tta`` averages flipped copies."""
+    """The prediction (with its ``uncertainty`` map when ``tta`` averages flipped copies)."""
     from .engine import iter_predict, run
     from .uncertainty import iter_predict_tta
 
@@ -35,7 +35,7 @@ def _predict_with_bar(model, image, desc: str, tta: bool = False, **kwargs):
     try:
         if tta:
             return run(iter_predict_tta(model, image, **kwargs), update)
-        return run(iter_predict(model, image, **kwargs), update), None
+        return run(iter_predict(model, image, **kwargs), update)
     finally:
         bar.close()
 
@@ -205,7 +205,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 size, unit = args.pixel_size, args.pixel_unit
             for notice in input_notices(model, image, axes):
                 print(f"warning: {path}: {notice}", file=sys.stderr)
-            prediction, uncertainty = _predict_with_bar(
+            prediction = _predict_with_bar(
                 model,
                 image,
                 path.name,
@@ -240,7 +240,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 prediction,
                 args.threshold,
                 args.attention,
-                uncertainty,
+                prediction.uncertainty,
                 source=path,
                 extra=extra,
             )
@@ -301,7 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # a fundus model derives the scale from the field of view itself; an older one is told DRIVE's
     scale = None if model.derives_scale else fundus_scale(image)
     started = time.perf_counter()
-    prediction, _ = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
+    prediction = _predict_with_bar(model, image, "retina", attention=True, scale=scale)
     scale = prediction.scale
     seconds = time.perf_counter() - started
     outdir = Path(args.output)

@@ -66,6 +66,9 @@ class Prediction:
     postprocess: list[str] = field(default_factory=list)
     #: the resize factor the network saw the image at (:func:`working_scale`)
     scale: float = 1.0
+    #: with flip averaging (:func:`napari_r2au.uncertainty.iter_predict_tta`): the per-pixel
+    #: uncertainty of the copies (entropy of their mean, or their spread), in the spatial shape
+    uncertainty: np.ndarray | None = field(default=None, repr=False)
 
     def mask(self, threshold: float | None = None, postprocess: Sequence[str] | None = None) -> np.ndarray:
         """uint8 labels: probability > threshold (binary) or the arg-max class, then the

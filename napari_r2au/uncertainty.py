@@ -71,8 +71,8 @@ def iter_predict_tta(
     kind: str = "entropy",
     attention: bool = False,
     **kwargs: Any,
-) -> Generator[Progress, None, tuple[Prediction, np.ndarray]]:
-    """Predict each flipped copy; returns (prediction, uncertainty map).
+) -> Generator[Progress, None, Prediction]:
+    """Predict each flipped copy; returns the prediction, its ``uncertainty`` map set.
 
     The prediction's probabilities are the mean of the copies (flipped back), which
     scores a little higher than one pass (docs/performance.md, "Flip averaging").
@@ -140,7 +140,7 @@ def iter_predict_tta(
         if kind == "std"
         else mean_entropy(mean, first.multiclass)
     )
-    return dataclasses.replace(first, probabilities=mean), spread
+    return dataclasses.replace(first, probabilities=mean, uncertainty=spread)
 
 
 @dataclass(frozen=True)

@@ -677,7 +677,8 @@ def iter_segment(
                 event: Progress = next(inner)
                 yield WorklistEvent("segment", index, len(todo), case.id, event)
         except StopIteration as stop:
-            prediction, uncertainty = stop.value
+            prediction = stop.value
+        uncertainty = prediction.uncertainty
         mask = prediction.mask()
         probability = prediction.probabilities
         if prediction.multiclass:

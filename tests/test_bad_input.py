@@ -37,7 +37,7 @@ def _flip_averaged(model, image, **kwargs):
     from napari_r2au.engine import run
     from napari_r2au.uncertainty import iter_predict_tta
 
-    return run(iter_predict_tta(model, image, **kwargs))[0]
+    return run(iter_predict_tta(model, image, **kwargs))
 
 
 #: the two ways to predict: one pass, and the mean of flipped copies (segment --tta)

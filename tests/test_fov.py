@@ -120,7 +120,8 @@ def test_flip_averaging_uses_one_derived_scale(fov_model):
     from napari_r2au.uncertainty import iter_predict_tta
 
     image, _ = _photographs("STARE", 1)[0]
-    prediction, spread = run(iter_predict_tta(load_model(fov_model), image))
+    prediction = run(iter_predict_tta(load_model(fov_model), image))
+    spread = prediction.uncertainty
     assert prediction.scale == pytest.approx(537 / fov_diameter(image))
     assert spread.shape == image.shape[:2]
 

@@ -40,7 +40,8 @@ def test_flips_are_undone(monkeypatch, tiny_net, axes, shape):
         try:
             events.append(next(gen))
         except StopIteration as stop:
-            prediction, spread = stop.value
+            prediction = stop.value
+            spread = prediction.uncertainty
             break
     assert [(e.done, e.total) for e in events] == [(0, 3), (1, 3), (1, 3), (2, 3), (2, 3), (3, 3)]
     assert [e.stage for e in events][-1] == "uncertainty"
@@ -58,14 +59,16 @@ def test_the_prediction_is_the_mean_of_the_copies(monkeypatch, tiny_net):
         return engine.Prediction(probabilities=ramp.copy(), threshold=0.5)
 
     monkeypatch.setattr(engine, "iter_predict", blind)
-    prediction, spread = engine.run(iter_predict_tta(tiny_net, np.zeros((5, 9)), axes="YX", kind="std"))
+    prediction = engine.run(iter_predict_tta(tiny_net, np.zeros((5, 9)), axes="YX", kind="std"))
+    spread = prediction.uncertainty
     assert prediction.probabilities == pytest.approx((ramp + 1) / 3)
     assert prediction.threshold == 0.5 and spread.max() > 0.3
 
 
 def test_tta_on_a_real_network_has_the_image_shape(tiny_net, rng):
     gen = iter_predict_tta(tiny_net, rng.random((40, 44, 3)), axes="YXC", precision="fp32")
-    prediction, uncertainty = engine.run(gen)
+    prediction = engine.run(gen)
+    uncertainty = prediction.uncertainty
     assert prediction.probabilities.shape == uncertainty.shape == (40, 44)
     assert uncertainty.min() >= 0 and uncertainty.max() <= 1
 

@@ -156,7 +156,7 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
     assert uncertainty.data.min() >= 0 and uncertainty.data.max() <= 1
 
     # with the uncertainty map on, the probability is the mean of the flipped copies
-    expected = run(iter_predict_tta(load_model("tiny"), layer.data))[0].probabilities
+    expected = run(iter_predict_tta(load_model("tiny"), layer.data)).probabilities
     np.testing.assert_allclose(probability.data, expected, atol=1e-4)
     assert np.abs(probability.data - predict(load_model("tiny"), layer.data).probabilities).max() > 1e-4
     np.testing.assert_array_equal(mask.data, (probability.data > 0.5).astype(np.uint8))

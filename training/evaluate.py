@@ -50,7 +50,7 @@ def evaluate_folders(
         )
         options = dict(scale=own, statistics=sample.statistics)
         if tta:
-            prob = run(iter_predict_tta(loaded, sample.raw, **options))[0].probabilities
+            prob = run(iter_predict_tta(loaded, sample.raw, **options)).probabilities
         else:
             prob = predict(loaded, sample.raw, **options).probabilities
         row = segmentation_metrics(sample.mask, prob, level, sample.fov)

@@ -273,11 +273,11 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             axes=options.get("axes"),
         )
         if uncertainty:
-            prediction, spread = yield from iter_predict_tta(model, image, **options)
+            prediction = yield from iter_predict_tta(model, image, **options)
         else:
-            prediction, spread = (yield from iter_predict(model, image, **options)), None
+            prediction = yield from iter_predict(model, image, **options)
         return SegmentOutput(
-            prediction, spread, path, options["scale"], model.metadata.get("segment_property")
+            prediction, prediction.uncertainty, path, options["scale"], model.metadata.get("segment_property")
         )
 
     def _load(self, path: str) -> LoadedModel:
