@@ -257,27 +257,19 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
     def _job(
         self, path: str, image: Any, options: dict[str, Any], uncertainty: bool
     ) -> Generator[Progress, None, SegmentOutput]:
-        from napari_r2au.engine import iter_predict, working_scale
+        from napari_r2au.engine import iter_predict
         from napari_r2au.uncertainty import iter_predict_tta
 
         model = self._load(path)
-        # the Scale field wins; then the layer's pixel size against the model's; then the image's field of
-        # view (fundus models); then the model's own scale
-        options = dict(options)
-        options["scale"] = working_scale(
-            model,
-            options.pop("scale"),
-            options.pop("pixel_size"),
-            options.pop("pixel_size_unit"),
-            image=image,
-            axes=options.get("axes"),
-        )
+        # the engine resolves the scale (the Scale field wins; then the layer's pixel size against
+        # the model's; then the image's field of view, for fundus models; then the model's own)
+        # and the prediction says which it used
         if uncertainty:
             prediction = yield from iter_predict_tta(model, image, **options)
         else:
             prediction = yield from iter_predict(model, image, **options)
         return SegmentOutput(
-            prediction, prediction.uncertainty, path, options["scale"], model.metadata.get("segment_property")
+            prediction, prediction.uncertainty, path, prediction.scale, model.metadata.get("segment_property")
         )
 
     def _load(self, path: str) -> LoadedModel:
