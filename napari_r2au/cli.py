@@ -564,6 +564,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_network
+    from .model_files import load_model
+
+    model = load_model(args.model)
+    network, card = export_network(
+        model, args.output, args.format, attention=args.attention, overwrite=args.overwrite
+    )
+    print(f"exported {model.name} as {args.format}: {network} (how to use it: {card})")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .model_files import load_model
     from .training.evaluate import evaluate_folders
@@ -1090,6 +1102,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of the new model: letters, digits, '-', '_', '.' (default: <parent>-ft<N>)",
     )
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "export", help="export a model's network as ONNX or TorchScript, with a JSON card of how to use it"
+    )
+    p.add_argument("model", help="a model name (r2au models) or a model file")
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument(
+        "-o", "--output", required=True, help="the file to write (or a folder: <model>.onnx / .pt)"
+    )
+    p.add_argument("--attention", action="store_true", help="the attention gates' maps as extra outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace the file and its card if they exist")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
     p.add_argument(
