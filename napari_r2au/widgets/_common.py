@@ -135,11 +135,26 @@ def replace_layer(
         layer = viewer.layers[name]
         layer.data = data
         for key in ("scale", "translate", "metadata", "colormap", "opacity", "blending", "contrast_limits"):
-            if key in kwargs:
-                setattr(layer, key, kwargs[key])
+            if key in kwargs and not _same(getattr(layer, key, None), kwargs[key]):
+                setattr(layer, key, kwargs[key])  # each change re-checks the viewer's dims: only real ones
         return layer
     add = viewer.add_image if kind == "image" else viewer.add_labels
     return add(data, name=name, visible=shown_if_new, **kwargs)
+
+
+def _same(current: Any, wanted: Any) -> bool:
+    """A layer property already at the wanted value (scale, translate, opacity, ...)."""
+    if isinstance(wanted, (tuple, list)) and current is not None and not isinstance(current, str):
+        try:
+            return len(current) == len(wanted) and all(float(a) == float(b) for a, b in zip(current, wanted))
+        except (TypeError, ValueError):
+            return False
+    if isinstance(wanted, (int, float, str)) and not isinstance(wanted, bool):
+        try:
+            return current == wanted
+        except Exception:  # an array-valued property
+            return False
+    return False
 
 
 # -- models --------------------------------------------------------------------------------
