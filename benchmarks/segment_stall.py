@@ -10,11 +10,9 @@ probabilities. It reports the longest gap between beats and the 99th percentile 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from benchmarks import write_between_markers
-from benchmarks.worklist_stall import Heartbeat, pump, pump_until, summary
+from benchmarks.worklist_stall import Heartbeat, pump, pump_until, report, summary
 
 
 def measure(model: str) -> dict[str, dict[str, float]]:
@@ -51,21 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     results = measure(args.model)
-    lines = [
-        f"Command: `xvfb-run -a python -m benchmarks.segment_stall --model {args.model}` "
-        f"(threads: {os.environ.get('OMP_NUM_THREADS', 'default')})",
-        "",
-        "| phase | heartbeats | longest gap (ms) | 99th percentile (ms) | gaps over 100 ms |",
-        "|---|---|---|---|---|",
-    ]
-    for phase, row in results.items():
-        lines.append(
-            f"| {phase} | {row['beats']} | {row['max_ms']} | {row['p99_ms']} | {row['over_100ms']} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        write_between_markers(args.markdown, text, "<!-- stall-segment -->", "<!-- /stall-segment -->")
+    report(results, f"segment_stall --model {args.model}", args.markdown, "stall-segment")
     return 0
 
 

@@ -143,9 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     results = measure(args.dataset, args.cases, args.model)
+    command = f"worklist_stall --dataset {args.dataset} --cases {args.cases} --model {args.model}"
+    report(results, command, args.markdown, f"stall-{args.dataset.lower()}")
+    return 0
+
+
+def report(results: dict[str, dict[str, float]], command: str, markdown: Path | None, marker: str) -> str:
+    """The heartbeat table of a run, printed and (with ``markdown``) put between the file's
+    ``<!-- marker -->`` lines; shared by the GUI stall benchmarks."""
     lines = [
-        f"Command: `xvfb-run -a python -m benchmarks.worklist_stall --dataset {args.dataset} "
-        f"--cases {args.cases} --model {args.model}` (threads: {os.environ.get('OMP_NUM_THREADS', 'default')})",
+        f"Command: `xvfb-run -a python -m benchmarks.{command}` "
+        f"(threads: {os.environ.get('OMP_NUM_THREADS', 'default')})",
         "",
         "| phase | heartbeats | longest gap (ms) | 99th percentile (ms) | gaps over 100 ms |",
         "|---|---|---|---|---|",
@@ -156,10 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.markdown:
-        marker = f"stall-{args.dataset.lower()}"
-        write_between_markers(args.markdown, text, f"<!-- {marker} -->", f"<!-- /{marker} -->")
-    return 0
+    if markdown:
+        write_between_markers(markdown, text, f"<!-- {marker} -->", f"<!-- /{marker} -->")
+    return text
 
 
 if __name__ == "__main__":
