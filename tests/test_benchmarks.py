@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, write_between_markers
@@ -146,3 +147,68 @@ def test_worklist_stall_benchmark_measures_each_phase_and_writes_its_table(tmp_p
     assert {"open worklist", "pre-segment", "open a case", "edit and save"} <= set(rows)
     beats = int(rows["pre-segment"].split("|")[2])
     assert beats > 10  # the heartbeat ran while the worker segmented
+
+
+def test_worklist_reviewer_corrects_learns_and_scores_the_rest_in_both_orders(
+    tmp_path, drive_root, monkeypatch
+):
+    """The simulated reviewer end to end at a toy size: three DRIVE crops laid out like HRF
+    (images/, manual1/, mask/), two fine-tune steps, two corrected cases per order."""
+    from benchmarks import worklist_reviewer
+    from napari_r2au.io import read_image, write_tiff
+
+    root = tmp_path / "camera"
+    for name in ("images", "manual1", "mask"):
+        (root / name).mkdir(parents=True)
+    for number in (21, 22, 23):
+        crop = np.s_[200:328, 200:328]
+        image = read_image(drive_root / "images" / f"{number}_training.tif")[crop]
+        write_tiff(root / "images" / f"c{number}.tif", image)
+        write_tiff(
+            root / "manual1" / f"c{number}.tif",
+            (read_image(drive_root / "1st_manual" / f"{number}_manual1.gif")[crop] > 0).astype(np.uint8),
+        )
+        write_tiff(
+            root / "mask" / f"c{number}_mask.tif",
+            (read_image(drive_root / "mask" / f"{number}_training_mask.gif")[crop] > 0).astype(np.uint8),
+        )
+    monkeypatch.setattr(
+        worklist_reviewer, "LAYOUTS", {"HRF": (root, "images", "manual1", "{}.tif", "mask", "{}_mask.tif")}
+    )
+    doc, data = tmp_path / "doc.md", tmp_path / "out.json"
+    doc.write_text(
+        "intro\n<!-- worklist-hrf-drive-vessels -->\nold\n<!-- /worklist-hrf-drive-vessels -->\noutro\n"
+    )
+    args = [
+        "--model",
+        "drive-vessels",
+        "--steps",
+        "2",
+        "--corrections",
+        "2",
+        "--out",
+        str(doc),
+        "--out",
+        str(data),
+    ]
+    assert worklist_reviewer.main(args) == 0
+    result = json.loads(data.read_text())
+    assert result["cases"] == ["c21", "c22", "c23"] and set(result["orders"]) == {"file", "uncertain"}
+    for steps in result["orders"].values():
+        assert [len(s["corrected"]) for s in steps] == [0, 1, 2]
+        assert [s["remaining"] for s in steps] == [3, 2, 1]
+        assert steps[-1]["model"] == "drive-vessels-ft2" and steps[-1]["segmented"] == 1
+        assert 0.0 < steps[0]["f1_pooled"] < 1.0 and steps[-1]["f1_series"] > steps[0]["f1_series"]
+    assert result["orders"]["file"][2]["corrected"] == ["c21", "c22"]
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert text.count("| 2 | 2: ") == 2  # a row after the second learn, per order
+    # the Fine-tune dock's rule: a version that scores lower on its held-out strip is not used
+    args = ["--model", "drive-vessels", "--steps", "2", "--corrections", "1", "--order", "file"]
+    assert worklist_reviewer.main(args + ["--adopt", "if-better", "--out", str(data)]) == 0
+    step = json.loads(data.read_text())["orders"]["file"][1]
+    before, after = step["strip_dice"]
+    if step["kept_aside"]:
+        assert after < before and step["model"] == "drive-vessels" and step["segmented"] == 0
+    else:
+        assert step["model"] == "drive-vessels-ft1" and step["segmented"] == 2
