@@ -64,11 +64,13 @@ def pump(seconds: float) -> None:
         time.sleep(0.002)
 
 
-def pump_until(done, timeout: float = 3600.0) -> None:
+def pump_until(done, timeout: float = 1800.0) -> None:
     from qtpy.QtWidgets import QApplication
 
     app, end = QApplication.instance(), time.perf_counter() + timeout
-    while not done() and time.perf_counter() < end:
+    while not done():
+        if time.perf_counter() > end:
+            raise TimeoutError(f"not done after {timeout:.0f} s")
         app.processEvents()
         time.sleep(0.002)
 

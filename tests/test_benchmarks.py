@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, write_between_markers
 
@@ -128,25 +127,6 @@ def test_cross_dataset_evaluates_the_images_the_retina_config_holds_out(drive_ro
         for image, mask, fov in split[source["name"]]:
             assert image.is_file() and mask.is_file() and fov is not None and fov.is_file()
             assert image.name.split(".")[0].split("_training")[0] in mask.name
-
-
-@pytest.mark.gui
-def test_worklist_stall_benchmark_measures_each_phase_and_writes_its_table(tmp_path, drive_root, monkeypatch):
-    from benchmarks import worklist_stall
-
-    monkeypatch.setitem(worklist_stall.FOLDERS, "DRIVE", drive_root / "images")
-    doc = tmp_path / "doc.md"
-    assert worklist_stall.main(["--dataset", "DRIVE", "--cases", "2", "--markdown", str(doc)]) == 0
-    text = doc.read_text()
-    assert "<!-- stall-drive -->" in text and "<!-- /stall-drive -->" in text
-    rows = {
-        line.split("|")[1].strip(): line
-        for line in text.splitlines()
-        if line.startswith("| ") and "ms" not in line
-    }
-    assert {"open worklist", "pre-segment", "open a case", "edit and save"} <= set(rows)
-    beats = int(rows["pre-segment"].split("|")[2])
-    assert beats > 10  # the heartbeat ran while the worker segmented
 
 
 def test_worklist_reviewer_corrects_learns_and_scores_the_rest_in_both_orders(

@@ -551,9 +551,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         wanted = {step[0] for step in steps}
         self._generation += 1
         generation = self._generation
+        self._next_step = None  # a staged placing of an earlier case stops here
 
         def place_next(index: int) -> None:
-            if generation != self._generation:  # another case was opened meanwhile
+            if generation != self._generation:  # another case was opened meanwhile: its own placing goes on
                 return
             role, kind, array, name, visible, metadata, props = steps[index]
             painted = staged and role == "mask" and self._dirty and role in self._roles
