@@ -79,6 +79,8 @@ class ExportRecord(TypedDict, total=False):
     corrected_by_hand: bool | None
     prediction_sha256: str | None
     prediction_slice_sha256: list[str] | None
+    postprocess: list[str] | None
+    model_path: str | None
     reviewer: str | None
     review: dict[str, Any] | None
     metrics: dict[str, Any]
@@ -108,6 +110,8 @@ _EXPORTED = (
     "created",
     "mask_sha256",
     "slice_sha256",
+    "postprocess",
+    "model_path",
 )
 
 

@@ -182,6 +182,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._reader: Any = None  # the worker reading the case being opened
         self._dirty = False
         self._saving = False
+        self._save_error = False  # the last background save failed: the mask on screen is unsaved
         # held by the background save from its start to its end: a save on this thread waits for
         # it, so that an older copy of the mask never lands after a newer one
         self._write_lock = threading.Lock()
@@ -222,6 +223,8 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             return self._refuse("choose a worklist folder (a new or empty one starts a worklist).")
         if self.running:
             return self._refuse("wait for the running job to finish (or cancel it) first.")
+        if self.worklist is not None and folder.expanduser().resolve() == self.worklist.folder:
+            self._close_worklist()  # opened again (a refresh): this dock's own lock is released first
         self._leave_case()
         try:
             if (folder / WORKLIST_FILE).is_file():
@@ -396,6 +399,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         worklist = self.worklist
         case = worklist.case(case_id)
         self._leave_case()
+        self._generation += 1  # a staged placing of the case before stops now, not when the next is read
+        self._next_step = None
+        with contextlib.suppress(RuntimeError):
+            self._stage_timer.stop()
         if self._mask_layer is not None:  # no stroke lands on the case being left while the next is read
             self._mask_layer.editable = False
         self._mask_layer = None
@@ -445,6 +452,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         if ticket != self._opening:
             return
         self._reader = None
+        self._remove_case_layers()  # the case before is no longer on screen as if it were this one
         notify_error(f"Worklist: case {case.id}: {describe_error(exc)}")
         self._case_line.value = f"Case {case.id} cannot be opened: {describe_error(exc)}"
 
@@ -684,6 +692,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         def save() -> str:
             try:
                 worklist.save_mask(case, mask)
+            except BaseException:
+                self._save_error = True  # known before the lock is released: leaving the case retries
+                raise
             finally:
                 lock.release()
             return case.id
@@ -698,12 +709,12 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._refresh_case(case_id)
 
     def _save_failed(self, exc: BaseException) -> None:
-        self._dirty = True  # tried again on the next stroke, or when the case is left
+        # tried again on the next stroke, or when the case is left (_save_error, set in the worker)
         notify_error(f"Worklist: the mask could not be saved: {describe_error(exc)}")
 
     def _save_finished(self) -> None:
         self._saving = False
-        if self._dirty:
+        if self._dirty:  # strokes during the save; a failed save is retried on leaving the case
             self._save_timer.start(SAVE_DELAY_MS)
 
     def _flush(self) -> None:
@@ -712,10 +723,11 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             self._save_timer.stop()
             self._latest_timer.stop()
         with self._write_lock:  # a background save still running ends first
-            if not (self._dirty and self._mask_layer is not None and self.worklist and self.current):
+            pending = self._dirty or self._save_error
+            if not (pending and self._mask_layer is not None and self.worklist and self.current):
                 return
-            self._dirty = False
             self.worklist.save_mask(self.worklist.case(self.current), np.array(self._mask_layer.data))
+            self._dirty = self._save_error = False  # only once it is written
         self._refresh_case(self.current)
 
     # -- verdicts -----------------------------------------------------------------------------
