@@ -108,15 +108,7 @@ def write_outputs(
     through :func:`napari_r2au.outputs.write_group` (callers check the plan first)."""
     import numpy as np
 
-    from .outputs import write_group
-
-    def tiff(array):
-        def write(path: Path) -> None:
-            import tifffile
-
-            tifffile.imwrite(path, array, compression="zlib")
-
-        return write
+    from .outputs import tiff_writer, write_group
 
     gates = attention and bool(prediction.attention)
     names = output_names(stem, attention=gates, uncertainty=uncertainty is not None)
@@ -125,7 +117,7 @@ def write_outputs(
         arrays.append(uncertainty.astype("float32"))
     if gates:
         arrays.append(np.stack(prediction.attention).astype("float32"))
-    files = [(name, tiff(array)) for name, array in zip(names, arrays)] + list(extra or [])
+    files = [(name, tiff_writer(array)) for name, array in zip(names, arrays)] + list(extra or [])
     return write_group(outdir, source or stem, files)
 
 
@@ -879,11 +871,7 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
             f"re-segmented {_cases(len(result.resegmented))} nobody had touched"
             + (f": {', '.join(result.resegmented)}" if result.resegmented else "")
         )
-    if (
-        result.dice_before is not None
-        and result.dice_after is not None
-        and result.dice_after < result.dice_before
-    ):
+    if result.dice_fell:
         print(
             f"warning: {result.model} scores lower than {result.parent} on the held-out part; "
             "compare before you rely on it",

@@ -103,6 +103,26 @@ def check_plan(plan: Mapping[Path, Iterable[Path]], overwrite: bool = False) -> 
 Writer = Callable[[Path], None]
 
 
+def tiff_writer(array: Any) -> Writer:
+    """A writer of ``array`` as a zlib-compressed TIFF (for :func:`write_group`)."""
+
+    def write(path: Path) -> None:
+        import tifffile
+
+        tifffile.imwrite(path, array, compression="zlib")
+
+    return write
+
+
+def text_writer(text: str) -> Writer:
+    """A writer of ``text`` as a UTF-8 file (for :func:`write_group`)."""
+
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return write
+
+
 def write_group(folder: Path, source: str | os.PathLike, files: list[tuple[str, Writer]]) -> list[Path]:
     """Write the files of one input (``name``, ``write(temporary_path)``) into ``folder``:
     all are written to temporary files first and moved into place only when every one

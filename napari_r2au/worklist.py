@@ -716,6 +716,13 @@ class LearnResult:
     dice_before: float | None
     dice_after: float | None
     resegmented: list[str] = field(default_factory=list)
+    #: the fine-tune's own result (its rules, such as dice_fell, hold for the new version)
+    finetune: Any = field(default=None, repr=False)
+
+    @property
+    def dice_fell(self) -> bool:
+        """The new version scores lower than its parent on the held-out part."""
+        return bool(self.finetune is not None and self.finetune.dice_fell)
 
 
 def iter_learn(
@@ -779,6 +786,7 @@ def iter_learn(
         names,
         tuned.dice_before,
         tuned.dice_after,
+        finetune=tuned,
     )
     if tuned.model is None:
         yield WorklistEvent("learned", 1, 1, detail=result)
@@ -852,7 +860,7 @@ def export_series(worklist: Worklist, out: str | os.PathLike, overwrite: bool = 
     CSV and JSON (per case: status, model, metrics, reviewer, times) and a plot of the
     per-case Dice (or uncertainty, where no case has a reference). Never replaces a file
     that is not an earlier export of this kind, unless ``overwrite``."""
-    from .outputs import check_plan, write_group
+    from .outputs import check_plan, text_writer, tiff_writer, write_group
     from .postprocess import compact_labels
 
     out = Path(out).expanduser()
@@ -894,8 +902,8 @@ def export_series(worklist: Worklist, out: str | os.PathLike, overwrite: bool = 
                     sidecar, str(worklist.path_of(case.reference)), confusion(truth, mask > 0).rates()
                 )
             files: list[tuple[str, Callable[[Path], None]]] = [
-                (f"{case.id}_mask.tif", _tiff_writer(stored)),
-                (f"{case.id}_mask.json", _text_writer(sidecar_text(sidecar))),
+                (f"{case.id}_mask.tif", tiff_writer(stored)),
+                (f"{case.id}_mask.json", text_writer(sidecar_text(sidecar))),
             ]
             if case.kind == "dicom":
                 files.append((f"{case.id}_seg.dcm", _seg_writer(worklist, case, mask, record)))
@@ -911,28 +919,12 @@ def export_series(worklist: Worklist, out: str | os.PathLike, overwrite: bool = 
         "cases": rows,
     }
     files = [
-        ("summary.csv", _text_writer(_csv_text(rows))),
-        ("summary.json", _text_writer(json.dumps(summary, indent=1) + "\n")),
+        ("summary.csv", text_writer(_csv_text(rows))),
+        ("summary.json", text_writer(json.dumps(summary, indent=1) + "\n")),
         ("summary.png", _plot_writer(rows)),
     ]
     written += write_group(out, worklist.folder / WORKLIST_FILE, files)
     return written
-
-
-def _tiff_writer(array: np.ndarray) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        import tifffile
-
-        tifffile.imwrite(path, array, compression="zlib")
-
-    return write
-
-
-def _text_writer(text: str) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        path.write_text(text, encoding="utf-8")
-
-    return write
 
 
 def _seg_writer(
