@@ -100,6 +100,31 @@ def test_camera_augmentations_change_only_what_they_should():
         assert torch.isfinite(out).all()
 
 
+def test_jpeg_augmentation_is_a_codec_round_trip():
+    """JPEG artefacts grow as the quality falls, leave the labels alone, and a bad range is refused."""
+    from napari_r2au.training.trainer import ConfigError, TrainConfig
+
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    pattern = torch.sin(x / 5) + torch.cos(y / 7) + 0.5 * torch.sin((x + y) / 3)  # smooth, like a photograph
+    tints = ((1.0, 0.3), (0.6, -0.2), (0.3, 0.0))  # channels that move together, as in a fundus
+    images = torch.stack([pattern * gain + shift for gain, shift in tints])[None].repeat(2, 1, 1, 1)
+    masks = (torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.8).float()
+    fov = torch.ones(2, 1, 64, 64)
+    base = dict(flips=False, rot90=False, affine=False, intensity=False, jpeg=1.0)
+    errors = {}
+    for quality in (95, 10):
+        config = AugmentConfig(**base, jpeg_quality=(quality, quality))
+        out, out_masks, _ = augment(images.clone(), masks, fov, config, torch.Generator().manual_seed(1))
+        assert torch.equal(out_masks, masks) and out.shape == images.shape
+        errors[quality] = float((out - images).abs().mean() / images.std())
+    assert 0 < errors[95] < 0.05 < 0.15 < errors[10], errors
+    grey, _, _ = augment(images[:, :1].clone(), masks, fov, AugmentConfig(**base), torch.Generator())
+    assert not torch.allclose(grey, images[:, :1])
+    for bad in ({"jpeg": 1.5}, {"jpeg": 0.3, "jpeg_quality": [90, 30]}, {"jpeg": 0.3, "jpeg_quality": [0, 50]}):
+        with pytest.raises(ConfigError, match="augment.jpeg"):
+            TrainConfig.from_dict({"name": "x", "data": {"kind": "drive", "root": "."}, "augment": bad})
+
+
 def test_val_names_may_be_patterns(rng):
     from napari_r2au.training.data import DataError, split
 

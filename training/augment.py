@@ -31,6 +31,11 @@ class AugmentConfig:
     blur: float = 0.0
     #: largest standard deviation of added Gaussian noise (in standard deviations); 0: none
     noise: float = 0.0
+    #: share of patches passed through a JPEG encoder and back (8x8 block edges, ringing and,
+    #: for colour, halved chroma): photographs saved as JPEG by the camera or a PACS; 0: none
+    jpeg: float = 0.0
+    #: lowest and highest JPEG quality drawn for those patches
+    jpeg_quality: tuple[int, int] = (30, 90)
 
 
 class PatchSampler:
@@ -140,7 +145,41 @@ def augment(
     if config.noise:
         sigma = _uniform(generator, n, 0, config.noise).view(n, 1, 1, 1)
         images = images + sigma * torch.randn(images.shape, generator=generator)
+    if config.jpeg:
+        chosen = torch.rand(n, generator=generator) < config.jpeg
+        low, high = config.jpeg_quality
+        qualities = torch.randint(int(low), int(high) + 1, (n,), generator=generator)
+        images = _jpeg(images, qualities, chosen)
     return images.contiguous(), masks, fov
+
+
+def _jpeg(images: torch.Tensor, qualities: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The chosen (standardized) images through a JPEG round trip at their quality: each is
+    mapped to 0-255 by its own range, encoded, decoded and mapped back, so only the codec's
+    losses remain. One or three channels (others are left as they are)."""
+    import io
+
+    from PIL import Image
+
+    c = images.shape[1]
+    if c not in (1, 3):
+        return images
+    out = images.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        image = images[i].float()
+        low, high = float(image.min()), float(image.max())
+        if high - low < 1e-6:
+            continue
+        pixels = ((image - low) * (255.0 / (high - low))).round().clamp(0, 255).to(torch.uint8)
+        array = pixels.permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array[..., 0] if c == 1 else array).save(
+            buffer, format="JPEG", quality=int(qualities[i])
+        )
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float32)
+        decoded = torch.from_numpy(decoded.reshape(array.shape)).permute(2, 0, 1)
+        out[i] = (decoded * ((high - low) / 255.0) + low).to(images.dtype)
+    return out
 
 
 def _blur(images: torch.Tensor, sigmas: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

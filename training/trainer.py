@@ -79,6 +79,23 @@ class ConfigError(ValueError):
 PATH_KEYS = ("root", "images", "masks", "fov")
 
 
+def _jpeg_problems(augment: AugmentConfig) -> list[str]:
+    """The JPEG augmentation's share and quality range, checked before any data is read."""
+    found = []
+    share = augment.jpeg
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        found.append(f"augment.jpeg is the share of patches (0 to 1), got {share!r}")
+    quality = augment.jpeg_quality
+    if (
+        not isinstance(quality, (list, tuple))
+        or len(quality) != 2
+        or not all(isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 95 for q in quality)
+        or quality[0] > quality[1]
+    ):
+        found.append(f"augment.jpeg_quality is [lowest, highest] between 1 and 95, got {quality!r}")
+    return found
+
+
 def _path_problems(data: dict[Any, Any], where: str) -> list[str]:
     return [
         f"{where}.{key} must be a folder path, got {data[key]!r}"
@@ -236,6 +253,7 @@ class TrainConfig:
         number("ema_decay", 0, strict=True, optional=True, high=1)
         if self.segment_property is not None and (problem := check_segment_property(self.segment_property)):
             found.append(f"segment_property: {problem}")
+        found += _jpeg_problems(self.augment)
         if self.loss not in LOSSES:
             found.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
