@@ -120,7 +120,11 @@ def test_jpeg_augmentation_is_a_codec_round_trip():
     assert 0 < errors[95] < 0.05 < 0.15 < errors[10], errors
     grey, _, _ = augment(images[:, :1].clone(), masks, fov, AugmentConfig(**base), torch.Generator())
     assert not torch.allclose(grey, images[:, :1])
-    for bad in ({"jpeg": 1.5}, {"jpeg": 0.3, "jpeg_quality": [90, 30]}, {"jpeg": 0.3, "jpeg_quality": [0, 50]}):
+    for bad in (
+        {"jpeg": 1.5},
+        {"jpeg": 0.3, "jpeg_quality": [90, 30]},
+        {"jpeg": 0.3, "jpeg_quality": [0, 50]},
+    ):
         with pytest.raises(ConfigError, match="augment.jpeg"):
             TrainConfig.from_dict({"name": "x", "data": {"kind": "drive", "root": "."}, "augment": bad})
 
