@@ -421,3 +421,60 @@ def test_a_multiclass_model_is_refused_before_training(tmp_path, rng):
     image, mask = _bars(rng)
     with pytest.raises(ValueError, match="3 classes"):
         run(iter_finetune(parent, [(image, mask)], settings=FinetuneSettings(steps=2)))
+
+
+def test_the_threshold_is_chosen_once_for_the_weights_that_are_saved(base_model, rng, monkeypatch):
+    """Share 1: the trainer's calibration stands and gives Dice after; share 0.5: the trainer
+    does not calibrate weights that are never saved, the blended ones are calibrated once."""
+    from napari_r2au.training import finetune, trainer
+    from napari_r2au.training.finetune import prepare_samples
+
+    calls: list[str] = []
+    real_calibrate, real_best = trainer.calibrate_threshold, finetune.best_threshold
+    monkeypatch.setattr(
+        trainer, "calibrate_threshold", lambda *a, **k: calls.append("trainer") or real_calibrate(*a, **k)
+    )
+    monkeypatch.setattr(
+        finetune, "best_threshold", lambda m, *a, **k: calls.append(m.name) or real_best(m, *a, **k)
+    )
+    image, mask = _bars(rng)
+    for share, expected in ((1.0, ["base", "trainer"]), (0.5, ["base", "shared"])):
+        calls.clear()
+        settings = FinetuneSettings(steps=4, lr=0.01, patch_size=48, batch_size=2, weight_share=share)
+        result = run(
+            iter_finetune(
+                base_model, [(image, mask)], settings=settings, name="shared" if share < 1 else "own"
+            )
+        )
+        assert calls == expected, share
+        _, held_out = prepare_samples(base_model, [(image, mask)], None, settings)
+        measured = trainer.evaluate_samples(result.model, held_out, result.model.threshold)["f1"]
+        assert result.dice_after == pytest.approx(measured, abs=1e-4), share
+        assert result.model.metadata["provenance"]["validation_metrics"]["f1"] == pytest.approx(
+            measured, abs=1e-4
+        )
+
+
+def test_training_from_a_parent_leaves_the_callers_model_and_config_alone(base_model, rng, tmp_path):
+    import torch
+
+    from napari_r2au.training.data import make_sample
+    from napari_r2au.training.trainer import TrainConfig, iter_train
+
+    before = {k: v.clone() for k, v in base_model.network.state_dict().items()}
+    samples = [make_sample(*_bars(rng, 64), f"s{i}", 3, None, base_model.normalization) for i in range(2)]
+    config = TrainConfig(
+        name="child",
+        architecture="unet",
+        steps=3,
+        patch_size=32,
+        batch_size=2,
+        lr=0.05,
+        output_dir=str(tmp_path / "run"),
+        val_every=3,
+    )
+    run(iter_train(config, samples=samples[:1], val_samples=samples[1:], parent=base_model))
+    assert config.architecture == "unet"  # not rewritten to the parent's
+    after = base_model.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert load_model(tmp_path / "run" / "best.json").metadata["architecture"] == "r2au_net"

@@ -36,7 +36,7 @@ from napari_r2au.postprocess import segment_mask
 
 from .data import Sample, memory_samples
 from .settings import FinetuneSettings
-from .trainer import TrainConfig, TrainEvent, best_threshold, evaluate_samples, iter_train, predict_samples
+from .trainer import TrainConfig, TrainEvent, best_threshold, iter_train, predict_samples
 
 #: at most this many held-out strips: each validation predicts all of them, and a stack
 #: can have a hundred painted slices
@@ -434,10 +434,13 @@ def iter_finetune(
         pixel_size=pixel_size,
         pixel_size_unit=pixel_size_unit or (parent.pixel_size_unit if pixel_size else None),
         data={"kind": "memory", "pairs": list(names or [f"pair{i}" for i in range(len(pairs))])},
+        # the threshold is chosen once, for the weights that are saved: by the trainer when
+        # they are its own, here after blending when they are not
+        calibrate_threshold=settings.weight_share >= 1.0,
     )
     if not settings.augment:
         config.augment.flips = config.augment.rot90 = config.augment.affine = config.augment.intensity = False
-    # Fine-tuning changes the weights of a copy, never the caller's network.
+    # The trainer trains a copy of the parent's network, never the caller's.
     # A fine-tune is one process: torchrun's variables (left over in a shell) are ignored.
     try:
         result = yield from iter_train(
@@ -445,7 +448,7 @@ def iter_finetune(
             samples=train_samples,
             val_samples=val_samples,
             device=device,
-            parent=load_model_file(parent.path),
+            parent=parent,
             distributed=False,
         )
     except BaseException:  # Cancel (the generator closed), an error: no half-run left in the user's folder
@@ -465,14 +468,16 @@ def iter_finetune(
     if settings.weight_share < 1.0:
         network = blend_with_parent(parent.network, tuned.network, settings.weight_share)
         provenance["weight_share"] = settings.weight_share
-        provenance.pop("validation_metrics_at_0.5", None)  # of the unblended weights
         tuned = LoadedModel(network, meta)
-        if val_samples:  # the trainer chose the threshold of, and measured, the unblended weights
+        if val_samples:  # the saved weights are these: their threshold, measured on them
             meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
             provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
+            provenance["threshold_chosen_on"] = "held-out part of the corrections, F1 (blended weights)"
             dice_after = metrics["f1"]
-    elif val_samples:
-        dice_after = evaluate_samples(tuned, val_samples, tuned.threshold, device=device)["f1"]
+        else:  # the trainer's figures are of the unblended weights
+            provenance.pop("validation_metrics", None)
+    elif val_samples:  # the trainer chose the threshold on the held-out part and measured there
+        dice_after = result.best_metrics["f1"]
     meta["provenance"] = dict(
         provenance, dice_before=dice_before, dice_after=dice_after, held_out_corrections=corrections
     )

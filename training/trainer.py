@@ -8,6 +8,7 @@ atomic. No Qt and no napari here.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -765,10 +766,10 @@ def iter_train(
         )
     val_samples = val_samples or []
 
-    if parent is not None:
-        network = parent.network
+    if parent is not None:  # a copy: the caller's model and config stay as they were
+        network = copy.deepcopy(parent.network)
         arch_args = dict(parent.metadata["arch_args"])
-        config.architecture = parent.metadata["architecture"]
+        config = dataclasses.replace(config, architecture=parent.metadata["architecture"])
     else:
         arch_args = {
             "in_channels": config.in_channels,
