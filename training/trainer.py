@@ -692,6 +692,150 @@ def run_files(out: Path) -> list[Path]:
     return [out / name for name in RUN_FILES if os.path.lexists(out / name)]
 
 
+def _run_samples(
+    config: TrainConfig,
+    normalization: dict[str, Any],
+    samples: list[Sample] | None,
+    val_samples: list[Sample] | None,
+) -> tuple[list[Sample], list[Sample]]:
+    """The run's training and validation samples: the caller's (checked against the
+    model's normalization), or read from config.data and split by the seed."""
+    if samples is None:
+        if config.data.get("kind") == "sources":  # every source split on its own
+            samples, val_samples = split_sources(
+                load_samples(config, normalization), config.data["sources"], config.seed
+            )
+        else:
+            samples, val_samples = split(
+                load_samples(config, normalization),
+                config.val_images,
+                config.seed,
+                config.val_names,
+                by_series=config.data.get("kind") == "dicom",
+            )
+        # (in-memory corrections may be all background: "nothing here" is a valid correction)
+        if not any(sample.mask[sample.fov].any() for sample in samples):
+            raise DataError(
+                "every training mask is empty (all background): nothing to learn; "
+                "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images"
+            )
+    elif any(s.normalization not in (None, normalization) for s in [*samples, *(val_samples or [])]):
+        raise DataError(
+            f"the samples were normalized otherwise than the model will be ({normalization}): "
+            "make them with that normalization"
+        )
+    return samples, val_samples or []
+
+
+def _starting_network(
+    config: TrainConfig, parent: LoadedModel | None
+) -> tuple[Any, dict[str, Any], TrainConfig]:
+    """A new network per the config, or a copy of the parent's (the caller's model and
+    config stay as they were; the config returned names the parent's architecture)."""
+    if parent is not None:
+        network = copy.deepcopy(parent.network)
+        arch_args = dict(parent.metadata["arch_args"])
+        config = dataclasses.replace(config, architecture=parent.metadata["architecture"])
+    else:
+        arch_args = {
+            "in_channels": config.in_channels,
+            "out_channels": 1,
+            "base_width": config.base_width,
+            "t": config.t,
+        }
+        network = create_model(config.architecture, **arch_args)
+    return network, arch_args, config
+
+
+def _restore_run(
+    out: Path,
+    config: TrainConfig,
+    writer: bool,
+    network: Any,
+    average: WeightAverage | None,
+    optimizer: Any,
+    generator: torch.Generator,
+) -> tuple[int, float, int, float]:
+    """Load a run's last state into the network, average, optimizer and generator; its
+    step, best score, bad validations and elapsed seconds."""
+    last_state, last_model = out / "last_state.pt", out / "last.json"
+    if not last_state.is_file():
+        raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
+    if writer:
+        _warn_changed_settings(config, out / "config.json")
+    state = torch.load(last_state, map_location="cpu", weights_only=True)
+    trained_with = state.get("ema_decay")
+    if trained_with != config.ema_decay:
+        raise ValueError(
+            f"{out}: this run was trained with ema_decay={trained_with}, not {config.ema_decay}; "
+            f"resume it with --set ema_decay={trained_with}"
+        )
+    # the state file holds the weights of its own step; older runs kept them in last.json only
+    network.load_state_dict(
+        state["network"] if "network" in state else load_model(last_model).network.state_dict()
+    )
+    if average is not None:
+        average.network.load_state_dict(state["average"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["step"], state["best_f1"], state["bad_validations"], state["elapsed"]
+
+
+def _open_log(log_path: Path, writer: bool, resume: bool, step: int) -> Any:
+    """The run's log.csv opened for appending (a new one gets its header; a resumed one
+    loses the rows after its checkpoint); other ranks write to nowhere."""
+    if writer and (not resume or not os.path.lexists(log_path)):  # a new log: its header, atomically
+        write_bytes_atomic(
+            log_path, b"step,loss,lr,seconds,val_f1,val_auc_roc,val_sensitivity,val_specificity\r\n"
+        )
+    elif writer:  # a resumed log loses the rows after the checkpoint (they would appear twice)
+        open_for_append(log_path).close()  # a symlink at the path is refused before it is read
+        _truncate_log(log_path, step)
+    # appended to step by step; a symlink at the path is refused, not followed
+    return open_for_append(log_path) if writer else open(os.devnull, "w", newline="")
+
+
+def _validate(
+    kept: Any, config: TrainConfig, normalization: dict[str, Any], val_samples: list[Sample], dev: Any
+) -> dict[str, float]:
+    """The kept weights measured on the validation samples at threshold 0.5."""
+    kept.eval()
+    loaded = LoadedModel(
+        kept,
+        {
+            "name": config.name,
+            "in_channels": config.in_channels,
+            "out_channels": 1,
+            "threshold": 0.5,
+            "normalization": normalization,
+        },
+        source="memory",
+    )
+    return evaluate_samples(loaded, val_samples, precision=config.precision, device=str(dev))
+
+
+def _refuse_taken_folder(out: Path, previous: list[Path], taken: bool, world: int) -> None:
+    """Refuse an output folder that holds another run (its best.json would pass for this
+    run's), before anything is read or written; every rank agrees with rank 0."""
+    if world > 1:  # rank 0's view: the others may already see the files rank 0 goes on to write
+        taken = _agree(taken)
+    if taken:
+        found = f" ({', '.join(p.name for p in previous)})" if previous else ""
+        raise FileExistsError(
+            f"{out} holds a run already{found}; continue it with --resume, replace it with "
+            "--overwrite, or set another output_dir"
+        )
+
+
+def _open_board(out: Path) -> Any:
+    """A TensorBoard writer in the run folder (the package is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from exc
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def iter_train(
     config: TrainConfig,
     samples: list[Sample] | None = None,
@@ -721,15 +865,7 @@ def iter_train(
     out = Path(config.output_dir)
     previous = run_files(out)  # before this run writes any
     rank, world, local_rank = distributed_context() if distributed else (0, 1, 0)
-    taken = bool(previous) and not resume and not overwrite
-    if world > 1:  # rank 0's view: the others may already see the files rank 0 goes on to write
-        taken = _agree(taken)
-    if taken:  # before anything is read or written
-        found = f" ({', '.join(p.name for p in previous)})" if previous else ""
-        raise FileExistsError(
-            f"{out} holds a run already{found}; continue it with --resume, replace it with "
-            "--overwrite, or set another output_dir"
-        )
+    _refuse_taken_folder(out, previous, bool(previous) and not resume and not overwrite, world)
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
     dev = select_device(device or config.device)  # a device this machine lacks: said before any data is read
@@ -740,44 +876,9 @@ def iter_train(
         parent = load_model(config.init_from)
     normalization = resolve_normalization(config, parent)
     out.mkdir(parents=True, exist_ok=True)
-    if samples is None:
-        if config.data.get("kind") == "sources":  # every source split on its own
-            samples, val_samples = split_sources(
-                load_samples(config, normalization), config.data["sources"], config.seed
-            )
-        else:
-            samples, val_samples = split(
-                load_samples(config, normalization),
-                config.val_images,
-                config.seed,
-                config.val_names,
-                by_series=config.data.get("kind") == "dicom",
-            )
-        # (in-memory corrections may be all background: "nothing here" is a valid correction)
-        if not any(sample.mask[sample.fov].any() for sample in samples):
-            raise DataError(
-                "every training mask is empty (all background): nothing to learn; "
-                "check that masks are 0/1 or 0/255 (or set data.class_map) and match their images"
-            )
-    elif any(s.normalization not in (None, normalization) for s in [*samples, *(val_samples or [])]):
-        raise DataError(
-            f"the samples were normalized otherwise than the model will be ({normalization}): "
-            "make them with that normalization"
-        )
-    val_samples = val_samples or []
+    samples, val_samples = _run_samples(config, normalization, samples, val_samples)
 
-    if parent is not None:  # a copy: the caller's model and config stay as they were
-        network = copy.deepcopy(parent.network)
-        arch_args = dict(parent.metadata["arch_args"])
-        config = dataclasses.replace(config, architecture=parent.metadata["architecture"])
-    else:
-        arch_args = {
-            "in_channels": config.in_channels,
-            "out_channels": 1,
-            "base_width": config.base_width,
-            "t": config.t,
-        }
-        network = create_model(config.architecture, **arch_args)
+    network, arch_args, config = _starting_network(config, parent)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -809,30 +910,8 @@ def iter_train(
     step, best_f1, bad, elapsed_before = 0, -1.0, 0, 0.0
     last_state, last_model, best_model = out / "last_state.pt", out / "last.json", out / "best.json"
     if resume:
-        if not last_state.is_file():
-            raise FileNotFoundError(f"{out}: nothing to resume (no last_state.pt)")
-        if writer:
-            _warn_changed_settings(config, out / "config.json")
-        state = torch.load(last_state, map_location="cpu", weights_only=True)
-        trained_with = state.get("ema_decay")
-        if trained_with != config.ema_decay:
-            raise ValueError(
-                f"{out}: this run was trained with ema_decay={trained_with}, not {config.ema_decay}; "
-                f"resume it with --set ema_decay={trained_with}"
-            )
-        # the state file holds the weights of its own step; older runs kept them in last.json only
-        network.load_state_dict(
-            state["network"] if "network" in state else load_model(last_model).network.state_dict()
-        )
-        if average is not None:
-            average.network.load_state_dict(state["average"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, best_f1, bad, elapsed_before = (
-            state["step"],
-            state["best_f1"],
-            state["bad_validations"],
-            state["elapsed"],
+        step, best_f1, bad, elapsed_before = _restore_run(
+            out, config, writer, network, average, optimizer, generator
         )
     elif writer:
         from napari_r2au import __version__
@@ -841,27 +920,10 @@ def iter_train(
         # atomic: a file or a symlink planted at the path is replaced, never written through
         write_bytes_atomic(out / "config.json", (json.dumps(resolved, indent=2, default=str) + "\n").encode())
 
-    log_path = out / "log.csv"
-    if writer and (not resume or not os.path.lexists(log_path)):  # a new log: its header, atomically
-        write_bytes_atomic(
-            log_path, b"step,loss,lr,seconds,val_f1,val_auc_roc,val_sensitivity,val_specificity\r\n"
-        )
-    elif writer:  # a resumed log loses the rows after the checkpoint (they would appear twice)
-        open_for_append(log_path).close()  # a symlink at the path is refused before it is read
-        _truncate_log(log_path, step)
-    # appended to step by step; a symlink at the path is refused, not followed
-    log_file = open_for_append(log_path) if writer else open(os.devnull, "w", newline="")
+    log_file = _open_log(out / "log.csv", writer, resume, step)
     log = csv.writer(log_file)
 
-    board = None
-    if config.tensorboard and writer:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ValueError(
-                "tensorboard: true needs the tensorboard package (pip install tensorboard)"
-            ) from exc
-        board = SummaryWriter(str(out / "tensorboard"))
+    board = _open_board(out) if config.tensorboard and writer else None
 
     best_metrics: dict[str, float] = {}
     if best_model.is_file():
@@ -910,21 +972,7 @@ def iter_train(
                 out_of_time = _agree(out_of_time)
             if (step % config.val_every == 0 or step == config.steps or out_of_time) and writer:
                 if val_samples:
-                    kept.eval()
-                    loaded = LoadedModel(
-                        kept,
-                        {
-                            "name": config.name,
-                            "in_channels": config.in_channels,
-                            "out_channels": 1,
-                            "threshold": 0.5,
-                            "normalization": normalization,
-                        },
-                        source="memory",
-                    )
-                    validation = evaluate_samples(
-                        loaded, val_samples, precision=config.precision, device=str(dev)
-                    )
+                    validation = _validate(kept, config, normalization, val_samples, dev)
                     if selection_score(validation) > best_f1:
                         best_f1, bad, best_metrics = selection_score(validation), 0, validation
                         save("best", validation)
