@@ -223,3 +223,86 @@ def test_the_series_exports_with_a_summary_and_never_replaces_files_silently(
     wait_idle(qtbot, widget)
     assert "Not written" in widget._export_line.value
     assert (out / "case1_mask.tif").read_bytes() == b"a file the user made"
+
+
+def test_a_failed_background_save_is_retried_when_the_case_is_left(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny, monkeypatch
+):
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    worklist = widget.worklist
+    case = worklist.case(widget.current)
+    real_save, failures = worklist.save_mask, []
+
+    def full_disk_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(worklist, "save_mask", full_disk_once)
+    widget._mask_layer.paint((5, 5), 1)
+    painted = np.array(widget._mask_layer.data)
+    qtbot.waitUntil(lambda: bool(failures) and not widget._saving, timeout=10_000)
+    assert widget._save_error  # the edit is known to be unsaved
+    assert not np.array_equal(worklist.read_mask(case), painted)
+    widget.step(1)  # leaving the case saves it again
+    settle(qtbot, widget)
+    assert np.array_equal(worklist.read_mask(worklist.case(case.id)), painted)
+    assert not widget._save_error and worklist.case(case.id).edited
+
+
+def test_opening_the_open_worklist_again_releases_the_docks_own_lock(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    widget.open_worklist()  # a refresh of the same folder
+    settle(qtbot, widget)
+    assert widget.worklist is not None and "open elsewhere" not in widget._status.value
+    assert len(widget.worklist.cases) == 3
+
+
+def test_a_case_that_fails_to_open_leaves_no_other_cases_layers(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny, monkeypatch
+):
+    from napari_r2au.widgets import worklist as dock
+
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    before = widget.current
+    real = dock._read_case_layers
+
+    def unreadable(worklist, case):
+        if case.id != before:
+            raise OSError(5, "Input/output error")
+        return real(worklist, case)
+
+    monkeypatch.setattr(dock, "_read_case_layers", unreadable)
+    widget.step(1)
+    settle(qtbot, widget)
+    assert widget.current != before and "cannot be opened" in widget._case_line.value
+    assert not [layer.name for layer in viewer.layers if layer.name.startswith(before)]
+    assert widget._mask_layer is None  # no stroke can land in the case before
+
+
+def test_opening_a_case_stops_the_staged_placing_of_the_one_before(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny, monkeypatch
+):
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    first, second = [c.id for c in widget.worklist.cases if c.id != widget.current][:2]
+    monkeypatch.setattr(widget._stage_timer, "start", lambda *_: None)  # hold the staging after one layer
+    widget.open_case(first, staged=True)
+    qtbot.waitUntil(lambda: widget._next_step is not None, timeout=10_000)
+    stale = widget._next_step
+    monkeypatch.undo()
+    widget.open_case(second)
+    assert widget._next_step is None and widget._mask_layer is None  # at once, before the next is read
+    shown = [(layer.name, id(layer.data)) for layer in viewer.layers]
+    stale()  # a turn of the event loop already due while the next case is read: it places nothing
+    assert [(layer.name, id(layer.data)) for layer in viewer.layers] == shown and widget._mask_layer is None
+    settle(qtbot, widget)
+    names = [layer.name for layer in viewer.layers]
+    assert f"{second} mask" in names and not [n for n in names if n.startswith(first)]
+    assert widget._mask_layer.name == f"{second} mask"

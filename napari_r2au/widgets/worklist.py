@@ -413,7 +413,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self._mark_current()
         self._case_line.value = f"Opening case {case.id}…"
 
-        @thread_worker(start_thread=False)
+        @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
         def read() -> tuple[list, Any, dict, Any]:
             image_layers = _read_case_layers(worklist, case)
             mask = worklist.read_mask(case)
@@ -688,7 +688,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         lock = self._write_lock
         lock.acquire()
 
-        @thread_worker(start_thread=False)
+        @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
         def save() -> str:
             try:
                 worklist.save_mask(case, mask)
