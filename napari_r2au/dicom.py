@@ -1,11 +1,16 @@
 """DICOM files read with pydicom (the ``dicom`` extra): which files of a folder are DICOM,
-and each file's planes, pixel values and geometry, decoded once for the napari reader, the
-command line, the trainer and DICOM SEG export alike. Nothing here builds napari layers.
+each file's planes, pixel values and geometry, a series as one stack and the DICOM SEG masks
+on it, decoded once for the napari reader, the command line, the trainer and DICOM SEG
+export alike. Nothing here builds napari layers; warnings are Python warnings (the napari
+reader shows them in the viewer too).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +182,215 @@ def dcmread(pydicom: Any, path: Path, **kwargs: Any) -> Any:
 
 def seg_series(dataset: Any) -> set[str]:
     return {str(item.get("SeriesInstanceUID", "")) for item in dataset.get("ReferencedSeriesSequence", [])}
+
+
+@dataclass
+class DicomImage:
+    """A DICOM image, a plane or a (Z, Y, X) stack in patient order, and what its files say:
+    the pixel spacing per axis (mm; a stack without slice positions has 1 "pixel" along z)
+    and ``metadata["dicom"]``, with the file, frame and SOP instance of every plane (what a
+    DICOM SEG of a mask on it refers to)."""
+
+    data: np.ndarray
+    name: str
+    rgb: bool
+    spacing: tuple[float, ...] | None
+    units: tuple[str, ...] | None
+    metadata: dict[str, Any]
+
+    @property
+    def sources(self) -> list[list[Any]]:
+        return self.metadata["dicom"]["sources"]
+
+
+@dataclass
+class DicomMask:
+    """A DICOM SEG placed on the series it refers to: segment numbers as labels, and what
+    the SEG says of itself (``record``: mask-record keys, the planes it covers, the
+    algorithm, and for a model's own mask the checksums a correction is told apart by)."""
+
+    labels: np.ndarray
+    name: str
+    record: dict[str, Any]
+    path: Path
+
+
+def image_from_frames(frames: list[Frame], name: str, files: int, notes: dict[str, str]) -> DicomImage:
+    """DICOM planes (of one file or of a series) as one image: a plane, or a (Z, Y, X)
+    stack in patient order.
+
+    A plane sent twice (same SOPInstanceUID, frame and position) counts once. When every plane has
+    a position and orientation (per frame in enhanced files), planes at distinct
+    positions are sorted along the slice normal and the z spacing is the median step;
+    planes that all share one position (a time series) keep their InstanceNumber and
+    frame order, with no spacing along that axis. Anything else that would stack
+    planes that do not form one volume is refused with a message: several positions
+    repeated (time points, echoes, stacks), different orientations or pixel spacings,
+    several multi-frame files without positions (ultrasound clips). Values are
+    rescaled per plane (CT: Hounsfield units) when a plane gives a rescale.
+    """
+    frames = list({frame.uid: frame for frame in reversed(frames)}.values())[::-1]  # first copy of each
+    shape = frames[0].pixels.shape
+    for frame in frames:
+        if frame.pixels.shape != shape:
+            raise ValueError(
+                f"{frame.source}: a {frame.pixels.shape} plane differs from the first plane's {shape}"
+            )
+    oriented = [f for f in frames if f.orientation is not None]
+    if any(not np.allclose(f.orientation, oriented[0].orientation, atol=1e-3) for f in oriented):
+        raise ValueError(
+            f"{name}: its planes lie in different orientations (a localizer among the slices, or "
+            "several views in one file); open planes that share one orientation"
+        )
+    if len({f.spacing for f in frames if f.spacing is not None}) > 1:
+        raise ValueError(f"{name}: its planes have different pixel spacings; they do not form one volume")
+    positions: list[float] | None = None
+    if all(f.position is not None and f.orientation is not None for f in frames):
+        normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+        positions = [float(np.dot(normal, f.position)) for f in frames]
+    elif files > 1 and any(f.index > 0 for f in frames):
+        raise ValueError(
+            f"{name}: several multi-frame files without plane positions (e.g. ultrasound clips) "
+            "do not form one volume; open each file on its own"
+        )
+    extra: dict[str, Any] = dict(notes)
+    if files > 1:
+        extra["files"] = files
+    z: float | None = None
+    distinct = len(set(np.round(positions, 3))) if positions is not None else 0
+    if positions is not None and distinct == len(frames) > 1:
+        order = list(np.argsort(positions, kind="stable"))
+        steps = np.diff(sorted(positions))
+        z = float(np.median(steps))
+        if steps.max() - steps.min() > 0.01 * z:
+            extra["z_steps_mm"] = [round(float(steps.min()), 4), round(float(steps.max()), 4)]
+            warnings.warn(
+                f"{name}: the distance between slices varies from {steps.min():.3g} to {steps.max():.3g} mm "
+                f"(a missing slice?); the stack is shown at the median, {z:.3g} mm",
+                stacklevel=3,
+            )
+    elif positions is not None and distinct > 1:
+        raise ValueError(
+            f"{name}: {len(frames)} planes at {distinct} positions (several time points, echoes or "
+            "stacks in one series); napari-r2au opens one volume, one plane per position, at a time"
+        )
+    else:
+        order = sorted(range(len(frames)), key=lambda i: frames[i].order)
+        if positions is None and len(frames) > 1:  # no positions: what the file says, if anything
+            given = frame_value(frames[0].dataset, frames[0].index, "SpacingBetweenSlices") or frame_value(
+                frames[0].dataset, frames[0].index, "SliceThickness"
+            )
+            z = float(given) if given else None
+        elif len(frames) > 1:
+            extra["series"] = "time series at one position"
+    frames = [frames[i] for i in order]
+    rescaled = any((f.slope, f.intercept) != (1.0, 0.0) for f in frames)
+    planes = [f.values(rescaled) for f in frames]
+    first = frames[0]
+    rgb = planes[0].shape[-1] in (3, 4) and (
+        int(first.dataset.get("SamplesPerPixel", 1) or 1) in (3, 4) or "PALETTE" in notes.get("converted", "")
+    )
+    spacing: tuple[float, ...] | None = None
+    units: tuple[str, ...] | None = None
+    if first.spacing is not None:
+        spacing, units = first.spacing, ("mm", "mm")  # DICOM spacings are in millimetres
+        if len(frames) > 1:
+            spacing = (z if z else 1.0, *first.spacing)
+            units = ("mm" if z else "pixel", "mm", "mm")
+    if len(frames) > 1:
+        extra["frames"] = len(frames)
+    # where each plane came from: what a DICOM SEG export of a mask on this image refers to
+    extra["sources"] = [[str(f.path.resolve()), f.index, f.sop_uid] for f in frames]
+    metadata = {
+        "dicom": {
+            key: str(first.dataset.get(key))
+            for key in ("Modality", "SeriesDescription", "PhotometricInterpretation")
+            if key in first.dataset
+        }
+        | extra
+    }
+    data = planes[0] if len(frames) == 1 else np.stack(planes)
+    return DicomImage(data.astype(np.float32) if rescaled else data, name, rgb, spacing, units, metadata)
+
+
+def read_dicom_file(path: Path) -> DicomImage:
+    """One DICOM file: a plane, or a stack when it holds several frames."""
+    dataset = dcmread(pydicom_module(), path)
+    if is_seg(dataset):
+        raise ValueError(
+            f"{path.name} is a DICOM SEG, a mask that refers to another series: open that series "
+            "here (a Review export's JSON record names it under dicom_seg), or the SEG in a "
+            "DICOM viewer such as 3D Slicer or OHIF"
+        )
+    frames, notes = frames_of(dataset, path, 0)
+    return image_from_frames(frames, path.stem, 1, notes)
+
+
+def read_dicom_series(
+    paths: Sequence[Path], name: str, masks: bool = True
+) -> tuple[DicomImage, list[DicomMask]]:
+    """The DICOM files of one series (one file per slice, or multi-frame files) as one
+    stack, and the DICOM SEG files among them that refer to it, placed on it (``masks=False``:
+    the series only, without decoding the SEGs). A SEG that cannot be placed is skipped
+    with a warning: whatever a SEG from elsewhere holds, the image still opens."""
+    if not paths:
+        raise ValueError("no .dcm files to read")
+    pydicom = pydicom_module()
+    read = [(Path(p), dcmread(pydicom, Path(p))) for p in paths]
+    kept = [(p, d) for p, d in read if not is_seg(d)]  # a mask saved next to its slices is not a slice
+    if not kept:
+        raise ValueError("only DICOM SEG files (masks) here: open the series they refer to")
+    paths, datasets = [p for p, _ in kept], [d for _, d in kept]
+    series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
+    if len(series) > 1:
+        raise ValueError(
+            f"{len(paths)} DICOM files from {len(series)} different series: open one series at a time"
+        )
+    frames: list[Frame] = []
+    notes: dict[str, str] = {}
+    for index, (path, dataset) in enumerate(zip(paths, datasets)):
+        file_frames, file_notes = frames_of(dataset, path, index)
+        frames += file_frames
+        notes |= file_notes
+    image = image_from_frames(frames, name, len(paths), notes)
+    placed = []
+    for path, dataset in read if masks else ():
+        if is_seg(dataset) and series & seg_series(dataset):
+            try:
+                placed.append(_seg_mask(path, image))
+            except Exception as exc:  # whatever a SEG from elsewhere holds, the image still opens
+                warnings.warn(f"{path.name}: a DICOM SEG on this series, not shown: {exc}", stacklevel=2)
+    return image, placed
+
+
+def _seg_mask(path: Path, image: DicomImage) -> DicomMask:
+    """A DICOM SEG on the series ``image`` was read from, placed on it (segment numbers as
+    labels), so that it can be corrected and exported as a SEG again.
+
+    The layer keeps what the SEG says: the planes it covers (a re-export covers those,
+    plus any edited), the algorithm, and for a model's own (AUTOMATIC) mask the checksums
+    that tell a later correction apart, as for a mask Segment made.
+    """
+    from .dicom_seg import AUTOMATIC, read_dicom_seg
+    from .postprocess import mask_checksums
+
+    data = image.data
+    placed = read_dicom_seg(path, image.sources, data.shape[:-1] if image.rgb else data.shape)
+    if placed.overlaps:
+        warnings.warn(
+            f"{path.name}: its segments overlap; where they do, the highest segment number is shown",
+            stacklevel=3,
+        )
+    info: dict[str, Any] = {
+        "model": placed.algorithm_name,
+        "algorithm_version": placed.algorithm_version,
+        "algorithm_type": placed.algorithm_type,
+        "dicom_seg_file": str(path),
+    }
+    whole, slices = mask_checksums(placed.labels)
+    if placed.labels.ndim == 3:
+        info["slices"] = placed.planes
+        info["seg_slice_sha256"] = slices  # which planes a re-export must add (edited since)
+    if placed.algorithm_type == AUTOMATIC:  # the model's own output: what a correction is told apart from
+        info["mask_sha256"], info["slice_sha256"] = whole, slices
+    return DicomMask(placed.labels, Path(path).stem, info, Path(path))

@@ -314,12 +314,8 @@ def _manual_seg(sources, pixels, *, labelmap=False, segments=1):
 
 
 def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_the_image(
-    tmp_path, monkeypatch
+    tmp_path, recwarn, monkeypatch
 ):
-    from napari_r2au import _reader
-
-    warnings = []
-    monkeypatch.setattr(_reader, "_warn", warnings.append)
     folder = _series(tmp_path / "series")
     ((image, kwargs, _),) = read_layers(str(folder))
     sources = kwargs["metadata"]["dicom"]["sources"]
@@ -336,7 +332,17 @@ def test_segs_from_elsewhere_open_over_their_series_and_a_bad_one_never_blocks_t
     (_, _, _), (placed, placed_kwargs, kind) = read_layers(str(folder))
     assert kind == "labels" and placed_kwargs["name"] == "labelmap"
     np.testing.assert_array_equal(placed, labels)
-    assert any("broken.dcm" in message for message in warnings)  # skipped with a warning; the image opened
+    # skipped with a warning; the image opened
+    assert any("broken.dcm" in str(w.message) for w in recwarn.list)
+    # napari's reader says it in the viewer too (the decoding itself knows nothing of napari)
+    import napari.utils.notifications
+
+    from napari_r2au._reader import napari_get_reader
+
+    shown = []
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", shown.append)
+    assert len(napari_get_reader(str(folder))(str(folder))) == 2
+    assert any("broken.dcm" in message for message in shown)
 
     # reopened and exported again unedited, a person's SEG stays MANUAL and covers its slices
     info = placed_kwargs["metadata"]["r2au"]

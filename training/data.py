@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from napari_r2au.io import IMAGE_SUFFIXES, find_images, pairing_id, read_image
-from napari_r2au.mask_record import layer_record
 from napari_r2au.preprocess import (
     STANDARDIZE,
     derived_working_scale,
@@ -322,7 +321,7 @@ def dicom_samples(
     segment being foreground by default. Each series is resized by ``scale`` and, when
     ``pixel_size`` is given, also to that pixel size from its own spacing (in mm).
     """
-    from napari_r2au._reader import dicom_series_files, read_layers
+    from napari_r2au.dicom import dicom_series_files, read_dicom_series
     from napari_r2au.engine import MAX_SCALE, convert_length
 
     if pixel_size is not None and not pixel_size > 0:
@@ -338,20 +337,19 @@ def dicom_samples(
     samples = []
     for folder in folders:
         try:
-            layers = read_layers(str(folder))
+            series, segs = read_dicom_series(dicom_series_files(folder), folder.name)
         except (ValueError, OSError) as exc:
             raise DataError(f"{folder}: {exc}") from exc
-        image, kwargs, _ = layers[0]
-        segs = [layer for layer in layers[1:] if layer[2] == "labels"]
+        image = series.data
         if len(segs) != 1:
             raise DataError(
                 f"{folder}: {len(segs)} DICOM SEG files here refer to its series (a SEG that cannot "
                 "be placed is skipped, with a warning); training needs exactly one (the mask)"
             )
-        labels, seg_kwargs, _ = segs[0]
+        labels = segs[0].labels
         factor = scale
         if pixel_size:
-            spacing = kwargs.get("scale")
+            spacing = series.spacing
             if not spacing:
                 raise DataError(
                     f"{folder}: the series gives no pixel spacing, so it cannot be resized to "
@@ -364,13 +362,9 @@ def dicom_samples(
                     f"{folder}: {size:g} mm pixels to {pixel_size:g} {pixel_size_unit or 'mm'} means "
                     f"resizing by {factor:g}; check pixel_size and pixel_size_unit"
                 )
-        rgb = bool(kwargs.get("rgb"))
+        rgb = series.rgb
         stack = labels.ndim == 3
-        planes = (
-            layer_record(seg_kwargs["metadata"]).get("slices") or list(range(labels.shape[0]))
-            if stack
-            else [None]
-        )
+        planes = segs[0].record.get("slices") or list(range(labels.shape[0])) if stack else [None]
         statistics = stack_statistics(image, in_channels, normalization, factor) if stack else None
         for z in planes:
             # a copy: a view would keep the whole series alive in every sample
