@@ -478,3 +478,25 @@ def test_training_from_a_parent_leaves_the_callers_model_and_config_alone(base_m
     after = base_model.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert load_model(tmp_path / "run" / "best.json").metadata["architecture"] == "r2au_net"
+
+
+def test_a_pair_accepted_as_the_model_made_it_lends_no_held_out_band(base_model, rng):
+    """A worklist case accepted unchanged would score the parent on agreeing with itself:
+    when another pair holds corrections, only that one is held out from; with none, all are."""
+    from napari_r2au.training.finetune import prepare_samples
+
+    image, mask = _bars(rng)
+    corrected = mask.copy()
+    corrected[60:70, 10:90] = 1  # the reviewer's stroke on the second case
+    settings = FinetuneSettings(patch_size=48)
+    pairs = [(image, mask), (image, corrected)]
+    train, held_out = prepare_samples(
+        base_model, pairs, None, settings, names=["as made", "corrected"], originals=[mask, mask]
+    )
+    assert [s.name for s in held_out] == ["corrected[held out]"]
+    assert held_out[0].corrections > 0
+    assert "as made" in [s.name for s in train]  # it still trains, whole
+    _, both = prepare_samples(
+        base_model, pairs[:1] * 2, None, settings, names=["a", "b"], originals=[mask, mask]
+    )
+    assert len(both) == 2 and all(s.corrections == 0 for s in both)

@@ -251,16 +251,21 @@ def prepare_samples(
     # band says nothing), when the rest would have none (it would teach only background),
     # or when it is too narrow to lose a band.
     candidates = [i for i, sample in enumerate(train) if _band_starts(sample, settings)]
+    # where the user corrected: the mask differs from the one before the corrections, or,
+    # not knowing that one, from what the model predicts there now
+    before = {i: train[i].original for i in candidates if train[i].original is not None}
+    if len(before) == len(candidates):
+        # a pair (a worklist case accepted as the model made it) whose mask is the model's own
+        # would score the parent on agreeing with itself: bands come from corrected pairs, if any
+        corrected_pairs = [i for i in candidates if _corrected_columns(train[i], before[i]).any()]
+        candidates = corrected_pairs or candidates
     if len(candidates) > MAX_HELD_OUT_STRIPS:  # a long stack: bands from evenly spaced slices
         candidates = [
             candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, MAX_HELD_OUT_STRIPS).round()
         ]
     if not candidates:
         return train, []
-    # where the user corrected: the mask differs from the one before the corrections, or,
-    # not knowing that one, from what the model predicts there now
-    unknown = [i for i in candidates if train[i].original is None]
-    before = {i: train[i].original for i in candidates if train[i].original is not None}
+    unknown = [i for i in candidates if i not in before]
     if unknown:  # the stand-in: what Segment makes of the model's prediction (its own steps included)
         predicted = predict_samples(model, [train[i] for i in unknown], device=device)
         steps = model.metadata.get("postprocess")
@@ -269,7 +274,7 @@ def prepare_samples(
     held_out = []
     for i in candidates:
         sample = train[i]
-        corrected = ((before[i] != sample.mask.astype(bool)) & sample.fov).sum(axis=0)
+        corrected = _corrected_columns(sample, before[i])
         x0, x1 = held_out_band(sample, settings, corrected)
         pieces = [(a, b) for a, b in ((0, x0), (x1, sample.mask.shape[1])) if b > a]
         kept[i] = [
@@ -279,6 +284,11 @@ def prepare_samples(
         held_out.append(_crop(sample, x0, x1, "[held out]"))
         held_out[-1].corrections = int(corrected[x0:x1].sum())
     return [s for item in kept for s in (item if isinstance(item, list) else [item])], held_out
+
+
+def _corrected_columns(sample: Sample, before: np.ndarray) -> np.ndarray:
+    """Per column, the pixels inside the field of view where the mask differs from ``before``."""
+    return ((before != sample.mask.astype(bool)) & sample.fov).sum(axis=0)
 
 
 #: the narrowest piece a band in the middle may leave on either side (the patch size

@@ -43,7 +43,8 @@ from .metrics import Counts, confusion, roc_auc
 
 def _as_int(value: Any) -> Any:
     """``"255"`` -> 255 (what JSON makes of integer keys); anything else as it is."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    digits = value.strip().lstrip("-") if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit():  # "¹" and "٣" are digits to str.isdigit, not to int()
         return int(value)
     return value
 
@@ -1026,7 +1027,9 @@ def _truncate_log(path: Path, step: int) -> None:
     its last checkpoint logged steps it will now train again (they would appear twice)."""
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
-    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= step]
+    kept = rows[:1] + [
+        row for row in rows[1:] if row and row[0].isascii() and row[0].isdigit() and int(row[0]) <= step
+    ]
     if len(kept) < len(rows):
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             csv.writer(handle).writerows(kept)

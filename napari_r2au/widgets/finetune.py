@@ -77,7 +77,7 @@ class LossCurve:
         dice_ax.clear()
         (self._loss_line,) = loss_ax.plot([], [], color="tab:blue", lw=1, label="loss")
         (self._dice_line,) = dice_ax.plot(
-            [], [], "o-", color="tab:orange", ms=3, lw=1, label="validation Dice"
+            [], [], "o-", color="tab:orange", ms=3, lw=1, label="held-out Dice at 0.5"
         )
         loss_ax.set_xlabel("step", fontsize=8)
         loss_ax.set_ylabel("loss", color="tab:blue", fontsize=8)
@@ -360,7 +360,7 @@ class FinetuneWidget(WorkerRunner, ScrollingDock):
             f"{format_seconds(event.elapsed)} elapsed · ETA {format_seconds(eta)}"
         )
         if dice is not None:
-            text += f" · validation Dice {dice:.3f}"
+            text += f" · held-out Dice at 0.5: {dice:.3f}"
         self._status.value = text
         self._curve.add(event.step, event.loss, dice)
 
