@@ -47,6 +47,7 @@ from ._common import (
     notify_info,
     notify_warning,
     replace_layer,
+    warm_layer_imports,
 )
 
 if TYPE_CHECKING:
@@ -260,6 +261,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         from napari_r2au.engine import iter_predict
         from napari_r2au.uncertainty import iter_predict_tta
 
+        warm_layer_imports()  # here, not on the GUI thread when the mask layer is made
         model = self._load(path)
         # the engine resolves the scale (the Scale field wins; then the layer's pixel size against
         # the model's; then the image's field of view, for fundus models; then the model's own)

@@ -41,6 +41,7 @@ from ._common import (
     notify_info,
     notify_warning,
     refresh_model_pickers,
+    warm_layer_imports,
 )
 
 if TYPE_CHECKING:
@@ -415,6 +416,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
 
         @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
         def read() -> tuple[list, Any, dict, Any]:
+            warm_layer_imports()  # the case's mask layer would import pandas on the GUI thread
             image_layers = _read_case_layers(worklist, case)
             mask = worklist.read_mask(case)
             maps = worklist.read_maps(case) if mask is not None else {}
