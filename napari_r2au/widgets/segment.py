@@ -426,6 +426,72 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         # an edited mask is kept under another name (with the mask it was edited from, while
         # the probabilities it was made from are still there), before this run's layers replace them
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
+        prob_layer, attention_names, uncertainty_name = self._show_maps(
+            base, probability, prediction, uncertainty, maps
+        )
+        mask = self._mask(prediction)
+        info = segment_record(
+            prediction,
+            mask,
+            threshold=float(self._threshold.value),
+            cleanup=self._cleanup_settings(),
+            model_path=output.model_path,
+            # with the uncertainty map the probabilities are the mean of 3 flipped copies
+            flip_averaged=output.uncertainty is not None,
+            scale=output.scale,
+            image_layer=base,
+            probability_layer=prob_layer.name,
+            attention_layers=attention_names,
+            uncertainty_layer=uncertainty_name,
+            scope=context.scope,
+            # a stack's slices that hold results (by this run or, for the others, earlier runs)
+            slices=None if context.slices is None else sorted({z for r in runs for z in r["slices"]}),
+            runs=runs,
+            created=run["created"],
+            run_id=run_id,
+        )
+        sources = (layer.metadata.get("dicom") or {}).get("sources")
+        if sources:  # what a DICOM SEG export of this mask refers to, and what it shows
+            info["dicom"] = {"sources": sources}
+            info["segment_property"] = output.segment_property
+        new_mask = f"{base} mask" not in self._viewer.layers
+        self._mask_layer = replace_layer(
+            self._viewer, "labels", f"{base} mask", mask, metadata=with_record({}, info), **place
+        )
+        colours = mask_colormap(int(mask.max())) if new_mask else None
+        if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
+            self._mask_layer.colormap = colours
+        # the kept prediction, its record and its source change together, once every layer is placed
+        self._prediction, self._last_info = prediction, info
+        self._last_source = (weakref.ref(layer), id(layer.data))
+        # re-thresholding a large stack takes about half a second (checksums, clean-up): follow the
+        # slider only when it is released, so that dragging does not queue up dozens of updates
+        self._threshold.tracking = mask.size <= LIVE_THRESHOLD_PIXELS
+        seconds = time.perf_counter() - context.started
+        share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
+        at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
+        if not self._scale.value:  # auto: the field shows the scale it came to for this image
+            self._scale.native.setSpecialValueText(f"auto ({output.scale:.3g})")
+        self._status.value = (
+            f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
+            f"{share:.1f}% foreground."
+        )
+        if kept is not None:
+            notify_info(
+                f"'{base} mask' had been edited by hand: the edits are kept in '{kept}', "
+                f"the new mask is '{base} mask'."
+            )
+
+    def _show_maps(
+        self,
+        base: str,
+        probability: np.ndarray,
+        prediction: Prediction,
+        uncertainty: Any,
+        maps: dict[str, Any],
+    ) -> tuple[Any, list[str], str | None]:
+        """The run's probability, attention and uncertainty layers, new ones hidden, and an
+        earlier run's maps that this one did not make removed; their layer and names."""
         # the image and its mask are what a first result shows; the maps are added hidden, a click
         # away (a layer the user has shown again keeps its visibility on the next run)
         prob_layer = replace_layer(
@@ -479,58 +545,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         ]:
             if old.metadata.get("r2au_run"):
                 self._viewer.layers.remove(old)
-        mask = self._mask(prediction)
-        info = segment_record(
-            prediction,
-            mask,
-            threshold=float(self._threshold.value),
-            cleanup=self._cleanup_settings(),
-            model_path=output.model_path,
-            # with the uncertainty map the probabilities are the mean of 3 flipped copies
-            flip_averaged=output.uncertainty is not None,
-            scale=output.scale,
-            image_layer=base,
-            probability_layer=prob_layer.name,
-            attention_layers=attention_names,
-            uncertainty_layer=uncertainty_name,
-            scope=context.scope,
-            # a stack's slices that hold results (by this run or, for the others, earlier runs)
-            slices=None if context.slices is None else sorted({z for r in runs for z in r["slices"]}),
-            runs=runs,
-            created=run["created"],
-            run_id=run_id,
-        )
-        sources = (layer.metadata.get("dicom") or {}).get("sources")
-        if sources:  # what a DICOM SEG export of this mask refers to, and what it shows
-            info["dicom"] = {"sources": sources}
-            info["segment_property"] = output.segment_property
-        new_mask = f"{base} mask" not in self._viewer.layers
-        self._mask_layer = replace_layer(
-            self._viewer, "labels", f"{base} mask", mask, metadata=with_record({}, info), **place
-        )
-        colours = mask_colormap(int(mask.max())) if new_mask else None
-        if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
-            self._mask_layer.colormap = colours
-        # the kept prediction, its record and its source change together, once every layer is placed
-        self._prediction, self._last_info = prediction, info
-        self._last_source = (weakref.ref(layer), id(layer.data))
-        # re-thresholding a large stack takes about half a second (checksums, clean-up): follow the
-        # slider only when it is released, so that dragging does not queue up dozens of updates
-        self._threshold.tracking = mask.size <= LIVE_THRESHOLD_PIXELS
-        seconds = time.perf_counter() - context.started
-        share = 100.0 * float(np.count_nonzero(mask)) / max(1, mask.size)
-        at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
-        if not self._scale.value:  # auto: the field shows the scale it came to for this image
-            self._scale.native.setSpecialValueText(f"auto ({output.scale:.3g})")
-        self._status.value = (
-            f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
-            f"{share:.1f}% foreground."
-        )
-        if kept is not None:
-            notify_info(
-                f"'{base} mask' had been edited by hand: the edits are kept in '{kept}', "
-                f"the new mask is '{base} mask'."
-            )
+        return prob_layer, attention_names, uncertainty_name
 
     def _cleanup_settings(self) -> dict[str, Any]:
         return {
