@@ -13,14 +13,12 @@ checkpoint's validation F1 at the threshold chosen on the split, F1 at 0.5 and A
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import write_between_markers
+from benchmarks.variants import run_jobs, run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
@@ -39,56 +37,6 @@ def run_overrides(seed: int, minutes: float, out: Path, extra: list[str]) -> lis
         f"data.root={DRIVE}",
         *extra,
     ]
-
-
-def train_command(arch: str, overrides: list[str]) -> list[str]:
-    # a run not reused is trained again: the folder's earlier run (killed, other settings) is replaced
-    command = [sys.executable, "-m", "napari_r2au.cli", "train", f"drive-{arch}", "--overwrite"]
-    for item in overrides:
-        command += ["--set", item]
-    return command
-
-
-def finished_run_matches(out: Path, arch: str, overrides: list[str]) -> bool:
-    """True when ``out`` holds a run that ended normally with the config these overrides give.
-
-    Lets ``--reuse`` add seeds or architectures to an earlier comparison without
-    retraining it, and never reuses a killed run or one made with other settings.
-    """
-    from napari_r2au.training.config import load_config
-
-    log, config_file = out / "train.log", out / "config.json"
-    if not (log.is_file() and config_file.is_file() and (out / "best.json").is_file()):
-        return False
-    lines = log.read_text().strip().splitlines()
-    if not lines or not lines[-1].startswith("done after"):
-        return False
-    wanted = json.loads(json.dumps(load_config(f"drive-{arch}", overrides).to_dict(), default=str))
-    saved = json.loads(config_file.read_text())
-    for key in ("package_version", "world_size"):
-        saved.pop(key, None)
-    return saved == wanted
-
-
-def run_summary(out: Path) -> dict:
-    """Steps done, best step and validation figures of one finished run."""
-    from napari_r2au.model_files import load_model_file
-
-    with open(out / "log.csv", newline="") as handle:
-        steps = sum(1 for _ in csv.DictReader(handle))
-    best = load_model_file(out / "best.json")
-    provenance = best.metadata["provenance"]
-    chosen = provenance["validation_metrics"]
-    at_half = provenance.get("validation_metrics_at_0.5", chosen)
-    return {
-        "steps": steps,
-        "best_step": provenance["steps"],
-        "f1": chosen["f1"],
-        "threshold": best.threshold,
-        "f1_at_0.5": at_half["f1"],
-        "auc_roc": chosen["auc_roc"],
-        "parameters": sum(p.numel() for p in best.network.parameters()),
-    }
 
 
 def table(results: dict[str, list[dict]], minutes: float, seeds: list[int]) -> str:
@@ -150,21 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         (arch, seed, args.out / f"{arch}-seed{seed}") for arch in args.architectures for seed in args.seeds
     ]
 
-    def train(job: tuple[str, int, Path]) -> int:
-        arch, seed, out = job
-        overrides = run_overrides(seed, args.minutes, out, args.set)
-        if args.reuse and finished_run_matches(out, arch, overrides):
-            print(f"reusing {out}")
-            return 0
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "train.log", "w") as log:
-            return subprocess.run(
-                train_command(arch, overrides), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            ).returncode
-
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        codes = list(pool.map(train, jobs))
-    failed = [str(out) for (_, _, out), code in zip(jobs, codes) if code != 0]
+    failed = run_jobs(
+        [
+            (f"drive-{arch}", run_overrides(seed, args.minutes, out, args.set), out)
+            for arch, seed, out in jobs
+        ],
+        args.parallel,
+        args.reuse,
+    )
     if failed:
         print("failed runs (see train.log in each): " + ", ".join(failed), file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, write_between_markers
+from benchmarks import TABLE_BEGIN, TABLE_END, drive_comparison, variants, write_between_markers
 
 
 def test_drive_comparison_trains_each_architecture_and_writes_its_table(tmp_path, drive_root, monkeypatch):
@@ -55,13 +55,13 @@ def test_reuse_keeps_finished_runs_and_retrains_changed_or_killed_ones(tmp_path,
     first = log.stat().st_mtime_ns
 
     trained: list[list[str]] = []
-    real_run = drive_comparison.subprocess.run
+    real_run = variants.subprocess.run
 
     def spy(command, **kwargs):
         trained.append(command)
         return real_run(command, **kwargs)
 
-    monkeypatch.setattr(drive_comparison.subprocess, "run", spy)
+    monkeypatch.setattr(variants.subprocess, "run", spy)
     assert drive_comparison.main(base + sets + ["--seeds", "0", "1"]) == 0
     assert [next(i for i in c if i.startswith("seed=")) for c in trained] == [
         "seed=1"
@@ -75,6 +75,23 @@ def test_reuse_keeps_finished_runs_and_retrains_changed_or_killed_ones(tmp_path,
     log.write_text(log.read_text() + "Traceback: killed\n")  # did not end normally: retrained
     assert drive_comparison.main(base + sets + ["--set", "lr=0.001"]) == 0
     assert len(trained) == 1
+
+
+def test_a_config_varied_in_one_setting_trains_each_value_for_equal_steps(tmp_path, drive_root):
+    """The recurrent steps t of R2U-Net (as for lungs), at a toy size on real DRIVE images."""
+    doc = tmp_path / "doc.md"
+    tiny = ["base_width=4", "patch_size=32", "batch_size=2", "val_every=2", f"data.root={drive_root}"]
+    args = ["drive-r2u_net", "--vary", "t=1,2", "--steps", "2", "--out", str(tmp_path / "runs")]
+    args += ["--markdown", str(doc)] + [item for override in tiny for item in ("--set", override)]
+    assert variants.main(args) == 0
+    rows = [
+        line for line in doc.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
+    ]
+    assert len(rows) == 2 and "<!-- variants-drive-r2u_net-t -->" in doc.read_text()
+    for t in (1, 2):
+        config = json.loads((tmp_path / "runs" / f"t-{t}" / "config.json").read_text())
+        assert config["t"] == t and config["steps"] == 2 and config["max_minutes"] is None
+        assert all(row.split("|")[3].strip() == "2" for row in rows)  # steps done, equal
 
 
 def test_benchmark_tables_replace_only_the_text_between_their_markers(tmp_path):
