@@ -1112,3 +1112,43 @@ def test_fine_tune_defaults_to_the_mask_just_painted_not_a_mask_file(make_napari
     viewer.add_labels(truth.copy(), name="third", metadata=with_record({}, {"model": "tiny"}))
     assert widget._corrected.value is viewer.layers["case_mask"]
     assert other is not made
+
+
+def test_a_first_result_shows_its_mask_at_once_and_adds_the_maps_one_per_turn(
+    make_napari_viewer, qtbot, tiny_model
+):
+    """Creating five map layers at once froze the first result for a second: the mask comes
+    first, active and on top in the end; a new run stops the placing of the one before."""
+    viewer = make_napari_viewer()
+    image, _ = bars()
+    viewer.add_image(image, name="img", rgb=True)
+    widget = dock(viewer, "Segment")
+    shown: list[tuple[bool, list[str]]] = []
+    real = widget._on_result
+
+    def on_result(output):
+        real(output)
+        shown.append((widget.placing_maps, [layer.name for layer in viewer.layers]))
+
+    widget._on_result = on_result
+    widget.run()
+    qtbot.waitUntil(lambda: bool(shown), timeout=TIMEOUT)
+    placing, names = shown[0]
+    assert placing and "img mask" in names and "img attention 4" not in names  # the maps follow
+    wait_idle(qtbot, widget)  # running covers the placing
+    names = [layer.name for layer in viewer.layers]
+    assert {"img probability", *(f"img attention {g}" for g in range(1, 5))} <= set(names)
+    assert names[-1] == "img mask" and viewer.layers.selection.active.name == "img mask"
+    assert not any(viewer.layers[n].visible for n in names if n.startswith("img attention"))
+    # a second run finds every map there: updated at once, nothing staged
+    shown.clear()
+    widget.run()
+    qtbot.waitUntil(lambda: bool(shown), timeout=TIMEOUT)
+    assert shown[0][0] is False
+    wait_idle(qtbot, widget)
+    # a placing that a newer result overtook places nothing more
+    widget._place_maps("img", [("img another map", np.zeros((64, 64), np.float32), {})], True)
+    assert widget.running and not widget.segmenting  # a new run may start while maps are placed
+    widget._map_generation += 1  # what a newer result does
+    qtbot.waitUntil(lambda: not widget.placing_maps, timeout=TIMEOUT)
+    assert "img another map" not in viewer.layers

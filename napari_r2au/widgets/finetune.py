@@ -440,7 +440,7 @@ class FinetuneWidget(WorkerRunner, ScrollingDock):
             widget.select_model(name)
             widgets = [widget]
         segment = widgets[0]
-        if segment.running:
+        if segment.segmenting:
             notify_info(f"{name} is selected in Segment; it is busy, so run it again when it is done.")
             return
         if self._source is not None and self._source in self._viewer.layers:

@@ -176,6 +176,14 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         self._last_source: tuple[weakref.ref, int] | None = None  # (its image layer, id of the layer's data)
         self._mask_layer: Any = None
         self._warned_edited = False
+        from qtpy.QtCore import QTimer
+
+        self._map_generation = 0  # counts the results shown: a placing of maps stops when another begins
+        self._next_map: Any = None
+        self._map_timer = QTimer()  # places a first result's maps one per turn of the event loop
+        self._map_timer.setSingleShot(True)
+        self._map_timer.timeout.connect(lambda: self._next_map() if self._next_map else None)
+        self.native.destroyed.connect(self._closing)
 
         self._model.on_model_changed(self._on_model_changed)
         self._show_advanced.changed.connect(lambda value: setattr(self._advanced, "visible", bool(value)))
@@ -187,6 +195,11 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         follow_layers(viewer, self)
         self._on_model_changed()
         _LIVE.add(self)
+
+    def _closing(self, *_: Any) -> None:
+        """No map is placed in a closing viewer."""
+        self._next_map = None
+        self._map_generation += 1
 
     # -- public API (buttons, the Fine-tune widget, tests) ------------------------------------
 
@@ -210,7 +223,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
 
     def run(self, *_: Any) -> None:
         """Start a run in a worker thread; problems with the inputs become notifications."""
-        if self.running:  # one run at a time: a second one is refused, never interleaved
+        if self.segmenting:  # one run at a time: a second one is refused, never interleaved
             notify_warning("Segment: a run is in progress; wait for it or press Cancel.")
             return
         layer, path = self._image.value, self._model.path
@@ -426,9 +439,11 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         # an edited mask is kept under another name (with the mask it was edited from, while
         # the probabilities it was made from are still there), before this run's layers replace them
         kept = _keep_edited_mask(self._viewer, f"{base} mask", f"{base} corrected")
-        prob_layer, attention_names, uncertainty_name = self._show_maps(
-            base, probability, prediction, uncertainty, maps
-        )
+        steps = self._map_steps(base, probability, prediction, uncertainty, maps)
+        prob_name = steps[0][0]
+        attention_names = [name for name, _, _ in steps if " attention " in name[len(base) :]]
+        uncertainty_name = f"{base} uncertainty" if uncertainty is not None else None
+        self._map_generation += 1  # a placing of an earlier run's maps stops here
         mask = self._mask(prediction)
         info = segment_record(
             prediction,
@@ -440,7 +455,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             flip_averaged=output.uncertainty is not None,
             scale=output.scale,
             image_layer=base,
-            probability_layer=prob_layer.name,
+            probability_layer=prob_name,
             attention_layers=attention_names,
             uncertainty_layer=uncertainty_name,
             scope=context.scope,
@@ -461,6 +476,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         colours = mask_colormap(int(mask.max())) if new_mask else None
         if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
             self._mask_layer.colormap = colours
+        self._place_maps(base, steps, new_mask)
         # the kept prediction, its record and its source change together, once every layer is placed
         self._prediction, self._last_info = prediction, info
         self._last_source = (weakref.ref(layer), id(layer.data))
@@ -482,70 +498,114 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
                 f"the new mask is '{base} mask'."
             )
 
-    def _show_maps(
+    def _map_steps(
         self,
         base: str,
         probability: np.ndarray,
         prediction: Prediction,
         uncertainty: Any,
         maps: dict[str, Any],
-    ) -> tuple[Any, list[str], str | None]:
-        """The run's probability, attention and uncertainty layers, new ones hidden, and an
-        earlier run's maps that this one did not make removed; their layer and names."""
-        # the image and its mask are what a first result shows; the maps are added hidden, a click
-        # away (a layer the user has shown again keeps its visibility on the next run)
-        prob_layer = replace_layer(
-            self._viewer,
-            "image",
-            f"{base} probability",
-            probability,
-            shown_if_new=False,
-            colormap="magma",
-            contrast_limits=(0.0, 1.0),
-            **maps,
-        )
-        attention_names = []
+    ) -> list[tuple[str, Any, dict[str, Any]]]:
+        """The run's probability, attention and uncertainty layers to place: (name, data,
+        properties). New ones are added hidden, a click away (a layer the user has shown
+        again keeps its visibility on the next run)."""
+        steps = [
+            (
+                f"{base} probability",
+                probability,
+                dict(colormap="magma", contrast_limits=(0.0, 1.0), **maps),
+            )
+        ]
         for index, alpha in enumerate(prediction.attention):
-            name = f"{base} attention {index + 1}"
-            replace_layer(
-                self._viewer,
-                "image",
-                name,
-                alpha,
-                shown_if_new=False,
-                colormap="turbo",
-                blending="additive",
-                opacity=0.5,
-                contrast_limits=(0.0, 1.0),
-                **maps,
+            steps.append(
+                (
+                    f"{base} attention {index + 1}",
+                    alpha,
+                    dict(
+                        colormap="turbo", blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), **maps
+                    ),
+                )
             )
-            attention_names.append(name)
-        uncertainty_name = None
         if uncertainty is not None:
-            uncertainty_name = f"{base} uncertainty"
             top = float(uncertainty.max()) or 1.0
-            replace_layer(
-                self._viewer,
-                "image",
-                uncertainty_name,
-                uncertainty,
-                shown_if_new=False,
-                colormap="inferno",
-                blending="additive",
-                opacity=0.7,
-                contrast_limits=(0.0, top),
-                **maps,
+            steps.append(
+                (
+                    f"{base} uncertainty",
+                    uncertainty,
+                    dict(
+                        colormap="inferno",
+                        blending="additive",
+                        opacity=0.7,
+                        contrast_limits=(0.0, top),
+                        **maps,
+                    ),
+                )
             )
-        # maps of an earlier run that this one did not make (attention off, a model without
-        # gates, no uncertainty map) would be shown as if they belonged to the new mask
-        current = {prob_layer.name, *attention_names, uncertainty_name}
+        return steps
+
+    def _place_map(self, name: str, data: Any, props: dict[str, Any]) -> None:
+        """One map layer, updated in place or added hidden; the layer the user works on stays active."""
+        active = self._viewer.layers.selection.active
+        replace_layer(self._viewer, "image", name, data, shown_if_new=False, **props)
+        if active is not None and active in self._viewer.layers:
+            self._viewer.layers.selection.active = active
+
+    def _place_maps(self, base: str, steps: list[tuple[str, Any, dict[str, Any]]], mask_is_new: bool) -> None:
+        """Place the maps: at once when they all exist (an update in place takes milliseconds),
+        else one per turn of the event loop, after the mask (creating a layer costs napari
+        a fifth of a second or more: five at once froze the first result for a second).
+        A new run stops the placing of the one before."""
+        self._map_generation += 1
+        generation = self._map_generation
+        pending = list(steps)
+
+        def place_next() -> None:
+            self._next_map = None
+            if generation != self._map_generation:
+                return
+            if pending:
+                self._place_map(*pending.pop(0))
+                self._next_map = place_next
+                self._map_timer.start(0)
+                return
+            self._drop_stale_maps(base, {name for name, _, _ in steps})
+            if mask_is_new and self._mask_layer is not None and self._mask_layer in self._viewer.layers:
+                layers = self._viewer.layers  # maps added after the new mask: the mask on top again
+                layers.move(layers.index(self._mask_layer), len(layers))
+
+        if all(name in self._viewer.layers for name, _, _ in steps):
+            for step in steps:
+                self._place_map(*step)
+            pending.clear()
+            place_next()
+        else:
+            self._next_map = place_next
+            self._map_timer.start(0)
+
+    @property
+    def placing_maps(self) -> bool:
+        """The maps of the last result are still being placed."""
+        return self._next_map is not None
+
+    @property
+    def segmenting(self) -> bool:
+        """A run is in its worker (a new run would be refused; placing maps is not one)."""
+        return self._worker is not None
+
+    @property
+    def running(self) -> bool:
+        """A run is in its worker or its result is still being placed."""
+        return self._worker is not None or self.placing_maps
+
+    def _drop_stale_maps(self, base: str, current: set[str]) -> None:
+        """Remove an earlier run's maps that this one did not make (attention off, a model
+        without gates, no uncertainty map): they would pass for the new mask's."""
         stale = re.compile(rf"{re.escape(base)} (attention \d+|uncertainty)")
         for old in [
             lyr for lyr in self._viewer.layers if stale.fullmatch(lyr.name) and lyr.name not in current
         ]:
             if old.metadata.get("r2au_run"):
                 self._viewer.layers.remove(old)
-        return prob_layer, attention_names, uncertainty_name
 
     def _cleanup_settings(self) -> dict[str, Any]:
         return {
