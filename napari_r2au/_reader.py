@@ -10,20 +10,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .dicom import (
     DICOM_SUFFIXES,
     DicomImage,
-    DicomMask,
     dicom_series_files,
     read_dicom_file,
     read_dicom_series,
 )
 from .io import IMAGE_SUFFIXES, MissingExtraError, looks_like_mask, missing_extra, read_image
 from .mask_record import read_sidecar, record_from_export, with_record
+
+if TYPE_CHECKING:
+    from .dicom_seg import DicomMask
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -164,7 +166,11 @@ def _read_dicom(path: Path) -> LayerData:
 
 
 def _read_dicom_series(paths: Sequence[Path], name: str, masks: bool = True) -> list[LayerData]:
-    image, placed = read_dicom_series(paths, name, masks)
+    """A series and, unless ``masks`` is False, the DICOM SEG files on it as Labels layers."""
+    from .dicom_seg import place_segs
+
+    image, segs = read_dicom_series(paths, name)
+    placed = place_segs(image, segs) if masks else []
     return [_image_layer(image), *(_mask_layer(mask, image) for mask in placed)]
 
 

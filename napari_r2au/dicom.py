@@ -1,6 +1,6 @@
 """DICOM files read with pydicom (the ``dicom`` extra): which files of a folder are DICOM,
-each file's planes, pixel values and geometry, a series as one stack and the DICOM SEG masks
-on it, decoded once for the napari reader, the command line, the trainer and DICOM SEG
+each file's planes, pixel values and geometry, a series as one stack and the DICOM SEG files
+that refer to it, decoded once for the napari reader, the command line, the trainer and DICOM SEG
 export alike. Nothing here builds napari layers; warnings are Python warnings (the napari
 reader shows them in the viewer too).
 """
@@ -203,18 +203,6 @@ class DicomImage:
         return self.metadata["dicom"]["sources"]
 
 
-@dataclass
-class DicomMask:
-    """A DICOM SEG placed on the series it refers to: segment numbers as labels, and what
-    the SEG says of itself (``record``: mask-record keys, the planes it covers, the
-    algorithm, and for a model's own mask the checksums a correction is told apart by)."""
-
-    labels: np.ndarray
-    name: str
-    record: dict[str, Any]
-    path: Path
-
-
 def image_from_frames(frames: list[Frame], name: str, files: int, notes: dict[str, str]) -> DicomImage:
     """DICOM planes (of one file or of a series) as one image: a plane, or a (Z, Y, X)
     stack in patient order.
@@ -326,13 +314,10 @@ def read_dicom_file(path: Path) -> DicomImage:
     return image_from_frames(frames, path.stem, 1, notes)
 
 
-def read_dicom_series(
-    paths: Sequence[Path], name: str, masks: bool = True
-) -> tuple[DicomImage, list[DicomMask]]:
+def read_dicom_series(paths: Sequence[Path], name: str) -> tuple[DicomImage, list[Path]]:
     """The DICOM files of one series (one file per slice, or multi-frame files) as one
-    stack, and the DICOM SEG files among them that refer to it, placed on it (``masks=False``:
-    the series only, without decoding the SEGs). A SEG that cannot be placed is skipped
-    with a warning: whatever a SEG from elsewhere holds, the image still opens."""
+    stack, and the DICOM SEG files among them that refer to it (placed on it by
+    :func:`napari_r2au.dicom_seg.place_segs`)."""
     if not paths:
         raise ValueError("no .dcm files to read")
     pydicom = pydicom_module()
@@ -353,44 +338,4 @@ def read_dicom_series(
         frames += file_frames
         notes |= file_notes
     image = image_from_frames(frames, name, len(paths), notes)
-    placed = []
-    for path, dataset in read if masks else ():
-        if is_seg(dataset) and series & seg_series(dataset):
-            try:
-                placed.append(_seg_mask(path, image))
-            except Exception as exc:  # whatever a SEG from elsewhere holds, the image still opens
-                warnings.warn(f"{path.name}: a DICOM SEG on this series, not shown: {exc}", stacklevel=2)
-    return image, placed
-
-
-def _seg_mask(path: Path, image: DicomImage) -> DicomMask:
-    """A DICOM SEG on the series ``image`` was read from, placed on it (segment numbers as
-    labels), so that it can be corrected and exported as a SEG again.
-
-    The layer keeps what the SEG says: the planes it covers (a re-export covers those,
-    plus any edited), the algorithm, and for a model's own (AUTOMATIC) mask the checksums
-    that tell a later correction apart, as for a mask Segment made.
-    """
-    from .dicom_seg import AUTOMATIC, read_dicom_seg
-    from .postprocess import mask_checksums
-
-    data = image.data
-    placed = read_dicom_seg(path, image.sources, data.shape[:-1] if image.rgb else data.shape)
-    if placed.overlaps:
-        warnings.warn(
-            f"{path.name}: its segments overlap; where they do, the highest segment number is shown",
-            stacklevel=3,
-        )
-    info: dict[str, Any] = {
-        "model": placed.algorithm_name,
-        "algorithm_version": placed.algorithm_version,
-        "algorithm_type": placed.algorithm_type,
-        "dicom_seg_file": str(path),
-    }
-    whole, slices = mask_checksums(placed.labels)
-    if placed.labels.ndim == 3:
-        info["slices"] = placed.planes
-        info["seg_slice_sha256"] = slices  # which planes a re-export must add (edited since)
-    if placed.algorithm_type == AUTOMATIC:  # the model's own output: what a correction is told apart from
-        info["mask_sha256"], info["slice_sha256"] = whole, slices
-    return DicomMask(placed.labels, Path(path).stem, info, Path(path))
+    return image, [path for path, dataset in read if is_seg(dataset) and series & seg_series(dataset)]

@@ -10,11 +10,15 @@ and still hold the same instances. Needs the ``dicom`` extra (pydicom, highdicom
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .dicom import DicomImage, dcmread, pydicom_module
 from .io import atomic_path
 from .mask_record import layer_record
 
@@ -125,7 +129,6 @@ def write_dicom_seg(
     before anything is written, when the sources have moved or changed, when the mask's
     shape is not theirs, or when highdicom cannot describe these images in a SEG.
     """
-    from .dicom import dcmread, pydicom_module
 
     hd = _highdicom()
     pydicom = pydicom_module()
@@ -351,3 +354,60 @@ def read_dicom_seg(path: str | os.PathLike, sources: list[list[Any]], shape: tup
         None if algorithm is None else str(algorithm.get("AlgorithmVersion", "")) or None,
         overlaps,
     )
+
+
+@dataclass
+class DicomMask:
+    """A DICOM SEG placed on the series it refers to: segment numbers as labels, and what
+    the SEG says of itself (``record``: mask-record keys, the planes it covers, the
+    algorithm, and for a model's own mask the checksums a correction is told apart by)."""
+
+    labels: np.ndarray
+    name: str
+    record: dict[str, Any]
+    path: Path
+
+
+def place_segs(image: DicomImage, paths: Sequence[Path]) -> list[DicomMask]:
+    """The DICOM SEG files that refer to ``image``'s series, each placed on it. A SEG that
+    cannot be placed is skipped with a warning: whatever a SEG from elsewhere holds, the
+    image still opens."""
+    placed = []
+    for path in paths:
+        try:
+            placed.append(_seg_mask(Path(path), image))
+        except Exception as exc:
+            warnings.warn(f"{Path(path).name}: a DICOM SEG on this series, not shown: {exc}", stacklevel=2)
+    return placed
+
+
+def _seg_mask(path: Path, image: DicomImage) -> DicomMask:
+    """A DICOM SEG on the series ``image`` was read from, placed on it (segment numbers as
+    labels), so that it can be corrected and exported as a SEG again.
+
+    The layer keeps what the SEG says: the planes it covers (a re-export covers those,
+    plus any edited), the algorithm, and for a model's own (AUTOMATIC) mask the checksums
+    that tell a later correction apart, as for a mask Segment made.
+    """
+    from .postprocess import mask_checksums
+
+    data = image.data
+    placed = read_dicom_seg(path, image.sources, data.shape[:-1] if image.rgb else data.shape)
+    if placed.overlaps:
+        warnings.warn(
+            f"{path.name}: its segments overlap; where they do, the highest segment number is shown",
+            stacklevel=3,
+        )
+    info: dict[str, Any] = {
+        "model": placed.algorithm_name,
+        "algorithm_version": placed.algorithm_version,
+        "algorithm_type": placed.algorithm_type,
+        "dicom_seg_file": str(path),
+    }
+    whole, slices = mask_checksums(placed.labels)
+    if placed.labels.ndim == 3:
+        info["slices"] = placed.planes
+        info["seg_slice_sha256"] = slices  # which planes a re-export must add (edited since)
+    if placed.algorithm_type == AUTOMATIC:  # the model's own output: what a correction is told apart from
+        info["mask_sha256"], info["slice_sha256"] = whole, slices
+    return DicomMask(placed.labels, Path(path).stem, info, Path(path))

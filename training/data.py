@@ -322,6 +322,7 @@ def dicom_samples(
     ``pixel_size`` is given, also to that pixel size from its own spacing (in mm).
     """
     from napari_r2au.dicom import dicom_series_files, read_dicom_series
+    from napari_r2au.dicom_seg import place_segs
     from napari_r2au.engine import MAX_SCALE, convert_length
 
     if pixel_size is not None and not pixel_size > 0:
@@ -337,7 +338,8 @@ def dicom_samples(
     samples = []
     for folder in folders:
         try:
-            series, segs = read_dicom_series(dicom_series_files(folder), folder.name)
+            series, seg_files = read_dicom_series(dicom_series_files(folder), folder.name)
+            segs = place_segs(series, seg_files)
         except (ValueError, OSError) as exc:
             raise DataError(f"{folder}: {exc}") from exc
         image = series.data
