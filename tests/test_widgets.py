@@ -1152,3 +1152,26 @@ def test_a_first_result_shows_its_mask_at_once_and_adds_the_maps_one_per_turn(
     widget._map_generation += 1  # what a newer result does
     qtbot.waitUntil(lambda: not widget.placing_maps, timeout=TIMEOUT)
     assert "img another map" not in viewer.layers
+
+
+def test_export_model_writes_the_chosen_format_and_never_replaces_a_file(
+    make_napari_viewer, qtbot, tiny_model, notifications, tmp_path
+):
+    from napari_r2au.export import load_torchscript
+
+    viewer = make_napari_viewer()
+    picker = dock(viewer, "Segment")._model
+    assert not picker._export.native.isHidden() and picker._choice.value == "tiny"
+    target = tmp_path / "tiny.pt"
+    picker.export_chosen(str(target))
+    qtbot.waitUntil(lambda: not picker.exporting, timeout=TIMEOUT)
+    assert target.is_file() and (tmp_path / "tiny.pt.json").is_file(), messages(notifications)
+    assert "Exported tiny as torchscript" in messages(notifications)
+    scripted = load_torchscript(target)
+    assert scripted is not None
+    before = target.read_bytes()
+    picker.export_chosen(str(target))  # exists: refused in a message, the file left as it was
+    qtbot.waitUntil(lambda: not picker.exporting, timeout=TIMEOUT)
+    assert target.read_bytes() == before and "exist" in messages(notifications).lower()
+    picker.export_chosen(str(tmp_path / "tiny.h5"))  # a format we do not write: said, nothing written
+    assert "name the file .onnx" in messages(notifications) and not (tmp_path / "tiny.h5").exists()

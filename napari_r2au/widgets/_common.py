@@ -265,11 +265,20 @@ class ModelPicker(Container):
             tooltip="Take this user model (e.g. a fine-tune you do not want) out of the "
             "lists; its files are kept in the models folder's removed/ folder",
         )
-        super().__init__(widgets=[self._choice, self._file, self._card, self._remove], labels=True)
+        self._export = PushButton(
+            text="Export model…",
+            tooltip="Save this model for other tools: ONNX (.onnx) or TorchScript (.pt), "
+            "with a card (.json) saying how to feed it",
+        )
+        self._exporter: Any = None  # the running export's worker
+        super().__init__(
+            widgets=[self._choice, self._file, self._card, self._remove, self._export], labels=True
+        )
         self.margins = (0, 0, 0, 0)
         self._choice.changed.connect(self._update)
         self._file.changed.connect(self._update)
         self._remove.changed.connect(self.remove_chosen)
+        self._export.changed.connect(lambda *_: self.export_chosen())
         _PICKERS.add(self)
         self._update()
 
@@ -309,6 +318,65 @@ class ModelPicker(Container):
         refresh_model_pickers()
         notify_info(f"Removed {name}; its files are in {target}")
 
+    def export_chosen(self, target: str | None = None) -> None:
+        """Export the chosen model to ``target`` (asked for with a file dialog when None), in
+        the format its extension names, in a worker; an existing file is refused, not replaced."""
+        from napari_r2au.export import FORMATS
+
+        path = self.path
+        if path is None or self._exporter is not None:
+            return
+        name = str(self._choice.value) if self._choice.value != LOAD_FROM_FILE else Path(path).stem
+        if target is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            filters = ";;".join(f"{fmt} (*{suffix})" for fmt, suffix in FORMATS.items())
+            target, _ = QFileDialog.getSaveFileName(
+                self.native,
+                f"Export {name}",
+                str(Path.home() / f"{name}.onnx"),
+                filters,
+                options=QFileDialog.Option.DontConfirmOverwrite,  # refused below, never replaced
+            )
+            if not target:
+                return
+        by_suffix = {suffix: fmt for fmt, suffix in FORMATS.items()}
+        fmt = by_suffix.get(Path(target).suffix.lower())
+        if fmt is None:
+            notify_error(
+                f"Export model: {Path(target).name}: name the file .onnx (ONNX) or .pt (TorchScript)."
+            )
+            return
+        from napari.qt.threading import thread_worker
+
+        @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
+        def export() -> list[Path]:
+            from napari_r2au.export import export_network
+
+            return export_network(path, target, fmt)
+
+        def done(paths: list[Path]) -> None:
+            notify_info(f"Exported {name} as {fmt}: {paths[0]} (how to use it: {paths[1].name})")
+
+        def failed(exc: BaseException) -> None:
+            notify_error(f"Export model: {describe_error(exc)}")
+
+        def finished() -> None:
+            self._exporter = None
+            self._export.enabled = True
+
+        worker = export()
+        worker.returned.connect(done)
+        worker.errored.connect(failed)
+        worker.finished.connect(finished)
+        self._exporter = worker
+        self._export.enabled = False
+        worker.start()
+
+    @property
+    def exporting(self) -> bool:
+        return self._exporter is not None
+
     def refresh(self, select: str | None = None) -> None:
         """Re-read the installed models; keep the selection unless ``select`` names another."""
         current = self._choice.value
@@ -344,6 +412,7 @@ class ModelPicker(Container):
     def _update(self, *_: Any) -> None:
         self._file.visible = self._choice.value == LOAD_FROM_FILE
         self._remove.visible = self._choice.value in self._user
+        self._export.visible = self.path is not None
         if self._choice.value == LOAD_FROM_FILE and self.path is None:
             self._card.value = "Choose a model file (.json next to its weights)."
             return
