@@ -95,19 +95,21 @@ def run_summary(out: Path) -> dict:
         "f1_at_0.5": at_half["f1"],
         "auc_roc": chosen["auc_roc"],
         "parameters": sum(p.numel() for p in best.network.parameters()),
+        "minutes": float(json.loads((out / "last.json").read_text())["provenance"].get("train_seconds", 0))
+        / 60,
         "sources": {k.split("@", 1)[1]: v for k, v in chosen.items() if k.startswith("f1@")},
     }
 
 
-def table(key: str, results: dict[str, list[dict]], budget: str, seeds: list[int], config: str) -> str:
+def table(key: str, results: dict[str, list[dict]], budget: str, seeds: str, config: str) -> str:
     sources = sorted({name for runs in results.values() for run in runs for name in run["sources"]})
     lines = [
-        f"`{config}` with `{key}` varied; budget: {budget} per run, one thread each; seeds {seeds}; "
+        f"`{config}` with `{key}` varied; budget: {budget} per run, one thread each; seeds: {seeds}; "
         "validation: the config's own split.",
         "",
         f"| {key} | parameters | steps done | best step | val F1, chosen threshold (worst seed) "
-        "| F1 at 0.5 | AUC-ROC |" + "".join(f" F1 {name} |" for name in sources),
-        "|---|---|---|---|---|---|---|" + "---|" * len(sources),
+        "| F1 at 0.5 | AUC-ROC | training minutes |" + "".join(f" F1 {name} |" for name in sources),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(sources),
     ]
     for value, runs in results.items():
 
@@ -121,7 +123,8 @@ def table(key: str, results: dict[str, list[dict]], budget: str, seeds: list[int
         lines.append(
             f"| {value} | {runs[0]['parameters']:,} | {mean(lambda r: r['steps']):.0f} "
             f"| {mean(lambda r: r['best_step']):.0f} | {mean(lambda r: r['f1']):.4f} ({worst:.4f}) "
-            f"| {mean(lambda r: r['f1_at_0.5']):.4f} | {mean(lambda r: r['auc_roc']):.4f} |{per_source}"
+            f"| {mean(lambda r: r['f1_at_0.5']):.4f} | {mean(lambda r: r['auc_roc']):.4f} "
+            f"| {mean(lambda r: r['minutes']):.1f} |{per_source}"
         )
     return "\n".join(lines) + "\n"
 
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for (_, _, folder), value in zip(jobs, [v for v in choices for _ in (seeds or [None])]):
         results.setdefault(value, []).append(run_summary(folder))
-    block = table(key, results, budget_text, seeds or ["the config's"], args.config)
+    seeds_text = ", ".join(map(str, seeds)) if seeds else "the config's own"
+    block = table(key, results, budget_text, seeds_text, args.config)
     print(block)
     if args.markdown:
         marker = args.marker or f"variants-{name}-{key}"
