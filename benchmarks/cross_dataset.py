@@ -79,13 +79,25 @@ def _absolute(path: Path | None) -> Path | None:
     return path if path.is_absolute() else ROOT / path
 
 
-def _link(triples: list[tuple[Path, Path, Path | None]], folder: Path) -> tuple[Path, Path, Path | None]:
-    """Folders of symlinks that ``evaluate_folders`` pairs by name, as ``r2au evaluate`` would."""
+def _link(
+    triples: list[tuple[Path, Path, Path | None]], folder: Path, jpeg: int | None = None
+) -> tuple[Path, Path, Path | None]:
+    """Folders of symlinks that ``evaluate_folders`` pairs by name, as ``r2au evaluate`` would;
+    with ``jpeg``, each photograph re-saved as a JPEG of that quality instead (what a clinic's
+    export or a PACS screenshot gives)."""
     dirs = [folder / name for name in ("images", "masks", "fov")]
     for path in dirs:
         path.mkdir(parents=True)
     for image, mask, fov in triples:
-        (dirs[0] / image.name).symlink_to(image)
+        if jpeg is None:
+            (dirs[0] / image.name).symlink_to(image)
+        else:
+            from PIL import Image
+
+            from napari_r2au.io import read_image
+
+            pixels = np.asarray(read_image(image))[..., :3]
+            Image.fromarray(pixels.astype(np.uint8)).save(dirs[0] / f"{image.stem}.jpg", quality=jpeg)
         (dirs[1] / mask.name).symlink_to(mask)
         if fov is not None:
             (dirs[2] / fov.name).symlink_to(fov)
@@ -96,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cross_dataset", description=__doc__)
     parser.add_argument("--models", nargs="+", default=["retina-vessels", "drive-vessels"])
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--jpeg", type=int, default=None, metavar="QUALITY", help="re-save every photograph as a JPEG first"
+    )
     args = parser.parse_args(argv)
     if not (DATA / "DRIVE").is_dir():
         print(f"fundus data not found at {DATA}; nothing to measure")
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     split = held_out()
     work = Path(tempfile.mkdtemp(prefix="r2au-cross-"))
     try:
-        folders = {name: _link(triples, work / name) for name, triples in split.items()}
+        folders = {name: _link(triples, work / name, args.jpeg) for name, triples in split.items()}
         rows = []
         for model_name in args.models:
             model = load_model(model_name)
@@ -121,17 +136,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"scales {scales} ({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
-            rows.append((model, cells))
+            rows.append((model_name if Path(model_name).suffix == ".json" else model.name, model, cells))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = _table(rows, split)
     print(text)
     if args.markdown:
+        jpeg = f" --jpeg {args.jpeg}" if args.jpeg is not None else ""
+        marker = "cross-dataset" + (f"-jpeg{args.jpeg}" if args.jpeg is not None else "")
         write_between_markers(
             args.markdown,
-            f"Command: `python -m benchmarks.cross_dataset --models {' '.join(args.models)}`\n\n{text}\n",
-            "<!-- cross-dataset -->",
-            "<!-- /cross-dataset -->",
+            f"Command: `python -m benchmarks.cross_dataset --models {' '.join(args.models)}{jpeg}`\n\n{text}\n",
+            f"<!-- {marker} -->",
+            f"<!-- /{marker} -->",
         )
     return 0
 
@@ -144,10 +161,10 @@ def _table(rows, split) -> str:
         + " | mean F1 |"
     )
     lines = [head, "|---|" + "---|" * (len(names) + 1)]
-    for model, cells in rows:
+    for label, model, cells in rows:
         mean = float(np.mean([f1 for f1, _, _ in cells]))
         lines.append(
-            f"| {model.name} (threshold {model.threshold:g}) | "
+            f"| {label} (threshold {model.threshold:g}) | "
             + " | ".join(f"{f1:.4f} / {auc:.4f}" for f1, auc, _ in cells)
             + f" | {mean:.4f} |"
         )

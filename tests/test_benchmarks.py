@@ -209,3 +209,19 @@ def test_worklist_reviewer_corrects_learns_and_scores_the_rest_in_both_orders(
         assert after < before and step["model"] == "drive-vessels" and step["segmented"] == 0
     else:
         assert step["model"] == "drive-vessels-ft1" and step["segmented"] == 2
+
+
+def test_the_cross_dataset_benchmark_can_re_save_photographs_as_jpeg(tmp_path, drive_root):
+    """--jpeg: each photograph is written as a JPEG of that quality, paired as before."""
+    import imageio.v3 as iio
+
+    from benchmarks import cross_dataset
+
+    image = next((drive_root / "images").glob("*.tif"))
+    mask = next((drive_root / "1st_manual").glob(f"{image.name.split('_')[0]}_*"))
+    images, masks, _ = cross_dataset._link([(image, mask, None)], tmp_path / "q30", jpeg=30)
+    (saved,) = images.iterdir()
+    assert saved.suffix == ".jpg" and saved.read_bytes()[:2] == b"\xff\xd8"
+    original, compressed = iio.imread(image)[..., :3].astype(float), iio.imread(saved).astype(float)
+    assert compressed.shape == original.shape and 0 < np.abs(compressed - original).mean() < 10
+    assert (masks / mask.name).is_symlink()
