@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[test,dicom,nifti,export]"
+	$(BIN)/pip install -e ".[test,dicom,nifti,export,fast]"
 	touch $@
 
 demo: setup

@@ -126,8 +126,8 @@ def agreement_rows() -> list[dict]:
     reference = [predict(model, a, precision="fp32", fuse=False, channels_last=False).mask() for a in arrays]
     rows = []
     for label, kw in (
-        ("fp32, BN folded + channels_last", dict(precision="fp32")),
-        ("bf16, BN folded + channels_last (default)", dict(precision="auto")),
+        ("fp32, BN folded + channels_last", dict(precision="fp32", backend="torch")),
+        ("bf16, BN folded + channels_last (torch)", dict(precision="auto", backend="torch")),
     ):
         scores = [dice(r, predict(model, a, **kw).mask()) for r, a in zip(reference, arrays)]
         rows.append({"config": f"drive-vessels mask agreement: {label}", "dice_vs_fp32": min(scores)})

@@ -137,10 +137,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 2
     model = load_model(args.model)
     _check_pixel_arguments(args, model)
-    if args.device:  # before any image is read
-        from .engine import select_device
-
-        select_device(args.device)
+    _check_backend(args, model)  # a device or backend this machine lacks: said before any image is read
     files: list[Path] = []
     skipped = 0
     for item in args.inputs:
@@ -204,6 +201,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 tta=args.tta,
                 tile_size=args.tile,
                 device=args.device,
+                backend=args.backend,
                 attention=args.attention,
                 scale=args.scale,
                 pixel_size=size,
@@ -249,6 +247,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_backend(args: argparse.Namespace, model) -> None:
+    """``--device`` and ``--backend`` checked before the run: a CUDA device this machine
+    lacks, or ``--backend openvino`` without OpenVINO or on a GPU, is one error line now."""
+    from .backends import resolve_backend
+    from .engine import select_device
+
+    device = select_device(args.device)
+    if args.backend != "auto":
+        resolve_backend(args.backend, model, device, "auto")
 
 
 def _rule_name(model) -> str:
@@ -574,6 +583,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     _check_pixel_arguments(args, model)
+    _check_backend(args, model)
     report = evaluate_folders(
         model,
         args.images,
@@ -586,6 +596,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pixel_size_unit=args.pixel_unit,
         class_map=args.class_map,
         tta=args.tta,
+        device=args.device,
+        backend=args.backend,
     )
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
     print(f"{'image':<24}{'scale':>8}" + "".join(f"{k:>12}" for k in keys))
@@ -1000,6 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    _add_backend_argument(p)
     p.add_argument(
         "--dicom-seg",
         action="store_true",
@@ -1118,11 +1131,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_arguments(p, "resize factor before the network (default: from --pixel-size, else the model's)")
     _add_class_map_argument(p)
     p.add_argument("--tta", action="store_true", help="score the mean of flipped copies (as segment --tta)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    _add_backend_argument(p)
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", default=None, help="write ROC and PR curves as PNG into this folder")
     p.set_defaults(func=cmd_evaluate)
     _add_worklist_parser(sub)
     return parser
+
+
+def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    from .backends import BACKENDS  # torch-free: --help stays fast
+
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what runs the network: auto (default) picks OpenVINO on the CPU where it is installed "
+        "(pip install 'napari-r2au[fast]'), else torch",
+    )
 
 
 def _add_worklist_parser(sub) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,9 @@ class Prediction:
     #: with flip averaging (:func:`napari_r2au.uncertainty.iter_predict_tta`): the per-pixel
     #: uncertainty of the copies (entropy of their mean, or their spread), in the spatial shape
     uncertainty: np.ndarray | None = field(default=None, repr=False)
+    #: what ran the network ("torch" or "openvino") and at which precision ("fp32", "bf16", "fp16")
+    backend: str = "torch"
+    precision: str = "fp32"
 
     def mask(self, threshold: float | None = None, postprocess: Sequence[str] | None = None) -> np.ndarray:
         """uint8 labels: probability > threshold (binary) or the arg-max class, then the
@@ -275,15 +279,42 @@ def _as_loaded(model: Any) -> LoadedModel:
     if isinstance(model, str) or hasattr(model, "__fspath__"):
         return load_model(model)
     if hasattr(model, "in_channels") and hasattr(model, "forward"):
-        meta = {
-            "name": type(model).__name__,
-            "in_channels": model.in_channels,
-            "out_channels": model.out_channels,
-            "normalization": {"kind": "standardize"},
-            "threshold": 0.5,
-        }
-        return LoadedModel(network=model, metadata=meta, source="memory")
+        return _network_as_loaded(model)
     raise TypeError(f"model must be a LoadedModel, a model name or path, or a network; got {type(model)!r}")
+
+
+#: network object -> (its weights' version stamp, the prepared networks cached for it);
+#: the values hold no reference to the network, so a network that is dropped is freed
+_NETWORKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _version_stamp(network: Any) -> tuple:
+    """Changes whenever a parameter or buffer is changed in place (an optimizer step,
+    load_state_dict, BN statistics in training) or replaced: torch counts in-place
+    writes in each tensor's ``_version``."""
+    tensors = list(network.parameters()) + list(network.buffers())
+    return tuple((id(t), t._version, t.device.type) for t in tensors)
+
+
+def _network_as_loaded(model: Any) -> LoadedModel:
+    """A bare network as a LoadedModel whose ``extra`` (the prepared, BN-folded network)
+    is kept while the weights are unchanged, as a loaded model's is; training in place
+    changes the stamp, and the network is prepared again."""
+    from .model_files import LoadedModel
+
+    stamp = _version_stamp(model)
+    cached = _NETWORKS.get(model)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, {})
+        _NETWORKS[model] = cached
+    meta = {
+        "name": type(model).__name__,
+        "in_channels": model.in_channels,
+        "out_channels": model.out_channels,
+        "normalization": {"kind": "standardize"},
+        "threshold": 0.5,
+    }
+    return LoadedModel(network=model, metadata=meta, source="memory", extra=cached[1])
 
 
 #: the largest resize factor accepted (and 1/MAX_SCALE the smallest from pixel sizes)
@@ -483,6 +514,7 @@ def iter_predict(
     fuse: bool = True,
     channels_last: bool = True,
     statistics: tuple[np.ndarray, np.ndarray] | None = None,
+    backend: str = "auto",
 ) -> Generator[Progress, None, Prediction]:
     """Predict tile by tile, yielding progress; returns the :class:`Prediction`.
 
@@ -505,9 +537,12 @@ def iter_predict(
         statistics: the per-channel (mean, std) to normalize with instead of the image's
             own (:func:`normalization_statistics`), so that one slice cut from a stack is
             normalized as it is inside the stack (training validates slices this way).
+        backend: what runs the network: "torch", "openvino" (the ``fast`` extra, CPU only)
+            or "auto", which picks OpenVINO where it is installed and safe
+            (:func:`napari_r2au.backends.resolve_backend`). Tiling, blending and scale are
+            the engine's either way; the prediction records the backend and precision.
     """
-    import torch
-    import torch.nn.functional as F
+    from .backends import prepare_forward
 
     _check_run_arguments(tile_size, overlap, batch_size)
     loaded = _as_loaded(model)
@@ -537,6 +572,7 @@ def iter_predict(
             fuse=fuse,
             channels_last=channels_last,
             statistics=statistics,
+            backend=backend,
         )
         result.scale = scale
         return result
@@ -547,8 +583,7 @@ def iter_predict(
     want_attention = attention and bool(getattr(network, "attention", False))
     axes = resolve_axes(image.shape, loaded.in_channels, axes)
     dev = select_device(device)
-    amp = autocast_dtype(dev, precision)
-    runner = inference_network(loaded, dev, fuse, channels_last)
+    forward = prepare_forward(loaded, dev, precision, backend, fuse=fuse, channels_last=channels_last)
     planewise = is_planewise(loaded.normalization)
     if not planewise:
         mean, std = (
@@ -615,24 +650,7 @@ def iter_predict(
                     mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"
                     tile = _pad(tile, pad, mode)
                 tiles.append(tile.transpose(2, 0, 1))
-            batch = torch.from_numpy(np.stack(tiles)).to(dev, non_blocking=True)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with (
-                torch.inference_mode(),
-                torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None),
-            ):
-                if want_attention:
-                    logits, gate_maps = runner(batch, return_attention=True)
-                else:
-                    logits, gate_maps = runner(batch), []
-                probs = torch.softmax(logits.float(), 1) if multiclass else torch.sigmoid(logits.float())
-                gate_maps = [
-                    F.interpolate(a.float(), size=(tile_h, tile_w), mode="bilinear", align_corners=False)
-                    for a in gate_maps
-                ]
-            probs_np = probs.cpu().numpy()
-            gates_np = [a.cpu().numpy()[:, 0] for a in gate_maps]
+            probs_np, gates_np = forward(np.stack(tiles), want_attention)
             for i, (y, x) in enumerate(batch_windows):
                 h, w = min(tile_h, height - y), min(tile_w, width - x)
                 wt = weight_tile[:h, :w]
@@ -672,6 +690,8 @@ def iter_predict(
         model_sha256=loaded.sha256,
         multiclass=multiclass,
         postprocess=list(loaded.metadata.get("postprocess") or []),
+        backend=forward.choice.backend,
+        precision=forward.choice.precision,
     )
     return prediction
 

@@ -126,7 +126,6 @@ def export_network(
     import torch
 
     from .model_files import load_model
-    from .models.fuse import fuse_for_inference
 
     if fmt not in FORMATS:
         raise ValueError(f"the export formats are {', '.join(FORMATS)}, not {fmt!r}")
@@ -140,32 +139,54 @@ def export_network(
         raise FileExistsError(
             f"{', '.join(existing)} exists already in {target.parent}; choose another name or overwrite"
         )
-    network = fuse_for_inference(loaded.network.eval()).float().cpu().eval()
-    wrapper = _wrapper(network, loaded.out_channels > 1, attention)
-    divisor = int(getattr(loaded.network, "divisor", 16))
-    example = torch.zeros(1, loaded.in_channels, divisor * 6, divisor * 8)
-    names = output_names(loaded, attention)
-    with torch.inference_mode(False), torch.no_grad(), atomic_path(target) as tmp:
-        if fmt == "torchscript":
-            traced = torch.jit.trace(wrapper, example, check_trace=False)
+    if fmt == "onnx":
+        write_onnx(loaded, target, attention=attention)
+    else:
+        with torch.inference_mode(False), torch.no_grad(), atomic_path(target) as tmp:
+            traced = torch.jit.trace(_exported(loaded, attention), _example(loaded), check_trace=False)
             traced.save(str(tmp))
-        else:
-            dynamic = {"image": {0: "batch", 2: "height", 3: "width"}}
-            dynamic.update({name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names})
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(tmp),
-                input_names=["image"],
-                output_names=names,
-                dynamic_axes=dynamic,
-                opset_version=OPSET,
-                dynamo=False,
-            )
     write_bytes_atomic(
         sidecar, (json.dumps(card(loaded, fmt, target.name, attention), indent=2) + "\n").encode()
     )
     return [target, sidecar]
+
+
+def _exported(loaded: Any, attention: bool) -> Any:
+    """The engine's fp32 network (BN folded, eval, CPU) with its output activation."""
+    from .models.fuse import fuse_for_inference
+
+    network = fuse_for_inference(loaded.network.eval()).float().cpu().eval()
+    return _wrapper(network, loaded.out_channels > 1, attention)
+
+
+def _example(loaded: Any) -> Any:
+    import torch
+
+    divisor = int(getattr(loaded.network, "divisor", 16))
+    return torch.zeros(1, loaded.in_channels, divisor * 6, divisor * 8)
+
+
+def write_onnx(loaded: Any, path: str | os.PathLike, *, attention: bool = False) -> Path:
+    """Write ``loaded``'s network as ONNX to ``path``, whole or not at all: the one ONNX
+    exporter, for ``r2au export`` and for the OpenVINO backend (napari_r2au.backends)."""
+    import torch
+
+    names = output_names(loaded, attention)
+    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}}
+    dynamic.update({name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names})
+    target = Path(path)
+    with torch.inference_mode(False), torch.no_grad(), atomic_path(target) as tmp:
+        torch.onnx.export(
+            _exported(loaded, attention),
+            (_example(loaded),),
+            str(tmp),
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return target
 
 
 def load_torchscript(path: str | os.PathLike) -> Any:

@@ -37,6 +37,8 @@ class LayerRecord(TypedDict, total=False):
     cleanup: dict[str, Any] | None
     postprocess: list[str]  # the model's own clean-up steps, before the user's
     scale: float | None  # the working scale the network saw (fine-tuning trains at it)
+    backend: str | None  # what ran the network: "torch" or "openvino" (napari_r2au.backends)
+    precision: str | None  # at which precision: "fp32", "bf16" or "fp16"
     mask_sha256: str | None  # the model's mask: a different checksum means hand edits
     slice_sha256: list[str] | None  # per slice of a stack: which slices were edited
     image_layer: str | None
@@ -69,6 +71,8 @@ class ExportRecord(TypedDict, total=False):
     threshold: float | None
     cleanup: dict[str, Any] | None
     working_scale: float | None
+    backend: str | None
+    precision: str | None
     flip_averaged: bool | None
     scope: str | None
     segmented_slices: list[int] | None
@@ -102,6 +106,8 @@ _EXPORTED = (
     "threshold",
     "cleanup",
     "scale",
+    "backend",
+    "precision",
     "flip_averaged",
     "scope",
     "slices",
@@ -164,6 +170,8 @@ def segment_record(
         "cleanup": dict(cleanup) if cleanup is not None else None,
         "postprocess": list(prediction.postprocess or []),
         "scale": float(prediction.scale),
+        "backend": getattr(prediction, "backend", None),
+        "precision": getattr(prediction, "precision", None),
         "flip_averaged": flip_averaged,
         "created": now(),
         **checksums(mask),  # type: ignore[typeddict-item]

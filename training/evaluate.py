@@ -27,10 +27,15 @@ def evaluate_folders(
     pixel_size_unit: str | None = None,
     class_map: dict[int, int] | None = None,
     tta: bool = False,
+    device: str | None = None,
+    backend: str = "auto",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Per-image rows and set-level metrics (pixels pooled over all images, inside the FOV).
 
     ``tta``: score the mean of flipped copies, as ``r2au segment --tta`` predicts.
+    ``backend``, ``precision``: what runs the network (napari_r2au.backends); the report
+    names the ones that ran, since the figures may differ slightly between them.
     """
     loaded = load_model(model) if not hasattr(model, "network") else model
     level = loaded.threshold if threshold is None else threshold
@@ -41,6 +46,7 @@ def evaluate_folders(
         images, masks, fov, loaded.in_channels, class_map=class_map, statistics_scale=scale
     )
     rows, truths, scores = [], [], []
+    ran = (None, None)
     for sample in samples:
         # each photograph at its own scale when the model derives it from the field of view
         own = (
@@ -48,11 +54,14 @@ def evaluate_folders(
             if sample.statistics is not None
             else working_scale(loaded, given, pixel_size, pixel_size_unit, image=sample.raw)
         )
-        options = dict(scale=own, statistics=sample.statistics)
+        options = dict(
+            scale=own, statistics=sample.statistics, device=device, backend=backend, precision=precision
+        )
         if tta:
-            prob = run(iter_predict_tta(loaded, sample.raw, **options)).probabilities
+            prediction = run(iter_predict_tta(loaded, sample.raw, **options))
         else:
-            prob = predict(loaded, sample.raw, **options).probabilities
+            prediction = predict(loaded, sample.raw, **options)
+        prob, ran = prediction.probabilities, (prediction.backend, prediction.precision)
         row = segmentation_metrics(sample.mask, prob, level, sample.fov)
         rows.append({"image": sample.name, "scale": round(own, 4), **row})
         truths.append(sample.mask[sample.fov])
@@ -66,6 +75,7 @@ def evaluate_folders(
         model=loaded.name,
         model_sha256=loaded.sha256,
         tta=tta,
+        inference={"backend": ran[0], "precision": ran[1]},  # not "precision": that is a metric here
         per_image=rows,
     )
     if plots is not None:

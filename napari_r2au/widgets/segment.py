@@ -28,6 +28,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from napari_r2au.backends import BACKENDS
 from napari_r2au.mask_record import checksums, edited, layer_record, segment_record, with_record
 
 from ._common import (
@@ -130,6 +131,13 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         self._show_advanced = CheckBox(text="Advanced settings", value=False)
         self._tile = SpinBox(label="Tile size (0: auto)", min=0, max=8192, step=16, value=0)
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
+        self._backend = ComboBox(
+            label="Backend",
+            choices=list(BACKENDS),
+            value="auto",
+            tooltip="What runs the network: auto picks OpenVINO on the CPU where it is installed "
+            "(the fast extra), else PyTorch; the mask's record names the one that ran",
+        )
         self._scale = FloatSpinBox(
             label="Scale (0: auto)",
             min=0.0,
@@ -142,7 +150,9 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             "its field of view (shown here after a run), else the model's own",
         )
         self._scale.native.setSpecialValueText("auto")  # the value 0 shows as "auto", or the scale it gave
-        self._advanced = Container(widgets=[self._tile, self._device, self._scale], visible=False)
+        self._advanced = Container(
+            widgets=[self._tile, self._device, self._backend, self._scale], visible=False
+        )
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(min=0, max=1, value=0)
@@ -252,6 +262,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             "slices": slices,
             "tile_size": self._tile.value or None,
             "device": None if self._device.value == "auto" else self._device.value,
+            "backend": str(self._backend.value),
             "attention": bool(self._attention.value),
             "scale": self._scale.value or None,
         }

@@ -1,0 +1,336 @@
+"""Which runtime runs the network's forward pass: PyTorch, or OpenVINO on the CPU.
+
+The one place that picks the backend (:func:`resolve_backend`) and prepares it
+(:func:`prepare_forward`). The engine keeps everything around the forward pass (reading,
+normalization, tiling, blending, scale, progress, cancellation) and only calls the
+:class:`Forward` this module hands it, so both backends give the same kind of result.
+
+OpenVINO is an optional extra (``pip install napari-r2au[fast]``), imported only when
+asked for. Its network is the ONNX file that ``r2au export`` writes
+(:func:`napari_r2au.export.write_onnx`: BatchNorm folded, eval mode), converted once per
+model and kept in memory and in the user cache folder, and compiled once per tile shape
+(a static shape runs faster than a dynamic one on this project's CPUs; see
+docs/performance.md, "Backends").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model_files import LoadedModel
+
+#: the backend requests; "auto" is resolved by :func:`resolve_backend`
+BACKENDS = ("auto", "torch", "openvino")
+#: the precisions OpenVINO runs here (its CPU plugin's f16 needs AMX-FP16, which we cannot test)
+OPENVINO_PRECISIONS = ("fp32", "bf16")
+#: OpenVINO's names of our precisions (INFERENCE_PRECISION_HINT)
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+#: compiled tile shapes kept per model and precision (tiling gives two: full and last batch)
+MAX_SHAPES = 8
+#: converted models kept in memory (each holds its compiled shapes)
+MAX_MODELS = 4
+
+
+class BackendError(ValueError):
+    """A backend that cannot run this request (not installed, wrong device, precision)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What runs the network: ``backend`` ("torch" or "openvino") at ``precision``
+    ("fp32", "bf16" or "fp16"), and why, for the record and the logs."""
+
+    backend: str
+    precision: str
+    reason: str = ""
+
+
+def openvino_available() -> bool:
+    """True if the ``openvino`` package imports (the ``fast`` extra)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def precision_name(amp: Any) -> str:
+    """Our name of an autocast dtype (None: exact fp32)."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
+
+
+def _has_file_identity(loaded: LoadedModel) -> bool:
+    """True for a model read from its file (whose weights' sha256 load_model checked):
+    its conversion may be shared by sha256. A LoadedModel built in memory (a fine-tune's
+    blend, a validation during training) may carry a sha256 its weights no longer have."""
+    return bool(loaded.sha256) and loaded.path is not None
+
+
+def resolve_backend(
+    backend: str,
+    loaded: LoadedModel,
+    device: torch.device,
+    precision: str,
+    *,
+    fuse: bool = True,
+) -> Choice:
+    """The one place that picks the backend and the precision it runs at.
+
+    ``auto`` picks OpenVINO only where it is installed, measured faster and safe: on an
+    x86-64 CPU (measured on AVX-512 machines; other CPUs keep torch), for a model loaded
+    from a file (a bare network may be in training: converting it after every step would
+    cost more than it saves), at fp32 or bf16, with BatchNorm folding on (``fuse=False``
+    asks for the plain torch path). Everywhere else, CUDA and MPS included, torch.
+    An explicit ``openvino`` that cannot run is an error rather than a silent fallback.
+    """
+    from .engine import autocast_dtype
+
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    resolved = precision_name(autocast_dtype(device, precision))  # also checks the request
+    if backend == "torch":
+        return Choice("torch", resolved, "asked for")
+    problem = None
+    if device.type != "cpu":
+        problem = f"OpenVINO runs on the CPU here, not on {device.type}"
+    elif resolved not in OPENVINO_PRECISIONS:
+        problem = f"OpenVINO runs fp32 or bf16 here, not {resolved}"
+    elif not openvino_available():
+        problem = "OpenVINO is not installed (pip install 'napari-r2au[fast]')"
+    if backend == "openvino":
+        if problem:
+            raise BackendError(f"backend openvino: {problem}; use --backend torch or auto")
+        return Choice("openvino", resolved, "asked for")
+    if problem is None and platform.machine().lower() not in ("x86_64", "amd64"):
+        problem = f"not measured faster on {platform.machine()} CPUs"
+    if problem is None and not _has_file_identity(loaded):
+        problem = "a network object (perhaps in training), not a model file"
+    if problem is None and not fuse:
+        problem = "fuse=False asks for the plain torch network"
+    if problem:
+        return Choice("torch", resolved, problem)
+    return Choice("openvino", resolved, "installed, on the CPU, measured faster")
+
+
+class Forward:
+    """One batch through the network: (N, C, H, W) float32 in, the probabilities
+    (N, K, H, W) and each gate's map bilinearly at the input size (N, H, W) out."""
+
+    choice: Choice
+
+    def __call__(self, batch: np.ndarray, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        raise NotImplementedError
+
+
+def _gates_at(gate_maps: list[Any], height: int, width: int) -> list[np.ndarray]:
+    """Gate maps (torch tensors or arrays, (N, 1, h, w)) at (height, width), as the engine
+    always resized them (torch's bilinear, half-pixel centres)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for gate in gate_maps:
+        tensor = torch.as_tensor(gate).float()
+        out.append(
+            F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+            .cpu()
+            .numpy()[:, 0]
+        )
+    return out
+
+
+class TorchForward(Forward):
+    """The engine's PyTorch path: the prepared network (BN folded, NHWC) under autocast."""
+
+    def __init__(
+        self, loaded: LoadedModel, device: torch.device, choice: Choice, fuse: bool, channels_last: bool
+    ):
+        from .engine import autocast_dtype, inference_network
+
+        self.choice, self.device, self.channels_last = choice, device, channels_last
+        self.multiclass = loaded.out_channels > 1
+        self.amp = None if choice.precision == "fp32" else autocast_dtype(device, choice.precision)
+        self.runner = inference_network(loaded, device, fuse, channels_last)
+
+    def __call__(self, batch: np.ndarray, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        import torch
+
+        tensor = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        if self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+        ):
+            if attention:
+                logits, gate_maps = self.runner(tensor, return_attention=True)
+            else:
+                logits, gate_maps = self.runner(tensor), []
+            probs = torch.softmax(logits.float(), 1) if self.multiclass else torch.sigmoid(logits.float())
+            gates = _gates_at(list(gate_maps), batch.shape[2], batch.shape[3])
+        return probs.cpu().numpy(), gates
+
+
+def cache_dir() -> Path:
+    """The user cache folder of converted networks (``R2AU_HOME``/cache overrides)."""
+    home = os.environ.get("R2AU_HOME")
+    if home:
+        return Path(home) / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("napari-r2au"))
+
+
+def network_key(loaded: LoadedModel) -> str:
+    """What identifies a converted network: the weights' sha256 and everything that
+    builds the network from them (architecture, its arguments, channels)."""
+    meta = loaded.metadata
+    identity = {
+        "weights_sha256": loaded.sha256,
+        "architecture": meta.get("architecture"),
+        "arch_args": meta.get("arch_args"),
+        "in_channels": loaded.in_channels,
+        "out_channels": loaded.out_channels,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class _Converted:
+    """One model's network read into OpenVINO, and its compiled shapes (LRU)."""
+
+    def __init__(self, model: Any, outputs: list[str]):
+        self.model, self.outputs = model, outputs
+        self.compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def compiled_for(self, shape: tuple[int, ...], precision: str, threads: int) -> Any:
+        """The network compiled for one input shape, precision and thread count (cached)."""
+        import openvino as ov
+
+        key = (shape, precision, threads)
+        with self.lock:
+            if key in self.compiled:
+                self.compiled.move_to_end(key)
+                return self.compiled[key]
+            model = self.model.clone()
+            model.reshape({"image": ov.PartialShape(list(shape))})
+            config = {
+                "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+                "INFERENCE_NUM_THREADS": threads,
+                "PERFORMANCE_HINT": "LATENCY",
+            }
+            compiled = ov.Core().compile_model(model, "CPU", config)
+            self.compiled[key] = compiled
+            while len(self.compiled) > MAX_SHAPES:
+                self.compiled.popitem(last=False)
+            return compiled
+
+
+_CONVERTED: OrderedDict[str, _Converted] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _read_converted(loaded: LoadedModel) -> _Converted:
+    """The model's network in OpenVINO: from memory, else from the disk cache, else
+    exported now (and written to the cache atomically, so a crash leaves no half file)."""
+    import openvino as ov
+
+    from .export import output_names, write_onnx
+
+    has_gates = bool(getattr(loaded.network, "attention", False))
+    outputs = output_names(loaded, has_gates)
+    key = f"{network_key(loaded)}-{'gates' if has_gates else 'plain'}" if _has_file_identity(loaded) else None
+    if key is None:  # a network in memory: kept with it (for a bare network, per weights version)
+        cached = loaded.extra.get("openvino")
+        if cached is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                path = write_onnx(loaded, Path(folder) / "network.onnx", attention=has_gates)
+                cached = _Converted(ov.Core().read_model(str(path)), outputs)
+            loaded.extra["openvino"] = cached
+        return cached
+    with _LOCK:
+        if key in _CONVERTED:
+            _CONVERTED.move_to_end(key)
+            return _CONVERTED[key]
+        path = cache_dir() / "openvino" / f"{key}.onnx"
+        if not path.is_file():
+            write_onnx(loaded, path, attention=has_gates)
+        try:
+            model = ov.Core().read_model(str(path))
+        except RuntimeError:  # a damaged cache file: export it again
+            write_onnx(loaded, path, attention=has_gates)
+            model = ov.Core().read_model(str(path))
+        converted = _Converted(model, outputs)
+        _CONVERTED[key] = converted
+        while len(_CONVERTED) > MAX_MODELS:
+            _CONVERTED.popitem(last=False)
+        return converted
+
+
+def clear_cache() -> None:
+    """Forget the converted and compiled networks held in memory (not the disk cache)."""
+    with _LOCK:
+        _CONVERTED.clear()
+
+
+def threads() -> int:
+    """OpenVINO's thread count: torch's (so OMP_NUM_THREADS and torch.set_num_threads
+    govern both backends alike)."""
+    import torch
+
+    return max(1, int(torch.get_num_threads()))
+
+
+class OpenVINOForward(Forward):
+    """The network converted to OpenVINO, compiled per tile shape."""
+
+    def __init__(self, loaded: LoadedModel, choice: Choice):
+        self.choice = choice
+        self.converted = _read_converted(loaded)
+        self.threads = threads()
+        self.requests: dict[tuple[int, ...], Any] = {}  # one infer request per shape for this run
+
+    def __call__(self, batch: np.ndarray, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        shape = tuple(int(n) for n in batch.shape)
+        request = self.requests.get(shape)
+        if request is None:
+            compiled = self.converted.compiled_for(shape, self.choice.precision, self.threads)
+            request = self.requests[shape] = compiled.create_infer_request()
+        request.infer({"image": np.ascontiguousarray(batch, np.float32)})
+        results = [request.get_output_tensor(i).data for i in range(len(self.converted.outputs))]
+        probs = np.array(results[0], np.float32)  # a copy: the request's buffer is reused
+        gates = _gates_at([np.asarray(g) for g in results[1:]], shape[2], shape[3]) if attention else []
+        return probs, gates
+
+
+def prepare_forward(
+    loaded: LoadedModel,
+    device: torch.device,
+    precision: str = "auto",
+    backend: str = "auto",
+    *,
+    fuse: bool = True,
+    channels_last: bool = True,
+) -> Forward:
+    """The forward pass the engine runs, on the backend :func:`resolve_backend` picks."""
+    choice = resolve_backend(backend, loaded, device, precision, fuse=fuse)
+    if choice.backend == "openvino":
+        return OpenVINOForward(loaded, choice)
+    return TorchForward(loaded, device, choice, fuse, channels_last)
