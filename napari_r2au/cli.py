@@ -570,6 +570,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .model_files import load_model
 
     model = load_model(args.model)
+    if args.format == "bioimageio":
+        from .bioimageio import export_bioimageio
+
+        package = export_bioimageio(model, args.output, sample=args.sample, overwrite=args.overwrite)
+        print(f"exported {model.name} as a bioimage.io package: {package}")
+        return 0
     network, card = export_network(
         model, args.output, args.format, attention=args.attention, overwrite=args.overwrite
     )
@@ -972,7 +978,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("add-model", help="add a model file (e.g. a training run's best.json) to your models")
-    p.add_argument("source", help="model .json (e.g. runs/NAME/best.json) or its weights file")
+    p.add_argument(
+        "source",
+        help="model .json (e.g. runs/NAME/best.json), its weights file, or a bioimage.io package "
+        "(.zip or folder) made by r2au export --format bioimageio",
+    )
     p.add_argument("--name", default=None, help="name in the model list (default: the file's)")
     p.add_argument("--description", default=None, help="replace the description")
     p.add_argument("--threshold", type=float, default=None, help="set the decision threshold")
@@ -1108,7 +1118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a model's network as ONNX or TorchScript, with a JSON card of how to use it"
     )
     p.add_argument("model", help="a model name (r2au models) or a model file")
-    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--format", choices=["onnx", "torchscript", "bioimageio"], required=True)
+    p.add_argument(
+        "--sample",
+        default=None,
+        help="bioimageio: a real image for the test tensors and cover (default: the plugin's sample)",
+    )
     p.add_argument(
         "-o", "--output", required=True, help="the file to write (or a folder: <model>.onnx / .pt)"
     )

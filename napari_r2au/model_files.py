@@ -660,7 +660,20 @@ def add_model(
     """
     if threshold is not None and threshold_from is not None:
         raise ModelFileError("give a threshold or a model to take it from, not both")
-    loaded = load_model_file(resolve_model_path(source)[0])
+    package = Path(str(source)).expanduser()
+    if package.suffix.lower() == ".zip" or (package / "rdf.yaml").is_file():
+        import tempfile
+
+        from .bioimageio import import_package
+
+        with tempfile.TemporaryDirectory(prefix="r2au-package-") as tmp:
+            try:
+                sidecar = import_package(package, Path(tmp))
+            except ValueError as exc:
+                raise ModelFileError(str(exc)) from exc
+            loaded = load_model_file(sidecar)
+    else:
+        loaded = load_model_file(resolve_model_path(source)[0])
     name = name or loaded.name
     directory = Path(directory) if directory is not None else user_models_dir()
     check_new_model_name(name, directory, overwrite=overwrite)

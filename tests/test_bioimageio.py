@@ -1,0 +1,106 @@
+"""bioimage.io packages: valid by the spec's own validator, and taken back exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_r2au.cli import main
+
+DATA_SAMPLES = {
+    "drive-vessels": "DRIVE/training/images/21_training.tif",
+    "skin-lesions": "PH2/images/IMD002.png",
+    "em-membranes": "ISBI2012_EM/images/0.png",
+    "ct-lungs": "LUNG_CT/2d_images",
+}
+
+
+def _sample(shared, name):
+    path = shared / DATA_SAMPLES[name]
+    if path.is_dir():
+        path = sorted(path.iterdir())[0]
+    if not path.exists():
+        pytest.skip(f"{path} is not here (the shared data folder)")
+    return path
+
+
+@pytest.fixture
+def shared():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not root.is_dir():
+        root = Path("/work/shared/data")
+    if not root.is_dir():
+        pytest.skip("the shared data folder is not here")
+    return root
+
+
+@pytest.mark.parametrize("name", ["drive-vessels", "skin-lesions", "em-membranes", "ct-lungs"])
+def test_bundled_models_export_as_packages_the_spec_accepts(tmp_path, shared, name):
+    pytest.importorskip("bioimageio.spec", reason="the export extra (bioimageio.spec) is not installed")
+    from napari_r2au.bioimageio import validate
+
+    package = tmp_path / f"{name}.zip"
+    assert (
+        main(
+            [
+                "export",
+                name,
+                "--format",
+                "bioimageio",
+                "-o",
+                str(package),
+                "--sample",
+                str(_sample(shared, name)),
+            ]
+        )
+        == 0
+    )
+    assert validate(package) == ""
+
+
+def test_round_trip_gives_the_same_masks_and_foreign_packages_are_refused(
+    tmp_path, shared, monkeypatch, capsys
+):
+    import zipfile
+
+    from napari_r2au import predict
+    from napari_r2au.io import read_image
+    from napari_r2au.model_files import load_model
+
+    monkeypatch.setenv("R2AU_HOME", str(tmp_path / "home"))
+    sample = _sample(shared, "em-membranes")
+    package = tmp_path / "em.zip"
+    assert (
+        main(
+            ["export", "em-membranes", "--format", "bioimageio", "-o", str(package), "--sample", str(sample)]
+        )
+        == 0
+    )
+    assert main(["export", "em-membranes", "--format", "bioimageio", "-o", str(package)]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["add-model", str(package), "--name", "em-back"]) == 0
+    image = read_image(sample)[:256, :256]
+    original = predict(load_model("em-membranes"), image, precision="fp32").mask(0.525)
+    back = predict(load_model("em-back"), image, precision="fp32").mask(0.525)
+    assert np.array_equal(original, back)
+    capsys.readouterr()
+
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(foreign, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "rdf.yaml":
+                data = data.replace(b"napari_r2au:", b"someone_else:")
+            dst.writestr(item, data)
+    assert main(["add-model", str(foreign), "--name", "foreign"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a package made by napari-r2au" in err
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as dst:
+        dst.writestr("../escape.txt", b"x")
+    assert main(["add-model", str(evil), "--name", "evil"]) == 2
+    assert "a package is flat" in capsys.readouterr().err
+    assert not (tmp_path / "escape.txt").exists()
