@@ -26,14 +26,12 @@ def _sample(shared, name):
 
 @pytest.fixture
 def shared():
-    from pathlib import Path
+    """The shared data folder, found as the other tests find it (R2AU_DATA, else ../shared/data)."""
+    from .conftest import DATA
 
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not root.is_dir():
-        root = Path("/work/shared/data")
-    if not root.is_dir():
-        pytest.skip("the shared data folder is not here")
-    return root
+    if not DATA.is_dir():
+        pytest.skip(f"the shared data folder is not here ({DATA}; set R2AU_DATA)")
+    return DATA
 
 
 @pytest.mark.parametrize("name", ["drive-vessels", "skin-lesions", "em-membranes", "ct-lungs"])
