@@ -213,6 +213,9 @@ def export_bioimageio(
         raise FileExistsError(f"{target} exists already; choose another name or overwrite")
     if not as_zip and target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file, not a package folder")
+    if not as_zip and target.is_dir() and any(target.iterdir()) and not (target / "rdf.yaml").is_file():
+        # overwrite replaces an earlier package, never a folder of the user's other files
+        raise FileExistsError(f"{target} is a folder without rdf.yaml, not a package; choose another name")
     name = loaded.name
     names = {
         "torchscript": f"{name}.pt",
@@ -257,9 +260,17 @@ def export_bioimageio(
             with atomic_path(target) as part, zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as archive:
                 for file in sorted(work.iterdir()):
                     archive.write(file, file.name)
+        elif target.exists():
+            # the old package moves aside first and goes only once the new one is in place,
+            # so an interruption leaves one whole package (and at worst a .old folder beside it)
+            old = Path(tmp) / "old"
+            os.replace(target, old)
+            try:
+                os.replace(work, target)
+            except OSError:
+                os.replace(old, target)
+                raise
         else:
-            if target.exists():
-                shutil.rmtree(target)
             os.replace(work, target)
     return target
 

@@ -243,7 +243,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"{path}{at}: " + ", ".join(str(p) for p in written))
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
-            _error(f"{path}: {exc}")
+            said = str(exc)  # errors from the readers name the file already
+            _error(said if said.startswith((str(path), Path(path).name)) else f"{path}: {said}")
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0

@@ -20,6 +20,9 @@ from typing import Any
 from .io import atomic_path, write_bytes_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+#: every format a model can leave in, by file extension: the networks above, and a
+#: bioimage.io package (napari_r2au.bioimageio) as one .zip
+EXPORT_FORMATS = {**FORMATS, "bioimageio": ".zip"}
 CARD_FORMAT = "napari-r2au-exported-network"
 #: ONNX operator set: supported by onnxruntime 1.17 and later, and by the other runtimes
 OPSET = 17

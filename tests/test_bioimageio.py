@@ -102,3 +102,23 @@ def test_round_trip_gives_the_same_masks_and_foreign_packages_are_refused(
     assert main(["add-model", str(evil), "--name", "evil"]) == 2
     assert "a package is flat" in capsys.readouterr().err
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_package_folder_is_replaced_whole_and_a_user_folder_never(tmp_path, shared, capsys):
+    """--overwrite on a folder package swaps in the new package; a folder that is not a
+    package (no rdf.yaml) is refused even with --overwrite and keeps its files."""
+    sample = str(_sample(shared, "em-membranes"))
+    folder = tmp_path / "em-package"
+    export = ["export", "em-membranes", "--format", "bioimageio", "--sample", sample]
+    assert main([*export, "-o", str(folder)]) == 0
+    (folder / "stale.txt").write_text("from before")
+    assert main([*export, "-o", str(folder), "--overwrite"]) == 0
+    assert (folder / "rdf.yaml").is_file() and not (folder / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["em-package"]  # nothing left aside
+
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main([*export, "-o", str(mine), "--overwrite"]) == 2
+    assert "not a package" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -116,3 +116,23 @@ def test_ctrl_c_in_segment_is_one_line_and_130(tmp_path, capsys, monkeypatch):
     assert main(["segment", str(tmp_path / "a.tif"), "-m", "base", "-o", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "r2au: interrupted" and not (tmp_path / "out").exists()
+
+
+def test_a_tiff_with_a_broken_first_page_pointer_is_named_once(tmp_path, capsys):
+    """A TIFF whose first-page offset points past its end: one error line that names the file
+    (once, not "path: path: ..."), the count line, exit 1, nothing written for it."""
+    import struct
+
+    _tiny_user_model()
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.zeros((32, 32), np.uint8))
+    data = bytearray(good.read_bytes())
+    data[4:8] = struct.pack("<I", 10**8)
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(bytes(data))
+    assert main(["segment", str(broken), "-m", "base", "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("r2au: error: ")]
+    assert len(errors) == 1 and errors[0].count("broken.tif") == 1, err
+    assert "cannot read as an image" in errors[0] and err[-1] == "1 of 1 files failed"
+    assert not list((tmp_path / "out").glob("broken*"))

@@ -1175,3 +1175,21 @@ def test_export_model_writes_the_chosen_format_and_never_replaces_a_file(
     assert target.read_bytes() == before and "exist" in messages(notifications).lower()
     picker.export_chosen(str(tmp_path / "tiny.h5"))  # a format we do not write: said, nothing written
     assert "name the file .onnx" in messages(notifications) and not (tmp_path / "tiny.h5").exists()
+
+
+def test_export_model_writes_a_bioimageio_package_from_the_dock(
+    make_napari_viewer, qtbot, tiny_model, notifications, tmp_path
+):
+    """A .zip name in Export model… gives a bioimage.io package that add-model takes back."""
+    import zipfile
+
+    pytest.importorskip("onnx", reason="the bioimage.io package carries an ONNX copy (export extra)")
+    viewer = make_napari_viewer()
+    picker = dock(viewer, "Segment")._model
+    target = tmp_path / "tiny.zip"
+    picker.export_chosen(str(target))
+    qtbot.waitUntil(lambda: not picker.exporting, timeout=TIMEOUT)
+    assert "Exported tiny as a bioimage.io package" in messages(notifications), messages(notifications)
+    with zipfile.ZipFile(target) as archive:
+        names = set(archive.namelist())
+    assert {"rdf.yaml", "tiny.pt", "tiny.onnx", "tiny.safetensors", "test_input.npy"} <= names

@@ -268,7 +268,7 @@ class ModelPicker(Container):
         self._export = PushButton(
             text="Export model…",
             tooltip="Save this model for other tools: ONNX (.onnx) or TorchScript (.pt), "
-            "with a card (.json) saying how to feed it",
+            "with a card (.json) saying how to feed it, or a bioimage.io package (.zip)",
         )
         self._exporter: Any = None  # the running export's worker
         super().__init__(
@@ -321,7 +321,7 @@ class ModelPicker(Container):
     def export_chosen(self, target: str | None = None) -> None:
         """Export the chosen model to ``target`` (asked for with a file dialog when None), in
         the format its extension names, in a worker; an existing file is refused, not replaced."""
-        from napari_r2au.export import FORMATS
+        from napari_r2au.export import EXPORT_FORMATS as _EXPORT_FORMATS
 
         path = self.path
         if path is None or self._exporter is not None:
@@ -330,7 +330,7 @@ class ModelPicker(Container):
         if target is None:
             from qtpy.QtWidgets import QFileDialog
 
-            filters = ";;".join(f"{fmt} (*{suffix})" for fmt, suffix in FORMATS.items())
+            filters = ";;".join(f"{fmt} (*{suffix})" for fmt, suffix in _EXPORT_FORMATS.items())
             target, _ = QFileDialog.getSaveFileName(
                 self.native,
                 f"Export {name}",
@@ -340,22 +340,33 @@ class ModelPicker(Container):
             )
             if not target:
                 return
-        by_suffix = {suffix: fmt for fmt, suffix in FORMATS.items()}
+        by_suffix = {suffix: fmt for fmt, suffix in _EXPORT_FORMATS.items()}
         fmt = by_suffix.get(Path(target).suffix.lower())
         if fmt is None:
             notify_error(
-                f"Export model: {Path(target).name}: name the file .onnx (ONNX) or .pt (TorchScript)."
+                f"Export model: {Path(target).name}: name the file .onnx (ONNX), .pt (TorchScript) "
+                "or .zip (a bioimage.io package)."
             )
+            return
+        if Path(target).exists() or Path(target).is_symlink():
+            notify_error(f"Export model: {Path(target).name} exists already; choose another name.")
             return
         from napari.qt.threading import thread_worker
 
         @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
         def export() -> list[Path]:
+            if fmt == "bioimageio":
+                from napari_r2au.bioimageio import export_bioimageio
+
+                return [export_bioimageio(path, target)]
             from napari_r2au.export import export_network
 
             return export_network(path, target, fmt)
 
         def done(paths: list[Path]) -> None:
+            if fmt == "bioimageio":
+                notify_info(f"Exported {name} as a bioimage.io package: {paths[0]}")
+                return
             notify_info(f"Exported {name} as {fmt}: {paths[0]} (how to use it: {paths[1].name})")
 
         def failed(exc: BaseException) -> None:
