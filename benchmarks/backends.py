@@ -29,7 +29,13 @@ from benchmarks import write_between_markers
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
 BEGIN, END = "<!-- backends -->", "<!-- /backends -->"
-CONFIGS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
+CONFIGS = [
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("torch-compile", "bf16"),
+]
 
 
 def best_of(fn, repeat: int, warmup: int = 1) -> float:

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
     from .model_files import LoadedModel
 
 #: the backend requests; "auto" is resolved by :func:`resolve_backend`
-BACKENDS = ("auto", "torch", "openvino")
+BACKENDS = ("auto", "torch", "openvino", "torch-compile")
+#: the ones a dock offers: torch-compile spends about a minute compiling before the first
+#: tile, which pays off over a long batch run (r2au segment --compile), not one image
+INTERACTIVE_BACKENDS = ("auto", "torch", "openvino")
 #: the precisions OpenVINO runs here (its CPU plugin's f16 needs AMX-FP16, which we cannot test)
 OPENVINO_PRECISIONS = ("fp32", "bf16")
 #: OpenVINO's names of our precisions (INFERENCE_PRECISION_HINT)
@@ -105,6 +109,8 @@ def resolve_backend(
     resolved = precision_name(autocast_dtype(device, precision))  # also checks the request
     if backend == "torch":
         return Choice("torch", resolved, "asked for")
+    if backend == "torch-compile":  # never picked by auto: its first call costs about a minute
+        return Choice("torch-compile", resolved, "asked for")
     problem = None
     if device.type != "cpu":
         problem = f"OpenVINO runs on the CPU here, not on {device.type}"
@@ -154,8 +160,24 @@ def _gates_at(gate_maps: list[Any], height: int, width: int) -> list[np.ndarray]
     return out
 
 
+#: the prepared networks torch.compile has wrapped, so that a second image (or predict
+#: call) of a batch run reuses the compiled code instead of compiling again
+_COMPILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _compiled(runner: Any) -> Any:
+    """``runner`` through ``torch.compile`` (inductor, static shapes: one compile per tile
+    shape, which tiling keeps to two), cached for as long as the prepared network lives."""
+    import torch
+
+    if runner not in _COMPILED:
+        _COMPILED[runner] = torch.compile(runner, dynamic=False)
+    return _COMPILED[runner]
+
+
 class TorchForward(Forward):
-    """The engine's PyTorch path: the prepared network (BN folded, NHWC) under autocast."""
+    """The engine's PyTorch path: the prepared network (BN folded, NHWC) under autocast;
+    for the ``torch-compile`` backend the same network through ``torch.compile``."""
 
     def __init__(
         self, loaded: LoadedModel, device: torch.device, choice: Choice, fuse: bool, channels_last: bool
@@ -166,6 +188,8 @@ class TorchForward(Forward):
         self.multiclass = loaded.out_channels > 1
         self.amp = None if choice.precision == "fp32" else autocast_dtype(device, choice.precision)
         self.runner = inference_network(loaded, device, fuse, channels_last)
+        if choice.backend == "torch-compile":
+            self.runner = _compiled(self.runner)
 
     def __call__(self, batch: np.ndarray, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         import torch

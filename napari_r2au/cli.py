@@ -253,7 +253,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def _check_backend(args: argparse.Namespace, model) -> None:
     """``--device`` and ``--backend`` checked before the run: a CUDA device this machine
     lacks, or ``--backend openvino`` without OpenVINO or on a GPU, is one error line now."""
-    from .backends import resolve_backend
+    from .backends import BackendError, resolve_backend
+
+    if getattr(args, "compile", False):
+        if args.backend not in ("auto", "torch", "torch-compile"):
+            raise BackendError(
+                f"--compile compiles the torch network; it does not go with --backend {args.backend}"
+            )
+        args.backend = "torch-compile"
     from .engine import select_device
 
     device = select_device(args.device)
@@ -1164,7 +1171,13 @@ def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         default="auto",
         help="what runs the network: auto (default) picks OpenVINO on the CPU where it is installed "
-        "(pip install 'napari-r2au[fast]'), else torch",
+        "(pip install 'napari-r2au[fast]'), else torch; torch-compile is torch through torch.compile "
+        "(about a minute to compile per tile shape, then faster: for long batch runs)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the same as --backend torch-compile",
     )
 
 

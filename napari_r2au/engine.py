@@ -537,7 +537,8 @@ def iter_predict(
         statistics: the per-channel (mean, std) to normalize with instead of the image's
             own (:func:`normalization_statistics`), so that one slice cut from a stack is
             normalized as it is inside the stack (training validates slices this way).
-        backend: what runs the network: "torch", "openvino" (the ``fast`` extra, CPU only)
+        backend: what runs the network: "torch", "openvino" (the ``fast`` extra, CPU only),
+            "torch-compile" (torch.compile: slow first call, for long batch runs)
             or "auto", which picks OpenVINO where it is installed and safe
             (:func:`napari_r2au.backends.resolve_backend`). Tiling, blending and scale are
             the engine's either way; the prediction records the backend and precision.
@@ -546,15 +547,7 @@ def iter_predict(
 
     _check_run_arguments(tile_size, overlap, batch_size)
     loaded = _as_loaded(model)
-    if isinstance(image, (list, tuple)) or (not hasattr(image, "shape") and hasattr(image, "__getitem__")):
-        image = image[0]  # a multiscale pyramid: its full-resolution level
-    kind = np.dtype(image.dtype).kind
-    if kind not in "biuf":
-        raise ValueError(
-            f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image"
-        )
-    if 0 in tuple(image.shape):
-        raise ValueError(f"the image has an empty axis: shape {tuple(image.shape)}")
+    image = _checked_image(image)
     scale = working_scale(loaded, scale, pixel_size, pixel_size_unit, image=image, axes=axes)
     if abs(scale - 1.0) > 1e-6:
         result = yield from _iter_predict_rescaled(
@@ -578,99 +571,54 @@ def iter_predict(
         return result
     network = loaded.network
     network.eval()
-    divisor = int(getattr(network, "divisor", 16))
     multiclass = loaded.out_channels > 1
     want_attention = attention and bool(getattr(network, "attention", False))
     axes = resolve_axes(image.shape, loaded.in_channels, axes)
-    dev = select_device(device)
-    forward = prepare_forward(loaded, dev, precision, backend, fuse=fuse, channels_last=channels_last)
-    planewise = is_planewise(loaded.normalization)
-    if not planewise:
-        mean, std = (
-            normalization_statistics(image, loaded.in_channels, axes)
-            if statistics is None
-            else (np.asarray(statistics[0], np.float64), np.asarray(statistics[1], np.float64))
-        )
-        if mean.shape != (loaded.in_channels,) or std.shape != (loaded.in_channels,):
-            raise ValueError(
-                f"statistics: expected a mean and a std for each of the model's "
-                f"{loaded.in_channels} channels, got shapes {mean.shape} and {std.shape}"
-            )
+    forward = prepare_forward(
+        loaded, select_device(device), precision, backend, fuse=fuse, channels_last=channels_last
+    )
+    mean_std = (
+        None if is_planewise(loaded.normalization) else _channel_statistics(loaded, image, axes, statistics)
+    )
 
     n_z = image.shape[axes.index("Z")] if "Z" in axes else 1
     z_order = list(range(n_z)) if slices is None else [int(z) for z in slices]
     if any(not 0 <= z < n_z for z in z_order):
         raise ValueError(f"slices {z_order} out of range for {n_z} slices")
     height, width = image.shape[axes.index("Y")], image.shape[axes.index("X")]
+    tiling = _Tiling.of(height, width, tile_size, overlap, int(getattr(network, "divisor", 16)))
 
-    if tile_size is None:
-        tile_h = tile_w = None if height * width <= WHOLE_IMAGE_PIXELS else DEFAULT_TILE
-    else:
-        tile_h = tile_w = _round_up(max(int(tile_size), divisor), divisor)
-    tile_h = _round_up(height, divisor) if tile_h is None else tile_h
-    tile_w = _round_up(width, divisor) if tile_w is None else tile_w
-    overlap = min(overlap, tile_h // 2, tile_w // 2)
-    ys, xs = _starts(height, tile_h, overlap), _starts(width, tile_w, overlap)
-    windows = [(y, x) for y in ys for x in xs]
-    weight_tile = np.outer(
-        _taper(tile_h, overlap if len(ys) > 1 else 0), _taper(tile_w, overlap if len(xs) > 1 else 0)
-    )
-
-    n_out = loaded.out_channels
     out_shape = (n_z, height, width)
-    probabilities = np.zeros((*out_shape, n_out) if multiclass else out_shape, np.float32)
+    probabilities = np.zeros((*out_shape, loaded.out_channels) if multiclass else out_shape, np.float32)
     n_gates = len(getattr(network, "gates", None) or []) if want_attention else 0
     alphas = [np.zeros(out_shape, np.float32) for _ in range(n_gates)]
-    total = len(windows) * len(z_order)
-    done = 0
+    total = len(tiling.windows) * len(z_order)
     yield Progress(0, total)
 
-    for z in z_order:
+    for index, z in enumerate(z_order):
         plane = _Plane(image, axes, z if "Z" in axes else None, loaded.in_channels)
-        # a plane-wise normalization (CLAHE) sees the whole plane, exactly as in training
-        enhanced = None
-        if planewise:
-            enhanced = _normalized(
-                normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization)
-            )
-        acc = np.zeros((n_out, height, width), np.float32)
-        acc_alpha = np.zeros((n_gates, height, width), np.float32)
-        acc_weight = np.zeros((height, width), np.float32)
-        for first in range(0, len(windows), batch_size):
-            batch_windows = windows[first : first + batch_size]
-            tiles = []
-            for y, x in batch_windows:
-                if enhanced is not None:
-                    tile = enhanced[y : y + tile_h, x : x + tile_w]
-                else:
-                    tile = _finite(plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width)))
-                    tile = _normalized(normalize(tile, loaded.normalization, mean, std))
-                pad = ((0, tile_h - tile.shape[0]), (0, tile_w - tile.shape[1]), (0, 0))
-                if any(p[1] for p in pad):
-                    mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"
-                    tile = _pad(tile, pad, mode)
-                tiles.append(tile.transpose(2, 0, 1))
-            probs_np, gates_np = forward(np.stack(tiles), want_attention)
-            for i, (y, x) in enumerate(batch_windows):
-                h, w = min(tile_h, height - y), min(tile_w, width - x)
-                wt = weight_tile[:h, :w]
-                acc[:, y : y + h, x : x + w] += probs_np[i, :, :h, :w] * wt
-                for g, gate in enumerate(gates_np):
-                    acc_alpha[g, y : y + h, x : x + w] += gate[i, :h, :w] * wt
-                acc_weight[y : y + h, x : x + w] += wt
-            done += len(batch_windows)
-            yield Progress(done, total)
-        acc /= acc_weight
+        blended, gates = yield from _predict_plane(
+            loaded,
+            plane,
+            tiling,
+            forward,
+            mean_std,
+            want_attention,
+            n_gates,
+            batch_size,
+            done=index * len(tiling.windows),
+            total=total,
+        )
         zi = z if "Z" in axes else 0
-        if multiclass:
-            probabilities[zi] = np.moveaxis(acc, 0, -1)
-        else:
-            probabilities[zi] = acc[0]
+        probabilities[zi] = np.moveaxis(blended, 0, -1) if multiclass else blended[0]
         for g in range(n_gates):
-            alphas[g][zi] = acc_alpha[g] / acc_weight
+            alphas[g][zi] = gates[g]
         if "Z" in axes:
             yield Progress(
-                done, total, slice_index=z, slice_probabilities=np.clip(probabilities[zi], 0.0, 1.0)
+                (index + 1) * len(tiling.windows),
+                total,
+                slice_index=z,
+                slice_probabilities=np.clip(probabilities[zi], 0.0, 1.0),
             )
 
     if "Z" not in axes:
@@ -682,7 +630,7 @@ def iter_predict(
             "its weights are probably broken (retrain or reload the model)"
         )
     np.clip(probabilities, 0.0, 1.0, out=probabilities)
-    prediction = Prediction(
+    return Prediction(
         probabilities=probabilities,
         attention=alphas,
         threshold=loaded.threshold,
@@ -693,7 +641,118 @@ def iter_predict(
         backend=forward.choice.backend,
         precision=forward.choice.precision,
     )
-    return prediction
+
+
+def _checked_image(image: Any) -> Any:
+    """The array to run: a pyramid's full-resolution level; a pixel type or an empty axis
+    the network cannot take is refused here, before any work."""
+    if isinstance(image, (list, tuple)) or (not hasattr(image, "shape") and hasattr(image, "__getitem__")):
+        image = image[0]  # a multiscale pyramid: its full-resolution level
+    if np.dtype(image.dtype).kind not in "biuf":
+        raise ValueError(
+            f"unsupported pixel type {image.dtype}: give a boolean, integer or real-valued image"
+        )
+    if 0 in tuple(image.shape):
+        raise ValueError(f"the image has an empty axis: shape {tuple(image.shape)}")
+    return image
+
+
+def _channel_statistics(
+    loaded: LoadedModel, image: Any, axes: str, statistics: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (mean, std) every tile is normalized with: the whole image's, or the
+    ones given (a slice normalized as inside its stack), checked against the model."""
+    mean, std = (
+        normalization_statistics(image, loaded.in_channels, axes)
+        if statistics is None
+        else (np.asarray(statistics[0], np.float64), np.asarray(statistics[1], np.float64))
+    )
+    if mean.shape != (loaded.in_channels,) or std.shape != (loaded.in_channels,):
+        raise ValueError(
+            f"statistics: expected a mean and a std for each of the model's "
+            f"{loaded.in_channels} channels, got shapes {mean.shape} and {std.shape}"
+        )
+    return mean, std
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """How a plane is cut: tile size (a multiple of the network's divisor), the windows'
+    top-left corners and the raised-cosine weight each tile is blended with."""
+
+    tile_h: int
+    tile_w: int
+    windows: list[tuple[int, int]]
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, height: int, width: int, tile_size: int | None, overlap: int, divisor: int) -> _Tiling:
+        """Planes up to WHOLE_IMAGE_PIXELS run whole unless a tile size is given."""
+        if tile_size is None:
+            tile_h = tile_w = None if height * width <= WHOLE_IMAGE_PIXELS else DEFAULT_TILE
+        else:
+            tile_h = tile_w = _round_up(max(int(tile_size), divisor), divisor)
+        tile_h = _round_up(height, divisor) if tile_h is None else tile_h
+        tile_w = _round_up(width, divisor) if tile_w is None else tile_w
+        overlap = min(overlap, tile_h // 2, tile_w // 2)
+        ys, xs = _starts(height, tile_h, overlap), _starts(width, tile_w, overlap)
+        weight = np.outer(
+            _taper(tile_h, overlap if len(ys) > 1 else 0), _taper(tile_w, overlap if len(xs) > 1 else 0)
+        )
+        return cls(tile_h, tile_w, [(y, x) for y in ys for x in xs], weight)
+
+
+def _predict_plane(
+    loaded: LoadedModel,
+    plane: _Plane,
+    tiling: _Tiling,
+    forward: Any,
+    mean_std: tuple[np.ndarray, np.ndarray] | None,
+    want_attention: bool,
+    n_gates: int,
+    batch_size: int,
+    *,
+    done: int,
+    total: int,
+) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+    """One plane through the network in batches of tiles, yielding progress; returns the
+    blended probabilities (K, H, W) and gate maps (G, H, W). ``mean_std`` None means a
+    plane-wise normalization (CLAHE), which sees the whole plane exactly as in training."""
+    height, width = plane.height, plane.width
+    tile_h, tile_w = tiling.tile_h, tiling.tile_w
+    enhanced = None
+    if mean_std is None:
+        enhanced = _normalized(
+            normalize_plane(_finite(plane.read(0, height, 0, width)), loaded.normalization)
+        )
+    acc = np.zeros((loaded.out_channels, height, width), np.float32)
+    acc_alpha = np.zeros((n_gates, height, width), np.float32)
+    acc_weight = np.zeros((height, width), np.float32)
+    for first in range(0, len(tiling.windows), batch_size):
+        batch_windows = tiling.windows[first : first + batch_size]
+        tiles = []
+        for y, x in batch_windows:
+            if enhanced is not None:
+                tile = enhanced[y : y + tile_h, x : x + tile_w]
+            else:
+                tile = _finite(plane.read(y, min(y + tile_h, height), x, min(x + tile_w, width)))
+                tile = _normalized(normalize(tile, loaded.normalization, *mean_std))
+            pad = ((0, tile_h - tile.shape[0]), (0, tile_w - tile.shape[1]), (0, 0))
+            if any(p[1] for p in pad):
+                mode = "reflect" if tile.shape[0] > 1 and tile.shape[1] > 1 else "edge"
+                tile = _pad(tile, pad, mode)
+            tiles.append(tile.transpose(2, 0, 1))
+        probs_np, gates_np = forward(np.stack(tiles), want_attention)
+        for i, (y, x) in enumerate(batch_windows):
+            h, w = min(tile_h, height - y), min(tile_w, width - x)
+            wt = tiling.weight[:h, :w]
+            acc[:, y : y + h, x : x + w] += probs_np[i, :, :h, :w] * wt
+            for g, gate in enumerate(gates_np):
+                acc_alpha[g, y : y + h, x : x + w] += gate[i, :h, :w] * wt
+            acc_weight[y : y + h, x : x + w] += wt
+        done += len(batch_windows)
+        yield Progress(done, total)
+    return acc / acc_weight, acc_alpha / acc_weight
 
 
 def _resized_shape(shape: Sequence[int], axes: str, scale: float) -> tuple[int, ...]:

@@ -192,3 +192,36 @@ def test_cli_backend_on_segment_and_evaluate(tmp_path, drive_root, monkeypatch, 
     capsys.readouterr()
     assert main(["segment", str(images / "a.png"), "-o", str(tmp_path / "o2"), "--backend", "openvino"]) == 2
     assert "not installed" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_torch_compile_gives_torchs_probabilities_and_is_compiled_once(tiny_net):
+    """--backend torch-compile (r2au segment --compile): the same probabilities as the eager
+    network, the record names it, and a second image reuses the compiled network."""
+    import shutil
+
+    from napari_r2au import backends
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile's inductor needs a C++ compiler on the CPU")
+    image = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    eager = predict(tiny_net, image, backend="torch", precision="fp32")
+    compiled = predict(tiny_net, image, backend="torch-compile", precision="fp32")
+    assert (compiled.backend, compiled.precision) == ("torch-compile", "fp32")
+    np.testing.assert_allclose(compiled.probabilities, eager.probabilities, atol=1e-4)
+    wrapped = dict(backends._COMPILED)
+    assert len(wrapped) == 1
+    again = predict(tiny_net, image[::-1].copy(), backend="torch-compile", precision="fp32")
+    assert dict(backends._COMPILED) == wrapped and again.probabilities.shape == (64, 64)
+
+
+def test_cli_compile_is_torch_compile_and_refuses_another_backend(tmp_path, capsys):
+    from PIL import Image
+
+    from napari_r2au.cli import main
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    code = main(["segment", str(image), "-o", str(tmp_path / "out"), "--compile", "--backend", "openvino"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--compile" in err[0], err
+    assert not (tmp_path / "out").exists()

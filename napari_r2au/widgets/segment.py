@@ -28,7 +28,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from napari_r2au.backends import BACKENDS
+from napari_r2au.backends import INTERACTIVE_BACKENDS
 from napari_r2au.mask_record import checksums, edited, layer_record, segment_record, with_record
 
 from ._common import (
@@ -133,7 +133,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
         self._backend = ComboBox(
             label="Backend",
-            choices=list(BACKENDS),
+            choices=list(INTERACTIVE_BACKENDS),
             value="auto",
             tooltip="What runs the network: auto picks OpenVINO on the CPU where it is installed "
             "(the fast extra), else PyTorch; the mask's record names the one that ran",
