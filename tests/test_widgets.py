@@ -1193,3 +1193,16 @@ def test_export_model_writes_a_bioimageio_package_from_the_dock(
     with zipfile.ZipFile(target) as archive:
         names = set(archive.namelist())
     assert {"rdf.yaml", "tiny.pt", "tiny.onnx", "tiny.safetensors", "test_input.npy"} <= names
+
+
+def test_a_model_trained_on_from_its_own_weights_is_not_called_a_fine_tune_of_itself():
+    """The bundled retina-vessels and skin-lesions were trained on from an earlier version
+    of themselves: the card says so, and a real fine-tune still names its parent."""
+    from napari_r2au.model_files import list_models
+    from napari_r2au.widgets._common import model_card, read_model_metadata
+
+    paths = {row["name"]: row["path"] for row in list_models() if row["source"] == "bundled"}
+    card = model_card(read_model_metadata(paths["retina-vessels"]))
+    assert "Fine-tuned from" not in card and "Trained on from an earlier retina-vessels (" in card
+    fine_tune = {"name": "retina-vessels-ft1", "provenance": {"parent": {"name": "retina-vessels"}}}
+    assert "Fine-tuned from: retina-vessels" in model_card(fine_tune)

@@ -213,8 +213,11 @@ def model_card(meta: dict[str, Any]) -> str:
     else:
         trained = "unknown"
     lines.append(f"Trained on: {trained}")
-    if prov.get("parent"):
-        lines.append(f"Fine-tuned from: {prov['parent'].get('name', '?')}")
+    parent = prov.get("parent") if isinstance(prov.get("parent"), dict) else None
+    if parent and parent.get("name") == meta.get("name"):  # a bundled model trained on from its own weights
+        lines.append(f"Trained on from an earlier {parent['name']} ({str(parent.get('sha256', ''))[:8]})")
+    elif parent:
+        lines.append(f"Fine-tuned from: {parent.get('name', '?')}")
     if meta.get("description"):
         text = " ".join(str(meta["description"]).split())
         lines.append(text if len(text) <= 160 else text[:157].rstrip() + "…")
