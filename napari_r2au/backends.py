@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,19 +159,21 @@ def _gates_at(gate_maps: list[Any], height: int, width: int) -> list[np.ndarray]
     return out
 
 
-#: the prepared networks torch.compile has wrapped, so that a second image (or predict
-#: call) of a batch run reuses the compiled code instead of compiling again
-_COMPILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def _compiled(runner: Any) -> Any:
-    """``runner`` through ``torch.compile`` (inductor, static shapes: one compile per tile
-    shape, which tiling keeps to two), cached for as long as the prepared network lives."""
+def _compiled(loaded: LoadedModel, runner: Any, key: tuple) -> Any:
+    """``runner`` through ``torch.compile`` (inductor, static shapes), kept in the model's
+    cache beside the prepared network it wraps, so that the next predict call reuses it and
+    it goes when the model goes. Static shapes mean one compile per input shape: each image
+    size when planes run whole, the full and the last batch of tiles when tiled."""
     import torch
 
-    if runner not in _COMPILED:
-        _COMPILED[runner] = torch.compile(runner, dynamic=False)
-    return _COMPILED[runner]
+    cached = loaded.extra.get(key)
+    if cached is not None and cached[0] is runner:
+        return cached[1]
+    compiled = torch.compile(runner, dynamic=False)
+    if key[2]:  # fuse: the runner is the cache's private copy, which may be held. Unfused it is
+        # the caller's own network, which a network object's cache must not keep alive
+        loaded.extra[key] = (runner, compiled)  # a newer prepared network replaces the older one
+    return compiled
 
 
 class TorchForward(Forward):
@@ -189,7 +190,8 @@ class TorchForward(Forward):
         self.amp = None if choice.precision == "fp32" else autocast_dtype(device, choice.precision)
         self.runner = inference_network(loaded, device, fuse, channels_last)
         if choice.backend == "torch-compile":
-            self.runner = _compiled(self.runner)
+            key = ("compiled", str(device), fuse, channels_last)
+            self.runner = _compiled(loaded, self.runner, key)
 
     def __call__(self, batch: np.ndarray, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         import torch

@@ -261,18 +261,28 @@ def export_bioimageio(
                 for file in sorted(work.iterdir()):
                     archive.write(file, file.name)
         elif target.exists():
-            # the old package moves aside first and goes only once the new one is in place,
-            # so an interruption leaves one whole package (and at worst a .old folder beside it)
-            old = Path(tmp) / "old"
-            os.replace(target, old)
-            try:
-                os.replace(work, target)
-            except OSError:
-                os.replace(old, target)
-                raise
+            _swap_in(work, target)
         else:
             os.replace(work, target)
     return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put the package folder ``new`` at ``target`` in place of an older package there. The
+    old one moves to a hidden sibling first and is deleted only once the new one is in
+    place; if that fails it is put back, and if even that fails the error names its folder."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "package"
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException as exc:  # Ctrl-C included: the old package must not be lost
+        try:
+            os.replace(aside, target)
+        except OSError:
+            raise OSError(f"{target} could not be replaced; the earlier package is in {aside}") from exc
+        shutil.rmtree(aside.parent, ignore_errors=True)
+        raise
+    shutil.rmtree(aside.parent, ignore_errors=True)
 
 
 def _normalized(image: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:

@@ -244,7 +244,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         except Exception as exc:  # report, skip, go on with the others
             failed += 1
             said = str(exc)  # errors from the readers name the file already
-            _error(said if said.startswith((str(path), Path(path).name)) else f"{path}: {said}")
+            _error(said if said.startswith((f"{path}:", f"{Path(path).name}:")) else f"{path}: {said}")
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
@@ -1172,7 +1172,8 @@ def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="what runs the network: auto (default) picks OpenVINO on the CPU where it is installed "
         "(pip install 'napari-r2au[fast]'), else torch; torch-compile is torch through torch.compile "
-        "(about a minute to compile per tile shape, then faster: for long batch runs)",
+        "(tens of seconds to compile for each input shape, then faster: for long runs over images of one size; "
+        "give --tile for images of mixed sizes)",
     )
     parser.add_argument(
         "--compile",

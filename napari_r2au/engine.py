@@ -752,7 +752,9 @@ def _predict_plane(
             acc_weight[y : y + h, x : x + w] += wt
         done += len(batch_windows)
         yield Progress(done, total)
-    return acc / acc_weight, acc_alpha / acc_weight
+    np.divide(acc, acc_weight, out=acc)  # in place: a whole large plane is not copied again
+    np.divide(acc_alpha, acc_weight, out=acc_alpha)
+    return acc, acc_alpha
 
 
 def _resized_shape(shape: Sequence[int], axes: str, scale: float) -> tuple[int, ...]:

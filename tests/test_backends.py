@@ -199,8 +199,6 @@ def test_torch_compile_gives_torchs_probabilities_and_is_compiled_once(tiny_net)
     network, the record names it, and a second image reuses the compiled network."""
     import shutil
 
-    from napari_r2au import backends
-
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile's inductor needs a C++ compiler on the CPU")
     image = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
@@ -208,10 +206,16 @@ def test_torch_compile_gives_torchs_probabilities_and_is_compiled_once(tiny_net)
     compiled = predict(tiny_net, image, backend="torch-compile", precision="fp32")
     assert (compiled.backend, compiled.precision) == ("torch-compile", "fp32")
     np.testing.assert_allclose(compiled.probabilities, eager.probabilities, atol=1e-4)
-    wrapped = dict(backends._COMPILED)
-    assert len(wrapped) == 1
+    from napari_r2au.engine import _as_loaded
+
+    def compiled() -> list:
+        extra = _as_loaded(tiny_net).extra
+        return [value[1] for key, value in extra.items() if key[0] == "compiled"]
+
+    first = compiled()
+    assert len(first) == 1 and first[0] is not None
     again = predict(tiny_net, image[::-1].copy(), backend="torch-compile", precision="fp32")
-    assert dict(backends._COMPILED) == wrapped and again.probabilities.shape == (64, 64)
+    assert compiled() == first and again.probabilities.shape == (64, 64)  # reused, not compiled again
 
 
 def test_cli_compile_is_torch_compile_and_refuses_another_backend(tmp_path, capsys):

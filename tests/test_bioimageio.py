@@ -122,3 +122,29 @@ def test_a_package_folder_is_replaced_whole_and_a_user_folder_never(tmp_path, sh
     assert main([*export, "-o", str(mine), "--overwrite"]) == 2
     assert "not a package" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_an_interrupted_package_swap_puts_the_old_package_back(tmp_path, monkeypatch):
+    """Ctrl-C between moving the old package aside and moving the new one in: the old
+    package is back at its place, and nothing is left beside it."""
+    import os
+
+    from napari_r2au import bioimageio
+
+    old, new = tmp_path / "pkg", tmp_path / "new"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "rdf.yaml").write_text(text)
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new package moving in
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(bioimageio.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bioimageio._swap_in(new, old)
+    assert (old / "rdf.yaml").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "pkg"]
