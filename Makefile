@@ -34,11 +34,10 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	else echo "error: install Xvfb and the libxcb/xkbcommon libraries for Qt with your package manager"; exit 1; fi
 
-test: setup system-deps
-	$(BIN)/ruff check napari_r2au training tests benchmarks
+test: setup system-deps lint
 	$(BIN)/pytest -q
 
-lint:
+lint: setup
 	$(BIN)/ruff check napari_r2au training tests benchmarks
 	$(BIN)/ruff format --check napari_r2au training tests benchmarks
 

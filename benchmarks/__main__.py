@@ -22,7 +22,8 @@ import torch
 
 from benchmarks import write_between_markers
 from napari_r2au import create_model, load_model, predict
-from napari_r2au.engine import cpu_has_bf16, inference_network
+from napari_r2au.backends import inference_network
+from napari_r2au.device import cpu_has_bf16
 from napari_r2au.model_files import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from napari_r2au import backends, load_model, predict
-    from napari_r2au.engine import cpu_has_bf16
+    from napari_r2au.device import cpu_has_bf16
     from napari_r2au.io import read_image
 
     if not backends.openvino_available():

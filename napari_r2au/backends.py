@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .device import autocast_dtype
+
 if TYPE_CHECKING:
     import torch
 
@@ -101,7 +103,6 @@ def resolve_backend(
     asks for the plain torch path). Everywhere else, CUDA and MPS included, torch.
     An explicit ``openvino`` that cannot run is an error rather than a silent fallback.
     """
-    from .engine import autocast_dtype
 
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -176,6 +177,26 @@ def _compiled(loaded: LoadedModel, runner: Any, key: tuple) -> Any:
     return compiled
 
 
+def inference_network(loaded: LoadedModel, device: torch.device, fuse: bool, channels_last: bool):
+    """The network to run: BN-folded and in NHWC layout on request, cached per model."""
+    import torch
+
+    from .models.fuse import fuse_for_inference
+
+    key = ("inference_network", str(device), fuse, channels_last)
+    cached = loaded.extra.get(key)
+    if cached is not None:
+        return cached
+    network = loaded.network.eval()
+    runner = fuse_for_inference(network) if fuse else network
+    runner = runner.to(device)
+    if channels_last:
+        runner = runner.to(memory_format=torch.channels_last)
+    if fuse:  # a private copy: safe to keep
+        loaded.extra[key] = runner
+    return runner
+
+
 class TorchForward(Forward):
     """The engine's PyTorch path: the prepared network (BN folded, NHWC) under autocast;
     for the ``torch-compile`` backend the same network through ``torch.compile``."""
@@ -183,7 +204,6 @@ class TorchForward(Forward):
     def __init__(
         self, loaded: LoadedModel, device: torch.device, choice: Choice, fuse: bool, channels_last: bool
     ):
-        from .engine import autocast_dtype, inference_network
 
         self.choice, self.device, self.channels_last = choice, device, channels_last
         self.multiclass = loaded.out_channels > 1

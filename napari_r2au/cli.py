@@ -261,7 +261,7 @@ def _check_backend(args: argparse.Namespace, model) -> None:
                 f"--compile compiles the torch network; it does not go with --backend {args.backend}"
             )
         args.backend = "torch-compile"
-    from .engine import select_device
+    from .device import select_device
 
     device = select_device(args.device)
     if args.backend != "auto":
@@ -480,7 +480,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
     if args.device:  # a device this machine lacks: said before the folders are read
-        from .engine import select_device
+        from .device import select_device
 
         select_device(args.device)
     pairs, fovs, names, slices = _folder_pairs(args.images, args.masks, args.fov, args.class_map)
@@ -703,7 +703,7 @@ def cmd_worklist_segment(args: argparse.Namespace) -> int:
     from .worklist import Worklist, iter_segment, run_events
 
     if args.device:  # a device this machine lacks: said before anything is read
-        from .engine import select_device
+        from .device import select_device
 
         select_device(args.device)
     with Worklist.open(args.folder) as worklist:
@@ -840,7 +840,7 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
 
         model_path(user_models_dir(), args.name)
     if args.device:
-        from .engine import select_device
+        from .device import select_device
 
         select_device(args.device)
     with Worklist.open(args.folder) as worklist:

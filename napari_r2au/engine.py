@@ -8,7 +8,6 @@ run at the next batch.
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from collections.abc import Callable, Generator, Sequence
@@ -17,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .device import select_device
 from .preprocess import image_statistics, is_planewise, match_channels, normalize, normalize_plane
 
 if TYPE_CHECKING:
-    import torch
-
     from .model_files import LoadedModel
 
 #: images up to this many pixels per plane run as one tile (padded to the divisor)
@@ -153,93 +151,6 @@ def resolve_axes(shape: Sequence[int], in_channels: int, axes: str | None = None
     raise ValueError(
         f"cannot tell the axes of an array of shape {tuple(shape)}; pass axes= (e.g. 'YXC', 'ZYX')"
     )
-
-
-def select_device(device: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu, unless ``device`` says otherwise; a device this machine
-    does not have is a ValueError now, not a RuntimeError deep inside the first batch."""
-    import torch
-
-    if device not in (None, "", "auto"):
-        try:
-            chosen = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch); "
-                "use --device cpu"
-            )
-        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-        if chosen.type == "mps" and not (
-            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        ):
-            raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
-        if chosen.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device {device!r}: napari-r2au runs on cpu, cuda or mps")
-        return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512_BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-#: the precision requests autocast_dtype understands
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for a device and precision request; None means exact fp32."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
-def inference_network(loaded: LoadedModel, device: torch.device, fuse: bool, channels_last: bool):
-    """The network to run: BN-folded and in NHWC layout on request, cached per model."""
-    import torch
-
-    from .models.fuse import fuse_for_inference
-
-    key = ("inference_network", str(device), fuse, channels_last)
-    cached = loaded.extra.get(key)
-    if cached is not None:
-        return cached
-    network = loaded.network.eval()
-    runner = fuse_for_inference(network) if fuse else network
-    runner = runner.to(device)
-    if channels_last:
-        runner = runner.to(memory_format=torch.channels_last)
-    if fuse:  # a private copy: safe to keep
-        loaded.extra[key] = runner
-    return runner
 
 
 def derived_scale(model: Any, image: Any, axes: str | None = None) -> float:

@@ -664,7 +664,7 @@ def add_model(
     if package.suffix.lower() == ".zip" or (package / "rdf.yaml").is_file():
         import tempfile
 
-        from .bioimageio import import_package
+        from .package_import import import_package
 
         with tempfile.TemporaryDirectory(prefix="r2au-package-") as tmp:
             try:

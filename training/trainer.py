@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_r2au.engine import PRECISIONS, autocast_dtype, predict, run, select_device
+from napari_r2au.device import PRECISIONS, autocast_dtype, select_device
+from napari_r2au.engine import predict, run
 from napari_r2au.io import atomic_path, open_for_append, write_bytes_atomic
 from napari_r2au.model_files import (
     LoadedModel,

@@ -1,0 +1,77 @@
+"""Which device and numeric precision a network runs on: shared by the engine, its
+backends and the trainer, so that all three read a device or precision request the same way."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """cuda, then mps, then cpu, unless ``device`` says otherwise; a device this machine
+    does not have is a ValueError now, not a RuntimeError deep inside the first batch."""
+    import torch
+
+    if device not in (None, "", "auto"):
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch); "
+                "use --device cpu"
+            )
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        if chosen.type == "mps" and not (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        ):
+            raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
+        if chosen.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {device!r}: napari-r2au runs on cpu, cuda or mps")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512_BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: the precision requests autocast_dtype understands
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a device and precision request; None means exact fp32."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
