@@ -21,13 +21,15 @@ import os
 import platform
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .device import autocast_dtype
+from .device import PRECISIONS, autocast_dtype, cpu_has_bf16
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +41,12 @@ BACKENDS = ("auto", "torch", "openvino", "torch-compile")
 #: the ones a dock offers: torch-compile spends about a minute compiling before the first
 #: tile, which pays off over a long batch run (r2au segment --compile), not one image
 INTERACTIVE_BACKENDS = ("auto", "torch", "openvino")
-#: the precisions OpenVINO runs here (its CPU plugin's f16 needs AMX-FP16, which we cannot test)
-OPENVINO_PRECISIONS = ("fp32", "bf16")
+#: the precisions OpenVINO runs here (its CPU plugin's f16 needs AMX-FP16, which we cannot
+#: test); int8 only for a model with an int8 network that passed its accuracy gate
+#: (:mod:`napari_r2au.training.quantize`)
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
+#: the precision requests of inference: the trainer's, and int8
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 #: OpenVINO's names of our precisions (INFERENCE_PRECISION_HINT)
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 #: compiled tile shapes kept per model and precision (tiling gives two: full and last batch)
@@ -106,22 +112,26 @@ def resolve_backend(
 
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision == "int8":
+        problem = _openvino_problem(device) or _int8_problem(loaded)
+        if backend not in ("auto", "openvino"):
+            problem = f"int8 runs on OpenVINO, not on backend {backend}"
+        if problem:
+            raise BackendError(f"precision int8: {problem}")
+        return Choice("openvino", "int8", "asked for")
     resolved = precision_name(autocast_dtype(device, precision))  # also checks the request
     if backend == "torch":
         return Choice("torch", resolved, "asked for")
     if backend == "torch-compile":  # never picked by auto: its first call costs about a minute
         return Choice("torch-compile", resolved, "asked for")
-    problem = None
-    if device.type != "cpu":
-        problem = f"OpenVINO runs on the CPU here, not on {device.type}"
-    elif resolved not in OPENVINO_PRECISIONS:
+    problem = _openvino_problem(device)
+    if problem is None and resolved not in OPENVINO_PRECISIONS:
         problem = f"OpenVINO runs fp32 or bf16 here, not {resolved}"
-    elif not openvino_available():
-        problem = "OpenVINO is not installed (pip install 'napari-r2au[fast]')"
+    int8 = problem is None and precision == "auto" and _int8_problem(loaded) is None
     if backend == "openvino":
         if problem:
             raise BackendError(f"backend openvino: {problem}; use --backend torch or auto")
-        return Choice("openvino", resolved, "asked for")
+        return Choice("openvino", "int8", _INT8_REASON) if int8 else Choice("openvino", resolved, "asked for")
     if problem is None and platform.machine().lower() not in ("x86_64", "amd64"):
         problem = f"not measured faster on {platform.machine()} CPUs"
     if problem is None and not _has_file_identity(loaded):
@@ -130,7 +140,37 @@ def resolve_backend(
         problem = "fuse=False asks for the plain torch network"
     if problem:
         return Choice("torch", resolved, problem)
+    if int8:
+        return Choice("openvino", "int8", _INT8_REASON)
     return Choice("openvino", resolved, "installed, on the CPU, measured faster")
+
+
+_INT8_REASON = "its int8 network passed the accuracy gate (r2au quantize)"
+
+
+def _openvino_problem(device: torch.device) -> str | None:
+    """Why OpenVINO cannot run here, or None."""
+    if device.type != "cpu":
+        return f"OpenVINO runs on the CPU here, not on {device.type}"
+    if not openvino_available():
+        return "OpenVINO is not installed (pip install 'napari-r2au[fast]')"
+    return None
+
+
+def _int8_problem(loaded: LoadedModel) -> str | None:
+    """Why this model has no int8 network to run, or None."""
+    if not _has_file_identity(loaded):
+        return "only a model file has an int8 network (a network object has none)"
+    if _held_int8(loaded) is not None:
+        return None
+    from .int8 import find_int8
+
+    found = find_int8(loaded, int8_key(loaded))
+    if found is None:
+        return f"{loaded.name} has no int8 network; make one with `r2au quantize {loaded.name} --images ... --masks ...`"
+    if not found.record.get("accepted"):
+        return f"{loaded.name}'s int8 network failed its accuracy gate ({found.verdict()}); it is not used"
+    return None
 
 
 class Forward:
@@ -275,8 +315,10 @@ class _Converted:
                 return self.compiled[key]
             model = self.model.clone()
             model.reshape({"image": ov.PartialShape(list(shape))})
+            # an int8 network's layers left unquantized run at the CPU's fast float
+            hint = ("bf16" if cpu_has_bf16() else "f32") if precision == "int8" else _OV_PRECISION[precision]
             config = {
-                "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+                "INFERENCE_PRECISION_HINT": hint,
                 "INFERENCE_NUM_THREADS": threads,
                 "PERFORMANCE_HINT": "LATENCY",
             }
@@ -334,6 +376,102 @@ def clear_cache() -> None:
     """Forget the converted and compiled networks held in memory (not the disk cache)."""
     with _LOCK:
         _CONVERTED.clear()
+        _INT8.clear()
+
+
+#: int8 networks in memory, by network key: read from their files, or a candidate under test
+_INT8: dict[str, _Converted] = {}
+
+
+def int8_key(loaded: LoadedModel) -> str:
+    """What identifies a model's network, gates or not: its int8 network is made for it alone."""
+    has_gates = bool(getattr(loaded.network, "attention", False))
+    return f"{network_key(loaded)}-{'gates' if has_gates else 'plain'}"
+
+
+def openvino_model(loaded: LoadedModel) -> Any:
+    """The model's network in OpenVINO at full precision: what int8 calibration starts from."""
+    return _read_converted(loaded).model
+
+
+def forget_int8(loaded: LoadedModel) -> None:
+    """Drop the model's int8 network held in memory: the next run reads its files again."""
+    with _LOCK:
+        _INT8.pop(int8_key(loaded), None)
+
+
+def _held_int8(loaded: LoadedModel) -> _Converted | None:
+    with _LOCK:
+        return _INT8.get(int8_key(loaded))
+
+
+def _read_int8(loaded: LoadedModel) -> _Converted:
+    """The model's accepted int8 network (resolve_backend checked that there is one)."""
+    held = _held_int8(loaded)
+    if held is not None:
+        return held
+    import openvino as ov
+
+    from .export import output_names
+    from .int8 import find_int8
+
+    found = find_int8(loaded, int8_key(loaded))
+    if found is None or not found.record.get("accepted"):
+        raise BackendError(f"{loaded.name} has no accepted int8 network")
+    model = ov.Core().read_model(str(found.xml), str(found.bin))
+    converted = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
+    with _LOCK:
+        _INT8[int8_key(loaded)] = converted
+    return converted
+
+
+@contextmanager
+def trying_int8(loaded: LoadedModel, model: Any) -> Iterator[None]:
+    """Run ``model`` (an OpenVINO int8 network not yet accepted) as the model's int8 network
+    inside the block: how its accuracy gate measures it through the engine itself."""
+    from .export import output_names
+
+    key = int8_key(loaded)
+    converted = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
+    with _LOCK:
+        before = _INT8.get(key)
+        _INT8[key] = converted
+    try:
+        yield
+    finally:
+        with _LOCK:
+            if before is None:
+                _INT8.pop(key, None)
+            else:
+                _INT8[key] = before
+
+
+#: per thread, the batches the network is given while :func:`recording_inputs` is open
+_RECORDING = threading.local()
+
+
+@contextmanager
+def recording_inputs(limit: int) -> Iterator[list[np.ndarray]]:
+    """Every tile the network is given in this thread inside the block, as (1, C, H, W) arrays
+    (at most ``limit``): the engine's own inputs (normalized, at the working scale, padded),
+    which is what int8 calibration must see."""
+    tiles: list[np.ndarray] = []
+    _RECORDING.tiles, _RECORDING.limit = tiles, limit
+    try:
+        yield tiles
+    finally:
+        _RECORDING.tiles = None
+
+
+class _Recording(Forward):
+    def __init__(self, inner: Forward, tiles: list[np.ndarray], limit: int):
+        self.inner, self.tiles, self.limit, self.choice = inner, tiles, limit, inner.choice
+
+    def __call__(self, batch: np.ndarray, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        for tile in batch:
+            if len(self.tiles) < self.limit:
+                self.tiles.append(np.array(tile[None], np.float32))
+        return self.inner(batch, attention)
 
 
 def threads() -> int:
@@ -349,7 +487,7 @@ class OpenVINOForward(Forward):
 
     def __init__(self, loaded: LoadedModel, choice: Choice):
         self.choice = choice
-        self.converted = _read_converted(loaded)
+        self.converted = _read_int8(loaded) if choice.precision == "int8" else _read_converted(loaded)
         self.threads = threads()
         self.requests: dict[tuple[int, ...], Any] = {}  # one infer request per shape for this run
 
@@ -378,5 +516,8 @@ def prepare_forward(
     """The forward pass the engine runs, on the backend :func:`resolve_backend` picks."""
     choice = resolve_backend(backend, loaded, device, precision, fuse=fuse)
     if choice.backend == "openvino":
-        return OpenVINOForward(loaded, choice)
-    return TorchForward(loaded, device, choice, fuse, channels_last)
+        forward: Forward = OpenVINOForward(loaded, choice)
+    else:
+        forward = TorchForward(loaded, device, choice, fuse, channels_last)
+    tiles = getattr(_RECORDING, "tiles", None)
+    return forward if tiles is None else _Recording(forward, tiles, _RECORDING.limit)

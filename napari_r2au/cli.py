@@ -202,6 +202,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 tile_size=args.tile,
                 device=args.device,
                 backend=args.backend,
+                precision=args.precision,
                 attention=args.attention,
                 scale=args.scale,
                 pixel_size=size,
@@ -264,8 +265,8 @@ def _check_backend(args: argparse.Namespace, model) -> None:
     from .device import select_device
 
     device = select_device(args.device)
-    if args.backend != "auto":
-        resolve_backend(args.backend, model, device, "auto")
+    if args.backend != "auto" or args.precision != "auto":
+        resolve_backend(args.backend, model, device, args.precision)
 
 
 def _rule_name(model) -> str:
@@ -591,6 +592,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .model_files import load_model
+    from .training.quantize import iter_quantize
+
+    stages = iter_quantize(load_model(args.model), args.images, args.masks, args.fov, dest=args.dest)
+    try:
+        while True:
+            print(next(stages), flush=True)
+    except StopIteration as done:
+        record = done.value
+    return 0 if record["accepted"] else 1
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .model_files import load_model
     from .training.evaluate import evaluate_folders
@@ -612,6 +626,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tta=args.tta,
         device=args.device,
         backend=args.backend,
+        precision=args.precision,
     )
     keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "iou", "auc_roc", "auc_pr")
     print(f"{'image':<24}{'scale':>8}" + "".join(f"{k:>12}" for k in keys))
@@ -1139,6 +1154,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the file and its card if they exist")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "quantize",
+        help="an int8 network for the CPU (OpenVINO), used by default only if it is as accurate on your images",
+        description="Calibrates an int8 network on the images (the engine's own inputs), scores it and exact fp32 "
+        "on the same images and masks, and keeps it only if its F1 is within 0.003 of fp32; the verdict is "
+        "recorded either way. Exit code 1 when refused. Needs the fast extra (openvino, nncf).",
+    )
+    p.add_argument("model", help="model name or path")
+    p.add_argument("--images", required=True, help="folder of images (some of the model's validation images)")
+    p.add_argument("--masks", required=True, help="folder of reference masks (0/1 or 0/255), matched by name")
+    p.add_argument(
+        "--fov", default=None, help="folder of field-of-view masks (pixels outside are not counted)"
+    )
+    p.add_argument(
+        "--dest",
+        default=None,
+        help="write NAME.int8.xml/.bin/.json into this folder (for a bundled model) instead of your int8 folder",
+    )
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
     p.add_argument(
         "-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)"
@@ -1164,7 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    from .backends import BACKENDS  # torch-free: --help stays fast
+    from .backends import BACKENDS, INFERENCE_PRECISIONS  # torch-free: --help stays fast
 
     parser.add_argument(
         "--backend",
@@ -1179,6 +1214,13 @@ def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="the same as --backend torch-compile",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=INFERENCE_PRECISIONS,
+        default="auto",
+        help="auto (default): an int8 network that passed its accuracy gate (r2au quantize) where there is one, "
+        "else bf16 where the CPU or GPU has it, else fp32; fp32 is the exact path",
     )
 
 

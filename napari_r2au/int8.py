@@ -1,0 +1,175 @@
+"""Where a model's int8 network lives, and when it may be trusted.
+
+An int8 network (OpenVINO IR: ``.xml`` and ``.bin``, data only, no code) is made by
+``r2au quantize`` (:mod:`napari_r2au.training.quantize`) for one model's weights and kept
+beside a record (``.json``): the network it was made for (:func:`backends.int8_key`), the
+F1 of the int8 network and of exact fp32 on the images it was gated on, the verdict, and
+the sha256 of both files. The OpenVINO backend runs it only when the record says it passed
+its gate, names this model's network and the files are the ones recorded; anything else is
+as if there were no int8 network.
+
+Two places are looked in: the user data folder (``int8/``, what ``r2au quantize`` writes)
+and the bundled models' folder (``NAME.int8.*``, shipped with a bundled model).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .io import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from .model_files import LoadedModel
+
+FORMAT = "napari-r2au-int8"
+VERSION = 1
+#: the largest F1 an int8 network may give up against exact fp32 (issue: within 0.003)
+GATE = 0.003
+#: a record is a few hundred bytes; anything much larger is not one
+MAX_RECORD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Int8Network:
+    """One int8 network on disk and its record."""
+
+    xml: Path
+    bin: Path
+    record: dict[str, Any]
+
+    def verdict(self) -> str:
+        r = self.record
+        return (
+            f"F1 {r['f1_int8']:.4f} against {r['f1_fp32']:.4f} at fp32 on {r['images']} image(s), "
+            f"gate {r['gate']:g}"
+        )
+
+
+def with_suffix(stem: Path, suffix: str) -> Path:
+    """``STEM.xml`` and so on; a stem may hold dots (``retina-vessels.int8``, a model ``v1.2``)."""
+    return stem.parent / f"{stem.name}{suffix}"
+
+
+def int8_dir() -> Path:
+    """The user's int8 networks (``R2AU_HOME``/int8 overrides the user data folder)."""
+    home = os.environ.get("R2AU_HOME")
+    if home:
+        return Path(home) / "int8"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("napari-r2au")) / "int8"
+
+
+def stems(loaded: LoadedModel, key: str) -> list[Path]:
+    """Where this model's int8 network may be, the user's own first (a user who gated the
+    model on their images wants that verdict): ``STEM.xml``, ``STEM.bin``, ``STEM.json``.
+    ``key`` names the network (:func:`napari_r2au.backends.int8_key`)."""
+    from .model_files import bundled_models_dir
+
+    return [int8_dir() / key, bundled_models_dir() / f"{loaded.name}.int8"]
+
+
+def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
+    """The model's int8 network and record (passed or failed), or None if there is none
+    made for the network ``key`` names with intact files."""
+    for stem in stems(loaded, key):
+        record = _read_record(with_suffix(stem, ".json"))
+        if record is None or record.get("network_key") != key:
+            continue
+        found = Int8Network(with_suffix(stem, ".xml"), with_suffix(stem, ".bin"), record)
+        if not record.get("accepted"):
+            return found
+        files = record.get("files") or {}
+        if all(_sha256(path) == files.get(kind) for kind, path in (("xml", found.xml), ("bin", found.bin))):
+            return found
+    return None
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        return None
+    return record
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str | None:
+    """The file's sha256, remembered while its size and time are unchanged."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def new_record(
+    loaded: LoadedModel, key: str, f1_fp32: float, f1_int8: float, images: int, tiles: int
+) -> dict[str, Any]:
+    """The record of one gate for the network ``key`` names: accepted when int8 gives up
+    at most :data:`GATE` of F1."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "network_key": key,
+        "model": loaded.name,
+        "model_sha256": loaded.sha256,
+        "threshold": loaded.threshold,
+        "f1_fp32": round(float(f1_fp32), 6),
+        "f1_int8": round(float(f1_int8), 6),
+        "gate": GATE,
+        "accepted": bool(f1_fp32 - f1_int8 <= GATE),
+        "images": images,
+        "calibration_tiles": tiles,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "openvino": _version("openvino"),
+        "nncf": _version("nncf"),
+    }
+
+
+def save_int8(stem: Path, record: dict[str, Any], xml: Path | None = None, bin_: Path | None = None) -> Path:
+    """Put an int8 network (files written elsewhere on the same disk) and its record at
+    ``stem``. The record goes last: until it is written, the old record (or none) still
+    governs, and its sha256 no longer matches half-replaced files, so they are not run.
+    A failed gate keeps only its record (the verdict, so the backend can say why)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    record = dict(record)
+    if record.get("accepted"):
+        if xml is None or bin_ is None:
+            raise ValueError("an accepted int8 network needs its .xml and .bin")
+        record["files"] = {"xml": _sha256(xml), "bin": _sha256(bin_)}
+        os.replace(bin_, with_suffix(stem, ".bin"))
+        os.replace(xml, with_suffix(stem, ".xml"))
+    else:
+        for suffix in (".xml", ".bin"):
+            with_suffix(stem, suffix).unlink(missing_ok=True)
+    target = with_suffix(stem, ".json")
+    write_bytes_atomic(target, (json.dumps(record, indent=2) + "\n").encode())
+    return target

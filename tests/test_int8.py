@@ -1,0 +1,182 @@
+"""int8 on the OpenVINO backend: made by `r2au quantize`, run by default only after its gate.
+
+One real quantization (drive-vessels on two crops of DRIVE photographs) is shared by the
+tests; each test gets it copied into its own user folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import DRIVE
+
+NEEDS = "the fast extra (openvino, nncf) is not installed"
+
+
+def _crops(folder: Path) -> tuple[Path, Path]:
+    """Two 288x288 crops from inside the field of view of DRIVE images 21 and 22."""
+    from PIL import Image
+
+    from napari_r2au.io import read_image
+
+    images, masks = folder / "images", folder / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for n in (21, 22):
+        photo = np.asarray(read_image(DRIVE / "images" / f"{n}_training.tif"))[150:438, 140:428]
+        manual = np.asarray(read_image(DRIVE / "1st_manual" / f"{n}_manual1.gif"))[150:438, 140:428]
+        Image.fromarray(photo).save(images / f"{n}.png")
+        Image.fromarray(((manual > 0) * 255).astype(np.uint8)).save(masks / f"{n}.png")
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """(images, masks, folder holding the int8 files, record) of one accepted quantization."""
+    pytest.importorskip("openvino", reason=NEEDS)
+    pytest.importorskip("nncf", reason=NEEDS)
+    if not (DRIVE / "images").is_dir():
+        pytest.skip(f"DRIVE training data not found at {DRIVE}")
+    from napari_r2au.engine import run
+    from napari_r2au.training.quantize import iter_quantize
+
+    work = tmp_path_factory.mktemp("int8")
+    images, masks = _crops(work / "data")
+    record = run(iter_quantize("drive-vessels", images, masks, dest=work / "made"))
+    return images, masks, work / "made", record
+
+
+def _install(quantized, home: Path) -> Path:
+    """The quantization's files put where `r2au quantize` writes them for this test's user."""
+    from napari_r2au.backends import int8_key
+    from napari_r2au.int8 import with_suffix
+    from napari_r2au.model_files import load_model
+
+    stem = home / "int8" / int8_key(load_model("drive-vessels"))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".xml", ".bin", ".json"):
+        shutil.copy(quantized[2] / f"drive-vessels.int8{suffix}", with_suffix(stem, suffix))
+    return stem
+
+
+@pytest.fixture
+def home(monkeypatch):
+    import os
+
+    from napari_r2au import backends
+
+    backends.clear_cache()
+    yield Path(os.environ["R2AU_HOME"])
+    backends.clear_cache()
+
+
+def test_an_accepted_int8_network_runs_by_default_and_agrees_with_fp32(quantized, home):
+    from napari_r2au import load_model, predict
+    from napari_r2au.io import read_image
+
+    images, _, _, record = quantized
+    assert record["accepted"] and record["f1_fp32"] - record["f1_int8"] <= record["gate"] == 0.003
+    model = load_model("drive-vessels")
+    image = np.asarray(read_image(images / "21.png"))
+    assert predict(model, image).precision != "int8"  # not yet in this user's folder
+    _install(quantized, home)
+    fast, exact = predict(model, image), predict(model, image, precision="fp32")
+    assert (fast.backend, fast.precision) == ("openvino", "int8")
+    a, b = fast.mask(model.threshold) > 0, exact.mask(model.threshold) > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95
+    assert predict(model, image, precision="bf16").precision == "bf16"  # asking for a float still gets it
+
+
+def test_int8_files_that_are_not_the_recorded_ones_are_never_run(quantized, home):
+    from napari_r2au import load_model
+    from napari_r2au.backends import BackendError, resolve_backend
+    from napari_r2au.device import select_device
+    from napari_r2au.int8 import with_suffix
+
+    stem = _install(quantized, home)
+    with open(with_suffix(stem, ".bin"), "r+b") as handle:  # one byte of the weights changed
+        handle.seek(4096)
+        byte = handle.read(1)
+        handle.seek(4096)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    model, cpu = load_model("drive-vessels"), select_device("cpu")
+    assert resolve_backend("auto", model, cpu, "auto").precision != "int8"
+    with pytest.raises(BackendError, match="no int8 network; make one with `r2au quantize"):
+        resolve_backend("auto", model, cpu, "int8")
+
+
+def test_a_refused_gate_is_recorded_and_explained_and_its_network_is_not_kept(quantized, home):
+    from napari_r2au import load_model
+    from napari_r2au.backends import BackendError, int8_key, resolve_backend
+    from napari_r2au.device import select_device
+    from napari_r2au.int8 import int8_dir, new_record, save_int8, with_suffix
+
+    model = load_model("drive-vessels")
+    record = new_record(
+        model, int8_key(model), f1_fp32=0.80, f1_int8=0.79, images=2, tiles=2
+    )  # 0.01 lost: over the gate
+    assert not record["accepted"]
+    stem = _install(quantized, home)  # an earlier accepted network is replaced by the verdict
+    save_int8(int8_dir() / int8_key(model), record)
+    assert not with_suffix(stem, ".bin").exists() and not with_suffix(stem, ".xml").exists()
+    cpu = select_device("cpu")
+    assert resolve_backend("auto", model, cpu, "auto").precision != "int8"
+    with pytest.raises(BackendError, match=r"failed its accuracy gate \(F1 0.7900 against 0.8000"):
+        resolve_backend("openvino", model, cpu, "int8")
+    with pytest.raises(BackendError, match="int8 runs on OpenVINO"):
+        resolve_backend("torch", model, cpu, "int8")
+
+
+def test_a_record_for_another_network_is_not_taken(quantized, home):
+    from napari_r2au import load_model
+    from napari_r2au.backends import int8_key
+    from napari_r2au.int8 import find_int8, with_suffix
+
+    stem = _install(quantized, home)
+    model = load_model("drive-vessels")
+    assert find_int8(model, int8_key(model)) is not None
+    for other in ("retina-vessels", "ph2-lesions"):  # same architecture, other weights
+        target = home / "int8" / int8_key(load_model(other))
+        for suffix in (".xml", ".bin", ".json"):
+            shutil.copy(with_suffix(stem, suffix), with_suffix(target, suffix))
+        assert find_int8(load_model(other), int8_key(load_model(other))) is None
+    record = json.loads(with_suffix(stem, ".json").read_text())
+    assert record["model"] == "drive-vessels" and record["network_key"] == stem.name
+
+
+def test_cli_quantize_and_precision(quantized, tmp_path):
+    images, masks, _, _ = quantized
+    exe = Path(sys.executable).with_name("r2au")
+    env = {"R2AU_HOME": str(tmp_path / "home"), "PATH": str(exe.parent), "OMP_NUM_THREADS": "1"}
+    asked = subprocess.run(
+        [str(exe), "segment", str(images / "21.png"), "-o", str(tmp_path / "out"), "--precision", "int8"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert asked.returncode == 2 and asked.stderr.count("\n") == 1
+    assert "drive-vessels has no int8 network; make one with `r2au quantize drive-vessels" in asked.stderr
+    made = subprocess.run(
+        [str(exe), "quantize", "drive-vessels", "--images", str(images), "--masks", str(masks)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "int8 accepted: F1" in made.stdout
+    assert list((tmp_path / "home" / "int8").glob("*.json"))
+    ran = subprocess.run(
+        [str(exe), "segment", str(images / "21.png"), "-o", str(tmp_path / "out"), "--precision", "int8"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "out" / "21_mask.tif").is_file()

@@ -1,0 +1,94 @@
+"""``r2au quantize``: an int8 network for the OpenVINO backend, kept only if it is as accurate.
+
+Post-training quantization (NNCF) of the network the OpenVINO backend already runs,
+calibrated on the engine's own inputs for the given images (normalized, at each image's
+working scale, tiled and padded exactly as a run does), then gated: the int8 network,
+read back from the files it will be run from, is scored through ``r2au evaluate``'s path
+on the same images and masks, and accepted only if its pooled F1 is within
+:data:`napari_r2au.int8.GATE` of exact fp32. The verdict is recorded either way
+(:mod:`napari_r2au.int8`); ``backend="auto"`` runs an accepted int8 network from then on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from napari_r2au.int8 import int8_dir, new_record, save_int8, with_suffix
+from napari_r2au.model_files import load_model
+
+from .evaluate import evaluate_folders
+
+#: calibration tiles at most (NNCF's statistics settle long before; each whole photograph is one)
+MAX_TILES = 300
+
+
+def iter_quantize(
+    model: Any,
+    images: str | Path,
+    masks: str | Path,
+    fov: str | Path | None = None,
+    *,
+    dest: str | Path | None = None,
+    max_tiles: int = MAX_TILES,
+) -> Generator[str, None, dict[str, Any]]:
+    """Yields a line per stage; returns the record written (``accepted`` says the verdict).
+
+    ``dest``: a folder to write ``NAME.int8.{xml,bin,json}`` into (how a bundled model's
+    int8 network is made); by default the user's int8 folder, where the backend finds it.
+    """
+    from napari_r2au.backends import (
+        BackendError,
+        forget_int8,
+        int8_key,
+        openvino_available,
+        openvino_model,
+        recording_inputs,
+        trying_int8,
+    )
+
+    loaded = load_model(model) if not hasattr(model, "network") else model
+    if not openvino_available():
+        raise BackendError("quantize: OpenVINO is not installed (pip install 'napari-r2au[fast]')")
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        from napari_r2au.io import missing_extra
+
+        raise missing_extra("quantizing a model to int8", "nncf", "fast") from None
+
+    yield f"{loaded.name}: exact fp32 on the images, recording the network's inputs"
+    with recording_inputs(max_tiles) as tiles:
+        reference = evaluate_folders(loaded, images, masks, fov, backend="openvino", precision="fp32")
+    if not tiles:
+        raise ValueError(f"{images}: no image paired with a mask, nothing to calibrate on")
+    yield f"quantizing on {len(tiles)} tile(s) from {reference['n_images']} image(s) (NNCF)"
+    quantized = nncf.quantize(
+        openvino_model(loaded),
+        nncf.Dataset(tiles),
+        subset_size=len(tiles),
+        preset=nncf.QuantizationPreset.PERFORMANCE,
+    )
+    stem = (Path(dest) / f"{loaded.name}.int8") if dest is not None else int8_dir() / int8_key(loaded)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".r2au-int8-", dir=stem.parent) as work:
+        xml = Path(work) / "network.xml"
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+        bin_ = xml.with_suffix(".bin")
+        yield "int8 on the same images (the accuracy gate)"
+        with trying_int8(loaded, ov.Core().read_model(str(xml), str(bin_))):  # the files it will run from
+            candidate = evaluate_folders(loaded, images, masks, fov, backend="openvino", precision="int8")
+        record = new_record(
+            loaded, int8_key(loaded), reference["f1"], candidate["f1"], reference["n_images"], len(tiles)
+        )
+        save_int8(stem, record, xml, bin_)
+    forget_int8(loaded)
+    verdict = "accepted" if record["accepted"] else "refused (auto keeps fp32/bf16)"
+    yield (
+        f"int8 {verdict}: F1 {record['f1_int8']:.4f} against {record['f1_fp32']:.4f} at fp32 "
+        f"(gate {record['gate']:g}); {with_suffix(stem, '.json')}"
+    )
+    return record
