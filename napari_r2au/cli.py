@@ -68,6 +68,7 @@ def cmd_add_model(args: argparse.Namespace) -> int:
         description=args.description,
         threshold=args.threshold,
         threshold_from=args.threshold_from,
+        fov_diameter=args.fov_diameter,
     )
     print(f"added {sidecar.stem} ({sidecar})")
     return 0
@@ -1015,6 +1016,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="take the threshold from this model (e.g. a run of the same recipe that held out "
         "a validation split) and record its validation figures",
+    )
+    p.add_argument(
+        "--fov-diameter",
+        type=int,
+        default=None,
+        help="a fundus model: the field of view (px) each photograph is resized to before the network "
+        "(python -m benchmarks.working_scale measures which runs best)",
     )
     p.add_argument("--dest", default=None, help="folder to add it to (default: your user models folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")

@@ -38,7 +38,7 @@ class LayerRecord(TypedDict, total=False):
     postprocess: list[str]  # the model's own clean-up steps, before the user's
     scale: float | None  # the working scale the network saw (fine-tuning trains at it)
     backend: str | None  # what ran the network: "torch" or "openvino" (napari_r2au.backends)
-    precision: str | None  # at which precision: "fp32", "bf16" or "fp16"
+    precision: str | None  # at which precision: "fp32", "bf16", "fp16" or "int8"
     mask_sha256: str | None  # the model's mask: a different checksum means hand edits
     slice_sha256: list[str] | None  # per slice of a stack: which slices were edited
     image_layer: str | None

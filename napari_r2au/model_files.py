@@ -646,6 +646,7 @@ def add_model(
     description: str | None = None,
     threshold: float | None = None,
     threshold_from: str | os.PathLike | None = None,
+    fov_diameter: int | None = None,
 ) -> Path:
     """Copy a model file (e.g. a training run's ``best.json``) into the user models folder.
 
@@ -657,6 +658,11 @@ def add_model(
     model file and records that model's validation figures. That is how a model trained
     on all the data (nothing held out) gets the threshold a run of the same recipe chose
     on its validation split.
+
+    ``fov_diameter`` sets the field of view (px) a fundus model resizes each photograph to
+    before the network, for a model that runs better at another size than it was trained
+    at (``python -m benchmarks.working_scale`` measures it); the training size and the
+    validation figures measured there are kept in the provenance, saying so.
     """
     if threshold is not None and threshold_from is not None:
         raise ModelFileError("give a threshold or a model to take it from, not both")
@@ -703,6 +709,16 @@ def add_model(
         else:
             provenance["threshold_chosen_on"] = "set by hand (r2au add-model)"
         meta["threshold"] = float(threshold)
+        meta["provenance"] = provenance
+    if fov_diameter is not None:
+        if not loaded.fov_diameter:
+            raise ModelFileError(f"{loaded.name} does not derive its scale from a field of view")
+        provenance = dict(meta.get("provenance", {}))
+        provenance.setdefault("trained_at_fov_diameter", loaded.fov_diameter)
+        provenance["validation_metrics_measured_at"] = (
+            f"a {provenance['trained_at_fov_diameter']} px field of view (the training size)"
+        )
+        meta["fov_diameter"] = int(fov_diameter)
         meta["provenance"] = provenance
     return save_model(loaded.network, directory, meta)
 

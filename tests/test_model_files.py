@@ -318,3 +318,26 @@ def test_add_model_takes_the_threshold_from_a_held_out_run(tmp_path):
         with pytest.raises(ModelFileError, match=message):
             add_model(all_data, name="bad", **bad)
     assert not (user_models_dir() / "bad.json").exists()
+
+
+def test_add_model_sets_the_field_of_view_a_fundus_model_runs_at(tmp_path):
+    """The bundled retina-vessels runs at 671 px, trained at 537: a copy run at another
+    field keeps the training size, and a model that derives no scale from a field is refused."""
+    from napari_r2au.engine import working_scale
+    from napari_r2au.model_files import ModelFileError, add_model
+
+    bundled = load_model("retina-vessels")
+    assert bundled.fov_diameter == 671 and bundled.metadata["provenance"]["trained_at_fov_diameter"] == 537
+    copy = load_model(add_model("retina-vessels", name="my-retina", directory=tmp_path, fov_diameter=600))
+    assert copy.fov_diameter == 600 and copy.sha256 == bundled.sha256
+    provenance = copy.metadata["provenance"]
+    assert provenance["trained_at_fov_diameter"] == 537
+    assert "537 px" in provenance["validation_metrics_measured_at"]
+    from skimage import data
+
+    photo = data.retina()
+    assert working_scale(copy, image=photo) == pytest.approx(
+        working_scale(bundled, image=photo) * 600 / 671, rel=0.01
+    )
+    with pytest.raises(ModelFileError, match="does not derive its scale from a field of view"):
+        add_model("drive-vessels", name="my-drive", directory=tmp_path, fov_diameter=600)
