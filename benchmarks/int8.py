@@ -6,7 +6,7 @@ validation split (the images its config holds out of each of the four fundus set
 in the same process: F1 per source inside the field of view at OpenVINO fp32, bf16 and
 int8 (and torch bf16, the path without OpenVINO), and the time of ``predict`` on a DRIVE
 photograph (best of ``--repeat``), with the machine's matmul peaks. ``--dest
-napari_r2au/bundled_models`` writes the int8 network that ships with the model. Run it
+napari_r2au/bundled_models/int8`` writes the int8 network that ships with the model. Run it
 single-threaded (``OMP_NUM_THREADS=1``); only ratios within one run are meant to be compared.
 """
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__)
     parser.add_argument("--model", default="retina-vessels")
     parser.add_argument(
-        "--dest", type=Path, default=None, help="keep NAME.int8.* here (else a temporary folder)"
+        "--dest", type=Path, default=None, help="keep NAME.xml/.bin/.json here (else a temporary folder)"
     )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             stem = home / "int8" / backends.int8_key(model)
             stem.parent.mkdir(parents=True)
             for suffix in (".xml", ".bin", ".json"):
-                shutil.copy(with_suffix(made / f"{model.name}.int8", suffix), with_suffix(stem, suffix))
+                shutil.copy(with_suffix(made / model.name, suffix), with_suffix(stem, suffix))
         backends.clear_cache()
         image = np.asarray(read_image(split["DRIVE"][0][0]))
         machine = (

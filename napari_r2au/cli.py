@@ -1178,7 +1178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dest",
         default=None,
-        help="write NAME.int8.xml/.bin/.json into this folder (for a bundled model) instead of your int8 folder",
+        help="write NAME.xml/.bin/.json into this folder (napari_r2au/bundled_models/int8 for a bundled model) "
+        "instead of your int8 folder",
     )
     p.set_defaults(func=cmd_quantize)
 

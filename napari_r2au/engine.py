@@ -68,7 +68,7 @@ class Prediction:
     #: with flip averaging (:func:`napari_r2au.uncertainty.iter_predict_tta`): the per-pixel
     #: uncertainty of the copies (entropy of their mean, or their spread), in the spatial shape
     uncertainty: np.ndarray | None = field(default=None, repr=False)
-    #: what ran the network ("torch" or "openvino") and at which precision ("fp32", "bf16", "fp16")
+    #: what ran the network ("torch" or "openvino") and at which precision ("fp32", "bf16", "fp16", "int8")
     backend: str = "torch"
     precision: str = "fp32"
 
@@ -453,6 +453,9 @@ def iter_predict(
             or "auto", which picks OpenVINO where it is installed and safe
             (:func:`napari_r2au.backends.resolve_backend`). Tiling, blending and scale are
             the engine's either way; the prediction records the backend and precision.
+        precision: "auto" (an accepted int8 network on OpenVINO where the model has one,
+            ``r2au quantize``; else bf16 where the device has it; else fp32), "fp32" (the
+            exact path), "bf16", "fp16" or "int8".
     """
     from .backends import prepare_forward
 

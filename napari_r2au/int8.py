@@ -9,7 +9,8 @@ its gate, names this model's network and the files are the ones recorded; anythi
 as if there were no int8 network.
 
 Two places are looked in: the user data folder (``int8/``, what ``r2au quantize`` writes)
-and the bundled models' folder (``NAME.int8.*``, shipped with a bundled model).
+and the bundled models' ``int8/`` folder (``NAME.*``, shipped with a bundled model; in a
+folder of its own, so that no record is ever taken for a model file).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Int8Network:
 
 
 def with_suffix(stem: Path, suffix: str) -> Path:
-    """``STEM.xml`` and so on; a stem may hold dots (``retina-vessels.int8``, a model ``v1.2``)."""
+    """``STEM.xml`` and so on; a stem may hold dots (a model named ``v1.2``)."""
     return stem.parent / f"{stem.name}{suffix}"
 
 
@@ -72,7 +73,7 @@ def stems(loaded: LoadedModel, key: str) -> list[Path]:
     ``key`` names the network (:func:`napari_r2au.backends.int8_key`)."""
     from .model_files import bundled_models_dir
 
-    return [int8_dir() / key, bundled_models_dir() / f"{loaded.name}.int8"]
+    return [int8_dir() / key, bundled_models_dir() / "int8" / loaded.name]
 
 
 def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
