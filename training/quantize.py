@@ -36,8 +36,9 @@ def iter_quantize(
 ) -> Generator[str, None, dict[str, Any]]:
     """Yields a line per stage; returns the record written (``accepted`` says the verdict).
 
-    ``dest``: a folder to write ``NAME.int8.{xml,bin,json}`` into (how a bundled model's
-    int8 network is made); by default the user's int8 folder, where the backend finds it.
+    ``dest``: a folder to write ``NAME.{xml,bin,json}`` into (``bundled_models/int8`` is how
+    a bundled model's int8 network is made); by default the user's int8 folder, where the
+    backend finds it.
     """
     from napari_r2au.backends import (
         BackendError,
@@ -72,7 +73,7 @@ def iter_quantize(
         subset_size=len(tiles),
         preset=nncf.QuantizationPreset.PERFORMANCE,
     )
-    stem = (Path(dest) / f"{loaded.name}.int8") if dest is not None else int8_dir() / int8_key(loaded)
+    stem = (Path(dest) / loaded.name) if dest is not None else int8_dir() / int8_key(loaded)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".r2au-int8-", dir=stem.parent) as work:
         xml = Path(work) / "network.xml"
