@@ -336,7 +336,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     provenance = model.metadata.get("provenance", {})
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
-    print(f"validation {json.dumps(provenance.get('validation_metrics', {}))}")
+    where = provenance.get("validation_metrics_measured_at")
+    print(
+        f"validation {json.dumps(provenance.get('validation_metrics', {}))}"
+        + (f" (at {where})" if where else "")
+    )
     field = f"a {model.fov_diameter} px field of view" if model.fov_diameter else "DRIVE's field of view"
     print(f"image      skimage.data.retina() {image.shape}, resized x{scale:.3f} to {field}")
     print(

@@ -716,7 +716,7 @@ def add_model(
         provenance = dict(meta.get("provenance", {}))
         provenance.setdefault("trained_at_fov_diameter", loaded.fov_diameter)
         provenance["validation_metrics_measured_at"] = (
-            f"a {provenance['trained_at_fov_diameter']} px field of view (the training size)"
+            f"a {provenance['trained_at_fov_diameter']} px field of view, the training size"
         )
         meta["fov_diameter"] = int(fov_diameter)
         meta["provenance"] = provenance

@@ -224,9 +224,14 @@ def model_card(meta: dict[str, Any]) -> str:
     f1 = (prov.get("validation_metrics") or {}).get("f1")
     after = prov.get("dice_after")
     score = after if after is not None else f1
+    where = prov.get("validation_metrics_measured_at") if after is None else None
     lines.append(
-        f"Validation F1: {score:.3f}" if isinstance(score, (int, float)) else "Validation F1: not recorded"
+        (f"Validation F1: {score:.3f}" + (f" (at {where})" if where else ""))
+        if isinstance(score, (int, float))
+        else "Validation F1: not recorded"
     )
+    if meta.get("fov_diameter"):
+        lines.append(f"Runs each photograph at a {meta['fov_diameter']} px field of view")
     scale = float(meta.get("input_scale", 1.0))
     lines.append(
         f"Channels: {meta.get('in_channels', '?')} in, {meta.get('out_channels', '?')} out"
