@@ -164,7 +164,9 @@ def test_segment_outputs_layers_with_the_input_geometry(make_napari_viewer, qtbo
     assert info["model"] == "tiny" and info["model_sha256"] == load_model("tiny").sha256
     assert info["threshold"] == 0.5 and len(info["mask_sha256"]) == 64 and info["flip_averaged"] is True
     assert info["scale"] == 1.0  # the model's input_scale: the Scale field was left at 0
-    assert "Done" in widget._status.value
+    # the status line says what ran the network, as the record does
+    ran = {"openvino": "OpenVINO", "torch": "PyTorch"}[info["backend"]]
+    assert "Done" in widget._status.value and f"({ran} {info['precision']})" in widget._status.value
 
     # a run without those maps removes the earlier run's: they would pass for the new mask's
     viewer.add_image(np.zeros((4, 4)), name="img attention 9")  # the user's own layer stays

@@ -499,9 +499,12 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         at_scale = "" if abs(output.scale - 1.0) < 1e-6 else f" at scale {output.scale:.3g}"
         if not self._scale.value:  # auto: the field shows the scale it came to for this image
             self._scale.native.setSpecialValueText(f"auto ({output.scale:.3g})")
+        ran = {"openvino": "OpenVINO", "torch": "PyTorch", "torch-compile": "torch.compile"}.get(
+            prediction.backend, prediction.backend
+        )
         self._status.value = (
-            f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale}: "
-            f"{share:.1f}% foreground."
+            f"Done in {format_seconds(seconds)} with {prediction.model_name}{at_scale} "
+            f"({ran} {prediction.precision}): {share:.1f}% foreground."
         )
         if kept is not None:
             notify_info(
