@@ -108,6 +108,11 @@ def resolve_backend(
     cost more than it saves), at fp32 or bf16, with BatchNorm folding on (``fuse=False``
     asks for the plain torch path). Everywhere else, CUDA and MPS included, torch.
     An explicit ``openvino`` that cannot run is an error rather than a silent fallback.
+
+    Precision ``auto`` on OpenVINO is int8 for a model whose int8 network passed its
+    accuracy gate (:mod:`napari_r2au.int8`, made by ``r2au quantize``), else the device's
+    float (bf16 where the CPU has it). ``int8`` asked for without such a network is an
+    error that says how to make one, or why its gate refused it.
     """
 
     if backend not in BACKENDS:
