@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         configs = CONFIGS if record["accepted"] else CONFIGS[:-1]
         for backend, precision in configs:
             seconds = best_of(
-                lambda b=backend, p=precision: predict(model, image, backend=b, precision=p), args.repeat
+                lambda b=backend, p=precision: predict(model, image, device="cpu", backend=b, precision=p),
+                args.repeat,
             )
             f1 = {
-                name: evaluate_folders(model, *dirs, backend=backend, precision=precision)["f1"]
+                name: evaluate_folders(model, *dirs, device="cpu", backend=backend, precision=precision)["f1"]
                 for name, dirs in sources.items()
             }
             rows.append((f"{backend} {precision}", seconds, f1))

@@ -347,7 +347,7 @@ def _read_converted(loaded: LoadedModel) -> _Converted:
 
     has_gates = bool(getattr(loaded.network, "attention", False))
     outputs = output_names(loaded, has_gates)
-    key = f"{network_key(loaded)}-{'gates' if has_gates else 'plain'}" if _has_file_identity(loaded) else None
+    key = int8_key(loaded) if _has_file_identity(loaded) else None
     if key is None:  # a network in memory: kept with it (for a bare network, per weights version)
         cached = loaded.extra.get("openvino")
         if cached is None:
@@ -405,25 +405,38 @@ def forget_int8(loaded: LoadedModel) -> None:
         _INT8.pop(int8_key(loaded), None)
 
 
+#: per thread, an int8 network under its accuracy gate (:func:`trying_int8`): seen by that
+#: thread's runs only, never by another thread's, and never kept
+_CANDIDATE = threading.local()
+
+
 def _held_int8(loaded: LoadedModel) -> _Converted | None:
+    key = int8_key(loaded)
+    candidate = getattr(_CANDIDATE, "networks", {}).get(key)
+    if candidate is not None:
+        return candidate
     with _LOCK:
-        return _INT8.get(int8_key(loaded))
+        return _INT8.get(key)
 
 
 def _read_int8(loaded: LoadedModel) -> _Converted:
-    """The model's accepted int8 network (resolve_backend checked that there is one)."""
+    """The model's accepted int8 network (resolve_backend checked that there is one), built
+    from the very bytes whose sha256 matched its record (a file replaced in between is
+    refused, not half-read)."""
     held = _held_int8(loaded)
     if held is not None:
         return held
     import openvino as ov
 
     from .export import output_names
-    from .int8 import find_int8
+    from .int8 import find_int8, read_verified
 
     found = find_int8(loaded, int8_key(loaded))
-    if found is None or not found.record.get("accepted"):
-        raise BackendError(f"{loaded.name} has no accepted int8 network")
-    model = ov.Core().read_model(str(found.xml), str(found.bin))
+    files = read_verified(found) if found is not None and found.record.get("accepted") else None
+    if files is None:
+        raise BackendError(f"{loaded.name} has no accepted int8 network (its files changed or are gone)")
+    xml, weights = files
+    model = ov.Core().read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
     converted = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
     with _LOCK:
         _INT8[int8_key(loaded)] = converted
@@ -433,22 +446,19 @@ def _read_int8(loaded: LoadedModel) -> _Converted:
 @contextmanager
 def trying_int8(loaded: LoadedModel, model: Any) -> Iterator[None]:
     """Run ``model`` (an OpenVINO int8 network not yet accepted) as the model's int8 network
-    inside the block: how its accuracy gate measures it through the engine itself."""
+    inside the block, in this thread only: how its accuracy gate measures it through the
+    engine itself."""
     from .export import output_names
 
     key = int8_key(loaded)
-    converted = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
-    with _LOCK:
-        before = _INT8.get(key)
-        _INT8[key] = converted
+    networks = getattr(_CANDIDATE, "networks", None)
+    if networks is None:
+        networks = _CANDIDATE.networks = {}
+    networks[key] = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
     try:
         yield
     finally:
-        with _LOCK:
-            if before is None:
-                _INT8.pop(key, None)
-            else:
-                _INT8[key] = before
+        networks.pop(key, None)
 
 
 #: per thread, the batches the network is given while :func:`recording_inputs` is open

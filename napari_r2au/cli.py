@@ -598,15 +598,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .engine import run
     from .model_files import load_model
     from .training.quantize import iter_quantize
 
     stages = iter_quantize(load_model(args.model), args.images, args.masks, args.fov, dest=args.dest)
-    try:
-        while True:
-            print(next(stages), flush=True)
-    except StopIteration as done:
-        record = done.value
+    record = run(stages, lambda line: print(line, flush=True))
     return 0 if record["accepted"] else 1
 
 

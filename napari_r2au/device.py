@@ -75,3 +75,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def float_precision(device: torch.device, precision: str = "auto") -> str:
+    """A precision request as the float the device runs it at ("bf16", "fp16" or "fp32"):
+    ``auto`` never becomes int8 here. Comparisons of two networks (a fine-tune's parent
+    and child, validation during training) ask for this, so that a model file with an int8
+    network is not measured at int8 against a network object at a float."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype(device, precision), "fp32")

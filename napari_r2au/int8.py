@@ -83,6 +83,8 @@ def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
         record = _read_record(with_suffix(stem, ".json"))
         if record is None or record.get("network_key") != key:
             continue
+        if any(record.get(name) != value for name, value in gated_settings(loaded).items()):
+            continue  # gated at another threshold or working scale: its verdict says nothing here
         found = Int8Network(with_suffix(stem, ".xml"), with_suffix(stem, ".bin"), record)
         if not record.get("accepted"):
             return found
@@ -90,6 +92,33 @@ def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
         if all(_sha256(path) == files.get(kind) for kind, path in (("xml", found.xml), ("bin", found.bin))):
             return found
     return None
+
+
+def gated_settings(loaded: LoadedModel) -> dict[str, Any]:
+    """What the gate's verdict depends on besides the weights: the threshold it scored at and
+    the working scale its calibration images ran at. A copy of the weights with another
+    threshold or field of view (``r2au add-model --threshold/--fov-diameter``) needs its own gate."""
+    return {
+        "threshold": loaded.threshold,
+        "fov_diameter": loaded.fov_diameter,
+        "image_width": loaded.image_width,
+        "input_scale": loaded.input_scale,
+    }
+
+
+def read_verified(found: Int8Network) -> tuple[bytes, bytes] | None:
+    """The .xml and .bin as bytes, if they are the ones the record names (read once, checked
+    on what was read): what the backend builds the network from."""
+    files = found.record.get("files") or {}
+    try:
+        xml, weights = found.xml.read_bytes(), found.bin.read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(xml).hexdigest() != files.get("xml") or hashlib.sha256(
+        weights
+    ).hexdigest() != files.get("bin"):
+        return None
+    return xml, weights
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -101,6 +130,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
         return None
+    figures = ("f1_fp32", "f1_int8", "gate", "images")
+    if not all(
+        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in figures
+    ):
+        return None  # not a record this project wrote: as if there were none
     return record
 
 
@@ -142,7 +176,7 @@ def new_record(
         "network_key": key,
         "model": loaded.name,
         "model_sha256": loaded.sha256,
-        "threshold": loaded.threshold,
+        **gated_settings(loaded),
         "f1_fp32": round(float(f1_fp32), 6),
         "f1_int8": round(float(f1_int8), 6),
         "gate": GATE,

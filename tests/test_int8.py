@@ -200,3 +200,80 @@ def test_the_default_model_ships_an_int8_network_that_passed_its_gate(home):
     from skimage import data
 
     assert predict(model, data.retina()[::4, ::4]).precision == "int8"
+
+
+def test_a_malformed_record_is_as_if_there_were_none(home):
+    """A record with this project's format and the right network key but no figures (a hand
+    edit, another tool) must not crash every run at precision auto."""
+    from napari_r2au import load_model
+    from napari_r2au.backends import BackendError, int8_key, resolve_backend
+    from napari_r2au.device import select_device
+
+    model = load_model("drive-vessels")
+    target = home / "int8" / f"{int8_key(model)}.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps({"format": "napari-r2au-int8", "version": 1, "network_key": target.stem}))
+    cpu = select_device("cpu")
+    assert resolve_backend("auto", model, cpu, "auto").precision != "int8"
+    with pytest.raises(BackendError, match="no int8 network"):
+        resolve_backend("auto", model, cpu, "int8")
+
+
+def test_a_network_under_its_gate_is_seen_by_its_own_thread_only(quantized, home):
+    import threading
+
+    import openvino as ov
+
+    from napari_r2au import load_model
+    from napari_r2au.backends import resolve_backend, trying_int8
+    from napari_r2au.device import select_device
+
+    model, cpu, seen = load_model("drive-vessels"), select_device("cpu"), {}
+    candidate = ov.Core().read_model(str(quantized[2] / "drive-vessels.xml"))
+    with trying_int8(model, candidate):
+        seen["gate"] = resolve_backend("auto", model, cpu, "auto").precision
+        other = threading.Thread(
+            target=lambda: seen.update(other=resolve_backend("auto", model, cpu, "auto").precision)
+        )
+        other.start()
+        other.join()
+    assert seen["gate"] == "int8" and seen["other"] != "int8"
+    assert resolve_backend("auto", model, cpu, "auto").precision != "int8"  # nothing kept
+
+
+def test_a_copy_at_another_field_of_view_or_threshold_needs_its_own_gate(quantized, home):
+    """The same weights with another threshold: the verdict was measured at the old one."""
+    from napari_r2au import load_model
+    from napari_r2au.backends import int8_key
+    from napari_r2au.int8 import find_int8
+    from napari_r2au.model_files import add_model
+
+    _install(quantized, home)
+    copy = load_model(add_model("drive-vessels", name="my-drive", threshold=0.4))
+    assert int8_key(copy) == int8_key(load_model("drive-vessels"))  # the same network
+    assert find_int8(copy, int8_key(copy)) is None
+    retina = load_model("retina-vessels")
+    wider = load_model(add_model("retina-vessels", name="my-retina", fov_diameter=600))
+    assert find_int8(retina, int8_key(retina)) is not None and find_int8(wider, int8_key(wider)) is None
+
+
+def test_comparisons_of_two_networks_never_measure_one_at_int8(home, monkeypatch):
+    """A fine-tune's parent (a model file with an int8 network) and child (a network object)
+    are scored at the same float precision."""
+    pytest.importorskip("openvino", reason=NEEDS)
+    import napari_r2au.training.trainer as trainer
+    from napari_r2au import load_model
+    from napari_r2au.training.data import Sample
+
+    seen, real = [], trainer.predict
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append(result.precision)
+        return result
+
+    monkeypatch.setattr(trainer, "predict", spy)
+    image = np.zeros((64, 64, 3), np.float32)
+    sample = Sample(image, np.zeros((64, 64), np.uint8), np.ones((64, 64), bool), "blank", image)
+    trainer.predict_samples(load_model("retina-vessels"), [sample])
+    assert seen and seen[0] != "int8"

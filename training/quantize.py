@@ -63,25 +63,37 @@ def iter_quantize(
 
     yield f"{loaded.name}: exact fp32 on the images, recording the network's inputs"
     with recording_inputs(max_tiles) as tiles:
-        reference = evaluate_folders(loaded, images, masks, fov, backend="openvino", precision="fp32")
+        reference = evaluate_folders(
+            loaded, images, masks, fov, device="cpu", backend="openvino", precision="fp32"
+        )
     if not tiles:
         raise ValueError(f"{images}: no image paired with a mask, nothing to calibrate on")
     yield f"quantizing on {len(tiles)} tile(s) from {reference['n_images']} image(s) (NNCF)"
-    quantized = nncf.quantize(
-        openvino_model(loaded),
-        nncf.Dataset(tiles),
-        subset_size=len(tiles),
-        preset=nncf.QuantizationPreset.PERFORMANCE,
-    )
+    try:
+        quantized = nncf.quantize(
+            openvino_model(loaded),
+            nncf.Dataset(tiles),
+            subset_size=len(tiles),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+        )
+    except Exception as exc:  # NNCF's and OpenVINO's own errors: one line, nothing written
+        raise BackendError(
+            f"quantize: NNCF could not quantize {loaded.name} ({type(exc).__name__}: {exc})"
+        ) from exc
     stem = (Path(dest) / loaded.name) if dest is not None else int8_dir() / int8_key(loaded)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".r2au-int8-", dir=stem.parent) as work:
         xml = Path(work) / "network.xml"
-        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+        try:
+            ov.save_model(quantized, str(xml), compress_to_fp16=False)
+        except RuntimeError as exc:
+            raise BackendError(f"quantize: the int8 network could not be written ({exc})") from exc
         bin_ = xml.with_suffix(".bin")
         yield "int8 on the same images (the accuracy gate)"
         with trying_int8(loaded, ov.Core().read_model(str(xml), str(bin_))):  # the files it will run from
-            candidate = evaluate_folders(loaded, images, masks, fov, backend="openvino", precision="int8")
+            candidate = evaluate_folders(
+                loaded, images, masks, fov, device="cpu", backend="openvino", precision="int8"
+            )
         record = new_record(
             loaded, int8_key(loaded), reference["f1"], candidate["f1"], reference["n_images"], len(tiles)
         )

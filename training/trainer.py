@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_r2au.device import PRECISIONS, autocast_dtype, select_device
+from napari_r2au.device import PRECISIONS, autocast_dtype, float_precision, select_device
 from napari_r2au.engine import predict, run
 from napari_r2au.io import atomic_path, open_for_append, write_bytes_atomic
 from napari_r2au.model_files import (
@@ -458,6 +458,7 @@ def predict_samples(
     wider image is predicted whole and cut out after (its ``window``).
     """
     out = []
+    precision = float_precision(select_device(device), precision)  # never int8: like against like
     for s in samples:
         probabilities = predict(
             model, s.raw, precision=precision, device=device, scale=1.0, statistics=s.statistics
