@@ -192,3 +192,32 @@ def test_a_source_keeps_its_share_after_the_split(rng):
     train, _ = split_sources(samples, sources, seed=0)
     shares = {name: sum(s.weight for s in train if s.source == name) for name in "AB"}
     assert shares == {"A": pytest.approx(0.6), "B": pytest.approx(0.4)}
+
+
+def test_lesion_runs_can_be_chosen_by_the_images_mean_jaccard():
+    """One large lesion found with some spill-over and one small, faint lesion: pooled F1
+    wants the high threshold (the large lesion's pixels dominate), the mean of the images'
+    Jaccard (ISIC's metric) the low one that also finds the small lesion."""
+    from napari_r2au.training.trainer import jaccard_per_image
+
+    large_mask = np.zeros((64, 64), np.uint8)
+    large_mask[:32, :32] = 1  # 1,024 lesion pixels
+    large_prob = large_mask * 0.6 + 0.0
+    large_prob[40:50, :20] = 0.32  # 200 pixels of spill-over, above 0.3 only
+    small_mask = np.zeros((64, 64), np.uint8)
+    small_mask[60:62, 60:65] = 1  # 10 pixels, found only below 0.35
+    small_prob = small_mask * 0.35
+    fov = np.ones((64, 64), bool)
+    samples = [
+        Sample(m[..., None].astype(np.float32), m, fov, n, m[..., None])
+        for m, n in ((large_mask, "a"), (small_mask, "b"))
+    ]
+    probs = [large_prob.astype(np.float32), small_prob.astype(np.float32)]
+    assert _best_of(samples, probs, (0.3, 0.5))[0] == 0.5
+    threshold, chosen = _best_of(samples, probs, (0.3, 0.5), "jaccard_per_image")
+    assert threshold == 0.3 and chosen["jaccard_per_image"] == pytest.approx((1024 / 1224 + 1) / 2)
+    assert jaccard_per_image(samples, probs, 0.5) == pytest.approx(0.5)
+    assert selection_score({"jaccard_per_image": 0.7, "f1": 0.1}, "jaccard_per_image") == 0.7
+    assert "select_by must be one of f1, jaccard_per_image" in "; ".join(
+        TrainConfig(name="x", select_by="dice").problems()
+    )

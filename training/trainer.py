@@ -163,6 +163,10 @@ class TrainConfig:
     #: keep an exponential moving average of the weights (e.g. 0.999) and validate and save
     #: it instead of the raw weights, which swing from step to step on small data
     ema_decay: float | None = None
+    #: what checkpoints and the threshold are chosen by: "f1" (pixels pooled; with several
+    #: sources, the mean of the sources' F1) or "jaccard_per_image" (the mean of each image's
+    #: Jaccard, ISIC's lesion metric, where one large lesion must not outweigh many small ones)
+    select_by: str = "f1"
     #: input normalization of a new model, e.g. {kind: clahe} (napari_r2au.preprocess);
     #: a fine-tuned model keeps its parent's
     normalization: dict[str, Any] | None = None
@@ -259,6 +263,8 @@ class TrainConfig:
         found += _jpeg_problems(self.augment)
         if self.loss not in LOSSES:
             found.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.select_by not in SELECT_BY:
+            found.append(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
         if self.precision not in PRECISIONS:
             found.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.init_from is None and self.architecture not in ARCHITECTURES:
@@ -499,8 +505,20 @@ def _metrics_at(samples: list[Sample], probs: list[np.ndarray], threshold: float
     return dict(
         pooled_metrics(samples, probs, threshold),
         auc_roc=pooled_auc(samples, probs),
+        jaccard_per_image=jaccard_per_image(samples, probs, threshold),
         **source_metrics(samples, probs, threshold),
     )
+
+
+def jaccard_per_image(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> float:
+    """The mean over images of each image's Jaccard inside its field of view (an image with
+    nothing to find and nothing found counts 1)."""
+    scores = []
+    for s, p in zip(samples, probs):
+        c = confusion(s.mask, p > threshold, s.fov)
+        union = c.tp + c.fp + c.fn
+        scores.append(c.tp / union if union else 1.0)
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def _by_source(samples: list[Sample], probs: list[np.ndarray]) -> dict[str, tuple[list, list]]:
@@ -529,9 +547,17 @@ def source_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: fl
     return out
 
 
-def selection_score(metrics: dict[str, float]) -> float:
-    """What checkpoints and thresholds are chosen by: the sources' mean F1, else F1; a score
+#: the scores a run may be chosen by (TrainConfig.select_by)
+SELECT_BY = ("f1", "jaccard_per_image")
+
+
+def selection_score(metrics: dict[str, float], select_by: str = "f1") -> float:
+    """What checkpoints and thresholds are chosen by: with ``select_by="f1"`` the sources'
+    mean F1, else F1; with ``"jaccard_per_image"`` the mean of the images' Jaccard. A score
     that is not a number (nothing found, nothing to find) ranks last, never first."""
+    if select_by == "jaccard_per_image":
+        score = metrics.get("jaccard_per_image", float("nan"))
+        return score if math.isfinite(score) else float("-inf")
     score = metrics.get("f1_source_mean", metrics["f1"])
     if not math.isfinite(score):
         score = metrics["f1"]
@@ -564,6 +590,8 @@ def _metadata(
     }
     if config.ema_decay:
         provenance["ema_decay"] = config.ema_decay
+    if config.select_by != "f1":
+        provenance["select_by"] = config.select_by
     if parent is not None:
         provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
     if config.pixel_size:
@@ -976,8 +1004,12 @@ def iter_train(
             if (step % config.val_every == 0 or step == config.steps or out_of_time) and writer:
                 if val_samples:
                     validation = _validate(kept, config, normalization, val_samples, dev)
-                    if selection_score(validation) > best_f1:
-                        best_f1, bad, best_metrics = selection_score(validation), 0, validation
+                    if selection_score(validation, config.select_by) > best_f1:
+                        best_f1, bad, best_metrics = (
+                            selection_score(validation, config.select_by),
+                            0,
+                            validation,
+                        )
                         save("best", validation)
                     else:
                         bad += 1
@@ -1018,7 +1050,9 @@ def iter_train(
         network.to("cpu").eval()
         kept.to("cpu").eval()
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
-        best_metrics = calibrate_threshold(best_model, val_samples, config.precision, device=str(dev))
+        best_metrics = calibrate_threshold(
+            best_model, val_samples, config.precision, device=str(dev), select_by=config.select_by
+        )
     return TrainResult(
         out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped
     )
@@ -1080,13 +1114,16 @@ def _best_of(
     samples: list[Sample],
     probs: list[np.ndarray],
     candidates: tuple[float, ...],
+    select_by: str = "f1",
 ) -> tuple[float, dict[str, float]]:
-    scores = {
-        level: selection_score(
+    def score(level: float) -> float:
+        if select_by == "jaccard_per_image":
+            return selection_score({"jaccard_per_image": jaccard_per_image(samples, probs, level)}, select_by)
+        return selection_score(
             dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
         )
-        for level in candidates
-    }
+
+    scores = {level: score(level) for level in candidates}
     best = max(candidates, key=scores.__getitem__)
     return best, _metrics_at(samples, probs, best)
 
@@ -1097,8 +1134,10 @@ def calibrate_threshold(
     precision: str = "auto",
     candidates: tuple[float, ...] = THRESHOLDS,
     device: str | None = None,
+    select_by: str = "f1",
 ) -> dict[str, float]:
-    """Store in the model file the threshold that maximises validation F1.
+    """Store in the model file the threshold that maximises validation F1 (or, with
+    ``select_by="jaccard_per_image"``, the images' mean Jaccard).
 
     Chosen on the validation split only; the metrics at 0.5 are kept beside it.
     """
@@ -1106,15 +1145,17 @@ def calibrate_threshold(
 
     model = load_model_file(sidecar)
     probs = predict_samples(model, val_samples, precision, device)
-    best, chosen = _best_of(val_samples, probs, candidates)
+    best, chosen = _best_of(val_samples, probs, candidates, select_by)
     at_half = _metrics_at(val_samples, probs, 0.5)
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
     # measured here, not carried over: a resumed run's best.json may have been calibrated already
     provenance["validation_metrics_at_0.5"] = {k: round(float(v), 5) for k, v in at_half.items()}
     provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in chosen.items()}
-    provenance["threshold_chosen_on"] = "validation split, F1" + (
-        " (mean of its sources)" if "f1_source_mean" in chosen else ""
+    provenance["threshold_chosen_on"] = (
+        "validation split, mean of the images' Jaccard"
+        if select_by == "jaccard_per_image"
+        else "validation split, F1" + (" (mean of its sources)" if "f1_source_mean" in chosen else "")
     )
     meta["provenance"] = provenance
     meta.pop("weights_file")
