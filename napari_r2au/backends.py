@@ -132,11 +132,12 @@ def resolve_backend(
     problem = _openvino_problem(device)
     if problem is None and resolved not in OPENVINO_PRECISIONS:
         problem = f"OpenVINO runs fp32 or bf16 here, not {resolved}"
-    int8 = problem is None and precision == "auto" and _int8_problem(loaded) is None
     if backend == "openvino":
         if problem:
             raise BackendError(f"backend openvino: {problem}; use --backend torch or auto")
-        return Choice("openvino", "int8", _INT8_REASON) if int8 else Choice("openvino", resolved, "asked for")
+        if precision == "auto" and _int8_problem(loaded) is None:
+            return Choice("openvino", "int8", _INT8_REASON)
+        return Choice("openvino", resolved, "asked for")
     if problem is None and platform.machine().lower() not in ("x86_64", "amd64"):
         problem = f"not measured faster on {platform.machine()} CPUs"
     if problem is None and not _has_file_identity(loaded):
@@ -145,7 +146,7 @@ def resolve_backend(
         problem = "fuse=False asks for the plain torch network"
     if problem:
         return Choice("torch", resolved, problem)
-    if int8:
+    if precision == "auto" and _int8_problem(loaded) is None:  # looked up only where OpenVINO runs
         return Choice("openvino", "int8", _INT8_REASON)
     return Choice("openvino", resolved, "installed, on the CPU, measured faster")
 
@@ -345,7 +346,7 @@ def _read_converted(loaded: LoadedModel) -> _Converted:
 
     from .export import output_names, write_onnx
 
-    has_gates = bool(getattr(loaded.network, "attention", False))
+    has_gates = _has_gates(loaded)
     outputs = output_names(loaded, has_gates)
     key = int8_key(loaded) if _has_file_identity(loaded) else None
     if key is None:  # a network in memory: kept with it (for a bare network, per weights version)
@@ -384,14 +385,18 @@ def clear_cache() -> None:
         _INT8.clear()
 
 
-#: int8 networks in memory, by network key: read from their files, or a candidate under test
+#: accepted int8 networks in memory, by network key, as read from their files
 _INT8: dict[str, _Converted] = {}
+
+
+def _has_gates(loaded: LoadedModel) -> bool:
+    """Whether the model's network has attention gates (exported as extra outputs)."""
+    return bool(getattr(loaded.network, "attention", False))
 
 
 def int8_key(loaded: LoadedModel) -> str:
     """What identifies a model's network, gates or not: its int8 network is made for it alone."""
-    has_gates = bool(getattr(loaded.network, "attention", False))
-    return f"{network_key(loaded)}-{'gates' if has_gates else 'plain'}"
+    return f"{network_key(loaded)}-{'gates' if _has_gates(loaded) else 'plain'}"
 
 
 def openvino_model(loaded: LoadedModel) -> Any:
@@ -437,7 +442,7 @@ def _read_int8(loaded: LoadedModel) -> _Converted:
         raise BackendError(f"{loaded.name} has no accepted int8 network (its files changed or are gone)")
     xml, weights = files
     model = ov.Core().read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
-    converted = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
+    converted = _Converted(model, output_names(loaded, _has_gates(loaded)))
     with _LOCK:
         _INT8[int8_key(loaded)] = converted
     return converted
@@ -454,7 +459,7 @@ def trying_int8(loaded: LoadedModel, model: Any) -> Iterator[None]:
     networks = getattr(_CANDIDATE, "networks", None)
     if networks is None:
         networks = _CANDIDATE.networks = {}
-    networks[key] = _Converted(model, output_names(loaded, bool(getattr(loaded.network, "attention", False))))
+    networks[key] = _Converted(model, output_names(loaded, _has_gates(loaded)))
     try:
         yield
     finally:
