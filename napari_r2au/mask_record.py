@@ -155,10 +155,12 @@ def segment_record(
     cleanup: Mapping[str, Any] | None = None,
     model_path: str | None = None,
     flip_averaged: bool = False,
+    mask_checksums: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> LayerRecord:
     """The record of a mask a model has just made (an engine ``Prediction`` and the mask
-    cut from it). ``fields``: further :class:`LayerRecord` keys (layer names, scope, runs)."""
+    cut from it). ``mask_checksums``: :func:`checksums` of ``mask`` when already made (in a
+    worker thread); ``fields``: further :class:`LayerRecord` keys (layer names, scope, runs)."""
     unknown = set(fields) - set(LayerRecord.__annotations__)
     if unknown:
         raise TypeError(f"not mask-record keys: {', '.join(sorted(unknown))}")
@@ -174,7 +176,7 @@ def segment_record(
         "precision": getattr(prediction, "precision", None),
         "flip_averaged": flip_averaged,
         "created": now(),
-        **checksums(mask),  # type: ignore[typeddict-item]
+        **(dict(mask_checksums) if mask_checksums is not None else checksums(mask)),  # type: ignore[typeddict-item]
     }
     record.update(fields)  # type: ignore[typeddict-item]
     return record

@@ -236,6 +236,41 @@ def test_threshold_slider_rethresholds_without_running_the_network(
     assert "edited by hand" in messages(notifications)
 
 
+def test_the_first_mask_is_cut_in_the_worker_and_follows_a_slider_moved_during_the_run(
+    make_napari_viewer, qtbot, tiny_model, notifications
+):
+    """The run's mask and its checksums are made in the worker (hashing a large mask
+    stalled the GUI); a threshold changed while the network runs still decides the mask,
+    and the notices about the input (a grey image for a colour model) are said by name."""
+    from napari_r2au.mask_record import checksums
+
+    viewer = make_napari_viewer()
+    grey = bars()[0].mean(-1)
+    viewer.add_image(grey.astype(np.float32), name="grey")
+    widget = dock(viewer, "Segment")
+    widget._threshold.value = 0.5
+    widget.run()
+    widget._threshold.value = 0.3  # while the network runs
+    wait_idle(qtbot, widget)
+    probability = viewer.layers["grey probability"].data
+    mask = viewer.layers["grey mask"]
+    np.testing.assert_array_equal(mask.data, (probability > 0.3).astype(np.uint8))
+    record = mask.metadata["r2au"]
+    assert record["threshold"] == pytest.approx(0.3)
+    assert {k: record[k] for k in ("mask_sha256", "slice_sha256")} == checksums(mask.data)
+    assert "Segment on 'grey'" in messages(notifications) and "given to it as RGB" in messages(notifications)
+
+    widget.run()  # settings unchanged during the run: the worker's mask and checksums are used
+    wait_idle(qtbot, widget)
+    record = viewer.layers["grey mask"].metadata["r2au"]
+    np.testing.assert_array_equal(
+        viewer.layers["grey mask"].data, (viewer.layers["grey probability"].data > 0.3).astype(np.uint8)
+    )
+    assert {k: record[k] for k in ("mask_sha256", "slice_sha256")} == checksums(
+        viewer.layers["grey mask"].data
+    )
+
+
 def test_napari_keeps_processing_events_during_a_run(make_napari_viewer, qtbot, tiny_model):
     from qtpy.QtCore import QTimer
 

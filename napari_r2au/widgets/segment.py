@@ -80,6 +80,26 @@ class SegmentOutput:
     scale: float  # the resize factor the network saw (the Fine-tune widget trains at it)
     #: the model's DICOM SEG codes for what it segments (None: generic)
     segment_property: dict[str, Any] | None = None
+    #: the mask at the settings the run started with, and its checksums, made in the worker
+    #: (hashing a large mask on the GUI thread stalled it); used while those settings hold
+    first_mask: _FirstMask | None = None
+
+
+@dataclass
+class _FirstMask:
+    """A run's mask at the threshold and clean-up it started with (cut in the worker)."""
+
+    settings: tuple[float, tuple[tuple[str, Any], ...]]
+    mask: np.ndarray
+    checksums: dict[str, Any]
+
+
+@dataclass
+class _Notices:
+    """What the user should know about this model on this image, found in the worker (the
+    field-of-view search takes a tenth of a second on a large photograph) and said by the GUI."""
+
+    lines: list[str]
 
 
 #: up to this many mask pixels the mask follows the Threshold slider while it is dragged
@@ -271,22 +291,36 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         except ValueError as exc:
             notify_error(f"Segment: {exc}")
             return
-        self._warn_about_inputs(layer, image, axes)
         self._context = _RunContext(layer, str(self._scope.value), slices)
         self._cancelled = False
         self._set_running(True, "Loading the model…")
-        self._start(self._job(path, image, options, bool(self._uncertainty.value)))
+        self._start(
+            self._job(path, image, options, bool(self._uncertainty.value), self._mask_settings(), layer.name)
+        )
 
     # -- the work (runs in the worker thread: no Qt here) -------------------------------------
 
     def _job(
-        self, path: str, image: Any, options: dict[str, Any], uncertainty: bool
-    ) -> Generator[Progress, None, SegmentOutput]:
+        self,
+        path: str,
+        image: Any,
+        options: dict[str, Any],
+        uncertainty: bool,
+        settings: tuple[float, tuple[tuple[str, Any], ...]],
+        layer_name: str,
+    ) -> Generator[Progress | _Notices, None, SegmentOutput]:
+        from napari_r2au.checks import input_notices
         from napari_r2au.engine import iter_predict
         from napari_r2au.uncertainty import iter_predict_tta
 
         warm_layer_imports()  # here, not on the GUI thread when the mask layer is made
         model = self._load(path)
+        try:  # said before the run; nothing is refused here (the engine says what is wrong)
+            notices = input_notices(model, image, options["axes"])
+        except ValueError:
+            notices = []
+        if notices:
+            yield _Notices([f"Segment on '{layer_name}': {notice}" for notice in notices])
         # the engine resolves the scale (the Scale field wins; then the layer's pixel size against
         # the model's; then the image's field of view, for fundus models; then the model's own)
         # and the prediction says which it used
@@ -294,8 +328,14 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             prediction = yield from iter_predict_tta(model, image, **options)
         else:
             prediction = yield from iter_predict(model, image, **options)
+        mask = _cut_mask(prediction, *settings)
         return SegmentOutput(
-            prediction, prediction.uncertainty, path, prediction.scale, model.metadata.get("segment_property")
+            prediction,
+            prediction.uncertainty,
+            path,
+            prediction.scale,
+            model.metadata.get("segment_property"),
+            first_mask=_FirstMask(settings, mask, checksums(mask)),
         )
 
     def _load(self, path: str) -> LoadedModel:
@@ -311,7 +351,11 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
 
     # -- worker callbacks (GUI thread) --------------------------------------------------------
 
-    def _on_progress(self, event: Progress) -> None:
+    def _on_progress(self, event: Progress | _Notices) -> None:
+        if isinstance(event, _Notices):
+            for line in event.lines:
+                notify_warning(line)
+            return
         self._progress.max = max(1, event.total)
         self._progress.value = min(event.done, event.total)
         what = "Uncertainty" if event.stage == "uncertainty" else "Predicting"
@@ -455,7 +499,11 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         attention_names = [name for name, _, _ in steps if " attention " in name[len(base) :]]
         uncertainty_name = f"{base} uncertainty" if uncertainty is not None else None
         self._map_generation += 1  # a placing of an earlier run's maps stops here
-        mask = self._mask(prediction)
+        first = output.first_mask
+        if first is not None and prediction is output.prediction and first.settings == self._mask_settings():
+            mask, sums = first.mask, first.checksums  # cut and hashed in the worker
+        else:  # merged with earlier slices, or the slider moved during the run
+            mask, sums = self._mask(prediction), None
         info = segment_record(
             prediction,
             mask,
@@ -475,6 +523,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             runs=runs,
             created=run["created"],
             run_id=run_id,
+            mask_checksums=sums,
         )
         sources = (layer.metadata.get("dicom") or {}).get("sources")
         if sources:  # what a DICOM SEG export of this mask refers to, and what it shows
@@ -628,20 +677,15 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             "size": int(self._min_size.value),
         }
 
+    def _mask_settings(self) -> tuple[float, tuple[tuple[str, Any], ...]]:
+        """The slider's threshold and the clean-up, as a value a run's first mask is cut at."""
+        return float(self._threshold.value), tuple(sorted(self._cleanup_settings().items()))
+
     def _mask(self, prediction: Prediction | None = None) -> np.ndarray:
         """The mask at the slider's threshold and clean-up (of the kept prediction by default)."""
-        from napari_r2au.postprocess import apply_cleanup, segment_mask
-
         prediction = prediction or self._prediction
         assert prediction is not None
-        if prediction.multiclass:
-            return apply_cleanup(prediction.mask(), self._cleanup_settings())
-        return segment_mask(
-            prediction.probabilities,
-            float(self._threshold.value),
-            prediction.postprocess,
-            self._cleanup_settings(),
-        )
+        return _cut_mask(prediction, *self._mask_settings())
 
     def _apply_threshold(self, *_: Any) -> None:
         """Re-threshold the kept probabilities (no network run) unless the mask was painted on."""
@@ -669,21 +713,6 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _warn_about_inputs(self, layer: Any, image: Any, axes: str) -> None:
-        """The engine's notices about this model on this image (channels converted, a CT
-        model on an 8-bit picture), said before the run; nothing is refused here."""
-        from napari_r2au.checks import input_notices
-
-        meta = self._model.metadata()
-        if meta is None:
-            return
-        try:
-            notices = input_notices(meta, image, axes)
-        except ValueError:  # the run itself will say what is wrong
-            return
-        for notice in notices:
-            notify_warning(f"Segment on '{layer.name}': {notice}")
-
     def _on_model_changed(self, *_: Any) -> None:
         if self._worker is not None:  # the picker is locked during a run; a refresh must not move the slider
             return
@@ -705,6 +734,16 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             self._progress.max, self._progress.value = 1, 0
         if message is not None:
             self._status.value = message
+
+
+def _cut_mask(prediction: Prediction, threshold: float, cleanup: tuple[tuple[str, Any], ...]) -> np.ndarray:
+    """A prediction's mask at a threshold and clean-up (the engine's rule, called from the
+    worker for a run's first mask and from the GUI thread when the slider moves)."""
+    from napari_r2au.postprocess import apply_cleanup, segment_mask
+
+    if prediction.multiclass:
+        return apply_cleanup(prediction.mask(), dict(cleanup))
+    return segment_mask(prediction.probabilities, threshold, prediction.postprocess, dict(cleanup))
 
 
 def _three_decimals(slider: FloatSlider) -> None:
