@@ -24,7 +24,8 @@ from .io import atomic_path
 from .package_import import CONFIG_KEY
 
 FORMAT_VERSION = "0.5.4"
-SAMPLE_SIZE = 128
+#: the test tensors' largest side: a dermoscopy image at its working width (256 px) whole
+SAMPLE_SIZE = 256
 
 CITATIONS = [
     {
@@ -67,23 +68,60 @@ def _preprocessing(normalization: dict[str, Any]) -> tuple[list[dict[str, Any]],
     return [{"id": "zero_mean_unit_variance", "kwargs": {"axes": ["y", "x"], "eps": 1e-6}}], note
 
 
-def _sample(model: Any, sample: str | os.PathLike | None) -> np.ndarray:
-    """A real (H, W, C) image, cropped to SAMPLE_SIZE: the user's, else the plugin's own sample."""
+#: SNOMED CT "Blood Vessel": a colour model that segments it reads fundus photographs
+_VESSELS = "59820001"
+
+
+def reads_fundus_photographs(model: Any) -> bool:
+    """Whether the plugin's own sample (a colour fundus photograph) is an image of the kind
+    ``model`` segments: a colour model that finds the scale from a field of view, or one
+    that segments blood vessels. For any other model a fundus photograph would make test
+    tensors and a cover that say nothing about it."""
+    meta = model.metadata
+    kind = ((meta.get("segment_property") or {}).get("type") or {}).get("value")
+    return model.in_channels == 3 and (bool(meta.get("fov_diameter")) or kind == _VESSELS)
+
+
+def _sample(model: Any, sample: str | os.PathLike | np.ndarray | None) -> np.ndarray:
+    """A real (H, W, C) image at the model's working scale, cropped to SAMPLE_SIZE: the
+    user's (a file or an array), else the plugin's sample for a fundus model; any other
+    model needs one (a colour photograph of a retina says nothing about a CT model)."""
+    from .engine import _resize, working_scale
     from .io import read_image
     from .preprocess import match_channels
 
-    if sample is not None:
+    if isinstance(sample, np.ndarray):
+        image = sample
+    elif sample is not None:
         image = read_image(sample)
-    else:
+    elif reads_fundus_photographs(model):
         from ._sample_data import retina_sample
 
         image = retina_sample()[0][0]
+    else:
+        raise ValueError(
+            f"{model.name} does not segment fundus photographs, the plugin's own sample: give a real "
+            "image of what it segments for the package's test tensors and cover (r2au export "
+            "--sample IMAGE; in napari, the image layer chosen in the dock)"
+        )
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"the sample must be one 2D image (grey or colour), got shape {image.shape}")
     if model.in_channels == 1 and image.shape[-1] > 1:
         image = image[..., :3].mean(-1, keepdims=True)
     image = match_channels(image, model.in_channels)
+    # what the network sees in napari: the image at the model's working scale (a fundus
+    # photograph's field of view, a dermoscopy model's image width)
+    scale = working_scale(model, image=image, axes="YXC")
+    if abs(scale - 1.0) > 1e-6:
+        shape = (
+            max(16, round(image.shape[0] * scale)),
+            max(16, round(image.shape[1] * scale)),
+            image.shape[2],
+        )
+        image = _resize(image, shape, anti_aliasing=scale < 1)
     height, width = image.shape[:2]
     top, left = max(0, (height - SAMPLE_SIZE) // 2), max(0, (width - SAMPLE_SIZE) // 2)
     crop = image[top : top + SAMPLE_SIZE, left : left + SAMPLE_SIZE]
@@ -182,7 +220,8 @@ def _documentation(model: Any, note: str) -> str:
         f"{meta.get('image_width')}. Other tools must resize the same way; the spec cannot express it.\n\n"
         "## Training and validation\n\n"
         f"```json\n{json.dumps(provenance, indent=2)}\n```\n\n"
-        "The test tensors come from a real image, cropped to a small size. The whole napari-r2au "
+        "The test tensors come from a real image at the model's working scale, centre-cropped to at "
+        f"most {SAMPLE_SIZE} px. The whole napari-r2au "
         "model file is attached (JSON and safetensors): `r2au add-model PACKAGE.zip` takes it back.\n"
     )
 
@@ -191,7 +230,7 @@ def export_bioimageio(
     model: Any,
     path: str | os.PathLike,
     *,
-    sample: str | os.PathLike | None = None,
+    sample: str | os.PathLike | np.ndarray | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a bioimage.io package: a .zip if ``path`` ends with .zip, else a
@@ -225,13 +264,13 @@ def export_bioimageio(
         "safetensors": f"{name}.safetensors",
     }
     _, note = _preprocessing(loaded.normalization)
+    image = _sample(loaded, sample)  # before anything is written: a model without one is refused here
     with tempfile.TemporaryDirectory(prefix=".r2au-bioimageio-", dir=target.parent) as tmp:
         work = Path(tmp) / "package"
         work.mkdir()
         for fmt in ("torchscript", "onnx"):
             network, card = export_network(loaded, work / names[fmt], fmt)
             card.unlink()  # the rdf says it all
-        image = _sample(loaded, sample)
         tensor = _normalized(image, loaded.normalization)
         with torch.inference_mode():
             output = load_torchscript(work / names["torchscript"])(torch.from_numpy(tensor)).numpy()

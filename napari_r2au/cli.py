@@ -1154,7 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample",
         default=None,
-        help="bioimageio: a real image for the test tensors and cover (default: the plugin's sample)",
+        help="bioimageio: a real image of what the model segments, for the test tensors and cover "
+        "(default: the plugin's fundus photograph, for fundus models only; others need one)",
     )
     p.add_argument(
         "-o", "--output", required=True, help="the file to write (or a folder: <model>.onnx / .pt)"

@@ -58,6 +58,46 @@ def test_bundled_models_export_as_packages_the_spec_accepts(tmp_path, shared, na
     assert validate(package) == ""
 
 
+def test_the_test_image_is_one_of_what_the_model_segments_at_its_working_scale(tmp_path, shared, capsys):
+    """Without --sample only a fundus model takes the plugin's fundus photograph; a lesion
+    model is refused in one line, before anything is written. The test tensors are what
+    the network sees in napari: the image at the model's working scale."""
+    pytest.importorskip("onnx", reason="the bioimage.io package carries an ONNX copy (export extra)")
+    import zipfile
+
+    lesions = tmp_path / "lesions.zip"
+    assert main(["export", "skin-lesions", "--format", "bioimageio", "-o", str(lesions)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--sample" in err and "fundus" in err
+    assert list(tmp_path.iterdir()) == []
+
+    # a PH2 photograph (767x576) at skin-lesions' working width of 256 px: 256x192, whole
+    sample = _sample(shared, "skin-lesions")
+    assert (
+        main(
+            ["export", "skin-lesions", "--format", "bioimageio", "-o", str(lesions), "--sample", str(sample)]
+        )
+        == 0
+    )
+    with zipfile.ZipFile(lesions) as archive:
+        archive.extract("test_input.npy", tmp_path / "lesions")
+    assert np.load(tmp_path / "lesions" / "test_input.npy").shape == (1, 3, 192, 256)
+
+    # the plugin's 1411 px sample at retina-vessels' 671 px field of view, centre-cropped
+    retina = tmp_path / "retina.zip"
+    assert main(["export", "retina-vessels", "--format", "bioimageio", "-o", str(retina)]) == 0
+    with zipfile.ZipFile(retina) as archive:
+        archive.extract("test_input.npy", tmp_path / "retina")
+    from napari_r2au._sample_data import retina_sample
+
+    photo = retina_sample()[0][0]
+    tensor = np.load(tmp_path / "retina" / "test_input.npy")
+    assert tensor.shape == (1, 3, 256, 256)
+    # resized, not cut from the full-size photograph: its values are smoother than a raw crop
+    raw = photo[578:834, 578:834].astype(np.float32).transpose(2, 0, 1)[None]
+    assert not np.allclose(tensor, raw)
+
+
 def test_round_trip_gives_the_same_masks_and_foreign_packages_are_refused(
     tmp_path, shared, monkeypatch, capsys
 ):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 
 from napari_r2au.mask_record import layer_record
@@ -262,7 +263,11 @@ class ModelPicker(Container):
     Segment and Fine-tune use the same picker so that a fine-tuned model shows up in both.
     """
 
-    def __init__(self, label: str = "Model") -> None:
+    def __init__(self, label: str = "Model", sample_source: Callable[[], Any] | None = None) -> None:
+        """``sample_source``: the dock's image layer now, whose image a bioimage.io package's
+        test tensors and cover are made from (a model that does not read fundus
+        photographs has no other real image to take)."""
+        self._sample_source = sample_source
         self._paths: dict[str, str] = {}  # name -> sidecar, filled by _names()
         self._user: set[str] = set()  # the names that are user models (removable)
         self._choice = ComboBox(label=label, choices=lambda _widget: self._names())
@@ -359,6 +364,7 @@ class ModelPicker(Container):
         if Path(target).exists() or Path(target).is_symlink():
             notify_error(f"Export model: {Path(target).name} exists already; choose another name.")
             return
+        sample_layer = self._sample_source() if self._sample_source is not None else None
         from napari.qt.threading import thread_worker
 
         @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
@@ -366,7 +372,8 @@ class ModelPicker(Container):
             if fmt == "bioimageio":
                 from napari_r2au.bioimageio import export_bioimageio
 
-                return [export_bioimageio(path, target)]
+                sample = None if sample_layer is None else layer_plane(sample_layer)
+                return [export_bioimageio(path, target, sample=sample)]
             from napari_r2au.export import export_network
 
             return export_network(path, target, fmt)
@@ -534,6 +541,14 @@ class WorkerRunner:
             self._cancelled = True
             self._status.value = "Cancelling…"
             self._worker.quit()
+
+
+def layer_plane(layer: Any) -> np.ndarray:
+    """One 2D plane of an image layer (a stack's middle slice; colour kept), read in full
+    resolution: what a bioimage.io package's test image is cut from."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    leading = data.shape[: data.ndim - (3 if layer.rgb else 2)]
+    return np.asarray(data[tuple(n // 2 for n in leading)])
 
 
 def layer_pixel_size(layer: Any) -> tuple[float | None, str | None]:

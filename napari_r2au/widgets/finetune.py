@@ -121,7 +121,7 @@ class FinetuneWidget(WorkerRunner, ScrollingDock):
         self._val_image = layer_picker(viewer, "image", "Validation image", nullable=True, inputs_only=True)
         self._val_labels = layer_picker(viewer, "labels", "Validation mask", nullable=True)
         self._validation = Container(widgets=[self._val_image, self._val_labels], visible=False)
-        self._model = ModelPicker(label="Base model")
+        self._model = ModelPicker(label="Base model", sample_source=lambda: self._image.value)
         defaults = FinetuneSettings()
         self._steps = SpinBox(label="Steps", min=1, max=100_000, value=defaults.steps)
         self._lr = FloatSpinBox(label="Learning rate", min=1e-5, max=1.0, step=1e-5, value=defaults.lr)

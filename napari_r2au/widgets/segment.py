@@ -122,7 +122,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
-        self._model = ModelPicker()
+        self._model = ModelPicker(sample_source=lambda: self._image.value)
         self._image = layer_picker(viewer, "image", "Image", inputs_only=True)
         self._scope = ComboBox(
             label="Scope",

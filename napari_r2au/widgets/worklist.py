@@ -89,7 +89,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             "as 'r2au evaluate' pairs them), a folder of DICOM series, or a CSV file (type its path)",
         )
         self._open = PushButton(text="Open worklist")
-        self._model = ModelPicker(label="Model")
+        self._model = ModelPicker(label="Model", sample_source=self._case_image_layer)
         self._order = ComboBox(label="Order", choices=list(ORDER_CHOICES), value="File order")
         self._presegment = PushButton(
             text="Pre-segment",
@@ -260,6 +260,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         )
         self.open_case((first or worklist.cases[0]).id)
         return worklist
+
+    def _case_image_layer(self) -> Any:
+        """The image layer of the case on screen (None before one is opened)."""
+        return next((lyr for lyr in self._viewer.layers if lyr.metadata.get(ROLE_KEY) == "image"), None)
 
     def _model_name(self) -> str | None:
         path = self._model.path
