@@ -11,7 +11,12 @@ APT_PACKAGES := xvfb xauth libgl1 libegl1 libdbus-1-3 libfontconfig1 libxkbcommo
 	libxcb-shape0 libxcb-xinerama0 libxcb-xfixes0 libxcb-cursor0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test system-deps lint clean
+# bioimageio.core (the reference test of bioimage.io packages) in an environment of its own:
+# its newest release pins a bioimageio.spec that fails with the pydantic napari installs
+CORE_VENV ?= .venv-bioimageio
+CORE_REQUIREMENTS := "bioimageio.core==0.11.0" "pydantic<2.12" onnxruntime
+
+.PHONY: setup demo test system-deps lint clean bioimageio-core
 
 setup: $(VENV)/.installed
 
@@ -34,12 +39,19 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	else echo "error: install Xvfb and the libxcb/xkbcommon libraries for Qt with your package manager"; exit 1; fi
 
-test: setup system-deps lint
-	$(BIN)/pytest -q
+bioimageio-core: $(CORE_VENV)/.installed
+
+$(CORE_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/pip install -q $(CORE_REQUIREMENTS)
+	touch $@
+
+test: setup system-deps lint bioimageio-core
+	R2AU_BIOIMAGEIO_CORE=$(CORE_VENV)/bin/bioimageio $(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check napari_r2au training tests benchmarks
 	$(BIN)/ruff format --check napari_r2au training tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info r2au-demo
+	rm -rf $(VENV) $(CORE_VENV) build dist *.egg-info r2au-demo
