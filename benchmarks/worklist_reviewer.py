@@ -287,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worklist_reviewer", description=__doc__)
     parser.add_argument("--dataset", choices=list(LAYOUTS), default="HRF")
     parser.add_argument("--model", default="retina-vessels", help="the model that pre-segments")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="the worklist's scale (default: the model's own rule); drive-vessels on HRF needs one",
+    )
     parser.add_argument("--every", type=int, default=1, help="learn after every K corrected cases")
     parser.add_argument("--cases", type=int, default=None, help="only the first N photographs (file order)")
     parser.add_argument("--corrections", type=int, default=3, help="stop after this many corrected cases")
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         first = work / "first"
         os.environ["R2AU_HOME"] = str(work / "home-first")
         began = time.perf_counter()
-        with Worklist.create(first, sources, model=model.name) as worklist:
+        with Worklist.create(first, sources, model=model.name, scale=args.scale) as worklist:
             missing = [c.id for c in worklist.cases if c.reference is None]
             if missing:
                 print(f"no reference for {', '.join(missing)}: cannot simulate their correction")
@@ -375,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "dataset": args.dataset,
         "model": model.name,
+        "scale": args.scale,
         "cases": ids,
         "unseen": sorted(unseen),
         "every": args.every,
@@ -415,7 +422,9 @@ def _report(
     lines = [
         f"Command: `{command}`",
         "",
-        f"{args.dataset}, {len(ids)} cases, pre-segmented with {model}; learn after every {args.every} "
+        f"{args.dataset}, {len(ids)} cases, pre-segmented with {model}"
+        + (f" at scale {args.scale:g}" if args.scale else "")
+        + f"; learn after every {args.every} "
         f"corrected case(s), {args.steps} fine-tune steps, new versions adopted {args.adopt}; F1 {fov}. Unseen: "
         f"{', '.join(sorted(unseen)) or 'none'} (retina-vessels' held-out images). Machine: {machine}.",
     ]

@@ -699,13 +699,14 @@ def cmd_worklist_create(args: argparse.Namespace) -> int:
         from .model_files import resolve_model_path
 
         resolve_model_path(args.model)
-    with Worklist.create(args.folder, args.cases, model=args.model) as worklist:
+    with Worklist.create(args.folder, args.cases, model=args.model, scale=args.scale) as worklist:
         cases = worklist.cases
         references = sum(c.reference is not None for c in cases)
         series = sum(c.kind == "dicom" for c in cases)
         print(
             f"worklist   {worklist.folder}: {_cases(len(cases))}, {references} with a reference"
             + (f", {series} DICOM series" if series else "")
+            + (f", scale {worklist.scale:g}" if worklist.scale else "")
         )
         for case in cases:
             reference = f"  (reference {worklist.path_of(case.reference)})" if case.reference else ""
@@ -725,17 +726,26 @@ def cmd_worklist_segment(args: argparse.Namespace) -> int:
         select_device(args.device)
     with Worklist.open(args.folder) as worklist:
         model = load_model(args.model or worklist.model or DEFAULT_MODEL)
+        if args.scale is not None:  # 0: back to the model's own rule
+            worklist.set_scale(args.scale)
         untouched = [c for c in worklist.cases if c.untouched]
-        # a case this very model has segmented already is kept: a second run goes on where
-        # an interrupted one stopped
+        # a case this very model has segmented already (at the worklist's scale, if it sets one)
+        # is kept: a second run goes on where an interrupted one stopped
         todo = [
             c
             for c in untouched
-            if not (c.status == "segmented" and c.model == model.name and c.model_sha256 == model.sha256)
+            if not (
+                c.status == "segmented"
+                and c.model == model.name
+                and c.model_sha256 == model.sha256
+                and (worklist.scale is None or c.scale is not None and abs(c.scale - worklist.scale) < 1e-9)
+            )
         ]
         kept = len(worklist.cases) - len(untouched)
         print(
-            f"model      {model.name}: {len(todo)} of {_cases(len(worklist.cases))} to segment"
+            f"model      {model.name}"
+            + (f" at scale {worklist.scale:g}" if worklist.scale else "")
+            + f": {len(todo)} of {_cases(len(worklist.cases))} to segment"
             + (f"; {len(untouched) - len(todo)} done already" if len(untouched) > len(todo) else "")
             + (f"; {kept} opened or reviewed, kept as they are" if kept else "")
         )
@@ -806,6 +816,7 @@ def cmd_worklist_status(args: argparse.Namespace) -> int:
             summary = {
                 "worklist": str(worklist.folder),
                 "model": worklist.model,
+                "scale": worklist.scale,
                 "models": worklist.models,
                 "counts": worklist.counts(),
                 "cases": rows,
@@ -831,7 +842,10 @@ def cmd_worklist_status(args: argparse.Namespace) -> int:
             cells = "  ".join(f"{cell:<{width}}" for cell, width in zip(line, widths))
             print(f"{cells}  {line[-1]}".rstrip())
         print(_count_line(worklist.counts()))
-        print(f"model      {worklist.model or 'none yet'}")
+        print(
+            f"model      {worklist.model or 'none yet'}"
+            + (f" at scale {worklist.scale:g}" if worklist.scale else " (scale: the model's own rule)")
+        )
     return 0
 
 
@@ -1258,12 +1272,26 @@ def _add_worklist_parser(sub) -> None:
         "or single image files",
     )
     q.add_argument("-m", "--model", default=None, help="the model to segment with (default: retina-vessels)")
+    q.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="resize factor before the network for every case (default: the model's own rule, e.g. "
+        "a fundus model's field of view); learning trains at it too",
+    )
     q.set_defaults(func=cmd_worklist_create)
 
     q = actions.add_parser("segment", help="segment the cases nobody has opened or reviewed yet")
     q.add_argument("folder", help="the worklist's folder")
     q.add_argument("-m", "--model", default=None, help="model name or path (default: the worklist's model)")
     q.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: automatic)")
+    q.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="set the worklist's resize factor before the network (0: the model's own rule); "
+        "kept for later runs and learning",
+    )
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     q.add_argument(
         "--no-attention",

@@ -312,6 +312,22 @@ def _read_cases(folder: Path, items: Any) -> list[Case]:
     return cases
 
 
+def _checked_scale(scale: Any, folder: Path) -> float | None:
+    """A worklist's scale: None (each model's own rule) or a positive number up to the
+    engine's largest."""
+    from .engine import MAX_SCALE
+
+    if scale is None or scale == 0:
+        return None
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise WorklistError(f"{folder}: the scale must be a number, not {scale!r}") from None
+    if not 0 < value <= MAX_SCALE:
+        raise WorklistError(f"{folder}: the scale must be above 0 and at most {MAX_SCALE:g}, not {value:g}")
+    return value
+
+
 class Worklist:
     """A worklist folder, open for writing (locked) or for reading only.
 
@@ -324,6 +340,9 @@ class Worklist:
         self.read_only = read_only
         self.cases: list[Case] = _read_cases(folder, data.get("cases", []))
         self.model: str | None = data.get("model")
+        #: the working scale every case is segmented and learned at (None: each model's own rule,
+        #: as Segment's Scale field at 0); a model that knows no rule for these images needs one
+        self.scale: float | None = _checked_scale(data.get("scale"), folder)
         self.models: list[dict[str, Any]] = list(data.get("models", []))
         self.created: str = data.get("created") or now()
         self._by_id = {case.id: case for case in self.cases}
@@ -335,17 +354,22 @@ class Worklist:
 
     @classmethod
     def create(
-        cls, folder: str | os.PathLike, sources: Sequence[str | os.PathLike], model: str | None = None
+        cls,
+        folder: str | os.PathLike,
+        sources: Sequence[str | os.PathLike],
+        model: str | None = None,
+        scale: float | None = None,
     ) -> Worklist:
         """A new worklist in ``folder`` (new or empty) with the cases found in ``sources``."""
         folder = Path(folder).expanduser()
+        scale = _checked_scale(scale, folder)
         if (folder / WORKLIST_FILE).exists():
             raise WorklistError(f"{folder}: holds a worklist already; open it instead")
         if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
             raise WorklistError(f"{folder}: the folder is not empty; a worklist needs a new or empty folder")
         found = discover_cases(sources)
         folder.mkdir(parents=True, exist_ok=True)
-        worklist = cls(folder.resolve(), {"model": model})
+        worklist = cls(folder.resolve(), {"model": model, "scale": scale})
         worklist._take_lock()
         for item in found:
             case = Case(
@@ -400,6 +424,7 @@ class Worklist:
             "format_version": 1,
             "created": self.created,
             "model": self.model,
+            "scale": self.scale,
             "models": self.models,
             "cases": [asdict(case) for case in self.cases],
         }
@@ -408,6 +433,16 @@ class Worklist:
         """Refuse a change to a worklist opened read-only before any file of it is written."""
         if self.read_only:
             raise WorklistError(f"{self.folder}: opened read-only")
+
+    def set_scale(self, scale: float | None) -> None:
+        """The working scale of the cases segmented or learned from now on (None: the model's
+        own rule); the cases segmented already keep the scale their record names."""
+        scale = _checked_scale(scale, self.folder)
+        if scale != self.scale:
+            self._writable()
+            with self._mutex:
+                self.scale = scale
+                self.save()
 
     def save(self) -> None:
         """Write worklist.json atomically (a reader never sees half a file)."""
@@ -669,6 +704,7 @@ def iter_segment(
             attention=attention,
             tile_size=tile_size,
             device=device,
+            scale=worklist.scale,
             pixel_size=size,
             pixel_size_unit=unit,
         )
@@ -769,6 +805,7 @@ def iter_learn(
         names=names,
         device=device,
         originals=originals,
+        scale=worklist.scale,
         pixel_size=size,
         pixel_size_unit=unit,
         name=name,

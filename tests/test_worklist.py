@@ -688,6 +688,41 @@ def test_the_command_line_learns_from_the_reviewed_cases(tmp_path, capsys):
         assert worklist.case("c2").model == "study-v2"
 
 
+def test_a_worklist_scale_is_kept_and_used_to_segment_and_to_learn(tmp_path, capsys):
+    """A model with no rule for a camera's photographs (drive-vessels on HRF) needs a
+    scale: the worklist keeps one, segments every case at it, re-segments the untouched
+    cases when it changes, and learns at it; a bad one is one error line."""
+    from napari_r2au.model_files import load_model
+
+    _tiny_user_model()
+    wl = str(tmp_path / "wl")
+    data = _study(tmp_path / "data", size=64)
+    assert main(["worklist", "create", wl, str(data), "-m", "base", "--scale", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("3 with a reference")  # 0: the model's own rule
+    assert main(["worklist", "create", str(tmp_path / "bad"), str(data), "--scale", "-1"]) == 2
+    _one_error_line(capsys, "scale must be above 0")
+    assert not (tmp_path / "bad" / "worklist.json").exists()
+
+    assert main(["worklist", "segment", wl, "--scale", "0.5"]) == 0
+    assert capsys.readouterr().out.startswith("model      base at scale 0.5: 3 of 3 cases to segment")
+    with Worklist.open(wl, read_only=True) as worklist:
+        assert worklist.scale == 0.5 and {c.scale for c in worklist.cases} == {0.5}
+        assert worklist.read_mask(worklist.cases[0]).shape == (64, 64)  # back at full size
+    assert main(["worklist", "segment", wl]) == 0  # kept: nothing to do again
+    assert "base at scale 0.5: 0 of 3 cases to segment; 3 done already" in capsys.readouterr().out
+    assert main(["worklist", "set", wl, "c0", "accepted"]) == 0
+    assert main(["worklist", "segment", wl, "--scale", "0.25"]) == 0  # the untouched cases again
+    out = capsys.readouterr().out
+    assert "base at scale 0.25: 2 of 3 cases to segment; 1 opened or reviewed" in out
+    assert main(["worklist", "learn", wl, "--steps", "1", "--no-resegment"]) == 0
+    capsys.readouterr()
+    with Worklist.open(wl, read_only=True) as worklist:
+        assert [worklist.case(c).scale for c in ("c0", "c1", "c2")] == [0.5, 0.25, 0.25]
+        assert load_model(worklist.model).input_scale == 0.25  # learned at the worklist's scale
+    assert main(["worklist", "status", wl, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scale"] == 0.25
+
+
 def test_a_locked_worklist_is_one_error_line(tmp_path, capsys):
     _tiny_user_model()
     wl = tmp_path / "wl"

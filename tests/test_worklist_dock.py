@@ -201,6 +201,38 @@ def test_learning_makes_a_new_version_and_re_segments_only_untouched_cases(
     assert worklist.case(first).status == "corrected"
 
 
+def test_the_scale_field_is_the_worklists_and_segments_every_case_at_it(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    """A model with no rule for these images needs a scale: the dock's Scale field starts the
+    worklist with it, pre-segments at it, and shows it again when the worklist is reopened."""
+    from napari_r2au.worklist import Worklist
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Worklist")
+    widget._model.refresh(select="tiny")
+    widget._scale.value = 0.5
+    widget._folder.value = str(tmp_path / "wl")
+    widget._cases.value = str(cases)
+    widget.open_worklist()
+    settle(qtbot, widget)
+    assert widget.worklist.scale == 0.5
+    widget.presegment()
+    wait_idle(qtbot, widget)
+    assert {c.scale for c in widget.worklist.cases} == {0.5}
+    on_screen = widget.current  # opened by the reviewer: never re-segmented
+    widget._scale.value = 0.25  # the untouched cases again, at the new scale
+    widget.presegment()
+    wait_idle(qtbot, widget)
+    scales = {c.id: c.scale for c in widget.worklist.cases}
+    assert scales.pop(on_screen) == 0.5 and set(scales.values()) == {0.25}
+    widget.close_worklist()
+    with Worklist.open(tmp_path / "wl", read_only=True) as worklist:
+        assert worklist.scale == 0.25
+    again = open_dock(viewer, tmp_path / "wl", qtbot=qtbot)
+    assert again._scale.value == 0.25
+
+
 def test_the_series_exports_with_a_summary_and_never_replaces_files_silently(
     make_napari_viewer, qtbot, tmp_path, cases, tiny
 ):

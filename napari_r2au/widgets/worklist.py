@@ -21,6 +21,7 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
+    FloatSpinBox,
     LineEdit,
     ProgressBar,
     PushButton,
@@ -90,6 +91,17 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         )
         self._open = PushButton(text="Open worklist")
         self._model = ModelPicker(label="Model", sample_source=self._case_image_layer)
+        self._scale = FloatSpinBox(
+            label="Scale (0: auto)",
+            min=0.0,
+            max=8.0,
+            step=0.05,
+            value=0.0,
+            tooltip="Resize factor before the network for every case, kept in the worklist (Learn "
+            "trains at it too). 0 (auto): the model's own rule, e.g. a fundus model's field of view; "
+            "set one for a model that knows no rule for these images (drive-vessels on HRF: about 0.4)",
+        )
+        self._scale.native.setSpecialValueText("auto")
         self._order = ComboBox(label="Order", choices=list(ORDER_CHOICES), value="File order")
         self._presegment = PushButton(
             text="Pre-segment",
@@ -148,6 +160,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                 self._cases,
                 self._open,
                 self._model,
+                self._scale,
                 self._order,
                 self._presegment,
                 self._cancel,
@@ -237,13 +250,14 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                         f"{folder} holds no worklist yet: choose the cases to start one with."
                     )
                 model = self._model_name()
-                worklist = Worklist.create(folder, [cases], model=model)
+                worklist = Worklist.create(folder, [cases], model=model, scale=self._scale.value or None)
         except (WorklistError, OSError) as exc:
             return self._refuse(describe_error(exc))
         self._close_worklist()
         self.worklist = worklist
         if worklist.model:
             self._model.refresh(select=worklist.model)
+        self._scale.value = worklist.scale or 0.0
         counts = {k: v for k, v in worklist.counts().items() if v}
         self._status.value = f"{len(worklist.cases)} cases: " + ", ".join(
             f"{v} {k}" for k, v in counts.items()
@@ -769,6 +783,8 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         if not todo:
             self._status.value = "Every case has been segmented or touched; nothing to pre-segment."
             return
+        if not self._take_scale():
+            return
         path = self._model.path
 
         worklist, first = self.worklist, self.current
@@ -780,6 +796,18 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
 
         self._run_job("segment", job(), f"Pre-segmenting {len(todo)} cases…")
 
+    def _take_scale(self) -> bool:
+        """Keep the Scale field in the worklist before a job segments or learns with it."""
+        from napari_r2au.worklist import WorklistError
+
+        assert self.worklist is not None
+        try:
+            self.worklist.set_scale(self._scale.value or None)
+        except (WorklistError, OSError) as exc:
+            self._refuse(describe_error(exc))
+            return False
+        return True
+
     def learn(self, *_: Any) -> None:
         from napari_r2au.training.settings import FinetuneSettings
         from napari_r2au.worklist import LEARNABLE, iter_learn
@@ -790,6 +818,8 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         chosen = [c for c in self.worklist.cases if c.status in LEARNABLE]
         if not chosen:
             self._refuse("accept or correct some cases first; the model learns from those.")
+            return
+        if not self._take_scale():
             return
         job = iter_learn(self.worklist, settings=FinetuneSettings(steps=int(self._steps.value)))
         self._run_job("learn", job, f"Learning from {len(chosen)} reviewed cases…")
