@@ -100,6 +100,41 @@ def list_events(gen):
     return list(gen)
 
 
+def test_channels_last_trains_the_same_network_and_saves_plain_weights(tmp_path, rng, monkeypatch):
+    """The trainer keeps the network and its batches channels-last (oneDNN's fast layout,
+    benchmarks.train_step): the same losses as the plain layout to float precision, the
+    convolutions really in that layout while training, and model files that load as before."""
+    import torch
+
+    samples = memory_samples(_pairs(rng, 3))
+    seen = []
+    real = torch.nn.Conv2d.forward
+
+    def watching(self, x):
+        if self.training:  # the steps (validation runs through the engine, channels-last itself)
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1)
+        return real(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", watching)
+    losses = {}
+    for layout in (True, False):
+        # a small learning rate: Adam's first steps move every weight by about lr whatever the
+        # size of its gradient, so rounding differences would otherwise grow step by step
+        config = _config(tmp_path / str(layout), steps=4, val_every=4, lr=1e-5, channels_last=layout)
+        losses[layout] = [e.loss for e in iter_train(config, samples=samples[:2], val_samples=samples[2:])]
+        if layout:
+            assert any(seen), "no convolution saw a channels-last batch"
+            seen.clear()
+    assert not any(seen)
+    # the first step's forward pass is the same to float rounding; batch-norm on 4 patches and
+    # Adam then let rounding differences grow a little from step to step
+    np.testing.assert_allclose(losses[True][0], losses[False][0], rtol=1e-5)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=2e-3)
+    for layout in (True, False):
+        saved = load_model(tmp_path / str(layout) / "run" / "last.json")
+        assert all(tensor.is_contiguous() for tensor in saved.network.state_dict().values())
+
+
 def test_cancel_keeps_last_checkpoint(tmp_path, rng):
     samples = memory_samples(_pairs(rng, 3))
     gen = iter_train(_config(tmp_path, steps=50), samples=samples[:2], val_samples=samples[2:])
