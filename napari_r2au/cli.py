@@ -921,6 +921,10 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
     print(f"new model  {result.model} (from {result.parent}; the worklist's model now)")
     print(f"learned    from {_cases(len(result.cases))}: {', '.join(result.cases)}")
     print(f"dice       before {before}  after {after}  (on the held-out part of those cases)")
+    if result.held_out_uninformative:
+        from .worklist import UNINFORMATIVE_HELD_OUT
+
+        print(f"note       {UNINFORMATIVE_HELD_OUT}")
     if not args.resegment:
         print("re-segmented none (--no-resegment)")
     else:

@@ -744,6 +744,13 @@ def iter_segment(
 # -- learning from the corrections ---------------------------------------------------------
 
 
+#: said beside the held-out Dice when it cannot tell anything (LearnResult.held_out_uninformative)
+UNINFORMATIVE_HELD_OUT = (
+    "not a test of the new version: the held-out part holds no correction, only the old "
+    "model's own masks of cases accepted as segmented; correct some cases to measure it"
+)
+
+
 @dataclass
 class LearnResult:
     model: str | None  # the new version (None: training gave no model)
@@ -759,6 +766,13 @@ class LearnResult:
     def dice_fell(self) -> bool:
         """The new version scores lower than its parent on the held-out part."""
         return bool(self.finetune is not None and self.finetune.dice_fell)
+
+    @property
+    def held_out_uninformative(self) -> bool:
+        """The held-out part holds no corrected pixel (the cases were accepted as segmented):
+        it is the parent's own mask, which the parent matches by definition, so the Dice
+        figures there say nothing about the new version."""
+        return getattr(self.finetune, "held_out_corrections", None) == 0
 
 
 def iter_learn(

@@ -723,6 +723,28 @@ def test_a_worklist_scale_is_kept_and_used_to_segment_and_to_learn(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["scale"] == 0.25
 
 
+def test_learning_from_cases_accepted_as_segmented_says_its_dice_tests_nothing(tmp_path, capsys):
+    """Cases accepted without an edit hold the old model's own masks: the held-out Dice
+    there is the parent's by definition, and the command line says so."""
+    _tiny_user_model()
+    wl = str(tmp_path / "wl")
+    # wide enough for a held-out band beside the training part
+    assert main(["worklist", "create", wl, str(_study(tmp_path / "data", size=160)), "-m", "base"]) == 0
+    with Worklist.open(wl) as worklist:  # a model's masks with foreground, accepted as they are
+        for index in (0, 1, 2):
+            _store(worklist, worklist.case(f"c{index}"), _bars(index, 160)[1], model="base")
+    assert main(["worklist", "set", wl, "c0", "accepted"]) == 0
+    capsys.readouterr()
+    assert main(["worklist", "learn", wl, "--steps", "1", "--no-resegment"]) == 0
+    out = capsys.readouterr().out
+    assert "note       not a test of the new version" in out
+    with Worklist.open(wl) as worklist:  # once a case is corrected, the held-out part is a test
+        worklist.save_mask(worklist.case("c1"), 1 - _bars(1, 160)[1])
+        worklist.set_status(worklist.case("c1"), "accepted")
+    assert main(["worklist", "learn", wl, "--steps", "1", "--no-resegment"]) == 0
+    assert "not a test" not in capsys.readouterr().out
+
+
 def test_a_locked_worklist_is_one_error_line(tmp_path, capsys):
     _tiny_user_model()
     wl = tmp_path / "wl"

@@ -889,14 +889,17 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                 self._model.refresh(select=result.model)
 
     def _on_result(self, result: Any) -> None:
+        from napari_r2au.worklist import UNINFORMATIVE_HELD_OUT
+
         if self._job == "segment":
             self._status.value = f"Pre-segmented {len(result)} cases."
         elif self._job == "learn":
             if result.model is not None:
                 self._learn_line.value = (
                     f"New model {result.model} from {len(result.cases)} cases: held-out Dice "
-                    f"{_score(result.dice_before)} → {_score(result.dice_after)}; "
-                    f"{len(result.resegmented)} untouched cases re-segmented with it."
+                    f"{_score(result.dice_before)} → {_score(result.dice_after)}"
+                    + (f" ({UNINFORMATIVE_HELD_OUT})" if result.held_out_uninformative else "")
+                    + f"; {len(result.resegmented)} untouched cases re-segmented with it."
                 )
                 notify_info(f"Worklist: {self._learn_line.value}")
             self._status.value = "Learning done."
