@@ -82,11 +82,18 @@ def reads_fundus_photographs(model: Any) -> bool:
     return model.in_channels == 3 and (bool(meta.get("fov_diameter")) or kind == _VESSELS)
 
 
-def _sample(model: Any, sample: str | os.PathLike | np.ndarray | None) -> np.ndarray:
+def _sample(
+    model: Any,
+    sample: str | os.PathLike | np.ndarray | None,
+    pixel_size: float | None = None,
+    pixel_size_unit: str | None = None,
+) -> np.ndarray:
     """A real (H, W, C) image at the model's working scale, cropped to SAMPLE_SIZE: the
-    user's (a file or an array), else the plugin's sample for a fundus model; any other
-    model needs one (a colour photograph of a retina says nothing about a CT model)."""
-    from .engine import _resize, working_scale
+    user's (a file or an array; a stack gives its middle slice), else the plugin's sample
+    for a fundus model; any other model needs one (a colour photograph of a retina says
+    nothing about a CT model). ``pixel_size``: the image's, when known (a layer's), so that
+    the scale is the one the engine would take."""
+    from .engine import _resize, image_plane, working_scale
     from .io import read_image
     from .preprocess import match_channels
 
@@ -104,27 +111,32 @@ def _sample(model: Any, sample: str | os.PathLike | np.ndarray | None) -> np.nda
             "image of what it segments for the package's test tensors and cover (r2au export "
             "--sample IMAGE; in napari, the image layer chosen in the dock)"
         )
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3:
-        raise ValueError(f"the sample must be one 2D image (grey or colour), got shape {image.shape}")
-    if model.in_channels == 1 and image.shape[-1] > 1:
-        image = image[..., :3].mean(-1, keepdims=True)
-    image = match_channels(image, model.in_channels)
+    if np.asarray(image).ndim not in (2, 3, 4):
+        raise ValueError(f"the sample must be an image or a stack of images, got shape {np.shape(image)}")
+    plane = np.asarray(image_plane(image, model.in_channels), dtype=np.float32)  # a stack: its middle slice
+    if plane.ndim == 2:
+        plane = plane[..., None]
+    if model.in_channels == 1 and plane.shape[-1] > 1:
+        plane = plane[..., :3].mean(-1, keepdims=True)
+    plane = match_channels(plane, model.in_channels)
     # what the network sees in napari: the image at the model's working scale (a fundus
-    # photograph's field of view, a dermoscopy model's image width)
-    scale = working_scale(model, image=image, axes="YXC")
+    # photograph's field of view, a dermoscopy model's image width, the pixel size)
+    scale = working_scale(
+        model, pixel_size=pixel_size, pixel_size_unit=pixel_size_unit, image=plane, axes="YXC"
+    )
+    # the centre, cut before resizing (a large image is never resized whole)
+    reach = int(np.ceil(SAMPLE_SIZE / scale))
+    height, width = plane.shape[:2]
+    top, left = max(0, (height - reach) // 2), max(0, (width - reach) // 2)
+    plane = plane[top : top + reach, left : left + reach]
     if abs(scale - 1.0) > 1e-6:
         shape = (
-            max(16, round(image.shape[0] * scale)),
-            max(16, round(image.shape[1] * scale)),
-            image.shape[2],
+            max(16, round(plane.shape[0] * scale)),
+            max(16, round(plane.shape[1] * scale)),
+            plane.shape[2],
         )
-        image = _resize(image, shape, anti_aliasing=scale < 1)
-    height, width = image.shape[:2]
-    top, left = max(0, (height - SAMPLE_SIZE) // 2), max(0, (width - SAMPLE_SIZE) // 2)
-    crop = image[top : top + SAMPLE_SIZE, left : left + SAMPLE_SIZE]
+        plane = _resize(plane, shape, anti_aliasing=scale < 1)
+    crop = plane[:SAMPLE_SIZE, :SAMPLE_SIZE]
     pad = ((0, (-crop.shape[0]) % 16), (0, (-crop.shape[1]) % 16), (0, 0))
     return np.pad(crop, pad, mode="reflect").astype(np.float32)
 
@@ -232,6 +244,7 @@ def export_bioimageio(
     *,
     sample: str | os.PathLike | np.ndarray | None = None,
     overwrite: bool = False,
+    sample_pixel_size: tuple[float | None, str | None] = (None, None),
 ) -> Path:
     """Write ``model`` as a bioimage.io package: a .zip if ``path`` ends with .zip, else a
     folder. An existing target is refused unless ``overwrite``; the zip is written whole or
@@ -264,7 +277,9 @@ def export_bioimageio(
         "safetensors": f"{name}.safetensors",
     }
     _, note = _preprocessing(loaded.normalization)
-    image = _sample(loaded, sample)  # before anything is written: a model without one is refused here
+    image = _sample(
+        loaded, sample, *sample_pixel_size
+    )  # before anything is written: a model without one is refused here
     with tempfile.TemporaryDirectory(prefix=".r2au-bioimageio-", dir=target.parent) as tmp:
         work = Path(tmp) / "package"
         work.mkdir()

@@ -738,7 +738,7 @@ def cmd_worklist_segment(args: argparse.Namespace) -> int:
                 c.status == "segmented"
                 and c.model == model.name
                 and c.model_sha256 == model.sha256
-                and (worklist.scale is None or c.scale is not None and abs(c.scale - worklist.scale) < 1e-9)
+                and c.scale_asked == worklist.scale  # None included: back to the model's own rule
             )
         ]
         kept = len(worklist.cases) - len(untouched)

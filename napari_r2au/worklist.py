@@ -84,7 +84,10 @@ class Case:
     status: str = "new"
     model: str | None = None  # the model version that made the current mask
     model_sha256: str | None = None
-    scale: float | None = None
+    scale: float | None = None  # the scale the network saw (the mask record's)
+    #: the worklist's scale when the model's mask was made (None: the model's own rule); a
+    #: segment run re-does an untouched case whose mask was made at another worklist scale
+    scale_asked: float | None = None
     uncertainty: float | None = None
     dice: float | None = None
     edited: bool = False  # the mask differs from the model's
@@ -598,6 +601,7 @@ class Worklist:
             case.status, case.edited = "segmented", False
             case.model, case.model_sha256 = record.get("model"), record.get("model_sha256")
             case.scale, case.uncertainty, case.segmented = record.get("scale"), score, now()
+            case.scale_asked = self.scale
             case.dice = self._dice(case, mask)
             case.history.append({"date": case.segmented, "status": "segmented", "model": case.model})
             self._write_sidecar(case, record, mask)

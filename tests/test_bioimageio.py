@@ -15,7 +15,7 @@ DATA_SAMPLES = {
 }
 
 
-def _sample(shared, name):
+def _sample_path(shared, name):
     path = shared / DATA_SAMPLES[name]
     if path.is_dir():
         path = sorted(path.iterdir())[0]
@@ -50,7 +50,7 @@ def test_bundled_models_export_as_packages_the_spec_accepts(tmp_path, shared, na
                 "-o",
                 str(package),
                 "--sample",
-                str(_sample(shared, name)),
+                str(_sample_path(shared, name)),
             ]
         )
         == 0
@@ -72,7 +72,7 @@ def test_the_test_image_is_one_of_what_the_model_segments_at_its_working_scale(t
     assert list(tmp_path.iterdir()) == []
 
     # a PH2 photograph (767x576) at skin-lesions' working width of 256 px: 256x192, whole
-    sample = _sample(shared, "skin-lesions")
+    sample = _sample_path(shared, "skin-lesions")
     assert (
         main(
             ["export", "skin-lesions", "--format", "bioimageio", "-o", str(lesions), "--sample", str(sample)]
@@ -93,9 +93,35 @@ def test_the_test_image_is_one_of_what_the_model_segments_at_its_working_scale(t
     photo = retina_sample()[0][0]
     tensor = np.load(tmp_path / "retina" / "test_input.npy")
     assert tensor.shape == (1, 3, 256, 256)
-    # resized, not cut from the full-size photograph: its values are smoother than a raw crop
-    raw = photo[578:834, 578:834].astype(np.float32).transpose(2, 0, 1)[None]
-    assert not np.allclose(tensor, raw)
+    # resized, not the full-size photograph's own centre
+    top, left = ((n - 256) // 2 for n in photo.shape[:2])
+    raw = photo[top : top + 256, left : left + 256].astype(np.float32).transpose(2, 0, 1)[None]
+    assert np.abs(tensor - raw).mean() > 5
+
+
+def test_the_test_image_of_a_stack_is_its_middle_slice_and_its_pixel_size_counts(shared):
+    """A CT volume given as the sample gives its middle slice (not a slice across it), and an
+    image whose pixels are twice the model's size is resized as the engine would resize it."""
+    from napari_r2au.bioimageio import SAMPLE_SIZE, _sample
+    from napari_r2au.io import read_image
+    from napari_r2au.model_files import load_model
+
+    ct = load_model("ct-lungs")
+    slices = sorted((shared / "LUNG_CT" / "2d_images").iterdir())[:3]
+    volume = np.stack([read_image(path) for path in slices])  # (3, 512, 512) in HU
+    plane = _sample(ct, volume)
+    assert plane.shape == (SAMPLE_SIZE, SAMPLE_SIZE, 1)
+    np.testing.assert_array_equal(plane, _sample(ct, volume[1]))
+
+    em = load_model("em-membranes")  # 4 nm pixels
+    section = read_image(_sample_path(shared, "em-membranes"))
+    same, coarse = _sample(em, section, 4.0, "nm"), _sample(em, section, 8.0, "nm")
+    assert same.shape == coarse.shape == (SAMPLE_SIZE, SAMPLE_SIZE, 1)
+    centre = (section.shape[0] - SAMPLE_SIZE) // 2
+    np.testing.assert_allclose(
+        same[..., 0], section[centre : centre + SAMPLE_SIZE, centre : centre + SAMPLE_SIZE]
+    )
+    assert np.abs(coarse - same).mean() > 1  # 8 nm pixels: a 128 px centre enlarged twofold
 
 
 def test_round_trip_gives_the_same_masks_and_foreign_packages_are_refused(
@@ -108,7 +134,7 @@ def test_round_trip_gives_the_same_masks_and_foreign_packages_are_refused(
     from napari_r2au.model_files import load_model
 
     monkeypatch.setenv("R2AU_HOME", str(tmp_path / "home"))
-    sample = _sample(shared, "em-membranes")
+    sample = _sample_path(shared, "em-membranes")
     package = tmp_path / "em.zip"
     assert (
         main(
@@ -147,7 +173,7 @@ def test_round_trip_gives_the_same_masks_and_foreign_packages_are_refused(
 def test_a_package_folder_is_replaced_whole_and_a_user_folder_never(tmp_path, shared, capsys):
     """--overwrite on a folder package swaps in the new package; a folder that is not a
     package (no rdf.yaml) is refused even with --overwrite and keeps its files."""
-    sample = str(_sample(shared, "em-membranes"))
+    sample = str(_sample_path(shared, "em-membranes"))
     folder = tmp_path / "em-package"
     export = ["export", "em-membranes", "--format", "bioimageio", "--sample", sample]
     assert main([*export, "-o", str(folder)]) == 0
@@ -206,7 +232,7 @@ def test_packages_pass_bioimageio_cores_own_test(tmp_path, shared, name):
         )
     pytest.importorskip("onnx", reason="the bioimage.io package carries an ONNX copy (export extra)")
     package = tmp_path / f"{name}.zip"
-    sample = [] if name == "retina-vessels" else ["--sample", str(_sample(shared, name))]
+    sample = [] if name == "retina-vessels" else ["--sample", str(_sample_path(shared, name))]
     assert main(["export", name, "--format", "bioimageio", "-o", str(package), *sample]) == 0
     done = subprocess.run(
         [cli, "test", str(package), "--weight-format", "onnx"],

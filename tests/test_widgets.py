@@ -237,13 +237,24 @@ def test_threshold_slider_rethresholds_without_running_the_network(
 
 
 def test_the_first_mask_is_cut_in_the_worker_and_follows_a_slider_moved_during_the_run(
-    make_napari_viewer, qtbot, tiny_model, notifications
+    make_napari_viewer, qtbot, tiny_model, notifications, monkeypatch
 ):
     """The run's mask and its checksums are made in the worker (hashing a large mask
     stalled the GUI); a threshold changed while the network runs still decides the mask,
     and the notices about the input (a grey image for a colour model) are said by name."""
+    import threading
+
+    from napari_r2au import mask_record
     from napari_r2au.mask_record import checksums
 
+    on_gui_thread = []
+    real = mask_record.checksums
+
+    def counted(mask):  # the GUI thread's hashing of a new mask (the worker uses its own import)
+        on_gui_thread.append(threading.current_thread() is threading.main_thread())
+        return real(mask)
+
+    monkeypatch.setattr(mask_record, "checksums", counted)
     viewer = make_napari_viewer()
     grey = bars()[0].mean(-1)
     viewer.add_image(grey.astype(np.float32), name="grey")
@@ -259,9 +270,12 @@ def test_the_first_mask_is_cut_in_the_worker_and_follows_a_slider_moved_during_t
     assert record["threshold"] == pytest.approx(0.3)
     assert {k: record[k] for k in ("mask_sha256", "slice_sha256")} == checksums(mask.data)
     assert "Segment on 'grey'" in messages(notifications) and "given to it as RGB" in messages(notifications)
+    assert any(on_gui_thread), "the slider moved: the mask was cut again on the GUI thread"
 
+    on_gui_thread.clear()
     widget.run()  # settings unchanged during the run: the worker's mask and checksums are used
     wait_idle(qtbot, widget)
+    assert not any(on_gui_thread), "a mask was hashed on the GUI thread"
     record = viewer.layers["grey mask"].metadata["r2au"]
     np.testing.assert_array_equal(
         viewer.layers["grey mask"].data, (viewer.layers["grey probability"].data > 0.3).astype(np.uint8)

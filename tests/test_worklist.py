@@ -714,6 +714,11 @@ def test_a_worklist_scale_is_kept_and_used_to_segment_and_to_learn(tmp_path, cap
     assert main(["worklist", "segment", wl, "--scale", "0.25"]) == 0  # the untouched cases again
     out = capsys.readouterr().out
     assert "base at scale 0.25: 2 of 3 cases to segment; 1 opened or reviewed" in out
+    assert main(["worklist", "segment", wl, "--scale", "0"]) == 0  # back to the model's own rule
+    assert "model      base: 2 of 3 cases to segment" in capsys.readouterr().out
+    with Worklist.open(wl, read_only=True) as worklist:
+        assert worklist.scale is None and worklist.case("c1").scale == 1.0
+    assert main(["worklist", "segment", wl, "--scale", "0.25"]) == 0
     assert main(["worklist", "learn", wl, "--steps", "1", "--no-resegment"]) == 0
     capsys.readouterr()
     with Worklist.open(wl, read_only=True) as worklist:

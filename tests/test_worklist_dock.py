@@ -231,6 +231,20 @@ def test_the_scale_field_is_the_worklists_and_segments_every_case_at_it(
         assert worklist.scale == 0.25
     again = open_dock(viewer, tmp_path / "wl", qtbot=qtbot)
     assert again._scale.value == 0.25
+    again.close_worklist()
+
+    # a worklist made on the command line keeps its own scale: more decimals than the field
+    # shows, or above the field's old maximum, is neither rounded nor refused
+    for scale in (1 / 3, 10.0):
+        folder = tmp_path / f"wl-{scale:.2f}"
+        Worklist.create(folder, [cases], model="tiny", scale=scale).close()
+        other = open_dock(viewer, folder, qtbot=qtbot)
+        assert other.worklist is not None and other._scale.value == round(scale, 4)
+        other.presegment()
+        assert not other._scale.enabled  # the scale a running job uses stays the one shown
+        wait_idle(qtbot, other)
+        assert other.worklist.scale == scale and {c.scale_asked for c in other.worklist.cases} == {scale}
+        other.close_worklist()
 
 
 def test_the_series_exports_with_a_summary_and_never_replaces_files_silently(

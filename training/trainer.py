@@ -1080,7 +1080,16 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 #: settings a resumed run may change without becoming another run
-RESUMABLE_CHANGES = {"steps", "max_minutes", "patience", "threads", "device", "tensorboard", "output_dir"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "max_minutes",
+    "patience",
+    "threads",
+    "device",
+    "tensorboard",
+    "output_dir",
+    "channels_last",
+}
 
 
 def _warn_changed_settings(config: TrainConfig, saved: Path) -> None:

@@ -365,6 +365,10 @@ class ModelPicker(Container):
             notify_error(f"Export model: {Path(target).name} exists already; choose another name.")
             return
         sample_layer = self._sample_source() if self._sample_source is not None else None
+        try:  # read on the GUI thread: the layer's pixel size decides the scale the engine takes
+            sample_pixel = layer_pixel_size(sample_layer)
+        except ValueError:
+            sample_pixel = (None, None)
         from napari.qt.threading import thread_worker
 
         @thread_worker(ignore_errors=True, start_thread=False)  # errors are said by the handler below
@@ -373,7 +377,7 @@ class ModelPicker(Container):
                 from napari_r2au.bioimageio import export_bioimageio
 
                 sample = None if sample_layer is None else layer_plane(sample_layer)
-                return [export_bioimageio(path, target, sample=sample)]
+                return [export_bioimageio(path, target, sample=sample, sample_pixel_size=sample_pixel)]
             from napari_r2au.export import export_network
 
             return export_network(path, target, fmt)

@@ -67,6 +67,8 @@ SAVE_AT_LATEST_MS = 5000
 CASE_KEY = "r2au_worklist_case"
 #: and which of the case's layers it is (image, mask, probability, ...): reused for the next case
 ROLE_KEY = "r2au_worklist_role"
+#: the Scale field's decimals (a worklist made on the command line may hold more)
+SCALE_DECIMALS = 4
 ORDER_CHOICES = {"File order": "file", "Most uncertain first": "uncertain"}
 
 
@@ -91,16 +93,19 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         )
         self._open = PushButton(text="Open worklist")
         self._model = ModelPicker(label="Model", sample_source=self._case_image_layer)
+        from napari_r2au.engine import MAX_SCALE
+
         self._scale = FloatSpinBox(
             label="Scale (0: auto)",
             min=0.0,
-            max=8.0,
+            max=MAX_SCALE,
             step=0.05,
             value=0.0,
             tooltip="Resize factor before the network for every case, kept in the worklist (Learn "
             "trains at it too). 0 (auto): the model's own rule, e.g. a fundus model's field of view; "
             "set one for a model that knows no rule for these images (drive-vessels on HRF: about 0.4)",
         )
+        self._scale.native.setDecimals(SCALE_DECIMALS)
         self._scale.native.setSpecialValueText("auto")
         self._order = ComboBox(label="Order", choices=list(ORDER_CHOICES), value="File order")
         self._presegment = PushButton(
@@ -257,7 +262,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         self.worklist = worklist
         if worklist.model:
             self._model.refresh(select=worklist.model)
-        self._scale.value = worklist.scale or 0.0
+        self._scale.value = round(worklist.scale or 0.0, SCALE_DECIMALS)
         counts = {k: v for k, v in worklist.counts().items() if v}
         self._status.value = f"{len(worklist.cases)} cases: " + ", ".join(
             f"{v} {k}" for k, v in counts.items()
@@ -801,8 +806,11 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         from napari_r2au.worklist import WorklistError
 
         assert self.worklist is not None
+        shown, kept = self._scale.value or None, self.worklist.scale
+        if shown == (None if kept is None else round(kept, SCALE_DECIMALS)):
+            return True  # not edited: the worklist keeps its own value (0.3333 shows as 0.3333)
         try:
-            self.worklist.set_scale(self._scale.value or None)
+            self.worklist.set_scale(shown)
         except (WorklistError, OSError) as exc:
             self._refuse(describe_error(exc))
             return False
@@ -853,6 +861,7 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         for button in (self._open, self._presegment, self._learn, self._export):
             button.enabled = not running and (button is self._open or self.worklist is not None)
         self._model.enabled = not running
+        self._scale.enabled = not running  # the scale a running job uses stays the one shown
         self._cancel.enabled = running
         if running:
             self._progress.max, self._progress.value = 1000, 0
