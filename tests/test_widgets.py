@@ -1267,3 +1267,6 @@ def test_a_model_trained_on_from_its_own_weights_is_not_called_a_fine_tune_of_it
     assert "Runs each photograph at a 671 px field of view" in card
     fine_tune = {"name": "retina-vessels-ft1", "provenance": {"parent": {"name": "retina-vessels"}}}
     assert "Fine-tuned from: retina-vessels" in model_card(fine_tune)
+    # a fundus model's own scale (a fine-tune records the one it learned at) is its fall-back
+    fine_tune.update(fov_diameter=671, input_scale=1.2449)
+    assert "images resized ×1.24 where no field of view is found" in model_card(fine_tune)

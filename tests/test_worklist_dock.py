@@ -247,6 +247,29 @@ def test_the_scale_field_is_the_worklists_and_segments_every_case_at_it(
         other.close_worklist()
 
 
+def test_a_new_version_that_scores_lower_is_said_unless_its_test_tells_nothing(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny, notifications
+):
+    """The worklist uses every new version (its rule); when the held-out Dice fell, the dock
+    says so and how to go back, as the command line does; not when the held-out part holds
+    no correction (then the figures say nothing)."""
+    from types import SimpleNamespace
+
+    from napari_r2au.worklist import LearnResult
+
+    viewer = make_napari_viewer()
+    widget = open_dock(viewer, tmp_path / "wl", cases, qtbot)
+    widget._job = "learn"
+    for corrections, said in ((120, True), (0, False)):
+        notifications.clear()
+        fell = SimpleNamespace(dice_fell=True, held_out_corrections=corrections)
+        widget._on_result(LearnResult("tiny-ft1", "tiny", ["case0"], 0.83, 0.81, ["case2"], finetune=fell))
+        text = "\n".join(str(n.message) for n in notifications)
+        assert ("scores lower than tiny" in text and "choose tiny as the model" in text) is said, text
+        assert ("not a test of the new version" in widget._learn_line.value) is not said
+    widget._job = ""
+
+
 def test_the_series_exports_with_a_summary_and_never_replaces_files_silently(
     make_napari_viewer, qtbot, tmp_path, cases, tiny
 ):

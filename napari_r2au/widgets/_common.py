@@ -234,9 +234,11 @@ def model_card(meta: dict[str, Any]) -> str:
     if meta.get("fov_diameter"):
         lines.append(f"Runs each photograph at a {meta['fov_diameter']} px field of view")
     scale = float(meta.get("input_scale", 1.0))
+    # a fundus model's own scale is only its fall-back, for images without a field of view
+    fallback = " where no field of view is found" if meta.get("fov_diameter") else ""
     lines.append(
         f"Channels: {meta.get('in_channels', '?')} in, {meta.get('out_channels', '?')} out"
-        + (f"; images resized ×{scale:g}" if abs(scale - 1) > 1e-6 else "")
+        + (f"; images resized ×{scale:.3g}{fallback}" if abs(scale - 1) > 1e-6 else "")
     )
     return "\n".join(lines)
 

@@ -911,6 +911,13 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                     + f"; {len(result.resegmented)} untouched cases re-segmented with it."
                 )
                 notify_info(f"Worklist: {self._learn_line.value}")
+                if result.dice_fell and not result.held_out_uninformative:
+                    notify_warning(
+                        f"Worklist: {result.model} scores lower than {result.parent} on the held-out "
+                        f"part of the reviewed cases ({_score(result.dice_after)} vs "
+                        f"{_score(result.dice_before)}) and made the untouched cases' masks: review "
+                        f"them as usual, or choose {result.parent} as the model and Pre-segment again."
+                    )
             self._status.value = "Learning done."
         elif self._job == "export":
             self._export_line.value = f"Wrote {len(result)} files to {self._export_to.value}"
