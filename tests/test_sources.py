@@ -221,3 +221,27 @@ def test_lesion_runs_can_be_chosen_by_the_images_mean_jaccard():
     assert "select_by must be one of f1, jaccard_per_image" in "; ".join(
         TrainConfig(name="x", select_by="dice").problems()
     )
+
+    # nine such large lesions from one source and the small one from another: by the images'
+    # mean the nine outvote it (0.5), by the mean of the sources' means each source counts once
+    many = [
+        Sample(
+            large_mask[..., None].astype(np.float32),
+            large_mask,
+            fov,
+            f"a{i}",
+            large_mask[..., None],
+            source="A",
+        )
+        for i in range(9)
+    ]
+    few = [
+        Sample(
+            small_mask[..., None].astype(np.float32), small_mask, fov, "b", small_mask[..., None], source="B"
+        )
+    ]
+    probs = [large_prob.astype(np.float32)] * 9 + [small_prob.astype(np.float32)]
+    assert jaccard_per_image(many + few, probs, 0.5) > jaccard_per_image(many + few, probs, 0.3)
+    threshold, chosen = _best_of(many + few, probs, (0.3, 0.5), "jaccard_per_image")
+    assert threshold == 0.3 and chosen["jaccard_source_mean"] == pytest.approx((1024 / 1224 + 1) / 2)
+    assert chosen["jaccard_per_image@B"] == 1.0

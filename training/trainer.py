@@ -168,7 +168,8 @@ class TrainConfig:
     ema_decay: float | None = None
     #: what checkpoints and the threshold are chosen by: "f1" (pixels pooled; with several
     #: sources, the mean of the sources' F1) or "jaccard_per_image" (the mean of each image's
-    #: Jaccard, ISIC's lesion metric, where one large lesion must not outweigh many small ones)
+    #: Jaccard, ISIC's lesion metric, where one large lesion must not outweigh many small ones;
+    #: with several sources, the mean of the sources' means, as for F1)
     select_by: str = "f1"
     #: input normalization of a new model, e.g. {kind: clahe} (napari_r2au.preprocess);
     #: a fine-tuned model keeps its parent's
@@ -547,6 +548,21 @@ def source_metrics(samples: list[Sample], probs: list[np.ndarray], threshold: fl
     scores = [out[f"f1@{name}"] for name in groups if math.isfinite(out[f"f1@{name}"])]
     # a source without foreground in its validation images has no F1 (0/0): it does not vote
     out["f1_source_mean"] = float(np.mean(scores)) if scores else float("nan")
+    out.update(source_jaccards(samples, probs, threshold))
+    return out
+
+
+def source_jaccards(samples: list[Sample], probs: list[np.ndarray], threshold: float) -> dict[str, float]:
+    """Per source the mean of its images' Jaccard (``jaccard_per_image@NAME``) and
+    ``jaccard_source_mean``, their mean: 15 PH2 images beside 150 ISIC ones weigh as much
+    as ISIC when a run is chosen by Jaccard. Empty for a single source."""
+    groups = _by_source(samples, probs)
+    if len(groups) < 2:
+        return {}
+    out = {
+        f"jaccard_per_image@{name}": jaccard_per_image(*group, threshold) for name, group in groups.items()
+    }
+    out["jaccard_source_mean"] = float(np.mean(list(out.values())))
     return out
 
 
@@ -556,10 +572,11 @@ SELECT_BY = ("f1", "jaccard_per_image")
 
 def selection_score(metrics: dict[str, float], select_by: str = "f1") -> float:
     """What checkpoints and thresholds are chosen by: with ``select_by="f1"`` the sources'
-    mean F1, else F1; with ``"jaccard_per_image"`` the mean of the images' Jaccard. A score
+    mean F1, else F1; with ``"jaccard_per_image"`` the mean of the images' Jaccard (with
+    several sources, the mean of the sources' means). A score
     that is not a number (nothing found, nothing to find) ranks last, never first."""
     if select_by == "jaccard_per_image":
-        score = metrics.get("jaccard_per_image", float("nan"))
+        score = metrics.get("jaccard_source_mean", metrics.get("jaccard_per_image", float("nan")))
         return score if math.isfinite(score) else float("-inf")
     score = metrics.get("f1_source_mean", metrics["f1"])
     if not math.isfinite(score):
@@ -1135,7 +1152,11 @@ def _best_of(
 ) -> tuple[float, dict[str, float]]:
     def score(level: float) -> float:
         if select_by == "jaccard_per_image":
-            return selection_score({"jaccard_per_image": jaccard_per_image(samples, probs, level)}, select_by)
+            scores = dict(
+                jaccard_per_image=jaccard_per_image(samples, probs, level),
+                **source_jaccards(samples, probs, level),
+            )
+            return selection_score(scores, select_by)
         return selection_score(
             dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
         )
@@ -1171,6 +1192,7 @@ def calibrate_threshold(
     provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in chosen.items()}
     provenance["threshold_chosen_on"] = (
         "validation split, mean of the images' Jaccard"
+        + (" (mean of its sources)" if "jaccard_source_mean" in chosen else "")
         if select_by == "jaccard_per_image"
         else "validation split, F1" + (" (mean of its sources)" if "f1_source_mean" in chosen else "")
     )
