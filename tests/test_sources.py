@@ -75,7 +75,16 @@ def test_checkpoints_are_chosen_by_the_sources_mean_f1(rng):
     scores = {}
     for name, probs in (("lopsided", lopsided), ("fair", fair)):
         metrics = source_metrics(samples, probs, 0.5)
-        assert set(metrics) == {"f1@A", "auc_roc@A", "f1@B", "auc_roc@B", "f1_source_mean"}
+        assert set(metrics) == {
+            "f1@A",
+            "auc_roc@A",
+            "f1@B",
+            "auc_roc@B",
+            "f1_source_mean",
+            "jaccard_per_image@A",
+            "jaccard_per_image@B",
+            "jaccard_source_mean",
+        }
         scores[name] = selection_score(dict(metrics, f1=0.0))
     assert scores["fair"] > scores["lopsided"]
     # one source: the score is plain F1, as before
