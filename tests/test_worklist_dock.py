@@ -219,7 +219,9 @@ def test_the_scale_field_is_the_worklists_and_segments_every_case_at_it(
     assert widget.worklist.scale == 0.5
     widget.presegment()
     wait_idle(qtbot, widget)
+    settle(qtbot, widget)
     assert {c.scale for c in widget.worklist.cases} == {0.5}
+    assert "mask by tiny at scale 0.5" in widget._case_line.value
     on_screen = widget.current  # opened by the reviewer: never re-segmented
     widget._scale.value = 0.25  # the untouched cases again, at the new scale
     widget.presegment()

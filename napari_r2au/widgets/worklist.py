@@ -682,7 +682,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         position = self._row_of(case.id)
         where = "" if position is None else f" ({position + 1} of {self._table.rowCount()})"
         dice = "" if case.dice is None else f", Dice {case.dice:.3f} vs reference"
-        made = f", mask by {case.model}" if case.model else ", not segmented yet"
+        # the scale the network saw: the worklist's, or the one the model's rule gave this image
+        at = "" if case.scale is None or abs(case.scale - 1.0) < 1e-6 else f" at scale {case.scale:.3g}"
+        made = f", mask by {case.model}{at}" if case.model else ", not segmented yet"
         self._case_line.value = f"Case {case.id}{where}: {case.status}{made}{dice}"
 
     # -- saving edits -------------------------------------------------------------------------
