@@ -518,26 +518,50 @@ def _sidecars(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.json") if p.is_file()) if directory.is_dir() else []
 
 
+#: list_models' rows by sidecar, with the file's identity they were read from: the docks'
+#: model pickers list the models again whenever a layer is added or removed, on napari's GUI
+#: thread, and reading and validating every sidecar each time showed up in its stalls
+_LISTED: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
+
+
 def list_models() -> list[dict[str, Any]]:
-    """Bundled and user models: name, source, path, architecture, description, metrics."""
+    """Bundled and user models: name, source, path, architecture, description, metrics.
+
+    A sidecar is read again only when its size, modification time or inode changed.
+    """
     rows = []
     for source, directory in (("bundled", bundled_models_dir()), ("user", user_models_dir())):
         for sidecar in _sidecars(directory):
-            try:
-                meta = _read_metadata(sidecar)
-            except ModelFileError:
-                continue
-            rows.append(
-                {
-                    "name": meta.get("name", sidecar.stem),
-                    "source": source,
-                    "path": str(sidecar),
-                    "architecture": meta["architecture"],
-                    "description": meta.get("description", ""),
-                    "validation": (meta.get("provenance") or {}).get("validation_metrics", {}),
-                }
-            )
+            row = _listed_row(sidecar)
+            if row is not None:
+                rows.append({"name": row["name"], "source": source, **copy.deepcopy(row)})
     return rows
+
+
+def _listed_row(sidecar: Path) -> dict[str, Any] | None:
+    """list_models' row for one sidecar (None: not a readable model file), cached by stat."""
+    try:
+        stat = sidecar.stat()
+    except OSError:
+        return None
+    identity = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _LISTED.get(str(sidecar))
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    try:
+        meta = _read_metadata(sidecar)
+    except ModelFileError:
+        row = None
+    else:
+        row = {
+            "name": meta.get("name", sidecar.stem),
+            "path": str(sidecar),
+            "architecture": meta["architecture"],
+            "description": meta.get("description", ""),
+            "validation": (meta.get("provenance") or {}).get("validation_metrics", {}),
+        }
+    _LISTED[str(sidecar)] = (identity, row)
+    return row
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[Path, str]:

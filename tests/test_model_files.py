@@ -106,6 +106,38 @@ def test_user_models_are_listed_and_found_by_name():
         load_model("no-such-model")
 
 
+def test_model_list_rereads_a_sidecar_only_when_it_changed(monkeypatch):
+    """The pickers list models on every layer change: unchanged sidecars are not re-read,
+    but an edited, replaced, broken or removed one is seen at once."""
+    import napari_r2au.model_files as model_files
+
+    _, sidecar = _save_tiny(user_models_dir(), "listed")
+    reads: list[str] = []
+    read = model_files._read_metadata
+    monkeypatch.setattr(model_files, "_read_metadata", lambda path: reads.append(path.name) or read(path))
+
+    def described() -> dict[str, str]:
+        return {row["name"]: row["description"] for row in list_models() if row["source"] == "user"}
+
+    described()
+    reads.clear()
+    assert "listed" in described()
+    assert reads == []  # nothing changed: nothing read
+    meta = json.loads(sidecar.read_text())
+    meta["description"] = "edited"
+    replacement = sidecar.with_suffix(".tmp")
+    replacement.write_text(json.dumps(meta))
+    os.replace(replacement, sidecar)  # as the project writes: a new file in its place
+    assert described()["listed"] == "edited"
+    assert reads == ["listed.json"]
+    list_models()[0]["validation"]["f1"] = -1.0  # a caller's change stays its own
+    assert all(row["validation"].get("f1") != -1.0 for row in list_models())
+    sidecar.write_text("{broken")
+    assert "listed" not in described()
+    sidecar.unlink()
+    assert "listed" not in described()
+
+
 def test_bundled_default_model_is_trained():
     model = load_model(DEFAULT_MODEL)
     prov = model.metadata["provenance"]

@@ -121,13 +121,6 @@ def follow_layers(viewer: napari.viewer.Viewer, widget: Container) -> None:
         event.connect(widget.reset_choices)
 
 
-def warm_layer_imports() -> None:
-    """Import in a worker thread what napari imports lazily when it makes the first Labels
-    layer: pandas, for the layer's features (half a second, measured with cProfile on
-    Segment's first result), which would otherwise stall the GUI thread as the mask appears."""
-    import pandas  # noqa: F401
-
-
 def replace_layer(
     viewer: napari.viewer.Viewer, kind: str, name: str, data: Any, *, shown_if_new: bool = True, **kwargs: Any
 ) -> Any:

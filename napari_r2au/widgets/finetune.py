@@ -43,6 +43,7 @@ from ._common import (
     notify_warning,
     refresh_model_pickers,
 )
+from .stalls import quiet_loading
 
 if TYPE_CHECKING:
     import napari
@@ -327,8 +328,9 @@ class FinetuneWidget(WorkerRunner, ScrollingDock):
         slices: list[int] | None = None,
         before: Callable[[], Any] | None = None,
     ) -> Generator[TrainEvent, None, FinetuneResult]:
-        # the trainer imports torch: load it in the worker, not on the GUI thread
-        from napari_r2au.training.finetune import iter_finetune
+        # the trainer imports torch: load it in the worker, without stalling napari (widgets.stalls)
+        with quiet_loading():
+            from napari_r2au.training.finetune import iter_finetune
 
         # the mask as Segment made it tells where the user corrected (None: not known exactly)
         original = before() if before is not None else None

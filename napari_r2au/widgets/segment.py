@@ -48,8 +48,8 @@ from ._common import (
     notify_info,
     notify_warning,
     replace_layer,
-    warm_layer_imports,
 )
+from .stalls import quiet_loading
 
 if TYPE_CHECKING:
     import napari
@@ -313,8 +313,8 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
         from napari_r2au.engine import iter_predict
         from napari_r2au.uncertainty import iter_predict_tta
 
-        warm_layer_imports()  # here, not on the GUI thread when the mask layer is made
-        model = self._load(path)
+        with quiet_loading():  # torch and the model, loaded without stalling napari (widgets.stalls)
+            model = self._load(path)
         try:  # said before the run; nothing is refused here (the engine says what is wrong)
             notices = input_notices(model, image, options["axes"])
         except ValueError:
@@ -530,12 +530,18 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
             info["dicom"] = {"sources": sources}
             info["segment_property"] = output.segment_property
         new_mask = f"{base} mask" not in self._viewer.layers
-        self._mask_layer = replace_layer(
-            self._viewer, "labels", f"{base} mask", mask, metadata=with_record({}, info), **place
-        )
+        # napari's first label colour is a dark red, unreadable on a fundus; given to the new
+        # layer as it is made (set afterwards, napari would colour the layer twice)
         colours = mask_colormap(int(mask.max())) if new_mask else None
-        if colours is not None:  # napari's first label colour is a dark red, unreadable on a fundus
-            self._mask_layer.colormap = colours
+        self._mask_layer = replace_layer(
+            self._viewer,
+            "labels",
+            f"{base} mask",
+            mask,
+            metadata=with_record({}, info),
+            **place,
+            **({} if colours is None else {"colormap": colours}),
+        )
         self._place_maps(base, steps, new_mask)
         # the kept prediction, its record and its source change together, once every layer is placed
         self._prediction, self._last_info = prediction, info

@@ -42,8 +42,8 @@ from ._common import (
     notify_info,
     notify_warning,
     refresh_model_pickers,
-    warm_layer_imports,
 )
+from .stalls import quiet_loading, warm_layer_imports
 
 if TYPE_CHECKING:
     import napari
@@ -799,7 +799,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         def job() -> Generator[Any, None, Any]:
             from napari_r2au.model_files import load_model
 
-            return (yield from iter_segment(worklist, load_model(path), todo, first=first))
+            with quiet_loading():  # torch and the model, loaded without stalling napari (widgets.stalls)
+                model = load_model(path)
+            return (yield from iter_segment(worklist, model, todo, first=first))
 
         self._run_job("segment", job(), f"Pre-segmenting {len(todo)} cases…")
 
