@@ -85,3 +85,22 @@ def test_torchs_library_is_opened_before_its_import_and_torch_still_works():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "9.0"
+
+
+def test_layers_added_without_selecting_leave_the_selection_and_its_events_alone(make_napari_viewer):
+    from napari_r2au.widgets._common import adding_without_selecting, replace_layer
+
+    viewer = make_napari_viewer()
+    mask = viewer.add_labels(np.zeros((8, 8), np.uint8), name="mask")
+    assert viewer.layers.selection.active is mask
+    seen: list = []
+    viewer.layers.selection.events.changed.connect(seen.append)
+    viewer.layers.selection.events.active.connect(seen.append)
+    with adding_without_selecting(viewer):
+        viewer.add_image(np.zeros((8, 8)), name="map 1", visible=False)
+    replace_layer(viewer, "image", "map 2", np.zeros((8, 8)), shown_if_new=False, selected_if_new=False)
+    assert [layer.name for layer in viewer.layers] == ["mask", "map 1", "map 2"]
+    assert viewer.layers.selection.active is mask and set(viewer.layers.selection) == {mask}
+    assert seen == []  # the layer controls and buttons were never moved to the maps
+    replace_layer(viewer, "image", "map 3", np.zeros((8, 8)))  # the default: napari's own
+    assert viewer.layers.selection.active is viewer.layers["map 3"]

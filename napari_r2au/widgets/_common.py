@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,11 +122,42 @@ def follow_layers(viewer: napari.viewer.Viewer, widget: Container) -> None:
         event.connect(widget.reset_choices)
 
 
+@contextmanager
+def adding_without_selecting(viewer: napari.viewer.Viewer) -> Iterator[None]:
+    """Layers added in the block do not become the selected layer.
+
+    napari selects every layer it adds, which moves the layer controls, restyles the layer
+    buttons and redraws (a third or more of each hidden map layer's 0.1-0.3 s on the GUI
+    thread, sampled during ``benchmarks.worklist_stall``), and leaves the user on a hidden map
+    instead of the mask they paint on. The selection's events are held during the block and
+    the selection is put back as it was before they are let go, so nothing that follows the
+    selection sees a change.
+    """
+    selection = viewer.layers.selection
+    selected, active = set(selection), selection.active
+    with selection.events.blocker_all():
+        try:
+            yield
+        finally:
+            selection.clear()
+            selection.update(layer for layer in selected if layer in viewer.layers)
+            if active is not None and active in viewer.layers:
+                selection.active = active
+
+
 def replace_layer(
-    viewer: napari.viewer.Viewer, kind: str, name: str, data: Any, *, shown_if_new: bool = True, **kwargs: Any
+    viewer: napari.viewer.Viewer,
+    kind: str,
+    name: str,
+    data: Any,
+    *,
+    shown_if_new: bool = True,
+    selected_if_new: bool = True,
+    **kwargs: Any,
 ) -> Any:
     """Update the layer called ``name`` in place if it has the right type, else add it
-    (hidden unless ``shown_if_new``: an updated layer keeps the visibility the user gave it).
+    (hidden unless ``shown_if_new``; not selected unless ``selected_if_new``: an updated
+    layer keeps the visibility the user gave it).
 
     Re-running a widget refreshes its outputs instead of piling up copies.
     """
@@ -140,7 +172,10 @@ def replace_layer(
                 setattr(layer, key, kwargs[key])  # each change re-checks the viewer's dims: only real ones
         return layer
     add = viewer.add_image if kind == "image" else viewer.add_labels
-    return add(data, name=name, visible=shown_if_new, **kwargs)
+    if selected_if_new:
+        return add(data, name=name, visible=shown_if_new, **kwargs)
+    with adding_without_selecting(viewer):
+        return add(data, name=name, visible=shown_if_new, **kwargs)
 
 
 def _same(current: Any, wanted: Any) -> bool:

@@ -35,6 +35,7 @@ from ._common import (
     ModelPicker,
     ScrollingDock,
     WorkerRunner,
+    adding_without_selecting,
     describe_error,
     mask_colormap,
     message_label,
@@ -640,7 +641,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                 self._viewer.layers.remove(layer)
             add = self._viewer.add_image if kind == "image" else self._viewer.add_labels
             extra = {} if rgb is None else {"rgb": rgb}
-            layer = add(data, name=name, visible=visible, metadata=metadata, **extra, **props)
+            # the mask is selected once placed; the maps and the image do not take the selection
+            with adding_without_selecting(self._viewer):
+                layer = add(data, name=name, visible=visible, metadata=metadata, **extra, **props)
             if kind == "labels" and role == "mask":
                 layer.events.paint.connect(self._edited)
                 layer.events.data.connect(self._edited)
