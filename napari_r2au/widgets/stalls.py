@@ -64,9 +64,11 @@ def quiet_loading() -> Iterator[None]:
         yield
     finally:
         if first:
-            freeze()
-            if was_enabled:
-                gc.enable()
+            try:
+                freeze()
+            finally:  # whatever happened, the collector runs again as it did before
+                if was_enabled:
+                    gc.enable()
 
 
 def preload_torch_library() -> None:
@@ -115,7 +117,10 @@ def freeze() -> None:
 
     global _frozen
     with _lock:
-        viewers = list(napari.Viewer._instances)
+        instances = getattr(napari.Viewer, "_instances", None)  # napari's record of open viewers
+        if instances is None:  # another napari: without every viewer's layers, nothing is frozen
+            return
+        viewers = list(instances)
         if not all(len(viewer.layers) for viewer in viewers):
             # a viewer is closed by removing its layers, which thaws the heap: one without
             # layers would stay frozen, with its window, after it closed
