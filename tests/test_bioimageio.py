@@ -71,7 +71,7 @@ def test_the_test_image_is_one_of_what_the_model_segments_at_its_working_scale(t
     assert len(err.splitlines()) == 1 and "--sample" in err and "fundus" in err
     assert list(tmp_path.iterdir()) == []
 
-    # a PH2 photograph (767x576) at skin-lesions' working width of 256 px: 256x192, whole
+    # a PH2 photograph (767x576) at skin-lesions' working width of 128 px: 128x96, whole
     sample = _sample_path(shared, "skin-lesions")
     assert (
         main(
@@ -81,7 +81,7 @@ def test_the_test_image_is_one_of_what_the_model_segments_at_its_working_scale(t
     )
     with zipfile.ZipFile(lesions) as archive:
         archive.extract("test_input.npy", tmp_path / "lesions")
-    assert np.load(tmp_path / "lesions" / "test_input.npy").shape == (1, 3, 192, 256)
+    assert np.load(tmp_path / "lesions" / "test_input.npy").shape == (1, 3, 96, 128)
 
     # the plugin's 1411 px sample at retina-vessels' 671 px field of view, centre-cropped
     retina = tmp_path / "retina.zip"

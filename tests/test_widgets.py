@@ -1261,7 +1261,7 @@ def test_a_model_trained_on_from_its_own_weights_is_not_called_a_fine_tune_of_it
 
     paths = {row["name"]: row["path"] for row in list_models() if row["source"] == "bundled"}
     card = model_card(read_model_metadata(paths["retina-vessels"]))
-    assert "Fine-tuned from" not in card and "Trained on from an earlier retina-vessels (" in card
+    assert "Fine-tuned from" not in card and "Training went on from an earlier retina-vessels (" in card
     # its validation figures were measured at the field it was trained at, not the one it runs at
     assert "Validation F1: 0.798 (at a 537 px field of view, the training size)" in card
     assert "Runs each photograph at a 671 px field of view" in card
