@@ -244,7 +244,9 @@ def model_card(meta: dict[str, Any]) -> str:
     lines.append(f"Trained on: {trained}")
     parent = prov.get("parent") if isinstance(prov.get("parent"), dict) else None
     if parent and parent.get("name") == meta.get("name"):  # a bundled model trained on from its own weights
-        lines.append(f"Training went on from an earlier {parent['name']} ({str(parent.get('sha256', ''))[:8]})")
+        lines.append(
+            f"Training went on from an earlier {parent['name']} ({str(parent.get('sha256', ''))[:8]})"
+        )
     elif parent:
         lines.append(f"Fine-tuned from: {parent.get('name', '?')}")
     if meta.get("description"):
