@@ -59,8 +59,8 @@ class LossCurve:
     A full redraw of this figure takes 0.1-0.15 s of napari's GUI thread on this project's
     2-core machine (tick labels and text; ``benchmarks.finetune_stall``), and it came at every
     training step. So the axes stay put while a run goes on: x spans the run's planned steps,
-    the loss axis starts at 0 and only grows (by a quarter over the highest loss) when a loss
-    goes above it, and the Dice axis is 0..1. A new point then redraws only the two lines over
+    the loss axis is 0..1 and grows (to a quarter above the loss) only when a loss goes above
+    it, and the Dice axis is 0..1. A new point then redraws only the two lines over
     a saved copy of the rest (matplotlib's blitting); a full redraw comes only with a new
     run, a resize or a loss above the axis.
     """
