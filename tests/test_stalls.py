@@ -104,3 +104,21 @@ def test_layers_added_without_selecting_leave_the_selection_and_its_events_alone
     assert seen == []  # the layer controls and buttons were never moved to the maps
     replace_layer(viewer, "image", "map 3", np.zeros((8, 8)))  # the default: napari's own
     assert viewer.layers.selection.active is viewer.layers["map 3"]
+
+
+def test_two_docks_loading_at_once_keep_the_collector_paused_until_both_are_done(make_napari_viewer):
+    make_napari_viewer().add_image(np.zeros((8, 8)))
+    first, second = heap.quiet_loading(), heap.quiet_loading()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled() and not heap.is_frozen()  # the other dock is still loading
+    second.__exit__(None, None, None)
+    assert gc.isenabled() and heap.is_frozen()
+
+
+def test_nothing_is_frozen_without_an_open_viewer():
+    """A viewer closed while a dock's first load ran: no viewer is watched, so nothing
+    could ever thaw what was frozen."""
+    heap.freeze()
+    assert not heap.is_frozen() and gc.get_freeze_count() == 0

@@ -139,7 +139,7 @@ def adding_without_selecting(viewer: napari.viewer.Viewer) -> Iterator[None]:
         try:
             yield
         finally:
-            selection.clear()
+            selection.clear(keep_current=True)  # the current layer (keyboard navigation) stays
             selection.update(layer for layer in selected if layer in viewer.layers)
             if active is not None and active in viewer.layers:
                 selection.active = active

@@ -80,6 +80,7 @@ class LossCurve:
         self._loss_axes = self.figure.add_subplot()
         self._dice_axes = self._loss_axes.twinx()
         self._background: Any = None  # the figure without its lines, after the last full redraw
+        self._background_size: tuple[int, int] | None = None  # the canvas's size then
         self.full_redraws = 0  # counted, for the tests
         self.canvas.mpl_connect("draw_event", self._on_full_redraw)
         self.reset()
@@ -136,16 +137,20 @@ class LossCurve:
             self._loss_top = 1.25 * loss
             self._loss_axes.set_ylim(0, self._loss_top)
             axes_moved = True
-        if axes_moved or self._background is None:
+        resized = self._background_size != self.canvas.get_width_height(physical=True)
+        if axes_moved or self._background is None or resized:
             self.canvas.draw_idle()  # the draw event puts the lines on
             return
         self.canvas.restore_region(self._background)
         self._draw_lines()
         self.canvas.blit(self.figure.bbox)
 
-    def _on_full_redraw(self, _event: Any) -> None:
+    def _on_full_redraw(self, event: Any) -> None:
+        if event.canvas is not self.canvas:  # the figure saved through another backend
+            return
         self.full_redraws += 1
         self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._background_size = self.canvas.get_width_height(physical=True)
         self._draw_lines()
 
     def _draw_lines(self) -> None:

@@ -19,7 +19,10 @@ first run held the interpreter lock long enough to freeze napari (no repaint, no
   hold memory are napari layers and their data, so before a layer that was alive at the
   freeze is removed from any viewer, everything is thawed (``gc.unfreeze``) and napari's
   collection that follows the removal reclaims it; the next dock run freezes again. A
-  viewer closes by removing its layers; the heap is not frozen while some viewer has none.
+  viewer closed with ``Viewer.close()`` removes its layers; the heap is not frozen while no
+  viewer, or some viewer without layers, is open. A window closed by its close button keeps
+  its layers in napari 0.9: what was frozen with them stays until another frozen layer is
+  removed (a known gap).
 - napari's lazy imports when it makes the first Labels layer (:func:`warm_layer_imports`).
 """
 
@@ -34,7 +37,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_lock = threading.Lock()
+# reentrant: a removal's handler takes it and thaws; it also waits while a worker freezes, so
+# that a layer removed during the freeze is seen as frozen and thawed
+_lock = threading.RLock()
+#: dock workers inside their first loading now; the collector is paused while any is
+_loading = 0
+_was_enabled = True
 #: layers that were alive (in some viewer) when the heap was frozen; empty when nothing is
 _frozen_layers: weakref.WeakSet[Any] = weakref.WeakSet()
 _frozen = False
@@ -51,24 +59,35 @@ def is_frozen() -> bool:
 def quiet_loading() -> Iterator[None]:
     """Run a dock worker's loading (torch's import, a model) so that it does not stall the GUI
     thread: the first time, with torch's library opened without the interpreter lock,
-    napari's lazy imports done and the collector paused, and the heap frozen after.
-    Later runs pass straight through."""
+    napari's lazy imports done and the collector paused, and the heap frozen after (when the
+    last of the docks loading at once is done). Later runs pass straight through."""
+    global _loading, _was_enabled
     with _lock:
         first = not _frozen
-        was_enabled = gc.isenabled()
+        if first:
+            if _loading == 0:
+                _was_enabled = gc.isenabled()
+                gc.disable()
+            _loading += 1
     if first:
         preload_torch_library()
         warm_layer_imports()
-        gc.disable()
     try:
         yield
     finally:
         if first:
-            try:
-                freeze()
-            finally:  # whatever happened, the collector runs again as it did before
-                if was_enabled:
-                    gc.enable()
+            with _lock:
+                _loading -= 1
+                last = _loading == 0
+                try:
+                    if last:
+                        # not collected first: with the collector paused, the whole load is in its
+                        # youngest generation and scanning it would stall the GUI as before; what
+                        # garbage the load left is frozen with it, once per process
+                        freeze()
+                finally:  # whatever happened, the collector runs again as it did before
+                    if last and _was_enabled:
+                        gc.enable()
 
 
 def preload_torch_library() -> None:
@@ -121,7 +140,7 @@ def freeze() -> None:
         if instances is None:  # another napari: without every viewer's layers, nothing is frozen
             return
         viewers = list(instances)
-        if not all(len(viewer.layers) for viewer in viewers):
+        if not viewers or not all(len(viewer.layers) for viewer in viewers):
             # a viewer is closed by removing its layers, which thaws the heap: one without
             # layers would stay frozen, with its window, after it closed
             return
@@ -154,7 +173,8 @@ def _watch(viewer: Any) -> None:
             layer = layers[event.index]
         except (IndexError, TypeError):  # an index napari did not give: thaw to be safe
             layer = None
-        if _frozen and (layer is None or layer in _frozen_layers):
-            thaw()
+        with _lock:  # a freeze under way in a worker ends first, so this layer counts as frozen
+            if _frozen and (layer is None or layer in _frozen_layers):
+                thaw()
 
     layers.events.removing.connect(removing)
