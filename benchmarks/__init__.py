@@ -6,6 +6,9 @@ between markers with :func:`write_between_markers`, so the prose around it survi
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TABLE_BEGIN, TABLE_END = "<!-- table -->", "<!-- /table -->"
@@ -25,3 +28,18 @@ def write_between_markers(path: Path, block: str, begin: str = TABLE_BEGIN, end:
         separator = "\n" if text and not text.endswith("\n") else ""
         text = f"{text}{separator}{begin}\n{block}{end}\n"
     write_bytes_atomic(path, text.encode())
+
+
+@contextmanager
+def models_home(home: str | os.PathLike[str]) -> Iterator[None]:
+    """Fine-tuned models go to ``home`` (``R2AU_HOME``) in the block, never to the user's
+    models folder; the caller's setting comes back after (a benchmark may run in a test)."""
+    kept = os.environ.get("R2AU_HOME")
+    os.environ["R2AU_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if kept is None:
+            os.environ.pop("R2AU_HOME", None)
+        else:
+            os.environ["R2AU_HOME"] = kept

@@ -14,12 +14,12 @@ to use (registered, chosen in Segment, the photograph segmented again).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import models_home
 from benchmarks.worklist_stall import DATA, Heartbeat, pump, pump_until, report, summary
 
 PHOTOGRAPH = DATA / "DRIVE" / "training" / "images" / "21_training.tif"
@@ -30,16 +30,8 @@ def measure(model: str, steps: int | None) -> dict[str, dict[str, float]]:
     """The heartbeat's gaps by phase; the fine-tuned model goes to a temporary models folder."""
     if not PHOTOGRAPH.is_file() or not MANUAL.is_file():
         raise SystemExit(f"{PHOTOGRAPH.parent.parent}: DRIVE not found (see ../shared/data/README.md)")
-    kept = os.environ.get("R2AU_HOME")
-    with tempfile.TemporaryDirectory(prefix="r2au-finetune-stall-") as home:
-        os.environ["R2AU_HOME"] = home  # not the user's models folder
-        try:
-            return _measure(model, steps)
-        finally:
-            if kept is None:
-                os.environ.pop("R2AU_HOME", None)
-            else:
-                os.environ["R2AU_HOME"] = kept
+    with tempfile.TemporaryDirectory(prefix="r2au-finetune-stall-") as home, models_home(home):
+        return _measure(model, steps)
 
 
 def _measure(model: str, steps: int | None) -> dict[str, dict[str, float]]:

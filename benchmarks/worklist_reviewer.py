@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import write_between_markers
+from benchmarks import models_home, write_between_markers
 from benchmarks.hrf_finetune import LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,45 +335,40 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     )
-    home = os.environ.get("R2AU_HOME")
     try:
-        sources = (
-            [_cases_csv(args.dataset, args.cases, work / "cases.csv")] if args.cases else [root / images]
-        )
-        first = work / "first"
-        os.environ["R2AU_HOME"] = str(work / "home-first")
-        began = time.perf_counter()
-        with Worklist.create(first, sources, model=model.name, scale=args.scale) as worklist:
-            missing = [c.id for c in worklist.cases if c.reference is None]
-            if missing:
-                print(f"no reference for {', '.join(missing)}: cannot simulate their correction")
-                return 1
-            run_events(iter_segment(worklist, model))
-            seconds = time.perf_counter() - began
-            ids = [c.id for c in worklist.cases]
-            fovs, unseen = _fovs(args.dataset, ids), _unseen_ids(args.dataset) & set(ids)
-            print(HEADER, flush=True)
-            scorer = Scorer(fovs, unseen)
-            start = scorer.step(0, worklist, [], segment_seconds=seconds, segmented=len(ids))
-        orders = ["file", "uncertain"] if args.order == "both" else [args.order]
-        results: dict[str, list[Step]] = {}
-        totals: dict[str, float] = {}
-        for order in orders:
-            folder = work / order  # a sibling of "first": the cases' relative paths still hold
-            shutil.copytree(first, folder, ignore=shutil.ignore_patterns("worklist.lock"))
-            os.environ["R2AU_HOME"] = str(work / f"home-{order}")
-            print(f"order: {order}", flush=True)
-            began = time.perf_counter()
-            results[order] = review(
-                folder, order, args.corrections, args.every, settings, scorer, start, args.adopt
+        with models_home(work / "home-first"):  # the caller's models folder comes back after
+            sources = (
+                [_cases_csv(args.dataset, args.cases, work / "cases.csv")] if args.cases else [root / images]
             )
-            totals[order] = time.perf_counter() - began
+            first = work / "first"
+            began = time.perf_counter()
+            with Worklist.create(first, sources, model=model.name, scale=args.scale) as worklist:
+                missing = [c.id for c in worklist.cases if c.reference is None]
+                if missing:
+                    print(f"no reference for {', '.join(missing)}: cannot simulate their correction")
+                    return 1
+                run_events(iter_segment(worklist, model))
+                seconds = time.perf_counter() - began
+                ids = [c.id for c in worklist.cases]
+                fovs, unseen = _fovs(args.dataset, ids), _unseen_ids(args.dataset) & set(ids)
+                print(HEADER, flush=True)
+                scorer = Scorer(fovs, unseen)
+                start = scorer.step(0, worklist, [], segment_seconds=seconds, segmented=len(ids))
+            orders = ["file", "uncertain"] if args.order == "both" else [args.order]
+            results: dict[str, list[Step]] = {}
+            totals: dict[str, float] = {}
+            for order in orders:
+                folder = work / order  # a sibling of "first": the cases' relative paths still hold
+                shutil.copytree(first, folder, ignore=shutil.ignore_patterns("worklist.lock"))
+                os.environ["R2AU_HOME"] = str(work / f"home-{order}")
+                print(f"order: {order}", flush=True)
+                began = time.perf_counter()
+                results[order] = review(
+                    folder, order, args.corrections, args.every, settings, scorer, start, args.adopt
+                )
+                totals[order] = time.perf_counter() - began
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if home is None:  # the caller's models folder again (main() may run in a test process)
-            os.environ.pop("R2AU_HOME", None)
-        else:
-            os.environ["R2AU_HOME"] = home
     text = _report(args, command, machine, model.name, ids, unseen, fovs, results, totals)
     print(text)
     payload = {

@@ -614,10 +614,7 @@ class SegmentWidget(WorkerRunner, ScrollingDock):
 
     def _place_map(self, name: str, data: Any, props: dict[str, Any]) -> None:
         """One map layer, updated in place or added hidden; the layer the user works on stays active."""
-        active = self._viewer.layers.selection.active
         replace_layer(self._viewer, "image", name, data, shown_if_new=False, selected_if_new=False, **props)
-        if active is not None and active in self._viewer.layers:
-            self._viewer.layers.selection.active = active
 
     def _place_maps(self, base: str, steps: list[tuple[str, Any, dict[str, Any]]], mask_is_new: bool) -> None:
         """Place the maps: at once when they all exist (an update in place takes milliseconds),
