@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: how --help names the default model (napari_r2au.model_files.DEFAULT_MODEL owns it; that
+#: module is not imported here, so that ``r2au --help`` answers at once; a test keeps the two equal)
+DEFAULT_MODEL_HELP = "retina-vessels, the vessel model for every fundus camera"
+
 
 def _progress_bar(total: int | None = None, desc: str = "", unit: str = "tile", shown: bool = True):
     from tqdm import tqdm
@@ -109,17 +113,28 @@ def write_outputs(
     through :func:`napari_r2au.outputs.write_group` (callers check the plan first)."""
     import numpy as np
 
+    from .mask_record import segment_record
     from .outputs import tiff_writer, write_group
 
     gates = attention and bool(prediction.attention)
     names = output_names(stem, attention=gates, uncertainty=uncertainty is not None)
-    arrays = [prediction.mask(threshold), prediction.probabilities.astype("float32")]
+    mask = prediction.mask(threshold)
+    arrays = [mask, prediction.probabilities.astype("float32")]
     if uncertainty is not None:
         arrays.append(uncertainty.astype("float32"))
     if gates:
         arrays.append(np.stack(prediction.attention).astype("float32"))
     files = [(name, tiff_writer(array)) for name, array in zip(names, arrays)] + list(extra or [])
-    return write_group(outdir, source or stem, files)
+    # the mask's audit record (the same fields a mask made in napari carries); the maps name their model
+    record = segment_record(
+        prediction,
+        mask,
+        threshold=prediction.threshold if threshold is None else threshold,
+        flip_averaged=uncertainty is not None,
+    )
+    model = {key: record[key] for key in ("model", "model_sha256", "scale", "backend", "precision")}
+    made_by = {name: (dict(record) if name == names[0] else model) for name, _ in files}
+    return write_group(outdir, source or stem, files, made_by)
 
 
 #: names of the files ``r2au segment`` writes (write_outputs, --dicom-seg)
@@ -130,13 +145,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ._reader import SUFFIXES, dicom_series_files, read_input, stem_of, suffix_of
     from .checks import input_notices
     from .dicom_seg import dicom_sources
-    from .model_files import load_model
+    from .model_files import DEFAULT_MODEL, load_model
     from .outputs import check_plan
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         _error(f"--threshold is a probability between 0 and 1, not {args.threshold:g}")
         return 2
-    model = load_model(args.model)
+    model = load_model(args.model or DEFAULT_MODEL)
     _check_pixel_arguments(args, model)
     _check_backend(args, model)  # a device or backend this machine lacks: said before any image is read
     files: list[Path] = []
@@ -185,6 +200,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for path in files
     }
     check_plan(plan, overwrite=args.overwrite)  # before anything is read or written
+    level = model.threshold if args.threshold is None else args.threshold
+    how = f"{model.out_channels} classes" if model.out_channels > 1 else f"threshold {level:g}"
+    print(f"{model.name} ({how}): {len(files)} input(s)", file=sys.stderr)
     failed = 0
     for path in _progress_bar_iter(files):
         try:
@@ -478,11 +496,12 @@ def _warn_about_pairs(model: str, pairs: list, names: list[str]) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Headless face of the Fine-tune widget: the same iter_finetune generator."""
     from .engine import run
-    from .model_files import load_model, model_path, user_models_dir
+    from .model_files import DEFAULT_MODEL, load_model, model_path, user_models_dir
     from .training.finetune import FinetuneSettings, iter_finetune
 
     if args.name is not None:  # a plain name, or refused before anything is read
         model_path(user_models_dir(), args.name)
+    args.model = args.model or DEFAULT_MODEL
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
     if args.device:  # a device this machine lacks: said before the folders are read
@@ -608,10 +627,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .model_files import load_model
+    from .model_files import DEFAULT_MODEL, load_model
     from .training.evaluate import evaluate_folders
 
-    model = load_model(args.model)
+    model = load_model(args.model or DEFAULT_MODEL)
     _check_pixel_arguments(args, model)
     _check_backend(args, model)
     report = evaluate_folders(
@@ -1056,9 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images or folders of images")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument(
-        "-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)"
-    )
+    p.add_argument("-m", "--model", default=None, help=f"model name or path (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("-o", "--output", default=".", help="output folder (default: current)")
     p.add_argument(
         "--threshold", type=float, default=None, help="probability threshold (default: the model's)"
@@ -1093,7 +1110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         "--model",
         default=None,
-        help="a model for colour fundus photographs, e.g. a fine-tune of drive-vessels (default: drive-vessels)",
+        help=f"a model for colour fundus photographs, e.g. a fine-tune of it (default: {DEFAULT_MODEL_HELP})",
     )
     p.add_argument("--gui", action="store_true", help="open the results in napari")
     p.add_argument(
@@ -1114,7 +1131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on corrected masks (a new versioned model)")
-    p.add_argument("-m", "--model", default="drive-vessels", help="the parent model (never overwritten)")
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help=f"the parent model, never overwritten (default: {DEFAULT_MODEL_HELP})",
+    )
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of corrected masks (0/1 or 0/255), matched by name")
     p.add_argument("--fov", default=None, help="folder of field-of-view masks")
@@ -1204,9 +1226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")
-    p.add_argument(
-        "-m", "--model", default="drive-vessels", help="model name or path (default: drive-vessels)"
-    )
+    p.add_argument("-m", "--model", default=None, help=f"model name or path (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of reference masks (0/1 or 0/255), matched by name")
     p.add_argument(
@@ -1275,7 +1295,9 @@ def _add_worklist_parser(sub) -> None:
         "folder next to them), folders of DICOM series, CSV files (columns image, reference, id), "
         "or single image files",
     )
-    q.add_argument("-m", "--model", default=None, help="the model to segment with (default: retina-vessels)")
+    q.add_argument(
+        "-m", "--model", default=None, help=f"the model to segment with (default: {DEFAULT_MODEL_HELP})"
+    )
     q.add_argument(
         "--scale",
         type=float,

@@ -2,7 +2,8 @@
 
 A result never replaces a file the user made. Which files are the command's own is kept
 in a record in the output folder, ``.r2au-outputs.json``: for each file written, its
-sha256 and the input it came from. A file counts as an earlier output, and may be
+sha256, the input it came from and what made it (for a mask, its record: the model and its
+sha256, threshold, scale, backend and precision; :mod:`napari_r2au.mask_record`). A file counts as an earlier output, and may be
 replaced, only while the record lists it with the content it still has; anything else
 (a manual ``case1_mask.tif``, an output edited since) is refused unless ``--overwrite``.
 The record survives neither a copy of the folder nor a lost record file: then the
@@ -123,10 +124,16 @@ def text_writer(text: str) -> Writer:
     return write
 
 
-def write_group(folder: Path, source: str | os.PathLike, files: list[tuple[str, Writer]]) -> list[Path]:
+def write_group(
+    folder: Path,
+    source: str | os.PathLike,
+    files: list[tuple[str, Writer]],
+    made_by: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Path]:
     """Write the files of one input (``name``, ``write(temporary_path)``) into ``folder``:
     all are written to temporary files first and moved into place only when every one
-    succeeded, then recorded as outputs of ``source``."""
+    succeeded, then recorded as outputs of ``source``, each with ``made_by[name]`` (what
+    made it: the mask's record of model, threshold and scale) where given."""
     folder = Path(folder)
     written: list[tuple[Path, str]] = []
     with contextlib.ExitStack() as stack:  # on success the temporary files are moved into place
@@ -135,15 +142,22 @@ def write_group(folder: Path, source: str | os.PathLike, files: list[tuple[str, 
             tmp = stack.enter_context(atomic_path(target))
             write(tmp)
             written.append((target, _sha256(tmp)))
-    _record(folder, source, written)
+    _record(folder, source, written, made_by or {})
     return [target for target, _ in written]
 
 
-def _record(folder: Path, source: str | os.PathLike, written: list[tuple[Path, str]]) -> None:
+def _record(
+    folder: Path,
+    source: str | os.PathLike,
+    written: list[tuple[Path, str]],
+    made_by: Mapping[str, Mapping[str, Any]],
+) -> None:
     """Add ``written`` to the folder's record (re-read first, so that another run's entries stay)."""
     files = read_record(folder)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for target, digest in written:
         files[target.name] = {"sha256": digest, "input": str(Path(source).resolve()), "written": stamp}
+        if target.name in made_by:
+            files[target.name]["made_by"] = dict(made_by[target.name])
     blob = json.dumps({"format": RECORD_FORMAT, "version": 1, "files": files}, indent=1, sort_keys=True)
     write_bytes_atomic(folder / RECORD, (blob + "\n").encode())

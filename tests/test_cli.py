@@ -8,7 +8,8 @@ import tifffile
 
 from napari_r2au.cli import main
 from napari_r2au.io import read_image
-from napari_r2au.model_files import load_model
+from napari_r2au.model_files import DEFAULT_MODEL, load_model
+from napari_r2au.outputs import read_record
 from napari_r2au.training.metrics import segmentation_metrics
 
 from .conftest import DATA as ROOT_DATA
@@ -33,6 +34,46 @@ def test_segment_drive_image_gives_a_plausible_vessel_mask(tmp_path, drive_root,
     metrics = segmentation_metrics(truth, prob, 0.5, fov)
     # image 21 may be in the bundled model's training split: this checks plausibility, not accuracy
     assert metrics["f1"] > 0.7 and metrics["auc_roc"] > 0.95, metrics
+    # no -m: the default model, at the scale its field-of-view rule derives, and the record says so
+    record = read_record(tmp_path)
+    made = record["21_training_mask.tif"]["made_by"]
+    default = load_model(DEFAULT_MODEL)
+    assert made["model"] == DEFAULT_MODEL and made["model_sha256"] == default.sha256
+    assert made["threshold"] == default.threshold and made["scale"] > 1.1
+    assert made["mask_sha256"] and not made["flip_averaged"]
+    assert record["21_training_prob.tif"]["made_by"]["model"] == DEFAULT_MODEL
+    assert "threshold" not in record["21_training_prob.tif"]["made_by"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["segment", "photo.png"],
+        ["evaluate", "--images", "imgs", "--masks", "masks"],
+        ["finetune", "--images", "imgs", "--masks", "masks"],
+        ["demo"],
+    ],
+)
+def test_commands_without_a_model_use_the_default_one(command, monkeypatch, tmp_path):
+    """Every command that runs a model takes the default (four-camera) model when none is
+    given, and its help names that model (the help is written without importing model_files)."""
+    import napari_r2au.model_files as model_files
+    import napari_r2au.training.evaluate
+    import napari_r2au.training.finetune  # noqa: F401 (imported before the patch: they bind load_model)
+    from napari_r2au.cli import DEFAULT_MODEL_HELP
+
+    asked = []
+
+    def load(name):
+        asked.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(model_files, "load_model", load)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="stop here"):
+        main(command)
+    assert asked == [DEFAULT_MODEL]
+    assert DEFAULT_MODEL_HELP.split(",")[0] == DEFAULT_MODEL
 
 
 def test_segment_reports_bad_files_and_writes_the_others(tmp_path, capsys):
