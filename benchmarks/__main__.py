@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks import write_between_markers
+from benchmarks.backends import matmul_peak, peak_label
 from napari_r2au import create_model, load_model, predict
 from napari_r2au.backends import inference_network
 from napari_r2au.device import cpu_has_bf16
@@ -40,12 +41,6 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = timeit(lambda: a @ b, repeat=5)
-    return 2 * n**3 / seconds / 1e9
 
 
 def forward_flops(network: torch.nn.Module, shape: tuple[int, ...]) -> float:
@@ -324,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine, flush=True)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     rows = [
-        {"config": "machine peak: 2048^3 matmul fp32", "gflops": peak32},
-        {"config": "machine peak: 2048^3 matmul bf16", "gflops": peak16},
+        {"config": f"machine peak: {peak_label(torch.float32)}", "gflops": peak32},
+        {"config": f"machine peak: {peak_label(torch.bfloat16)}", "gflops": peak16},
     ]
     widths = [16] if args.quick else [16, 64]
     eager_seconds = {}

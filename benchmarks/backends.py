@@ -36,6 +36,17 @@ CONFIGS = [
     ("openvino", "bf16"),
     ("torch-compile", "bf16"),
 ]
+#: a CPU without native bf16 (most laptops): bf16 would be emulated, far slower than fp32, so
+#: the float rows are fp32 only, written between markers of their own
+BEGIN_NO_BF16, END_NO_BF16 = "<!-- backends-no-bf16 -->", "<!-- /backends-no-bf16 -->"
+CONFIGS_NO_BF16 = [("torch", "fp32"), ("openvino", "fp32"), ("torch-compile", "fp32")]
+
+
+def configs() -> list[tuple[str, str]]:
+    """The rows this machine can run at their own speed."""
+    from napari_r2au.device import cpu_has_bf16
+
+    return CONFIGS if cpu_has_bf16() else CONFIGS_NO_BF16
 
 
 def best_of(fn, repeat: int, warmup: int = 1) -> float:
@@ -50,9 +61,35 @@ def best_of(fn, repeat: int, warmup: int = 1) -> float:
     return best
 
 
+def _emulated(dtype: torch.dtype) -> bool:
+    """bf16 on a CPU without native bf16 dot products (no AVX512_BF16 or AMX): torch then
+    emulates it, about a hundred times slower than fp32 (seen on an AVX2-only EPYC)."""
+    from napari_r2au.device import cpu_has_bf16
+
+    return dtype == torch.bfloat16 and not cpu_has_bf16()
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of an n^3 matmul, best of 5; emulated bf16 at 512^3, best of 2 (2048^3 would
+    take minutes and says nothing more)."""
+    n, repeat = (512, 2) if _emulated(dtype) else (n, 5)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_of(lambda: a @ b, repeat=5) / 1e9
+    return 2 * n**3 / best_of(lambda: a @ b, repeat=repeat) / 1e9
+
+
+def peaks_text() -> str:
+    """The machine's matmul peaks, measured now, as a sentence's words."""
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    bf16 = (
+        f"{peak16:.1f} bf16 emulated (no native bf16)" if _emulated(torch.bfloat16) else f"{peak16:.0f} bf16"
+    )
+    return f"2048^3 matmul peaks {peak32:.0f} GFLOP/s fp32 and {bf16}"
+
+
+def peak_label(dtype: torch.dtype) -> str:
+    """How a table names :func:`matmul_peak`'s figure."""
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return f"512^3 matmul {name}, emulated (no native bf16)" if _emulated(dtype) else f"2048^3 matmul {name}"
 
 
 def network_flops(loaded, shape: tuple[int, ...]) -> float:
@@ -88,7 +125,7 @@ def network_rows(loaded, image: np.ndarray, repeat: int) -> tuple[list[dict], tu
     shape = (1, loaded.in_channels, _round_up(height, 16), _round_up(width, 16))
     batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     rows = []
-    for backend, precision in CONFIGS:
+    for backend, precision in configs():
         forward = backends.prepare_forward(loaded, torch.device("cpu"), precision, backend)
         seconds = best_of(lambda f=forward: f(batch, True), repeat)
         rows.append({"config": f"network only, {backend} {precision}", "seconds": seconds})
@@ -138,6 +175,7 @@ def format_table(rows: list[dict]) -> str:
         ("f1", "F1, DRIVE 20 (FOV)", "{:.4f}"),
         ("dice", "mask Dice vs torch fp32", "{:.4f}"),
     ]
+    columns = [c for c in columns if any(row.get(c[0]) is not None for row in rows)]  # none empty
     lines = [
         "| configuration | " + " | ".join(h for _, h, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -178,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     peaks = {"fp32": peak32, "bf16": peak16}
     rows: list[dict] = [
-        {"config": "machine peak: 2048^3 matmul fp32", "gflops": peak32},
-        {"config": "machine peak: 2048^3 matmul bf16", "gflops": peak16},
+        {"config": f"machine peak: {peak_label(torch.float32)}", "gflops": peak32},
+        {"config": f"machine peak: {peak_label(torch.bfloat16)}", "gflops": peak16},
     ]
     model = load_model("retina-vessels")
     # torch's and oneDNN's own start-up (paid once by any process) is not a backend's cost
     predict(load_model("retina-vessels"), image[:64, :64], backend="torch", precision="fp32")
     firsts = {}
-    for backend, precision in CONFIGS:  # before anything is cached in this process
+    for backend, precision in configs():  # before anything is cached in this process
         cold = first_call(backend, precision, image, fresh=True)
         cached = first_call(backend, precision, image, fresh=False) if backend == "openvino" else None
         firsts[(backend, precision)] = (cold, cached)
@@ -194,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = network_flops(model, shape)
     reference = predict(model, image, backend="torch", precision="fp32")
     whole = []
-    for backend, precision in CONFIGS:
+    for backend, precision in configs():
         seconds = best_of(
             lambda b=backend, p=precision: predict(model, image, backend=b, precision=p), args.repeat
         )
@@ -215,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(whole[-1:]), flush=True)
     for group in (net_rows, whole):
         base32 = group[0]["seconds"]
-        base16 = group[1]["seconds"]
+        base16 = group[1]["seconds"] if configs()[1] == ("torch", "bf16") else None
         for row in group:
             if row.get("seconds") is None:
                 continue
-            row["x_torch32"], row["x_torch16"] = base32 / row["seconds"], base16 / row["seconds"]
+            row["x_torch32"] = base32 / row["seconds"]
+            row["x_torch16"] = base16 / row["seconds"] if base16 else None
             row["gflops"] = flops / row["seconds"] / 1e9
             precision = row.get("precision") or row["config"].rsplit(" ", 1)[-1]
             row["peak_share"] = row["gflops"] / peaks[precision]
@@ -235,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{shape[3]}x{shape[2]}; {flops / 1e9:.1f} GFLOP per forward pass, attention gates included)."
             f"\n\n{table}\n"
         )
-        write_between_markers(args.markdown, block, BEGIN, END)
+        markers = (BEGIN, END) if configs() is CONFIGS else (BEGIN_NO_BF16, END_NO_BF16)
+        write_between_markers(args.markdown, block, *markers)
     return 0
 
 

@@ -4,7 +4,8 @@ Quantizes ``retina-vessels`` with ``r2au quantize``'s code (``iter_quantize``) o
 validation split (the images its config holds out of each of the four fundus sets, as
 :mod:`benchmarks.cross_dataset` draws them), which is also the accuracy gate's set. Then,
 in the same process: F1 per source inside the field of view at OpenVINO fp32, bf16 and
-int8 (and torch bf16, the path without OpenVINO), and the time of ``predict`` on a DRIVE
+int8 (and torch bf16, the path without OpenVINO; on a CPU without native bf16, torch and
+OpenVINO fp32 and int8, in a table of its own), and the time of ``predict`` on a DRIVE
 photograph (best of ``--repeat``), with the machine's matmul peaks. ``--dest
 napari_r2au/bundled_models/int8`` writes the int8 network that ships with the model. Run it
 single-threaded (``OMP_NUM_THREADS=1``); only ratios within one run are meant to be compared.
@@ -25,6 +26,10 @@ from benchmarks import write_between_markers
 
 BEGIN, END = "<!-- int8 -->", "<!-- /int8 -->"
 CONFIGS = [("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+#: a CPU without native bf16 (most laptops): the float path there is fp32, and bf16 would be
+#: emulated (far slower than fp32), so its rows are left out; its table has markers of its own
+BEGIN_NO_BF16, END_NO_BF16 = "<!-- int8-no-bf16 -->", "<!-- /int8-no-bf16 -->"
+CONFIGS_NO_BF16 = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "int8")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     import openvino
     import torch
 
-    from benchmarks.backends import best_of, matmul_peak
+    from benchmarks.backends import best_of, peaks_text
     from napari_r2au import backends, load_model, predict
+    from napari_r2au.device import cpu_has_bf16
     from napari_r2au.engine import run
     from napari_r2au.int8 import with_suffix
     from napari_r2au.io import read_image
@@ -74,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         image = np.asarray(read_image(split["DRIVE"][0][0]))
         machine = (
             f"{os.cpu_count()} cores, torch {torch.__version__}, openvino {openvino.__version__}, "
-            f"{torch.get_num_threads()} thread(s); 2048^3 matmul peaks {matmul_peak(torch.float32):.0f} "
-            f"GFLOP/s fp32, {matmul_peak(torch.bfloat16):.0f} bf16"
+            f"{torch.get_num_threads()} thread(s); {peaks_text()}"
         )
         print(machine, flush=True)
         rows = []
-        configs = CONFIGS if record["accepted"] else CONFIGS[:-1]
+        configs = CONFIGS if cpu_has_bf16() else CONFIGS_NO_BF16
+        configs = configs if record["accepted"] else configs[:-1]
         for backend, precision in configs:
             seconds = best_of(
                 lambda b=backend, p=precision: predict(model, image, device="cpu", backend=b, precision=p),
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(split)
     base = rows[0][1]
     lines = [
-        "| configuration | time (s) | x torch bf16 | "
+        f"| configuration | time (s) | x {rows[0][0]} | "
         + " | ".join(f"F1 {n} ({len(split[n])})" for n in names)
         + " | mean F1 |",
         "|---|---|---|" + "---|" * (len(names) + 1),
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     if args.markdown:
-        write_between_markers(args.markdown, text, BEGIN, END)
+        markers = (BEGIN, END) if cpu_has_bf16() else (BEGIN_NO_BF16, END_NO_BF16)
+        write_between_markers(args.markdown, text, *markers)
     return 0
 
 

@@ -86,7 +86,7 @@ def _run(model: str, pair, steps: int, precision: str, channels_last: bool) -> t
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.backends import matmul_peak
+    from benchmarks.backends import peaks_text
     from napari_r2au.device import cpu_has_bf16
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="r2au-train-step-") as tmp:
         os.environ["R2AU_HOME"] = tmp  # the fine-tuned models go here, never to the user's folder
         try:
-            peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+            peaks = peaks_text()
             for round_ in range(args.rounds):
                 for variant in variants:
                     durations, batch = _run(args.model, pair, args.steps, *variant)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--rounds {args.rounds} --threads {args.threads}`",
         "",
         f"The Fine-tune dock's defaults (patch 96, batch 8) on {args.model}, {args.threads} thread(s); "
-        f"machine: {os.cpu_count()} cores, matmul peaks {peak32:.0f} GFLOP/s fp32 and {peak16:.0f} bf16, "
+        f"machine: {os.cpu_count()} cores, {peaks}, "
         f"load average {os.getloadavg()[0]:.2f} at the end.",
         "",
         "| precision | channels-last | ms per step (median) | of which making the batch (ms) | × fp32 without channels-last |",
