@@ -1208,7 +1208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="an int8 network for the CPU (OpenVINO), used by default only if it is as accurate on your images",
         description="Calibrates an int8 network on the images (the engine's own inputs), scores it and exact fp32 "
-        "on the same images and masks, and keeps it only if its F1 is within 0.003 of fp32; the verdict is "
+        "on the same images and masks, and keeps it only if its pooled F1 is within 0.003 of fp32 and no "
+        "image's within 0.01; the verdict is "
         "recorded either way. Exit code 1 when refused. Needs the fast extra (openvino, nncf).",
     )
     p.add_argument("model", help="model name or path")

@@ -54,6 +54,19 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def cpu_has_int8_dot() -> bool:
+    """True on CPUs with int8 dot-product instructions (VNNI: AVX512_VNNI, AVX_VNNI or AMX).
+    Without them, int8 convolutions sum pairs of u8 x s8 products in 16 bits, which
+    saturates unless the network's weights were quantized to 7 bits (NNCF's overflow fix)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 #: the precision requests autocast_dtype understands
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

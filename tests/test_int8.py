@@ -151,12 +151,52 @@ def test_a_record_for_another_network_is_not_taken(quantized, home):
     assert record["model"] == "drive-vessels" and record["network_key"] == stem.name
 
 
+def test_a_network_made_without_the_overflow_fix_runs_by_default_only_on_a_cpu_with_vnni(
+    quantized, home, monkeypatch
+):
+    """Without VNNI, int8 sums saturate in 16 bits unless every layer was quantized to 7 bits:
+    an older network (NNCF's first-layer-only fix) gave masks 5-9% off fp32 on an AVX2 CPU
+    while its pooled gate passed, so its verdict is trusted only where the CPU has VNNI."""
+    from napari_r2au import device, load_model
+    from napari_r2au.backends import int8_key
+    from napari_r2au.int8 import find_int8, with_suffix
+
+    stem = _install(quantized, home)
+    model = load_model("drive-vessels")
+    record = json.loads(with_suffix(stem, ".json").read_text())
+    assert record["overflow_fix"] == "enable" and record["worst_image_f1_loss"] <= record["gate_per_image"]
+    for vnni in (False, True):  # made with the fix: trusted on either CPU
+        monkeypatch.setattr(device, "cpu_has_int8_dot", lambda vnni=vnni: vnni)
+        assert find_int8(model, int8_key(model)) is not None
+    del record["overflow_fix"]  # as the records written before the fix
+    with_suffix(stem, ".json").write_text(json.dumps(record))
+    monkeypatch.setattr(device, "cpu_has_int8_dot", lambda: False)
+    assert find_int8(model, int8_key(model)) is None
+    monkeypatch.setattr(device, "cpu_has_int8_dot", lambda: True)
+    assert find_int8(model, int8_key(model)) is not None
+
+
+def test_the_gate_refuses_a_network_that_loses_on_one_image_what_it_gains_on_another():
+    from napari_r2au import load_model
+    from napari_r2au.backends import int8_key
+    from napari_r2au.int8 import Int8Network, new_record
+
+    model = load_model("drive-vessels")
+    record = new_record(model, int8_key(model), 0.80, 0.80, images=9, tiles=9, worst_image_loss=0.032)
+    assert not record["accepted"]
+    assert "worst image -0.0320, gate 0.01" in Int8Network(Path("x"), Path("y"), record).verdict()
+    assert new_record(model, int8_key(model), 0.80, 0.799, images=9, tiles=9, worst_image_loss=0.009)["accepted"]
+
+
 def test_cli_quantize_and_precision(quantized, tmp_path):
     images, masks, _, _ = quantized
     exe = Path(sys.executable).with_name("r2au")
     env = {"R2AU_HOME": str(tmp_path / "home"), "PATH": str(exe.parent), "OMP_NUM_THREADS": "1"}
     asked = subprocess.run(
-        [str(exe), "segment", str(images / "21.png"), "-o", str(tmp_path / "out"), "--precision", "int8"],
+        [
+            *(str(exe), "segment", str(images / "21.png"), "-m", "drive-vessels"),
+            *("-o", str(tmp_path / "out"), "--precision", "int8"),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -173,7 +213,10 @@ def test_cli_quantize_and_precision(quantized, tmp_path):
     assert "int8 accepted: F1" in made.stdout
     assert list((tmp_path / "home" / "int8").glob("*.json"))
     ran = subprocess.run(
-        [str(exe), "segment", str(images / "21.png"), "-o", str(tmp_path / "out"), "--precision", "int8"],
+        [
+            *(str(exe), "segment", str(images / "21.png"), "-m", "drive-vessels"),
+            *("-o", str(tmp_path / "out"), "--precision", "int8"),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -194,6 +237,7 @@ def test_the_default_model_ships_an_int8_network_that_passed_its_gate(home):
     model = load_model("retina-vessels")
     found = find_int8(model, int8_key(model))
     assert found is not None and found.record["accepted"], "regenerate: python -m benchmarks.int8 --dest ..."
+    assert found.record["overflow_fix"] == "enable"  # computes the same with and without VNNI
     assert found.xml.parent.name == "int8"  # not beside the model files, where a record would be listed
     names = [row["name"] for row in list_models()]
     assert "retina-vessels" in names and len(names) == len(set(names))  # the record is no model

@@ -2,10 +2,12 @@
 
 Post-training quantization (NNCF) of the network the OpenVINO backend already runs,
 calibrated on the engine's own inputs for the given images (normalized, at each image's
-working scale, tiled and padded exactly as a run does), then gated: the int8 network,
-read back from the files it will be run from, is scored through ``r2au evaluate``'s path
-on the same images and masks, and accepted only if its pooled F1 is within
-:data:`napari_r2au.int8.GATE` of exact fp32. The verdict is recorded either way
+working scale, tiled and padded exactly as a run does), with every layer's weights kept to
+7 bits (:data:`napari_r2au.int8.OVERFLOW_FIX`: the same results on CPUs with and without
+VNNI), then gated: the int8 network, read back from the files it will be run from, is
+scored through ``r2au evaluate``'s path on the same images and masks, and accepted only if
+its pooled F1 is within :data:`napari_r2au.int8.GATE` of exact fp32 and no image's F1
+within :data:`napari_r2au.int8.GATE_PER_IMAGE`. The verdict is recorded either way
 (:mod:`napari_r2au.int8`); ``backend="auto"`` runs an accepted int8 network from then on.
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from napari_r2au.int8 import int8_dir, new_record, save_int8, with_suffix
+from napari_r2au.int8 import OVERFLOW_FIX, int8_dir, new_record, save_int8, with_suffix
 from napari_r2au.model_files import load_model
 
 from .evaluate import evaluate_folders
@@ -75,6 +77,9 @@ def iter_quantize(
             nncf.Dataset(tiles),
             subset_size=len(tiles),
             preset=nncf.QuantizationPreset.PERFORMANCE,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                overflow_fix=nncf.OverflowFix(OVERFLOW_FIX)
+            ),
         )
     except Exception as exc:  # NNCF's and OpenVINO's own errors: one line, nothing written
         raise BackendError(
@@ -94,14 +99,23 @@ def iter_quantize(
             candidate = evaluate_folders(
                 loaded, images, masks, fov, device="cpu", backend="openvino", precision="int8"
             )
+        exact = {row["image"]: row["f1"] for row in reference["per_image"]}
+        worst = max(exact[row["image"]] - row["f1"] for row in candidate["per_image"])
         record = new_record(
-            loaded, int8_key(loaded), reference["f1"], candidate["f1"], reference["n_images"], len(tiles)
+            loaded,
+            int8_key(loaded),
+            reference["f1"],
+            candidate["f1"],
+            reference["n_images"],
+            len(tiles),
+            worst_image_loss=max(worst, 0.0),
         )
         save_int8(stem, record, xml, bin_)
     forget_int8(loaded)
     verdict = "accepted" if record["accepted"] else "refused (auto keeps fp32/bf16)"
     yield (
         f"int8 {verdict}: F1 {record['f1_int8']:.4f} against {record['f1_fp32']:.4f} at fp32 "
-        f"(gate {record['gate']:g}); {with_suffix(stem, '.json')}"
+        f"(gate {record['gate']:g}), worst image {-record['worst_image_f1_loss']:+.4f} "
+        f"(gate {record['gate_per_image']:g}); {with_suffix(stem, '.json')}"
     )
     return record
