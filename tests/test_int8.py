@@ -185,7 +185,9 @@ def test_the_gate_refuses_a_network_that_loses_on_one_image_what_it_gains_on_ano
     record = new_record(model, int8_key(model), 0.80, 0.80, images=9, tiles=9, worst_image_loss=0.032)
     assert not record["accepted"]
     assert "worst image -0.0320, gate 0.01" in Int8Network(Path("x"), Path("y"), record).verdict()
-    assert new_record(model, int8_key(model), 0.80, 0.799, images=9, tiles=9, worst_image_loss=0.009)["accepted"]
+    assert new_record(model, int8_key(model), 0.80, 0.799, images=9, tiles=9, worst_image_loss=0.009)[
+        "accepted"
+    ]
 
 
 def test_cli_quantize_and_precision(quantized, tmp_path):
