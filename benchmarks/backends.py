@@ -80,10 +80,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
 def peaks_text() -> str:
     """The machine's matmul peaks, measured now, as a sentence's words."""
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    bf16 = (
-        f"{peak16:.1f} bf16 emulated (no native bf16)" if _emulated(torch.bfloat16) else f"{peak16:.0f} bf16"
+    bf16 = f"{peak16:.1f}" if _emulated(torch.bfloat16) else f"{peak16:.0f}"
+    return (
+        f"matmul peaks {peak32:.0f} GFLOP/s ({peak_label(torch.float32)}) "
+        f"and {bf16} ({peak_label(torch.bfloat16)})"
     )
-    return f"2048^3 matmul peaks {peak32:.0f} GFLOP/s fp32 and {bf16}"
 
 
 def peak_label(dtype: torch.dtype) -> str:

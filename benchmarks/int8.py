@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine}\n\nCommand: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} "
         f"python -m benchmarks.int8`\n\n`{model.name}`'s int8 network, calibrated and gated on its "
         f"{record['images']} validation images ({record['calibration_tiles']} tiles): pooled F1 "
-        f"{record['f1_int8']:.4f} against {record['f1_fp32']:.4f} at fp32, gate {record['gate']:g}: **{verdict}**. "
+        f"{record['f1_int8']:.4f} against {record['f1_fp32']:.4f} at fp32, gate {record['gate']:g}; worst image "
+        f"{-record['worst_image_f1_loss']:+.4f}, gate {record['gate_per_image']:g}: **{verdict}**. "
         f"Time: `predict` on `{split['DRIVE'][0][0].name}` ({image.shape[1]}x{image.shape[0]}), best of "
         f"{args.repeat}.\n\n" + "\n".join(lines) + "\n"
     )

@@ -169,11 +169,17 @@ def _int8_problem(loaded: LoadedModel) -> str | None:
         return "only a model file has an int8 network (a network object has none)"
     if _held_int8(loaded) is not None:
         return None
-    from .int8 import find_int8
+    from .int8 import find_int8, made_before_overflow_fix
 
     found = find_int8(loaded, int8_key(loaded))
+    remake = f"`r2au quantize {loaded.name} --images ... --masks ...`"
+    if found is None and made_before_overflow_fix(loaded, int8_key(loaded)):
+        return (
+            f"{loaded.name}'s int8 network was made without the overflow fix, which this CPU (no VNNI) "
+            f"needs for exact int8 sums; remake it with {remake}"
+        )
     if found is None:
-        return f"{loaded.name} has no int8 network; make one with `r2au quantize {loaded.name} --images ... --masks ...`"
+        return f"{loaded.name} has no int8 network; make one with {remake}"
     if not found.record.get("accepted"):
         return f"{loaded.name}'s int8 network failed its accuracy gate ({found.verdict()}); it is not used"
     return None

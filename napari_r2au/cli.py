@@ -107,10 +107,14 @@ def write_outputs(
     uncertainty=None,
     source: str | Path = "",
     extra: list[tuple[str, Any]] | None = None,
+    extra_masks: tuple[str, ...] = (),
+    model_path: Path | None = None,
 ) -> list[Path]:
     """``<stem>_mask.tif`` (uint8), ``<stem>_prob.tif`` (float32), ``<stem>_uncertainty.tif``,
     ``<stem>_attention.tif`` (float32) and ``extra`` (name, writer) files, written together
-    through :func:`napari_r2au.outputs.write_group` (callers check the plan first)."""
+    through :func:`napari_r2au.outputs.write_group` (callers check the plan first). The
+    mask and the ``extra_masks`` (a DICOM SEG, an overlay: the mask in another form) are
+    recorded with the mask's record, the maps with the model that made them."""
     import numpy as np
 
     from .mask_record import segment_record
@@ -131,9 +135,12 @@ def write_outputs(
         mask,
         threshold=prediction.threshold if threshold is None else threshold,
         flip_averaged=uncertainty is not None,
+        model_path=None if model_path is None else str(model_path),
     )
-    model = {key: record[key] for key in ("model", "model_sha256", "scale", "backend", "precision")}
-    made_by = {name: (dict(record) if name == names[0] else model) for name, _ in files}
+    maps = ("model", "model_sha256", "model_path", "scale", "backend", "precision", "flip_averaged")
+    model = {key: record[key] for key in maps}
+    masks = {names[0], *extra_masks}
+    made_by = {name: (dict(record) if name in masks else model) for name, _ in files}
     return write_group(outdir, source or stem, files, made_by)
 
 
@@ -253,6 +260,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 prediction.uncertainty,
                 source=path,
                 extra=extra,
+                extra_masks=tuple(name for name, _ in extra),
+                model_path=model.path,
             )
             at = (
                 ""
@@ -351,6 +360,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         True,
         source="skimage.data.retina()",
         extra=[(name, functools.partial(_png, array=array)) for name, array in pngs],
+        extra_masks=("retina_overlay.png",),
+        model_path=model.path,
     )
     provenance = model.metadata.get("provenance", {})
     print(f"model      {model.name} ({model.metadata['architecture']}, sha256 {model.sha256[:12]})")
@@ -501,7 +512,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.name is not None:  # a plain name, or refused before anything is read
         model_path(user_models_dir(), args.name)
-    args.model = args.model or DEFAULT_MODEL
+    args.model = args.model or DEFAULT_MODEL  # read again below (the warnings name the parent)
     parent = load_model(args.model)
     _check_pixel_arguments(args, parent)
     if args.device:  # a device this machine lacks: said before the folders are read
@@ -1110,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         "--model",
         default=None,
-        help=f"a model for colour fundus photographs, e.g. a fine-tune of it (default: {DEFAULT_MODEL_HELP})",
+        help=f"a model for colour fundus photographs, e.g. your fine-tune of the default (default: {DEFAULT_MODEL_HELP})",
     )
     p.add_argument("--gui", action="store_true", help="open the results in napari")
     p.add_argument(

@@ -44,27 +44,29 @@ def select_device(device: str | None = None) -> torch.device:
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512_BF16 or AMX)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where there is none to read,
+    so that every feature below counts as absent: the safe side."""
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return frozenset()
 
 
-@functools.cache
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512_BF16 or AMX)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_has_int8_dot() -> bool:
     """True on CPUs with int8 dot-product instructions (VNNI: AVX512_VNNI, AVX_VNNI or AMX).
     Without them, int8 convolutions sum pairs of u8 x s8 products in 16 bits, which
     saturates unless the network's weights were quantized to 7 bits (NNCF's overflow fix)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 #: the precision requests autocast_dtype understands

@@ -108,6 +108,18 @@ def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
     return None
 
 
+def made_before_overflow_fix(loaded: LoadedModel, key: str) -> bool:
+    """Whether the model has an accepted int8 network that :func:`find_int8` passes over on
+    this CPU (made without :data:`OVERFLOW_FIX`, no VNNI here): said, not taken for none."""
+    for stem in stems(loaded, key):
+        record = _read_record(with_suffix(stem, ".json"))
+        if record is None or record.get("network_key") != key or not record.get("accepted"):
+            continue
+        if all(record.get(name) == value for name, value in gated_settings(loaded).items()):
+            return not runs_as_gated(record)
+    return False
+
+
 def runs_as_gated(record: dict[str, Any]) -> bool:
     """Whether this CPU computes the network as the CPU of its gate did: always for one
     made with :data:`OVERFLOW_FIX`, else only on a CPU with VNNI (no 16-bit saturation)."""
@@ -186,12 +198,13 @@ def new_record(
     f1_int8: float,
     images: int,
     tiles: int,
-    worst_image_loss: float = 0.0,
-    overflow_fix: str | None = OVERFLOW_FIX,
+    *,
+    worst_image_loss: float,
+    overflow_fix: str | None,
 ) -> dict[str, Any]:
     """The record of one gate for the network ``key`` names: accepted when int8 gives up
     at most :data:`GATE` of pooled F1 and at most :data:`GATE_PER_IMAGE` on any one image
-    (``worst_image_loss``)."""
+    (``worst_image_loss``). ``overflow_fix``: the one NNCF was given (the maker knows)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def _version(name: str) -> str | None:

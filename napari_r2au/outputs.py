@@ -2,10 +2,11 @@
 
 A result never replaces a file the user made. Which files are the command's own is kept
 in a record in the output folder, ``.r2au-outputs.json``: for each file written, its
-sha256, the input it came from and what made it (for a mask, its record: the model and its
-sha256, threshold, scale, backend and precision; :mod:`napari_r2au.mask_record`). A file counts as an earlier output, and may be
-replaced, only while the record lists it with the content it still has; anything else
-(a manual ``case1_mask.tif``, an output edited since) is refused unless ``--overwrite``.
+sha256, the input it came from and what made it (a mask: its record, with the model and
+its sha256, threshold, scale, backend and precision; :mod:`napari_r2au.mask_record`). A
+file counts as an earlier output, and may be replaced, only while the record lists it with
+the content it still has; anything else (a manual ``case1_mask.tif``, an output edited
+since) is refused unless ``--overwrite``.
 The record survives neither a copy of the folder nor a lost record file: then the
 outputs count as the user's, the safe side.
 
@@ -45,7 +46,7 @@ def _sha256(path: Path) -> str:
 
 
 def read_record(folder: Path) -> dict[str, dict[str, Any]]:
-    """File name -> {sha256, input, written} for the outputs recorded in ``folder``
+    """File name -> {sha256, input, written[, made_by]} for the outputs recorded in ``folder``
     (empty when there is no readable record: nothing counts as ours then)."""
     path = folder / RECORD
     try:

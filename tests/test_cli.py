@@ -43,6 +43,12 @@ def test_segment_drive_image_gives_a_plausible_vessel_mask(tmp_path, drive_root,
     assert made["mask_sha256"] and not made["flip_averaged"]
     assert record["21_training_prob.tif"]["made_by"]["model"] == DEFAULT_MODEL
     assert "threshold" not in record["21_training_prob.tif"]["made_by"]
+    assert made["model_path"] == str(default.path)
+    # a threshold given on the command line is the one recorded, and the mask is cut at it
+    assert main(["segment", str(image), "-o", str(tmp_path / "at"), "--threshold", "0.6"]) == 0
+    made = read_record(tmp_path / "at")["21_training_mask.tif"]["made_by"]
+    assert made["threshold"] == 0.6
+    assert (tifffile.imread(tmp_path / "at" / "21_training_mask.tif") > 0).sum() < (mask > 0).sum()
 
 
 @pytest.mark.parametrize(
@@ -55,12 +61,10 @@ def test_segment_drive_image_gives_a_plausible_vessel_mask(tmp_path, drive_root,
     ],
 )
 def test_commands_without_a_model_use_the_default_one(command, monkeypatch, tmp_path):
-    """Every command that runs a model takes the default (four-camera) model when none is
-    given, and its help names that model (the help is written without importing model_files)."""
+    """Every command that runs a model takes the default (four-camera) model when none is given."""
     import napari_r2au.model_files as model_files
     import napari_r2au.training.evaluate
     import napari_r2au.training.finetune  # noqa: F401 (imported before the patch: they bind load_model)
-    from napari_r2au.cli import DEFAULT_MODEL_HELP
 
     asked = []
 
@@ -73,7 +77,18 @@ def test_commands_without_a_model_use_the_default_one(command, monkeypatch, tmp_
     with pytest.raises(RuntimeError, match="stop here"):
         main(command)
     assert asked == [DEFAULT_MODEL]
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate", "finetune", "demo"])
+def test_the_help_names_the_default_model(command, capsys):
+    """cli.py words the default without importing model_files (``r2au --help`` stays fast):
+    the wording must still name the model that model_files makes the default."""
+    from napari_r2au.cli import DEFAULT_MODEL_HELP
+
     assert DEFAULT_MODEL_HELP.split(",")[0] == DEFAULT_MODEL
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"(default:{DEFAULT_MODEL}," in "".join(capsys.readouterr().out.split())  # wrapped at any hyphen
 
 
 def test_segment_reports_bad_files_and_writes_the_others(tmp_path, capsys):

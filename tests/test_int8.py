@@ -120,7 +120,14 @@ def test_a_refused_gate_is_recorded_and_explained_and_its_network_is_not_kept(qu
 
     model = load_model("drive-vessels")
     record = new_record(
-        model, int8_key(model), f1_fp32=0.80, f1_int8=0.79, images=2, tiles=2
+        model,
+        int8_key(model),
+        f1_fp32=0.80,
+        f1_int8=0.79,
+        images=2,
+        tiles=2,
+        worst_image_loss=0.0,
+        overflow_fix="enable",
     )  # 0.01 lost: over the gate
     assert not record["accepted"]
     stem = _install(quantized, home)  # an earlier accepted network is replaced by the verdict
@@ -158,7 +165,8 @@ def test_a_network_made_without_the_overflow_fix_runs_by_default_only_on_a_cpu_w
     an older network (NNCF's first-layer-only fix) gave masks 5-9% off fp32 on an AVX2 CPU
     while its pooled gate passed, so its verdict is trusted only where the CPU has VNNI."""
     from napari_r2au import device, load_model
-    from napari_r2au.backends import int8_key
+    from napari_r2au.backends import BackendError, int8_key, resolve_backend
+    from napari_r2au.device import select_device
     from napari_r2au.int8 import find_int8, with_suffix
 
     stem = _install(quantized, home)
@@ -172,8 +180,13 @@ def test_a_network_made_without_the_overflow_fix_runs_by_default_only_on_a_cpu_w
     with_suffix(stem, ".json").write_text(json.dumps(record))
     monkeypatch.setattr(device, "cpu_has_int8_dot", lambda: False)
     assert find_int8(model, int8_key(model)) is None
+    cpu = select_device("cpu")
+    assert resolve_backend("auto", model, cpu, "auto").precision != "int8"  # the float path instead
+    with pytest.raises(BackendError, match="made without the overflow fix, which this CPU .no VNNI. needs"):
+        resolve_backend("auto", model, cpu, "int8")  # asked for by name: said why, not "none"
     monkeypatch.setattr(device, "cpu_has_int8_dot", lambda: True)
     assert find_int8(model, int8_key(model)) is not None
+    assert resolve_backend("auto", model, cpu, "auto").precision == "int8"
 
 
 def test_the_gate_refuses_a_network_that_loses_on_one_image_what_it_gains_on_another():
@@ -182,12 +195,23 @@ def test_the_gate_refuses_a_network_that_loses_on_one_image_what_it_gains_on_ano
     from napari_r2au.int8 import Int8Network, new_record
 
     model = load_model("drive-vessels")
-    record = new_record(model, int8_key(model), 0.80, 0.80, images=9, tiles=9, worst_image_loss=0.032)
+    fixed = dict(images=9, tiles=9, overflow_fix="enable")
+    record = new_record(model, int8_key(model), 0.80, 0.80, worst_image_loss=0.032, **fixed)
     assert not record["accepted"]
     assert "worst image -0.0320, gate 0.01" in Int8Network(Path("x"), Path("y"), record).verdict()
-    assert new_record(model, int8_key(model), 0.80, 0.799, images=9, tiles=9, worst_image_loss=0.009)[
-        "accepted"
-    ]
+    assert new_record(model, int8_key(model), 0.80, 0.799, worst_image_loss=0.009, **fixed)["accepted"]
+
+
+def test_the_worst_image_loss_leaves_out_images_whose_f1_is_undefined():
+    """An image with no vessel in the reference or the mask has no F1 (NaN): counted, it
+    would make the verdict hang on the images' order (max keeps a NaN only when first)."""
+    from napari_r2au.training.quantize import worst_image_loss
+
+    exact = [{"image": "a", "f1": float("nan")}, {"image": "b", "f1": 0.80}, {"image": "c", "f1": 0.70}]
+    int8 = [{"image": "a", "f1": 0.5}, {"image": "b", "f1": 0.78}, {"image": "c", "f1": float("nan")}]
+    assert worst_image_loss(exact, int8) == pytest.approx(0.02)
+    assert worst_image_loss(exact[::-1], int8[::-1]) == pytest.approx(0.02)
+    assert worst_image_loss(exact[1:2], [{"image": "b", "f1": 0.85}]) == 0.0  # a gain is no loss
 
 
 def test_cli_quantize_and_precision(quantized, tmp_path):

@@ -13,6 +13,7 @@ within :data:`napari_r2au.int8.GATE_PER_IMAGE`. The verdict is recorded either w
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
@@ -22,6 +23,20 @@ from napari_r2au.int8 import OVERFLOW_FIX, int8_dir, new_record, save_int8, with
 from napari_r2au.model_files import load_model
 
 from .evaluate import evaluate_folders
+
+
+def worst_image_loss(exact: list[dict[str, Any]], candidate: list[dict[str, Any]]) -> float:
+    """The most F1 the candidate gives up on any one image (0 if it loses none). An image
+    whose F1 is undefined on either side (no vessel in the reference or the mask) is left
+    out: NaN would make the verdict depend on the images' order."""
+    before = {row["image"]: row["f1"] for row in exact}
+    losses = [
+        before[row["image"]] - row["f1"]
+        for row in candidate
+        if math.isfinite(before.get(row["image"], math.nan)) and math.isfinite(row["f1"])
+    ]
+    return max([0.0, *losses])
+
 
 #: calibration tiles at most (NNCF's statistics settle long before; each whole photograph is one)
 MAX_TILES = 300
@@ -99,8 +114,6 @@ def iter_quantize(
             candidate = evaluate_folders(
                 loaded, images, masks, fov, device="cpu", backend="openvino", precision="int8"
             )
-        exact = {row["image"]: row["f1"] for row in reference["per_image"]}
-        worst = max(exact[row["image"]] - row["f1"] for row in candidate["per_image"])
         record = new_record(
             loaded,
             int8_key(loaded),
@@ -108,7 +121,8 @@ def iter_quantize(
             candidate["f1"],
             reference["n_images"],
             len(tiles),
-            worst_image_loss=max(worst, 0.0),
+            worst_image_loss=worst_image_loss(reference["per_image"], candidate["per_image"]),
+            overflow_fix=OVERFLOW_FIX,
         )
         save_int8(stem, record, xml, bin_)
     forget_int8(loaded)
