@@ -114,8 +114,9 @@ def test_ctrl_c_in_segment_is_one_line_and_130(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "_predict_with_bar", interrupted)
     assert main(["segment", str(tmp_path / "a.tif"), "-m", "base", "-o", str(tmp_path / "out")]) == 130
-    err = capsys.readouterr().err.strip()
-    assert err == "r2au: interrupted" and not (tmp_path / "out").exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert err == ["base (threshold 0.5): 1 input(s)", "r2au: interrupted"]  # the model, then one line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_tiff_with_a_broken_first_page_pointer_is_named_once(tmp_path, capsys):
