@@ -19,6 +19,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,15 +89,23 @@ def stems(loaded: LoadedModel, key: str) -> list[Path]:
     return [int8_dir() / key, bundled_models_dir() / "int8" / loaded.name]
 
 
-def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
-    """The model's int8 network and record (passed or failed), or None if there is none
-    made for the network ``key`` names with intact files."""
+def _records_for(loaded: LoadedModel, key: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(stem, record) of each int8 network made for the network ``key`` names at this model's
+    gated settings, in :func:`stems`' order (another threshold or working scale: its verdict
+    says nothing here)."""
+    settings = gated_settings(loaded)
     for stem in stems(loaded, key):
         record = _read_record(with_suffix(stem, ".json"))
         if record is None or record.get("network_key") != key:
             continue
-        if any(record.get(name) != value for name, value in gated_settings(loaded).items()):
-            continue  # gated at another threshold or working scale: its verdict says nothing here
+        if all(record.get(name) == value for name, value in settings.items()):
+            yield stem, record
+
+
+def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
+    """The model's int8 network and record (passed or failed), or None if there is none
+    made for the network ``key`` names with intact files."""
+    for stem, record in _records_for(loaded, key):
         if record.get("accepted") and not runs_as_gated(record):
             continue  # its verdict was reached on other arithmetic than this CPU's
         found = Int8Network(with_suffix(stem, ".xml"), with_suffix(stem, ".bin"), record)
@@ -111,13 +120,9 @@ def find_int8(loaded: LoadedModel, key: str) -> Int8Network | None:
 def made_before_overflow_fix(loaded: LoadedModel, key: str) -> bool:
     """Whether the model has an accepted int8 network that :func:`find_int8` passes over on
     this CPU (made without :data:`OVERFLOW_FIX`, no VNNI here): said, not taken for none."""
-    for stem in stems(loaded, key):
-        record = _read_record(with_suffix(stem, ".json"))
-        if record is None or record.get("network_key") != key or not record.get("accepted"):
-            continue
-        if all(record.get(name) == value for name, value in gated_settings(loaded).items()):
-            return not runs_as_gated(record)
-    return False
+    return any(
+        record.get("accepted") and not runs_as_gated(record) for _, record in _records_for(loaded, key)
+    )
 
 
 def runs_as_gated(record: dict[str, Any]) -> bool:
