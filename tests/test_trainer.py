@@ -436,3 +436,39 @@ def test_tiff_stacks_in_folders_are_read_slice_by_slice(tmp_path, rng):
     tifffile.imwrite(tmp_path / "msk" / "ct.tif", labels[:4])  # a mask stack that does not fit
     with pytest.raises(DataError, match="differ in size"):
         folder_samples(tmp_path / "img", tmp_path / "msk", in_channels=1)
+
+
+def test_lovasz_hinge_is_each_images_jaccard_loss_at_the_corners():
+    """At errors of exactly 0 (right) or 1 (wrong), the Lovász hinge is the Jaccard loss of the
+    wrong pixels, and a batch's loss is the mean over images, not pooled over pixels."""
+    from napari_r2au.training.losses import lovasz_hinge_loss, segmentation_loss
+
+    target = torch.zeros(2, 1, 10, 10)
+    target[:, 0, :1, :] = 1  # 10 foreground pixels in each image
+    signs = 2 * target - 1
+    logits = signs.clone()  # margin 1 everywhere: error 0
+    logits[0, 0, 0, :3] = 0  # 3 missed foreground pixels: error 1
+    logits[0, 0, 5, :2] = 0  # 2 false positives: error 1
+    # Jaccard loss of image 0: 5 wrong over the union of 10 foreground and 2 false positives
+    assert lovasz_hinge_loss(logits, target).item() == pytest.approx((5 / 12 + 0) / 2)
+    assert lovasz_hinge_loss(logits[:1], target[:1]).item() == pytest.approx(5 / 12)
+    # every pixel wrong, each with an error of 4: four times the full Jaccard loss
+    assert lovasz_hinge_loss(-3 * signs[:1], target[:1]).item() == pytest.approx(4.0)
+    # on an empty image only the worst false positive counts
+    empty = torch.zeros(1, 1, 4, 4)
+    wrong = torch.full((1, 1, 4, 4), -1.0)
+    wrong[0, 0, 0, 0] = 2.0  # error 3 on one pixel, 0 elsewhere
+    assert lovasz_hinge_loss(wrong, empty).item() == pytest.approx(3.0)
+    # the trainer's loss adds BCE, and the gradient reaches the logits
+    logits.requires_grad_(True)
+    loss = segmentation_loss(logits, target, "bce_lovasz")
+    loss.backward()
+    assert loss.item() > lovasz_hinge_loss(logits, target).item() and logits.grad.abs().sum() > 0
+
+
+def test_training_with_the_lovasz_loss_learns(tmp_path, rng):
+    samples = memory_samples(_pairs(rng, 4))
+    config = _config(tmp_path, steps=40, val_every=20, lr=0.02, loss="bce_lovasz")
+    events = list_events(iter_train(config, samples=samples[:3], val_samples=samples[3:]))
+    assert np.mean([e.loss for e in events[-5:]]) < np.mean([e.loss for e in events[:5]])
+    assert any("bce_lovasz" in problem for problem in _config(tmp_path, loss="lovasz").problems())
