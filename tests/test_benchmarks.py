@@ -225,3 +225,18 @@ def test_the_cross_dataset_benchmark_can_re_save_photographs_as_jpeg(tmp_path, d
     original, compressed = iio.imread(image)[..., :3].astype(float), iio.imread(saved).astype(float)
     assert compressed.shape == original.shape and 0 < np.abs(compressed - original).mean() < 10
     assert (masks / mask.name).is_symlink()
+
+
+def test_precision_benchmark_times_both_floats_and_names_the_default(tmp_path, drive_root):
+    from benchmarks import precision
+    from napari_r2au import device
+
+    out = tmp_path / "perf.md"
+    assert precision.main(["--repeat", "1", "--markdown", str(out)]) == 0
+    if not device.cpu_has_bf16():
+        assert not out.exists()  # nothing to decide on a CPU without bf16
+        return
+    text = out.read_text()
+    assert f"default float here: **{'bf16' if device.cpu_bf16_is_faster() else 'fp32'}**" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 3  # the probe, predict, a training step
