@@ -328,7 +328,11 @@ class _Converted:
             model = self.model.clone()
             model.reshape({"image": ov.PartialShape(list(shape))})
             # an int8 network's layers left unquantized run at the CPU's fast float
-            hint = ("bf16" if cpu_bf16_is_faster() else "f32") if precision == "int8" else _OV_PRECISION[precision]
+            hint = (
+                ("bf16" if cpu_bf16_is_faster() else "f32")
+                if precision == "int8"
+                else _OV_PRECISION[precision]
+            )
             config = {
                 "INFERENCE_PRECISION_HINT": hint,
                 "INFERENCE_NUM_THREADS": threads,
