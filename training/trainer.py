@@ -945,6 +945,9 @@ def iter_train(
     generator = torch.Generator().manual_seed(config.seed)
     sampler = PatchSampler(samples, config.patch_size, generator)
     amp = autocast_dtype(dev, config.precision)
+    if world > 1 and dev.type == "cpu" and config.precision == "auto":
+        # each process measures the CPU's bf16 on its own: the ranks train at rank 0's float
+        amp = torch.bfloat16 if _agree(amp is not None) else None
     model = network
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
