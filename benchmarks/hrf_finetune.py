@@ -1,7 +1,7 @@
 """The fine-tune loop on a real domain shift: a vessel model -> another fundus camera.
 
 ``python -m benchmarks.hrf_finetune [--dataset HRF|STARE|CHASE_DB1] [--model M] [--steps N]
-[--scale S] [--seeds 0 1 2] [--markdown FILE]``
+[--scale S] [--seeds 0 1 2] [--threshold-only] [--markdown FILE]``
 
 Evaluates the model (default the bundled ``drive-vessels``) on held-out images of the
 camera (inside the FOV), fine-tunes it with ``r2au finetune`` (the CLI, the same code path
@@ -14,6 +14,9 @@ HRF keeps its historical split (tuned on 01_h, 01_dr, 01_g; docs/hrf-finetune.md
 and CHASE_DB1 have four images each here: the one that ``retina-vessels`` held out for
 validation is evaluated (benchmarks.cross_dataset), the other three are corrected. Give
 ``--scale 0`` to let a fundus model derive each photograph's scale from its field of view.
+``--threshold-only`` trains nothing: it re-chooses the model's threshold on the k corrected
+photographs (pooled F1 inside their fields of view, the trainer's threshold grid) and scores
+the held-out photographs at it, the cheapest adaptation there is, to set beside a fine-tune.
 """
 
 from __future__ import annotations
@@ -100,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="further r2au finetune options, e.g. --lr 2e-4 --no-freeze-encoder (last)",
     )
+    parser.add_argument(
+        "--threshold-only",
+        action="store_true",
+        help="train nothing: re-choose the threshold on the k corrected photographs",
+    )
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     root = LAYOUTS[args.dataset][0]
@@ -122,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     print(runs[-1], flush=True)
     for k in args.ks:
         images, masks, fov = _link_subset(tune_ids[:k], work / f"tune{k}", args.dataset)
+        if args.threshold_only:
+            started = time.perf_counter()
+            threshold = _threshold_on(start, tune_ids[:k], args.dataset, scale)
+            report = evaluate_folders(start, *eval_dirs, scale=scale, threshold=threshold)
+            runs.append((k, None, report["f1"], report["auc_roc"], time.perf_counter() - started))
+            print(runs[-1], f"threshold {threshold}", flush=True)
+            continue
         for seed in args.seeds:
             name = f"{start.name}-{args.dataset.lower().replace('_', '')}-k{k}-s{seed}"
             started = time.perf_counter()
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' --heldout' if args.heldout else ''} --steps {args.steps} "
             f"--scale {args.scale} "
             f"--seeds {seeds} --model {args.model} --ks {' '.join(map(str, args.ks))}"
+            f"{' --threshold-only' if args.threshold_only else ''}"
             f"{' --finetune ' + ' '.join(args.finetune) if args.finetune else ''}`\n\n"
             f"Fine-tuned on {', '.join(tune_ids)} (first k); evaluated on {len(eval_ids)} other {args.dataset} "
             "images "
@@ -170,6 +186,27 @@ def main(argv: list[str] | None = None) -> int:
         )
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _threshold_on(model, ids: list[str], dataset: str, scale: float | None) -> float:
+    """The model's best threshold on the photographs ``ids`` (pooled F1 inside their FOVs),
+    each at the working scale the engine gives it."""
+    from napari_r2au.engine import working_scale
+    from napari_r2au.io import read_image
+    from napari_r2au.training.data import binarize_mask, memory_samples
+    from napari_r2au.training.trainer import best_threshold
+
+    root, images, masks, mask_name, fovs, fov_name = LAYOUTS[dataset]
+    pairs, fields, scales = [], [], []
+    for item in ids:
+        image = read_image(next(p for p in (root / images).iterdir() if p.name.split(".")[0] == item))
+        mask = binarize_mask(read_image(root / masks / mask_name.format(item)), mask_name.format(item))
+        field = read_image(root / fovs / fov_name.format(item))
+        pairs.append((image, mask))
+        fields.append((field[..., 0] if field.ndim == 3 else field) > 0)
+        scales.append(working_scale(model, scale, image=image))
+    samples = memory_samples(pairs, model.in_channels, model.normalization, fovs=fields, scale=scales)
+    return best_threshold(model, samples)[0]
 
 
 def _tables(runs: list[tuple], model: str, dataset: str = "HRF") -> str:

@@ -251,25 +251,36 @@ def test_cli_quantize_and_precision(quantized, tmp_path):
     assert (tmp_path / "out" / "21_mask.tif").is_file()
 
 
-def test_the_default_model_ships_an_int8_network_that_passed_its_gate(home):
-    """bundled_models/int8/retina-vessels.*: made for these very weights (a retrained
-    retina-vessels without a new one fails here), accepted, and run by default."""
+@pytest.mark.parametrize("name", ["retina-vessels", "ct-lungs"])
+def test_bundled_models_ship_an_int8_network_that_passed_its_gate(home, name):
+    """bundled_models/int8/NAME.*: made for these very weights (a retrained model without a
+    new one fails here), accepted, and run by default."""
     pytest.importorskip("openvino", reason=NEEDS)
     from napari_r2au import load_model, predict
     from napari_r2au.backends import int8_key
     from napari_r2au.int8 import find_int8
     from napari_r2au.model_files import list_models
 
-    model = load_model("retina-vessels")
+    model = load_model(name)
     found = find_int8(model, int8_key(model))
     assert found is not None and found.record["accepted"], "regenerate: python -m benchmarks.int8 --dest ..."
     assert found.record["overflow_fix"] == "enable"  # computes the same with and without VNNI
     assert found.xml.parent.name == "int8"  # not beside the model files, where a record would be listed
     names = [row["name"] for row in list_models()]
-    assert "retina-vessels" in names and len(names) == len(set(names))  # the record is no model
+    assert name in names and len(names) == len(set(names))  # the record is no model
     from skimage import data
 
-    assert predict(model, data.retina()[::4, ::4]).precision == "int8"
+    image = data.retina()[::4, ::4] if name == "retina-vessels" else data.camera()[::2, ::2] * 5.0 - 1000
+    assert predict(model, image).precision == "int8"
+
+
+def test_every_bundled_int8_network_is_tested():
+    from pathlib import Path
+
+    import napari_r2au
+
+    folder = Path(napari_r2au.__file__).parent / "bundled_models" / "int8"
+    assert sorted(p.stem for p in folder.glob("*.json")) == ["ct-lungs", "retina-vessels"]
 
 
 def test_a_malformed_record_is_as_if_there_were_none(home):
