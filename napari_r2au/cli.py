@@ -632,7 +632,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .model_files import load_model
     from .training.quantize import iter_quantize
 
-    stages = iter_quantize(load_model(args.model), args.images, args.masks, args.fov, dest=args.dest)
+    stages = iter_quantize(
+        load_model(args.model), args.images, args.masks, args.fov, dest=args.dest, class_map=args.class_map
+    )
     record = run(stages, lambda line: print(line, flush=True))
     return 0 if record["accepted"] else 1
 
@@ -1235,6 +1237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write NAME.xml/.bin/.json into this folder (napari_r2au/bundled_models/int8 for a bundled model) "
         "instead of your int8 folder",
     )
+    _add_class_map_argument(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a folder of images and reference masks")

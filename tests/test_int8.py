@@ -251,7 +251,7 @@ def test_cli_quantize_and_precision(quantized, tmp_path):
     assert (tmp_path / "out" / "21_mask.tif").is_file()
 
 
-@pytest.mark.parametrize("name", ["retina-vessels", "ct-lungs"])
+@pytest.mark.parametrize("name", ["retina-vessels", "ct-lungs", "em-membranes"])
 def test_bundled_models_ship_an_int8_network_that_passed_its_gate(home, name):
     """bundled_models/int8/NAME.*: made for these very weights (a retrained model without a
     new one fails here), accepted, and run by default."""
@@ -270,7 +270,12 @@ def test_bundled_models_ship_an_int8_network_that_passed_its_gate(home, name):
     assert name in names and len(names) == len(set(names))  # the record is no model
     from skimage import data
 
-    image = data.retina()[::4, ::4] if name == "retina-vessels" else data.camera()[::2, ::2] * 5.0 - 1000
+    images = {
+        "retina-vessels": data.retina()[::4, ::4],
+        "ct-lungs": data.camera()[::2, ::2] * 5.0 - 1000,  # in HU, as the model checks
+        "em-membranes": data.camera()[::2, ::2],
+    }
+    image = images[name]
     assert predict(model, image).precision == "int8"
 
 
@@ -280,7 +285,7 @@ def test_every_bundled_int8_network_is_tested():
     import napari_r2au
 
     folder = Path(napari_r2au.__file__).parent / "bundled_models" / "int8"
-    assert sorted(p.stem for p in folder.glob("*.json")) == ["ct-lungs", "retina-vessels"]
+    assert sorted(p.stem for p in folder.glob("*.json")) == ["ct-lungs", "em-membranes", "retina-vessels"]
 
 
 def test_a_malformed_record_is_as_if_there_were_none(home):
@@ -358,3 +363,23 @@ def test_comparisons_of_two_networks_never_measure_one_at_int8(home, monkeypatch
     sample = Sample(image, np.zeros((64, 64), np.uint8), np.ones((64, 64), bool), "blank", image)
     trainer.predict_samples(load_model("retina-vessels"), [sample])
     assert seen and seen[0] != "int8"
+
+
+def test_quantize_reads_masks_through_a_class_map(quantized, tmp_path, monkeypatch, capsys):
+    """ISBI 2012's labels mark the foreground 0: `--class-map 0:1,255:0` gives the same gate
+    figures as masks that mark it 255."""
+    from PIL import Image
+
+    from napari_r2au.cli import main
+
+    images, masks, _, record = quantized
+    inverted = tmp_path / "inverted"
+    inverted.mkdir()
+    for mask in masks.iterdir():
+        Image.fromarray(255 - np.asarray(Image.open(mask))).save(inverted / mask.name)
+    monkeypatch.setenv("R2AU_HOME", str(tmp_path / "home"))
+    args = ["quantize", "drive-vessels", "--images", str(images), "--masks", str(inverted)]
+    assert main([*args, "--class-map", "0:1,255:0", "--dest", str(tmp_path / "made")]) == 0
+    made = json.loads((tmp_path / "made" / "drive-vessels.json").read_text())
+    assert made["f1_fp32"] == pytest.approx(record["f1_fp32"], abs=1e-6)
+    assert "int8 accepted" in capsys.readouterr().out

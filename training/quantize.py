@@ -50,12 +50,14 @@ def iter_quantize(
     *,
     dest: str | Path | None = None,
     max_tiles: int = MAX_TILES,
+    class_map: dict[int, int] | None = None,
 ) -> Generator[str, None, dict[str, Any]]:
     """Yields a line per stage; returns the record written (``accepted`` says the verdict).
 
     ``dest``: a folder to write ``NAME.{xml,bin,json}`` into (``bundled_models/int8`` is how
     a bundled model's int8 network is made); by default the user's int8 folder, where the
-    backend finds it.
+    backend finds it. ``class_map``: mask values to classes, for masks that are not 0/1 or
+    0/255 foreground (ISBI 2012's labels mark membrane 0), as ``r2au evaluate`` takes it.
     """
     from napari_r2au.backends import (
         BackendError,
@@ -81,7 +83,14 @@ def iter_quantize(
     yield f"{loaded.name}: exact fp32 on the images, recording the network's inputs"
     with recording_inputs(max_tiles) as tiles:
         reference = evaluate_folders(
-            loaded, images, masks, fov, device="cpu", backend="openvino", precision="fp32"
+            loaded,
+            images,
+            masks,
+            fov,
+            device="cpu",
+            backend="openvino",
+            precision="fp32",
+            class_map=class_map,
         )
     if not tiles:
         raise ValueError(f"{images}: no image paired with a mask, nothing to calibrate on")
@@ -112,7 +121,14 @@ def iter_quantize(
         yield "int8 on the same images (the accuracy gate)"
         with trying_int8(loaded, ov.Core().read_model(str(xml), str(bin_))):  # the files it will run from
             candidate = evaluate_folders(
-                loaded, images, masks, fov, device="cpu", backend="openvino", precision="int8"
+                loaded,
+                images,
+                masks,
+                fov,
+                device="cpu",
+                backend="openvino",
+                precision="int8",
+                class_map=class_map,
             )
         record = new_record(
             loaded,
