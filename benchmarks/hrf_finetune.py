@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks import write_between_markers
 
@@ -125,19 +126,30 @@ def main(argv: list[str] | None = None) -> int:
     eval_dirs = _link_subset(eval_ids, work / "eval", args.dataset)
     scale = args.scale or None
     runs = []  # (k, seed, f1, auc, seconds)
-    report = evaluate_folders(start, *eval_dirs, scale=scale)
+    # the threshold is chosen on float probabilities (the trainer's), so with --threshold-only
+    # every score is at the float too, never at a model's int8 network
+    precision = "auto"
+    if args.threshold_only:
+        import torch
+
+        from napari_r2au.device import float_precision
+
+        precision = float_precision(torch.device("cpu"), "auto")
+    report = evaluate_folders(start, *eval_dirs, scale=scale, precision=precision)
     runs.append((0, None, report["f1"], report["auc_roc"], 0.0))
     print(runs[-1], flush=True)
     for k in args.ks:
-        images, masks, fov = _link_subset(tune_ids[:k], work / f"tune{k}", args.dataset)
         if args.threshold_only:
             started = time.perf_counter()
             threshold = _threshold_on(start, tune_ids[:k], args.dataset, scale)
             seconds = time.perf_counter() - started  # choosing it, not scoring the held-out images
-            report = evaluate_folders(start, *eval_dirs, scale=scale, threshold=threshold)
+            report = evaluate_folders(
+                start, *eval_dirs, scale=scale, threshold=threshold, precision=precision
+            )
             runs.append((k, None, report["f1"], report["auc_roc"], seconds))
             print(runs[-1], f"threshold {threshold}", flush=True)
             continue
+        images, masks, fov = _link_subset(tune_ids[:k], work / f"tune{k}", args.dataset)
         for seed in args.seeds:
             name = f"{start.name}-{args.dataset.lower().replace('_', '')}-k{k}-s{seed}"
             started = time.perf_counter()
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate_folders(name, *eval_dirs)  # the new model carries its scale
             runs.append((k, seed, report["f1"], report["auc_roc"], seconds))
             print(runs[-1], flush=True)
-    text = _tables(runs, start.name, args.dataset)
+    text = _tables(runs, start.name, args.dataset, "threshold choice" if args.threshold_only else "fine-tune")
     print(text)
     if args.markdown:
         seeds = " ".join(str(s) for s in args.seeds)
@@ -181,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--seeds {seeds} --model {args.model} --ks {' '.join(map(str, args.ks))}"
             f"{' --threshold-only' if args.threshold_only else ''}"
             f"{' --finetune ' + ' '.join(args.finetune) if args.finetune else ''}`\n\n"
-            f"Fine-tuned on {', '.join(tune_ids)} (first k); evaluated on {len(eval_ids)} other {args.dataset} "
+            f"{'Threshold chosen' if args.threshold_only else 'Fine-tuned'} on {', '.join(tune_ids)} "
+            f"(first k); evaluated on {len(eval_ids)} other {args.dataset} "
             "images "
             f"({', '.join(eval_ids)}), pixels inside the FOV pooled.\n\n{text}\n",
         )
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _threshold_on(model, ids: list[str], dataset: str, scale: float | None) -> float:
+def _threshold_on(model: Any, ids: list[str], dataset: str, scale: float | None) -> float:
     """The model's best threshold on the photographs ``ids`` (pooled F1 inside their FOVs),
     each at the working scale the engine gives it."""
     from napari_r2au.engine import working_scale
@@ -210,10 +223,11 @@ def _threshold_on(model, ids: list[str], dataset: str, scale: float | None) -> f
     return best_threshold(model, samples)[0]
 
 
-def _tables(runs: list[tuple], model: str, dataset: str = "HRF") -> str:
-    """A summary per k (mean, spread, worst over seeds) and every run."""
+def _tables(runs: list[tuple], model: str, dataset: str = "HRF", adaptation: str = "fine-tune") -> str:
+    """A summary per k (mean, spread, worst over seeds) and every run; ``adaptation`` names
+    what the time column timed."""
     summary = [
-        f"| corrected {dataset} images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | fine-tune time (s) |",
+        f"| corrected {dataset} images | runs | F1 mean | F1 sd | F1 worst | AUC-ROC mean | {adaptation} time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for k in sorted({run[0] for run in runs}):
@@ -226,7 +240,7 @@ def _tables(runs: list[tuple], model: str, dataset: str = "HRF") -> str:
             f"{statistics.mean(run[3] for run in chosen):.4f} | "
             f"{statistics.mean(run[4] for run in chosen):.0f} |"
         )
-    each = ["| k | seed | F1 | AUC-ROC | fine-tune time (s) |", "|---|---|---|---|---|"]
+    each = [f"| k | seed | F1 | AUC-ROC | {adaptation} time (s) |", "|---|---|---|---|---|"]
     each += [
         f"| {k} | {'-' if seed is None else seed} | {f1:.4f} | {auc:.4f} | {s:.0f} |"
         for k, seed, f1, auc, s in runs

@@ -18,16 +18,21 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks import write_between_markers
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
 BEGIN, END = "<!-- precision -->", "<!-- /precision -->"
 
 
-def _train_step_seconds(model_name: str, dtype, repeat: int) -> float:
+def _train_step_seconds(model_name: str, dtype: torch.dtype | None, repeat: int) -> float:
     """Best time of one optimizer step of the model's network at the Fine-tune dock's shape."""
     import torch
 
@@ -52,7 +57,7 @@ def _train_step_seconds(model_name: str, dtype, repeat: int) -> float:
     return best_of(step, repeat, warmup=2)
 
 
-def _finetune_seconds(bf16_rule) -> tuple[float, str, float, float]:
+def _finetune_seconds(bf16_rule: Callable[[], bool]) -> tuple[float, str, float, float]:
     """The default fine-tune of ``benchmarks``' table with ``bf16_rule`` deciding bf16."""
     import os
     import tempfile
@@ -64,11 +69,11 @@ def _finetune_seconds(bf16_rule) -> tuple[float, str, float, float]:
 
     image = read_image(DRIVE / "images" / "23_training.tif")[36:548, 26:538]
     mask = read_image(DRIVE / "1st_manual" / "23_manual1.gif")[36:548, 26:538] > 0
-    saved_rule, saved_home = device.cpu_bf16_is_faster, os.environ.get("R2AU_HOME")
-    device.cpu_bf16_is_faster = bf16_rule
     import torch
 
+    saved_rule, saved_home = device.cpu_bf16_is_faster, os.environ.get("R2AU_HOME")
     try:
+        device.cpu_bf16_is_faster = bf16_rule
         with tempfile.TemporaryDirectory(prefix="r2au-precision-") as home:
             os.environ["R2AU_HOME"] = home  # the fine-tuned model goes here, not to the user's folder
             precision = device.float_precision(torch.device("cpu"), "auto")
@@ -112,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag): the default is fp32, nothing to decide"
         )
         return 0
+    verdict = device.cpu_bf16_is_faster()  # the engine's own verdict, measured once
     probes = [device.cpu_bf16_speedup() for _ in range(3)]
-    verdict = device.cpu_bf16_is_faster()
     rows = [
         (
-            f"probe: 3x3 convolution, 32 channels, 4x64x64, bf16 over fp32 speed (median of 3; "
-            f"bf16 if >= {device.BF16_MIN_SPEEDUP})",
+            f"probe: 3x3 convolution, 32 channels, 4x64x64, bf16 over fp32 speed (3 more probes "
+            f"after the engine's own, median; bf16 if >= {device.BF16_MIN_SPEEDUP})",
             "",
             "",
             f"{statistics.median(probes):.2f}x",

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .device import PRECISIONS, autocast_dtype, cpu_bf16_is_faster
+from . import device as _device
+from .device import PRECISIONS, autocast_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +112,8 @@ def resolve_backend(
 
     Precision ``auto`` on OpenVINO is int8 for a model whose int8 network passed its
     accuracy gate (:mod:`napari_r2au.int8`, made by ``r2au quantize``), else the device's
-    float (bf16 where the CPU has it). ``int8`` asked for without such a network is an
+    float (bf16 where the CPU has it and it measures faster:
+    :func:`napari_r2au.device.cpu_bf16_is_faster`). ``int8`` asked for without such a network is an
     error that says how to make one, or why its gate refused it.
     """
 
@@ -210,6 +212,12 @@ def _gates_at(gate_maps: list[Any], height: int, width: int) -> list[np.ndarray]
             .numpy()[:, 0]
         )
     return out
+
+
+def int8_float_hint() -> str:
+    """OpenVINO's precision for the layers an int8 network leaves unquantized: the CPU's
+    default float (bf16 only where it measures faster, :func:`napari_r2au.device.cpu_bf16_is_faster`)."""
+    return "bf16" if _device.cpu_bf16_is_faster() else "f32"
 
 
 def _compiled(loaded: LoadedModel, runner: Any, key: tuple) -> Any:
@@ -327,12 +335,7 @@ class _Converted:
                 return self.compiled[key]
             model = self.model.clone()
             model.reshape({"image": ov.PartialShape(list(shape))})
-            # an int8 network's layers left unquantized run at the CPU's fast float
-            hint = (
-                ("bf16" if cpu_bf16_is_faster() else "f32")
-                if precision == "int8"
-                else _OV_PRECISION[precision]
-            )
+            hint = int8_float_hint() if precision == "int8" else _OV_PRECISION[precision]
             config = {
                 "INFERENCE_PRECISION_HINT": hint,
                 "INFERENCE_NUM_THREADS": threads,

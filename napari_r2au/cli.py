@@ -1284,7 +1284,8 @@ def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
         choices=INFERENCE_PRECISIONS,
         default="auto",
         help="auto (default): an int8 network that passed its accuracy gate (r2au quantize) where there is one, "
-        "else bf16 where the CPU or GPU has it, else fp32; fp32 is the exact path",
+        "else bf16 where the GPU has it or the CPU has it and measures it faster, else fp32; "
+        "fp32 is the exact path",
     )
 
 

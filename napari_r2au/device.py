@@ -4,6 +4,8 @@ backends and the trainer, so that all three read a device or precision request t
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -66,45 +68,81 @@ def cpu_has_bf16() -> bool:
 #: faster in bf16 than in fp32 (a margin over timing noise; a gain smaller than it is not
 #: worth bf16's rounding)
 BF16_MIN_SPEEDUP = 1.15
+#: each timing of the probe lasts at least this long (seconds), so that on many cores,
+#: where one convolution takes microseconds, fixed overheads do not decide
+PROBE_MIN_SECONDS = 0.004
+#: "1" or "0" decides bf16 on the CPU without the probe (for a CPU the probe misjudges)
+BF16_ENV = "R2AU_CPU_BF16"
 
 
-def cpu_bf16_speedup(repeat: int = 5) -> float:
-    """How much faster a convolution like the networks' runs in bf16 than in fp32 here.
+def _conv_seconds(dtype: torch.dtype | None, calls: int) -> tuple[float, torch.dtype]:
+    """Time of ``calls`` probe convolutions at ``dtype`` (None: fp32), and the dtype they ran at.
 
-    Best of ``repeat`` timings each, in this process's thread count: a 3x3 convolution of
-    32 channels over a batch of 64x64 tiles in channels-last order (the engine's and the
-    trainer's layout), about 0.3 GFLOP.
+    A 3x3 convolution of 32 channels over four 64x64 tiles in channels-last order (the
+    engine's and the trainer's layout), about 0.3 GFLOP, with its own random generator: the
+    probe leaves torch's global random state as it was.
     """
     import time
 
     import torch
+    import torch.nn.functional as F
 
-    with torch.no_grad():
-        conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(memory_format=torch.channels_last)
-        tiles = torch.randn(4, 32, 64, 64).to(memory_format=torch.channels_last)
-
-        def best(dtype: torch.dtype | None) -> float:
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                conv(tiles)  # the first call builds oneDNN's kernel for the shape
-                times = []
-                for _ in range(repeat):
-                    started = time.perf_counter()
-                    conv(tiles)
-                    times.append(time.perf_counter() - started)
-            return min(times)
-
-        return best(None) / best(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 32, 3, 3, generator=generator).to(memory_format=torch.channels_last)
+    tiles = torch.randn(4, 32, 64, 64, generator=generator).to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = F.conv2d(tiles, weight, padding=1)  # the first call builds oneDNN's kernel for the shape
+        started = time.perf_counter()
+        for _ in range(calls):
+            out = F.conv2d(tiles, weight, padding=1)
+        return time.perf_counter() - started, out.dtype
 
 
-@functools.cache
+def cpu_bf16_speedup(repeat: int = 5) -> float:
+    """How much faster a convolution like the networks' runs in bf16 than in fp32 here, in
+    this process's thread count: best of ``repeat`` timings each, fp32 and bf16 alternating
+    so that a change in the machine's load falls on both, each timing at least
+    :data:`PROBE_MIN_SECONDS` long."""
+    import torch
+
+    single, _ = _conv_seconds(None, 1)
+    calls = max(1, int(PROBE_MIN_SECONDS / max(single, 1e-6)) + 1)
+    fp32 = bf16 = float("inf")
+    for _ in range(repeat):
+        fp32 = min(fp32, _conv_seconds(None, calls)[0])
+        bf16 = min(bf16, _conv_seconds(torch.bfloat16, calls)[0])
+    return fp32 / bf16
+
+
+_bf16_verdict: bool | None = None
+_bf16_lock = threading.Lock()
+
+
 def cpu_bf16_is_faster() -> bool:
     """True where the CPU has native bf16 (its flags) and bf16 convolutions measure faster.
 
     The flags alone are not enough: a virtual machine seen here reported avx512_bf16 and
-    ran bf16 convolutions at 0.7 of fp32's speed, and a training step at 0.76. Measured once
-    per process (tens of milliseconds) and only where the flags say bf16 exists.
+    ran the probe's bf16 convolutions at 0.5-0.6 of fp32's speed, and a training step at 0.74.
+    Measured once per process (a fraction of a second, in the first run's worker), at the first caller's thread count,
+    only where the flags say bf16 exists; two docks' first runs at once measure once.
+    :data:`BF16_ENV` set to 1 or 0 decides instead.
     """
-    return cpu_has_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    global _bf16_verdict
+    with _bf16_lock:
+        if _bf16_verdict is None:
+            forced = os.environ.get(BF16_ENV, "").strip()
+            if forced in ("0", "1"):
+                _bf16_verdict = forced == "1"
+            else:
+                _bf16_verdict = cpu_has_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+        return _bf16_verdict
+
+
+def forget_bf16_verdict() -> None:
+    """Measure again at the next call (tests; a process whose thread count changed a lot)."""
+    global _bf16_verdict
+    with _bf16_lock:
+        _bf16_verdict = None
 
 
 def cpu_has_int8_dot() -> bool:

@@ -206,10 +206,12 @@ def new_record(
     *,
     worst_image_loss: float,
     overflow_fix: str | None,
+    class_map: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """The record of one gate for the network ``key`` names: accepted when int8 gives up
     at most :data:`GATE` of pooled F1 and at most :data:`GATE_PER_IMAGE` on any one image
-    (``worst_image_loss``). ``overflow_fix``: the one NNCF was given (the maker knows)."""
+    (``worst_image_loss``). ``overflow_fix``: the one NNCF was given (the maker knows).
+    ``class_map``: how the gate's masks were read, so that the gate can be repeated."""
     from importlib.metadata import PackageNotFoundError, version
 
     def _version(name: str) -> str | None:
@@ -234,6 +236,7 @@ def new_record(
         "accepted": bool(f1_fp32 - f1_int8 <= GATE and worst_image_loss <= GATE_PER_IMAGE),
         "images": images,
         "calibration_tiles": tiles,
+        **({"class_map": {str(k): v for k, v in class_map.items()}} if class_map else {}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "openvino": _version("openvino"),
         "nncf": _version("nncf"),

@@ -263,7 +263,9 @@ def test_bundled_models_ship_an_int8_network_that_passed_its_gate(home, name):
 
     model = load_model(name)
     found = find_int8(model, int8_key(model))
-    assert found is not None and found.record["accepted"], "regenerate: python -m benchmarks.int8 --dest ..."
+    assert found is not None and found.record["accepted"], (
+        f"remake {name}'s int8 network for its weights: the commands are in docs/performance.md, int8"
+    )
     assert found.record["overflow_fix"] == "enable"  # computes the same with and without VNNI
     assert found.xml.parent.name == "int8"  # not beside the model files, where a record would be listed
     names = [row["name"] for row in list_models()]
@@ -382,4 +384,5 @@ def test_quantize_reads_masks_through_a_class_map(quantized, tmp_path, monkeypat
     assert main([*args, "--class-map", "0:1,255:0", "--dest", str(tmp_path / "made")]) == 0
     made = json.loads((tmp_path / "made" / "drive-vessels.json").read_text())
     assert made["f1_fp32"] == pytest.approx(record["f1_fp32"], abs=1e-6)
+    assert made["class_map"] == {"0": 1, "255": 0} and "class_map" not in record  # the gate can be repeated
     assert "int8 accepted" in capsys.readouterr().out

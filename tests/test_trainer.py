@@ -93,6 +93,7 @@ def test_training_writes_checkpoints_and_learns(tmp_path, rng):
     prov = best.metadata["provenance"]
     assert best.metadata["threshold"] in THRESHOLDS
     assert prov["validation_metrics"]["f1"] >= prov["validation_metrics_at_0.5"]["f1"]
+    assert prov["training_float"] == "fp32"  # what precision became is recorded
     assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 41
 
 

@@ -33,6 +33,7 @@ def _jaccard_steps(truth_sorted: torch.Tensor) -> torch.Tensor:
 def lovasz_hinge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each image's Lovász hinge: each image's Jaccard counts alike."""
     losses = []
+    target = target.to(logits.dtype)  # 2 * t - 1 on an integer mask would wrap
     for image_logits, image_target in zip(logits.flatten(1), target.flatten(1)):
         signs = 2 * image_target - 1
         errors = 1 - image_logits * signs

@@ -139,6 +139,7 @@ def iter_quantize(
             len(tiles),
             worst_image_loss=worst_image_loss(reference["per_image"], candidate["per_image"]),
             overflow_fix=OVERFLOW_FIX,
+            class_map=class_map,
         )
         save_int8(stem, record, xml, bin_)
     forget_int8(loaded)

@@ -592,6 +592,7 @@ def _metadata(
     metrics: dict[str, float],
     parent: LoadedModel | None,
     n_train: int,
+    training_float: str | None = None,
 ) -> dict[str, Any]:
     from napari_r2au import __version__
 
@@ -606,6 +607,8 @@ def _metadata(
         "seed": config.seed,
         "train_seconds": round(elapsed, 1),
         "threads": torch.get_num_threads(),
+        # what precision "auto" became on this machine (a measured choice on the CPU)
+        **({"training_float": training_float} if training_float else {}),
         "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
     }
     if config.ema_decay:
@@ -944,10 +947,12 @@ def iter_train(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = PatchSampler(samples, config.patch_size, generator)
-    amp = autocast_dtype(dev, config.precision)
     if world > 1 and dev.type == "cpu" and config.precision == "auto":
-        # each process measures the CPU's bf16 on its own: the ranks train at rank 0's float
-        amp = torch.bfloat16 if _agree(amp is not None) else None
+        # the CPU's bf16 is measured by rank 0 alone (the ranks' probes would compete for
+        # the cores) and every rank trains at its verdict
+        amp = torch.bfloat16 if _agree(rank == 0 and autocast_dtype(dev, "auto") is not None) else None
+    else:
+        amp = autocast_dtype(dev, config.precision)
     model = network
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -997,6 +1002,7 @@ def iter_train(
             metrics,
             parent,
             len(samples),
+            {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32"),
         )
         meta["name"] = kind
         return save_model(kept, out, meta)
