@@ -123,8 +123,9 @@ def cpu_bf16_is_faster() -> bool:
 
     The flags alone are not enough: a virtual machine seen here reported avx512_bf16 and
     ran the probe's bf16 convolutions at 0.5-0.6 of fp32's speed, and a training step at 0.74.
-    Measured once per process (a fraction of a second, in the first run's worker), at the first caller's thread count,
-    only where the flags say bf16 exists; two docks' first runs at once measure once.
+    Measured once per process (a fraction of a second, in the first run's worker), at the
+    first caller's thread count, only where the flags say bf16 exists; two docks' first runs
+    at once measure once.
     :data:`BF16_ENV` set to 1 or 0 decides instead.
     """
     global _bf16_verdict
