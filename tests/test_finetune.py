@@ -500,3 +500,23 @@ def test_a_pair_accepted_as_the_model_made_it_lends_no_held_out_band(base_model,
         base_model, pairs[:1] * 2, None, settings, names=["a", "b"], originals=[mask, mask]
     )
     assert len(both) == 2 and all(s.corrections == 0 for s in both)
+
+
+def test_a_fine_tune_runs_parent_and_child_on_torch(base_model, rng, monkeypatch):
+    """Like against like, and no conversion of the parent for OpenVINO inside a fine-tune:
+    that conversion imports ONNX, which holds the interpreter lock for about a second and
+    froze napari's GUI during the Fine-tune dock's first run."""
+    from napari_r2au import engine
+
+    backends: list[str] = []
+    real = engine.predict
+
+    def recording(*args, **kwargs):
+        backends.append(kwargs.get("backend", "auto"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("napari_r2au.training.trainer.predict", recording)
+    image, mask = _bars(rng)
+    settings = FinetuneSettings(steps=4, lr=0.02, patch_size=48, batch_size=4)
+    result = run(iter_finetune(base_model, [(image, mask)], settings=settings))
+    assert result.model is not None and backends and set(backends) == {"torch"}

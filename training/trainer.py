@@ -461,17 +461,27 @@ def lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
 def predict_samples(
     model: LoadedModel, samples: list[Sample], precision: str = "auto", device: str | None = None
 ) -> list[np.ndarray]:
-    """Probabilities for each sample through the engine.
+    """Probabilities for each sample through the engine, on torch at a float.
 
     Samples are already at the model's working scale (they are resized once, when
     loaded), so the engine must not resize them again: scale 1. A sample cut from a
-    wider image is predicted whole and cut out after (its ``window``).
+    wider image is predicted whole and cut out after (its ``window``). Like against like:
+    a network being trained runs on torch, so its parent does too (never int8, never
+    OpenVINO), which also spares a fine-tune converting the parent: that conversion
+    imports ONNX, whose first import holds the interpreter lock for about a second and
+    froze napari during the Fine-tune dock's first run.
     """
     out = []
-    precision = float_precision(select_device(device), precision)  # never int8: like against like
+    precision = float_precision(select_device(device), precision)
     for s in samples:
         probabilities = predict(
-            model, s.raw, precision=precision, device=device, scale=1.0, statistics=s.statistics
+            model,
+            s.raw,
+            precision=precision,
+            device=device,
+            scale=1.0,
+            statistics=s.statistics,
+            backend="torch",
         ).probabilities
         out.append(probabilities if s.window is None else probabilities[:, s.window[0] : s.window[1]])
     return out
