@@ -15,6 +15,7 @@ Only ratios within one run are meant to be compared; run it single-threaded
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVE = ROOT.parent / "shared" / "data" / "DRIVE" / "training"
+DRIVE = Path(os.environ.get("R2AU_DATA", ROOT.parent / "shared" / "data")) / "DRIVE" / "training"
 BEGIN, END = "<!-- precision -->", "<!-- /precision -->"
 
 
@@ -59,7 +60,6 @@ def _train_step_seconds(model_name: str, dtype: torch.dtype | None, repeat: int)
 
 def _finetune_seconds(bf16_rule: Callable[[], bool]) -> tuple[float, str, float, float]:
     """The default fine-tune of ``benchmarks``' table with ``bf16_rule`` deciding bf16."""
-    import os
     import tempfile
 
     from napari_r2au import device

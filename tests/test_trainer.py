@@ -473,3 +473,23 @@ def test_training_with_the_lovasz_loss_learns(tmp_path, rng):
     events = list_events(iter_train(config, samples=samples[:3], val_samples=samples[3:]))
     assert np.mean([e.loss for e in events[-5:]]) < np.mean([e.loss for e in events[:5]])
     assert any("bce_lovasz" in problem for problem in _config(tmp_path, loss="lovasz").problems())
+
+
+def test_a_resume_survives_a_best_model_whose_weights_were_replaced_before_its_sidecar(tmp_path, rng):
+    """A run killed between writing best.safetensors and best.json (seen under load in CI's
+    SIGKILL test) leaves a pair that does not match: the resume goes on, and the next
+    validation writes a best model that loads."""
+    samples = memory_samples(_pairs(rng, 4))
+    list_events(iter_train(_config(tmp_path, steps=6), samples=samples[:3], val_samples=samples[3:]))
+    weights = tmp_path / "run" / "best.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # other weights than best.json's sha256 names
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        load_model(tmp_path / "run" / "best.json")
+    with pytest.warns(UserWarning, match="the next validation writes a new best model"):
+        events = list_events(
+            iter_train(_config(tmp_path, steps=9), samples=samples[:3], val_samples=samples[3:], resume=True)
+        )
+    assert events[-1].step == 9
+    assert load_model(tmp_path / "run" / "best.json").metadata["provenance"]["steps"] == 9

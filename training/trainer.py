@@ -29,6 +29,7 @@ from napari_r2au.engine import predict, run
 from napari_r2au.io import atomic_path, open_for_append, write_bytes_atomic
 from napari_r2au.model_files import (
     LoadedModel,
+    ModelFileError,
     build_metadata,
     check_segment_property,
     load_model,
@@ -999,7 +1000,17 @@ def iter_train(
 
     best_metrics: dict[str, float] = {}
     if best_model.is_file():
-        best_metrics = load_model(best_model).metadata["provenance"].get("validation_metrics", {})
+        try:
+            best_metrics = load_model(best_model).metadata["provenance"].get("validation_metrics", {})
+        except ModelFileError as exc:
+            if not resume:
+                raise
+            # a run killed between writing best.safetensors and best.json leaves a pair that
+            # does not match: the best so far is lost, not the run; the next validation writes one
+            best_f1 = -1.0  # so that the next validation's model is saved as the best
+            if writer:
+                best_model.unlink(missing_ok=True)
+                warnings.warn(f"{exc}; the next validation writes a new best model", stacklevel=1)
     started = time.perf_counter()
     stopped = "steps"
 
