@@ -80,18 +80,22 @@ def iter_quantize(
 
         raise missing_extra("quantizing a model to int8", "nncf", "fast") from None
 
-    yield f"{loaded.name}: exact fp32 on the images, recording the network's inputs"
-    with recording_inputs(max_tiles) as tiles:
-        reference = evaluate_folders(
+    def score(precision: str) -> dict[str, Any]:
+        """F1 on the images and masks (per image too) at ``precision`` on OpenVINO."""
+        return evaluate_folders(
             loaded,
             images,
             masks,
             fov,
             device="cpu",
             backend="openvino",
-            precision="fp32",
+            precision=precision,
             class_map=class_map,
         )
+
+    yield f"{loaded.name}: exact fp32 on the images, recording the network's inputs"
+    with recording_inputs(max_tiles) as tiles:
+        reference = score("fp32")
     if not tiles:
         raise ValueError(f"{images}: no image paired with a mask, nothing to calibrate on")
     yield f"quantizing on {len(tiles)} tile(s) from {reference['n_images']} image(s) (NNCF)"
@@ -120,16 +124,7 @@ def iter_quantize(
         bin_ = xml.with_suffix(".bin")
         yield "int8 on the same images (the accuracy gate)"
         with trying_int8(loaded, ov.Core().read_model(str(xml), str(bin_))):  # the files it will run from
-            candidate = evaluate_folders(
-                loaded,
-                images,
-                masks,
-                fov,
-                device="cpu",
-                backend="openvino",
-                precision="int8",
-                class_map=class_map,
-            )
+            candidate = score("int8")
         record = new_record(
             loaded,
             int8_key(loaded),
