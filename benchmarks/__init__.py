@@ -30,6 +30,26 @@ def write_between_markers(path: Path, block: str, begin: str = TABLE_BEGIN, end:
     write_bytes_atomic(path, text.encode())
 
 
+def default_finetune(drive: Path, model: str = "drive-vessels") -> tuple[float, object]:
+    """The plugin's default fine-tune (FinetuneSettings()) on one corrected 512x512 image:
+    a crop of DRIVE's 23_training, whose manual mask stands in for the user's correction
+    (the right quarter held out, as the dock does without a validation pair). Returns its
+    wall time and FinetuneResult; the new model goes to a temporary models folder."""
+    import tempfile
+    import time
+
+    from napari_r2au.engine import run
+    from napari_r2au.io import read_image
+    from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
+
+    image = read_image(drive / "images" / "23_training.tif")[36:548, 26:538]
+    mask = read_image(drive / "1st_manual" / "23_manual1.gif")[36:548, 26:538] > 0
+    with tempfile.TemporaryDirectory(prefix="r2au-bench-") as home, models_home(home):
+        started = time.perf_counter()
+        result = run(iter_finetune(model, [(image, mask)], settings=FinetuneSettings()))
+        return time.perf_counter() - started, result
+
+
 @contextmanager
 def models_home(home: str | os.PathLike[str]) -> Iterator[None]:
     """Fine-tuned models go to ``home`` (``R2AU_HOME``) in the block, never to the user's

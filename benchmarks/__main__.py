@@ -221,25 +221,12 @@ def training_rows(quick: bool) -> list[dict]:
 
 
 def finetune_rows() -> list[dict]:
-    """The plugin's default fine-tune (FinetuneSettings()) on one corrected 512x512 image.
-
-    A DRIVE validation image's manual mask stands in for the user's correction; the
-    right quarter is held out, as the widget does without a validation pair.
-    """
+    """The plugin's default fine-tune on one corrected 512x512 image (:func:`benchmarks.default_finetune`)."""
     if not DRIVE.is_dir():
         return [{"config": "fine-tune: DRIVE data not found, skipped"}]
-    import tempfile
+    from benchmarks import default_finetune
 
-    from napari_r2au.engine import run
-    from napari_r2au.io import read_image
-    from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
-
-    os.environ["R2AU_HOME"] = tempfile.mkdtemp(prefix="r2au-bench-")
-    image = read_image(DRIVE / "images" / "23_training.tif")[36:548, 26:538]
-    mask = read_image(DRIVE / "1st_manual" / "23_manual1.gif")[36:548, 26:538] > 0
-    start = time.perf_counter()
-    result = run(iter_finetune("drive-vessels", [(image, mask)], settings=FinetuneSettings()))
-    seconds = time.perf_counter() - start
+    seconds, result = default_finetune(DRIVE)
     return [
         {
             "config": f"default fine-tune (150 steps, patch 96) on one 512x512 image: held-out Dice "

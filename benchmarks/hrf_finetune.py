@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.ks:
         if args.threshold_only:
             started = time.perf_counter()
-            threshold = _threshold_on(start, tune_ids[:k], args.dataset, scale)
+            threshold = _threshold_on(start, tune_ids[:k], args.dataset, scale, work / f"tune{k}")
             seconds = time.perf_counter() - started  # choosing it, not scoring the held-out images
             report = evaluate_folders(
                 start, *eval_dirs, scale=scale, threshold=threshold, precision=precision
@@ -202,24 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _threshold_on(model: Any, ids: list[str], dataset: str, scale: float | None) -> float:
+def _threshold_on(model: Any, ids: list[str], dataset: str, scale: float | None, folder: Path) -> float:
     """The model's best threshold on the photographs ``ids`` (pooled F1 inside their FOVs),
-    each at the working scale the engine gives it."""
+    each at the working scale the engine gives it, paired as ``r2au finetune`` pairs them."""
     from napari_r2au.engine import working_scale
-    from napari_r2au.io import read_image
-    from napari_r2au.training.data import binarize_mask, memory_samples
+    from napari_r2au.training.data import folder_samples, memory_samples
     from napari_r2au.training.trainer import best_threshold
 
-    root, images, masks, mask_name, fovs, fov_name = LAYOUTS[dataset]
-    pairs, fields, scales = [], [], []
-    for item in ids:
-        image = read_image(next(p for p in (root / images).iterdir() if p.name.split(".")[0] == item))
-        mask = binarize_mask(read_image(root / masks / mask_name.format(item)), mask_name.format(item))
-        field = read_image(root / fovs / fov_name.format(item))
-        pairs.append((image, mask))
-        fields.append((field[..., 0] if field.ndim == 3 else field) > 0)
-        scales.append(working_scale(model, scale, image=image))
-    samples = memory_samples(pairs, model.in_channels, model.normalization, fovs=fields, scale=scales)
+    found = folder_samples(*_link_subset(ids, folder, dataset), model.in_channels)
+    samples = memory_samples(
+        [(s.raw, s.mask) for s in found],
+        model.in_channels,
+        model.normalization,
+        fovs=[s.fov for s in found],
+        scale=[working_scale(model, scale, image=s.raw) for s in found],
+    )
     return best_threshold(model, samples)[0]
 
 

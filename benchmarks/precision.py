@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,33 +58,19 @@ def _train_step_seconds(model_name: str, dtype: torch.dtype | None, repeat: int)
 
 
 def _finetune_seconds(bf16_rule: Callable[[], bool]) -> tuple[float, str, float, float]:
-    """The default fine-tune of ``benchmarks``' table with ``bf16_rule`` deciding bf16."""
-    import tempfile
-
-    from napari_r2au import device
-    from napari_r2au.engine import run
-    from napari_r2au.io import read_image
-    from napari_r2au.training.finetune import FinetuneSettings, iter_finetune
-
-    image = read_image(DRIVE / "images" / "23_training.tif")[36:548, 26:538]
-    mask = read_image(DRIVE / "1st_manual" / "23_manual1.gif")[36:548, 26:538] > 0
+    """:func:`benchmarks.default_finetune` with ``bf16_rule`` deciding bf16 on the CPU."""
     import torch
 
-    saved_rule, saved_home = device.cpu_bf16_is_faster, os.environ.get("R2AU_HOME")
+    from benchmarks import default_finetune
+    from napari_r2au import device
+
+    saved_rule = device.cpu_bf16_is_faster
     try:
         device.cpu_bf16_is_faster = bf16_rule
-        with tempfile.TemporaryDirectory(prefix="r2au-precision-") as home:
-            os.environ["R2AU_HOME"] = home  # the fine-tuned model goes here, not to the user's folder
-            precision = device.float_precision(torch.device("cpu"), "auto")
-            started = time.perf_counter()
-            result = run(iter_finetune("drive-vessels", [(image, mask)], settings=FinetuneSettings()))
-            seconds = time.perf_counter() - started
+        precision = device.float_precision(torch.device("cpu"), "auto")
+        seconds, result = default_finetune(DRIVE)
     finally:
         device.cpu_bf16_is_faster = saved_rule
-        if saved_home is None:
-            os.environ.pop("R2AU_HOME", None)
-        else:
-            os.environ["R2AU_HOME"] = saved_home
     return seconds, precision, result.dice_before, result.dice_after
 
 

@@ -181,6 +181,11 @@ def float_precision(device: torch.device, precision: str = "auto") -> str:
     ``auto`` never becomes int8 here. Comparisons of two networks (a fine-tune's parent
     and child, validation during training) ask for this, so that a model file with an int8
     network is not measured at int8 against a network object at a float."""
+    return float_name(autocast_dtype(device, precision))
+
+
+def float_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as a precision's name; None (no autocast) is "fp32"."""
     import torch
 
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype(device, precision), "fp32")
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_r2au.device import PRECISIONS, autocast_dtype, float_precision, select_device
+from napari_r2au.device import PRECISIONS, autocast_dtype, float_name, float_precision, select_device
 from napari_r2au.engine import predict, run
 from napari_r2au.io import atomic_path, open_for_append, write_bytes_atomic
 from napari_r2au.model_files import (
@@ -1023,7 +1023,7 @@ def iter_train(
             metrics,
             parent,
             len(samples),
-            {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32"),
+            float_name(amp),
         )
         meta["name"] = kind
         return save_model(kept, out, meta)
