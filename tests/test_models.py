@@ -133,3 +133,34 @@ def test_batchnorm_folding_preserves_output(arch):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     for a, b in zip(alpha, ref_alpha):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", available_architectures())
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_widening_keeps_what_the_network_computes_and_the_new_channels_learn(arch, mode):
+    from napari_r2au.models.widen import widen_network
+
+    torch.manual_seed(0)
+    narrow = create_model(arch, base_width=4, t=2)
+    for module in narrow.modules():  # trained-looking statistics, not the identity defaults
+        if hasattr(module, "running_var"):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    getattr(narrow, mode)()
+    x = torch.randn(2, 3, 32, 32)
+    wide = widen_network(narrow, 7)
+    assert wide.training == narrow.training and wide.head.in_channels == 7
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), narrow(x), atol=1e-5, rtol=1e-5)
+    # the new channels are not dead: one step moves the head's weights on them off zero
+    wide.train()
+    wide(x).mean().backward()
+    assert wide.head.weight.grad[:, 4:].abs().sum() > 0
+    assert wide.head.weight[:, 4:].abs().sum() == 0
+
+
+def test_widening_refuses_a_narrower_width():
+    from napari_r2au.models.widen import widen_network
+
+    with pytest.raises(ValueError, match="narrower"):
+        widen_network(create_model("r2au_net", base_width=8), 4)

@@ -493,3 +493,17 @@ def test_a_resume_survives_a_best_model_whose_weights_were_replaced_before_its_s
         )
     assert events[-1].step == 9
     assert load_model(tmp_path / "run" / "best.json").metadata["provenance"]["steps"] == 9
+
+
+def test_a_run_can_start_from_a_widened_parent(tmp_path, rng):
+    samples = memory_samples(_pairs(rng, 4))
+    first = _config(tmp_path, output_dir=str(tmp_path / "narrow"))
+    list_events(iter_train(first, samples=samples[:3], val_samples=samples[3:]))
+    parent = load_model(tmp_path / "narrow" / "best.json")
+    config = _config(tmp_path, init_from=str(tmp_path / "narrow" / "best.json"), widen_to=6)
+    events = list_events(iter_train(config, samples=samples[:3], val_samples=samples[3:], parent=parent))
+    assert events[-1].step == 6
+    wide = load_model(tmp_path / "run" / "best.json")
+    assert wide.metadata["arch_args"]["base_width"] == 6 and wide.network.head.in_channels == 6
+    assert parent.network.head.in_channels == 4  # the caller's model is left as it was
+    assert any("init_from" in problem for problem in _config(tmp_path, widen_to=6).problems())

@@ -145,6 +145,9 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     output_dir: str = "runs/model"
     init_from: str | None = None
+    #: start from ``init_from``'s network widened to this base width, computing what it
+    #: computed (napari_r2au.models.widen): more capacity without training from scratch
+    widen_to: int | None = None
     freeze_encoder: bool = False
     description: str = ""
     input_scale: float = 1.0
@@ -247,6 +250,9 @@ class TrainConfig:
         for name in ("t", "val_images", "warmup_steps", "seed"):
             number(name, 0, integer=True)
         number("patch_size", 16, integer=True, optional=True)
+        number("widen_to", 1, integer=True, optional=True, high=65)
+        if self.widen_to is not None and self.init_from is None:
+            found.append("widen_to widens the network of init_from: give init_from too")
         number("fov_diameter", 16, integer=True, optional=True, high=16385)
         number("image_width", 16, integer=True, optional=True, high=16385)
         if self.fov_diameter and self.image_width:
@@ -801,6 +807,12 @@ def _starting_network(
         network = copy.deepcopy(parent.network)
         arch_args = dict(parent.metadata["arch_args"])
         config = dataclasses.replace(config, architecture=parent.metadata["architecture"])
+        if config.widen_to is not None and config.widen_to != arch_args.get("base_width"):
+            from napari_r2au.models.widen import widen_network
+
+            network = widen_network(network, config.widen_to, seed=config.seed)
+            arch_args["base_width"] = config.widen_to
+        config = dataclasses.replace(config, base_width=arch_args.get("base_width", config.base_width))
     else:
         arch_args = {
             "in_channels": config.in_channels,
