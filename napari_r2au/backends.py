@@ -7,8 +7,9 @@ normalization, tiling, blending, scale, progress, cancellation) and only calls t
 
 OpenVINO is an optional extra (``pip install napari-r2au[fast]``), imported only when
 asked for. Its network is the ONNX file that ``r2au export`` writes
-(:func:`napari_r2au.export.write_onnx`: BatchNorm folded, eval mode), converted once per
-model and kept in memory and in the user cache folder, and compiled once per tile shape
+(:func:`napari_r2au.export.write_onnx`: BatchNorm folded, eval mode), exported once per
+model in a child process (the exporter's imports would freeze napari), kept in memory and in
+the user cache folder, and compiled once per tile shape
 (a static shape runs faster than a dynamic one on this project's CPUs; see
 docs/performance.md, "Backends").
 """
@@ -377,7 +378,7 @@ def _read_converted(loaded: LoadedModel) -> _Converted:
             _CONVERTED.move_to_end(key)
             return _CONVERTED[key]
         path = cache_dir() / "openvino" / f"{key}.onnx"
-        if not path.is_file():
+        if not path.is_file() and not _write_onnx_apart(loaded, path, has_gates):
             write_onnx(loaded, path, attention=has_gates)
         try:
             model = ov.Core().read_model(str(path))
@@ -389,6 +390,54 @@ def _read_converted(loaded: LoadedModel) -> _Converted:
         while len(_CONVERTED) > MAX_MODELS:
             _CONVERTED.popitem(last=False)
         return converted
+
+
+def _write_onnx_apart(loaded: LoadedModel, path: Path, attention: bool) -> bool:
+    """Export the model file's network to ``path`` in a child process; False if that failed.
+
+    The ONNX exporter imports the ``onnx`` package, whose ml_dtypes extension holds the GIL
+    for most of a second while it loads: in napari's process that froze the canvas at a
+    model's first conversion (``python -m benchmarks.segment_stall`` with a new R2AU_HOME).
+    A child process shares no GIL; it happens once per model and machine (the disk cache),
+    and the caller exports in-process when no child can run (a frozen app, no interpreter).
+    """
+    import subprocess
+    import sys
+
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "napari_r2au.backends",
+        str(loaded.path),
+        str(path),
+        network_key(loaded),
+        "gates" if attention else "plain",
+    ]
+    try:
+        done = subprocess.run(
+            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=600, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and path.is_file()
+
+
+def _export_for_parent(arguments: list[str]) -> int:
+    """The child of :func:`_write_onnx_apart`: export a model file's network, if it is the
+    network the parent asked for (same key), whole or not at all."""
+    from .export import write_onnx
+    from .model_files import load_model
+
+    model_path, target, key, gates = arguments
+    loaded = load_model(model_path)
+    if network_key(loaded) != key:  # the file changed since the parent read it
+        return 3
+    write_onnx(loaded, target, attention=gates == "gates")
+    return 0
 
 
 def clear_cache() -> None:
@@ -554,3 +603,9 @@ def prepare_forward(
         forward = TorchForward(loaded, device, choice, fuse, channels_last)
     tiles = getattr(_RECORDING, "tiles", None)
     return forward if tiles is None else _Recording(forward, tiles, _RECORDING.limit)
+
+
+if __name__ == "__main__":  # the export child (see _write_onnx_apart)
+    import sys
+
+    sys.exit(_export_for_parent(sys.argv[1:]))

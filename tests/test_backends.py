@@ -83,6 +83,37 @@ def test_the_converted_network_is_kept_in_memory_and_in_the_user_cache(vessels, 
     assert again.backend == "openvino"
 
 
+def test_the_first_conversion_exports_in_a_child_process_and_falls_back_to_this_one(
+    vessels, monkeypatch, tmp_path
+):
+    """The ONNX exporter's imports hold the GIL for most of a second: a first conversion in
+    napari's process froze the canvas. It runs in a child; without one, here."""
+    pytest.importorskip("openvino", reason=NO_OPENVINO)
+    import subprocess
+    import sys
+
+    from napari_r2au import backends
+
+    target = tmp_path / "apart.onnx"
+    assert backends._write_onnx_apart(vessels, target, attention=True) and target.stat().st_size > 1e6
+    # the parent exports nothing: it never imports the onnx package (checked in a fresh process)
+    script = (
+        "import sys; from napari_r2au import backends; from napari_r2au.model_files import load_model; "
+        "backends._read_converted(load_model('drive-vessels')); print('onnx' in sys.modules)"
+    )
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "False", fresh.stderr[-500:]
+    assert list((tmp_path / "r2au_home" / "cache" / "openvino").glob("*-gates.onnx"))
+    # no child (a frozen app): the export runs here, and the network is the same
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    backends.clear_cache()
+    for cached in (backends.cache_dir() / "openvino").glob("*.onnx"):
+        cached.unlink()
+    assert not backends._write_onnx_apart(vessels, tmp_path / "none.onnx", attention=True)
+    assert backends._read_converted(vessels).outputs[0] == "probabilities"
+    assert list((backends.cache_dir() / "openvino").glob("*-gates.onnx"))
+
+
 def _without_openvino(monkeypatch):
     real_import = builtins.__import__
 
