@@ -55,6 +55,8 @@ _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 MAX_SHAPES = 8
 #: converted models kept in memory (each holds its compiled shapes)
 MAX_MODELS = 4
+#: seconds a child may take to export a network (it takes a few; a hung one is given up)
+EXPORT_TIMEOUT = 120
 
 
 class BackendError(ValueError):
@@ -377,19 +379,32 @@ def _read_converted(loaded: LoadedModel) -> _Converted:
         if key in _CONVERTED:
             _CONVERTED.move_to_end(key)
             return _CONVERTED[key]
-        path = cache_dir() / "openvino" / f"{key}.onnx"
-        if not path.is_file() and not _write_onnx_apart(loaded, path, has_gates):
-            write_onnx(loaded, path, attention=has_gates)
-        try:
-            model = ov.Core().read_model(str(path))
-        except RuntimeError:  # a damaged cache file: export it again
-            write_onnx(loaded, path, attention=has_gates)
-            model = ov.Core().read_model(str(path))
+    # exported outside the lock (seconds, once per model and machine): other models stay
+    # usable meanwhile, and two threads exporting one model write the same file atomically
+    path = cache_dir() / "openvino" / f"{key}.onnx"
+    if not path.is_file():
+        _export(loaded, path, has_gates)
+    try:
+        model = ov.Core().read_model(str(path))
+    except RuntimeError:  # a damaged cache file: export it again
+        _export(loaded, path, has_gates)
+        model = ov.Core().read_model(str(path))
+    with _LOCK:
+        if key in _CONVERTED:  # another thread was quicker
+            return _CONVERTED[key]
         converted = _Converted(model, outputs)
         _CONVERTED[key] = converted
         while len(_CONVERTED) > MAX_MODELS:
             _CONVERTED.popitem(last=False)
         return converted
+
+
+def _export(loaded: LoadedModel, path: Path, attention: bool) -> None:
+    """A model file's network written to ``path``: in a child process, else here."""
+    if not _write_onnx_apart(loaded, path, attention):
+        from .export import write_onnx
+
+        write_onnx(loaded, path, attention=attention)
 
 
 def _write_onnx_apart(loaded: LoadedModel, path: Path, attention: bool) -> bool:
@@ -401,39 +416,65 @@ def _write_onnx_apart(loaded: LoadedModel, path: Path, attention: bool) -> bool:
     A child process shares no GIL; it happens once per model and machine (the disk cache),
     and the caller exports in-process when no child can run (a frozen app, no interpreter).
     """
+    import logging
     import subprocess
     import sys
 
-    package_root = str(Path(__file__).resolve().parents[1])
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    )
+    if getattr(sys, "frozen", False) or not sys.executable or loaded.path is None:
+        return False  # a frozen app's executable is the app itself, not an interpreter
+    # -P: nothing in napari's working folder is imported in place of a module (without it
+    # the child would put that folder first on sys.path); the package's own folder comes last
+    package_root = Path(__file__).resolve().parents[1]
     command = [
         sys.executable,
-        "-m",
-        "napari_r2au.backends",
-        str(loaded.path),
-        str(path),
+        *(["-P"] if sys.version_info >= (3, 11) else []),
+        "-c",
+        _CHILD,
+        str(package_root),
+        str(Path(loaded.path).resolve()),
+        str(Path(path).resolve()),
         network_key(loaded),
         "gates" if attention else "plain",
     ]
+    extra = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
     try:
         done = subprocess.run(
-            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=600, check=False
+            command,
+            cwd=package_root,  # for Python 3.10, which has no -P
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=EXPORT_TIMEOUT,
+            check=False,
+            **extra,
         )
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        logging.getLogger(__name__).info(
+            "exporting %s in a child failed (%s); exporting here", loaded.name, exc
+        )
         return False
-    return done.returncode == 0 and path.is_file()
+    if done.returncode != 0 or not path.is_file():
+        last = (done.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        logging.getLogger(__name__).info("exporting %s in a child failed: %s", loaded.name, last[0])
+        return False
+    return True
+
+
+#: the child's program: its arguments are the package's folder, then _export_for_parent's
+_CHILD = (
+    "import sys; sys.path.append(sys.argv[1]); "
+    "from napari_r2au.backends import _export_for_parent; sys.exit(_export_for_parent(sys.argv[2:]))"
+)
 
 
 def _export_for_parent(arguments: list[str]) -> int:
     """The child of :func:`_write_onnx_apart`: export a model file's network, if it is the
     network the parent asked for (same key), whole or not at all."""
     from .export import write_onnx
-    from .model_files import load_model
+    from .model_files import load_model_file
 
     model_path, target, key, gates = arguments
-    loaded = load_model(model_path)
+    loaded = load_model_file(model_path)
     if network_key(loaded) != key:  # the file changed since the parent read it
         return 3
     write_onnx(loaded, target, attention=gates == "gates")
@@ -603,9 +644,3 @@ def prepare_forward(
         forward = TorchForward(loaded, device, choice, fuse, channels_last)
     tiles = getattr(_RECORDING, "tiles", None)
     return forward if tiles is None else _Recording(forward, tiles, _RECORDING.limit)
-
-
-if __name__ == "__main__":  # the export child (see _write_onnx_apart)
-    import sys
-
-    sys.exit(_export_for_parent(sys.argv[1:]))

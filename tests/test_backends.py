@@ -92,10 +92,21 @@ def test_the_first_conversion_exports_in_a_child_process_and_falls_back_to_this_
     import subprocess
     import sys
 
+    import openvino as ov
+
     from napari_r2au import backends
+    from napari_r2au.export import output_names
 
     target = tmp_path / "apart.onnx"
-    assert backends._write_onnx_apart(vessels, target, attention=True) and target.stat().st_size > 1e6
+    assert backends._write_onnx_apart(vessels, target, attention=True)
+    outputs = [port.get_any_name() for port in ov.Core().read_model(str(target)).outputs]
+    assert outputs == output_names(vessels, True) and len(outputs) == 5  # the gates asked for
+    plain = tmp_path / "plain.onnx"
+    assert backends._write_onnx_apart(vessels, plain, attention=False)
+    assert [port.get_any_name() for port in ov.Core().read_model(str(plain)).outputs] == ["probabilities"]
+    # a file that is not the network the parent asked for is not exported
+    wrong = [str(vessels.path), str(tmp_path / "wrong.onnx"), "0" * 32, "gates"]
+    assert backends._export_for_parent(wrong) == 3 and not (tmp_path / "wrong.onnx").exists()
     # the parent exports nothing: it never imports the onnx package (checked in a fresh process)
     script = (
         "import sys; from napari_r2au import backends; from napari_r2au.model_files import load_model; "
@@ -105,6 +116,9 @@ def test_the_first_conversion_exports_in_a_child_process_and_falls_back_to_this_
     assert fresh.stdout.strip() == "False", fresh.stderr[-500:]
     assert list((tmp_path / "r2au_home" / "cache" / "openvino").glob("*-gates.onnx"))
     # no child (a frozen app): the export runs here, and the network is the same
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # a frozen app's executable is the app
+    assert not backends._write_onnx_apart(vessels, tmp_path / "frozen.onnx", attention=True)
+    monkeypatch.delattr(sys, "frozen")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     backends.clear_cache()
     for cached in (backends.cache_dir() / "openvino").glob("*.onnx"):

@@ -496,14 +496,28 @@ def test_a_resume_survives_a_best_model_whose_weights_were_replaced_before_its_s
 
 
 def test_a_run_can_start_from_a_widened_parent(tmp_path, rng):
+    from napari_r2au.training.trainer import _starting_network
+
     samples = memory_samples(_pairs(rng, 4))
     first = _config(tmp_path, output_dir=str(tmp_path / "narrow"))
     list_events(iter_train(first, samples=samples[:3], val_samples=samples[3:]))
     parent = load_model(tmp_path / "narrow" / "best.json")
     config = _config(tmp_path, init_from=str(tmp_path / "narrow" / "best.json"), widen_to=6)
+    # the run starts from the parent's function, not from a fresh network of that width
+    network, arch_args, _ = _starting_network(config, parent)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(network.eval()(x), parent.network(x), atol=1e-5, rtol=1e-5)
+    assert arch_args["base_width"] == 6 and network.head.in_channels == 6
     events = list_events(iter_train(config, samples=samples[:3], val_samples=samples[3:], parent=parent))
     assert events[-1].step == 6
     wide = load_model(tmp_path / "run" / "best.json")
     assert wide.metadata["arch_args"]["base_width"] == 6 and wide.network.head.in_channels == 6
+    assert wide.metadata["provenance"]["parent"]["widened_from_base_width"] == 4
     assert parent.network.head.in_channels == 4  # the caller's model is left as it was
     assert any("init_from" in problem for problem in _config(tmp_path, widen_to=6).problems())
+    # refused before any data is read or any folder made
+    narrower = _config(tmp_path, init_from="x", widen_to=3, output_dir=str(tmp_path / "never"))
+    with pytest.raises(ValueError, match="narrower"):
+        list_events(iter_train(narrower, samples=samples[:3], val_samples=samples[3:], parent=parent))
+    assert not (tmp_path / "never").exists()

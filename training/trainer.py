@@ -253,6 +253,8 @@ class TrainConfig:
         number("widen_to", 1, integer=True, optional=True, high=65)
         if self.widen_to is not None and self.init_from is None:
             found.append("widen_to widens the network of init_from: give init_from too")
+        if self.widen_to is not None and self.freeze_encoder:
+            found.append("widen_to with freeze_encoder would leave the new encoder channels random: give one")
         number("fov_diameter", 16, integer=True, optional=True, high=16385)
         number("image_width", 16, integer=True, optional=True, high=16385)
         if self.fov_diameter and self.image_width:
@@ -634,6 +636,9 @@ def _metadata(
         provenance["select_by"] = config.select_by
     if parent is not None:
         provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
+        widened = parent.metadata.get("arch_args", {}).get("base_width")
+        if config.widen_to is not None and widened != config.widen_to:
+            provenance["parent"]["widened_from_base_width"] = widened
     if config.pixel_size:
         # DICOM spacings are in mm: a DICOM run's pixel size is in mm unless the config says otherwise
         unit = config.pixel_size_unit or ("mm" if config.data.get("kind") == "dicom" else None)
@@ -798,6 +803,23 @@ def _run_samples(
     return samples, val_samples or []
 
 
+def _check_widening(width: int, parent: LoadedModel) -> None:
+    """Refuse a widening the parent's network cannot take, before the run costs anything."""
+    from napari_r2au.model_files import check_arch_args
+
+    args = dict(parent.metadata["arch_args"])
+    if not hasattr(parent.network, "encoder"):
+        raise ValueError(
+            f"widen_to: {parent.name}'s network ({type(parent.network).__name__}) cannot be widened"
+        )
+    if width < args.get("base_width", 64):
+        raise ValueError(
+            f"widen_to {width} is narrower than {parent.name}'s base width {args.get('base_width')}"
+        )
+    if problem := check_arch_args(dict(args, base_width=width)):
+        raise ValueError(f"widen_to {width}: {problem}")
+
+
 def _starting_network(
     config: TrainConfig, parent: LoadedModel | None
 ) -> tuple[Any, dict[str, Any], TrainConfig]:
@@ -812,7 +834,7 @@ def _starting_network(
 
             network = widen_network(network, config.widen_to, seed=config.seed)
             arch_args["base_width"] = config.widen_to
-        config = dataclasses.replace(config, base_width=arch_args.get("base_width", config.base_width))
+            config = dataclasses.replace(config, base_width=config.widen_to)
     else:
         arch_args = {
             "in_channels": config.in_channels,
@@ -951,6 +973,8 @@ def iter_train(
     torch.manual_seed(config.seed)
     if parent is None and config.init_from:
         parent = load_model(config.init_from)
+    if parent is not None and config.widen_to is not None:  # said before any data is read
+        _check_widening(config.widen_to, parent)
     normalization = resolve_normalization(config, parent)
     out.mkdir(parents=True, exist_ok=True)
     samples, val_samples = _run_samples(config, normalization, samples, val_samples)
