@@ -240,3 +240,20 @@ def test_precision_benchmark_times_both_floats_and_names_the_default(tmp_path, d
     assert f"default float here: **{'bf16' if device.cpu_bf16_is_faster() else 'fp32'}**" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == 3  # the probe, predict, a training step
+
+
+def test_threshold_rules_mass_keeps_the_expected_pixel_count_and_the_sweep_bounds_the_rest():
+    from benchmarks.threshold_rules import thresholds
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(5000) < 0.2
+    probabilities = np.clip(truth * 0.6 + rng.random(5000) * 0.5, 0, 1).astype(np.float32)
+    levels = thresholds(probabilities, truth, stored=0.5)
+    assert abs(int((probabilities > levels["mass"]).sum()) - probabilities.sum()) <= 2
+    assert 0 < levels["otsu"] < 1 and levels["stored"] == 0.5
+
+    def f1(level):
+        mask = probabilities > level
+        return 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+
+    assert f1(levels["best of sweep"]) >= max(f1(levels[r]) for r in ("stored", "mass", "otsu")) - 0.02
