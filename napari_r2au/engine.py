@@ -504,9 +504,15 @@ def iter_predict(
     tiling = _Tiling.of(height, width, tile_size, overlap, int(getattr(network, "divisor", 16)))
 
     out_shape = (n_z, height, width)
-    probabilities = np.zeros((*out_shape, loaded.out_channels) if multiclass else out_shape, np.float32)
     n_gates = len(getattr(network, "gates", None) or []) if want_attention else 0
-    alphas = [np.zeros(out_shape, np.float32) for _ in range(n_gates)]
+    stacked = "Z" in axes
+    # a single plane's result is the blended plane itself (no second copy of a large image)
+    probabilities = (
+        np.zeros((*out_shape, loaded.out_channels) if multiclass else out_shape, np.float32)
+        if stacked
+        else None
+    )
+    alphas = [np.zeros(out_shape, np.float32) for _ in range(n_gates)] if stacked else []
     total = len(tiling.windows) * len(z_order)
     yield Progress(0, total)
 
@@ -524,21 +530,23 @@ def iter_predict(
             done=index * len(tiling.windows),
             total=total,
         )
-        zi = z if "Z" in axes else 0
-        probabilities[zi] = np.moveaxis(blended, 0, -1) if multiclass else blended[0]
+        if not stacked:
+            probabilities = np.ascontiguousarray(np.moveaxis(blended, 0, -1)) if multiclass else blended[0]
+            alphas = list(gates)
+            break
+        probabilities[z] = np.moveaxis(blended, 0, -1) if multiclass else blended[0]
         for g in range(n_gates):
-            alphas[g][zi] = gates[g]
-        if "Z" in axes:
-            yield Progress(
-                (index + 1) * len(tiling.windows),
-                total,
-                slice_index=z,
-                slice_probabilities=np.clip(probabilities[zi], 0.0, 1.0),
-            )
-
-    if "Z" not in axes:
-        probabilities = probabilities[0]
-        alphas = [a[0] for a in alphas]
+            alphas[g][z] = gates[g]
+        yield Progress(
+            (index + 1) * len(tiling.windows),
+            total,
+            slice_index=z,
+            slice_probabilities=np.clip(probabilities[z], 0.0, 1.0),
+        )
+    if probabilities is None:  # a single plane, and no slice of it asked for
+        probabilities = np.zeros(
+            (height, width, loaded.out_channels) if multiclass else (height, width), np.float32
+        )
     if not np.isfinite(probabilities).all():  # finite inputs, so the network itself (e.g. NaN weights)
         raise ValueError(
             f"the network of {loaded.name!r} gave NaN probabilities from a finite image; "
@@ -598,7 +606,22 @@ class _Tiling:
     tile_h: int
     tile_w: int
     windows: list[tuple[int, int]]
+    #: the tile's weight, ``outer(taper_y, taper_x)``
     weight: np.ndarray
+    taper_y: np.ndarray
+    taper_x: np.ndarray
+
+    def weight_sums(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row and per column, the summed tapers of the windows covering it: their
+        outer product is every pixel's summed blending weight."""
+        rows, columns = np.zeros(height, np.float64), np.zeros(width, np.float64)
+        for y in sorted({y for y, _ in self.windows}):
+            h = min(self.tile_h, height - y)
+            rows[y : y + h] += self.taper_y[:h]
+        for x in sorted({x for _, x in self.windows}):
+            w = min(self.tile_w, width - x)
+            columns[x : x + w] += self.taper_x[:w]
+        return rows.astype(np.float32), columns.astype(np.float32)
 
     @classmethod
     def of(cls, height: int, width: int, tile_size: int | None, overlap: int, divisor: int) -> _Tiling:
@@ -611,10 +634,11 @@ class _Tiling:
         tile_w = _round_up(width, divisor) if tile_w is None else tile_w
         overlap = min(overlap, tile_h // 2, tile_w // 2)
         ys, xs = _starts(height, tile_h, overlap), _starts(width, tile_w, overlap)
-        weight = np.outer(
-            _taper(tile_h, overlap if len(ys) > 1 else 0), _taper(tile_w, overlap if len(xs) > 1 else 0)
+        taper_y = _taper(tile_h, overlap if len(ys) > 1 else 0)
+        taper_x = _taper(tile_w, overlap if len(xs) > 1 else 0)
+        return cls(
+            tile_h, tile_w, [(y, x) for y in ys for x in xs], np.outer(taper_y, taper_x), taper_y, taper_x
         )
-        return cls(tile_h, tile_w, [(y, x) for y in ys for x in xs], weight)
 
 
 def _predict_plane(
@@ -642,7 +666,6 @@ def _predict_plane(
         )
     acc = np.zeros((loaded.out_channels, height, width), np.float32)
     acc_alpha = np.zeros((n_gates, height, width), np.float32)
-    acc_weight = np.zeros((height, width), np.float32)
     for first in range(0, len(tiling.windows), batch_size):
         batch_windows = tiling.windows[first : first + batch_size]
         tiles = []
@@ -664,11 +687,15 @@ def _predict_plane(
             acc[:, y : y + h, x : x + w] += probs_np[i, :, :h, :w] * wt
             for g, gate in enumerate(gates_np):
                 acc_alpha[g, y : y + h, x : x + w] += gate[i, :h, :w] * wt
-            acc_weight[y : y + h, x : x + w] += wt
         done += len(batch_windows)
         yield Progress(done, total)
-    np.divide(acc, acc_weight, out=acc)  # in place: a whole large plane is not copied again
-    np.divide(acc_alpha, acc_weight, out=acc_alpha)
+    # the windows form a grid and their weights are outer products, so the summed weight is
+    # the outer product of two sums: divided by in bands of rows, no plane-sized array made
+    rows, columns = tiling.weight_sums(height, width)
+    for top in range(0, height, 256):
+        band = rows[top : top + 256, None] * columns[None, :]
+        acc[:, top : top + 256] /= band
+        acc_alpha[:, top : top + 256] /= band
     return acc, acc_alpha
 
 

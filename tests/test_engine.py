@@ -80,6 +80,31 @@ def test_tiled_equals_whole_image(tiny_net, rng):
     assert agree > 0.98
 
 
+@pytest.mark.parametrize("shape", [(256, 320), (200, 517), (130, 129)])
+def test_blending_weights_sum_as_the_windows_add_them(shape):
+    """The engine divides by the outer product of per-row and per-column sums instead of
+    keeping a plane-sized weight array: the same sums, every pixel, ragged edges included."""
+    from napari_r2au.engine import _Tiling
+
+    height, width = shape
+    tiling = _Tiling.of(height, width, 128, 48, 16)
+    summed = np.zeros(shape, np.float64)
+    for y, x in tiling.windows:
+        h, w = min(tiling.tile_h, height - y), min(tiling.tile_w, width - x)
+        summed[y : y + h, x : x + w] += tiling.weight[:h, :w]
+    rows, columns = tiling.weight_sums(height, width)
+    np.testing.assert_allclose(np.outer(rows, columns), summed, rtol=1e-5)
+    assert len(tiling.windows) > 1
+
+
+def test_a_single_planes_result_is_its_blended_plane(tiny_net, rng):
+    """No second plane-sized copy of a large image's probabilities (memory: the 8192x8192 row
+    of python -m benchmarks)."""
+    result = predict(tiny_net, rng.random((96, 160, 3)), tile_size=64, attention=True, precision="fp32")
+    assert result.probabilities.base is not None and result.probabilities.base.shape == (1, 96, 160)
+    assert all(alpha.base is not None for alpha in result.attention)
+
+
 def test_dask_arrays_are_read_tile_by_tile(tiny_net, rng):
     da = pytest.importorskip("dask.array")
     image = rng.random((300, 260, 3)).astype(np.float32)
