@@ -52,6 +52,17 @@ class UNetFamily(nn.Module):
         spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        #: what built this network: another of its kind (e.g. wider, models/widen.py) starts here
+        self.config = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_width=base_width,
+            block=block,
+            attention=attention,
+            t=t,
+            depth=depth,
+            spatial_dims=spatial_dims,
+        )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.attention = attention
         self.divisor = 2**depth

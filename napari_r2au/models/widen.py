@@ -13,8 +13,6 @@ concatenation ``(skip, up)``, whose second half starts after the skip's full new
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .unet import UNetFamily
@@ -45,22 +43,10 @@ def widen_network(narrow: UNetFamily, base_width: int, *, seed: int = 0) -> UNet
     old_width = narrow.head.in_channels  # the finest level's width is the base width
     if base_width < old_width:
         raise ValueError(f"base_width {base_width} is narrower than the network's {old_width}")
-    depth = len(narrow.encoder) - 1
-    block = _block_kind(narrow)
-    t = _recurrence(narrow)
-    spatial_dims = narrow.head.weight.dim() - 2
+    spatial_dims = narrow.config["spatial_dims"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        wide = UNetFamily(
-            in_channels=narrow.in_channels,
-            out_channels=narrow.out_channels,
-            base_width=base_width,
-            block=block,
-            attention=narrow.attention,
-            t=t,
-            depth=depth,
-            spatial_dims=spatial_dims,
-        )
+        wide = UNetFamily(**dict(narrow.config, base_width=base_width))
     old_state = narrow.state_dict()
     new_state = wide.state_dict()
     for key, old in old_state.items():
@@ -83,22 +69,3 @@ def widen_network(narrow: UNetFamily, base_width: int, *, seed: int = 0) -> UNet
     wide.load_state_dict(new_state)
     wide.train(narrow.training)
     return wide
-
-
-def _block_kind(network: UNetFamily) -> str:
-    from .blocks import DoubleConv, RecurrentUnit
-
-    unit = network.encoder[0]
-    if isinstance(unit, DoubleConv):
-        return "double_conv"
-    if isinstance(unit, RecurrentUnit):
-        t = unit.body[0].t
-        if not unit.residual:
-            return "recurrent"
-        return "recurrent_residual" if t > 0 else "residual"
-    raise ValueError(f"unknown unit {type(unit).__name__}")
-
-
-def _recurrence(network: UNetFamily) -> int:
-    unit: Any = network.encoder[0]
-    return unit.body[0].t if hasattr(unit, "body") and hasattr(unit.body[0], "t") else 2
