@@ -18,9 +18,9 @@ them that ``retina-vessels`` never trained on, and of the whole series (reviewed
 count as their reference), with the model version and the wall times.
 
 ``--cases N`` keeps the camera's first N photographs (file order) in the worklist; the
-reviewer stops after ``--corrections C`` (default 3). ``--adopt if-better`` plays the
-Fine-tune dock's rule on top of ``iter_learn`` (a version whose held-out Dice fell is not
-put to use); the default is the worklist's own (every new version is used).
+reviewer stops after ``--corrections C`` (default 3). ``--adopt`` is ``iter_learn``'s rule:
+``if-better`` (the worklist's default since 2026-12-08, and the Fine-tune dock's: a version
+whose held-out Dice fell is kept aside) or ``always`` (every new version is used).
 
 The reviewed cases differ between the two orders, so their "remaining" F1s are over
 different images; the series F1 compares them on the same images. Fine-tuned models go
@@ -156,12 +156,11 @@ class Scorer:
 def learn(worklist: Any, settings: Any, adopt: str) -> tuple[Any, str | None, float]:
     """One learn: (LearnResult, the new version if it was kept aside, when training ended).
 
-    ``adopt`` "always": ``iter_learn`` as it is (the new version becomes the worklist's
-    model and re-segments the untouched cases). "if-better": the Fine-tune dock's rule
-    played on top of it: a version whose held-out Dice fell below its parent's is
-    registered but not put to use (the worklist keeps the parent, the masks stay).
+    ``adopt`` is ``iter_learn``'s rule: "if-better" (the worklist's default, the Fine-tune
+    dock's rule: a version whose held-out Dice fell below its parent's is registered but not
+    put to use, the masks stay) or "always" (every version re-segments the untouched cases).
     """
-    from napari_r2au.worklist import iter_learn, iter_segment, run_events
+    from napari_r2au.worklist import iter_learn, run_events
 
     marks: dict[str, float] = {}
 
@@ -169,22 +168,10 @@ def learn(worklist: Any, settings: Any, adopt: str) -> tuple[Any, str | None, fl
         if event.stage == "learned":
             marks.setdefault("learned", time.perf_counter())
 
-    if adopt == "always":
-        result = run_events(iter_learn(worklist, settings=settings), mark)
-        return result, None, marks.get("learned", time.perf_counter())
-    parent = worklist.model
-    result = run_events(iter_learn(worklist, settings=settings, resegment=False), mark)
+    result = run_events(iter_learn(worklist, settings=settings, adopt=adopt), mark)
     learned = marks.get("learned", time.perf_counter())
-    if result.model is None:
-        return result, None, learned
-    before, after = result.dice_before, result.dice_after
-    if before is not None and after is not None and after < before:
-        worklist.model = parent  # listed in worklist.models, not used
-        worklist.save()
-        return result, result.model, learned
-    stale = [c for c in worklist.cases if c.untouched and c.model != result.model]
-    result.resegmented = run_events(iter_segment(worklist, result.model, stale))
-    return result, None, learned
+    kept_aside = result.model if result.model is not None and not result.adopted else None
+    return result, kept_aside, learned
 
 
 def review(
@@ -195,7 +182,7 @@ def review(
     settings: Any,
     scorer: Scorer,
     start: Step,
-    adopt: str = "always",
+    adopt: str = "if-better",
 ) -> list[Step]:
     """Play the reviewer on the pre-segmented worklist in ``folder``, in ``order``."""
     from napari_r2au.worklist import REVIEWED, Worklist
@@ -303,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--adopt",
         choices=["always", "if-better"],
-        default="always",
-        help="always: the worklist's own rule (every new version is used); if-better: the "
-        "Fine-tune dock's (a version whose held-out Dice fell is kept aside)",
+        default="if-better",
+        help="if-better: the worklist's default (a version whose held-out Dice fell is kept "
+        "aside); always: every new version is used",
     )
     parser.add_argument(
         "--out",
@@ -387,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     marker = args.marker or (
         f"worklist-{args.dataset.lower().replace('_', '')}-{model.name}"
-        + ("" if args.adopt == "always" else f"-{args.adopt}")
+        + ("" if args.adopt == "if-better" else f"-{args.adopt}")
     )
     for out in args.out:
         if out.suffix.lower() == ".json":

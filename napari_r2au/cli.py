@@ -914,6 +914,7 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
             device=args.device,
             resegment=args.resegment,
             name=args.name,
+            adopt=args.adopt,
         )
         bar = _progress_bar(args.steps, "learn", "step")
         learned = None
@@ -937,6 +938,8 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
             generator.close()
             if learned is None:
                 print("\ninterrupted; no model registered, the worklist is unchanged", file=sys.stderr)
+            elif not learned.adopted:
+                print(f"\ninterrupted; {learned.model} is registered and kept aside", file=sys.stderr)
             else:
                 print(
                     f"\ninterrupted; {learned.model} is the worklist's model, the cases re-segmented "
@@ -950,14 +953,23 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
         _error("fine-tuning produced no model; the worklist is unchanged")
         return 1
     before, after = _number(result.dice_before, 4), _number(result.dice_after, 4)
-    print(f"new model  {result.model} (from {result.parent}; the worklist's model now)")
+    if result.adopted:
+        print(f"new model  {result.model} (from {result.parent}; the worklist's model now)")
+    else:
+        print(
+            f"new model  {result.model} (from {result.parent}), kept aside: it scores lower than "
+            f"{result.parent} on the held-out corrections, so the worklist keeps {result.parent} "
+            f"(use it with: r2au worklist segment --model {result.model})"
+        )
     print(f"learned    from {_cases(len(result.cases))}: {', '.join(result.cases)}")
     print(f"dice       before {before}  after {after}  (on the held-out part of those cases)")
     if result.held_out_uninformative:
         from .worklist import UNINFORMATIVE_HELD_OUT
 
         print(f"note       {UNINFORMATIVE_HELD_OUT}")
-    if not args.resegment:
+    if not result.adopted:
+        print("re-segmented none (the new version was kept aside; --adopt always puts it to use)")
+    elif not args.resegment:
         print("re-segmented none (--no-resegment)")
     else:
         print(
@@ -1392,6 +1404,13 @@ def _add_worklist_parser(sub) -> None:
         dest="resegment",
         action="store_false",
         help="keep the untouched cases' masks (default: re-segment them with the new model)",
+    )
+    q.add_argument(
+        "--adopt",
+        choices=("if-better", "always"),
+        default="if-better",
+        help="put the new version to use only if its held-out Dice is not lower than its parent's "
+        "(if-better, the default, as the Fine-tune dock does), or always",
     )
     q.set_defaults(func=cmd_worklist_learn)
 

@@ -748,6 +748,9 @@ def iter_segment(
 # -- learning from the corrections ---------------------------------------------------------
 
 
+#: when a new version is put to use: "if-better" (its held-out Dice did not fall) or "always"
+ADOPT_RULES = ("if-better", "always")
+
 #: said beside the held-out Dice when it cannot tell anything (LearnResult.held_out_uninformative)
 UNINFORMATIVE_HELD_OUT = (
     "not a test of the new version: the held-out part holds no correction, only the old "
@@ -763,6 +766,8 @@ class LearnResult:
     dice_before: float | None
     dice_after: float | None
     resegmented: list[str] = field(default_factory=list)
+    #: the new version became the worklist's model (False: kept aside, its held-out Dice fell)
+    adopted: bool = True
     #: the fine-tune's own result (its rules, such as dice_fell, hold for the new version)
     finetune: Any = field(default=None, repr=False)
 
@@ -787,13 +792,22 @@ def iter_learn(
     device: str | None = None,
     resegment: bool = True,
     name: str | None = None,
+    adopt: str = "if-better",
 ) -> Generator[WorklistEvent, None, LearnResult]:
     """Fine-tune the worklist's current model (or ``model``) on every accepted and
     corrected case, through the same fine-tune code as the Fine-tune dock (a new model
     version; its held-out part is drawn from those cases), then re-segment with it the
-    cases nobody has touched yet. The worklist then names the new version as its model."""
+    cases nobody has touched yet. The worklist then names the new version as its model.
+
+    ``adopt="if-better"`` (the Fine-tune dock's rule): a version that scores lower than its
+    parent on the held-out corrections is registered but kept aside: the worklist keeps its
+    model and no mask changes (measured on HRF: one such version took the untouched cases
+    from F1 0.794 to 0.743; docs/worklist-reviewer.md). ``"always"`` puts every version to use."""
     from .model_files import load_model
     from .training.finetune import iter_finetune
+
+    if adopt not in ADOPT_RULES:
+        raise WorklistError(f"adopt must be one of {', '.join(ADOPT_RULES)}, not {adopt!r}")
 
     base = model or worklist.model
     if base is None:
@@ -846,9 +860,11 @@ def iter_learn(
     if tuned.model is None:
         yield WorklistEvent("learned", 1, 1, detail=result)
         return result
+    result.adopted = adopt == "always" or not result.dice_fell or result.held_out_uninformative
     # recorded before "learned" is yielded: a job cancelled there still names the model it made
     with worklist._mutex:
-        worklist.model = tuned.model.name
+        if result.adopted:
+            worklist.model = tuned.model.name
         worklist.models.append(
             {
                 "name": tuned.model.name,
@@ -857,11 +873,12 @@ def iter_learn(
                 "cases": names,
                 "dice_before": tuned.dice_before,
                 "dice_after": tuned.dice_after,
+                **({} if result.adopted else {"kept_aside": True}),
             }
         )
         worklist.save()
     yield WorklistEvent("learned", 1, 1, detail=result)
-    if resegment:
+    if resegment and result.adopted:
         stale = [c for c in worklist.cases if c.untouched and c.model != tuned.model.name]
         result.resegmented = yield from iter_segment(worklist, tuned.model, stale, device=device)
     return result

@@ -47,3 +47,23 @@ def notifications():
     notification_manager.records.clear()
     yield notification_manager.records
     notification_manager.records.clear()
+
+
+@pytest.fixture
+def held_out_dice(monkeypatch):
+    """``held_out_dice(fell=True)``: every fine-tune from here on reports its held-out Dice as
+    fallen (or risen) against its parent's, so that what the worklist does with such a version
+    is tested without depending on what a few steps of training happen to do."""
+    from napari_r2au.training import finetune
+
+    real = finetune.iter_finetune
+
+    def choose(fell: bool) -> None:
+        def scored(*args, **kwargs):
+            result = yield from real(*args, **kwargs)
+            result.dice_before, result.dice_after = (0.8, 0.7) if fell else (0.7, 0.8)
+            return result
+
+        monkeypatch.setattr(finetune, "iter_finetune", scored)
+
+    return choose

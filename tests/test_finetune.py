@@ -520,3 +520,41 @@ def test_a_fine_tune_runs_parent_and_child_on_torch(base_model, rng, monkeypatch
     settings = FinetuneSettings(steps=4, lr=0.02, patch_size=48, batch_size=4)
     result = run(iter_finetune(base_model, [(image, mask)], settings=settings))
     assert result.model is not None and backends and set(backends) == {"torch"}
+
+
+def _scored(rng, size: int, spread: float) -> tuple[list, list]:
+    """One validation sample with 'probabilities' around 0.75 on its foreground and 0.25 off it."""
+    from napari_r2au.training.data import Sample
+
+    mask = (rng.random((size, size)) < 0.2).astype(np.uint8)
+    probs = np.clip(np.where(mask > 0, 0.75, 0.25) + rng.normal(0.0, spread, mask.shape), 0, 1)
+    image = np.zeros((size, size, 1), np.float32)
+    return [Sample(image, mask, np.ones(mask.shape, bool), "v", image)], [probs.astype(np.float32)]
+
+
+def test_a_new_versions_threshold_stays_near_its_parents_where_the_held_out_part_cannot_tell():
+    """A flat top (every threshold from about 0.3 to 0.7 scores the same): without a prior the
+    sweep's first maximum wins; with the parent's threshold as prior, the one nearest it."""
+    from napari_r2au.training.trainer import THRESHOLDS, _best_of
+
+    samples, probs = _scored(np.random.default_rng(0), 64, 0.01)
+    plain, _ = _best_of(samples, probs, THRESHOLDS)
+    assert plain <= 0.3
+    near, metrics = _best_of(samples, probs, THRESHOLDS, prior=0.625)
+    assert near == 0.625
+    assert metrics["f1"] == 1.0
+
+
+def test_the_held_out_part_decides_where_it_can_tell():
+    """Many pixels and a clear peak: a far-away prior does not pull the threshold off the peak,
+    and the threshold chosen scores within the score's noise of the best."""
+    from napari_r2au.training.trainer import THRESHOLDS, _best_of, pooled_metrics, thresholds_within_noise
+
+    samples, probs = _scored(np.random.default_rng(1), 384, 0.15)
+    best, best_metrics = _best_of(samples, probs, THRESHOLDS)
+    near = thresholds_within_noise(samples, probs, THRESHOLDS, best)
+    assert best in near and max(near) - min(near) <= 0.1
+    chosen, metrics = _best_of(samples, probs, THRESHOLDS, prior=0.1)
+    assert chosen == min(near)  # the nearest the prior that the data cannot tell from the best
+    assert metrics["f1"] > best_metrics["f1"] - 0.01
+    assert pooled_metrics(samples, probs, 0.1)["f1"] < best_metrics["f1"] - 0.1

@@ -531,11 +531,12 @@ def test_a_dicom_case_exports_a_seg_on_its_series(tmp_path):
 # -- learning ------------------------------------------------------------------------------
 
 
-def test_learning_makes_a_new_version_and_resegments_only_untouched_cases(tmp_path):
+def test_learning_makes_a_new_version_and_resegments_only_untouched_cases(tmp_path, held_out_dice):
     from napari_r2au.model_files import load_model
     from napari_r2au.training.finetune import FinetuneSettings
 
     _tiny_user_model()
+    held_out_dice(fell=False)
     worklist = Worklist.create(tmp_path / "wl", [_study(tmp_path / "data", n=4)], model="base")
     try:
         c0, c1, c2, c3 = worklist.cases
@@ -566,9 +567,10 @@ def test_learning_makes_a_new_version_and_resegments_only_untouched_cases(tmp_pa
         assert again.model == "base-ft1" and [m["name"] for m in again.models] == ["base-ft1"]
 
 
-def test_learning_records_the_new_model_even_when_cancelled_right_after_training(tmp_path):
+def test_learning_records_the_new_model_even_when_cancelled_right_after_training(tmp_path, held_out_dice):
     from napari_r2au.training.finetune import FinetuneSettings
 
+    held_out_dice(fell=False)
     _tiny_user_model()
     with Worklist.create(tmp_path / "wl", [_study(tmp_path / "data", n=3)], model="base") as worklist:
         _run(iter_segment(worklist, "base"))
@@ -660,8 +662,9 @@ def test_the_command_line_runs_a_worklist_from_creation_to_export(tmp_path, caps
     assert main(["worklist", "export", wl, str(tmp_path / "mine"), "--overwrite"]) == 0
 
 
-def test_the_command_line_learns_from_the_reviewed_cases(tmp_path, capsys):
+def test_the_command_line_learns_from_the_reviewed_cases(tmp_path, capsys, held_out_dice):
     _tiny_user_model()
+    held_out_dice(fell=False)
     wl = str(tmp_path / "wl")
     assert main(["worklist", "create", wl, str(_study(tmp_path / "data")), "-m", "base"]) == 0
     assert main(["worklist", "segment", wl]) == 0
@@ -686,6 +689,42 @@ def test_the_command_line_learns_from_the_reviewed_cases(tmp_path, capsys):
         assert worklist.model == "study-v2-ft1"
         assert [m["name"] for m in worklist.models] == ["study-v2", "study-v2-ft1"]
         assert worklist.case("c2").model == "study-v2"
+
+
+def test_a_version_that_scores_lower_is_kept_aside_unless_asked_to_use_it(tmp_path, capsys, held_out_dice):
+    """The Fine-tune dock's rule: a new version whose held-out Dice fell below its parent's
+    is registered but neither becomes the worklist's model nor re-segments a case; with
+    ``adopt="always"`` (``--adopt always``) it does both."""
+    from napari_r2au.model_files import list_models
+    from napari_r2au.training.finetune import FinetuneSettings
+
+    _tiny_user_model()
+    held_out_dice(fell=True)
+    settings = FinetuneSettings(steps=1, patch_size=32, batch_size=2)
+    with Worklist.create(tmp_path / "wl", [_study(tmp_path / "data")], model="base") as worklist:
+        _run(iter_segment(worklist, "base"))
+        c0, _, c2 = worklist.cases
+        worklist.save_mask(c0, _bars(0)[1])
+        worklist.set_status(c0, "accepted")
+        masks = {c.id: worklist.read_mask(c).copy() for c in worklist.cases}
+        with pytest.raises(WorklistError, match="adopt must be one of"):
+            _run(iter_learn(worklist, settings=settings, adopt="sometimes"))
+        result = _run(iter_learn(worklist, settings=settings))
+        assert result.model == "base-ft1" and not result.adopted and result.resegmented == []
+        assert worklist.model == "base" and c2.model == "base"
+        assert worklist.models[-1]["name"] == "base-ft1" and worklist.models[-1]["kept_aside"] is True
+        assert all(np.array_equal(worklist.read_mask(c), masks[c.id]) for c in worklist.cases)
+        assert "base-ft1" in {m["name"] for m in list_models()}  # registered: the user can still choose it
+        result = _run(iter_learn(worklist, settings=settings, adopt="always"))
+        assert result.adopted and result.resegmented == ["c1", "c2"] and worklist.model == "base-ft2"
+    capsys.readouterr()
+    wl = str(tmp_path / "wl")
+    assert main(["worklist", "learn", wl, "-m", "base", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "new model  base-ft3 (from base), kept aside: it scores lower than base" in out
+    assert "re-segmented none (the new version was kept aside" in out
+    with Worklist.open(wl, read_only=True) as again:
+        assert again.model == "base-ft2" and again.models[-1]["kept_aside"] is True
 
 
 def test_a_worklist_scale_is_kept_and_used_to_segment_and_to_learn(tmp_path, capsys):

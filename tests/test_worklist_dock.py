@@ -177,8 +177,9 @@ def test_keys_move_through_the_cases_and_set_verdicts(make_napari_viewer, qtbot,
 
 
 def test_learning_makes_a_new_version_and_re_segments_only_untouched_cases(
-    make_napari_viewer, qtbot, tmp_path, cases, tiny
+    make_napari_viewer, qtbot, tmp_path, cases, tiny, held_out_dice
 ):
+    held_out_dice(fell=False)
     viewer = make_napari_viewer()
     widget = presegmented(qtbot, viewer, tmp_path, cases)
     worklist = widget.worklist
@@ -249,12 +250,38 @@ def test_the_scale_field_is_the_worklists_and_segments_every_case_at_it(
         other.close_worklist()
 
 
-def test_a_new_version_that_scores_lower_is_said_unless_its_test_tells_nothing(
-    make_napari_viewer, qtbot, tmp_path, cases, tiny, notifications
+def test_a_new_version_that_scores_lower_is_kept_aside_and_said(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny, notifications, held_out_dice
 ):
-    """The worklist uses every new version (its rule); when the held-out Dice fell, the dock
-    says so and how to go back, as the command line does; not when the held-out part holds
-    no correction (then the figures say nothing)."""
+    """Learn keeps a version whose held-out Dice fell aside (the worklist's rule, the Fine-tune
+    dock's too): the worklist keeps its model, no mask changes, the model picker stays, and the
+    dock says why and how to use the version anyway."""
+    viewer = make_napari_viewer()
+    widget = presegmented(qtbot, viewer, tmp_path, cases)
+    worklist = widget.worklist
+    first = widget.current
+    widget._mask_layer.data = bars(64, seed=int(first[-1]))[1]  # the reviewer's correction
+    widget.set_verdict("accepted")
+    settle(qtbot, widget)
+    untouched = [c.id for c in worklist.cases if c.untouched]
+    held_out_dice(fell=True)
+    notifications.clear()
+    widget._steps.value = 2
+    widget.learn()
+    wait_idle(qtbot, widget)
+    assert worklist.model == "tiny" and worklist.models[-1]["kept_aside"] is True
+    assert all(worklist.case(case).model == "tiny" for case in untouched)
+    assert widget._model.metadata()["name"] == "tiny"
+    line = widget._learn_line.value
+    assert "tiny-ft1 kept aside" in line and "lower than tiny's" in line and "choose tiny-ft1" in line
+    assert any("kept aside" in str(n.message) for n in notifications)
+
+
+def test_learning_from_cases_accepted_as_segmented_is_used_and_says_its_dice_tests_nothing(
+    make_napari_viewer, qtbot, tmp_path, cases, tiny
+):
+    """No corrected pixel in the held-out part: its Dice says nothing, so a fall there does not
+    keep the version aside, and the line says why the figures mean nothing."""
     from types import SimpleNamespace
 
     from napari_r2au.worklist import LearnResult
@@ -262,13 +289,10 @@ def test_a_new_version_that_scores_lower_is_said_unless_its_test_tells_nothing(
     viewer = make_napari_viewer()
     widget = open_dock(viewer, tmp_path / "wl", cases, qtbot)
     widget._job = "learn"
-    for corrections, said in ((120, True), (0, False)):
-        notifications.clear()
-        fell = SimpleNamespace(dice_fell=True, held_out_corrections=corrections)
-        widget._on_result(LearnResult("tiny-ft1", "tiny", ["case0"], 0.83, 0.81, ["case2"], finetune=fell))
-        text = "\n".join(str(n.message) for n in notifications)
-        assert ("scores lower than tiny" in text and "choose tiny as the model" in text) is said, text
-        assert ("not a test of the new version" in widget._learn_line.value) is not said
+    fell = SimpleNamespace(dice_fell=True, held_out_corrections=0)
+    widget._on_result(LearnResult("tiny-ft1", "tiny", ["case0"], 0.83, 0.81, ["case2"], finetune=fell))
+    assert "not a test of the new version" in widget._learn_line.value
+    assert "kept aside" not in widget._learn_line.value
     widget._job = ""
 
 

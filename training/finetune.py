@@ -415,7 +415,12 @@ def iter_finetune(
         raise ValueError(f"a model called {name!r} exists already; choose another name")
     elif chosen_name:
         check_new_model_name(name)
-    dice_before = best_threshold(parent, val_samples, device=device)[1]["f1"] if val_samples else None
+    # both chosen by the same rule: the best within the held-out score's noise, nearest the
+    # parent's threshold (the top of a sweep over a few strips is mostly noise)
+    prior = parent.threshold
+    dice_before = (
+        best_threshold(parent, val_samples, device=device, prior=prior)[1]["f1"] if val_samples else None
+    )
     counts = [sample.corrections for sample in val_samples]
     corrections = sum(counts) if counts and None not in counts else None
     # this run's own folder, new and unique (mkdtemp creates it exclusively): the only folder
@@ -447,6 +452,7 @@ def iter_finetune(
         # the threshold is chosen once, for the weights that are saved: by the trainer when
         # they are its own, here after blending when they are not
         calibrate_threshold=settings.weight_share >= 1.0,
+        threshold_prior=prior,
     )
     if not settings.augment:
         config.augment.flips = config.augment.rot90 = config.augment.affine = config.augment.intensity = False
@@ -480,9 +486,12 @@ def iter_finetune(
         provenance["weight_share"] = settings.weight_share
         tuned = LoadedModel(network, meta)
         if val_samples:  # the saved weights are these: their threshold, measured on them
-            meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device)
+            meta["threshold"], metrics = best_threshold(tuned, val_samples, device=device, prior=prior)
             provenance["validation_metrics"] = {k: round(float(v), 5) for k, v in metrics.items()}
-            provenance["threshold_chosen_on"] = "held-out part of the corrections, F1 (blended weights)"
+            provenance["threshold_chosen_on"] = (
+                "held-out part of the corrections, F1 (blended weights), the nearest to the "
+                f"parent's {prior:g} within the F1's noise of the best"
+            )
             dice_after = metrics["f1"]
         else:  # the trainer's figures are of the unblended weights
             provenance.pop("validation_metrics", None)

@@ -165,6 +165,9 @@ class TrainConfig:
     postprocess: list[str] = field(default_factory=list)
     #: pick the decision threshold that maximises validation F1 and store it in the model
     calibrate_threshold: bool = True
+    #: a threshold to stay near (a fine-tune's parent's): calibration then takes, among the
+    #: thresholds whose score is within the score's noise of the best, the one nearest this
+    threshold_prior: float | None = None
     #: also log to TensorBoard (needs the tensorboard package) in output_dir/tensorboard
     tensorboard: bool = False
     #: keep an exponential moving average of the weights (e.g. 0.999) and validate and save
@@ -1142,7 +1145,12 @@ def iter_train(
         kept.to("cpu").eval()
     if writer and val_samples and best_model.is_file() and config.calibrate_threshold:
         best_metrics = calibrate_threshold(
-            best_model, val_samples, config.precision, device=str(dev), select_by=config.select_by
+            best_model,
+            val_samples,
+            config.precision,
+            device=str(dev),
+            select_by=config.select_by,
+            prior=config.threshold_prior,
         )
     return TrainResult(
         out, best_model if best_model.is_file() else None, last_model, step, best_metrics, stopped
@@ -1204,10 +1212,74 @@ def best_threshold(
     precision: str = "auto",
     candidates: tuple[float, ...] = THRESHOLDS,
     device: str | None = None,
+    prior: float | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """The candidate threshold with the highest pooled F1 on ``samples``, and the metrics there."""
+    """The candidate threshold with the highest pooled F1 on ``samples`` (with ``prior``: the
+    one nearest ``prior`` among those within the F1's noise of the highest), and the metrics there."""
     probs = predict_samples(model, samples, precision, device)
-    return _best_of(samples, probs, candidates)
+    return _best_of(samples, probs, candidates, prior=prior)
+
+
+#: row blocks the validation pixels are cut into to estimate a score's noise (jackknife)
+NOISE_BLOCKS = 10
+
+
+def _blocks(samples: list[Sample]) -> list[tuple[int, slice]]:
+    """(sample index, rows) blocks: every sample cut across its rows, about NOISE_BLOCKS in all."""
+    per_sample = max(2, math.ceil(NOISE_BLOCKS / max(1, len(samples))))
+    out = []
+    for index, sample in enumerate(samples):
+        edges = np.linspace(0, sample.mask.shape[0], min(per_sample, sample.mask.shape[0]) + 1).astype(int)
+        out += [(index, slice(a, b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return out
+
+
+def _score_at(samples: list[Sample], probs: list[np.ndarray], level: float, select_by: str) -> float:
+    if select_by == "jaccard_per_image":
+        scores = dict(
+            jaccard_per_image=jaccard_per_image(samples, probs, level),
+            **source_jaccards(samples, probs, level),
+        )
+    else:
+        scores = dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
+    return selection_score(scores, select_by)
+
+
+def thresholds_within_noise(
+    samples: list[Sample],
+    probs: list[np.ndarray],
+    candidates: tuple[float, ...],
+    best: float,
+    select_by: str = "f1",
+) -> list[float]:
+    """The candidates whose score the validation pixels cannot tell from ``best``'s: the gap
+    is at most its own jackknife standard error over row blocks of the samples (each block
+    left out in turn, the gap measured on the rest: paired, so that what every threshold finds
+    alike does not count as noise). A fine-tune's held-out strips are small and the score is
+    flat near its peak, so the top of a sweep is often noise: on one HRF strip the highest F1
+    picked 0.725 where the other photographs wanted 0.35, and cost them 0.08 F1
+    (docs/worklist-reviewer.md)."""
+    blocks = _blocks(samples)
+    full = np.array([_score_at(samples, probs, level, select_by) for level in candidates])
+    if len(blocks) < 2:
+        return [best]
+    rows = []
+    for index, rows_out in blocks:
+        fov = samples[index].fov.copy()
+        fov[rows_out] = False
+        kept = [dataclasses.replace(s, fov=fov) if i == index else s for i, s in enumerate(samples)]
+        rows.append([_score_at(kept, probs, level, select_by) for level in candidates])
+    left_out = np.array(rows)  # (blocks, candidates)
+    at_best = candidates.index(best)
+    n = len(blocks)
+    near = []
+    for j, level in enumerate(candidates):
+        with np.errstate(invalid="ignore"):  # a block without foreground scores -inf at every level
+            gaps = left_out[:, at_best] - left_out[:, j]
+            noise = math.sqrt((n - 1) / n * float(np.sum((gaps - gaps.mean()) ** 2)))
+        if j == at_best or (math.isfinite(noise) and full[at_best] - full[j] <= noise):
+            near.append(level)
+    return near
 
 
 def _best_of(
@@ -1215,20 +1287,14 @@ def _best_of(
     probs: list[np.ndarray],
     candidates: tuple[float, ...],
     select_by: str = "f1",
+    prior: float | None = None,
 ) -> tuple[float, dict[str, float]]:
-    def score(level: float) -> float:
-        if select_by == "jaccard_per_image":
-            scores = dict(
-                jaccard_per_image=jaccard_per_image(samples, probs, level),
-                **source_jaccards(samples, probs, level),
-            )
-            return selection_score(scores, select_by)
-        return selection_score(
-            dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
-        )
-
-    scores = {level: score(level) for level in candidates}
+    scores = {level: _score_at(samples, probs, level, select_by) for level in candidates}
     best = max(candidates, key=scores.__getitem__)
+    if prior is not None and math.isfinite(scores[best]):
+        # the one-standard-error rule: what the data cannot tell from the best, the prior decides
+        near = thresholds_within_noise(samples, probs, candidates, best, select_by)
+        best = min(near, key=lambda level: (abs(level - prior), -scores[level]))
     return best, _metrics_at(samples, probs, best)
 
 
@@ -1239,9 +1305,11 @@ def calibrate_threshold(
     candidates: tuple[float, ...] = THRESHOLDS,
     device: str | None = None,
     select_by: str = "f1",
+    prior: float | None = None,
 ) -> dict[str, float]:
     """Store in the model file the threshold that maximises validation F1 (or, with
-    ``select_by="jaccard_per_image"``, the images' mean Jaccard).
+    ``select_by="jaccard_per_image"``, the images' mean Jaccard); with ``prior``, the one
+    nearest it among those within the score's noise of the best (:func:`_best_of`).
 
     Chosen on the validation split only; the metrics at 0.5 are kept beside it.
     """
@@ -1249,7 +1317,7 @@ def calibrate_threshold(
 
     model = load_model_file(sidecar)
     probs = predict_samples(model, val_samples, precision, device)
-    best, chosen = _best_of(val_samples, probs, candidates, select_by)
+    best, chosen = _best_of(val_samples, probs, candidates, select_by, prior=prior)
     at_half = _metrics_at(val_samples, probs, 0.5)
     meta = dict(model.metadata, threshold=float(best))
     provenance = dict(meta["provenance"])
@@ -1261,7 +1329,7 @@ def calibrate_threshold(
         + (" (mean of its sources)" if "jaccard_source_mean" in chosen else "")
         if select_by == "jaccard_per_image"
         else "validation split, F1" + (" (mean of its sources)" if "f1_source_mean" in chosen else "")
-    )
+    ) + (f", the nearest to {prior:g} within the score's noise of the best" if prior is not None else "")
     meta["provenance"] = provenance
     meta.pop("weights_file")
     meta.pop("weights_sha256")

@@ -896,6 +896,9 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
             result = detail
             if result.model is None:
                 self._learn_line.value = "Training gave no model (stopped before its first checkpoint)."
+            elif not result.adopted:
+                self._learn_line.value = _kept_aside_line(result)
+                refresh_model_pickers()
             else:
                 self._learn_line.value = (
                     f"New model {result.model} from {len(result.cases)} cases: held-out Dice "
@@ -910,7 +913,10 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
         if self._job == "segment":
             self._status.value = f"Pre-segmented {len(result)} cases."
         elif self._job == "learn":
-            if result.model is not None:
+            if result.model is not None and not result.adopted:
+                self._learn_line.value = _kept_aside_line(result)
+                notify_info(f"Worklist: {self._learn_line.value}")
+            elif result.model is not None:
                 self._learn_line.value = (
                     f"New model {result.model} from {len(result.cases)} cases: held-out Dice "
                     f"{_score(result.dice_before)} → {_score(result.dice_after)}"
@@ -918,13 +924,6 @@ class WorklistWidget(WorkerRunner, ScrollingDock):
                     + f"; {len(result.resegmented)} untouched cases re-segmented with it."
                 )
                 notify_info(f"Worklist: {self._learn_line.value}")
-                if result.dice_fell and not result.held_out_uninformative:
-                    notify_warning(
-                        f"Worklist: {result.model} scores lower than {result.parent} on the held-out "
-                        f"part of the reviewed cases ({_score(result.dice_after)} vs "
-                        f"{_score(result.dice_before)}) and made the untouched cases' masks: review "
-                        f"them as usual, or choose {result.parent} as the model and Pre-segment again."
-                    )
             self._status.value = "Learning done."
         elif self._job == "export":
             self._export_line.value = f"Wrote {len(result)} files to {self._export_to.value}"
@@ -1018,3 +1017,12 @@ def _minutes(seconds: float) -> str:
 
 def _score(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _kept_aside_line(result: Any) -> str:
+    """What the dock says of a new version that scored lower than its parent (not put to use)."""
+    return (
+        f"New model {result.model} kept aside: held-out Dice {_score(result.dice_before)} → "
+        f"{_score(result.dice_after)}, lower than {result.parent}'s. The worklist keeps {result.parent} "
+        f"and no mask changed; to use it anyway, choose {result.model} and Pre-segment."
+    )
