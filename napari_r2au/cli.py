@@ -927,7 +927,8 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
             elif event.stage == "learned":
                 learned = event.detail
                 bar.close()
-                bar = _progress_bar(None, "re-segment", "case")
+                if learned.adopted and args.resegment:
+                    bar = _progress_bar(None, "re-segment", "case")
             elif event.stage == "case":
                 bar.total = event.total
                 bar.update(event.done - bar.n)
@@ -949,6 +950,7 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
             return 130
         finally:
             bar.close()
+        kept = worklist.model
     if result.model is None:
         _error("fine-tuning produced no model; the worklist is unchanged")
         return 1
@@ -958,7 +960,7 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
     else:
         print(
             f"new model  {result.model} (from {result.parent}), kept aside: it scores lower than "
-            f"{result.parent} on the held-out corrections, so the worklist keeps {result.parent} "
+            f"{result.parent} on the held-out corrections, so the worklist keeps {kept} "
             f"(use it with: r2au worklist segment --model {result.model})"
         )
     print(f"learned    from {_cases(len(result.cases))}: {', '.join(result.cases)}")
@@ -976,7 +978,7 @@ def cmd_worklist_learn(args: argparse.Namespace) -> int:
             f"re-segmented {_cases(len(result.resegmented))} nobody had touched"
             + (f": {', '.join(result.resegmented)}" if result.resegmented else "")
         )
-    if result.dice_fell:
+    if result.adopted and result.dice_fell and not result.held_out_uninformative:
         print(
             f"warning: {result.model} scores lower than {result.parent} on the held-out part; "
             "compare before you rely on it",

@@ -766,8 +766,8 @@ class LearnResult:
     dice_before: float | None
     dice_after: float | None
     resegmented: list[str] = field(default_factory=list)
-    #: the new version became the worklist's model (False: kept aside, its held-out Dice fell)
-    adopted: bool = True
+    #: the new version became the worklist's model (False: none, or kept aside: its held-out Dice fell)
+    adopted: bool = False
     #: the fine-tune's own result (its rules, such as dice_fell, hold for the new version)
     finetune: Any = field(default=None, repr=False)
 
@@ -797,7 +797,8 @@ def iter_learn(
     """Fine-tune the worklist's current model (or ``model``) on every accepted and
     corrected case, through the same fine-tune code as the Fine-tune dock (a new model
     version; its held-out part is drawn from those cases), then re-segment with it the
-    cases nobody has touched yet. The worklist then names the new version as its model.
+    cases nobody has touched yet; the worklist then names the new version as its model, unless
+    it is kept aside.
 
     ``adopt="if-better"`` (the Fine-tune dock's rule): a version that scores lower than its
     parent on the held-out corrections is registered but kept aside: the worklist keeps its

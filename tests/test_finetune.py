@@ -558,3 +558,42 @@ def test_the_held_out_part_decides_where_it_can_tell():
     assert chosen == min(near)  # the nearest the prior that the data cannot tell from the best
     assert metrics["f1"] > best_metrics["f1"] - 0.01
     assert pooled_metrics(samples, probs, 0.1)["f1"] < best_metrics["f1"] - 0.1
+
+
+@pytest.mark.parametrize("select_by", ["f1", "jaccard_per_image"])
+@pytest.mark.parametrize("sources", [("",), ("A", "B")])
+def test_the_noise_estimate_scores_a_set_of_blocks_as_the_selection_does(select_by, sources):
+    """The block counts behind the threshold rule give the selection score itself (pooled F1,
+    the sources' mean F1, the images' mean Jaccard), at every threshold, for all the blocks
+    and for all but one, also with a field of view and a block that has no foreground."""
+    import dataclasses
+
+    from napari_r2au.training.trainer import THRESHOLDS, _BlockCounts, _score_at
+
+    rng = np.random.default_rng(2)
+    samples, probs = [], []
+    for index in range(4):
+        (sample,), (prob,) = _scored(rng, 24 + 8 * index, 0.3)
+        sample = dataclasses.replace(sample, source=sources[index % len(sources)], name=f"s{index}")
+        if index == 1:  # a field of view that leaves out a corner
+            fov = np.ones(sample.mask.shape, bool)
+            fov[:10, :10] = False
+            sample = dataclasses.replace(sample, fov=fov)
+        if index == 2:
+            sample.mask[:12] = 0  # the first blocks have nothing to find
+        samples.append(sample)
+        probs.append(prob)
+    counts = _BlockCounts.of(samples, probs, THRESHOLDS)
+    everything = np.ones(len(counts.owner), bool)
+    expected = [_score_at(samples, probs, level, select_by) for level in THRESHOLDS]
+    assert np.allclose(counts.scores(samples, select_by, everything), expected)
+    # leaving out the first block of the third sample: its rows out of the field of view
+    first = int(np.flatnonzero(counts.owner == 2)[0])
+    fov = np.ones(samples[2].mask.shape, bool)
+    rows = samples[2].mask.shape[0] // (np.sum(counts.owner == 2))
+    fov[:rows] = False
+    less = [dataclasses.replace(s, fov=fov) if i == 2 else s for i, s in enumerate(samples)]
+    expected = [_score_at(less, probs, level, select_by) for level in THRESHOLDS]
+    assert np.allclose(
+        counts.scores(samples, select_by, everything & (np.arange(len(everything)) != first)), expected
+    )

@@ -513,7 +513,7 @@ def test_finetune_registers_a_new_model_and_resegments(make_napari_viewer, qtbot
     assert finetune._curve.steps == [1, 2, 3]
     assert "tiny-ft1" in finetune._result.value and "before" in finetune._result.value
     # two Dice figures, each labelled with its threshold: the curve's during training, the result's after
-    assert "at its best threshold" in finetune._result.value
+    assert "at its own threshold there" in finetune._result.value
     assert finetune._curve._dice_line.get_label() == "held-out Dice at 0.5"
     assert finetune._curve._dice_axes.get_ylabel() == "held-out Dice at 0.5"
 

@@ -722,6 +722,7 @@ def test_a_version_that_scores_lower_is_kept_aside_unless_asked_to_use_it(tmp_pa
     assert main(["worklist", "learn", wl, "-m", "base", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "new model  base-ft3 (from base), kept aside: it scores lower than base" in out
+    assert "so the worklist keeps base-ft2" in out
     assert "re-segmented none (the new version was kept aside" in out
     with Worklist.open(wl, read_only=True) as again:
         assert again.model == "base-ft2" and again.models[-1]["kept_aside"] is True
@@ -767,10 +768,14 @@ def test_a_worklist_scale_is_kept_and_used_to_segment_and_to_learn(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["scale"] == 0.25
 
 
-def test_learning_from_cases_accepted_as_segmented_says_its_dice_tests_nothing(tmp_path, capsys):
+def test_learning_from_cases_accepted_as_segmented_says_its_dice_tests_nothing(
+    tmp_path, capsys, held_out_dice
+):
     """Cases accepted without an edit hold the old model's own masks: the held-out Dice
-    there is the parent's by definition, and the command line says so."""
+    there is the parent's by definition, and the command line says so; a fall there keeps
+    nothing aside (it tests nothing), once a case is corrected it does."""
     _tiny_user_model()
+    held_out_dice(fell=True)
     wl = str(tmp_path / "wl")
     # wide enough for a held-out band beside the training part
     assert main(["worklist", "create", wl, str(_study(tmp_path / "data", size=160)), "-m", "base"]) == 0
@@ -782,11 +787,14 @@ def test_learning_from_cases_accepted_as_segmented_says_its_dice_tests_nothing(t
     assert main(["worklist", "learn", wl, "--steps", "1", "--no-resegment"]) == 0
     out = capsys.readouterr().out
     assert "note       not a test of the new version" in out
+    assert "new model  base-ft1 (from base; the worklist's model now)" in out
     with Worklist.open(wl) as worklist:  # once a case is corrected, the held-out part is a test
         worklist.save_mask(worklist.case("c1"), 1 - _bars(1, 160)[1])
         worklist.set_status(worklist.case("c1"), "accepted")
     assert main(["worklist", "learn", wl, "--steps", "1", "--no-resegment"]) == 0
-    assert "not a test" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not a test" not in out
+    assert "base-ft2 (from base-ft1), kept aside" in out and "the worklist keeps base-ft1" in out
 
 
 def test_a_locked_worklist_is_one_error_line(tmp_path, capsys):

@@ -290,7 +290,8 @@ def test_learning_from_cases_accepted_as_segmented_is_used_and_says_its_dice_tes
     widget = open_dock(viewer, tmp_path / "wl", cases, qtbot)
     widget._job = "learn"
     fell = SimpleNamespace(dice_fell=True, held_out_corrections=0)
-    widget._on_result(LearnResult("tiny-ft1", "tiny", ["case0"], 0.83, 0.81, ["case2"], finetune=fell))
+    result = LearnResult("tiny-ft1", "tiny", ["case0"], 0.83, 0.81, ["case2"], adopted=True, finetune=fell)
+    widget._on_result(result)
     assert "not a test of the new version" in widget._learn_line.value
     assert "kept aside" not in widget._learn_line.value
     widget._job = ""

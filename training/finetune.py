@@ -406,7 +406,8 @@ def iter_finetune(
     if patch < 16:
         raise ValueError("the training images are too small to fine-tune on (need at least 16x16 pixels)")
     # validation samples are already at the working scale. The new model's threshold is
-    # chosen on them, so the base model gets the same chance: its best threshold there
+    # chosen on them, so the base model gets the same chance: a threshold chosen there by the
+    # same rule
     chosen_name = name is not None
     if name is None:  # provisional: the final one is taken when the model is saved (_register)
         name = next_version_name(parent.name)

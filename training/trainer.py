@@ -1234,15 +1234,89 @@ def _blocks(samples: list[Sample]) -> list[tuple[int, slice]]:
     return out
 
 
-def _score_at(samples: list[Sample], probs: list[np.ndarray], level: float, select_by: str) -> float:
-    if select_by == "jaccard_per_image":
-        scores = dict(
-            jaccard_per_image=jaccard_per_image(samples, probs, level),
-            **source_jaccards(samples, probs, level),
+@dataclass
+class _BlockCounts:
+    """Pixel counts of every row block (rows) at every candidate threshold (columns), and the
+    sample each block belongs to: any subset of blocks is scored from sums, without predicting
+    or thresholding again."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    owner: np.ndarray
+
+    @classmethod
+    def of(
+        cls, samples: list[Sample], probs: list[np.ndarray], candidates: tuple[float, ...]
+    ) -> _BlockCounts:
+        levels = np.asarray(candidates, dtype=np.float64)
+        order = np.argsort(levels)
+        ascending = levels[order]
+        tp, fp, fn, owner = [], [], [], []
+        for index, rows in _blocks(samples):
+            sample = samples[index]
+            fov = np.ones(sample.mask.shape, bool) if sample.fov is None else np.asarray(sample.fov, bool)
+            inside = fov[rows]
+            if not inside.any():  # no pixel to score: the block would only inflate the block count
+                continue
+            truth = np.asarray(sample.mask[rows]).astype(bool)[inside]
+            values = np.asarray(probs[index][rows], dtype=np.float64)[inside]
+            counts = []
+            for part in (values[truth], values[~truth]):
+                # a pixel is foreground at level c when it is above c: above c_j where more than
+                # j levels lie below it
+                below = np.searchsorted(ascending, part, side="left")
+                histogram = np.bincount(below, minlength=len(levels) + 1)
+                above = histogram[::-1].cumsum()[::-1][1:]
+                found = np.empty(len(levels), np.int64)
+                found[order] = above
+                counts.append(found)
+            tp.append(counts[0])
+            fp.append(counts[1])
+            fn.append(int(truth.sum()) - counts[0])
+            owner.append(index)
+        return cls(
+            np.array(tp).reshape(-1, len(levels)),
+            np.array(fp).reshape(-1, len(levels)),
+            np.array(fn).reshape(-1, len(levels)),
+            np.array(owner, dtype=int),
         )
-    else:
-        scores = dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
-    return selection_score(scores, select_by)
+
+    def scores(self, samples: list[Sample], select_by: str, keep: np.ndarray) -> np.ndarray:
+        """The selection score at every candidate, of the blocks in ``keep`` (a boolean mask),
+        as :func:`selection_score` scores the metrics of those pixels (-inf: no number)."""
+        sources = np.array([samples[i].source or "" for i in self.owner])
+        groups = sorted(set(samples[i].source or "" for i in range(len(samples))))
+
+        def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+        if select_by == "jaccard_per_image":
+            means = []
+            for group in groups:
+                images = []
+                for index in sorted(set(self.owner[keep & (sources == group)])):
+                    rows = keep & (self.owner == index)
+                    tp, fp, fn = (a[rows].sum(0) for a in (self.tp, self.fp, self.fn))
+                    union = tp + fp + fn
+                    images.append(np.where(union > 0, tp / np.maximum(union, 1), 1.0))
+                means.append(np.mean(images, axis=0) if images else np.full(self.tp.shape[1], np.nan))
+            score = np.mean(means, axis=0) if len(groups) > 1 else means[0]
+        else:
+
+            def f1(rows: np.ndarray) -> np.ndarray:
+                tp, fp, fn = (a[rows].sum(0) for a in (self.tp, self.fp, self.fn))
+                return ratio(2.0 * tp, 2.0 * tp + fp + fn)
+
+            score = f1(keep)
+            if len(groups) > 1:
+                per_source = np.array([f1(keep & (sources == group)) for group in groups])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a source with no number at all
+                    mean = np.nanmean(per_source, axis=0)
+                score = np.where(np.isfinite(mean), mean, score)
+        return np.where(np.isfinite(score), score, -np.inf)
 
 
 def thresholds_within_noise(
@@ -1259,27 +1333,38 @@ def thresholds_within_noise(
     flat near its peak, so the top of a sweep is often noise: on one HRF strip the highest F1
     picked 0.725 where the other photographs wanted 0.35, and cost them 0.08 F1
     (docs/worklist-reviewer.md)."""
-    blocks = _blocks(samples)
-    full = np.array([_score_at(samples, probs, level, select_by) for level in candidates])
-    if len(blocks) < 2:
+    counts = _BlockCounts.of(samples, probs, candidates)
+    n = len(counts.owner)
+    if n < 2:
         return [best]
-    rows = []
-    for index, rows_out in blocks:
-        fov = samples[index].fov.copy()
-        fov[rows_out] = False
-        kept = [dataclasses.replace(s, fov=fov) if i == index else s for i, s in enumerate(samples)]
-        rows.append([_score_at(kept, probs, level, select_by) for level in candidates])
-    left_out = np.array(rows)  # (blocks, candidates)
-    at_best = candidates.index(best)
-    n = len(blocks)
+    everything = np.ones(n, bool)
+    full = counts.scores(samples, select_by, everything)
+    left_out = np.array(
+        [counts.scores(samples, select_by, everything & (np.arange(n) != b)) for b in range(n)]
+    )
+    at_best = list(candidates).index(best)
     near = []
     for j, level in enumerate(candidates):
-        with np.errstate(invalid="ignore"):  # a block without foreground scores -inf at every level
+        # a left-out set that scores no number at some level makes the gap NaN there: no noise
+        # estimate, so that level counts only if it scores as high as the best
+        with np.errstate(invalid="ignore"):
             gaps = left_out[:, at_best] - left_out[:, j]
             noise = math.sqrt((n - 1) / n * float(np.sum((gaps - gaps.mean()) ** 2)))
-        if j == at_best or (math.isfinite(noise) and full[at_best] - full[j] <= noise):
+        gap = full[at_best] - full[j]
+        if j == at_best or gap <= 0 or (math.isfinite(noise) and gap <= noise):
             near.append(level)
     return near
+
+
+def _score_at(samples: list[Sample], probs: list[np.ndarray], level: float, select_by: str) -> float:
+    if select_by == "jaccard_per_image":
+        scores = dict(
+            jaccard_per_image=jaccard_per_image(samples, probs, level),
+            **source_jaccards(samples, probs, level),
+        )
+    else:
+        scores = dict(pooled_metrics(samples, probs, level), **source_metrics(samples, probs, level))
+    return selection_score(scores, select_by)
 
 
 def _best_of(
@@ -1294,7 +1379,7 @@ def _best_of(
     if prior is not None and math.isfinite(scores[best]):
         # the one-standard-error rule: what the data cannot tell from the best, the prior decides
         near = thresholds_within_noise(samples, probs, candidates, best, select_by)
-        best = min(near, key=lambda level: (abs(level - prior), -scores[level]))
+        best = min(near, key=lambda level: (round(abs(level - prior), 9), -scores[level]))
     return best, _metrics_at(samples, probs, best)
 
 

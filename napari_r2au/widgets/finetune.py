@@ -428,7 +428,7 @@ class FinetuneWidget(WorkerRunner, ScrollingDock):
         blend = f" (weights {share:g} of the way from the base to the fine-tuned ones)" if share else ""
         self._result.value = (
             f"New model {name} after {result.steps} steps{blend}.\nHeld-out Dice, each model at "
-            f"its best threshold: {_score(result.dice_before)} before → "
+            f"its own threshold there: {_score(result.dice_before)} before → "
             f"{_score(result.dice_after)} after."
         )
         refresh_model_pickers()
