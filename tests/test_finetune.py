@@ -453,6 +453,9 @@ def test_the_threshold_is_chosen_once_for_the_weights_that_are_saved(base_model,
         assert result.model.metadata["provenance"]["validation_metrics"]["f1"] == pytest.approx(
             measured, abs=1e-4
         )
+        # both paths choose it by the parent-anchored rule (the trainer's through threshold_prior)
+        chosen_on = result.model.metadata["provenance"]["threshold_chosen_on"]
+        assert f"nearest to {base_model.threshold:g}" in chosen_on or "the parent's" in chosen_on, chosen_on
 
 
 def test_training_from_a_parent_leaves_the_callers_model_and_config_alone(base_model, rng, tmp_path):
