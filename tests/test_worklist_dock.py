@@ -273,7 +273,7 @@ def test_a_new_version_that_scores_lower_is_kept_aside_and_said(
     assert all(worklist.case(case).model == "tiny" for case in untouched)
     assert widget._model.metadata()["name"] == "tiny"
     line = widget._learn_line.value
-    assert "tiny-ft1 kept aside" in line and "lower than tiny's" in line and "choose tiny-ft1" in line
+    assert "tiny-ft1 kept aside: it scores lower than tiny" in line and "to use tiny-ft1 anyway" in line
     assert any("kept aside" in str(n.message) for n in notifications)
 
 

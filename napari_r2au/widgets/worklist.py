@@ -1022,7 +1022,7 @@ def _score(value: float | None) -> str:
 def _kept_aside_line(result: Any) -> str:
     """What the dock says of a new version that scored lower than its parent (not put to use)."""
     return (
-        f"New model {result.model} kept aside: held-out Dice {_score(result.dice_before)} → "
-        f"{_score(result.dice_after)}, lower than {result.parent}'s. The worklist keeps {result.parent} "
-        f"and no mask changed; to use it anyway, choose {result.model} and Pre-segment."
+        f"New model {result.model} kept aside: it scores lower than {result.parent} on the held-out "
+        f"corrections (Dice {_score(result.dice_before)} → {_score(result.dice_after)}). The worklist "
+        f"keeps {result.parent} and no mask changed; to use {result.model} anyway, choose it and Pre-segment."
     )
